@@ -1,0 +1,34 @@
+# The two commands of the README. Both set everything up on a fresh machine first.
+#   make demo   the main job: a tiny Llama trains 8 adapters in one mixed batch, then benchmarks
+#   make test   the whole test suite (Triton kernels run under the interpreter without a GPU)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# only installed when torch is missing; on these machines the file is a CPU build
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup demo test bench clean
+
+# --system-site-packages lets the venv see a user's own (e.g. CUDA) torch, which is then kept
+$(VENV)/.ready: pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q "setuptools>=64" wheel
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.ready
+
+demo: setup
+	$(PY) python/multi_task_lora.py
+	$(VENV)/bin/bora-bench lora --quick
+
+test: setup
+	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q benchmarks --benchmark-disable
+
+bench: setup
+	$(VENV)/bin/bora-bench all
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Everything that needs CUDA, in one go (see GPU.md): the ceilings, the GPU tests, a
+# compute-sanitizer run of each kernel, the benchmark suites, the tile sweep, then the table.
+# Run from the repository root on a CUDA machine:  bash benchmarks/gpu_check.sh [results dir]
+# Carried wheels in .whl/ (bitsandbytes, ivon-opt) are installed into .site/ first.
+set -uo pipefail
+results=${1:-benchmarks/results}
+mkdir -p "$results"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  pip install -q --no-index --no-deps --target .site .whl/*.whl && export PYTHONPATH="$PWD/.site:$PYTHONPATH"
+fi
+stamp=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")-$(date -u +%Y-%m-%d)
+status=0
+step() { echo; echo "=== $* ==="; }
+
+step "ceilings"
+python benchmarks/ceilings.py | tee "$results/$stamp-ceilings.json"
+copy=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['copy_GBps'])" "$results/$stamp-ceilings.json" 2>/dev/null || echo 3000)
+
+step "GPU tests (pytest -m gpu)"
+python -m pytest -q -m gpu tests -p no:cacheprovider || status=1
+
+step "compute-sanitizer (memcheck) on one small run of each kernel"
+if command -v compute-sanitizer >/dev/null; then
+  compute-sanitizer --tool memcheck --error-exitcode 9 python - <<'PY' || status=1
+import torch
+from bora_kernels.ops import lora_delta
+x = torch.randn(3, 70, 96, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+a = torch.randn(5, 12, 96, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+b = torch.randn(5, 80, 12, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+out = lora_delta(x, a, b, torch.tensor([0, -1, 4], device="cuda"), ranks=torch.tensor([12, 3, 7, 1, 12]))
+out.backward(torch.randn_like(out))
+torch.cuda.synchronize()
+print("memcheck run finished: lora_delta forward and backward (shrink, expand, weight_grad)")
+PY
+else
+  echo "compute-sanitizer not found; skipped"
+fi
+
+step "benchmarks (bora-bench all)"
+python -m bora_kernels.bench all --device cuda --json "$results/$stamp.json" || status=1
+
+step "lora_delta tile sweep"
+python benchmarks/tune_lora.py --copy-GBps "$copy" --json "$results/$stamp-lora-tiles.json" || status=1
+
+step "table"
+python -m bora_kernels.bench table --results "$results"
+exit $status

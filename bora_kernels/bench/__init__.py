@@ -1,0 +1,1 @@
+"""``bora-bench``: microbenchmarks of the ops against what users would otherwise run."""

@@ -1,0 +1,44 @@
+"""What a user would otherwise run: PEFT's LoRA layer holding the same adapters as ours."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class _Holder(nn.Module):
+    def __init__(self, proj: nn.Linear):
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def adapter_names(num_adapters: int) -> list[str]:
+    return [f"task{d}" for d in range(num_adapters)]
+
+
+def peft_lora_linear(ours, base: nn.Linear | None = None):
+    """A PEFT ``lora.Linear`` around ``base`` (default: ``ours.base_layer``) with the adapters of
+    ``ours`` (a ``MultiLoRALinear``): same ranks, alphas and weights, named ``task0 ...``."""
+    from peft import LoraConfig, get_peft_model
+
+    base = ours.base_layer if base is None else base
+    names = adapter_names(ours.num_adapters)
+    ranks = ours.ranks.tolist()
+    model = None
+    for d, name in enumerate(names):
+        config = LoraConfig(r=ranks[d], lora_alpha=ours.scaling_values[d] * ranks[d],
+                            target_modules=["proj"], lora_dropout=0.0)
+        if model is None:
+            model = get_peft_model(_Holder(base), config, adapter_name=name)
+        else:
+            model.add_adapter(name, config)
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        for d, name in enumerate(names):
+            r = ranks[d]
+            layer.lora_A[name].weight.data = ours.lora_A[d, :r].detach().clone()
+            layer.lora_B[name].weight.data = ours.lora_B[d, :, :r].detach().clone()
+    return layer.eval(), names

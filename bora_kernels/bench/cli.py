@@ -1,0 +1,120 @@
+"""``bora-bench``: time the ops against their baselines and print (or save) the ratios.
+
+    bora-bench lora [--device cpu|cuda] [--quick] [--json FILE] [--tokens ...] [--adapters ...]
+                    [--ranks ...] [--features K N] [--dtype bf16]
+    bora-bench all  [--device ...] [--quick] [--json FILE]       every suite
+    bora-bench table [--results DIR] [--readme README.md]         README table from result files
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ..ops import use_backend
+from . import lora
+from .report import format_table, write_readme_table
+from .timing import environment, median_seconds
+
+SUITES = {"lora": lora}
+
+
+def run_suite(module, cases, device: torch.device, quick: bool, variants=None, echo=print) -> list[dict]:
+    """Time every (case, variant, mode); returns one record per (case, mode)."""
+    variants = tuple(variants or module.VARIANTS)
+    records = []
+    for case in cases:
+        fns = module.build(case, device, variants)
+        for mode in module.MODES:
+            times = {v: median_seconds(fns[v, mode], device, quick) * 1e3 for v in variants}
+            comparisons = [
+                {"ours": ours, "baseline": base, "meaning": meaning, "ours_ms": times[ours],
+                 "baseline_ms": times[base], "ratio": times[base] / times[ours]}
+                for ours, base, meaning in module.COMPARISONS if ours in times and base in times
+            ]
+            records.append({"case": str(case), "shape": vars(case), "mode": mode,
+                            "median_ms": times, "comparisons": comparisons})
+            echo(f"  {case} {mode}: " + ", ".join(f"{v} {t:.3f} ms" for v, t in times.items()),
+                 file=sys.stderr)
+        del fns
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return records
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bora-bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p):
+        p.add_argument("--device", choices=("cpu", "cuda"),
+                       default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--quick", action="store_true", help="headline cases only, short timing")
+        p.add_argument("--json", metavar="FILE", help="write the results file (see ARCHITECTURE.md)")
+
+    p_lora = sub.add_parser("lora", help="lora_delta and MultiLoRALinear against PEFT and F.linear")
+    common(p_lora)
+    p_lora.add_argument("--tokens", type=int, nargs="+", help="tokens per batch")
+    p_lora.add_argument("--adapters", type=int, nargs="+", help="adapters in the mix")
+    p_lora.add_argument("--ranks", type=int, nargs="+", help="LoRA ranks")
+    p_lora.add_argument("--features", type=int, nargs=2, metavar=("K", "N"), help="in and out features")
+    p_lora.add_argument("--dtype", choices=tuple(lora.DTYPES), help="input and weight dtype")
+    p_lora.add_argument("--variants", nargs="+", choices=tuple(lora.VARIANTS), help="subset to time")
+
+    p_all = sub.add_parser("all", help="every suite with its default grid")
+    common(p_all)
+
+    p_table = sub.add_parser("table", help="print the results table; --readme rewrites README's")
+    p_table.add_argument("--results", default="benchmarks/results", help="folder of result files")
+    p_table.add_argument("--readme", help="README to update between its results markers")
+    return parser
+
+
+def _lora_cases(args, device):
+    if not any((args.tokens, args.adapters, args.ranks, args.features, args.dtype)):
+        return lora.default_cases(device, args.quick)
+    k, n = args.features or ((4096, 4096) if device.type == "cuda" else (1024, 1024))
+    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    return [lora.LoraCase(t, d, r, k, n, dtype) for t, d, r in itertools.product(
+        args.tokens or [4096 if device.type == "cuda" else 256],
+        args.adapters or [32 if device.type == "cuda" else 16],
+        args.ranks or [16])]
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "table":
+        if args.readme:
+            write_readme_table(Path(args.results), Path(args.readme))
+            print(f"updated the results table in {args.readme}")
+        else:
+            print(format_table([json.loads(p.read_text()) for p in sorted(Path(args.results).glob("*.json"))]))
+        return 0
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bora-bench: --device cuda but no CUDA device is visible")
+    if args.command == "lora":
+        plan = {"lora": (_lora_cases(args, device), args.variants)}
+    else:
+        plan = {name: (module.default_cases(device, args.quick), None) for name, module in SUITES.items()}
+
+    result = {"environment": environment(device), "quick": args.quick, "suites": {}}
+    print(f"bora-bench on {result['environment']['device']}", file=sys.stderr)
+    # CPU figures are for the torch path: the interpreter, if set, must never be timed
+    with use_backend("torch" if device.type == "cpu" else None):
+        for name, (cases, variants) in plan.items():
+            result["suites"][name] = run_suite(SUITES[name], cases, device, args.quick, variants)
+    print(format_table([result]))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {path}", file=sys.stderr)
+    return 0

@@ -1,0 +1,77 @@
+"""Median wall time of a callable, and the facts a result file must carry."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import time
+
+import torch
+
+
+def median_seconds(fn, device: torch.device, quick: bool = False) -> float:
+    """Median time of ``fn()``.
+
+    CUDA: ``triton.testing.do_bench`` (it flushes L2 before every run, so inputs are read from
+    HBM as in a real layer). CPU: repeated ``perf_counter`` runs after a warm-up, at least 5 and
+    until about 0.3 s (0.1 s with ``quick``) have been spent.
+    """
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100,
+                        return_mode="median") / 1e3
+    fn()
+    budget = 0.1 if quick else 0.3
+    times: list[float] = []
+    while len(times) < 5 or (sum(times) < budget and len(times) < 200):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _git_commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
+
+
+def environment(device: torch.device) -> dict:
+    """Device, versions and commit: what a figure means nothing without."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        import peft
+
+        peft_version = peft.__version__
+    except ImportError:
+        peft_version = None
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "peft": peft_version,
+        "python": platform.python_version(),
+        "commit": _git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "timer": "triton.testing.do_bench median" if device.type == "cuda" else "perf_counter median",
+    }

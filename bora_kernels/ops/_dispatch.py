@@ -1,0 +1,63 @@
+"""The one dispatch rule for every op (see ARCHITECTURE.md).
+
+- CUDA tensors run the Triton kernels.
+- CPU tensors run the same Triton kernels when ``TRITON_INTERPRET=1`` was set before ``triton``
+  was imported (that is how CI checks the kernels without a GPU).
+- CPU tensors otherwise run the op's vectorised torch path.
+
+``use_backend`` overrides the rule inside a ``with`` block (tests use it to check both paths in one
+process; users can use it to debug). The float64 ``reference.py`` of each op is never dispatched to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+
+import torch
+
+BACKENDS = ("triton", "torch")
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("bora_backend", default=None)
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """Run ops inside the block on ``"triton"`` or ``"torch"`` (``None`` restores the rule)."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_interpreted() -> bool:
+    """True when our Triton kernels were built by Triton's interpreter (CPU tensors allowed)."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return False
+    try:
+        from bora_kernels.ops import _common
+    except ImportError:
+        return False
+    return _common.INTERPRETED
+
+
+def backend(device: torch.device) -> str:
+    """Which implementation runs tensors on ``device``: ``"triton"`` or ``"torch"``."""
+    forced = _forced.get()
+    if device.type == "cuda":
+        return forced or "triton"
+    if device.type != "cpu":
+        raise ValueError(f"bora_kernels ops run on CUDA or CPU tensors, got device {device}")
+    if forced == "triton" and not triton_interpreted():
+        raise RuntimeError(
+            "the Triton kernels run on CPU tensors only under Triton's interpreter: set "
+            "TRITON_INTERPRET=1 before triton is imported"
+        )
+    if forced:
+        return forced
+    return "triton" if triton_interpreted() else "torch"

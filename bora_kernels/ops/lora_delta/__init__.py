@@ -1,0 +1,192 @@
+"""``lora_delta``: a batch where every sequence or token uses its own LoRA adapter.
+
+    y[t] = scaling[d] * (x[t] @ A[d][:r_d]^T) @ B[d][:, :r_d]^T      with d = adapter_ids[t]
+
+forward and backward in one pass over the batch (so many task adapters train together), never
+building ``B @ A``. This file checks inputs, groups tokens by adapter (``lora_plan``) and holds the
+autograd Function; ``triton.py`` (GPU and interpreter) and ``grouped.py`` (CPU torch) compute.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+
+from .._dispatch import backend
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class LoRAPlan(NamedTuple):
+    """Tokens grouped by adapter, built once per batch and reusable by every layer of a model.
+
+    ``perm[j]`` is the original row (in ``x.reshape(-1, K)``) of the j-th token in adapter order;
+    segment ``s`` holds positions ``bounds[s]:bounds[s + 1]`` of that order. Segments: 0 = ids
+    below -1, 1 = id -1 (no adapter), ``2 + d`` = adapter d, ``D + 2`` = ids at or above D (the
+    two invalid segments stay empty whenever the ids were checked).
+    """
+
+    perm: torch.Tensor  # [T] int32
+    bounds: torch.Tensor  # [D + 4] int32
+    batch_shape: tuple
+    num_adapters: int
+
+
+def _shape(t) -> str:
+    return str(tuple(t.shape))
+
+
+def lora_plan(adapter_ids: torch.Tensor, batch_shape: Sequence[int], num_adapters: int,
+              device: torch.device | None = None) -> LoRAPlan:
+    """Group the tokens of a batch of shape ``batch_shape`` (``x.shape[:-1]``) by adapter.
+
+    ``adapter_ids`` is per token (shape ``batch_shape``) or, for a ``[B, L]`` batch, per sequence
+    (shape ``[B]``); ``-1`` means no adapter. Ids on the CPU are checked against
+    ``[-1, num_adapters)`` (a ``ValueError`` otherwise). Ids already on a GPU are not checked,
+    because that needs a host sync: out-of-range ids there give NaN rows, never a plausible result.
+    One stable sort, no host sync; deterministic.
+    """
+    batch_shape = tuple(batch_shape)
+    if not isinstance(adapter_ids, torch.Tensor):
+        raise ValueError(f"adapter_ids must be an integer tensor, got {type(adapter_ids).__name__}")
+    if adapter_ids.dtype.is_floating_point or adapter_ids.dtype.is_complex or adapter_ids.dtype == torch.bool:
+        raise ValueError(f"adapter_ids must be an integer tensor, got dtype {adapter_ids.dtype}")
+    per_sequence = len(batch_shape) == 2 and tuple(adapter_ids.shape) == batch_shape[:1]
+    if tuple(adapter_ids.shape) != batch_shape and not per_sequence:
+        expected = f"{batch_shape} (per token)"
+        if len(batch_shape) == 2:
+            expected += f" or {batch_shape[:1]} (per sequence)"
+        raise ValueError(f"adapter_ids has shape {_shape(adapter_ids)}, expected {expected}")
+    if adapter_ids.device.type == "cpu" and adapter_ids.numel():
+        low, high = int(adapter_ids.min()), int(adapter_ids.max())
+        if low < -1 or high >= num_adapters:
+            raise ValueError(
+                f"adapter_ids must lie in [-1, {num_adapters}) for {num_adapters} adapters, "
+                f"got values from {low} to {high}")
+    device = adapter_ids.device if device is None else torch.device(device)
+    ids = adapter_ids.to(device=device, dtype=torch.int64).reshape(-1)
+
+    # per-sequence ids sort the sequences, and every token follows its sequence
+    run = batch_shape[1] if per_sequence else 1
+    num_tokens = ids.numel() * run
+    sorted_ids, order = torch.sort(ids, stable=True)
+    if run > 1:
+        order = order[:, None] * run + torch.arange(run, device=device)
+    edges = torch.searchsorted(sorted_ids, torch.arange(-1, num_adapters + 1, device=device)) * run
+    bounds = torch.empty(num_adapters + 4, dtype=torch.int32, device=device)
+    bounds[0] = 0
+    bounds[1:-1] = edges
+    bounds[-1] = num_tokens
+    return LoRAPlan(order.reshape(-1).to(torch.int32), bounds, batch_shape, num_adapters)
+
+
+def _check_inputs(x, lora_a, lora_b, scaling, ranks):
+    if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
+        raise ValueError(f"x must be a [T, K] or [B, L, K] tensor, got shape {_shape(x)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    k = x.shape[-1]
+    if lora_a.dim() != 3 or lora_a.shape[2] != k:
+        raise ValueError(f"lora_a must be [D, R, K] with K={k} (from x {_shape(x)}), got {_shape(lora_a)}")
+    num_adapters, max_rank, _ = lora_a.shape
+    if num_adapters < 1:
+        raise ValueError(f"lora_a must hold at least one adapter, got {_shape(lora_a)}")
+    if lora_b.dim() != 3 or lora_b.shape[0] != num_adapters or lora_b.shape[2] != max_rank:
+        raise ValueError(
+            f"lora_b must be [D, N, R] with D={num_adapters}, R={max_rank} (from lora_a "
+            f"{_shape(lora_a)}), got {_shape(lora_b)}")
+    for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
+        if t.dtype != x.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but x has {x.dtype}; cast one of them")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if scaling is not None:
+        if not isinstance(scaling, torch.Tensor) or tuple(scaling.shape) != (num_adapters,) \
+                or not scaling.dtype.is_floating_point:
+            raise ValueError(f"scaling must be a float tensor of shape ({num_adapters},) or None, "
+                             f"got {_shape(scaling) if isinstance(scaling, torch.Tensor) else scaling!r}")
+    if ranks is not None:
+        if not isinstance(ranks, torch.Tensor) or tuple(ranks.shape) != (num_adapters,) \
+                or ranks.dtype.is_floating_point or ranks.dtype == torch.bool:
+            raise ValueError(f"ranks must be an integer tensor of shape ({num_adapters},) or None, "
+                             f"got {_shape(ranks) if isinstance(ranks, torch.Tensor) else ranks!r}")
+        if ranks.device.type == "cpu" and ranks.numel() and (int(ranks.min()) < 0 or int(ranks.max()) > max_rank):
+            raise ValueError(f"ranks must lie in [0, {max_rank}] (R of lora_a), got {ranks.tolist()}")
+
+
+class LoRADeltaFunction(torch.autograd.Function):
+    """Forward saves x, the weights and h = x @ A^T ([T, R], small); backward gives dx, dA, dB."""
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, perm, bounds, scaling, ranks, kernels):
+        needs_grad = any(ctx.needs_input_grad[:3])
+        out, h = kernels.lora_delta_forward(x, lora_a, lora_b, (perm, bounds), scaling, ranks,
+                                            save_h=needs_grad)
+        ctx.kernels = kernels
+        ctx.save_for_backward(x, lora_a, lora_b, h, perm, bounds, scaling, ranks)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, lora_a, lora_b, h, perm, bounds, scaling, ranks = ctx.saved_tensors
+        dx, da, db = ctx.kernels.lora_delta_backward(
+            dy, x, lora_a, lora_b, h, (perm, bounds), scaling, ranks, ctx.needs_input_grad[:3])
+        return dx, da, db, None, None, None, None, None
+
+
+def _kernels(device: torch.device):
+    if backend(device) == "triton":
+        from . import triton as kernels
+    else:
+        from . import grouped as kernels
+    return kernels
+
+
+def lora_delta(x, lora_a, lora_b, adapter_ids, scaling=None, ranks=None):
+    """Per-token LoRA delta for a batch mixing many adapters.
+
+    Args:
+        x: ``[T, K]`` or ``[B, L, K]``, float16, bfloat16 or float32.
+        lora_a: ``[D, R, K]``, the A matrices of D adapters (smaller ranks zero-padded to R).
+        lora_b: ``[D, N, R]``, the B matrices.
+        adapter_ids: integer tensor per token (``x.shape[:-1]``) or per sequence (``[B]``), ``-1``
+            for no adapter; or a ``LoRAPlan`` from ``lora_plan`` to share one grouping between
+            layers.
+        scaling: ``None`` (1.0) or ``[D]`` float (alpha / r per adapter).
+        ranks: ``None`` (all R) or ``[D]`` integer ranks; padded rank is then neither read nor
+            computed with.
+
+    Returns ``x.shape[:-1] + (N,)`` in x's dtype, accumulated in fp32; rows with id -1 are exactly
+    zero. Differentiable in x, lora_a and lora_b.
+    """
+    _check_inputs(x, lora_a, lora_b, scaling, ranks)
+    num_adapters, max_rank, k = lora_a.shape
+    batch_shape = tuple(x.shape[:-1])
+    if isinstance(adapter_ids, LoRAPlan):
+        plan = adapter_ids
+        if plan.batch_shape != batch_shape or plan.num_adapters != num_adapters:
+            raise ValueError(
+                f"adapter_ids is a plan for batch {plan.batch_shape} and {plan.num_adapters} "
+                f"adapters, but x is {_shape(x)} and lora_a holds {num_adapters} adapters")
+        if plan.perm.device != x.device:
+            raise ValueError(f"adapter_ids plan is on {plan.perm.device} but x is on {x.device}")
+    else:
+        plan = lora_plan(adapter_ids, batch_shape, num_adapters, device=x.device)
+
+    device = x.device
+    scaling = (torch.ones(num_adapters, device=device) if scaling is None
+               else scaling.to(device=device, dtype=torch.float32))
+    ranks = (torch.full((num_adapters,), max_rank, device=device, dtype=torch.int32) if ranks is None
+             else ranks.to(device=device, dtype=torch.int32))
+    x2 = x.reshape(-1, k)
+    if x2.shape[0] == 0:  # nothing to launch; keep the autograd graph connected
+        return (x2 @ lora_a[0].T @ lora_b[0].T).reshape(*batch_shape, lora_b.shape[1])
+    kernels = _kernels(device)
+    if torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad):
+        out = LoRADeltaFunction.apply(x2, lora_a, lora_b, plan.perm, plan.bounds, scaling, ranks, kernels)
+    else:
+        out, _ = kernels.lora_delta_forward(x2, lora_a, lora_b, (plan.perm, plan.bounds), scaling,
+                                            ranks, save_h=False)
+    return out.reshape(*batch_shape, lora_b.shape[1])

@@ -1,0 +1,76 @@
+"""Test set-up: kernels run under Triton's interpreter on machines without CUDA, and outputs
+allocated with ``torch.empty`` are poisoned so that an element a kernel forgets to write fails."""
+
+import contextlib
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # must happen before triton is imported anywhere: it decides how kernels are built
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from bora_kernels.ops._dispatch import triton_interpreted, use_backend  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (run with `pytest -m gpu`)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def cpu_backends():
+    """The CPU paths to check: the Triton kernels under the interpreter, and both layouts of the
+    torch path (padded bmm and the loop over adapters; see ops/lora_delta/grouped.py)."""
+    marks = [] if triton_interpreted() else [pytest.mark.skip(reason="TRITON_INTERPRET is not set")]
+    return [pytest.param("triton", id="triton", marks=marks),
+            pytest.param("torch-padded", id="torch-padded"),
+            pytest.param("torch-looped", id="torch-looped")]
+
+
+@contextlib.contextmanager
+def run_on(path: str):
+    """Run ops on one of ``cpu_backends()`` inside the block."""
+    from bora_kernels.ops.lora_delta import grouped
+
+    limits = {"torch-padded": float("inf"), "torch-looped": 0.0}
+    saved = grouped.PADDING_LIMIT
+    grouped.PADDING_LIMIT = limits.get(path, saved)
+    try:
+        with use_backend("triton" if path == "triton" else "torch"):
+            yield
+    finally:
+        grouped.PADDING_LIMIT = saved
+
+
+_POISON_INT = -0x5A5A5A5
+
+
+def _poisoned(fn):
+    def make(*args, **kwargs):
+        t = fn(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype != torch.bool and not t.is_complex():
+            t.fill_(_POISON_INT)
+        return t
+    return make
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """``torch.empty``, ``empty_like`` and ``new_empty`` return NaN (float) or a sentinel (int)."""
+    monkeypatch.setattr(torch, "empty", _poisoned(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", _poisoned(torch.empty_like))
+    monkeypatch.setattr(torch.Tensor, "new_empty", _poisoned(torch.Tensor.new_empty))
