@@ -33,7 +33,7 @@ def pytest_collection_modifyitems(config, items):
 def cpu_backends():
     """The CPU paths to check: the Triton kernels under the interpreter, and both layouts of the
     torch path (padded bmm and the loop over adapters; see ops/lora_delta/grouped.py)."""
-    marks = [] if triton_interpreted() else [pytest.mark.skip(reason="TRITON_INTERPRET is not set")]
+    marks = [] if triton_interpreted() else [pytest.mark.skip(reason="Triton interpreter unavailable (TRITON_INTERPRET unset, or triton < 3.8)")]
     return [pytest.param("triton", id="triton", marks=marks),
             pytest.param("torch-padded", id="torch-padded"),
             pytest.param("torch-looped", id="torch-looped")]

@@ -16,6 +16,10 @@ def _probe_kernel():
 
 # TRITON_INTERPRET is read when a kernel is decorated, so ask a kernel how it was built.
 INTERPRETED = not isinstance(_probe_kernel, triton.runtime.JITFunction)
+# Triton's interpreter runs our kernels from 3.8 on; 3.6's cannot loop to a bound loaded from
+# memory (it hands numpy a 1-element array). Compiled kernels need only 3.6.
+_VERSION = tuple(int(p) for p in triton.__version__.split(".")[:2])
+INTERPRETER_SUPPORTED = _VERSION >= (3, 8)
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 

@@ -15,6 +15,7 @@ import contextlib
 import contextvars
 import functools
 import os
+import warnings
 
 import torch
 
@@ -43,6 +44,10 @@ def triton_interpreted() -> bool:
         from bora_kernels.ops import _common
     except ImportError:
         return False
+    if _common.INTERPRETED and not _common.INTERPRETER_SUPPORTED:
+        warnings.warn(f"TRITON_INTERPRET=1 needs triton >= 3.8 to run bora_kernels' kernels (found "
+                      f"{_common.triton.__version__}); CPU tensors use the torch path instead", stacklevel=2)
+        return False
     return _common.INTERPRETED
 
 
@@ -56,7 +61,7 @@ def backend(device: torch.device) -> str:
     if forced == "triton" and not triton_interpreted():
         raise RuntimeError(
             "the Triton kernels run on CPU tensors only under Triton's interpreter: set "
-            "TRITON_INTERPRET=1 before triton is imported"
+            "TRITON_INTERPRET=1 before triton is imported (triton >= 3.8)"
         )
     if forced:
         return forced

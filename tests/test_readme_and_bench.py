@@ -1,0 +1,44 @@
+"""The README's example runs, and ``bora-bench`` writes the result file and the README table."""
+
+import json
+import re
+from pathlib import Path
+
+from bora_kernels.bench import report
+from bora_kernels.bench.cli import main as bench_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_example_runs():
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "README has no python example"
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    assert namespace["out"].shape == (4, 16, 32)
+    assert namespace["lora_a"].grad is not None and namespace["lora_a"].grad.abs().sum() > 0
+
+
+def test_bench_writes_results_and_readme_table(tmp_path, capsys):
+    out = tmp_path / "results" / "cpu.json"
+    assert bench_main(["lora", "--device", "cpu", "--quick", "--tokens", "16", "--adapters", "2",
+                       "--ranks", "4", "--features", "32", "24", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    env = result["environment"]
+    assert env["device"].startswith("CPU") and env["torch"] and "commit" in env
+    records = result["suites"]["lora"]
+    assert {r["mode"] for r in records} == {"fwd", "fwd_bwd"}
+    for rec in records:
+        assert rec["shape"] == {"tokens": 16, "adapters": 2, "rank": 4, "in_features": 32,
+                                "out_features": 24, "dtype": "fp32"}
+        assert all(t > 0 for t in rec["median_ms"].values())
+        for c in rec["comparisons"]:
+            assert abs(c["ratio"] - c["baseline_ms"] / c["ours_ms"]) < 1e-9
+    assert "| T16-D2-r4-K32-N24-fp32 | fwd |" in capsys.readouterr().out
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.START}\nold\n{report.END}\noutro\n")
+    assert bench_main(["table", "--results", str(out.parent), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old" not in text and "T16-D2-r4-K32-N24-fp32" in text and text.endswith("outro\n")
