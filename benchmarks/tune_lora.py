@@ -47,7 +47,7 @@ def main():
         dy = torch.randn(t, n, device=dev, dtype=dt)
         ids = (torch.arange(t, device=dev) * d // t)[torch.randperm(t, device=dev)]
         plan = lora_plan(ids, (t,), d)
-        pb = (plan.perm, plan.bounds)
+        pb = plan
         bytes_fwd = (t * k + t * n + d * r * (k + n)) * 2
         bytes_bwd = bytes_fwd + (2 * t * k + 2 * t * n + 2 * d * r * (k + n)) * 2
         entry = {"tokens": t, "adapters": d, "rank": r, "K": k, "N": n,
@@ -77,7 +77,7 @@ def main():
                 leaves = [x.clone().requires_grad_(), a.clone().requires_grad_(), b.clone().requires_grad_()]
 
                 def fb():
-                    o = LoRADeltaFunction.apply(*leaves, plan.perm, plan.bounds, scaling, ranks, kernels)
+                    o = LoRADeltaFunction.apply(*leaves, scaling, ranks, plan, kernels)
                     torch.autograd.grad(o, leaves, dy)
                 fwd_bwd = bench(fb)
             except Exception as exc:  # a tile that does not fit (shared memory) is a result too

@@ -160,7 +160,7 @@ def test_split_reductions(poison_empty, split):
     x, a, b, ids, scaling, ranks = make_case(130, 3, "per_token", "mixed", torch.float32, k=200)
     plan = lora_plan(ids, x.shape[:-1], 3)
     tiles = kernels._tiles(130, 3, a.shape[1], x.device)
-    args = ((plan.perm, plan.bounds), ranks.int(), scaling)
+    args = (plan, ranks.int(), scaling)
     h1 = kernels.lora_shrink(x, a, *args, tiles, apply_scale=False, split=1)
     hs = kernels.lora_shrink(x, a, *args, tiles, apply_scale=False, split=split)
     assert hs.shape[0] == split

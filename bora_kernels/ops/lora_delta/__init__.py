@@ -31,6 +31,7 @@ class LoRAPlan(NamedTuple):
     bounds: torch.Tensor  # [D + 4] int32
     batch_shape: tuple
     num_adapters: int
+    derived: dict  # layouts a backend derives from the plan once and reuses (CPU path)
 
 
 def _shape(t) -> str:
@@ -78,7 +79,7 @@ def lora_plan(adapter_ids: torch.Tensor, batch_shape: Sequence[int], num_adapter
     bounds[0] = 0
     bounds[1:-1] = edges
     bounds[-1] = num_tokens
-    return LoRAPlan(order.reshape(-1).to(torch.int32), bounds, batch_shape, num_adapters)
+    return LoRAPlan(order.reshape(-1).to(torch.int32), bounds, batch_shape, num_adapters, {})
 
 
 def _check_inputs(x, lora_a, lora_b, scaling, ranks):
@@ -119,21 +120,20 @@ class LoRADeltaFunction(torch.autograd.Function):
     """Forward saves x, the weights and h = x @ A^T ([T, R], small); backward gives dx, dA, dB."""
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, perm, bounds, scaling, ranks, kernels):
+    def forward(ctx, x, lora_a, lora_b, scaling, ranks, plan, kernels):
         needs_grad = any(ctx.needs_input_grad[:3])
-        out, h = kernels.lora_delta_forward(x, lora_a, lora_b, (perm, bounds), scaling, ranks,
-                                            save_h=needs_grad)
-        ctx.kernels = kernels
-        ctx.save_for_backward(x, lora_a, lora_b, h, perm, bounds, scaling, ranks)
+        out, h = kernels.lora_delta_forward(x, lora_a, lora_b, plan, scaling, ranks, save_h=needs_grad)
+        ctx.kernels, ctx.plan = kernels, plan  # the plan holds index tensors only, no autograd state
+        ctx.save_for_backward(x, lora_a, lora_b, h, scaling, ranks)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x, lora_a, lora_b, h, perm, bounds, scaling, ranks = ctx.saved_tensors
+        x, lora_a, lora_b, h, scaling, ranks = ctx.saved_tensors
         dx, da, db = ctx.kernels.lora_delta_backward(
-            dy, x, lora_a, lora_b, h, (perm, bounds), scaling, ranks, ctx.needs_input_grad[:3])
-        return dx, da, db, None, None, None, None, None
+            dy, x, lora_a, lora_b, h, ctx.plan, scaling, ranks, ctx.needs_input_grad[:3])
+        return dx, da, db, None, None, None, None
 
 
 def _kernels(device: torch.device):
@@ -185,8 +185,7 @@ def lora_delta(x, lora_a, lora_b, adapter_ids, scaling=None, ranks=None):
         return (x2 @ lora_a[0].T @ lora_b[0].T).reshape(*batch_shape, lora_b.shape[1])
     kernels = _kernels(device)
     if torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad):
-        out = LoRADeltaFunction.apply(x2, lora_a, lora_b, plan.perm, plan.bounds, scaling, ranks, kernels)
+        out = LoRADeltaFunction.apply(x2, lora_a, lora_b, scaling, ranks, plan, kernels)
     else:
-        out, _ = kernels.lora_delta_forward(x2, lora_a, lora_b, (plan.perm, plan.bounds), scaling,
-                                            ranks, save_h=False)
+        out, _ = kernels.lora_delta_forward(x2, lora_a, lora_b, plan, scaling, ranks, save_h=False)
     return out.reshape(*batch_shape, lora_b.shape[1])

@@ -38,8 +38,16 @@ class _Groups:
     valid: torch.Tensor | None = None  # padded: [P, M, 1] the slot holds a token
 
 
-def _groups(plan, num_adapters: int) -> _Groups:
-    perm, bounds = plan
+def _groups(plan) -> _Groups:
+    """The layout of a plan, derived once and kept on the plan: every layer of a model, forward
+    and backward, shares it."""
+    key = ("grouped", PADDING_LIMIT)
+    if key not in plan.derived:
+        plan.derived[key] = _derive_groups(plan.perm, plan.bounds, plan.num_adapters)
+    return plan.derived[key]
+
+
+def _derive_groups(perm, bounds, num_adapters: int) -> _Groups:
     perm, edges = perm.long(), bounds.tolist()
     num_tokens = perm.numel()
     counts = [edges[d + 3] - edges[d + 2] for d in range(num_adapters)]
@@ -116,7 +124,7 @@ def _adapters(groups, ranks, scaling):
 def lora_delta_forward(x, lora_a, lora_b, plan, scaling, ranks, save_h):
     """Returns ``(out [T, N], h)``. h (unscaled ``x @ A^T``, fp32) is kept only when ``save_h``:
     ``[P, M, R]`` slots on the padded path, ``[T, R]`` in adapter order on the looped one."""
-    groups = _groups(plan, lora_a.shape[0])
+    groups = _groups(plan)
     rows, body = _buffer(groups, lora_b.shape[1], x)
     h = None
     if groups.slots is not None:
@@ -139,7 +147,7 @@ def lora_delta_forward(x, lora_a, lora_b, plan, scaling, ranks, save_h):
 def lora_delta_backward(dy, x, lora_a, lora_b, h, plan, scaling, ranks, needs_grad):
     """Returns ``(dx, dA, dB)``, each None where ``needs_grad`` says it is not wanted."""
     needs_dx, needs_da, needs_db = needs_grad
-    groups = _groups(plan, lora_a.shape[0])
+    groups = _groups(plan)
     rows, body = _buffer(groups, x.shape[1], x) if needs_dx else (None, None)
     da = lora_a.new_zeros(lora_a.shape, dtype=torch.float32) if needs_da else None
     db = lora_b.new_zeros(lora_b.shape, dtype=torch.float32) if needs_db else None

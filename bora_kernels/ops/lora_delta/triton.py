@@ -193,7 +193,7 @@ def lora_shrink(x, w, plan, ranks, scaling, tiles, apply_scale, split=None):
     ``x`` is [T, K]; ``w`` is a [D, R, K] view (A itself, or B transposed for backward).
     Returns h as [splits, T, BLOCK_R] fp32, rows in adapter order.
     """
-    perm, bounds = plan
+    perm, bounds = plan.perm, plan.bounds
     num_tokens, k = x.shape
     num_segs = bounds.numel() - 1
     block_k = tiles["BLOCK_K"]
@@ -220,7 +220,7 @@ def lora_expand(h, w, out, plan, ranks, scaling, tiles, apply_scale, hsum=None):
     ``w`` is a [D, N, R] view (B itself, or A transposed for backward). ``out=None`` only sums h
     (backward needs dh for dA even when x needs no gradient).
     """
-    perm, bounds = plan
+    perm, bounds = plan.perm, plan.bounds
     num_tokens = h.shape[1]
     num_segs = bounds.numel() - 1
     n = w.shape[1]
@@ -245,7 +245,7 @@ def lora_weight_grad(p, q, g, plan, ranks, scaling, tiles, apply_scale, split=No
     Few adapters leave few programs, so the tokens of each adapter are split in that case and the
     fp32 partial sums added afterwards in a fixed order.
     """
-    perm, bounds = plan
+    perm, bounds = plan.perm, plan.bounds
     num_adapters, max_rank, c = g.shape
     block_c = tiles["BLOCK_N"]
     col_blocks = triton.cdiv(c, block_c)
