@@ -209,6 +209,8 @@ def _good():
 
 BAD_INPUTS = [
     (lambda c: {**c, "x": c["x"][0]}, "x must be"),
+    (lambda c: {**c, "x": c["x"].tolist()}, "x must be"),
+    (lambda c: {**c, "lora_a": None}, "lora_a must be"),
     (lambda c: {**c, "x": c["x"].reshape(1, 1, 7, K)}, "x must be"),
     (lambda c: {**c, "x": c["x"].double()}, "x must be float16"),
     (lambda c: {**c, "x": c["x"].long()}, "x must be float16"),

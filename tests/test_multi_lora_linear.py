@@ -57,12 +57,16 @@ def test_each_adapter_equals_peft(backend):
         assert_close(ours, theirs, torch.float32, f"adapter {name}")
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
-def test_mixed_batch_equals_peft(backend):
+def mixed_batch_with_peft():
+    """Our layer, PEFT's with the same adapters, and a batch mixing them (one sequence on none)."""
     layer = make_layer()
     peft_layer, names = peft_lora_linear(layer)
-    x = torch.randn(6, 5, K)
-    ids = torch.tensor([2, -1, 0, 1, 0, 2])
+    return layer, peft_layer, names, torch.randn(6, 5, K), torch.tensor([2, -1, 0, 1, 0, 2])
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_mixed_batch_equals_peft(backend):
+    layer, peft_layer, names, x, ids = mixed_batch_with_peft()
     with run_on(backend), torch.no_grad():
         ours = layer(x, ids)
         theirs = peft_layer(x, adapter_names=[names[i] if i >= 0 else "__base__" for i in ids])
@@ -72,10 +76,7 @@ def test_mixed_batch_equals_peft(backend):
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_mixed_batch_gradients_equal_peft_per_task(backend):
     """One backward over a mixed batch gives each adapter what PEFT gives it on its own sub-batch."""
-    layer = make_layer()
-    peft_layer, names = peft_lora_linear(layer)
-    x = torch.randn(6, 5, K)
-    ids = torch.tensor([2, -1, 0, 1, 0, 2])
+    layer, peft_layer, names, x, ids = mixed_batch_with_peft()
     dy = torch.randn(6, 5, N)
     with run_on(backend):
         (layer(x, ids) * dy).sum().backward()

@@ -35,7 +35,7 @@ class LoRAPlan(NamedTuple):
 
 
 def _shape(t) -> str:
-    return str(tuple(t.shape))
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else f"a {type(t).__name__}"
 
 
 def lora_plan(adapter_ids: torch.Tensor, batch_shape: Sequence[int], num_adapters: int,
@@ -88,12 +88,13 @@ def _check_inputs(x, lora_a, lora_b, scaling, ranks):
     if x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
     k = x.shape[-1]
-    if lora_a.dim() != 3 or lora_a.shape[2] != k:
+    if not isinstance(lora_a, torch.Tensor) or lora_a.dim() != 3 or lora_a.shape[2] != k:
         raise ValueError(f"lora_a must be [D, R, K] with K={k} (from x {_shape(x)}), got {_shape(lora_a)}")
     num_adapters, max_rank, _ = lora_a.shape
     if num_adapters < 1:
         raise ValueError(f"lora_a must hold at least one adapter, got {_shape(lora_a)}")
-    if lora_b.dim() != 3 or lora_b.shape[0] != num_adapters or lora_b.shape[2] != max_rank:
+    if not isinstance(lora_b, torch.Tensor) or lora_b.dim() != 3 or lora_b.shape[0] != num_adapters \
+            or lora_b.shape[2] != max_rank:
         raise ValueError(
             f"lora_b must be [D, N, R] with D={num_adapters}, R={max_rank} (from lora_a "
             f"{_shape(lora_a)}), got {_shape(lora_b)}")
@@ -106,12 +107,12 @@ def _check_inputs(x, lora_a, lora_b, scaling, ranks):
         if not isinstance(scaling, torch.Tensor) or tuple(scaling.shape) != (num_adapters,) \
                 or not scaling.dtype.is_floating_point:
             raise ValueError(f"scaling must be a float tensor of shape ({num_adapters},) or None, "
-                             f"got {_shape(scaling) if isinstance(scaling, torch.Tensor) else scaling!r}")
+                             f"got {_shape(scaling)}")
     if ranks is not None:
         if not isinstance(ranks, torch.Tensor) or tuple(ranks.shape) != (num_adapters,) \
                 or ranks.dtype.is_floating_point or ranks.dtype == torch.bool:
             raise ValueError(f"ranks must be an integer tensor of shape ({num_adapters},) or None, "
-                             f"got {_shape(ranks) if isinstance(ranks, torch.Tensor) else ranks!r}")
+                             f"got {_shape(ranks)}")
         if ranks.device.type == "cpu" and ranks.numel() and (int(ranks.min()) < 0 or int(ranks.max()) > max_rank):
             raise ValueError(f"ranks must lie in [0, {max_rank}] (R of lora_a), got {ranks.tolist()}")
 
