@@ -36,6 +36,7 @@ class _Groups:
     slots: tuple | None = None  # padded: (P, M); None: looped, the buffer is in adapter order
     src: torch.Tensor | None = None  # padded: [P * M] token read by each slot (any row if empty)
     valid: torch.Tensor | None = None  # padded: [P, M, 1] the slot holds a token
+    index: torch.Tensor | None = None  # padded: [P] the adapters present, as a tensor
 
 
 def _groups(plan) -> _Groups:
@@ -67,7 +68,7 @@ def _derive_groups(perm, bounds, num_adapters: int) -> _Groups:
     gather = torch.full_like(perm, filled + 1)
     gather[perm[edges[1]:edges[2]]] = filled
     gather[src[valid]] = torch.arange(filled, device=perm.device).view_as(valid)[valid]
-    return _Groups(edges, present, perm, gather, (len(present), most), src.reshape(-1), valid[..., None])
+    return _Groups(edges, present, perm, gather, (len(present), most), src.reshape(-1), valid[..., None], index)
 
 
 def _buffer(groups, width: int, like: torch.Tensor):
@@ -101,7 +102,7 @@ def _inputs(groups, t):
 def _present(groups, t):
     if len(groups.present) == t.shape[0]:
         return t
-    return t.index_select(0, torch.tensor(groups.present, device=t.device))
+    return t.index_select(0, groups.index)
 
 
 def _padded_weights(groups, weight, ranks, rank_dim):
@@ -154,7 +155,6 @@ def lora_delta_backward(dy, x, lora_a, lora_b, h, plan, scaling, ranks, needs_gr
     dys = _inputs(groups, dy) if groups.present else None
     xs = _inputs(groups, x) if groups.present and needs_da else None
     if groups.slots is not None:
-        index = torch.tensor(groups.present, device=x.device)
         scale = _present(groups, scaling)[:, None, None]
         if needs_dx or needs_da:
             dh = torch.bmm(dys, _padded_weights(groups, lora_b, ranks, 2))
@@ -162,9 +162,9 @@ def lora_delta_backward(dy, x, lora_a, lora_b, h, plan, scaling, ranks, needs_gr
             if needs_dx:
                 torch.bmm(dh, _padded_weights(groups, lora_a, ranks, 1), out=body)
             if needs_da:
-                da.index_copy_(0, index, torch.bmm(dh.transpose(1, 2), xs))
+                da.index_copy_(0, groups.index, torch.bmm(dh.transpose(1, 2), xs))
         if needs_db:
-            db.index_copy_(0, index, torch.bmm(dys.transpose(1, 2), h).mul_(scale))
+            db.index_copy_(0, groups.index, torch.bmm(dys.transpose(1, 2), h).mul_(scale))
     elif groups.present:
         a, b = lora_a.float(), lora_b.float()
         for d, lo, hi, r, s in _adapters(groups, ranks, scaling):
