@@ -37,6 +37,8 @@ def format_table(results: list[dict]) -> str:
     """Markdown: one heading per result file (device and versions), one table per suite."""
     lines = []
     for result in results:
+        if "suites" not in result:  # ceilings and tile sweeps share the folder
+            continue
         env = result["environment"]
         lines.append(f"**{env['device']}**: torch {env['torch']}, triton {env['triton']}, "
                      f"CUDA {env['cuda']}, PEFT {env['peft']}, commit {env['commit'][:10]}, "

@@ -75,10 +75,9 @@ def lora_plan(adapter_ids: torch.Tensor, batch_shape: Sequence[int], num_adapter
     if run > 1:
         order = order[:, None] * run + torch.arange(run, device=device)
     edges = torch.searchsorted(sorted_ids, torch.arange(-1, num_adapters + 1, device=device)) * run
-    bounds = torch.empty(num_adapters + 4, dtype=torch.int32, device=device)
-    bounds[0] = 0
-    bounds[1:-1] = edges
-    bounds[-1] = num_tokens
+    # built on the device without host scalars, so that a CUDA graph can capture the plan
+    zero = torch.zeros(1, dtype=edges.dtype, device=device)
+    bounds = torch.cat([zero, edges, zero + num_tokens]).to(torch.int32)
     return LoRAPlan(order.reshape(-1).to(torch.int32), bounds, batch_shape, num_adapters, {})
 
 

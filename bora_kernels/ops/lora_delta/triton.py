@@ -26,8 +26,8 @@ import triton.language as tl
 
 from .._common import dot_dtype, dot_precision, segment_block, splits_to_fill
 
-NONE_SEGMENT: tl.constexpr = 1
-FIRST_ADAPTER_SEGMENT: tl.constexpr = 2
+NONE_SEGMENT = tl.constexpr(1)
+FIRST_ADAPTER_SEGMENT = tl.constexpr(2)
 
 
 @triton.jit
