@@ -1,8 +1,8 @@
-"""Put adapter modules into a model and route batches through them.
+"""Put adapter modules into a model, route batches through them, merge them into the base.
 
-The first cut: ``inject`` wraps ``nn.Linear`` layers whose names match (exact name or ``.name``
-suffix, or a regex string), ``use_adapters`` routes integer ids. PEFT checkpoint interop, adapter
-names, Conv1D and the other methods build on these (see the model-integration issue).
+``inject`` wraps the linear layers whose names match, ``use_adapters`` says which adapter each
+sequence or token uses, ``merge_adapter``/``unmerge_adapter`` fold one adapter into the base
+weights. PEFT checkpoints are read and written by ``peft_io.py``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import re
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -18,65 +18,235 @@ from torch import nn
 from .nn import AdapterRoute, MultiLoRALinear
 
 
-def _matches(name: str, target_modules) -> bool:
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target_modules)
+def matches(name: str, patterns) -> bool:
+    """PEFT's rule: a string is a regex that must match the whole name; a list matches a name
+    exactly or as a suffix after a dot."""
+    if patterns is None:
+        return False
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def _fan_in_fan_out(module: nn.Module) -> bool | None:
+    """False for an ``nn.Linear``, True for GPT-2's ``Conv1D`` (weight [in, out]), None otherwise."""
+    if isinstance(module, nn.Linear):
+        return False
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None \
+            and getattr(module, "nf", None) == module.weight.shape[1]:
+        return True
+    return None
+
+
+def adapter_layers(model: nn.Module) -> dict[str, MultiLoRALinear]:
+    """The model's adapter layers by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, MultiLoRALinear)}
+
+
+def _layers_or_raise(model: nn.Module) -> dict[str, MultiLoRALinear]:
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no adapter layers; call bora_kernels.inject "
+                         f"or bora_kernels.load_peft_adapters first")
+    return layers
+
+
+def adapter_names(model: nn.Module) -> tuple[str, ...]:
+    """The names of the model's adapters, in slot order."""
+    layers = _layers_or_raise(model)
+    names = {m.adapter_names for m in layers.values()}
+    if len(names) != 1:
+        raise ValueError(f"the adapter layers of {type(model).__name__} disagree on adapter names: {names}")
+    return names.pop()
+
+
+def find_targets(model: nn.Module, target_modules, exclude_modules=None) -> list[tuple[str, nn.Module, bool]]:
+    """``(name, module, fan_in_fan_out)`` for every module matching as PEFT matches; a
+    ``ValueError`` lists near names when nothing matches, and names a matched module that is not
+    a linear layer."""
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+    if exclude_modules is not None and not isinstance(exclude_modules, str):
+        exclude_modules = list(exclude_modules)
+    inside = tuple(name + "." for name in adapter_layers(model))
+    named = [(name, m) for name, m in model.named_modules() if name and not name.startswith(inside)]
+    hits = [(name, m) for name, m in named if matches(name, target_modules) and not matches(name, exclude_modules)]
+    if not hits:
+        names = [name for name, _ in named]
+        wanted = [target_modules] if isinstance(target_modules, str) else target_modules
+        leaves = sorted({n.rpartition(".")[2] for n in names})
+        # closest first
+        near = list(dict.fromkeys(c for t in wanted for c in difflib.get_close_matches(t.rpartition(".")[2], leaves, n=5, cutoff=0.4)))
+        raise ValueError(f"target_modules {target_modules!r} (exclude_modules {exclude_modules!r}) matched no "
+                         f"module of {type(model).__name__}; near names: {near or leaves[:12]}")
+    targets = []
+    for name, module in hits:
+        if isinstance(module, MultiLoRALinear):
+            raise ValueError(f"module {name!r} already holds adapters; inject once (load_peft_adapters "
+                             f"fills the adapters of an injected model)")
+        fan = _fan_in_fan_out(module)
+        if fan is None:
+            raise ValueError(f"module {name!r} matched target_modules but is a {type(module).__name__}; "
+                             f"only nn.Linear and GPT-2's Conv1D layers can take LoRA adapters")
+        targets.append((name, module, fan))
+    return targets
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module):
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
 
 
 def inject(model: nn.Module, target_modules: str | Iterable[str], num_adapters: int, r=8, alpha=16,
-           dropout: float = 0.0, method: str = "lora", quantize=None, dtype: torch.dtype | None = None):
-    """Replace every matching ``nn.Linear`` of ``model`` by a ``MultiLoRALinear`` in place.
+           dropout: float = 0.0, method: str = "lora", quantize=None, dtype: torch.dtype | None = None,
+           exclude_modules: str | Iterable[str] | None = None, use_rslora=False,
+           adapter_names: Sequence[str] | None = None):
+    """Replace every matching linear layer of ``model`` by a ``MultiLoRALinear`` in place.
 
-    ``target_modules``: a list of names (exact, or a suffix after a dot, as PEFT) or a regex string
-    (full match). Freezes the whole base model; only the adapters train. Returns ``model``.
+    ``target_modules`` and ``exclude_modules``: a list of names (exact, or a suffix after a dot) or
+    a regex string (full match), as PEFT. ``nn.Linear`` and GPT-2's ``Conv1D`` are wrapped
+    (``Conv1D`` with ``fan_in_fan_out``). ``r``, ``alpha``, ``use_rslora``: one value or one per
+    adapter. ``adapter_names`` (default ``"0"``, ``"1"``, ...) name the adapters for
+    ``use_adapters`` and PEFT checkpoints. Freezes the whole base model; only the adapters
+    train. Returns ``model``.
     """
     if method != "lora":
         raise ValueError(f"method {method!r} is not available yet; this version supports 'lora'")
     if quantize is not None:
         raise ValueError(f"quantize={quantize!r} is not available yet; this version supports None")
-    if not isinstance(target_modules, str):
-        target_modules = list(target_modules)
-    named = [(name, m) for name, m in model.named_modules() if name]
-    hits = [(name, m) for name, m in named if _matches(name, target_modules)]
-    if not hits:
-        names = [name for name, _ in named]
-        wanted = [target_modules] if isinstance(target_modules, str) else target_modules
-        near = sorted({c for t in wanted for c in difflib.get_close_matches(t, names, n=5, cutoff=0.4)})
-        raise ValueError(f"target_modules {target_modules!r} matched no module of "
-                         f"{type(model).__name__}; near names: {near or names[:10]}")
-    model.requires_grad_(False)
-    for name, module in hits:
-        if isinstance(module, MultiLoRALinear):
-            continue
-        if not isinstance(module, nn.Linear):
-            raise ValueError(f"module {name!r} matched target_modules but is a "
-                             f"{type(module).__name__}, not an nn.Linear")
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, MultiLoRALinear(module, num_adapters, r=r, alpha=alpha,
-                                               dropout=dropout, dtype=dtype))
+    if adapter_layers(model):
+        raise ValueError(f"{type(model).__name__} already has adapter layers; inject once")
+    targets = find_targets(model, target_modules, exclude_modules)
+    _inject_targets(model, targets, num_adapters, {}, r, alpha, use_rslora, dropout, dtype, adapter_names)
     return model
+
+
+def _inject_targets(model, targets, num_adapters, ranks_by_module, r, alpha, use_rslora, dropout, dtype, names):
+    """Wrap ``targets``; ``ranks_by_module`` may give a module its own per-adapter ranks."""
+    model.requires_grad_(False)
+    for name, module, fan in targets:
+        layer = MultiLoRALinear(module, num_adapters, r=ranks_by_module.get(name, r), alpha=alpha,
+                                dropout=dropout, dtype=dtype, use_rslora=use_rslora, fan_in_fan_out=fan,
+                                adapter_names=names)
+        _replace(model, name, layer)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that train (after ``inject``: the adapters' A and B), for an optimizer."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def summary(model: nn.Module) -> str:
+    """One line: adapter layers, adapters and their ranks, trainable and total parameters."""
+    layers = _layers_or_raise(model)
+    names = adapter_names(model)
+    ranks = torch.stack([m.ranks.cpu() for m in layers.values()])  # [layers, D]
+    per_adapter = []
+    for d, name in enumerate(names):
+        present = ranks[:, d][ranks[:, d] > 0]
+        text = "absent" if not present.numel() else (
+            f"r={int(present[0])}" if present.unique().numel() == 1 else f"r={int(present.min())}-{int(present.max())}")
+        per_adapter.append(f"{name}:{text}")
+    trainable = sum(p.numel() for p in trainable_parameters(model))
+    total = sum(p.numel() for p in model.parameters())
+    used = sum(int(ranks[i].sum()) * (m.in_features + m.out_features) for i, m in enumerate(layers.values()))
+    shown = ", ".join(per_adapter[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
+    return (f"{len(layers)} LoRA layers x {len(names)} adapters [{shown}]; trainable {trainable:,} of "
+            f"{total:,} parameters ({100 * trainable / max(total, 1):.2f}%), {used:,} within the ranks")
+
+
+def _adapter_index(names: Sequence[str], name) -> int:
+    if isinstance(name, bool) or not isinstance(name, (int, str)):
+        raise ValueError(f"an adapter is named by a str or an int index, got {name!r}")
+    if isinstance(name, int):
+        if not 0 <= name < len(names):
+            raise ValueError(f"adapter index {name} is out of range for {len(names)} adapters")
+        return name
+    if name not in names:
+        near = difflib.get_close_matches(name, names, n=3)
+        raise ValueError(f"no adapter named {name!r}; adapters: {list(names)[:20]}"
+                         + (f" (did you mean {near}?)" if near else ""))
+    return names.index(name)
+
+
+def resolve_adapter_ids(names: Sequence[str], adapter_ids):
+    """Ids as a tensor (or None): ints, names and None (base model) in nested lists, one id for
+    everything, or an integer tensor."""
+    if adapter_ids is None or isinstance(adapter_ids, torch.Tensor):
+        return adapter_ids
+    if isinstance(adapter_ids, (str, int)) and not isinstance(adapter_ids, bool):
+        return torch.tensor(-1 if adapter_ids == -1 else _adapter_index(names, adapter_ids))
+
+    def convert(item):
+        if isinstance(item, (list, tuple)):
+            return [convert(i) for i in item]
+        if item is None or (isinstance(item, int) and item == -1):
+            return -1
+        return _adapter_index(names, item)
+
+    if not isinstance(adapter_ids, (list, tuple)):
+        raise ValueError(f"adapter_ids must be a tensor, a list of ids/names/None, one id or name, or None; "
+                         f"got {type(adapter_ids).__name__}")
+    try:
+        return torch.tensor(convert(adapter_ids), dtype=torch.int64)
+    except ValueError as err:
+        if "adapter" in str(err):
+            raise
+        raise ValueError(f"adapter_ids must be a rectangular list ([B] or [B, L]): {err}") from None
 
 
 @contextlib.contextmanager
 def use_adapters(model: nn.Module, adapter_ids):
     """Inside the block every adapter layer of ``model`` uses ``adapter_ids``.
 
-    Ids per sequence (``[B]``) or per token (``[B, L]``), ``-1`` for the base model; ``None`` runs
-    the base model. The grouping of tokens is built once per batch shape and shared by all
-    layers. Nested blocks restore the outer ids on exit, also after an exception. Not shared
-    between threads.
+    ``adapter_ids``: one id or name for the whole batch; per sequence (``[B]``) or per token
+    (``[B, L]``) as an integer tensor or (nested) lists of ints, names and None; ``-1`` or None
+    for the base model; None alone runs the base model. Works for ``model(...)``,
+    ``loss.backward()`` (run it inside the block) and ``model.generate(...)``, where per-sequence
+    ids hold through prefill and every decode step. The grouping of tokens is built once per
+    batch shape and shared by all layers. Nested blocks restore the outer ids on exit, also after
+    an exception.
+
+    Not thread-safe: the ids are stored on the model's layers, so two threads must not route the
+    same model at once (serve one batch at a time per model).
     """
-    route = None if adapter_ids is None else AdapterRoute(adapter_ids)
-    layers = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no adapter layers; call bora_kernels.inject first")
+    layers = list(_layers_or_raise(model).values())
+    ids = resolve_adapter_ids(adapter_names(model), adapter_ids)
+    if isinstance(ids, torch.Tensor) and ids.device.type == "cpu" and ids.numel() \
+            and not ids.dtype.is_floating_point and ids.dtype != torch.bool:
+        low, high = int(ids.min()), int(ids.max())
+        if low < -1 or high >= layers[0].num_adapters:
+            raise ValueError(f"adapter_ids must lie in [-1, {layers[0].num_adapters}), got values from {low} to {high}")
+    route = None if ids is None else AdapterRoute(ids)
     saved = [m.adapter_ids for m in layers]
     for m in layers:
         m.adapter_ids = route
     try:
         yield model
     finally:
-        for m, ids in zip(layers, saved):
-            m.adapter_ids = ids
+        for m, old in zip(layers, saved):
+            m.adapter_ids = old
+
+
+def merge_adapter(model: nn.Module, name) -> nn.Module:
+    """Fold adapter ``name`` into the base weights of every layer it touches, for serving that
+    one adapter at base-model cost. Each merged layer keeps a copy of its base weight, so
+    ``unmerge_adapter`` restores it bit for bit. Routing adapters while merged is an error."""
+    layers = _layers_or_raise(model)
+    d = _adapter_index(adapter_names(model), name)
+    merged = [m for m in layers.values() if m.merged is not None]
+    if merged:
+        raise RuntimeError(f"adapter {merged[0].adapter_names[merged[0].merged[0]]!r} is already merged; "
+                           f"call unmerge_adapter first")
+    for m in layers.values():
+        if int(m.ranks[d]):
+            m.merge(d)
+    return model
+
+
+def unmerge_adapter(model: nn.Module) -> nn.Module:
+    """Put back the base weights saved by ``merge_adapter``."""
+    for m in _layers_or_raise(model).values():
+        m.unmerge()
+    return model

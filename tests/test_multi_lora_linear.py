@@ -147,10 +147,11 @@ def test_dropout_only_in_training():
     (dict(base_layer=nn.Conv1d(3, 3, 1), num_adapters=2), "base_layer must be an nn.Linear"),
     (dict(num_adapters=0), "num_adapters must be"),
     (dict(num_adapters=2, r=[4, 4, 4]), "r must be one value or 2 values"),
-    (dict(num_adapters=2, r=0), "r must be positive"),
+    (dict(num_adapters=2, r=0), "at least one positive"),
+    (dict(num_adapters=2, r=[2, -1]), "r must be ints >= 0"),
     (dict(num_adapters=2, alpha=[1]), "alpha must be one value or 2 values"),
     (dict(num_adapters=2, dropout=1.0), "dropout must lie"),
-], ids=["base", "num_adapters", "r_len", "r_zero", "alpha_len", "dropout"])
+], ids=["base", "num_adapters", "r_len", "r_zero", "r_negative", "alpha_len", "dropout"])
 def test_bad_arguments(kwargs, match):
     kwargs.setdefault("base_layer", nn.Linear(K, N))
     with pytest.raises(ValueError, match=match):
@@ -161,7 +162,7 @@ def test_inject_errors():
     model = nn.Sequential(nn.Linear(K, N), nn.ReLU())
     with pytest.raises(ValueError, match="matched no module"):
         bk.inject(model, ["q_proj"], num_adapters=2)
-    with pytest.raises(ValueError, match="not an nn.Linear"):
+    with pytest.raises(ValueError, match="is a ReLU; only nn.Linear"):
         bk.inject(model, ["1"], num_adapters=2)
     with pytest.raises(ValueError, match="no adapter layers"):
         with bk.use_adapters(nn.Sequential(nn.Linear(K, N)), torch.tensor([0])):

@@ -2,6 +2,8 @@
 
     bora-bench lora [--device cpu|cuda] [--quick] [--json FILE] [--tokens ...] [--adapters ...]
                     [--ranks ...] [--features K N] [--dtype bf16]
+    bora-bench model [--device cpu|cuda] [--quick] [--json FILE] [--adapters ...]
+                    a whole Llama: prefill and greedy generation with a mixed batch
     bora-bench all  [--device ...] [--quick] [--json FILE]       every suite
     bora-bench table [--results DIR] [--readme README.md]         README table from result files
 """
@@ -9,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import sys
@@ -17,11 +20,11 @@ from pathlib import Path
 import torch
 
 from ..ops import use_backend
-from . import lora
+from . import lora, model
 from .report import format_table, write_readme_table
 from .timing import environment, median_seconds
 
-SUITES = {"lora": lora}
+SUITES = {"lora": lora, "model": model}
 
 
 def run_suite(module, cases, device: torch.device, quick: bool, variants=None, echo=print) -> list[dict]:
@@ -67,6 +70,11 @@ def _parser() -> argparse.ArgumentParser:
     p_lora.add_argument("--dtype", choices=tuple(lora.DTYPES), help="input and weight dtype")
     p_lora.add_argument("--variants", nargs="+", choices=tuple(lora.VARIANTS), help="subset to time")
 
+    p_model = sub.add_parser("model", help="a whole Llama (prefill, generate) against PEFT")
+    common(p_model)
+    p_model.add_argument("--adapters", type=int, nargs="+", help="adapters in the mix")
+    p_model.add_argument("--variants", nargs="+", choices=tuple(model.VARIANTS), help="subset to time")
+
     p_all = sub.add_parser("all", help="every suite with its default grid")
     common(p_all)
 
@@ -102,6 +110,11 @@ def main(argv=None) -> int:
         raise SystemExit("bora-bench: --device cuda but no CUDA device is visible")
     if args.command == "lora":
         plan = {"lora": (_lora_cases(args, device), args.variants)}
+    elif args.command == "model":
+        cases = model.default_cases(device, args.quick)
+        if args.adapters:
+            cases = [dataclasses.replace(cases[0], adapters=d) for d in args.adapters]
+        plan = {"model": (cases, args.variants)}
     else:
         plan = {name: (module.default_cases(device, args.quick), None) for name, module in SUITES.items()}
 

@@ -12,11 +12,14 @@ END = "<!-- results:end -->"
 TIME_COLUMNS = {
     "lora": [("base", "base"), ("lora_delta", "lora_delta"), ("MultiLoRA", "multi_lora"),
              ("PEFT mixed", "peft_mixed"), ("PEFT single", "peft_single")],
+    "model": [("base", "base"), ("ours", "ours"), ("PEFT mixed", "peft_mixed"), ("PEFT single", "peft_single")],
 }
 RATIO_COLUMNS = {
     "lora": [("LoRA / base", "lora_delta", "base", False),
              ("x PEFT mixed (layer)", "multi_lora", "peft_mixed", True),
              ("x PEFT mixed (LoRA part)", "lora_delta", "peft_mixed_lora", True)],
+    "model": [("x PEFT mixed", "ours", "peft_mixed", True), ("x PEFT single", "ours", "peft_single", True),
+              ("ours / base", "ours", "base", False)],
 }
 
 

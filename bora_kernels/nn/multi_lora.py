@@ -1,4 +1,4 @@
-"""``MultiLoRALinear``: an ``nn.Linear`` plus D LoRA adapters, each token using its own."""
+"""``MultiLoRALinear``: a linear layer plus D LoRA adapters, each token using its own."""
 
 from __future__ import annotations
 
@@ -13,53 +13,82 @@ from .routing import AdapterRoute
 
 
 def _per_adapter(value, num_adapters: int, name: str) -> list:
-    values = list(value) if isinstance(value, Sequence) else [value] * num_adapters
+    values = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value] * num_adapters
     if len(values) != num_adapters:
         raise ValueError(f"{name} must be one value or {num_adapters} values (one per adapter), "
                          f"got {len(values)}")
     return values
 
 
+def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
+    """PEFT's scale of ``B A``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA; 0 for rank 0."""
+    if rank == 0:
+        return 0.0
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
 class MultiLoRALinear(nn.Module):
     """``base_layer(x) + scaling[d] * B_d A_d x`` with ``d`` chosen per sequence or token.
 
     Adapters are stacked: ``lora_A`` is ``[D, R, K]`` and ``lora_B`` is ``[D, N, R]`` with R the
-    largest rank (smaller ranks zero-padded, never computed with). Initialised as PEFT does (A
+    largest rank (smaller ranks zero-padded, never computed with). Rank 0 means the adapter does
+    not touch this layer (its tokens get the base output). Initialised as PEFT does (A
     Kaiming-uniform, B zero), so a fresh layer equals its base layer. The base layer is frozen.
+
+    ``base_layer`` is an ``nn.Linear``, or with ``fan_in_fan_out=True`` a layer whose weight is
+    stored ``[in, out]`` (GPT-2's ``Conv1D``, PEFT's ``fan_in_fan_out``).
 
     ``forward(x, adapter_ids=None)``: ids per token (``x.shape[:-1]``) or per sequence (``[B]``),
     ``-1`` for none, or a ``LoRAPlan``. Without ids the layer uses ``self.adapter_ids`` (set for a
     whole model by ``bora_kernels.use_adapters``), and when that is None too, the base layer alone.
     """
 
-    def __init__(self, base_layer: nn.Linear, num_adapters: int, r=8, alpha=16, dropout: float = 0.0,
-                 dtype: torch.dtype | None = None):
+    def __init__(self, base_layer: nn.Module, num_adapters: int, r=8, alpha=16, dropout: float = 0.0,
+                 dtype: torch.dtype | None = None, use_rslora=False, fan_in_fan_out: bool = False,
+                 adapter_names: Sequence[str] | None = None):
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise ValueError(f"base_layer must be an nn.Linear, got {type(base_layer).__name__}")
+        weight = getattr(base_layer, "weight", None)
+        if not fan_in_fan_out and not isinstance(base_layer, nn.Linear):
+            raise ValueError(f"base_layer must be an nn.Linear (or a [in, out] layer with "
+                             f"fan_in_fan_out=True), got {type(base_layer).__name__}")
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ValueError(f"base_layer must have a 2-D weight, got {type(base_layer).__name__}")
         if not isinstance(num_adapters, int) or num_adapters < 1:
             raise ValueError(f"num_adapters must be a positive int, got {num_adapters!r}")
         ranks = _per_adapter(r, num_adapters, "r")
         alphas = _per_adapter(alpha, num_adapters, "alpha")
-        if any(not isinstance(v, int) or v < 1 for v in ranks):
-            raise ValueError(f"r must be positive ints, got {ranks}")
+        rslora = _per_adapter(use_rslora, num_adapters, "use_rslora")
+        if any(not isinstance(v, int) or v < 0 for v in ranks) or max(ranks) < 1:
+            raise ValueError(f"r must be ints >= 0 (0: adapter absent here), at least one positive, got {ranks}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
-        weight = base_layer.weight
+        names = [str(d) for d in range(num_adapters)] if adapter_names is None else list(adapter_names)
+        if len(names) != num_adapters or len(set(names)) != num_adapters:
+            raise ValueError(f"adapter_names must be {num_adapters} distinct names, got {names}")
         dtype = dtype or (weight.dtype if weight.dtype.is_floating_point else torch.float32)
-        n, k = weight.shape
+        k, n = weight.shape if fan_in_fan_out else weight.shape[::-1]
         max_rank = max(ranks)
 
         self.base_layer = base_layer.requires_grad_(False)
+        self.fan_in_fan_out = fan_in_fan_out
+        self.in_features, self.out_features = k, n
         self.num_adapters = num_adapters
+        self.adapter_names = tuple(names)
         self.lora_A = nn.Parameter(torch.zeros(num_adapters, max_rank, k, device=weight.device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(num_adapters, n, max_rank, device=weight.device, dtype=dtype))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.register_buffer("ranks", torch.tensor(ranks, dtype=torch.int32, device=weight.device))
-        self.scaling_values = [a / rk for a, rk in zip(alphas, ranks)]
-        self.register_buffer("scaling", torch.tensor(self.scaling_values, device=weight.device), persistent=False)
+        self.alphas, self.use_rslora = [float(a) for a in alphas], [bool(v) for v in rslora]
+        self.register_buffer("scaling", torch.zeros(num_adapters, device=weight.device), persistent=False)
+        self._refresh_scaling()
         self.adapter_ids: AdapterRoute | torch.Tensor | LoRAPlan | None = None
+        self.merged: tuple[int, torch.Tensor] | None = None  # (adapter, base weight before the merge)
         self.reset_lora_parameters()
+
+    def _refresh_scaling(self):
+        ranks = self.ranks.tolist()
+        self.scaling_values = [lora_scaling(a, rk, rs) for a, rk, rs in zip(self.alphas, ranks, self.use_rslora)]
+        self.scaling = torch.tensor(self.scaling_values, device=self.scaling.device)
 
     @torch.no_grad()
     def reset_lora_parameters(self):
@@ -68,7 +97,60 @@ class MultiLoRALinear(nn.Module):
         self.lora_A.zero_()
         self.lora_B.zero_()
         for d, rank in enumerate(self.ranks.tolist()):
-            nn.init.kaiming_uniform_(self.lora_A[d, :rank], a=math.sqrt(5))
+            if rank:
+                nn.init.kaiming_uniform_(self.lora_A[d, :rank], a=math.sqrt(5))
+
+    @torch.no_grad()
+    def set_adapter(self, d: int, lora_a: torch.Tensor | None, lora_b: torch.Tensor | None,
+                    alpha: float = 16, use_rslora: bool = False):
+        """Put one adapter's PEFT-layout weights (A ``[r, K]``, B ``[N, r]``) into slot ``d``;
+        ``None`` for both makes the adapter absent from this layer (rank 0)."""
+        if lora_a is None or lora_b is None:
+            rank = 0
+        else:
+            rank = lora_a.shape[0]
+            if tuple(lora_a.shape) != (rank, self.in_features) or tuple(lora_b.shape) != (self.out_features, rank):
+                raise ValueError(f"adapter weights must be A [r, {self.in_features}] and B "
+                                 f"[{self.out_features}, r], got {tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
+            if rank > self.lora_A.shape[1]:
+                raise ValueError(f"rank {rank} exceeds this layer's largest rank {self.lora_A.shape[1]}")
+        self.lora_A[d].zero_()
+        self.lora_B[d].zero_()
+        if rank:
+            self.lora_A[d, :rank].copy_(lora_a)
+            self.lora_B[d, :, :rank].copy_(lora_b)
+        self.ranks[d] = rank
+        self.alphas[d], self.use_rslora[d] = float(alpha), bool(use_rslora)
+        self._refresh_scaling()
+
+    def adapter_weights(self, d: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Adapter ``d`` as PEFT stores it: (A ``[r, K]``, B ``[N, r]``), or None when absent."""
+        rank = int(self.ranks[d])
+        if rank == 0:
+            return None
+        return self.lora_A[d, :rank].detach(), self.lora_B[d, :, :rank].detach()
+
+    def delta_weight(self, d: int) -> torch.Tensor:
+        """``scaling_d * B_d A_d`` laid out like the base weight, in fp32."""
+        a, b = self.lora_A[d].detach().float(), self.lora_B[d].detach().float()
+        delta = self.scaling_values[d] * (b @ a)
+        return delta.T if self.fan_in_fan_out else delta
+
+    @torch.no_grad()
+    def merge(self, d: int):
+        """Fold adapter ``d`` into the base weight; ``unmerge`` puts back the saved weight."""
+        if self.merged is not None:
+            raise RuntimeError(f"adapter {self.adapter_names[self.merged[0]]!r} is already merged; unmerge first")
+        weight = self.base_layer.weight
+        saved = weight.detach().clone()
+        weight.data = (weight.detach().float() + self.delta_weight(d).to(weight.device)).to(weight.dtype)
+        self.merged = (d, saved)
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged is not None:
+            self.base_layer.weight.data.copy_(self.merged[1])
+            self.merged = None
 
     def _apply(self, fn, *args, **kwargs):
         # model.to(torch.bfloat16) must not round alpha / r; keep the scaling exact in fp32
@@ -81,6 +163,9 @@ class MultiLoRALinear(nn.Module):
         ids = self.adapter_ids if adapter_ids is None else adapter_ids
         if ids is None:
             return result
+        if self.merged is not None:
+            raise RuntimeError(f"adapter {self.adapter_names[self.merged[0]]!r} is merged into the base "
+                               f"weights; call bora_kernels.unmerge_adapter before routing adapters")
         if isinstance(ids, AdapterRoute):
             ids = ids.plan(x.shape[:-1], self.num_adapters, x.device)
         x = self.lora_dropout(x).to(self.lora_A.dtype)
@@ -92,4 +177,5 @@ class MultiLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         ranks = self.ranks.tolist()
         rank_text = str(ranks[0]) if len(set(ranks)) == 1 else str(ranks)
-        return f"adapters={self.num_adapters}, r={rank_text}, dtype={self.lora_A.dtype}"
+        return (f"in={self.in_features}, out={self.out_features}, adapters={self.num_adapters}, "
+                f"r={rank_text}, dtype={self.lora_A.dtype}" + (", fan_in_fan_out" if self.fan_in_fan_out else ""))

@@ -59,7 +59,7 @@ def lora_plan(adapter_ids: torch.Tensor, batch_shape: Sequence[int], num_adapter
         if len(batch_shape) == 2:
             expected += f" or {batch_shape[:1]} (per sequence)"
         raise ValueError(f"adapter_ids has shape {_shape(adapter_ids)}, expected {expected}")
-    if adapter_ids.device.type == "cpu" and adapter_ids.numel():
+    if adapter_ids.device.type == "cpu" and adapter_ids.numel() and not torch.compiler.is_compiling():
         low, high = int(adapter_ids.min()), int(adapter_ids.max())
         if low < -1 or high >= num_adapters:
             raise ValueError(
@@ -112,7 +112,8 @@ def _check_inputs(x, lora_a, lora_b, scaling, ranks):
                 or ranks.dtype.is_floating_point or ranks.dtype == torch.bool:
             raise ValueError(f"ranks must be an integer tensor of shape ({num_adapters},) or None, "
                              f"got {_shape(ranks)}")
-        if ranks.device.type == "cpu" and ranks.numel() and (int(ranks.min()) < 0 or int(ranks.max()) > max_rank):
+        if ranks.device.type == "cpu" and ranks.numel() and not torch.compiler.is_compiling() \
+                and (int(ranks.min()) < 0 or int(ranks.max()) > max_rank):
             raise ValueError(f"ranks must lie in [0, {max_rank}] (R of lora_a), got {ranks.tolist()}")
 
 
@@ -134,6 +135,61 @@ class LoRADeltaFunction(torch.autograd.Function):
         dx, da, db = ctx.kernels.lora_delta_backward(
             dy, x, lora_a, lora_b, h, ctx.plan, scaling, ranks, ctx.needs_input_grad[:3])
         return dx, da, db, None, None, None, None
+
+
+# --- the same op as torch.library custom ops, for torch.compile ----------------------------------
+# Eager calls use LoRADeltaFunction above (less dispatch overhead, h saved for backward). Under
+# torch.compile the op is opaque to the tracer through these two custom ops and their fake
+# (shape-only) implementations; the backward op recomputes h instead of saving it, because h's
+# layout depends on the backend and, on the CPU path, on the data.
+
+
+def _op_plan(perm, bounds, num_tokens, num_adapters):
+    return LoRAPlan(perm, bounds, (num_tokens,), num_adapters, {})
+
+
+@torch.library.custom_op("bora_kernels::lora_delta", mutates_args=())
+def _lora_delta_op(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, perm: torch.Tensor,
+                   bounds: torch.Tensor, scaling: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    plan = _op_plan(perm, bounds, x.shape[0], lora_a.shape[0])
+    return _kernels(x.device).lora_delta_forward(x, lora_a, lora_b, plan, scaling, ranks, save_h=False)[0]
+
+
+@_lora_delta_op.register_fake
+def _(x, lora_a, lora_b, perm, bounds, scaling, ranks):
+    return x.new_empty((x.shape[0], lora_b.shape[1]))
+
+
+@torch.library.custom_op("bora_kernels::lora_delta_backward", mutates_args=())
+def _lora_delta_backward_op(dy: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                            perm: torch.Tensor, bounds: torch.Tensor, scaling: torch.Tensor, ranks: torch.Tensor,
+                            needs_dx: bool, needs_da: bool, needs_db: bool
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    kernels = _kernels(x.device)
+    plan = _op_plan(perm, bounds, x.shape[0], lora_a.shape[0])
+    _, h = kernels.lora_delta_forward(x, lora_a, lora_b, plan, scaling, ranks, save_h=True)
+    grads = kernels.lora_delta_backward(dy, x, lora_a, lora_b, h, plan, scaling, ranks, (needs_dx, needs_da, needs_db))
+    # a custom op returns tensors: empty ones stand for gradients not asked for
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+
+@_lora_delta_backward_op.register_fake
+def _(dy, x, lora_a, lora_b, perm, bounds, scaling, ranks, needs_dx, needs_da, needs_db):
+    return tuple(t.new_empty(t.shape if need else (0,))
+                 for t, need in ((x, needs_dx), (lora_a, needs_da), (lora_b, needs_db)))
+
+
+def _op_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _op_backward(ctx, dy):
+    needs = ctx.needs_input_grad[:3]
+    grads = _lora_delta_backward_op(dy, *ctx.saved_tensors, *needs)
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None)
+
+
+_lora_delta_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 def _kernels(device: torch.device):
@@ -183,6 +239,9 @@ def lora_delta(x, lora_a, lora_b, adapter_ids, scaling=None, ranks=None):
     x2 = x.reshape(-1, k)
     if x2.shape[0] == 0:  # nothing to launch; keep the autograd graph connected
         return (x2 @ lora_a[0].T @ lora_b[0].T).reshape(*batch_shape, lora_b.shape[1])
+    if torch.compiler.is_compiling():
+        out = _lora_delta_op(x2, lora_a, lora_b, plan.perm, plan.bounds, scaling, ranks)
+        return out.reshape(*batch_shape, lora_b.shape[1])
     kernels = _kernels(device)
     if torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad):
         out = LoRADeltaFunction.apply(x2, lora_a, lora_b, scaling, ranks, plan, kernels)

@@ -1,0 +1,212 @@
+"""PEFT LoRA checkpoints, both ways: ``save_pretrained`` folders (``adapter_config.json`` and
+``adapter_model.safetensors``) are stacked into a model's adapter slots, and one slot is written
+back as a folder that ``PeftModel.from_pretrained`` loads."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from .model import (_adapter_index, _inject_targets, _layers_or_raise, _fan_in_fan_out, adapter_layers,
+                    adapter_names)
+
+CONFIG_FILE, WEIGHTS_FILE, PICKLE_FILE = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
+PREFIX = "base_model.model."
+_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
+# config fields whose non-default values change the computation in ways this runtime does not do
+_UNSUPPORTED = {"use_dora": False, "lora_bias": False, "modules_to_save": None, "layers_to_transform": None,
+                "target_parameters": None, "trainable_token_indices": None}
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: the first key matching the end of the name."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _read(name: str, folder) -> tuple[dict, dict[str, torch.Tensor]]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"adapter {name!r}: {str(folder)!r} is not a folder (expected a PEFT save_pretrained folder)")
+    if not (folder / CONFIG_FILE).is_file():
+        raise ValueError(f"adapter {name!r}: {folder} has no {CONFIG_FILE}")
+    if not (folder / WEIGHTS_FILE).is_file():
+        if (folder / PICKLE_FILE).is_file():
+            raise ValueError(
+                f"adapter {name!r}: {folder} holds pickle weights ({PICKLE_FILE}); only {WEIGHTS_FILE} is "
+                f"read, because unpickling can run arbitrary code. Re-save it with PEFT's "
+                f"save_pretrained(..., safe_serialization=True)")
+        raise ValueError(f"adapter {name!r}: {folder} has no {WEIGHTS_FILE}")
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"adapter {name!r}: peft_type is {config.get('peft_type')!r}; only LORA adapters load")
+    for field, default in _UNSUPPORTED.items():
+        if config.get(field, default) not in (default, [], {}, None, False):
+            raise ValueError(f"adapter {name!r}: {field}={config[field]!r} is not supported (only plain LoRA "
+                             f"on linear layers: {field} must be {default!r})")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"adapter {name!r}: bias={config['bias']!r} is not supported (trained biases); "
+                         f"only bias='none' loads")
+    from safetensors.torch import load_file
+
+    return config, load_file(str(folder / WEIGHTS_FILE))
+
+
+def _module_weights(name: str, config: dict, tensors: dict, model: nn.Module, modules: dict) -> dict:
+    """``{module: (A, B, rank, alpha)}`` for one adapter, every shape checked."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _KEY.match(key[len(PREFIX):] if key.startswith(PREFIX) else key)
+        if match is None:
+            raise ValueError(f"adapter {name!r}: key {key!r} is not a LoRA A/B weight of a linear layer "
+                             f"(only lora_A/lora_B weights load)")
+        module = match["module"]
+        if module not in modules:
+            near = difflib.get_close_matches(module, list(modules), n=3, cutoff=0.5)
+            raise ValueError(f"adapter {name!r}: key {key!r} names module {module!r}, which is not a linear "
+                             f"layer of {type(model).__name__}" + (f"; near: {near}" if near else ""))
+        pairs.setdefault(module, {})[match["part"]] = (key, tensor)
+    out = {}
+    for module, parts in pairs.items():
+        if set(parts) != {"A", "B"}:
+            raise ValueError(f"adapter {name!r}: module {module!r} has lora_{''.join(parts)} but not both A and B")
+        (key_a, a), (key_b, b) = parts["A"], parts["B"]
+        rank = int(_pattern_value(config.get("rank_pattern"), module, config.get("r", 8)))
+        alpha = float(_pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8)))
+        k, n = modules[module]
+        if tuple(a.shape) != (rank, k):
+            raise ValueError(f"adapter {name!r}: {key_a} has shape {tuple(a.shape)}, but module {module!r} "
+                             f"takes {k} inputs and the config gives rank {rank}: expected {(rank, k)}")
+        if tuple(b.shape) != (n, rank):
+            raise ValueError(f"adapter {name!r}: {key_b} has shape {tuple(b.shape)}, but module {module!r} "
+                             f"has {n} outputs and the config gives rank {rank}: expected {(n, rank)}")
+        out[module] = (a, b, rank, alpha)
+    if not out:
+        raise ValueError(f"adapter {name!r}: the weights file holds no LoRA weights")
+    return out
+
+
+def _linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """``{name: (in, out)}`` for every layer that can hold adapters (injected or not)."""
+    shapes = {name: (m.in_features, m.out_features) for name, m in adapter_layers(model).items()}
+    inside = tuple(name + "." for name in shapes)
+    for name, m in model.named_modules():
+        if name and not name.startswith(inside) and name not in shapes:
+            fan = _fan_in_fan_out(m)
+            if fan is not None:
+                k, n = m.weight.shape if fan else m.weight.shape[::-1]
+                shapes[name] = (k, n)
+    return shapes
+
+
+def load_peft_adapters(model: nn.Module, adapters: Mapping[str, str | Path], dtype: torch.dtype | None = None):
+    """Load PEFT LoRA adapters, stacked in the given order: ``{"name": "folder", ...}``.
+
+    A model without adapter layers is injected first: every module some adapter targets gets a
+    ``MultiLoRALinear`` whose slots are these adapters (rank 0, contributing nothing, where an
+    adapter does not target the module). A model that already has adapter layers (from
+    ``inject(..., adapter_names=...)``) has the named slots filled; their ranks must fit.
+    Adapters may differ in rank, alpha, ``use_rslora``, patterns and target modules. Only
+    safetensors weights are read; every tensor's shape is checked against its module. ``dtype``:
+    the adapters' dtype on injection (default: each base weight's). Returns ``model``.
+    """
+    if not isinstance(adapters, Mapping) or not adapters:
+        raise ValueError("adapters must be a non-empty {name: folder} mapping")
+    shapes = _linear_shapes(model)
+    loaded = {}
+    for name, folder in adapters.items():
+        config, tensors = _read(name, folder)
+        loaded[name] = (config, _module_weights(name, config, tensors, model, shapes))
+
+    layers = adapter_layers(model)
+    if not layers:
+        names = list(adapters)
+        targets = sorted({m for _, weights in loaded.values() for m in weights})
+        ranks = {m: [loaded[a][1][m][2] if m in loaded[a][1] else 0 for a in names] for m in targets}
+        dropout = max(float(config.get("lora_dropout", 0.0)) for config, _ in loaded.values())
+        modules = dict(model.named_modules())
+        _inject_targets(model, [(m, modules[m], _fan_in_fan_out(modules[m])) for m in targets], len(names),
+                        ranks, 8, 16, False, dropout, dtype, names)
+        layers = adapter_layers(model)
+    else:
+        slots = adapter_names(model)
+        for name, (_, weights) in loaded.items():
+            _adapter_index(slots, name)
+            for module, (_, _, rank, _) in weights.items():
+                if module not in layers:
+                    raise ValueError(f"adapter {name!r} targets {module!r}, which has no adapter layer in this "
+                                     f"model; inject it too, or load into a model without adapters")
+                if rank > layers[module].lora_A.shape[1]:
+                    raise ValueError(f"adapter {name!r} has rank {rank} at {module!r}, more than the injected "
+                                     f"rank {layers[module].lora_A.shape[1]}; inject with a larger r")
+    slots = adapter_names(model)
+    for name, (config, weights) in loaded.items():
+        d = slots.index(name)
+        use_rslora = bool(config.get("use_rslora", False))
+        for module, layer in layers.items():
+            a, b, _, alpha = weights.get(module, (None, None, 0, 8))
+            layer.set_adapter(d, a, b, alpha=alpha, use_rslora=use_rslora)
+    return model
+
+
+def save_peft_adapter(model: nn.Module, name, folder) -> Path:
+    """Write adapter ``name`` as a PEFT ``save_pretrained`` folder; returns the folder."""
+    layers = _layers_or_raise(model)
+    slots = adapter_names(model)
+    d = _adapter_index(slots, name)
+    present = {m: layer for m, layer in layers.items() if int(layer.ranks[d])}
+    if not present:
+        raise ValueError(f"adapter {slots[d]!r} has rank 0 in every layer; nothing to save")
+    first = next(iter(present.values()))
+    use_rslora = first.use_rslora[d]
+    rank0 = int(first.ranks[d])
+    alpha0 = first.scaling_values[d] * (math.sqrt(rank0) if use_rslora else rank0)
+    tensors, rank_pattern, alpha_pattern = {}, {}, {}
+    for module, layer in present.items():
+        a, b = layer.adapter_weights(d)
+        tensors[f"{PREFIX}{module}.lora_A.weight"] = a.contiguous().clone()
+        tensors[f"{PREFIX}{module}.lora_B.weight"] = b.contiguous().clone()
+        rank = a.shape[0]
+        # one rsLoRA flag per adapter: an alpha that gives this layer's exact scale under it
+        alpha = layer.scaling_values[d] * (math.sqrt(rank) if use_rslora else rank)
+        key = re.escape(module)
+        if rank != rank0:
+            rank_pattern[key] = rank
+        if not math.isclose(alpha, alpha0, rel_tol=1e-12):
+            alpha_pattern[key] = alpha
+    fan = any(layer.fan_in_fan_out for layer in present.values())
+    model_config = getattr(model, "config", None)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None,
+        "base_model_name_or_path": getattr(model_config, "_name_or_path", None) or None,
+        "r": rank0,
+        "lora_alpha": int(alpha0) if float(alpha0).is_integer() else alpha0,
+        "use_rslora": use_rslora,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "target_modules": sorted(present),
+        "lora_dropout": max((float(getattr(l.lora_dropout, "p", 0.0)) for l in present.values()), default=0.0),
+        "fan_in_fan_out": fan,
+        "bias": "none",
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return folder
