@@ -1,5 +1,6 @@
 # The two commands of the README. Both set everything up on a fresh machine first.
-#   make demo   the main job: a tiny Llama trains 8 adapters in one mixed batch, then benchmarks
+#   make demo   the main job: PEFT adapters loaded, served in one mixed batch and saved back; a tiny
+#               Llama trains 8 adapters in one mixed batch; then the model benchmark
 #   make test   the whole test suite (Triton kernels run under the interpreter without a GPU)
 PYTHON ?= python3
 VENV ?= .venv
@@ -20,8 +21,9 @@ $(VENV)/.ready: pyproject.toml setup.py
 setup: $(VENV)/.ready
 
 demo: setup
+	$(PY) python/peft_adapters.py
 	$(PY) python/multi_task_lora.py
-	$(VENV)/bin/bora-bench lora --quick
+	$(VENV)/bin/bora-bench model --quick
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -10,7 +10,7 @@ import torch
 import bora_kernels as bk
 from bora_kernels.ops import use_backend
 from tests.conftest import cpu_backends, run_on
-from tests.tolerances import assert_close
+from tests.tolerances import assert_close, rel_rms
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -389,8 +389,15 @@ def test_mixed_batch_and_generate_on_gpu(saved, dtype):
     with use_backend(None), torch.no_grad(), bk.use_adapters(model, ROUTE):
         logits = model(input_ids=input_ids).logits
         tokens = model.generate(input_ids=input_ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    cpu_reference = saved[3]
     for i, name in enumerate(ROUTE):
-        assert_close(logits[i:i + 1], peft_logits(reference, name, input_ids[i:i + 1]), dtype, f"{kind} {i} ({name})")
+        theirs = peft_logits(reference, name, input_ids[i:i + 1])
+        if dtype == torch.float32:
+            assert_close(logits[i:i + 1], theirs, dtype, f"{kind} {i} ({name})")
+        else:  # a whole bf16 model drifts from fp32: ours may not drift more than PEFT's own bf16
+            truth = peft_logits(cpu_reference, name, input_ids[i:i + 1].cpu()).cuda()
+            ours_err, peft_err = rel_rms(logits[i:i + 1], truth), rel_rms(theirs, truth)
+            assert ours_err <= 1.5 * peft_err + 1e-3, f"{kind} {i} ({name}): {ours_err:.2e} vs PEFT {peft_err:.2e}"
         if dtype == torch.float32:
             if name is None:
                 with torch.no_grad(), reference.disable_adapter():

@@ -15,9 +15,11 @@ def test_readme_example_runs():
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     assert blocks, "README has no python example"
     namespace: dict = {}
-    exec(compile(blocks[0], "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own README
     assert namespace["out"].shape == (4, 16, 32)
     assert namespace["lora_a"].grad is not None and namespace["lora_a"].grad.abs().sum() > 0
+    assert namespace["tokens"].shape == (3, 14) and namespace["logits"].shape == (3, 10, 128)
 
 
 def test_bench_writes_results_and_readme_table(tmp_path, capsys):
