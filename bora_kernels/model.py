@@ -38,6 +38,24 @@ def _fan_in_fan_out(module: nn.Module) -> bool | None:
     return None
 
 
+def linear_features(module: nn.Module) -> tuple[int, int] | None:
+    """``(in, out)`` of a layer that can hold adapters (wrapped already or not), else None."""
+    if isinstance(module, MultiLoRALinear):
+        return module.in_features, module.out_features
+    fan = _fan_in_fan_out(module)
+    if fan is None:
+        return None
+    k, n = module.weight.shape if fan else module.weight.shape[::-1]
+    return k, n
+
+
+def base_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Named modules of the base model: adapter layers count as one module (their insides, the
+    wrapped base layer and dropout, are skipped)."""
+    inside = tuple(name + "." for name in adapter_layers(model))
+    return [(name, m) for name, m in model.named_modules() if name and not name.startswith(inside)]
+
+
 def adapter_layers(model: nn.Module) -> dict[str, MultiLoRALinear]:
     """The model's adapter layers by module name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, MultiLoRALinear)}
@@ -68,8 +86,7 @@ def find_targets(model: nn.Module, target_modules, exclude_modules=None) -> list
         target_modules = list(target_modules)
     if exclude_modules is not None and not isinstance(exclude_modules, str):
         exclude_modules = list(exclude_modules)
-    inside = tuple(name + "." for name in adapter_layers(model))
-    named = [(name, m) for name, m in model.named_modules() if name and not name.startswith(inside)]
+    named = base_modules(model)
     hits = [(name, m) for name, m in named if matches(name, target_modules) and not matches(name, exclude_modules)]
     if not hits:
         names = [name for name, _ in named]
@@ -212,13 +229,9 @@ def use_adapters(model: nn.Module, adapter_ids):
     same model at once (serve one batch at a time per model).
     """
     layers = list(_layers_or_raise(model).values())
-    ids = resolve_adapter_ids(adapter_names(model), adapter_ids)
-    if isinstance(ids, torch.Tensor) and ids.device.type == "cpu" and ids.numel() \
-            and not ids.dtype.is_floating_point and ids.dtype != torch.bool:
-        low, high = int(ids.min()), int(ids.max())
-        if low < -1 or high >= layers[0].num_adapters:
-            raise ValueError(f"adapter_ids must lie in [-1, {layers[0].num_adapters}), got values from {low} to {high}")
-    route = None if ids is None else AdapterRoute(ids)
+    names = adapter_names(model)
+    ids = resolve_adapter_ids(names, adapter_ids)
+    route = None if ids is None else AdapterRoute(ids, len(names))
     saved = [m.adapter_ids for m in layers]
     for m in layers:
         m.adapter_ids = route

@@ -14,8 +14,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .model import (_adapter_index, _inject_targets, _layers_or_raise, _fan_in_fan_out, adapter_layers,
-                    adapter_names)
+from .model import (_adapter_index, _fan_in_fan_out, _inject_targets, _layers_or_raise, adapter_layers,
+                    adapter_names, base_modules, linear_features)
 
 CONFIG_FILE, WEIGHTS_FILE, PICKLE_FILE = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 PREFIX = "base_model.model."
@@ -97,15 +97,7 @@ def _module_weights(name: str, config: dict, tensors: dict, model: nn.Module, mo
 
 def _linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     """``{name: (in, out)}`` for every layer that can hold adapters (injected or not)."""
-    shapes = {name: (m.in_features, m.out_features) for name, m in adapter_layers(model).items()}
-    inside = tuple(name + "." for name in shapes)
-    for name, m in model.named_modules():
-        if name and not name.startswith(inside) and name not in shapes:
-            fan = _fan_in_fan_out(m)
-            if fan is not None:
-                k, n = m.weight.shape if fan else m.weight.shape[::-1]
-                shapes[name] = (k, n)
-    return shapes
+    return {name: shape for name, m in base_modules(model) if (shape := linear_features(m)) is not None}
 
 
 def load_peft_adapters(model: nn.Module, adapters: Mapping[str, str | Path], dtype: torch.dtype | None = None):

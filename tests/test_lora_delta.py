@@ -185,6 +185,27 @@ def test_deterministic(backend):
         assert torch.equal(first, second)
 
 
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_custom_op_backward_recomputes_h(poison_empty, backend):
+    """The torch.compile path saves no h: its backward op recomputes it, on every CPU path."""
+    from bora_kernels.ops.lora_delta import _lora_delta_backward_op
+
+    x, a, b, ids, scaling, ranks = make_case(63, 3, "per_token", "mixed", torch.float32)
+    plan = lora_plan(ids, x.shape[:-1], 3)
+    dy = torch.randn(63, b.shape[1], generator=torch.Generator().manual_seed(3))
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, a, b)]
+    ref_grads = torch.autograd.grad(lora_delta_reference(*ref_leaves, ids, scaling, ranks), ref_leaves, dy.double())
+    with run_on(backend):
+        for needs in ((True, True, True), (False, False, True)):
+            grads = _lora_delta_backward_op(dy, x, a, b, plan.perm, plan.bounds, scaling.float(),
+                                            ranks.int(), *needs)
+            for got, ref, need, what in zip(grads, ref_grads, needs, ("dx", "dA", "dB")):
+                if need:
+                    assert_close(got, ref, torch.float32, what)
+                else:
+                    assert got.numel() == 0
+
+
 def test_no_grad_needed_skips_autograd():
     x, a, b, ids, scaling, ranks = make_case(7, 3, "per_token", "equal", torch.float32)
     out = lora_delta(x, a, b, ids, scaling, ranks)

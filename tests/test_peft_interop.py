@@ -1,6 +1,7 @@
 """Hugging Face models with PEFT adapters: injection, routing, checkpoints both ways, merge,
 generate, training gradients and torch.compile, against PEFT itself (tiny models from configs)."""
 
+import contextlib
 import copy
 import json
 
@@ -83,12 +84,20 @@ def saved(request, tmp_path_factory):
     return kind, base, folders, reference
 
 
-def peft_logits(reference, name, input_ids):
+@contextlib.contextmanager
+def peft_alone(reference, name):
+    """PEFT running adapter ``name`` alone, or the base model for None."""
     if name is None:
         with torch.no_grad(), reference.disable_adapter():
-            return reference(input_ids=input_ids).logits
-    reference.set_adapter(name)
-    with torch.no_grad():
+            yield reference
+    else:
+        reference.set_adapter(name)
+        with torch.no_grad():
+            yield reference
+
+
+def peft_logits(reference, name, input_ids):
+    with peft_alone(reference, name):
         return reference(input_ids=input_ids).logits
 
 
@@ -189,13 +198,8 @@ def test_generate_holds_ids_through_decode(saved):
         repeated = model.generate(input_ids=prompts, num_return_sequences=2, num_beams=2, **kwargs)
     assert repeated.shape[0] == 10
     for i, name in enumerate(route):
-        if name is None:
-            with torch.no_grad(), reference.disable_adapter():
-                expected = reference.generate(input_ids=prompts[i:i + 1], **kwargs)
-        else:
-            reference.set_adapter(name)
-            with torch.no_grad():
-                expected = reference.generate(input_ids=prompts[i:i + 1], **kwargs)
+        with peft_alone(reference, name):
+            expected = reference.generate(input_ids=prompts[i:i + 1], **kwargs)
         assert torch.equal(tokens[i:i + 1], expected), f"{kind} sequence {i} ({name})"
 
 
@@ -388,7 +392,8 @@ def test_mixed_batch_and_generate_on_gpu(saved, dtype):
     input_ids = torch.randint(1, VOCAB, (len(ROUTE), 9), generator=torch.Generator().manual_seed(9)).cuda()
     with use_backend(None), torch.no_grad(), bk.use_adapters(model, ROUTE):
         logits = model(input_ids=input_ids).logits
-        tokens = model.generate(input_ids=input_ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+        kwargs = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+        tokens = model.generate(input_ids=input_ids, **kwargs)
     cpu_reference = saved[3]
     for i, name in enumerate(ROUTE):
         theirs = peft_logits(reference, name, input_ids[i:i + 1])
@@ -399,15 +404,8 @@ def test_mixed_batch_and_generate_on_gpu(saved, dtype):
             ours_err, peft_err = rel_rms(logits[i:i + 1], truth), rel_rms(theirs, truth)
             assert ours_err <= 1.5 * peft_err + 1e-3, f"{kind} {i} ({name}): {ours_err:.2e} vs PEFT {peft_err:.2e}"
         if dtype == torch.float32:
-            if name is None:
-                with torch.no_grad(), reference.disable_adapter():
-                    expected = reference.generate(input_ids=input_ids[i:i + 1], max_new_tokens=4, min_new_tokens=4,
-                                                  do_sample=False, pad_token_id=0)
-            else:
-                reference.set_adapter(name)
-                with torch.no_grad():
-                    expected = reference.generate(input_ids=input_ids[i:i + 1], max_new_tokens=4, min_new_tokens=4,
-                                                  do_sample=False, pad_token_id=0)
+            with peft_alone(reference, name):
+                expected = reference.generate(input_ids=input_ids[i:i + 1], **kwargs)
             assert torch.equal(tokens[i:i + 1], expected), f"{kind} {i} ({name})"
 
 

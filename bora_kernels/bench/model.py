@@ -9,8 +9,10 @@ projections of every layer carry rank-16 adapters.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import functools
 
 import torch
 
@@ -102,19 +104,13 @@ def build(case: ModelCase, device: torch.device, variants=tuple(VARIANTS)) -> di
     for variant in variants:
         model, extra = models[variant]
 
-        def prefill(model=model, extra=extra):
-            with torch.no_grad():
-                if extra is None:
-                    with use_adapters(model, route):
-                        return model(input_ids=input_ids).logits
-                return model(input_ids=input_ids, **extra).logits
+        def run(call, model=model, extra=extra):
+            # ours routes with use_adapters; PEFT's mixed batch passes adapter_names to each call
+            routing = use_adapters(model, route) if extra is None else contextlib.nullcontext()
+            with torch.no_grad(), routing:
+                return call(model, extra or {})
 
-        def generate(model=model, extra=extra):
-            with torch.no_grad():
-                if extra is None:
-                    with use_adapters(model, route):
-                        return model.generate(input_ids=input_ids, **generate_kwargs)
-                return model.generate(input_ids=input_ids, **generate_kwargs, **extra)
-
-        fns[variant, "prefill"], fns[variant, "generate"] = prefill, generate
+        fns[variant, "prefill"] = functools.partial(run, lambda m, kw: m(input_ids=input_ids, **kw).logits)
+        fns[variant, "generate"] = functools.partial(run, lambda m, kw: m.generate(input_ids=input_ids,
+                                                                                   **generate_kwargs, **kw))
     return fns

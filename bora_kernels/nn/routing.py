@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.lora_delta import LoRAPlan, lora_plan
+from ..ops.lora_delta import LoRAPlan, check_adapter_ids, lora_plan
 
 
 class AdapterRoute:
@@ -19,11 +19,10 @@ class AdapterRoute:
     layers that see it flattened to ``[B * L]`` tokens (OPT's MLP). Not shared between threads.
     """
 
-    def __init__(self, adapter_ids: torch.Tensor):
+    def __init__(self, adapter_ids: torch.Tensor, num_adapters: int):
         if not isinstance(adapter_ids, torch.Tensor):
             adapter_ids = torch.as_tensor(adapter_ids, dtype=torch.int64)
-        if adapter_ids.dtype.is_floating_point or adapter_ids.dtype in (torch.bool, torch.complex64):
-            raise ValueError(f"adapter_ids must be integers, got dtype {adapter_ids.dtype}")
+        check_adapter_ids(adapter_ids, num_adapters)
         if adapter_ids.dim() > 2:
             raise ValueError(f"adapter_ids must be one id, [B] or [B, L], got shape {tuple(adapter_ids.shape)}")
         self.adapter_ids = adapter_ids
@@ -46,9 +45,11 @@ class AdapterRoute:
         return ids
 
     def plan(self, batch_shape, num_adapters: int, device: torch.device) -> LoRAPlan:
-        if torch.compiler.is_compiling():  # a traced plan must not outlive its trace
-            return lora_plan(self.ids_for(batch_shape), tuple(batch_shape), num_adapters, device=device)
         key = (tuple(batch_shape), num_adapters, torch.device(device))
-        if key not in self._plans:
-            self._plans[key] = lora_plan(self.ids_for(batch_shape), tuple(batch_shape), num_adapters, device=device)
-        return self._plans[key]
+        compiling = torch.compiler.is_compiling()  # traced plans stay out of the cache, both ways
+        plan = None if compiling else self._plans.get(key)
+        if plan is None:
+            plan = lora_plan(self.ids_for(batch_shape), key[0], num_adapters, device=device)
+            if not compiling:
+                self._plans[key] = plan
+        return plan

@@ -38,6 +38,21 @@ def _shape(t) -> str:
     return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else f"a {type(t).__name__}"
 
 
+def check_adapter_ids(adapter_ids, num_adapters: int):
+    """A ``ValueError`` unless ``adapter_ids`` is an integer tensor; CPU ids must also lie in
+    ``[-1, num_adapters)``. GPU ids are not read (a host sync): out-of-range ones give NaN rows."""
+    if not isinstance(adapter_ids, torch.Tensor):
+        raise ValueError(f"adapter_ids must be an integer tensor, got {type(adapter_ids).__name__}")
+    if adapter_ids.dtype.is_floating_point or adapter_ids.dtype.is_complex or adapter_ids.dtype == torch.bool:
+        raise ValueError(f"adapter_ids must be an integer tensor, got dtype {adapter_ids.dtype}")
+    if adapter_ids.device.type == "cpu" and adapter_ids.numel() and not torch.compiler.is_compiling():
+        low, high = int(adapter_ids.min()), int(adapter_ids.max())
+        if low < -1 or high >= num_adapters:
+            raise ValueError(
+                f"adapter_ids must lie in [-1, {num_adapters}) for {num_adapters} adapters, "
+                f"got values from {low} to {high}")
+
+
 def lora_plan(adapter_ids: torch.Tensor, batch_shape: Sequence[int], num_adapters: int,
               device: torch.device | None = None) -> LoRAPlan:
     """Group the tokens of a batch of shape ``batch_shape`` (``x.shape[:-1]``) by adapter.
@@ -49,22 +64,13 @@ def lora_plan(adapter_ids: torch.Tensor, batch_shape: Sequence[int], num_adapter
     One stable sort, no host sync; deterministic.
     """
     batch_shape = tuple(batch_shape)
-    if not isinstance(adapter_ids, torch.Tensor):
-        raise ValueError(f"adapter_ids must be an integer tensor, got {type(adapter_ids).__name__}")
-    if adapter_ids.dtype.is_floating_point or adapter_ids.dtype.is_complex or adapter_ids.dtype == torch.bool:
-        raise ValueError(f"adapter_ids must be an integer tensor, got dtype {adapter_ids.dtype}")
+    check_adapter_ids(adapter_ids, num_adapters)
     per_sequence = len(batch_shape) == 2 and tuple(adapter_ids.shape) == batch_shape[:1]
     if tuple(adapter_ids.shape) != batch_shape and not per_sequence:
         expected = f"{batch_shape} (per token)"
         if len(batch_shape) == 2:
             expected += f" or {batch_shape[:1]} (per sequence)"
         raise ValueError(f"adapter_ids has shape {_shape(adapter_ids)}, expected {expected}")
-    if adapter_ids.device.type == "cpu" and adapter_ids.numel() and not torch.compiler.is_compiling():
-        low, high = int(adapter_ids.min()), int(adapter_ids.max())
-        if low < -1 or high >= num_adapters:
-            raise ValueError(
-                f"adapter_ids must lie in [-1, {num_adapters}) for {num_adapters} adapters, "
-                f"got values from {low} to {high}")
     device = adapter_ids.device if device is None else torch.device(device)
     ids = adapter_ids.to(device=device, dtype=torch.int64).reshape(-1)
 
@@ -140,8 +146,8 @@ class LoRADeltaFunction(torch.autograd.Function):
 # --- the same op as torch.library custom ops, for torch.compile ----------------------------------
 # Eager calls use LoRADeltaFunction above (less dispatch overhead, h saved for backward). Under
 # torch.compile the op is opaque to the tracer through these two custom ops and their fake
-# (shape-only) implementations; the backward op recomputes h instead of saving it, because h's
-# layout depends on the backend and, on the CPU path, on the data.
+# (shape-only) implementations; the backward op recomputes h (x @ A^T, for dB) instead of saving
+# it, because h's layout depends on the backend and, on the CPU path, on the data.
 
 
 def _op_plan(perm, bounds, num_tokens, num_adapters):
@@ -165,10 +171,9 @@ def _lora_delta_backward_op(dy: torch.Tensor, x: torch.Tensor, lora_a: torch.Ten
                             perm: torch.Tensor, bounds: torch.Tensor, scaling: torch.Tensor, ranks: torch.Tensor,
                             needs_dx: bool, needs_da: bool, needs_db: bool
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    kernels = _kernels(x.device)
     plan = _op_plan(perm, bounds, x.shape[0], lora_a.shape[0])
-    _, h = kernels.lora_delta_forward(x, lora_a, lora_b, plan, scaling, ranks, save_h=True)
-    grads = kernels.lora_delta_backward(dy, x, lora_a, lora_b, h, plan, scaling, ranks, (needs_dx, needs_da, needs_db))
+    grads = _kernels(x.device).lora_delta_backward(dy, x, lora_a, lora_b, None, plan, scaling, ranks,
+                                                   (needs_dx, needs_da, needs_db))
     # a custom op returns tensors: empty ones stand for gradients not asked for
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 

@@ -122,6 +122,12 @@ def _adapters(groups, ranks, scaling):
         yield d, e[d + 2], e[d + 3], rank_list[d], scale_list[d]
 
 
+def _padded_h(groups, x, lora_a, ranks):
+    """Unscaled ``x @ A^T`` in the padded slots, empty slots zero."""
+    h = torch.bmm(_inputs(groups, x), _padded_weights(groups, lora_a, ranks, 1).transpose(1, 2))
+    return h.mul_(groups.valid)
+
+
 def lora_delta_forward(x, lora_a, lora_b, plan, scaling, ranks, save_h):
     """Returns ``(out [T, N], h)``. h (unscaled ``x @ A^T``, fp32) is kept only when ``save_h``:
     ``[P, M, R]`` slots on the padded path, ``[T, R]`` in adapter order on the looped one."""
@@ -129,8 +135,7 @@ def lora_delta_forward(x, lora_a, lora_b, plan, scaling, ranks, save_h):
     rows, body = _buffer(groups, lora_b.shape[1], x)
     h = None
     if groups.slots is not None:
-        h = torch.bmm(_inputs(groups, x), _padded_weights(groups, lora_a, ranks, 1).transpose(1, 2))
-        h.mul_(groups.valid)
+        h = _padded_h(groups, x, lora_a, ranks)
         scale = _present(groups, scaling)[:, None, None]
         torch.bmm(h * scale, _padded_weights(groups, lora_b, ranks, 2).transpose(1, 2), out=body)
     elif groups.present:
@@ -146,15 +151,19 @@ def lora_delta_forward(x, lora_a, lora_b, plan, scaling, ranks, save_h):
 
 
 def lora_delta_backward(dy, x, lora_a, lora_b, h, plan, scaling, ranks, needs_grad):
-    """Returns ``(dx, dA, dB)``, each None where ``needs_grad`` says it is not wanted."""
+    """Returns ``(dx, dA, dB)``, each None where ``needs_grad`` says it is not wanted. ``h=None``
+    (the torch.compile path saves none) recomputes it from x, for dB only."""
     needs_dx, needs_da, needs_db = needs_grad
     groups = _groups(plan)
+    recompute_h = h is None and needs_db
     rows, body = _buffer(groups, x.shape[1], x) if needs_dx else (None, None)
     da = lora_a.new_zeros(lora_a.shape, dtype=torch.float32) if needs_da else None
     db = lora_b.new_zeros(lora_b.shape, dtype=torch.float32) if needs_db else None
     dys = _inputs(groups, dy) if groups.present else None
-    xs = _inputs(groups, x) if groups.present and needs_da else None
+    xs = _inputs(groups, x) if groups.present and (needs_da or recompute_h) else None
     if groups.slots is not None:
+        if recompute_h:
+            h = _padded_h(groups, x, lora_a, ranks)
         scale = _present(groups, scaling)[:, None, None]
         if needs_dx or needs_da:
             dh = torch.bmm(dys, _padded_weights(groups, lora_b, ranks, 2))
@@ -175,6 +184,7 @@ def lora_delta_backward(dy, x, lora_a, lora_b, h, plan, scaling, ranks, needs_gr
                 if needs_da:
                     da[d, :r].addmm_(dh.T, xs[lo:hi], beta=0, alpha=s)
             if needs_db:
-                db[d, :, :r].addmm_(dys[lo:hi].T, h[lo:hi, :r], beta=0, alpha=s)
+                h_d = xs[lo:hi] @ a[d, :r].T if recompute_h else h[lo:hi, :r]
+                db[d, :, :r].addmm_(dys[lo:hi].T, h_d, beta=0, alpha=s)
     dx = _finish(groups, rows, x.dtype) if needs_dx else None
     return dx, None if da is None else da.to(lora_a.dtype), None if db is None else db.to(lora_b.dtype)

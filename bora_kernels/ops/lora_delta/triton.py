@@ -281,7 +281,8 @@ def lora_delta_forward(x, lora_a, lora_b, plan, scaling, ranks, save_h):
 
 
 def lora_delta_backward(dy, x, lora_a, lora_b, h, plan, scaling, ranks, needs_grad):
-    """Returns ``(dx, dA, dB)``, each None where ``needs_grad`` says it is not wanted."""
+    """Returns ``(dx, dA, dB)``, each None where ``needs_grad`` says it is not wanted. ``h=None``
+    recomputes h from x, for dB only."""
     needs_dx, needs_da, needs_db = needs_grad
     tiles = _tiles(x.shape[0], lora_a.shape[0], lora_a.shape[1], x.device)
     dx = da = db = None
@@ -295,6 +296,8 @@ def lora_delta_backward(dy, x, lora_a, lora_b, h, plan, scaling, ranks, needs_gr
             da = torch.empty_like(lora_a)
             lora_weight_grad(dh_sum, x, da, plan, ranks, scaling, tiles, apply_scale=False)
     if needs_db:
+        if h is None:  # not saved (the torch.compile path): one unsplit shrink gives it
+            h = lora_shrink(x, lora_a, plan, ranks, scaling, tiles, apply_scale=False, split=1)[0]
         db = torch.empty_like(lora_b)
         lora_weight_grad(h, dy, db.transpose(1, 2), plan, ranks, scaling, tiles, apply_scale=True)
     return dx, da, db
