@@ -2,10 +2,10 @@
 IVON-LoRA, QLoRA) on top of Hugging Face models."""
 
 from . import nn, ops
-from .model import (adapter_names, inject, merge_adapter, summary, trainable_parameters, unmerge_adapter,
-                    use_adapters)
+from .model import (adapter_names, context_ids, inject, merge_adapter, summary, trainable_parameters,
+                    unmerge_adapter, use_adapters, use_contexts)
 from .peft_io import load_peft_adapters, save_peft_adapter
 
 __version__ = "0.1.0"
-__all__ = ["adapter_names", "inject", "load_peft_adapters", "merge_adapter", "nn", "ops", "save_peft_adapter",
-           "summary", "trainable_parameters", "unmerge_adapter", "use_adapters"]
+__all__ = ["adapter_names", "context_ids", "inject", "load_peft_adapters", "merge_adapter", "nn", "ops", "save_peft_adapter",
+           "summary", "trainable_parameters", "unmerge_adapter", "use_adapters", "use_contexts"]

@@ -1,8 +1,9 @@
 """Put adapter modules into a model, route batches through them, merge them into the base.
 
-``inject`` wraps the linear layers whose names match, ``use_adapters`` says which adapter each
-sequence or token uses, ``merge_adapter``/``unmerge_adapter`` fold one adapter into the base
-weights. PEFT checkpoints are read and written by ``peft_io.py``.
+``inject`` wraps the linear layers whose names match (multi-adapter LoRA, or one of the
+Context-PEFT methods), ``use_adapters`` says which adapter each sequence or token uses,
+``use_contexts`` which context each token has, ``merge_adapter``/``unmerge_adapter`` fold one
+adapter into the base weights. PEFT checkpoints are read and written by ``peft_io.py``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from .nn import AdapterRoute, MultiLoRALinear
+from .nn import CONTEXT_LAYERS, AdapterRoute, ContextBitFit, ContextIA3, ContextLoRALinear, ContextRoute, MultiLoRALinear
+
+METHODS = ("lora", "context_lora", "context_bitfit", "context_ia3")
+_WRAPPERS = (MultiLoRALinear, *CONTEXT_LAYERS)
 
 
 def matches(name: str, patterns) -> bool:
@@ -40,7 +44,7 @@ def _fan_in_fan_out(module: nn.Module) -> bool | None:
 
 def linear_features(module: nn.Module) -> tuple[int, int] | None:
     """``(in, out)`` of a layer that can hold adapters (wrapped already or not), else None."""
-    if isinstance(module, MultiLoRALinear):
+    if isinstance(module, _WRAPPERS):
         return module.in_features, module.out_features
     fan = _fan_in_fan_out(module)
     if fan is None:
@@ -52,13 +56,18 @@ def linear_features(module: nn.Module) -> tuple[int, int] | None:
 def base_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Named modules of the base model: adapter layers count as one module (their insides, the
     wrapped base layer and dropout, are skipped)."""
-    inside = tuple(name + "." for name in adapter_layers(model))
+    inside = tuple(name + "." for name, m in model.named_modules() if isinstance(m, _WRAPPERS))
     return [(name, m) for name, m in model.named_modules() if name and not name.startswith(inside)]
 
 
 def adapter_layers(model: nn.Module) -> dict[str, MultiLoRALinear]:
     """The model's adapter layers by module name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, MultiLoRALinear)}
+
+
+def context_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's Context-PEFT layers (LoRA, BitFit, IA3) by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, CONTEXT_LAYERS)}
 
 
 def _layers_or_raise(model: nn.Module) -> dict[str, MultiLoRALinear]:
@@ -98,7 +107,7 @@ def find_targets(model: nn.Module, target_modules, exclude_modules=None) -> list
                          f"module of {type(model).__name__}; near names: {near or leaves[:12]}")
     targets = []
     for name, module in hits:
-        if isinstance(module, MultiLoRALinear):
+        if isinstance(module, _WRAPPERS):
             raise ValueError(f"module {name!r} already holds adapters; inject once (load_peft_adapters "
                              f"fills the adapters of an injected model)")
         fan = _fan_in_fan_out(module)
@@ -118,24 +127,53 @@ def _replace(model: nn.Module, name: str, new: nn.Module):
 def inject(model: nn.Module, target_modules: str | Iterable[str], num_adapters: int, r=8, alpha=16,
            dropout: float = 0.0, method: str = "lora", quantize=None, dtype: torch.dtype | None = None,
            exclude_modules: str | Iterable[str] | None = None, use_rslora=False,
-           adapter_names: Sequence[str] | None = None):
-    """Replace every matching linear layer of ``model`` by a ``MultiLoRALinear`` in place.
+           adapter_names: Sequence[str] | None = None, feedforward_modules: str | Iterable[str] | None = None):
+    """Replace every matching linear layer of ``model`` by an adapter layer in place.
 
-    ``target_modules`` and ``exclude_modules``: a list of names (exact, or a suffix after a dot) or
-    a regex string (full match), as PEFT. ``nn.Linear`` and GPT-2's ``Conv1D`` are wrapped
-    (``Conv1D`` with ``fan_in_fan_out``). ``r``, ``alpha``, ``use_rslora``: one value or one per
-    adapter. ``adapter_names`` (default ``"0"``, ``"1"``, ...) name the adapters for
-    ``use_adapters`` and PEFT checkpoints. Freezes the whole base model; only the adapters
-    train. Returns ``model``.
+    ``method``:
+
+    - ``"lora"``: ``MultiLoRALinear``, ``num_adapters`` LoRA adapters chosen per sequence or token
+      by ``use_adapters``. ``r``, ``alpha``, ``use_rslora``: one value or one per adapter;
+      ``adapter_names`` (default ``"0"``, ``"1"``, ...) name them for ``use_adapters`` and PEFT
+      checkpoints.
+    - ``"context_lora"``, ``"context_bitfit"``, ``"context_ia3"``: Context-PEFT's
+      ``ContextLoRALinear`` (``r``, ``alpha``, ``dropout``, ``use_rslora``), ``ContextBitFit`` or
+      ``ContextIA3`` with ``num_adapters`` contexts, chosen per token by ``use_contexts``. IA3
+      scales the output of its layers, or the input of those matching ``feedforward_modules``
+      (PEFT's name: the FFN's down projection).
+
+    ``target_modules``, ``exclude_modules`` and ``feedforward_modules``: a list of names (exact, or
+    a suffix after a dot) or a regex string (full match), as PEFT. ``nn.Linear`` and GPT-2's
+    ``Conv1D`` are wrapped (``Conv1D`` with ``fan_in_fan_out``). Freezes the whole base model;
+    only the adapters train. Returns ``model``.
     """
-    if method != "lora":
-        raise ValueError(f"method {method!r} is not available yet; this version supports 'lora'")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if quantize is not None:
         raise ValueError(f"quantize={quantize!r} is not available yet; this version supports None")
-    if adapter_layers(model):
+    if feedforward_modules is not None and method != "context_ia3":
+        raise ValueError(f"feedforward_modules applies to method='context_ia3' only, not {method!r}")
+    if any(isinstance(m, _WRAPPERS) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} already has adapter layers; inject once")
     targets = find_targets(model, target_modules, exclude_modules)
-    _inject_targets(model, targets, num_adapters, {}, r, alpha, use_rslora, dropout, dtype, adapter_names)
+    if method == "lora":
+        _inject_targets(model, targets, num_adapters, {}, r, alpha, use_rslora, dropout, dtype, adapter_names)
+        return model
+    if not isinstance(num_adapters, int) or num_adapters < 1:
+        raise ValueError(f"num_adapters (the number of contexts) must be a positive int, got {num_adapters!r}")
+    if feedforward_modules is not None and not isinstance(feedforward_modules, str):
+        feedforward_modules = list(feedforward_modules)
+    model.requires_grad_(False)
+    for name, module, fan in targets:
+        if method == "context_lora":
+            layer = ContextLoRALinear(module, num_adapters, r=r, alpha=alpha, dropout=dropout, dtype=dtype,
+                                      use_rslora=use_rslora, fan_in_fan_out=fan)
+        elif method == "context_bitfit":
+            layer = ContextBitFit(module, num_adapters, dtype=dtype, fan_in_fan_out=fan)
+        else:
+            on = "input" if matches(name, feedforward_modules) else "output"
+            layer = ContextIA3(module, num_adapters, on=on, dtype=dtype, fan_in_fan_out=fan)
+        _replace(model, name, layer)
     return model
 
 
@@ -156,6 +194,14 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def summary(model: nn.Module) -> str:
     """One line: adapter layers, adapters and their ranks, trainable and total parameters."""
+    contexts = context_layers(model)
+    if contexts:
+        kinds = sorted({type(m).__name__ for m in contexts.values()})
+        num = {m.num_contexts for m in contexts.values()}
+        trainable = sum(p.numel() for p in trainable_parameters(model))
+        total = sum(p.numel() for p in model.parameters())
+        return (f"{len(contexts)} {'/'.join(kinds)} layers x {'/'.join(map(str, sorted(num)))} contexts; trainable "
+                f"{trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)")
     layers = _layers_or_raise(model)
     names = adapter_names(model)
     ranks = torch.stack([m.ranks.cpu() for m in layers.values()])  # [layers, D]
@@ -232,14 +278,22 @@ def use_adapters(model: nn.Module, adapter_ids):
     names = adapter_names(model)
     ids = resolve_adapter_ids(names, adapter_ids)
     route = None if ids is None else AdapterRoute(ids, len(names))
-    saved = [m.adapter_ids for m in layers]
-    for m in layers:
-        m.adapter_ids = route
-    try:
+    with _routed(layers, "adapter_ids", route):
         yield model
+
+
+@contextlib.contextmanager
+def _routed(layers, attribute: str, route):
+    """Set ``attribute`` of every layer to ``route`` inside the block; restore the old values on
+    exit, also after an exception."""
+    saved = [getattr(m, attribute) for m in layers]
+    for m in layers:
+        setattr(m, attribute, route)
+    try:
+        yield
     finally:
         for m, old in zip(layers, saved):
-            m.adapter_ids = old
+            setattr(m, attribute, old)
 
 
 def merge_adapter(model: nn.Module, name) -> nn.Module:
@@ -263,3 +317,59 @@ def unmerge_adapter(model: nn.Module) -> nn.Module:
     for m in _layers_or_raise(model).values():
         m.unmerge()
     return model
+
+
+@contextlib.contextmanager
+def use_contexts(model: nn.Module, context, decode_context=None):
+    """Inside the block every Context-PEFT layer of ``model`` uses ``context``.
+
+    ``context``: integer context ids (one for every token, e.g. ``0`` for the context-agnostic
+    baseline; per sequence ``[B]``; per token ``[B, L]``, e.g. from ``context_ids``; -1 for none)
+    as a tensor or nested lists, or float/bool weights per token ``[B, L, C]`` (soft or
+    overlapping contexts, masks with contexts dropped) or ``[C]`` for every token; None runs the
+    base model. Per-token ids are grouped once per batch and shared by every layer, and never
+    become a one-hot tensor.
+
+    ``decode_context`` serves ``generate``: decode steps feed inputs shorter than per-token
+    contexts and use ``"last"`` (each sequence keeps its last token's context) or this id.
+    Works for forward, ``loss.backward()`` (inside the block) and ``generate``. Nested blocks
+    restore the outer context, also after an exception. Not thread-safe, like ``use_adapters``.
+    """
+    layers = list(context_layers(model).values())
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no Context-PEFT layers; call bora_kernels.inject with "
+                         f"method='context_lora', 'context_bitfit' or 'context_ia3' first")
+    counts = {m.num_contexts for m in layers}
+    if len(counts) != 1:
+        raise ValueError(f"the context layers of {type(model).__name__} disagree on the number of contexts: {counts}")
+    if context is not None and not isinstance(context, torch.Tensor):
+        try:
+            context = torch.tensor(context)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"context must be ids or weights as a tensor or (nested) lists, got "
+                             f"{type(context).__name__}: {err}") from None
+    route = None if context is None else ContextRoute(context, counts.pop(), decode_context)
+    with _routed(layers, "context", route):
+        yield model
+
+
+def context_ids(layout: Sequence[tuple[int, int]], batch_size: int | None = None, agnostic: bool = False,
+                device=None) -> torch.Tensor:
+    """Per-token context ids from a token-type layout, for ``use_contexts``.
+
+    ``layout`` lists ``(context, count)`` runs in sequence order: ``[(0, 1), (1, 64), (0, 63)]`` is
+    a [BOS] text token, 64 image embeddings and 63 caption tokens. Returns ``[L]`` ids, or
+    ``[batch_size, L]``; ``agnostic=True`` gives every token context 0 (the context-agnostic
+    baseline with the same shapes).
+    """
+    runs = list(layout)
+    for run in runs:
+        if not (isinstance(run, (tuple, list)) and len(run) == 2 and all(isinstance(v, int) for v in run)
+                and run[0] >= -1 and run[1] >= 0):
+            raise ValueError(f"layout must list (context, count) pairs of ints (context >= -1, count >= 0), "
+                             f"got {run!r}")
+    ids = torch.cat([torch.full((count,), -1 if ctx == -1 else (0 if agnostic else ctx), dtype=torch.int64)
+                     for ctx, count in runs]) if runs else torch.zeros(0, dtype=torch.int64)
+    if batch_size is not None:
+        ids = ids.expand(batch_size, -1).clone()
+    return ids.to(device) if device is not None else ids

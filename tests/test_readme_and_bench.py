@@ -1,7 +1,10 @@
 """The README's example runs, and ``bora-bench`` writes the result file and the README table."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from bora_kernels.bench import report
@@ -20,6 +23,34 @@ def test_readme_example_runs():
     assert namespace["out"].shape == (4, 16, 32)
     assert namespace["lora_a"].grad is not None and namespace["lora_a"].grad.abs().sum() > 0
     assert namespace["tokens"].shape == (3, 14) and namespace["logits"].shape == (3, 10, 128)
+    assert namespace["agnostic"].shape == (2, 24, 64) and namespace["delta"].shape == (4, 10, 32)
+    assert namespace["scaled"].shape == (4, 10, 32)
+
+
+def test_context_recipe_runs():
+    """``python/context_peft.py`` end to end with a few steps (the full --quick run is the demo's)."""
+    result = subprocess.run([sys.executable, str(ROOT / "python" / "context_peft.py"), "--quick", "--steps", "3",
+                             "--device", "cpu"], capture_output=True, text=True, timeout=600,
+                            env={**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+                                 "PYTHONPATH": str(ROOT)})  # the torch path: the interpreter is for kernel tests
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] in (["LoRA-8"], ["BitFit"], ["IA3"])]
+    assert [r[0] for r in rows] == ["LoRA-8", "BitFit", "IA3"]
+    assert all(1.0 < float(r[1]) < 100 and 1.0 < float(r[2]) < 100 for r in rows)
+
+
+def test_bench_context_suite(tmp_path):
+    out = tmp_path / "context.json"
+    assert bench_main(["context", "--device", "cpu", "--quick", "--tokens", "256", "--contexts", "3",
+                       "--json", str(out)]) == 0
+    records = json.loads(out.read_text())["suites"]["context"]
+    assert [r["case"] for r in records] == ["T256-C3-r16-K512-N512-fp32"] * 2
+    assert {c["baseline"] for c in records[0]["comparisons"]} == {"einsum", "masked_concat"}
+    # CUDA records carry peak memory; the table shows it when present
+    records[0]["peak_extra_mib"] = {"ours_ids": 1.5, "einsum": 40.0, "masked_concat": 9.0}
+    table = report.format_table([{"environment": json.loads(out.read_text())["environment"],
+                                  "suites": {"context": records}}])
+    assert "MiB einsum" in table and "| 40.0 |" in table
 
 
 def test_bench_writes_results_and_readme_table(tmp_path, capsys):

@@ -4,6 +4,8 @@
                     [--ranks ...] [--features K N] [--dtype bf16]
     bora-bench model [--device cpu|cuda] [--quick] [--json FILE] [--adapters ...]
                     a whole Llama: prefill and greedy generation with a mixed batch
+    bora-bench context [--device cpu|cuda] [--quick] [--json FILE] [--tokens ...] [--contexts ...]
+                    context_lora_delta against Algorithm 1's einsum and the masked concatenation
     bora-bench all  [--device ...] [--quick] [--json FILE]       every suite
     bora-bench table [--results DIR] [--readme README.md]         README table from result files
 """
@@ -20,20 +22,22 @@ from pathlib import Path
 import torch
 
 from ..ops import use_backend
-from . import lora, model
+from . import context, lora, model
 from .report import format_table, write_readme_table
-from .timing import environment, median_seconds
+from .timing import environment, median_seconds, peak_extra_mib
 
-SUITES = {"lora": lora, "model": model}
+SUITES = {"lora": lora, "model": model, "context": context}
 
 
 def run_suite(module, cases, device: torch.device, quick: bool, variants=None, echo=print) -> list[dict]:
-    """Time every (case, variant, mode); returns one record per (case, mode)."""
+    """Time every (case, variant, mode); returns one record per (case, mode). On CUDA a record
+    also holds each variant's peak memory beyond what was allocated before the call (MiB)."""
     variants = tuple(variants or module.VARIANTS)
     records = []
     for case in cases:
         fns = module.build(case, device, variants)
         for mode in module.MODES:
+            peaks = {v: peak_extra_mib(fns[v, mode], device) for v in variants} if device.type == "cuda" else None
             times = {v: median_seconds(fns[v, mode], device, quick) * 1e3 for v in variants}
             comparisons = [
                 {"ours": ours, "baseline": base, "meaning": meaning, "ours_ms": times[ours],
@@ -42,6 +46,8 @@ def run_suite(module, cases, device: torch.device, quick: bool, variants=None, e
             ]
             records.append({"case": str(case), "shape": vars(case), "mode": mode,
                             "median_ms": times, "comparisons": comparisons})
+            if peaks is not None:
+                records[-1]["peak_extra_mib"] = peaks
             echo(f"  {case} {mode}: " + ", ".join(f"{v} {t:.3f} ms" for v, t in times.items()),
                  file=sys.stderr)
         del fns
@@ -74,6 +80,12 @@ def _parser() -> argparse.ArgumentParser:
     common(p_model)
     p_model.add_argument("--adapters", type=int, nargs="+", help="adapters in the mix")
     p_model.add_argument("--variants", nargs="+", choices=tuple(model.VARIANTS), help="subset to time")
+
+    p_context = sub.add_parser("context", help="context_lora_delta against the einsum and masked concatenation")
+    common(p_context)
+    p_context.add_argument("--tokens", type=int, nargs="+", help="tokens per batch (multiples of 128)")
+    p_context.add_argument("--contexts", type=int, nargs="+", help="numbers of contexts")
+    p_context.add_argument("--variants", nargs="+", choices=tuple(context.VARIANTS), help="subset to time")
 
     p_all = sub.add_parser("all", help="every suite with its default grid")
     common(p_all)
@@ -115,6 +127,12 @@ def main(argv=None) -> int:
         if args.adapters:
             cases = [dataclasses.replace(cases[0], adapters=d) for d in args.adapters]
         plan = {"model": (cases, args.variants)}
+    elif args.command == "context":
+        cases = context.default_cases(device, args.quick)
+        if args.tokens or args.contexts:
+            cases = [dataclasses.replace(cases[-1], tokens=t, contexts=c) for t, c in itertools.product(
+                args.tokens or [cases[-1].tokens], args.contexts or [2, 4, 8])]
+        plan = {"context": (cases, args.variants)}
     else:
         plan = {name: (module.default_cases(device, args.quick), None) for name, module in SUITES.items()}
 

@@ -119,9 +119,17 @@ def build(case: LoraCase, device: torch.device, variants=tuple(VARIANTS), sync: 
         single.set_adapter(names[0])
         forwards["peft_single"] = (single, [p for p in single.parameters() if p.requires_grad])
 
+    return timed_callables(forwards, variants, x, xg, dy, device, sync)
+
+
+def timed_callables(forwards: dict, variants, x, xg, dy, device: torch.device, sync: bool) -> dict:
+    """``{(variant, mode): callable}`` from ``{variant: (forward, params)}``: ``fwd`` runs the
+    forward without grad on ``x``; ``fwd_bwd`` forward and the gradients of ``xg`` and ``params``
+    for ``dy``. ``sync`` makes each callable wait for the GPU."""
     def finish(fn):
         if not sync or device.type != "cuda":
             return fn
+
         def synced():
             fn()
             torch.cuda.synchronize(device)

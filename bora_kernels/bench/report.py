@@ -13,6 +13,8 @@ TIME_COLUMNS = {
     "lora": [("base", "base"), ("lora_delta", "lora_delta"), ("MultiLoRA", "multi_lora"),
              ("PEFT mixed", "peft_mixed"), ("PEFT single", "peft_single")],
     "model": [("base", "base"), ("ours", "ours"), ("PEFT mixed", "peft_mixed"), ("PEFT single", "peft_single")],
+    "context": [("base", "base"), ("ours (ids)", "ours_ids"), ("ours (weights)", "ours_weights"),
+                ("einsum", "einsum"), ("masked concat", "masked_concat")],
 }
 RATIO_COLUMNS = {
     "lora": [("LoRA / base", "lora_delta", "base", False),
@@ -20,6 +22,13 @@ RATIO_COLUMNS = {
              ("x PEFT mixed (LoRA part)", "lora_delta", "peft_mixed_lora", True)],
     "model": [("x PEFT mixed", "ours", "peft_mixed", True), ("x PEFT single", "ours", "peft_single", True),
               ("ours / base", "ours", "base", False)],
+    "context": [("x einsum", "ours_ids", "einsum", True), ("x masked concat", "ours_ids", "masked_concat", True),
+                ("x einsum (weights)", "ours_weights", "einsum", True)],
+}
+
+# peak extra memory (recorded on CUDA only): (column title, variant)
+MEMORY_COLUMNS = {
+    "context": [("MiB ours", "ours_ids"), ("MiB einsum", "einsum"), ("MiB masked", "masked_concat")],
 }
 
 
@@ -51,7 +60,8 @@ def format_table(results: list[dict]) -> str:
         for suite, records in result["suites"].items():
             times_cols = TIME_COLUMNS.get(suite, [])
             ratio_cols = RATIO_COLUMNS.get(suite, [])
-            header = ["case", "pass"] + [t for t, _ in times_cols] + [t for t, *_ in ratio_cols]
+            memory_cols = MEMORY_COLUMNS.get(suite, []) if any("peak_extra_mib" in r for r in records) else []
+            header = ["case", "pass"] + [t for t, _ in times_cols] + [t for t, *_ in ratio_cols] + [t for t, _ in memory_cols]
             lines.append("| " + " | ".join(header) + " |")
             lines.append("|" + "---|" * len(header))
             for rec in records:
@@ -59,6 +69,8 @@ def format_table(results: list[dict]) -> str:
                 row = [rec["case"], rec["mode"]]
                 row += [_fmt_ms(times.get(v)) for _, v in times_cols]
                 row += [_ratio(times, ours, base, speed) for _, ours, base, speed in ratio_cols]
+                peaks = rec.get("peak_extra_mib") or {}
+                row += [_fmt_ms(peaks.get(v)) for _, v in memory_cols]
                 lines.append("| " + " | ".join(row) + " |")
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"

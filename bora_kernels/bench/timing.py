@@ -34,6 +34,20 @@ def median_seconds(fn, device: torch.device, quick: bool = False) -> float:
     return statistics.median(times)
 
 
+def peak_extra_mib(fn, device: torch.device) -> float | None:
+    """Peak memory ``fn()`` allocates on a CUDA device beyond what was allocated before (its output
+    included), in MiB; None elsewhere (CPU allocations are not tracked)."""
+    if device.type != "cuda":
+        return None
+    fn()  # warm-up: caches and autotuning are not the op's memory
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+
+
 def _git_commit() -> str:
     try:
         here = os.path.dirname(os.path.abspath(__file__))

@@ -1,6 +1,8 @@
 """Modules that wrap ``nn.Linear`` layers; each one calls an op and holds no kernel code."""
 
+from .context import CONTEXT_LAYERS, ContextBitFit, ContextIA3, ContextLoRALinear
 from .multi_lora import MultiLoRALinear
-from .routing import AdapterRoute
+from .routing import AdapterRoute, ContextRoute
 
-__all__ = ["AdapterRoute", "MultiLoRALinear"]
+__all__ = ["AdapterRoute", "CONTEXT_LAYERS", "ContextBitFit", "ContextIA3", "ContextLoRALinear", "ContextRoute",
+           "MultiLoRALinear"]

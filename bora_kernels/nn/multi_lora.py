@@ -20,6 +20,19 @@ def _per_adapter(value, num_adapters: int, name: str) -> list:
     return values
 
 
+def linear_shape(base_layer: nn.Module, fan_in_fan_out: bool) -> tuple[int, int, torch.Tensor]:
+    """``(in, out, weight)`` of a layer an adapter can wrap: an ``nn.Linear``, or with
+    ``fan_in_fan_out`` a layer whose weight is ``[in, out]``; a ``ValueError`` otherwise."""
+    weight = getattr(base_layer, "weight", None)
+    if not fan_in_fan_out and not isinstance(base_layer, nn.Linear):
+        raise ValueError(f"base_layer must be an nn.Linear (or a [in, out] layer with "
+                         f"fan_in_fan_out=True), got {type(base_layer).__name__}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"base_layer must have a 2-D weight, got {type(base_layer).__name__}")
+    k, n = weight.shape if fan_in_fan_out else weight.shape[::-1]
+    return k, n, weight
+
+
 def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
     """PEFT's scale of ``B A``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA; 0 for rank 0."""
     if rank == 0:
@@ -47,12 +60,7 @@ class MultiLoRALinear(nn.Module):
                  dtype: torch.dtype | None = None, use_rslora=False, fan_in_fan_out: bool = False,
                  adapter_names: Sequence[str] | None = None):
         super().__init__()
-        weight = getattr(base_layer, "weight", None)
-        if not fan_in_fan_out and not isinstance(base_layer, nn.Linear):
-            raise ValueError(f"base_layer must be an nn.Linear (or a [in, out] layer with "
-                             f"fan_in_fan_out=True), got {type(base_layer).__name__}")
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            raise ValueError(f"base_layer must have a 2-D weight, got {type(base_layer).__name__}")
+        k, n, weight = linear_shape(base_layer, fan_in_fan_out)
         if not isinstance(num_adapters, int) or num_adapters < 1:
             raise ValueError(f"num_adapters must be a positive int, got {num_adapters!r}")
         ranks = _per_adapter(r, num_adapters, "r")
@@ -66,7 +74,6 @@ class MultiLoRALinear(nn.Module):
         if len(names) != num_adapters or len(set(names)) != num_adapters:
             raise ValueError(f"adapter_names must be {num_adapters} distinct names, got {names}")
         dtype = dtype or (weight.dtype if weight.dtype.is_floating_point else torch.float32)
-        k, n = weight.shape if fan_in_fan_out else weight.shape[::-1]
         max_rank = max(ranks)
 
         self.base_layer = base_layer.requires_grad_(False)

@@ -38,39 +38,40 @@ def _shape(t) -> str:
     return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else f"a {type(t).__name__}"
 
 
-def check_adapter_ids(adapter_ids, num_adapters: int):
-    """A ``ValueError`` unless ``adapter_ids`` is an integer tensor; CPU ids must also lie in
-    ``[-1, num_adapters)``. GPU ids are not read (a host sync): out-of-range ones give NaN rows."""
+def check_adapter_ids(adapter_ids, num_adapters: int, name: str = "adapter_ids"):
+    """A ``ValueError`` (naming the argument ``name``) unless ``adapter_ids`` is an integer tensor;
+    CPU ids must also lie in ``[-1, num_adapters)``. GPU ids are not read (a host sync):
+    out-of-range ones give NaN rows."""
     if not isinstance(adapter_ids, torch.Tensor):
-        raise ValueError(f"adapter_ids must be an integer tensor, got {type(adapter_ids).__name__}")
+        raise ValueError(f"{name} must be an integer tensor, got {type(adapter_ids).__name__}")
     if adapter_ids.dtype.is_floating_point or adapter_ids.dtype.is_complex or adapter_ids.dtype == torch.bool:
-        raise ValueError(f"adapter_ids must be an integer tensor, got dtype {adapter_ids.dtype}")
+        raise ValueError(f"{name} must be an integer tensor, got dtype {adapter_ids.dtype}")
     if adapter_ids.device.type == "cpu" and adapter_ids.numel() and not torch.compiler.is_compiling():
         low, high = int(adapter_ids.min()), int(adapter_ids.max())
         if low < -1 or high >= num_adapters:
             raise ValueError(
-                f"adapter_ids must lie in [-1, {num_adapters}) for {num_adapters} adapters, "
+                f"{name} must lie in [-1, {num_adapters}) for {num_adapters} adapters, "
                 f"got values from {low} to {high}")
 
 
 def lora_plan(adapter_ids: torch.Tensor, batch_shape: Sequence[int], num_adapters: int,
-              device: torch.device | None = None) -> LoRAPlan:
+              device: torch.device | None = None, name: str = "adapter_ids") -> LoRAPlan:
     """Group the tokens of a batch of shape ``batch_shape`` (``x.shape[:-1]``) by adapter.
 
     ``adapter_ids`` is per token (shape ``batch_shape``) or, for a ``[B, L]`` batch, per sequence
     (shape ``[B]``); ``-1`` means no adapter. Ids on the CPU are checked against
     ``[-1, num_adapters)`` (a ``ValueError`` otherwise). Ids already on a GPU are not checked,
     because that needs a host sync: out-of-range ids there give NaN rows, never a plausible result.
-    One stable sort, no host sync; deterministic.
+    One stable sort, no host sync; deterministic. ``name`` is the argument errors name.
     """
     batch_shape = tuple(batch_shape)
-    check_adapter_ids(adapter_ids, num_adapters)
+    check_adapter_ids(adapter_ids, num_adapters, name)
     per_sequence = len(batch_shape) == 2 and tuple(adapter_ids.shape) == batch_shape[:1]
     if tuple(adapter_ids.shape) != batch_shape and not per_sequence:
         expected = f"{batch_shape} (per token)"
         if len(batch_shape) == 2:
             expected += f" or {batch_shape[:1]} (per sequence)"
-        raise ValueError(f"adapter_ids has shape {_shape(adapter_ids)}, expected {expected}")
+        raise ValueError(f"{name} has shape {_shape(adapter_ids)}, expected {expected}")
     device = adapter_ids.device if device is None else torch.device(device)
     ids = adapter_ids.to(device=device, dtype=torch.int64).reshape(-1)
 

@@ -128,9 +128,21 @@ def _padded_h(groups, x, lora_a, ranks):
     return h.mul_(groups.valid)
 
 
-def lora_delta_forward(x, lora_a, lora_b, plan, scaling, ranks, save_h):
+def _weighted(t, row_weight):
+    # the per-token weight (see triton.py) scales rows: outputs after the GEMMs, dy before them
+    return t if row_weight is None else t.float() * row_weight[:, None]
+
+
+def _into(target, result):
+    if target is None:
+        return result
+    return target.add_(result)
+
+
+def lora_delta_forward(x, lora_a, lora_b, plan, scaling, ranks, save_h, row_weight=None, out=None):
     """Returns ``(out [T, N], h)``. h (unscaled ``x @ A^T``, fp32) is kept only when ``save_h``:
-    ``[P, M, R]`` slots on the padded path, ``[T, R]`` in adapter order on the looped one."""
+    ``[P, M, R]`` slots on the padded path, ``[T, R]`` in adapter order on the looped one.
+    ``row_weight`` and ``out`` as in triton.py."""
     groups = _groups(plan)
     rows, body = _buffer(groups, lora_b.shape[1], x)
     h = None
@@ -147,13 +159,19 @@ def lora_delta_forward(x, lora_a, lora_b, plan, scaling, ranks, save_h):
         for d, lo, hi, r, s in _adapters(groups, ranks, scaling):
             h_d = h[lo:hi, :r].addmm_(xs[lo:hi], a[d, :r].T, beta=0) if save_h else xs[lo:hi] @ a[d, :r].T
             body[lo:hi].addmm_(h_d, b[d, :, :r].T, beta=0, alpha=s)
-    return _finish(groups, rows, x.dtype), (h if save_h else None)
+    if row_weight is None and out is None:
+        return _finish(groups, rows, x.dtype), (h if save_h else None)
+    delta = _weighted(rows.index_select(0, groups.gather), row_weight)
+    return _into(out, delta.to(x.dtype)), (h if save_h else None)
 
 
-def lora_delta_backward(dy, x, lora_a, lora_b, h, plan, scaling, ranks, needs_grad):
+def lora_delta_backward(dy, x, lora_a, lora_b, h, plan, scaling, ranks, needs_grad, row_weight=None, dx=None):
     """Returns ``(dx, dA, dB)``, each None where ``needs_grad`` says it is not wanted. ``h=None``
-    (the torch.compile path saves none) recomputes it from x, for dB only."""
+    (the torch.compile path saves none) recomputes it from x, for dB only. ``row_weight`` and
+    ``dx`` as in triton.py."""
     needs_dx, needs_da, needs_db = needs_grad
+    dy = _weighted(dy, row_weight)
+    accumulate_into = dx
     groups = _groups(plan)
     recompute_h = h is None and needs_db
     rows, body = _buffer(groups, x.shape[1], x) if needs_dx else (None, None)
@@ -186,5 +204,5 @@ def lora_delta_backward(dy, x, lora_a, lora_b, h, plan, scaling, ranks, needs_gr
             if needs_db:
                 h_d = xs[lo:hi] @ a[d, :r].T if recompute_h else h[lo:hi, :r]
                 db[d, :, :r].addmm_(dys[lo:hi].T, h_d, beta=0, alpha=s)
-    dx = _finish(groups, rows, x.dtype) if needs_dx else None
+    dx = _into(accumulate_into, _finish(groups, rows, x.dtype)) if needs_dx else None
     return dx, None if da is None else da.to(lora_a.dtype), None if db is None else db.to(lora_b.dtype)

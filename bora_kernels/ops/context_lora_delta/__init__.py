@@ -1,0 +1,194 @@
+"""``context_lora_delta``: Context-PEFT's LoRA, one adapter group per token context.
+
+    y[t] = sum_c w[t, c] * s_c * (x[t] @ A_c^T) @ B_c^T
+
+without building ``B_c A_c``, a ``[T, C, R]`` intermediate or a one-hot selector. It runs on the
+kernels of ``lora_delta`` (contexts are its adapters), which take a per-token weight and can add
+into their output:
+
+- one context per token (integer ids, -1 = none): exactly ``lora_delta``, one pass;
+- float weights ``[..., C]`` (one-hot, soft or multi-hot, e.g. after adaptor dropout): token ``t``'s
+  non-zero contexts are listed in order, and pass ``k`` runs every token's ``k``-th one with its
+  weight, adding into the output. The passes number the most non-zero contexts of any token, so
+  only non-zero (token, context) pairs are computed and extra memory stays O(T * R) per pass.
+
+The gradient of float weights needs ``dy . (x A_c^T) B_c^T`` for every (token, context) pair,
+zero weights included, so it is computed for all of them (two GEMMs, a ``[T, C * R]``
+intermediate) only when the weights require grad.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+
+from ..lora_delta import LoRAPlan, _check_inputs, _kernels, _shape, lora_delta, lora_plan
+
+
+class ContextPlan(NamedTuple):
+    """The passes of one batch (see the module docstring), built once and shareable by every layer.
+
+    ``passes`` holds ``(LoRAPlan, row_weight)`` pairs: the plan groups tokens by their ``k``-th
+    context (-1 for tokens with fewer), ``row_weight`` is that context's fp32 weight per token in
+    the original order, or None for integer ids. ``weights`` is the float ``[T, C]`` tensor the
+    passes came from (None for ids), kept so that its gradient can flow.
+    """
+
+    passes: tuple
+    batch_shape: tuple
+    num_contexts: int
+    weights: torch.Tensor | None
+
+
+def _is_ids(context) -> bool:
+    return isinstance(context, torch.Tensor) and not context.dtype.is_floating_point \
+        and context.dtype != torch.bool and not context.dtype.is_complex
+
+
+def context_plan(context_weights, batch_shape: Sequence[int], num_contexts: int,
+                 device: torch.device | None = None) -> ContextPlan:
+    """Passes for ``context_weights`` of a batch whose leading dims are ``batch_shape``.
+
+    ``context_weights``: integer ids per token (``batch_shape``) or per sequence (``[B]`` of a
+    ``[B, L]`` batch), -1 for none; or float (or bool) weights ``batch_shape + (C,)``. Float
+    weights cost one host sync (the most non-zero contexts of a token) except under
+    ``torch.compile``, where every one of the C passes runs.
+    """
+    batch_shape = tuple(batch_shape)
+    if not isinstance(context_weights, torch.Tensor):
+        raise ValueError(f"context_weights must be a tensor (float weights [..., C] or integer ids), "
+                         f"got {type(context_weights).__name__}")
+    device = context_weights.device if device is None else torch.device(device)
+    if _is_ids(context_weights):
+        plan = lora_plan(context_weights, batch_shape, num_contexts, device=device, name="context_weights")
+        return ContextPlan(((plan, None),), batch_shape, num_contexts, None)
+    if tuple(context_weights.shape) != batch_shape + (num_contexts,):
+        raise ValueError(f"context_weights has shape {_shape(context_weights)}, expected "
+                         f"{batch_shape + (num_contexts,)} (float weights per token) or integer ids "
+                         f"of shape {batch_shape}")
+    if context_weights.dtype.is_complex:
+        raise ValueError(f"context_weights must be float, bool or integer, got {context_weights.dtype}")
+    weights = context_weights.to(device).reshape(-1, num_contexts)
+    if not weights.dtype.is_floating_point:  # a bool mask: weight 1 where set
+        weights = weights.float()
+    values = weights.detach().float()
+    nonzero = values != 0
+    if torch.compiler.is_compiling():
+        num_passes = num_contexts
+    else:
+        num_passes = max(1, int(nonzero.sum(-1).max())) if values.shape[0] else 1
+    # each token's non-zero contexts first, in context order; C marks "no more"
+    contexts = torch.arange(num_contexts, device=device).expand_as(values)
+    listed = torch.where(nonzero, contexts, num_contexts).sort(dim=-1).values[:, :num_passes]
+    present = listed < num_contexts
+    ids = torch.where(present, listed, -1)
+    row_weights = torch.where(present, values.gather(1, listed.clamp(max=num_contexts - 1)), 0.0)
+    passes = tuple((lora_plan(ids[:, k], (values.shape[0],), num_contexts, device=device),
+                    row_weights[:, k].contiguous()) for k in range(num_passes))
+    return ContextPlan(passes, batch_shape, num_contexts, weights)
+
+
+def _weights_grad(dy, x, lora_a, lora_b, scaling):
+    """``d out / d w[t, c] = s_c * dy[t] . (x[t] A_c^T) B_c^T`` for every pair, in fp32."""
+    num_contexts, rank, k = lora_a.shape
+    h = x.float() @ lora_a.reshape(num_contexts * rank, k).float().T
+    g = dy.float() @ lora_b.float().permute(1, 0, 2).reshape(lora_b.shape[1], num_contexts * rank)
+    return (h * g).view(-1, num_contexts, rank).sum(-1) * scaling
+
+
+class ContextLoRADeltaFunction(torch.autograd.Function):
+    """Forward keeps h = x @ A^T per pass ([T, R] fp32 each); backward runs the passes again."""
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, weights, scaling, ranks, plan, kernels):
+        needs_grad = any(ctx.needs_input_grad[:3])
+        out, saved_h = None, []
+        for pass_plan, row_weight in plan.passes:
+            out, h = kernels.lora_delta_forward(x, lora_a, lora_b, pass_plan, scaling, ranks, save_h=needs_grad,
+                                                row_weight=row_weight, out=out)
+            saved_h.append(h)
+        ctx.kernels, ctx.plan = kernels, plan
+        ctx.save_for_backward(x, lora_a, lora_b, scaling, ranks, *saved_h)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, lora_a, lora_b, scaling, ranks, *saved_h = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        dx = da = db = None
+        if any(needs):
+            for (pass_plan, row_weight), h in zip(ctx.plan.passes, saved_h):
+                dx, da_k, db_k = ctx.kernels.lora_delta_backward(
+                    dy, x, lora_a, lora_b, h, pass_plan, scaling, ranks, needs, row_weight=row_weight, dx=dx)
+                da = da_k if da is None else da.add_(da_k)
+                db = db_k if db is None else db.add_(db_k)
+        dw = None
+        if ctx.needs_input_grad[3]:
+            dw = _weights_grad(dy, x, lora_a, lora_b, scaling).to(ctx.plan.weights.dtype)
+        return dx, da, db, dw, None, None, None, None
+
+
+@torch.compiler.disable  # the passes are data-dependent Python objects: run eagerly under compile
+def _weighted_delta(x2, lora_a, lora_b, plan, scaling):
+    num_contexts, max_rank, _ = lora_a.shape
+    ranks = torch.full((num_contexts,), max_rank, device=x2.device, dtype=torch.int32)
+    kernels = _kernels(x2.device)
+    weights = plan.weights
+    tracked = weights is not None and weights.requires_grad
+    if torch.is_grad_enabled() and (x2.requires_grad or lora_a.requires_grad or lora_b.requires_grad or tracked):
+        return ContextLoRADeltaFunction.apply(x2, lora_a, lora_b, weights if tracked else None, scaling,
+                                              ranks, plan, kernels)
+    out = None
+    for pass_plan, row_weight in plan.passes:
+        out, _ = kernels.lora_delta_forward(x2, lora_a, lora_b, pass_plan, scaling, ranks, save_h=False,
+                                            row_weight=row_weight, out=out)
+    return out
+
+
+def context_lora_delta(x, lora_a, lora_b, context_weights, scaling=None):
+    """Context-PEFT's LoRA delta: ``sum_c w[..., c] * s_c * (x @ A_c^T) @ B_c^T``.
+
+    Args:
+        x: ``[..., K]`` float16, bfloat16 or float32.
+        lora_a: ``[C, R, K]``, one A per context.
+        lora_b: ``[C, N, R]``, one B per context.
+        context_weights: float (or bool) ``[..., C]``: one-hot, soft or multi-hot, zeros skipped;
+            or integer context ids ``[...]`` (per sequence ``[B]`` for ``x`` of ``[B, L, K]``), -1
+            for none, which never builds a one-hot tensor; or a ``ContextPlan`` from
+            ``context_plan`` to share one grouping between layers.
+        scaling: ``None`` (1.0) or ``[C]`` float, e.g. ``alpha / r``.
+
+    Returns ``x.shape[:-1] + (N,)`` in x's dtype, accumulated in fp32. Differentiable in x,
+    lora_a, lora_b and float context weights.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise ValueError(f"x must be a [..., K] tensor with at least one leading dim, got shape {_shape(x)}")
+    batch_shape = tuple(x.shape[:-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    _check_inputs(x2, lora_a, lora_b, scaling, None)
+    num_contexts, n = lora_a.shape[0], lora_b.shape[1]
+    if isinstance(context_weights, ContextPlan):
+        plan = context_weights
+        if plan.batch_shape != batch_shape or plan.num_contexts != num_contexts:
+            raise ValueError(f"context_weights is a plan for batch {plan.batch_shape} and {plan.num_contexts} "
+                             f"contexts, but x is {_shape(x)} and lora_a holds {num_contexts} contexts")
+    else:
+        if isinstance(context_weights, torch.Tensor) and context_weights.device != x.device:
+            raise ValueError(f"context_weights is on {context_weights.device} but x is on {x.device}")
+        plan = context_plan(context_weights, batch_shape, num_contexts, device=x.device)
+    if plan.passes[0][0].perm.device != x.device:
+        raise ValueError(f"context_weights plan is on {plan.passes[0][0].perm.device} but x is on {x.device}")
+    scaling = (torch.ones(num_contexts, device=x.device) if scaling is None
+               else scaling.to(device=x.device, dtype=torch.float32))
+
+    if plan.weights is None:  # one context per token: the multi-adapter op itself
+        ids_plan = plan.passes[0][0]
+        out = lora_delta(x2, lora_a, lora_b, LoRAPlan(ids_plan.perm, ids_plan.bounds, (x2.shape[0],),
+                                                      num_contexts, ids_plan.derived), scaling)
+    elif x2.shape[0] == 0:
+        out = x2 @ lora_a[0].T @ lora_b[0].T
+    else:
+        out = _weighted_delta(x2, lora_a, lora_b, plan, scaling)
+    return out.reshape(*batch_shape, n)

@@ -1,0 +1,208 @@
+"""Context-PEFT ops against their float64 references: ``context_lora_delta`` (Algorithm 1's einsum
+and the masked concatenation), ``context_bias`` (BitFit) and ``context_scale`` (IA3); forward
+and every gradient, on every CPU path, outputs poisoned."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bora_kernels.ops import context_bias, context_lora_delta, context_plan, context_scale
+from bora_kernels.ops.context_lora_delta.reference import (context_lora_delta_reference, masked_concat_form,
+                                                           one_hot_weights)
+from bora_kernels.ops.context_vector.reference import context_bias_reference, context_scale_reference
+from conftest import cpu_backends, run_on
+from tolerances import assert_close
+
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
+
+
+def make_context(kind: str, batch_shape, num_contexts: int, gen: torch.Generator):
+    """Context weights of one kind for a batch; float kinds require grad."""
+    if kind == "ids":
+        return torch.randint(-1, num_contexts, batch_shape, generator=gen)
+    if kind == "seq_ids":  # one id per sequence, never all -1
+        ids = torch.randint(-1, num_contexts, batch_shape[:1], generator=gen)
+        ids[0] = num_contexts - 1
+        return ids
+    shape = (*batch_shape, num_contexts)
+    if kind == "one_hot":
+        w = one_hot_weights(torch.randint(0, num_contexts, batch_shape, generator=gen), batch_shape, num_contexts)
+    elif kind == "soft":
+        w = torch.rand(shape, generator=gen).softmax(-1)
+    elif kind == "multi_hot":  # overlapping masks with soft values, some tokens with none (dropout)
+        w = (torch.rand(shape, generator=gen) < 0.5).float() * torch.rand(shape, generator=gen)
+    elif kind == "bool":
+        return torch.rand(shape, generator=gen) < 0.5
+    else:
+        raise ValueError(kind)
+    return w.requires_grad_()
+
+
+KINDS = ["ids", "seq_ids", "one_hot", "soft", "multi_hot", "bool"]
+SHAPES = [pytest.param((1, 1), 2, 8, id="B1-L1-C2"), pytest.param((2, 19), 3, 5, id="B2-L19-C3-R5"),
+          pytest.param((3, 33), 4, 16, id="B3-L33-C4-R16")]
+
+
+def _inputs(batch_shape, num_contexts, rank, dtype, gen, k=24, n=40):
+    x = torch.randn(*batch_shape, k, generator=gen).to(dtype).requires_grad_()
+    a = (torch.randn(num_contexts, rank, k, generator=gen) / k ** 0.5).to(dtype).requires_grad_()
+    b = torch.randn(num_contexts, n, rank, generator=gen).to(dtype).requires_grad_()
+    scaling = torch.rand(num_contexts, generator=gen) + 0.5
+    return x, a, b, scaling
+
+
+def _check_grads(out, ref, inputs, dtype, gen, names):
+    dy = torch.randn(ref.shape, generator=gen, dtype=torch.float64).to(ref.device)
+    got = torch.autograd.grad(out, inputs, dy.to(out.dtype))
+    want = torch.autograd.grad(ref, inputs, dy)
+    for g, w, name in zip(got, want, names):
+        assert_close(g, w, dtype, f"d{name}")
+
+
+@pytest.mark.parametrize("path", cpu_backends())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch_shape,num_contexts,rank", SHAPES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_context_lora_delta_matches_algorithm_1(kind, batch_shape, num_contexts, rank, dtype, path, poison_empty):
+    gen = torch.Generator().manual_seed(hash((kind, batch_shape)) % 2 ** 31)
+    x, a, b, scaling = _inputs(batch_shape, num_contexts, rank, dtype, gen)
+    w = make_context(kind, batch_shape, num_contexts, gen)
+    ref = context_lora_delta_reference(x, a, b, w, scaling)
+    inputs = [x, a, b] + ([w] if w.requires_grad else [])
+    with run_on(path):  # backward too: the torch path picks its layout when it runs
+        out = context_lora_delta(x, a, b, w, scaling)
+        assert out.dtype == dtype
+        assert_close(out, ref, dtype, "forward")
+        _check_grads(out, ref, inputs, dtype, gen, ["x", "lora_a", "lora_b", "context_weights"])
+
+
+@pytest.mark.parametrize("path", cpu_backends())
+@pytest.mark.parametrize("kind", ["soft", "multi_hot"])
+def test_context_lora_delta_matches_masked_concatenation(kind, path, poison_empty):
+    gen = torch.Generator().manual_seed(7)
+    x, a, b, scaling = _inputs((2, 21), 4, 8, torch.float32, gen)
+    w = make_context(kind, (2, 21), 4, gen)
+    ref = masked_concat_form(x.double(), a.double(), b.double(), w.double(), scaling.double())
+    with run_on(path):
+        out = context_lora_delta(x, a, b, w, scaling)
+        assert_close(out, ref, torch.float32, "forward")
+        _check_grads(out, ref, [x, a, b, w], torch.float32, gen, ["x", "lora_a", "lora_b", "context_weights"])
+
+
+def test_passes_cover_only_nonzero_contexts():
+    # token 0: contexts 0 and 2; token 1: context 1; token 2: none
+    w = torch.tensor([[0.5, 0.0, 2.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    plan = context_plan(w, (3,), 3)
+    assert len(plan.passes) == 2  # the most non-zero contexts of a token
+    first, second = plan.passes
+    # pass 0: token 0 -> context 0 (w 0.5), token 1 -> context 1 (w 1), token 2 -> none
+    assert first[1].tolist() == [0.5, 1.0, 0.0]
+    assert second[1].tolist() == [2.0, 0.0, 0.0]
+    routed = [int(p.bounds[-2] - p.bounds[2]) for p, _ in plan.passes]  # tokens with an adapter
+    assert routed == [2, 1]
+
+
+def test_ids_equal_one_hot_weights():
+    gen = torch.Generator().manual_seed(3)
+    x, a, b, scaling = _inputs((2, 9), 3, 4, torch.float32, gen)
+    ids = torch.randint(-1, 3, (2, 9), generator=gen)
+    with torch.no_grad():
+        by_ids = context_lora_delta(x, a, b, ids, scaling)
+        by_weights = context_lora_delta(x, a, b, one_hot_weights(ids, (2, 9), 3), scaling)
+    assert torch.allclose(by_ids, by_weights, atol=1e-6)
+    assert (by_ids[ids == -1] == 0).all()
+
+
+class _Allocations(TorchDispatchMode):
+    """Shapes of every tensor a torch op returns inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.shapes.append((func.__name__, tuple(t.shape)))
+        return out
+
+
+@pytest.mark.parametrize("path", [p for p in cpu_backends() if p.id != "triton"])
+def test_one_context_per_token_builds_no_per_context_tensor(path):
+    """Ids never become a one-hot [T, C] tensor, and nothing of [T, C * R] elements is built, in
+    forward or backward (K, N < C * R, so a [T, C*R] tensor would be the largest here)."""
+    num_tokens, num_contexts, rank, k, n = 40, 4, 8, 24, 24
+    gen = torch.Generator().manual_seed(0)
+    x, a, b, scaling = _inputs((num_tokens,), num_contexts, rank, torch.float32, gen, k=k, n=n)
+    ids = torch.arange(num_tokens) % num_contexts  # even: the padded layout adds only 2 rows
+    with run_on(path), _Allocations() as seen:
+        context_lora_delta(x, a, b, ids, scaling).sum().backward()
+    largest = max((torch.Size(s).numel(), name, s) for name, s in seen.shapes if len(s) >= 1)
+    assert largest[0] <= (num_tokens + 2) * max(k, n, 16) < num_tokens * num_contexts * rank, largest
+    assert not [s for _, s in seen.shapes if s[-1:] == (num_contexts,) and s[:1] == (num_tokens,)]
+
+
+@pytest.mark.parametrize("path", cpu_backends())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["ids", "seq_ids", "soft", "multi_hot", "bool"])
+@pytest.mark.parametrize("mode", ["bias", "scale"])
+def test_context_bias_and_scale(mode, kind, dtype, path, poison_empty):
+    gen = torch.Generator().manual_seed(11)
+    batch_shape, num_contexts, n = (3, 17), 3, 45
+    u = torch.randn(*batch_shape, n, generator=gen).to(dtype).requires_grad_()
+    vectors = (1 + torch.randn(num_contexts, n, generator=gen) / 4).requires_grad_()
+    w = make_context(kind, batch_shape, num_contexts, gen)
+    op, reference = (context_bias, context_bias_reference) if mode == "bias" else (context_scale, context_scale_reference)
+    ref = reference(u, vectors, w)
+    inputs = [u, vectors] + ([w] if w.requires_grad else [])
+    with run_on(path):
+        out = op(u, vectors, w)
+        assert out.dtype == dtype and out.shape == u.shape
+        assert_close(out, ref, dtype, "forward")
+        _check_grads(out, ref, inputs, dtype, gen, ["u", mode, "context_weights"])
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda x, a, b: context_lora_delta(x, a, b, torch.zeros(2, 5, 4)), "context_weights has shape"),
+    (lambda x, a, b: context_lora_delta(x, a, b, torch.full((2, 5), 3)), "context_weights must lie in"),
+    (lambda x, a, b: context_lora_delta(x, a, b, torch.zeros(2, 4, dtype=torch.long)), "context_weights has shape"),
+    (lambda x, a, b: context_lora_delta(x, a, b, [0, 1]), "context_weights must be a tensor"),
+    (lambda x, a, b: context_lora_delta(x[0, 0], a, b, torch.zeros(1)), "x must be"),
+    (lambda x, a, b: context_lora_delta(x, a[:, :, :3], b, torch.zeros(2, 5, 3)), "lora_a must be"),
+    (lambda x, a, b: context_bias(x, torch.zeros(3, 7), torch.zeros(2, 5, 3)), "bias must be"),
+    (lambda x, a, b: context_scale(x, torch.zeros(3, 6), torch.zeros(2, 5, 2)), "context_weights has shape"),
+    (lambda x, a, b: context_scale(x, torch.zeros(3, 6), torch.full((2, 5), -2)), "context_weights must lie in"),
+], ids=["weights-shape", "ids-range", "ids-shape", "not-tensor", "x-dims", "a-shape", "bias-shape",
+        "scale-weights-shape", "scale-ids-range"])
+def test_errors_name_the_argument(call, message):
+    x = torch.randn(2, 5, 6)
+    a, b = torch.randn(3, 4, 6), torch.randn(3, 8, 4)
+    with pytest.raises(ValueError, match=message):
+        call(x, a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("kind", ["ids", "seq_ids", "soft", "multi_hot"])
+def test_compiled_kernels_on_gpu(kind, dtype):
+    """The compiled Triton kernels (bf16 included) against the references, every op, on CUDA."""
+    gen = torch.Generator().manual_seed(13)
+    batch_shape, num_contexts, rank = (4, 300), 4, 16
+    x, a, b, scaling = (t.detach().cuda() for t in _inputs(batch_shape, num_contexts, rank, dtype, gen, k=256, n=384))
+    x, a, b = x.requires_grad_(), a.requires_grad_(), b.requires_grad_()
+    w = make_context(kind, batch_shape, num_contexts, gen)
+    w = w.detach().cuda().requires_grad_(w.requires_grad)
+    out = context_lora_delta(x, a, b, w, scaling)
+    ref = context_lora_delta_reference(x, a, b, w, scaling)
+    assert_close(out, ref, dtype, "forward")
+    _check_grads(out, ref, [x, a, b] + ([w] if w.requires_grad else []), dtype, gen,
+                 ["x", "lora_a", "lora_b", "context_weights"])
+    u = torch.randn(*batch_shape, 384, generator=gen).to(dtype).cuda().requires_grad_()
+    vectors = (1 + torch.randn(num_contexts, 384, generator=gen) / 4).cuda().requires_grad_()
+    for op, reference in ((context_bias, context_bias_reference), (context_scale, context_scale_reference)):
+        out = op(u, vectors, w)
+        ref = reference(u, vectors, w)
+        assert_close(out, ref, dtype, f"{op.__name__} forward")
+        _check_grads(out, ref, [u, vectors] + ([w] if w.requires_grad else []), dtype, gen,
+                     ["u", "vectors", "context_weights"])
