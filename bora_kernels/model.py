@@ -156,35 +156,33 @@ def inject(model: nn.Module, target_modules: str | Iterable[str], num_adapters: 
     if any(isinstance(m, _WRAPPERS) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} already has adapter layers; inject once")
     targets = find_targets(model, target_modules, exclude_modules)
-    if method == "lora":
-        _inject_targets(model, targets, num_adapters, {}, r, alpha, use_rslora, dropout, dtype, adapter_names)
-        return model
-    if not isinstance(num_adapters, int) or num_adapters < 1:
-        raise ValueError(f"num_adapters (the number of contexts) must be a positive int, got {num_adapters!r}")
     if feedforward_modules is not None and not isinstance(feedforward_modules, str):
         feedforward_modules = list(feedforward_modules)
-    model.requires_grad_(False)
-    for name, module, fan in targets:
+    if method != "lora" and (not isinstance(num_adapters, int) or num_adapters < 1):
+        raise ValueError(f"num_adapters (the number of contexts) must be a positive int, got {num_adapters!r}")
+
+    def make_layer(name, module, fan):
+        if method == "lora":
+            return MultiLoRALinear(module, num_adapters, r=r, alpha=alpha, dropout=dropout, dtype=dtype,
+                                   use_rslora=use_rslora, fan_in_fan_out=fan, adapter_names=adapter_names)
         if method == "context_lora":
-            layer = ContextLoRALinear(module, num_adapters, r=r, alpha=alpha, dropout=dropout, dtype=dtype,
-                                      use_rslora=use_rslora, fan_in_fan_out=fan)
-        elif method == "context_bitfit":
-            layer = ContextBitFit(module, num_adapters, dtype=dtype, fan_in_fan_out=fan)
-        else:
-            on = "input" if matches(name, feedforward_modules) else "output"
-            layer = ContextIA3(module, num_adapters, on=on, dtype=dtype, fan_in_fan_out=fan)
-        _replace(model, name, layer)
+            return ContextLoRALinear(module, num_adapters, r=r, alpha=alpha, dropout=dropout, dtype=dtype,
+                                     use_rslora=use_rslora, fan_in_fan_out=fan)
+        if method == "context_bitfit":
+            return ContextBitFit(module, num_adapters, dtype=dtype, fan_in_fan_out=fan)
+        on = "input" if matches(name, feedforward_modules) else "output"
+        return ContextIA3(module, num_adapters, on=on, dtype=dtype, fan_in_fan_out=fan)
+
+    _inject_targets(model, targets, make_layer)
     return model
 
 
-def _inject_targets(model, targets, num_adapters, ranks_by_module, r, alpha, use_rslora, dropout, dtype, names):
-    """Wrap ``targets``; ``ranks_by_module`` may give a module its own per-adapter ranks."""
+def _inject_targets(model, targets, make_layer):
+    """Freeze ``model`` and replace each ``(name, module, fan_in_fan_out)`` target by
+    ``make_layer(name, module, fan_in_fan_out)``."""
     model.requires_grad_(False)
     for name, module, fan in targets:
-        layer = MultiLoRALinear(module, num_adapters, r=ranks_by_module.get(name, r), alpha=alpha,
-                                dropout=dropout, dtype=dtype, use_rslora=use_rslora, fan_in_fan_out=fan,
-                                adapter_names=names)
-        _replace(model, name, layer)
+        _replace(model, name, make_layer(name, module, fan))
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -194,14 +192,14 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def summary(model: nn.Module) -> str:
     """One line: adapter layers, adapters and their ranks, trainable and total parameters."""
+    trainable = sum(p.numel() for p in trainable_parameters(model))
+    total = sum(p.numel() for p in model.parameters())
+    counts = f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"
     contexts = context_layers(model)
     if contexts:
         kinds = sorted({type(m).__name__ for m in contexts.values()})
         num = {m.num_contexts for m in contexts.values()}
-        trainable = sum(p.numel() for p in trainable_parameters(model))
-        total = sum(p.numel() for p in model.parameters())
-        return (f"{len(contexts)} {'/'.join(kinds)} layers x {'/'.join(map(str, sorted(num)))} contexts; trainable "
-                f"{trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)")
+        return f"{len(contexts)} {'/'.join(kinds)} layers x {'/'.join(map(str, sorted(num)))} contexts; {counts}"
     layers = _layers_or_raise(model)
     names = adapter_names(model)
     ranks = torch.stack([m.ranks.cpu() for m in layers.values()])  # [layers, D]
@@ -211,12 +209,9 @@ def summary(model: nn.Module) -> str:
         text = "absent" if not present.numel() else (
             f"r={int(present[0])}" if present.unique().numel() == 1 else f"r={int(present.min())}-{int(present.max())}")
         per_adapter.append(f"{name}:{text}")
-    trainable = sum(p.numel() for p in trainable_parameters(model))
-    total = sum(p.numel() for p in model.parameters())
     used = sum(int(ranks[i].sum()) * (m.in_features + m.out_features) for i, m in enumerate(layers.values()))
     shown = ", ".join(per_adapter[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
-    return (f"{len(layers)} LoRA layers x {len(names)} adapters [{shown}]; trainable {trainable:,} of "
-            f"{total:,} parameters ({100 * trainable / max(total, 1):.2f}%), {used:,} within the ranks")
+    return f"{len(layers)} LoRA layers x {len(names)} adapters [{shown}]; {counts}, {used:,} within the ranks"
 
 
 def _adapter_index(names: Sequence[str], name) -> int:

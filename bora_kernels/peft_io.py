@@ -16,6 +16,7 @@ from torch import nn
 
 from .model import (_adapter_index, _fan_in_fan_out, _inject_targets, _layers_or_raise, adapter_layers,
                     adapter_names, base_modules, linear_features)
+from .nn import MultiLoRALinear
 
 CONFIG_FILE, WEIGHTS_FILE, PICKLE_FILE = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 PREFIX = "base_model.model."
@@ -126,8 +127,9 @@ def load_peft_adapters(model: nn.Module, adapters: Mapping[str, str | Path], dty
         ranks = {m: [loaded[a][1][m][2] if m in loaded[a][1] else 0 for a in names] for m in targets}
         dropout = max(float(config.get("lora_dropout", 0.0)) for config, _ in loaded.values())
         modules = dict(model.named_modules())
-        _inject_targets(model, [(m, modules[m], _fan_in_fan_out(modules[m])) for m in targets], len(names),
-                        ranks, 8, 16, False, dropout, dtype, names)
+        _inject_targets(model, [(m, modules[m], _fan_in_fan_out(modules[m])) for m in targets],
+                        lambda m, module, fan: MultiLoRALinear(module, len(names), r=ranks[m], dropout=dropout,
+                                                               dtype=dtype, fan_in_fan_out=fan, adapter_names=names))
         layers = adapter_layers(model)
     else:
         slots = adapter_names(model)

@@ -72,7 +72,7 @@ def context_layout(tokens: int, contexts: int) -> torch.Tensor:
     return run.expand(tokens // SEQUENCE, SEQUENCE).clone()
 
 
-def build(case: ContextCase, device: torch.device, variants=tuple(VARIANTS), sync: bool = False) -> dict:
+def build(case: ContextCase, device: torch.device, variants=tuple(VARIANTS)) -> dict:
     """``{(variant, mode): callable}``; every variant holds the same weights and inputs."""
     dtype = DTYPES[case.dtype]
     gen = torch.Generator().manual_seed(0)
@@ -97,4 +97,4 @@ def build(case: ContextCase, device: torch.device, variants=tuple(VARIANTS), syn
         "einsum": (lambda inp: einsum_form(inp, lora_a, lora_b, weights, scaling), params),
         "masked_concat": (lambda inp: masked_concat_form(inp, lora_a, lora_b, weights, scaling), params),
     }
-    return timed_callables(forwards, variants, x, xg, dy, device, sync)
+    return timed_callables(forwards, variants, x, xg, dy)

@@ -77,12 +77,8 @@ def _batch_shape(case: LoraCase) -> tuple[int, int]:
     return case.sequences, case.tokens // case.sequences
 
 
-def build(case: LoraCase, device: torch.device, variants=tuple(VARIANTS), sync: bool = False) -> dict:
-    """``{(variant, mode): callable}`` for ``case``; all variants hold the same weights and inputs.
-
-    ``sync=True`` makes each callable wait for the GPU (for timers that do not, like
-    pytest-benchmark's).
-    """
+def build(case: LoraCase, device: torch.device, variants=tuple(VARIANTS)) -> dict:
+    """``{(variant, mode): callable}`` for ``case``; all variants hold the same weights and inputs."""
     dtype = DTYPES[case.dtype]
     batches, length = _batch_shape(case)
     gen = torch.Generator().manual_seed(0)
@@ -119,27 +115,18 @@ def build(case: LoraCase, device: torch.device, variants=tuple(VARIANTS), sync: 
         single.set_adapter(names[0])
         forwards["peft_single"] = (single, [p for p in single.parameters() if p.requires_grad])
 
-    return timed_callables(forwards, variants, x, xg, dy, device, sync)
+    return timed_callables(forwards, variants, x, xg, dy)
 
 
-def timed_callables(forwards: dict, variants, x, xg, dy, device: torch.device, sync: bool) -> dict:
+def timed_callables(forwards: dict, variants, x, xg, dy) -> dict:
     """``{(variant, mode): callable}`` from ``{variant: (forward, params)}``: ``fwd`` runs the
     forward without grad on ``x``; ``fwd_bwd`` forward and the gradients of ``xg`` and ``params``
-    for ``dy``. ``sync`` makes each callable wait for the GPU."""
-    def finish(fn):
-        if not sync or device.type != "cuda":
-            return fn
-
-        def synced():
-            fn()
-            torch.cuda.synchronize(device)
-        return synced
-
+    for ``dy``."""
     fns = {}
     for variant in variants:
         forward, params = forwards[variant]
-        fns[variant, "fwd"] = finish(_forward_only(forward, x))
-        fns[variant, "fwd_bwd"] = finish(_forward_backward(forward, xg, params, dy))
+        fns[variant, "fwd"] = _forward_only(forward, x)
+        fns[variant, "fwd_bwd"] = _forward_backward(forward, xg, params, dy)
     return fns
 
 

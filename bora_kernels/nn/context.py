@@ -14,14 +14,14 @@ from torch import nn
 
 from ..ops import context_bias, context_lora_delta, context_scale
 from ..ops.context_lora_delta import ContextPlan
-from .multi_lora import linear_shape
+from .multi_lora import linear_shape, lora_scaling, parameter_kwargs
 from .routing import ContextRoute
 
 
 class _ContextLayer(nn.Module):
     """What the three layers share: the frozen base, the feature sizes and the current context."""
 
-    def __init__(self, base_layer: nn.Module, num_contexts: int, fan_in_fan_out: bool, dtype):
+    def __init__(self, base_layer: nn.Module, num_contexts: int, fan_in_fan_out: bool):
         super().__init__()
         if not isinstance(num_contexts, int) or num_contexts < 1:
             raise ValueError(f"num_contexts must be a positive int, got {num_contexts!r}")
@@ -29,8 +29,6 @@ class _ContextLayer(nn.Module):
         self.base_layer = base_layer.requires_grad_(False)
         self.fan_in_fan_out = fan_in_fan_out
         self.in_features, self.out_features, self.num_contexts = k, n, num_contexts
-        self.param_dtype = dtype or (weight.dtype if weight.dtype.is_floating_point else torch.float32)
-        self.param_device = weight.device
         self.context: ContextRoute | torch.Tensor | ContextPlan | None = None
 
     def _context(self, x: torch.Tensor, context, grouped: bool):
@@ -57,17 +55,20 @@ class ContextLoRALinear(_ContextLayer):
     def __init__(self, base_layer: nn.Module, num_contexts: int, r: int = 8, alpha: float = 16,
                  dropout: float = 0.0, dtype: torch.dtype | None = None, use_rslora: bool = False,
                  fan_in_fan_out: bool = False):
-        super().__init__(base_layer, num_contexts, fan_in_fan_out, dtype)
+        super().__init__(base_layer, num_contexts, fan_in_fan_out)
         if not isinstance(r, int) or r < 1:
             raise ValueError(f"r must be a positive int, got {r!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
-        kw = dict(device=self.param_device, dtype=self.param_dtype)
+        kw = parameter_kwargs(base_layer.weight, dtype)
         self.lora_A = nn.Parameter(torch.empty(num_contexts, r, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(num_contexts, self.out_features, r, **kw))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.r, self.alpha = r, float(alpha)
-        self.scaling_value = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.scaling_value = lora_scaling(alpha, r, use_rslora)
+        # every context scales alike; an fp32 tensor kept off the module's buffers, so that
+        # model.to(dtype) cannot round it, and rebuilt only when the layer moves
+        self._scaling = torch.full((num_contexts,), self.scaling_value, device=kw["device"])
         self.reset_lora_parameters()
 
     @torch.no_grad()
@@ -81,9 +82,10 @@ class ContextLoRALinear(_ContextLayer):
         context = self._context(x, context, grouped=True)
         if context is None:
             return result
-        scaling = torch.full((self.num_contexts,), self.scaling_value, device=x.device)
+        if self._scaling.device != x.device:
+            self._scaling = torch.full((self.num_contexts,), self.scaling_value, device=x.device)
         delta = context_lora_delta(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A, self.lora_B,
-                                   context, scaling)
+                                   context, self._scaling)
         return result.add_(delta)
 
     def extra_repr(self) -> str:
@@ -96,9 +98,9 @@ class ContextBitFit(_ContextLayer):
 
     def __init__(self, base_layer: nn.Module, num_contexts: int, dtype: torch.dtype | None = None,
                  fan_in_fan_out: bool = False):
-        super().__init__(base_layer, num_contexts, fan_in_fan_out, dtype)
-        self.context_bias = nn.Parameter(torch.zeros(num_contexts, self.out_features, device=self.param_device,
-                                                     dtype=self.param_dtype))
+        super().__init__(base_layer, num_contexts, fan_in_fan_out)
+        self.context_bias = nn.Parameter(torch.zeros(num_contexts, self.out_features,
+                                                     **parameter_kwargs(base_layer.weight, dtype)))
 
     def forward(self, x: torch.Tensor, context=None) -> torch.Tensor:
         result = self.base_layer(x)
@@ -114,13 +116,12 @@ class ContextIA3(_ContextLayer):
 
     def __init__(self, base_layer: nn.Module, num_contexts: int, on: str = "output",
                  dtype: torch.dtype | None = None, fan_in_fan_out: bool = False):
-        super().__init__(base_layer, num_contexts, fan_in_fan_out, dtype)
+        super().__init__(base_layer, num_contexts, fan_in_fan_out)
         if on not in ("output", "input"):
             raise ValueError(f"on must be 'output' or 'input', got {on!r}")
         self.on = on
         size = self.out_features if on == "output" else self.in_features
-        self.context_scale = nn.Parameter(torch.ones(num_contexts, size, device=self.param_device,
-                                                     dtype=self.param_dtype))
+        self.context_scale = nn.Parameter(torch.ones(num_contexts, size, **parameter_kwargs(base_layer.weight, dtype)))
 
     def forward(self, x: torch.Tensor, context=None) -> torch.Tensor:
         context = self._context(x, context, grouped=False)

@@ -33,6 +33,13 @@ def linear_shape(base_layer: nn.Module, fan_in_fan_out: bool) -> tuple[int, int,
     return k, n, weight
 
 
+def parameter_kwargs(weight: torch.Tensor, dtype: torch.dtype | None) -> dict:
+    """Where adapter parameters live: the base weight's device, ``dtype`` or the base weight's
+    (fp32 for a quantized integer weight)."""
+    return dict(device=weight.device,
+                dtype=dtype or (weight.dtype if weight.dtype.is_floating_point else torch.float32))
+
+
 def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
     """PEFT's scale of ``B A``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA; 0 for rank 0."""
     if rank == 0:
@@ -73,7 +80,7 @@ class MultiLoRALinear(nn.Module):
         names = [str(d) for d in range(num_adapters)] if adapter_names is None else list(adapter_names)
         if len(names) != num_adapters or len(set(names)) != num_adapters:
             raise ValueError(f"adapter_names must be {num_adapters} distinct names, got {names}")
-        dtype = dtype or (weight.dtype if weight.dtype.is_floating_point else torch.float32)
+        kw = parameter_kwargs(weight, dtype)
         max_rank = max(ranks)
 
         self.base_layer = base_layer.requires_grad_(False)
@@ -81,8 +88,8 @@ class MultiLoRALinear(nn.Module):
         self.in_features, self.out_features = k, n
         self.num_adapters = num_adapters
         self.adapter_names = tuple(names)
-        self.lora_A = nn.Parameter(torch.zeros(num_adapters, max_rank, k, device=weight.device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.zeros(num_adapters, n, max_rank, device=weight.device, dtype=dtype))
+        self.lora_A = nn.Parameter(torch.zeros(num_adapters, max_rank, k, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(num_adapters, n, max_rank, **kw))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.register_buffer("ranks", torch.tensor(ranks, dtype=torch.int32, device=weight.device))
         self.alphas, self.use_rslora = [float(a) for a in alphas], [bool(v) for v in rslora]

@@ -8,16 +8,57 @@ from ..ops.context_lora_delta import _is_ids, context_plan
 from ..ops.lora_delta import LoRAPlan, check_adapter_ids, lora_plan
 
 
+def fit_to_batch(values: torch.Tensor, batch_shape: tuple, tail: tuple = (), decode=None, hint: str = "",
+                 name: str = "ids") -> torch.Tensor:
+    """``values`` (leading dims: none, ``[B]`` or ``[B, L]``, then ``tail``) laid out for an input
+    whose leading dims are ``batch_shape``.
+
+    One value serves every token (ids: every sequence, cheaper to group); per-sequence values
+    also fit a batch that repeats each sequence ``m`` times in a row (``generate`` with beams or
+    ``num_return_sequences``); ``[B, L]`` values fit layers that see the batch flattened to
+    ``[B * L]`` tokens (OPT's MLP). A ``[B, L']`` input with ``L' != L`` (a decode step) takes
+    ``decode(values)`` (``[B, 1, *tail]``); without ``decode`` it is a ``ValueError`` ending in
+    ``hint``.
+    """
+    lead = tuple(values.shape[:values.dim() - len(tail)])
+    per_sequence = len(batch_shape) == 2 and not tail  # ids [B] of a [B, L] batch stay per sequence
+    if not lead:
+        return values.expand((batch_shape[:1] if per_sequence else batch_shape) + tail)
+    if lead == batch_shape or (per_sequence and lead == batch_shape[:1]):
+        return values
+    rows = batch_shape[0]  # sequences of a [B, L] input; tokens of a flattened [B * L] one
+    if len(lead) == 2 and len(batch_shape) == 1 and lead[0] * lead[1] == rows:
+        return values.reshape(rows, *tail)
+    if len(lead) == 2 and len(batch_shape) == 2 and batch_shape[1] != lead[1]:
+        if decode is None:
+            raise ValueError(f"per-token {name} of shape {tuple(values.shape)} do not fit an input of batch "
+                             f"{batch_shape}; {hint}")
+        values, lead = decode(values), (lead[0], 1)
+    if lead[0] != rows and lead[0] and rows % lead[0] == 0:
+        values = values.repeat_interleave(rows // lead[0], dim=0)
+    if len(batch_shape) == 2 and (len(lead) == 2 or tail):
+        values = (values if len(lead) == 2 else values[:, None]).expand(batch_shape + tail)
+    return values
+
+
+def cached_plan(plans: dict, key, build):
+    """``plans[key]``, built by ``build()`` once; traced plans (torch.compile) stay out of the
+    cache, both ways."""
+    compiling = torch.compiler.is_compiling()
+    plan = None if compiling else plans.get(key)
+    if plan is None:
+        plan = build()
+        if not compiling:
+            plans[key] = plan
+    return plan
+
+
 class AdapterRoute:
     """Adapter ids for one batch: one id for everything (0-dim), one per sequence (``[B]``) or one
     per token (``[B, L]``), ``-1`` for the base model. Every layer asks it for the grouping of its
     input, and the grouping is built once per (batch shape, adapters, device) rather than once
     per layer: one sort per batch instead of one per projection. Decode steps reuse the plan of
-    the first step.
-
-    Per-sequence ids also fit a batch that repeats each sequence ``m`` times in a row (what
-    ``generate`` does for ``num_return_sequences`` or beams), and ids of a ``[B, L]`` batch fit
-    layers that see it flattened to ``[B * L]`` tokens (OPT's MLP). Not shared between threads.
+    the first step. Ids fit batches as ``fit_to_batch`` says. Not shared between threads.
     """
 
     def __init__(self, adapter_ids: torch.Tensor, num_adapters: int):
@@ -31,38 +72,21 @@ class AdapterRoute:
 
     def ids_for(self, batch_shape) -> torch.Tensor:
         """The ids laid out for an input whose leading dims are ``batch_shape``."""
-        ids, batch_shape = self.adapter_ids, tuple(batch_shape)
-        if ids.dim() == 0:
-            return ids.expand(batch_shape[:1] if len(batch_shape) == 2 else batch_shape)
-        rows = batch_shape[0]  # sequences of a [B, L] input; tokens of a flattened [B * L] one
-        if ids.dim() == 1 and rows != ids.shape[0] and ids.shape[0] and rows % ids.shape[0] == 0:
-            return ids.repeat_interleave(rows // ids.shape[0])
-        if ids.dim() == 2 and len(batch_shape) == 1 and ids.numel() == rows:
-            return ids.reshape(-1)
-        if ids.dim() == 2 and len(batch_shape) == 2 and tuple(ids.shape) != batch_shape:
-            raise ValueError(
-                f"per-token adapter_ids of shape {tuple(ids.shape)} do not fit an input of batch "
-                f"{batch_shape}; decode steps (generate) need per-sequence ids [B]")
-        return ids
+        return fit_to_batch(self.adapter_ids, tuple(batch_shape), name="adapter_ids",
+                            hint="decode steps (generate) need per-sequence ids [B]")
 
     def plan(self, batch_shape, num_adapters: int, device: torch.device) -> LoRAPlan:
         key = (tuple(batch_shape), num_adapters, torch.device(device))
-        compiling = torch.compiler.is_compiling()  # traced plans stay out of the cache, both ways
-        plan = None if compiling else self._plans.get(key)
-        if plan is None:
-            plan = lora_plan(self.ids_for(batch_shape), key[0], num_adapters, device=device)
-            if not compiling:
-                self._plans[key] = plan
-        return plan
+        return cached_plan(self._plans, key, lambda: lora_plan(self.ids_for(key[0]), key[0], num_adapters,
+                                                               device=device))
 
 
 class ContextRoute:
     """Context ids or weights for one batch, shared by every context layer of a model.
 
     ``context``: integer ids (one for everything, per sequence ``[B]`` or per token ``[B, L]``, -1
-    for none) or float/bool weights (``[C]`` for everything, or per token ``[B, L, C]``). Like
-    ``AdapterRoute`` it fits batches that repeat each sequence (beams) and layers that see a
-    ``[B, L]`` batch flattened, and builds the grouping once per batch shape.
+    for none) or float/bool weights (``[C]`` for everything, or per token ``[B, L, C]``). It fits
+    batches as ``fit_to_batch`` says and builds the grouping once per batch shape.
 
     Decode steps of ``generate`` feed inputs shorter than the per-token contexts; they use
     ``decode_context``: ``"last"`` (each sequence continues its last token's context) or one id
@@ -89,49 +113,27 @@ class ContextRoute:
         self.context, self.num_contexts, self.decode_context = context, num_contexts, decode_context
         self._plans: dict = {}
 
+    def _decode(self, context: torch.Tensor) -> torch.Tensor:
+        """``[B, 1, ...]``: the context of every new token of a decode step."""
+        if self.decode_context == "last":
+            return context[:, -1:]
+        if self.is_ids:
+            return torch.full((context.shape[0], 1), self.decode_context, dtype=context.dtype, device=context.device)
+        row = torch.zeros((context.shape[0], 1, self.num_contexts), dtype=context.dtype, device=context.device)
+        if self.decode_context >= 0:  # the id's one-hot row (all zero for -1)
+            row[..., self.decode_context] = 1
+        return row
+
     def context_for(self, batch_shape) -> torch.Tensor:
         """The ids or weights laid out for an input whose leading dims are ``batch_shape``."""
-        ctx, batch_shape = self.context, tuple(batch_shape)
-        tail = () if self.is_ids else (self.num_contexts,)
-        lead = tuple(ctx.shape[:ctx.dim() - len(tail)])
-        if not lead:
-            return ctx.expand(batch_shape + tail)
-        if lead == batch_shape or (self.is_ids and len(batch_shape) == 2 and lead == batch_shape[:1]):
-            return ctx
-        rows = batch_shape[0]
-        if len(lead) == 2 and len(batch_shape) == 1 and lead[0] * lead[1] == rows:  # a flattened [B, L]
-            return ctx.reshape(rows, *tail)
-        if len(lead) == 2 and len(batch_shape) == 2 and batch_shape[1] != lead[1]:  # a decode step
-            if self.decode_context is None:
-                raise ValueError(f"per-token context of shape {tuple(ctx.shape)} does not fit an input of batch "
-                                 f"{batch_shape}; for generate, pass decode_context='last' or a context id")
-            if self.decode_context == "last":
-                ctx = ctx[:, -1:]
-            elif self.is_ids:
-                ctx = torch.full(lead[:1] + (1,), self.decode_context, dtype=ctx.dtype, device=ctx.device)
-            else:  # the id's one-hot row (all zero for -1)
-                ctx = torch.zeros(lead[:1] + (1,) + tail, dtype=ctx.dtype, device=ctx.device)
-                if self.decode_context >= 0:
-                    ctx[..., self.decode_context] = 1
-            lead = (lead[0], 1)
-        if lead[0] != rows and rows % lead[0] == 0:  # beams / num_return_sequences repeat sequences
-            ctx = ctx.repeat_interleave(rows // lead[0], dim=0)
-        if len(lead) == 2 and len(batch_shape) == 2:
-            ctx = ctx.expand(batch_shape + tail) if ctx.shape[1] == 1 else ctx
-        elif len(lead) == 1 and len(batch_shape) == 2 and not self.is_ids:
-            ctx = ctx[:, None].expand(batch_shape + tail)
-        return ctx
+        return fit_to_batch(self.context, tuple(batch_shape), () if self.is_ids else (self.num_contexts,),
+                            decode=None if self.decode_context is None else self._decode, name="context",
+                            hint="for generate, pass decode_context='last' or a context id")
 
     def plan(self, batch_shape, device: torch.device):
         key = (tuple(batch_shape), torch.device(device))
-        compiling = torch.compiler.is_compiling()
-        plan = None if compiling else self._plans.get(key)
-        if plan is None:
-            context = self.context_for(batch_shape).to(device)
-            plan = context_plan(context, key[0], self.num_contexts, device=device)
-            if not compiling:
-                self._plans[key] = plan
-        return plan
+        return cached_plan(self._plans, key, lambda: context_plan(self.context_for(key[0]).to(device), key[0],
+                                                                  self.num_contexts, device=device))
 
     def vector_context(self, batch_shape, device: torch.device) -> torch.Tensor:
         """The context laid out for ``context_bias`` / ``context_scale`` (no grouping needed)."""

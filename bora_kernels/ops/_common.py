@@ -57,6 +57,12 @@ def splits_to_fill(programs: int, device: torch.device, most: int) -> int:
     return max(1, min(want, most))
 
 
+def or_unused(tensor, stand_in):
+    """``tensor``, or ``stand_in`` when it is None: a pointer argument the kernel never reads
+    (its flag is off) still needs a tensor."""
+    return stand_in if tensor is None else tensor
+
+
 @triton.jit
 def segment_block(bounds_ptr, num_segs, pid, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
     """Map a program id to one block of ``BLOCK_M`` consecutive rows inside one segment.

@@ -15,7 +15,7 @@ import torch
 
 from .._dispatch import backend
 from ..context_lora_delta import _is_ids
-from ..lora_delta import _shape, check_adapter_ids
+from ..lora_delta import _shape, check_adapter_ids, ids_per_sequence
 
 
 def _kernels(device: torch.device):
@@ -70,11 +70,8 @@ def _context_vector(u, vectors, context_weights, multiply: bool, name: str):
     rows_per_id = 1
     if _is_ids(context_weights):
         check_adapter_ids(context_weights, num_contexts, "context_weights")
-        if len(batch_shape) == 2 and tuple(context_weights.shape) == batch_shape[:1]:
-            rows_per_id = batch_shape[1]  # one id per sequence
-        elif tuple(context_weights.shape) != batch_shape:
-            raise ValueError(f"context_weights (ids) has shape {_shape(context_weights)}, expected {batch_shape}"
-                             + (f" or {batch_shape[:1]} (per sequence)" if len(batch_shape) == 2 else ""))
+        if ids_per_sequence(context_weights, batch_shape, "context_weights"):
+            rows_per_id = batch_shape[1]
         ids = context_weights.reshape(-1)
     else:
         if tuple(context_weights.shape) != batch_shape + (num_contexts,):

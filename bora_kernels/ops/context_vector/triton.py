@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._common import or_unused
+
 
 @triton.jit
 def _row_vectors(vec_ptr, ctx_ptr, offs_m, offs_n, mask_m, mask_n, C, rows_per_id, stride_ct, stride_cc,
@@ -103,10 +105,9 @@ def _tiles(device: torch.device) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=128, num_warps=4)
 
 
-def _context_args(context, ids: bool, rows_per_id: int):
-    if ids:
-        return context, context.stride(0), 0
-    return context, context.stride(0), context.stride(1)
+def _context_strides(context, ids: bool):
+    # ids are [T / rows_per_id]; weights [T, C]
+    return context.stride(0), 0 if ids else context.stride(1)
 
 
 def context_vector_forward(u, vectors, context, ids, rows_per_id, multiply):
@@ -115,10 +116,10 @@ def context_vector_forward(u, vectors, context, ids, rows_per_id, multiply):
     t, n = u.shape
     tiles = _tiles(u.device)
     out = torch.empty_like(u)
-    ctx, stride_ct, stride_cc = _context_args(context, ids, rows_per_id)
+    stride_ct, stride_cc = _context_strides(context, ids)
     grid = (triton.cdiv(t, tiles["BLOCK_M"]), triton.cdiv(n, tiles["BLOCK_N"]))
     _context_vector_kernel[grid](
-        u, vectors, ctx, out, t, n, vectors.shape[0], rows_per_id,
+        u, vectors, context, out, t, n, vectors.shape[0], rows_per_id,
         u.stride(0), out.stride(0), stride_ct, stride_cc, vectors.stride(0),
         MULTIPLY=multiply, IDS=ids, BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["BLOCK_N"], num_warps=tiles["num_warps"],
     )
@@ -136,11 +137,9 @@ def context_vector_backward(dy, u, vectors, context, ids, rows_per_id, multiply,
     dvec = torch.empty((row_blocks, num_contexts, n), device=dy.device, dtype=torch.float32) if needs_dvec else None
     dw = torch.empty((col_blocks, t, num_contexts), device=dy.device, dtype=torch.float32) if needs_dw else None
     if du is not None or dvec is not None or dw is not None:
-        ctx, stride_ct, stride_cc = _context_args(context, ids, rows_per_id)
-        spare = dvec if dvec is not None else (dw if dw is not None else dy)  # stands in for unused pointers
+        stride_ct, stride_cc = _context_strides(context, ids)
         _context_vector_backward_kernel[(row_blocks, col_blocks)](
-            dy, u if u is not None else dy, vectors, ctx, du if du is not None else dy,
-            dvec if dvec is not None else spare, dw if dw is not None else spare,
+            dy, or_unused(u, dy), vectors, context, or_unused(du, dy), or_unused(dvec, dy), or_unused(dw, dy),
             t, n, num_contexts, rows_per_id, dy.stride(0), u.stride(0) if u is not None else 0,
             du.stride(0) if du is not None else 0, stride_ct, stride_cc, vectors.stride(0),
             dvec.stride(0) if dvec is not None else 0, dvec.stride(1) if dvec is not None else 0,

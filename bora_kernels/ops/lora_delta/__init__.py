@@ -54,6 +54,18 @@ def check_adapter_ids(adapter_ids, num_adapters: int, name: str = "adapter_ids")
                 f"got values from {low} to {high}")
 
 
+def ids_per_sequence(ids: torch.Tensor, batch_shape: tuple, name: str = "adapter_ids") -> bool:
+    """True for one id per sequence (``[B]`` of a ``[B, L]`` batch), False for one per token
+    (``batch_shape``); a ``ValueError`` naming ``name`` for any other shape."""
+    per_sequence = len(batch_shape) == 2 and tuple(ids.shape) == batch_shape[:1]
+    if tuple(ids.shape) != batch_shape and not per_sequence:
+        expected = f"{batch_shape} (per token)"
+        if len(batch_shape) == 2:
+            expected += f" or {batch_shape[:1]} (per sequence)"
+        raise ValueError(f"{name} has shape {_shape(ids)}, expected {expected}")
+    return per_sequence
+
+
 def lora_plan(adapter_ids: torch.Tensor, batch_shape: Sequence[int], num_adapters: int,
               device: torch.device | None = None, name: str = "adapter_ids") -> LoRAPlan:
     """Group the tokens of a batch of shape ``batch_shape`` (``x.shape[:-1]``) by adapter.
@@ -66,12 +78,7 @@ def lora_plan(adapter_ids: torch.Tensor, batch_shape: Sequence[int], num_adapter
     """
     batch_shape = tuple(batch_shape)
     check_adapter_ids(adapter_ids, num_adapters, name)
-    per_sequence = len(batch_shape) == 2 and tuple(adapter_ids.shape) == batch_shape[:1]
-    if tuple(adapter_ids.shape) != batch_shape and not per_sequence:
-        expected = f"{batch_shape} (per token)"
-        if len(batch_shape) == 2:
-            expected += f" or {batch_shape[:1]} (per sequence)"
-        raise ValueError(f"{name} has shape {_shape(adapter_ids)}, expected {expected}")
+    per_sequence = ids_per_sequence(adapter_ids, batch_shape, name)
     device = adapter_ids.device if device is None else torch.device(device)
     ids = adapter_ids.to(device=device, dtype=torch.int64).reshape(-1)
 

@@ -88,10 +88,6 @@ def _buffer(groups, width: int, like: torch.Tensor):
     return rows, rows[:filled].view(*groups.slots, width)
 
 
-def _finish(groups, rows, dtype):
-    return rows.index_select(0, groups.gather).to(dtype)
-
-
 def _inputs(groups, t):
     """``t``'s rows laid out like the buffer: adapter order, or [P, M, width] slots."""
     if groups.slots is None:
@@ -128,15 +124,13 @@ def _padded_h(groups, x, lora_a, ranks):
     return h.mul_(groups.valid)
 
 
-def _weighted(t, row_weight):
-    # the per-token weight (see triton.py) scales rows: outputs after the GEMMs, dy before them
-    return t if row_weight is None else t.float() * row_weight[:, None]
-
-
-def _into(target, result):
-    if target is None:
-        return result
-    return target.add_(result)
+def _finish(groups, rows, like, row_weight=None, out=None):
+    """The buffer's rows back in the original token order, times ``row_weight`` (fp32, before
+    the cast), in ``like``'s dtype, or added into ``out``."""
+    result = rows.index_select(0, groups.gather)
+    if row_weight is not None:
+        result.mul_(row_weight[:, None])
+    return result.to(like.dtype) if out is None else out.add_(result)
 
 
 def lora_delta_forward(x, lora_a, lora_b, plan, scaling, ranks, save_h, row_weight=None, out=None):
@@ -159,10 +153,7 @@ def lora_delta_forward(x, lora_a, lora_b, plan, scaling, ranks, save_h, row_weig
         for d, lo, hi, r, s in _adapters(groups, ranks, scaling):
             h_d = h[lo:hi, :r].addmm_(xs[lo:hi], a[d, :r].T, beta=0) if save_h else xs[lo:hi] @ a[d, :r].T
             body[lo:hi].addmm_(h_d, b[d, :, :r].T, beta=0, alpha=s)
-    if row_weight is None and out is None:
-        return _finish(groups, rows, x.dtype), (h if save_h else None)
-    delta = _weighted(rows.index_select(0, groups.gather), row_weight)
-    return _into(out, delta.to(x.dtype)), (h if save_h else None)
+    return _finish(groups, rows, x, row_weight, out), (h if save_h else None)
 
 
 def lora_delta_backward(dy, x, lora_a, lora_b, h, plan, scaling, ranks, needs_grad, row_weight=None, dx=None):
@@ -170,8 +161,8 @@ def lora_delta_backward(dy, x, lora_a, lora_b, h, plan, scaling, ranks, needs_gr
     (the torch.compile path saves none) recomputes it from x, for dB only. ``row_weight`` and
     ``dx`` as in triton.py."""
     needs_dx, needs_da, needs_db = needs_grad
-    dy = _weighted(dy, row_weight)
-    accumulate_into = dx
+    if row_weight is not None:  # the weight scales each token's delta, so its dy
+        dy = dy.float() * row_weight[:, None]
     groups = _groups(plan)
     recompute_h = h is None and needs_db
     rows, body = _buffer(groups, x.shape[1], x) if needs_dx else (None, None)
@@ -204,5 +195,5 @@ def lora_delta_backward(dy, x, lora_a, lora_b, h, plan, scaling, ranks, needs_gr
             if needs_db:
                 h_d = xs[lo:hi] @ a[d, :r].T if recompute_h else h[lo:hi, :r]
                 db[d, :, :r].addmm_(dys[lo:hi].T, h_d, beta=0, alpha=s)
-    dx = _into(accumulate_into, _finish(groups, rows, x.dtype)) if needs_dx else None
+    dx = _finish(groups, rows, x, out=dx) if needs_dx else None
     return dx, None if da is None else da.to(lora_a.dtype), None if db is None else db.to(lora_b.dtype)

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import dot_dtype, dot_precision, segment_block, splits_to_fill
+from .._common import dot_dtype, dot_precision, or_unused, segment_block, splits_to_fill
 
 NONE_SEGMENT = tl.constexpr(1)
 FIRST_ADAPTER_SEGMENT = tl.constexpr(2)
@@ -197,11 +197,6 @@ def _tiles(num_tokens: int, num_adapters: int, max_rank: int, device: torch.devi
     return dict(BLOCK_M=block_m, BLOCK_K=128, BLOCK_N=128, BLOCK_R=block_r, num_warps=4)
 
 
-def _or(tensor, stand_in):
-    # a pointer argument the kernel never reads (its flag is off) still needs a tensor
-    return stand_in if tensor is None else tensor
-
-
 def _row_programs(num_tokens: int, num_segs: int, block_m: int) -> int:
     # every segment may end in a partial block: cdiv(T, BLOCK_M) + num_segs blocks at most
     return triton.cdiv(num_tokens, block_m) + num_segs
@@ -225,7 +220,7 @@ def lora_shrink(x, w, plan, ranks, scaling, tiles, apply_scale, split=None, row_
     split = triton.cdiv(k, k_per_split)
     h = torch.empty((split, num_tokens, tiles["BLOCK_R"]), device=x.device, dtype=torch.float32)
     _lora_shrink_kernel[(programs, split)](
-        x, w, h, perm, bounds, ranks, scaling, _or(row_weight, scaling),
+        x, w, h, perm, bounds, ranks, scaling, or_unused(row_weight, scaling),
         num_segs, k, w.shape[1], k_per_split,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), h.stride(0), h.stride(1),
         APPLY_SCALE=apply_scale, ROW_WEIGHT=row_weight is not None, BLOCK_M=tiles["BLOCK_M"], BLOCK_K=block_k,
@@ -250,7 +245,7 @@ def lora_expand(h, w, out, plan, ranks, scaling, tiles, apply_scale, hsum=None, 
     programs = _row_programs(num_tokens, num_segs, tiles["BLOCK_M"])
     col_blocks = triton.cdiv(n, tiles["BLOCK_N"]) if out is not None else 1
     _lora_expand_kernel[(programs, col_blocks)](
-        h, w, _or(out, h), _or(hsum, h), perm, bounds, ranks, scaling, _or(row_weight, scaling),
+        h, w, or_unused(out, h), or_unused(hsum, h), perm, bounds, ranks, scaling, or_unused(row_weight, scaling),
         num_segs, n, w.shape[2],
         h.stride(0), h.stride(1), w.stride(0), w.stride(1), w.stride(2),
         out.stride(0) if out is not None else 0, out.stride(1) if out is not None else 0,
@@ -279,7 +274,7 @@ def lora_weight_grad(p, q, g, plan, ranks, scaling, tiles, apply_scale, split=No
     target = g.unsqueeze(0) if split == 1 else torch.empty(
         (split, *g.shape), device=g.device, dtype=torch.float32)
     _lora_weight_grad_kernel[(num_adapters, col_blocks, split)](
-        p, q, target, perm, bounds, ranks, scaling, _or(row_weight, scaling),
+        p, q, target, perm, bounds, ranks, scaling, or_unused(row_weight, scaling),
         c, max_rank,
         p.stride(0), q.stride(0), q.stride(1),
         target.stride(0), target.stride(1), target.stride(2), target.stride(3),
