@@ -33,6 +33,16 @@ out = lora_delta(x, a, b, torch.tensor([0, -1, 4], device="cuda"), ranks=torch.t
 out.backward(torch.randn_like(out))
 torch.cuda.synchronize()
 print("memcheck run finished: lora_delta forward and backward (shrink, expand, weight_grad)")
+from bora_kernels.ops.ivon_step import StepScalars, ivon_step
+n = 5000
+st = [torch.randn(n, device="cuda"), torch.zeros(n, device="cuda"), torch.ones(n, device="cuda")]
+avg = [torch.zeros(n, device="cuda"), torch.zeros(n, device="cuda")]
+s = StepScalars(0.1, 100.0, 1e-4, 0.9, 0.999, 0.1, 1.0)
+g = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+sample = torch.empty(n, device="cuda", dtype=torch.bfloat16)
+ivon_step(*st, s, grad=g, count=2, avg_grad=avg[0], avg_hess_stat=avg[1], sample=sample, eps_now=0, eps_next=1)
+torch.cuda.synchronize()
+print("memcheck run finished: ivon_step (fold, update, draw)")
 PY
 else
   echo "compute-sanitizer not found; skipped"

@@ -25,6 +25,8 @@ def test_readme_example_runs():
     assert namespace["tokens"].shape == (3, 14) and namespace["logits"].shape == (3, 10, 128)
     assert namespace["agnostic"].shape == (2, 24, 64) and namespace["delta"].shape == (4, 10, 32)
     assert namespace["scaled"].shape == (4, 10, 32)
+    assert namespace["averaged"].shape == (64, 3) and 0 <= namespace["ece"] <= 1 and namespace["nll"] > 0
+    assert all(m.sum() > 0 for m in namespace["pruned"].values())
 
 
 def test_context_recipe_runs():
@@ -37,6 +39,30 @@ def test_context_recipe_runs():
     rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] in (["LoRA-8"], ["BitFit"], ["IA3"])]
     assert [r[0] for r in rows] == ["LoRA-8", "BitFit", "IA3"]
     assert all(1.0 < float(r[1]) < 100 and 1.0 < float(r[2]) < 100 for r in rows)
+
+
+def test_ivon_recipe_runs():
+    """``python/ivon_lora.py`` end to end, shrunk (the --quick run is the demo's)."""
+    result = subprocess.run([sys.executable, str(ROOT / "python" / "ivon_lora.py"), "--quick", "--steps", "20",
+                             "--samples", "2", "--train-size", "64", "--device", "cpu"],
+                            capture_output=True, text=True, timeout=600,
+                            env={**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+                                 "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    for row in ("AdamW ", "IVON@mean ", "IVON (2 samples) "):
+        assert re.search(re.escape(row) + r"\s+acc\s+[\d.]+\s+conf\s+[\d.]+\s+ECE\s+[\d.]+\s+NLL [\d.]+", out), row
+    assert len(re.findall(r"^\s+\d+%\s+uncertainty: acc .* random: acc ", out, flags=re.M)) == 6
+
+
+def test_bench_ivon_suite(tmp_path):
+    out = tmp_path / "ivon.json"
+    assert bench_main(["ivon", "--device", "cpu", "--quick", "--params", "65536", "--tensors", "8",
+                       "--json", str(out)]) == 0
+    (record,) = json.loads(out.read_text())["suites"]["ivon"]
+    assert record["case"] == "P0.0625M-t8-fp32" and record["bytes_moved"] == 32 * 65536
+    assert set(record["median_ms"]) == {"ours", "ivon_opt", "adamw", "copy"}
+    assert {c["baseline"] for c in record["comparisons"]} == {"ivon_opt", "adamw", "copy"}
 
 
 def test_bench_context_suite(tmp_path):

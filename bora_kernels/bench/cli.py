@@ -6,6 +6,8 @@
                     a whole Llama: prefill and greedy generation with a mixed batch
     bora-bench context [--device cpu|cuda] [--quick] [--json FILE] [--tokens ...] [--contexts ...]
                     context_lora_delta against Algorithm 1's einsum and the masked concatenation
+    bora-bench ivon [--device cpu|cuda] [--quick] [--json FILE] [--params ...] [--tensors T]
+                    one IVON step plus the next sample against ivon-opt, AdamW and a device copy
     bora-bench all  [--device ...] [--quick] [--json FILE]       every suite
     bora-bench table [--results DIR] [--readme README.md]         README table from result files
 """
@@ -22,11 +24,11 @@ from pathlib import Path
 import torch
 
 from ..ops import use_backend
-from . import context, lora, model
+from . import context, ivon, lora, model
 from .report import format_table, write_readme_table
 from .timing import environment, median_seconds, peak_extra_mib
 
-SUITES = {"lora": lora, "model": model, "context": context}
+SUITES = {"lora": lora, "model": model, "context": context, "ivon": ivon}
 
 
 def run_suite(module, cases, device: torch.device, quick: bool, variants=None, echo=print) -> list[dict]:
@@ -48,6 +50,8 @@ def run_suite(module, cases, device: torch.device, quick: bool, variants=None, e
                             "median_ms": times, "comparisons": comparisons})
             if peaks is not None:
                 records[-1]["peak_extra_mib"] = peaks
+            if hasattr(case, "bytes_moved"):  # memory-bound suites count the bytes they must move
+                records[-1]["bytes_moved"] = case.bytes_moved
             echo(f"  {case} {mode}: " + ", ".join(f"{v} {t:.3f} ms" for v, t in times.items()),
                  file=sys.stderr)
         del fns
@@ -86,6 +90,12 @@ def _parser() -> argparse.ArgumentParser:
     p_context.add_argument("--tokens", type=int, nargs="+", help="tokens per batch (multiples of 128)")
     p_context.add_argument("--contexts", type=int, nargs="+", help="numbers of contexts")
     p_context.add_argument("--variants", nargs="+", choices=tuple(context.VARIANTS), help="subset to time")
+
+    p_ivon = sub.add_parser("ivon", help="the IVON step against ivon-opt, AdamW and a device copy")
+    common(p_ivon)
+    p_ivon.add_argument("--params", type=int, nargs="+", help="parameter counts (elements)")
+    p_ivon.add_argument("--tensors", type=int, help="how many tensors hold them (default 256)")
+    p_ivon.add_argument("--variants", nargs="+", choices=tuple(ivon.VARIANTS), help="subset to time")
 
     p_all = sub.add_parser("all", help="every suite with its default grid")
     common(p_all)
@@ -133,6 +143,11 @@ def main(argv=None) -> int:
             cases = [dataclasses.replace(cases[-1], tokens=t, contexts=c) for t, c in itertools.product(
                 args.tokens or [cases[-1].tokens], args.contexts or [2, 4, 8])]
         plan = {"context": (cases, args.variants)}
+    elif args.command == "ivon":
+        cases = ivon.default_cases(device, args.quick)
+        if args.params or args.tensors:
+            cases = [ivon.IVONCase(n, args.tensors or 256) for n in (args.params or [c.params for c in cases])]
+        plan = {"ivon": (cases, args.variants)}
     else:
         plan = {name: (module.default_cases(device, args.quick), None) for name, module in SUITES.items()}
 

@@ -15,6 +15,7 @@ TIME_COLUMNS = {
     "model": [("base", "base"), ("ours", "ours"), ("PEFT mixed", "peft_mixed"), ("PEFT single", "peft_single")],
     "context": [("base", "base"), ("ours (ids)", "ours_ids"), ("ours (weights)", "ours_weights"),
                 ("einsum", "einsum"), ("masked concat", "masked_concat")],
+    "ivon": [("ours", "ours"), ("ivon-opt", "ivon_opt"), ("AdamW", "adamw"), ("copy", "copy")],
 }
 RATIO_COLUMNS = {
     "lora": [("LoRA / base", "lora_delta", "base", False),
@@ -24,6 +25,8 @@ RATIO_COLUMNS = {
               ("ours / base", "ours", "base", False)],
     "context": [("x einsum", "ours_ids", "einsum", True), ("x masked concat", "ours_ids", "masked_concat", True),
                 ("x einsum (weights)", "ours_weights", "einsum", True)],
+    "ivon": [("x ivon-opt", "ours", "ivon_opt", True), ("x AdamW", "ours", "adamw", True),
+             ("of copy bandwidth", "copy", "ours", False)],
 }
 
 # peak extra memory (recorded on CUDA only): (column title, variant)

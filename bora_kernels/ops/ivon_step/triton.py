@@ -1,0 +1,163 @@
+"""The fused IVON kernel: fold a gradient sample, update the posterior and draw the next weight
+sample, reading and writing every state element once.
+
+Noise: ``tl.randn4x`` turns one Philox call into four normals, so a program handles its
+``BLOCK`` elements as four sub-tiles of ``BLOCK // 4`` and gives sub-tile ``q`` the ``q``-th
+normal. The Philox counter of an element is ``draw * 2**32 + (index of the first element of its
+column)``: draws never share counters, and neither do parameter groups (each passes its offset in
+the flat buffer as ``index_base``; the counters a partial last tile shares with the next group
+belong only to masked elements). The stream therefore depends on ``BLOCK``, which is fixed.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._common import or_unused
+
+BLOCK = 2048
+NUM_WARPS = 8
+# where a step's noise comes from (constexpr EPS_NOW / EPS_NEXT)
+NO_NOISE, PHILOX, BUFFER = 0, 1, 2
+
+
+@triton.jit
+def _clip(x, radius):
+    x = tl.maximum(x, -radius, propagate_nan=tl.PropagateNan.ALL)
+    return tl.minimum(x, radius, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _rounded(x, ptr):
+    """``x`` rounded to nearest-even in ``ptr``'s element type. bf16 is rounded by hand on the
+    bits: Triton's interpreter truncates fp32 -> bf16 casts, and a GPU's cast gives the same."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(ptr.dtype.element_ty)
+
+
+@triton.jit
+def _ivon_tile(offs, n, eps_now, eps_next, eps_now_ptr, eps_next_ptr,
+               mean_ptr, mom_ptr, hess_ptr, grad_ptr, avg_g_ptr, avg_h_ptr, sample_ptr, mean_copy_ptr,
+               count, ess, draw_ess, wd, b1, one_minus_b1, b2, one_minus_b2, half_sq_one_minus_b2, lr, debias, clip,
+               FOLD: tl.constexpr, READ_AVG: tl.constexpr, WRITE_AVG: tl.constexpr, UPDATE: tl.constexpr,
+               DRAW: tl.constexpr, PRICE: tl.constexpr, MEAN_COPY: tl.constexpr,
+               EPS_NOW: tl.constexpr, EPS_NEXT: tl.constexpr):
+    mask = offs < n
+    if EPS_NOW == 2:
+        eps_now = tl.load(eps_now_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if EPS_NEXT == 2:
+        eps_next = tl.load(eps_next_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    # The operation order follows ivon-opt's expressions term by term and divisions and square
+    # roots are correctly rounded (div_rn, sqrt_rn): the fp32 trajectories then match its own.
+    h = tl.load(hess_ptr + offs, mask=mask, other=1.0)
+    h_wd = h + wd
+    if FOLD:
+        g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if PRICE:
+            stat = tl.div_rn(eps_now, tl.sqrt_rn(ess * h_wd)) * g
+        else:
+            stat = g * g
+        if READ_AVG:  # Welford running means over the step's samples
+            g_avg = tl.load(avg_g_ptr + offs, mask=mask, other=0.0)
+            h_avg = tl.load(avg_h_ptr + offs, mask=mask, other=0.0)
+            g_avg = g_avg + tl.div_rn(g - g_avg, count)
+            h_avg = h_avg + tl.div_rn(stat - h_avg, count)
+        else:
+            g_avg = g
+            h_avg = stat
+        if WRITE_AVG:
+            tl.store(avg_g_ptr + offs, g_avg, mask=mask)
+            tl.store(avg_h_ptr + offs, h_avg, mask=mask)
+    elif READ_AVG:
+        g_avg = tl.load(avg_g_ptr + offs, mask=mask, other=0.0)
+        h_avg = tl.load(avg_h_ptr + offs, mask=mask, other=0.0)
+    if UPDATE or DRAW:
+        m = tl.load(mean_ptr + offs, mask=mask, other=0.0)
+    if UPDATE:
+        mom = tl.load(mom_ptr + offs, mask=mask, other=0.0)
+        mom = b1 * mom + one_minus_b1 * g_avg
+        if PRICE:
+            f = h_avg * h_wd * ess
+        else:
+            f = h_avg * ess
+        d = h - f
+        h = b2 * h + one_minus_b2 * f + tl.div_rn(half_sq_one_minus_b2 * (d * d), h_wd)
+        h_wd = h + wd
+        m = m - lr * _clip(tl.div_rn(tl.div_rn(mom, debias) + wd * m, h_wd), clip)
+        tl.store(mom_ptr + offs, mom, mask=mask)
+        tl.store(hess_ptr + offs, h, mask=mask)
+        tl.store(mean_ptr + offs, m, mask=mask)
+        if MEAN_COPY:
+            tl.store(mean_copy_ptr + offs, _rounded(m, mean_copy_ptr), mask=mask)
+    if DRAW:
+        theta = m + tl.div_rn(eps_next, tl.sqrt_rn(draw_ess * h_wd))
+        tl.store(sample_ptr + offs, _rounded(theta, sample_ptr), mask=mask)
+
+
+@triton.jit(do_not_specialize=["n", "index_base", "seed", "now_offset", "next_offset", "count"])
+def _ivon_step_kernel(mean_ptr, mom_ptr, hess_ptr, grad_ptr, avg_g_ptr, avg_h_ptr, eps_now_ptr, eps_next_ptr,
+                      sample_ptr, mean_copy_ptr,
+                      n, index_base, seed, now_offset, next_offset, count,
+                      ess, draw_ess, wd, b1, one_minus_b1, b2, one_minus_b2, half_sq_one_minus_b2, lr, debias, clip,
+                      FOLD: tl.constexpr, READ_AVG: tl.constexpr, WRITE_AVG: tl.constexpr, UPDATE: tl.constexpr,
+                      DRAW: tl.constexpr, PRICE: tl.constexpr, MEAN_COPY: tl.constexpr,
+                      EPS_NOW: tl.constexpr, EPS_NEXT: tl.constexpr, BLOCK: tl.constexpr):
+    SUB: tl.constexpr = BLOCK // 4
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    i = tl.arange(0, SUB)
+    offs = start + i
+    counter = index_base + offs
+    zero = tl.zeros((SUB,), tl.float32)  # stands in for noise a call does not use
+    a0, a1, a2, a3 = zero, zero, zero, zero
+    b0, b1_, b2_, b3 = zero, zero, zero, zero
+    if EPS_NOW == 1:
+        a0, a1, a2, a3 = tl.randn4x(seed, now_offset + counter)
+    if EPS_NEXT == 1:
+        b0, b1_, b2_, b3 = tl.randn4x(seed, next_offset + counter)
+    _ivon_tile(offs, n, a0, b0, eps_now_ptr, eps_next_ptr, mean_ptr, mom_ptr, hess_ptr, grad_ptr, avg_g_ptr,
+               avg_h_ptr, sample_ptr, mean_copy_ptr, count, ess, draw_ess, wd, b1, one_minus_b1, b2, one_minus_b2,
+               half_sq_one_minus_b2, lr, debias, clip,
+               FOLD, READ_AVG, WRITE_AVG, UPDATE, DRAW, PRICE, MEAN_COPY, EPS_NOW, EPS_NEXT)
+    _ivon_tile(offs + SUB, n, a1, b1_, eps_now_ptr, eps_next_ptr, mean_ptr, mom_ptr, hess_ptr, grad_ptr, avg_g_ptr,
+               avg_h_ptr, sample_ptr, mean_copy_ptr, count, ess, draw_ess, wd, b1, one_minus_b1, b2, one_minus_b2,
+               half_sq_one_minus_b2, lr, debias, clip,
+               FOLD, READ_AVG, WRITE_AVG, UPDATE, DRAW, PRICE, MEAN_COPY, EPS_NOW, EPS_NEXT)
+    _ivon_tile(offs + 2 * SUB, n, a2, b2_, eps_now_ptr, eps_next_ptr, mean_ptr, mom_ptr, hess_ptr, grad_ptr,
+               avg_g_ptr, avg_h_ptr, sample_ptr, mean_copy_ptr, count, ess, draw_ess, wd, b1, one_minus_b1, b2,
+               one_minus_b2, half_sq_one_minus_b2, lr, debias, clip,
+               FOLD, READ_AVG, WRITE_AVG, UPDATE, DRAW, PRICE, MEAN_COPY, EPS_NOW, EPS_NEXT)
+    _ivon_tile(offs + 3 * SUB, n, a3, b3, eps_now_ptr, eps_next_ptr, mean_ptr, mom_ptr, hess_ptr, grad_ptr,
+               avg_g_ptr, avg_h_ptr, sample_ptr, mean_copy_ptr, count, ess, draw_ess, wd, b1, one_minus_b1, b2,
+               one_minus_b2, half_sq_one_minus_b2, lr, debias, clip,
+               FOLD, READ_AVG, WRITE_AVG, UPDATE, DRAW, PRICE, MEAN_COPY, EPS_NOW, EPS_NEXT)
+
+
+def _source(eps) -> int:
+    if eps is None:
+        return NO_NOISE
+    return BUFFER if isinstance(eps, torch.Tensor) else PHILOX
+
+
+def ivon_step(mean, momentum, hess, scalars, *, grad, count, avg_grad, avg_hess_stat, update, sample, mean_copy,
+              eps_now, eps_next, draw_ess, price, read_avg, seed, index_base):
+    """Launch one kernel over a parameter group's flat buffers (see ``ops.ivon_step``)."""
+    s = scalars
+    n = mean.numel()
+    fold = grad is not None
+    draw = sample is not None
+    philox_offset = [(e << 32) if isinstance(e, int) else 0 for e in (eps_now, eps_next)]
+    _ivon_step_kernel[(triton.cdiv(n, BLOCK),)](
+        mean, momentum, hess, or_unused(grad, mean), or_unused(avg_grad, mean), or_unused(avg_hess_stat, mean),
+        eps_now if _source(eps_now) == BUFFER else mean, eps_next if _source(eps_next) == BUFFER else mean,
+        or_unused(sample, mean), or_unused(mean_copy, mean),
+        n, index_base, seed, philox_offset[0], philox_offset[1], float(count),
+        s.ess, draw_ess, s.weight_decay, s.beta1, 1.0 - s.beta1, s.beta2, 1.0 - s.beta2,
+        0.5 * (1.0 - s.beta2) ** 2, s.lr, s.debias, s.clip_radius,
+        FOLD=fold, READ_AVG=read_avg, WRITE_AVG=fold and not update, UPDATE=update, DRAW=draw, PRICE=price,
+        MEAN_COPY=mean_copy is not None and update, EPS_NOW=_source(eps_now), EPS_NEXT=_source(eps_next),
+        BLOCK=BLOCK, num_warps=NUM_WARPS)
