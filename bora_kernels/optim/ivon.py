@@ -12,7 +12,8 @@ Same constructor, defaults and semantics as ``ivon.IVON`` of ivon-opt 0.1.3. Wha
   fp16/bf16 parameters the fp32 mean is the master copy and the parameters hold it rounded.
 - **Noise.** ``noise="philox"`` (default) makes the noise inside the kernel from a counter-based
   generator seeded from torch's default generator at construction, so ``torch.manual_seed`` makes
-  runs repeatable; the price estimator recomputes the noise instead of storing it. On CPU without
+  runs repeatable (and ranks seeded alike draw alike under ``sync``); the price estimator
+  recomputes the noise instead of storing it. On CPU without
   Triton's interpreter the noise is drawn with ``torch.randn`` instead (same seeding rule, another
   stream). ``noise="torch"`` draws it with ``torch.randn`` at each ``sampled_params`` entry, in
   the order ivon-opt does (one ``[numel]`` draw per parameter group), for step-for-step comparison.
@@ -226,9 +227,9 @@ class IVON(torch.optim.Optimizer):
             elif not self._fresh or tau != 1.0 or not self._kernel_noise:
                 self._run(fold=False, update=False, draw=True, draw_scale=tau)
         self._inside = True
-        self._fresh = False
         sampled = tau != math.inf
         if sampled:
+            self._fresh = False  # this sample is used; the next block draws another
             for p, v in zip(self._params, self._sample_views):
                 p.data = v
         try:
