@@ -2,6 +2,8 @@
 and the masked concatenation), ``context_bias`` (BitFit) and ``context_scale`` (IA3); forward
 and every gradient, on every CPU path, outputs poisoned."""
 
+import zlib
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -64,7 +66,8 @@ def _check_grads(out, ref, inputs, dtype, gen, names):
 @pytest.mark.parametrize("batch_shape,num_contexts,rank", SHAPES)
 @pytest.mark.parametrize("kind", KINDS)
 def test_context_lora_delta_matches_algorithm_1(kind, batch_shape, num_contexts, rank, dtype, path, poison_empty):
-    gen = torch.Generator().manual_seed(hash((kind, batch_shape)) % 2 ** 31)
+    # a seed that is the same in every process (str hashes are salted per process)
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{kind}-{batch_shape}".encode()))
     x, a, b, scaling = _inputs(batch_shape, num_contexts, rank, dtype, gen)
     w = make_context(kind, batch_shape, num_contexts, gen)
     ref = context_lora_delta_reference(x, a, b, w, scaling)
