@@ -1,11 +1,11 @@
 """bora_kernels: GPU kernels and modules for many LoRA adapters at once (BoRA, Context-PEFT,
 IVON-LoRA, QLoRA) on top of Hugging Face models."""
 
-from . import bayes, nn, ops, optim
+from . import bayes, nn, ops, optim, quant
 from .model import (adapter_names, context_ids, inject, merge_adapter, summary, trainable_parameters,
                     unmerge_adapter, use_adapters, use_contexts)
 from .peft_io import load_peft_adapters, save_peft_adapter
 
 __version__ = "0.1.0"
-__all__ = ["adapter_names", "bayes", "optim", "context_ids", "inject", "load_peft_adapters", "merge_adapter", "nn", "ops", "save_peft_adapter",
+__all__ = ["adapter_names", "bayes", "optim", "context_ids", "inject", "load_peft_adapters", "merge_adapter", "nn", "ops", "quant", "save_peft_adapter",
            "summary", "trainable_parameters", "unmerge_adapter", "use_adapters", "use_contexts"]

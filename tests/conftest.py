@@ -62,6 +62,8 @@ def _poisoned(fn):
         t = fn(*args, **kwargs)
         if t.is_floating_point():
             t.fill_(float("nan"))
+        elif t.dtype == torch.uint8:
+            t.fill_(0xA5)
         elif t.dtype != torch.bool and not t.is_complex():
             t.fill_(_POISON_INT)
         return t

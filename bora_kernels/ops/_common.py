@@ -64,6 +64,18 @@ def or_unused(tensor, stand_in):
 
 
 @triton.jit
+def rounded_for(x, ptr):
+    """fp32 ``x`` rounded to nearest-even in ``ptr``'s element type, for storing there. bf16 is
+    rounded by hand on the bits: Triton's interpreter truncates fp32 -> bf16 casts (a GPU rounds
+    them; the result is the same)."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(ptr.dtype.element_ty)
+
+
+@triton.jit
 def segment_block(bounds_ptr, num_segs, pid, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
     """Map a program id to one block of ``BLOCK_M`` consecutive rows inside one segment.
 

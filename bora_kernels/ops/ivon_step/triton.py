@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import or_unused
+from .._common import or_unused, rounded_for
 
 BLOCK = 2048
 NUM_WARPS = 8
@@ -27,17 +27,6 @@ NO_NOISE, PHILOX, BUFFER = 0, 1, 2
 def _clip(x, radius):
     x = tl.maximum(x, -radius, propagate_nan=tl.PropagateNan.ALL)
     return tl.minimum(x, radius, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
-def _rounded(x, ptr):
-    """``x`` rounded to nearest-even in ``ptr``'s element type. bf16 is rounded by hand on the
-    bits: Triton's interpreter truncates fp32 -> bf16 casts, and a GPU's cast gives the same."""
-    if ptr.dtype.element_ty == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return x.to(ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -93,10 +82,10 @@ def _ivon_tile(offs, n, eps_now, eps_next, eps_now_ptr, eps_next_ptr,
         tl.store(hess_ptr + offs, h, mask=mask)
         tl.store(mean_ptr + offs, m, mask=mask)
         if MEAN_COPY:
-            tl.store(mean_copy_ptr + offs, _rounded(m, mean_copy_ptr), mask=mask)
+            tl.store(mean_copy_ptr + offs, rounded_for(m, mean_copy_ptr), mask=mask)
     if DRAW:
         theta = m + tl.div_rn(eps_next, tl.sqrt_rn(draw_ess * h_wd))
-        tl.store(sample_ptr + offs, _rounded(theta, sample_ptr), mask=mask)
+        tl.store(sample_ptr + offs, rounded_for(theta, sample_ptr), mask=mask)
 
 
 @triton.jit(do_not_specialize=["n", "index_base", "seed", "now_offset", "next_offset", "count"])

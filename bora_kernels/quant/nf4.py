@@ -1,0 +1,224 @@
+"""NF4 (4-bit NormalFloat, Dettmers et al., QLoRA) weights in bitsandbytes' exact format.
+
+Layout, as bitsandbytes 0.50 ``quantize_4bit(..., quant_type="nf4")`` writes it:
+
+- the weight is flattened row-major and cut into blocks of ``blocksize`` elements (32..4096, a
+  power of two; the last block may be partial); each block keeps its fp32 ``absmax``;
+- an element ``x`` becomes the index of the nearest of the 16 NF4 code values to
+  ``clamp(x * (1 / absmax), -1, 1)`` (ties go up, as ``torch.bucketize`` on the midpoints does);
+- codes are packed two per byte, element ``2j`` in the high nibble and ``2j + 1`` in the low one
+  (``[ceil(n / 2), 1]`` uint8, an odd count padded with code 7, zero);
+- with ``double_quant`` (bitsandbytes' ``compress_statistics=True``) the absmax are stored as
+  ``offset = mean(absmax)`` plus ``absmax - offset`` quantized to 8 bits with the signed dynamic
+  map in blocks of 256 (their own fp32 absmax each).
+
+``NF4Tensor.from_bnb`` / ``to_bnb`` adopt and hand back bitsandbytes' tensors without
+re-quantizing. The 4-bit codes are quantized and dequantized by Triton kernels (``triton.py``) on
+CUDA and under the interpreter, by torch ops on CPU otherwise (the dispatch rule of ``ops``); the
+nested statistics (a 64th of the weight) are torch ops everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import torch
+
+from ..ops._dispatch import backend
+
+# The 16 NF4 values: quantiles of N(0, 1) rescaled to [-1, 1], with an exact zero (QLoRA, appendix E).
+NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+            0.7229568362236023, 1.0)
+BLOCKSIZES = tuple(2 ** k for k in range(5, 13))
+NESTED_BLOCKSIZE = 256
+
+
+@functools.lru_cache(maxsize=None)
+def dynamic_map(signed: bool = True, exponent_bits: int = 7, total_bits: int = 8) -> tuple[float, ...]:
+    """The 8-bit dynamic quantization map (Dettmers, "8-Bit Approximations for Parallelism in
+    Deep Learning"): for each decade ``10**-6 .. 10**0`` a linear grid whose size doubles with the
+    decade, the midpoints of ``linspace(0.1, 1)`` scaled by it, mirrored when signed; then 0 and 1,
+    sorted. Computed in fp32 as bitsandbytes does, so the values are identical."""
+    values: list[float] = []
+    magnitude_bits = total_bits - 1
+
+    def decade(scale: float, steps: int):
+        grid = torch.linspace(0.1, 1, steps, dtype=torch.float32)
+        mids = (grid[:-1] + grid[1:]) / 2.0
+        values.extend((scale * mids).tolist())  # fp32 products, as bitsandbytes computes them
+        if signed:
+            values.extend((-scale * mids).tolist())
+
+    for i in range(exponent_bits):
+        grow = i + magnitude_bits - exponent_bits
+        decade(10 ** (-(exponent_bits - 1) + i), 2 ** grow + 1 if signed else 2 ** (grow + 1) + 1)
+    extra = 2 ** (magnitude_bits - exponent_bits) - 1
+    if extra > 0:
+        decade(1.0, extra + 1)
+    values += [0.0, 1.0]
+    values += [0.0] * (2 ** total_bits - len(values))
+    return tuple(sorted(values))
+
+
+def _table(values, device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def _block_absmax_and_scaled(flat: torch.Tensor, blocksize: int, keep_tiny_tail: bool = True):
+    """Per-block fp32 absmax and ``clamp(x * (1/absmax), -1, 1)``, the last block possibly partial.
+    bitsandbytes stores an all-zero partial last block's absmax as 1e-38 for the 4-bit codes and
+    as 0 for the 8-bit nested ones (``keep_tiny_tail=False``)."""
+    n = flat.numel()
+    full = n - n % blocksize
+    body = flat[:full].view(-1, blocksize)
+    absmax = body.abs().amax(dim=1)
+    scaled = (body * (1.0 / absmax.clamp(min=1e-38)).view(-1, 1)).clamp_(-1, 1).reshape(-1)
+    if full < n:
+        tail_max = flat[full:].abs().max()
+        tail_div = tail_max.clamp(min=1e-38)
+        absmax = torch.cat([absmax, (tail_div if keep_tiny_tail else tail_max).view(1)])
+        scaled = torch.cat([scaled, (flat[full:] / tail_div).clamp(-1, 1)])
+    return absmax, scaled
+
+
+def _nearest(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest code value (ties go up), as uint8."""
+    return torch.bucketize(scaled, (code[:-1] + code[1:]) / 2, out_int32=True).to(torch.uint8)
+
+
+def _blockwise_values(codes: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, blocksize: int, n: int):
+    """``table[codes] * absmax[block]`` in fp32 for the first ``n`` codes."""
+    values = table[codes[:n].long()]
+    full = n - n % blocksize
+    out = torch.empty(n, dtype=torch.float32, device=codes.device)
+    out[:full] = (values[:full].view(-1, blocksize) * absmax[:full // blocksize].view(-1, 1)).reshape(-1)
+    if full < n:
+        out[full:] = values[full:] * absmax[-1]
+    return out
+
+
+@dataclasses.dataclass
+class NF4Tensor:
+    """A weight in NF4: ``packed`` ``[ceil(n/2), 1]`` uint8 and its absmax, either fp32 per block
+    (``double_quant=False``) or 8-bit codes with ``offset``, ``nested_absmax`` and the dynamic map."""
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int
+    offset: torch.Tensor | None = None         # double quantization: mean of the block absmax (fp32 scalar)
+    nested_absmax: torch.Tensor | None = None  # fp32, one per NESTED_BLOCKSIZE absmax
+    nested_code: torch.Tensor | None = None    # the 256-entry dynamic map
+
+    @property
+    def double_quant(self) -> bool:
+        return self.offset is not None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def block_absmax(self) -> torch.Tensor:
+        """The fp32 absmax of every block (undoing the double quantization, as bitsandbytes does)."""
+        if not self.double_quant:
+            return self.absmax
+        values = _blockwise_values(self.absmax, self.nested_absmax, self.nested_code, NESTED_BLOCKSIZE,
+                                   self.absmax.numel())
+        return values + self.offset
+
+    def codes(self) -> torch.Tensor:
+        """The unpacked 4-bit codes, one uint8 per element."""
+        flat = self.packed.reshape(-1)
+        out = torch.empty(flat.numel() * 2, dtype=torch.uint8, device=flat.device)
+        out[0::2] = flat >> 4
+        out[1::2] = flat & 0xF
+        return out[:self.numel]
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight back in ``dtype`` (default: the dtype it was quantized from): computed in
+        fp32, then rounded once, as bitsandbytes does."""
+        dtype = dtype or self.dtype
+        code = _table(NF4_CODE, self.device)
+        if backend(self.device) == "triton":
+            from .triton import dequantize
+
+            return dequantize(self.packed, self.block_absmax(), code, self.blocksize, self.numel, dtype).view(self.shape)
+        values = _blockwise_values(self.codes(), self.block_absmax(), code, self.blocksize, self.numel)
+        return values.view(self.shape).to(dtype)
+
+    def nbytes(self) -> int:
+        """Storage of the quantized weight and its statistics, in bytes."""
+        tensors = [self.packed, self.absmax, self.offset, self.nested_absmax]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    # --------------------------------------------------------------- bitsandbytes
+    @classmethod
+    def from_bnb(cls, packed: torch.Tensor, quant_state) -> "NF4Tensor":
+        """Adopt bitsandbytes' packed tensor and ``QuantState`` (``quant_type="nf4"``) as they are."""
+        if getattr(quant_state, "quant_type", None) != "nf4":
+            raise ValueError(f"quant_state.quant_type must be 'nf4', got {getattr(quant_state, 'quant_type', None)!r}")
+        if packed.dtype != torch.uint8:
+            packed = packed.view(torch.uint8)
+        shape = torch.Size(quant_state.shape)
+        if packed.numel() != (math.prod(shape) + 1) // 2:
+            raise ValueError(f"packed holds {packed.numel()} bytes, but shape {tuple(shape)} needs "
+                             f"{(math.prod(shape) + 1) // 2}")
+        if quant_state.nested:
+            s2 = quant_state.state2
+            if s2.blocksize != NESTED_BLOCKSIZE:
+                raise ValueError(f"nested blocksize {s2.blocksize} is not {NESTED_BLOCKSIZE}")
+            return cls(packed.reshape(-1, 1), quant_state.absmax, shape, quant_state.dtype, quant_state.blocksize,
+                       offset=torch.as_tensor(quant_state.offset, dtype=torch.float32, device=packed.device),
+                       nested_absmax=s2.absmax, nested_code=s2.code)
+        return cls(packed.reshape(-1, 1), quant_state.absmax, shape, quant_state.dtype, quant_state.blocksize)
+
+    def to_bnb(self):
+        """``(packed, QuantState)`` for bitsandbytes (needs bitsandbytes installed)."""
+        from bitsandbytes.functional import QuantState
+
+        code = _table(NF4_CODE, self.device)
+        state2 = None
+        if self.double_quant:
+            state2 = QuantState(absmax=self.nested_absmax, code=self.nested_code, blocksize=NESTED_BLOCKSIZE,
+                                dtype=torch.float32)
+        state = QuantState(absmax=self.absmax, shape=self.shape, code=code, blocksize=self.blocksize,
+                           quant_type="nf4", dtype=self.dtype, offset=self.offset, state2=state2)
+        return self.packed, state
+
+
+def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
+    """Quantize ``w`` (fp32, fp16 or bf16, any shape) to NF4, byte for byte as bitsandbytes does."""
+    if not isinstance(w, torch.Tensor) or w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"w must be a float32, float16 or bfloat16 tensor, got "
+                         f"{w.dtype if isinstance(w, torch.Tensor) else type(w).__name__}")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize}")
+    if w.numel() == 0:
+        raise ValueError(f"w must have elements, got shape {tuple(w.shape)}")
+    with torch.no_grad():
+        if backend(w.device) == "triton":
+            from .triton import quantize_codes
+
+            packed, absmax = quantize_codes(w.detach().reshape(-1).contiguous(), _table(NF4_CODE, w.device), blocksize)
+        else:
+            absmax, scaled = _block_absmax_and_scaled(w.detach().reshape(-1).float(), blocksize)
+            codes = _nearest(scaled, _table(NF4_CODE, w.device))
+            if codes.numel() % 2:
+                codes = torch.cat([codes, codes.new_full((1,), 7)])
+            packed = ((codes[0::2] << 4) | codes[1::2]).unsqueeze(1)
+        if not double_quant:
+            return NF4Tensor(packed, absmax, w.shape, w.dtype, blocksize)
+        offset = absmax.mean()
+        nested_absmax, nested_scaled = _block_absmax_and_scaled(absmax - offset, NESTED_BLOCKSIZE, keep_tiny_tail=False)
+        nested_code = _table(dynamic_map(), w.device)
+        qabsmax = _nearest(nested_scaled, nested_code)
+        return NF4Tensor(packed, qabsmax, w.shape, w.dtype, blocksize, offset=offset, nested_absmax=nested_absmax,
+                         nested_code=nested_code)
