@@ -1,0 +1,88 @@
+"""Triton kernels for ``nf4_matmul``: a GEMM whose weight tiles are dequantized from NF4 in
+registers inside the K loop (never written to memory).
+
+    forward   y  = x @ W^T (+ bias)     W tile [BLOCK_N, BLOCK_K] built from packed nibbles
+    backward  dx = dy @ W               W tile [BLOCK_N, BLOCK_K] again, reduced over N
+
+A weight element (n, k) sits at flat index n*K + k: its byte is index // 2 (high nibble for even
+k, since K is even), its absmax is block (n*K + k) // blocksize = n*(K/blocksize) + k//blocksize
+(K is a multiple of the blocksize, so no block straddles two rows).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._common import dot_dtype, dot_precision, or_unused
+
+BLOCK_M, BLOCK_N, BLOCK_K = 32, 64, 64
+NUM_WARPS = 4
+
+
+@triton.jit
+def _nf4_tile(packed_ptr, absmax_ptr, code_ptr, offs_n, offs_k, N, K, blocks_per_row, blocksize):
+    """The fp32 weight tile W[offs_n, offs_k]: code[nibble] * absmax[block]."""
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    flat = offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
+    byte = tl.load(packed_ptr + flat // 2, mask=mask, other=0).to(tl.int32)
+    nibble = (byte >> (4 * (1 - offs_k[None, :] % 2))) & 0xF
+    scale = tl.load(absmax_ptr + offs_n[:, None].to(tl.int64) * blocks_per_row + offs_k[None, :] // blocksize,
+                    mask=mask, other=0.0)
+    return tl.load(code_ptr + nibble, mask=mask, other=0.0) * scale
+
+
+@triton.jit
+def _nf4_matmul_kernel(a_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, M, N, K, blocks_per_row,
+                       blocksize, stride_am, stride_om,
+                       BACKWARD: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+                       BLOCK_Q: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """``out[M, P] = a[M, Q] @ (W^T or W)``: forward ``y = x @ W^T`` (P = N, Q = K), backward
+    ``dx = dy @ W`` (P = K, Q = N). Weight tiles are always read as [n, k] and dequantized here."""
+    if BACKWARD:
+        P = K
+        Q = N
+    else:
+        P = N
+        Q = K
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_p = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
+    for q in range(0, Q, BLOCK_Q):
+        offs_q = q + tl.arange(0, BLOCK_Q)
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_q[None, :],
+                    mask=(offs_m[:, None] < M) & (offs_q[None, :] < Q), other=0.0)
+        if BACKWARD:
+            w = _nf4_tile(packed_ptr, absmax_ptr, code_ptr, offs_q, offs_p, N, K, blocks_per_row, blocksize)
+        else:
+            w = tl.trans(_nf4_tile(packed_ptr, absmax_ptr, code_ptr, offs_p, offs_q, N, K, blocks_per_row, blocksize))
+        acc += tl.dot(a.to(DOT_DTYPE), w.to(a.dtype).to(DOT_DTYPE), input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_p, mask=offs_p < P, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_p[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_p[None, :] < P))
+
+
+def _launch(a2, packed, absmax, code, bias, n, k, blocksize, backward: bool):
+    m = a2.shape[0]
+    p, block_p, block_q = (k, BLOCK_K, BLOCK_N) if backward else (n, BLOCK_N, BLOCK_K)
+    out = torch.empty(m, p, device=a2.device, dtype=a2.dtype)
+    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(p, block_p))
+    _nf4_matmul_kernel[grid](a2, packed, absmax, code, or_unused(bias, a2), out, m, n, k, k // blocksize, blocksize,
+                             a2.stride(0), out.stride(0), BACKWARD=backward, HAS_BIAS=bias is not None,
+                             BLOCK_M=BLOCK_M, BLOCK_P=block_p, BLOCK_Q=block_q, DOT_DTYPE=dot_dtype(a2.dtype),
+                             PRECISION=dot_precision(), num_warps=NUM_WARPS)
+    return out
+
+
+def nf4_matmul_forward(x2, packed, absmax, code, bias, n, k, blocksize):
+    """``x2 [M, K] @ W^T (+ bias)`` -> ``[M, N]`` in x's dtype."""
+    return _launch(x2, packed, absmax, code, bias, n, k, blocksize, backward=False)
+
+
+def nf4_matmul_dx(dy2, packed, absmax, code, n, k, blocksize):
+    """``dy2 [M, N] @ W`` -> ``[M, K]`` in dy's dtype."""
+    return _launch(dy2, packed, absmax, code, None, n, k, blocksize, backward=True)
