@@ -16,7 +16,9 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from .nn import CONTEXT_LAYERS, AdapterRoute, ContextBitFit, ContextIA3, ContextLoRALinear, ContextRoute, MultiLoRALinear
+from .nn import (CONTEXT_LAYERS, AdapterRoute, ContextBitFit, ContextIA3, ContextLoRALinear, ContextRoute, MultiLoRALinear,
+                 NF4Linear)
+from .quant import quantize_nf4
 
 METHODS = ("lora", "context_lora", "context_bitfit", "context_ia3")
 _WRAPPERS = (MultiLoRALinear, *CONTEXT_LAYERS)
@@ -144,13 +146,15 @@ def inject(model: nn.Module, target_modules: str | Iterable[str], num_adapters: 
 
     ``target_modules``, ``exclude_modules`` and ``feedforward_modules``: a list of names (exact, or
     a suffix after a dot) or a regex string (full match), as PEFT. ``nn.Linear`` and GPT-2's
-    ``Conv1D`` are wrapped (``Conv1D`` with ``fan_in_fan_out``). Freezes the whole base model;
-    only the adapters train. Returns ``model``.
+    ``Conv1D`` are wrapped (``Conv1D`` with ``fan_in_fan_out``). ``quantize="nf4"`` first turns each
+    targeted base layer into an ``NF4Linear`` (blocksize 64, double quantization): QLoRA, with many
+    adapters over one 4-bit base. Freezes the whole base model; only the adapters train. Returns
+    ``model``.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if quantize is not None:
-        raise ValueError(f"quantize={quantize!r} is not available yet; this version supports None")
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
     if feedforward_modules is not None and method != "context_ia3":
         raise ValueError(f"feedforward_modules applies to method='context_ia3' only, not {method!r}")
     if any(isinstance(m, _WRAPPERS) for m in model.modules()):
@@ -162,6 +166,10 @@ def inject(model: nn.Module, target_modules: str | Iterable[str], num_adapters: 
         raise ValueError(f"num_adapters (the number of contexts) must be a positive int, got {num_adapters!r}")
 
     def make_layer(name, module, fan):
+        if quantize == "nf4":  # QLoRA: the frozen base in NF4 (a Conv1D's [in, out] weight transposed)
+            weight = module.weight.detach()
+            module = NF4Linear(quantize_nf4(weight.T.contiguous() if fan else weight), module.bias)
+            fan = False
         if method == "lora":
             return MultiLoRALinear(module, num_adapters, r=r, alpha=alpha, dropout=dropout, dtype=dtype,
                                    use_rslora=use_rslora, fan_in_fan_out=fan, adapter_names=adapter_names)

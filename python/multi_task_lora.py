@@ -6,7 +6,10 @@ A Llama is built from a config (no download) and every attention and MLP project
 and some use none, runs forward and backward and is checked against running each sequence alone;
 then a few optimizer steps train all 8 adapters at once, and the loss per task is printed.
 
-    python python/multi_task_lora.py [--steps 60] [--device cpu|cuda]
+With ``--quantize nf4`` the projections' frozen base weights are first stored in NF4 (4-bit,
+bitsandbytes' format; QLoRA), and the 8 adapters train and serve over that one 4-bit base.
+
+    python python/multi_task_lora.py [--steps 60] [--quantize nf4] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ def loss_per_sequence(model, tokens: torch.Tensor) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--quantize", choices=("nf4",), default=None, help="4-bit base weights (QLoRA)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -52,11 +56,17 @@ def main() -> None:
     vocab, num_tasks, length = 64, 8, 24
 
     model = tiny_llama(vocab).to(device)
-    bk.inject(model, PROJECTIONS, num_adapters=num_tasks, r=8, alpha=16)
+    bk.inject(model, PROJECTIONS, num_adapters=num_tasks, r=8, alpha=16, quantize=args.quantize)
     layers = [m for m in model.modules() if isinstance(m, bk.nn.MultiLoRALinear)]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"tiny Llama on {device}: {len(layers)} projections with {num_tasks} adapters each, "
           f"{trainable:,} trainable parameters")
+    if args.quantize:
+        bases = [m.base_layer for m in layers]
+        stored = sum(b.base_bytes() for b in bases)
+        weights = sum(b.in_features * b.out_features for b in bases)
+        print(f"  base projections in NF4: {stored / weights:.3f} bytes per weight (measured; bf16 takes 2, "
+              f"fp32 4), {stored / 2 ** 10:.0f} KiB for {weights:,} weights")
 
     # 1. a mixed batch: sequence i uses adapter i, the last two no adapter
     for m in layers:  # B starts at zero; give the adapters something to say for the check

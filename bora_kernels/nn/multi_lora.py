@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..ops.lora_delta import LoRAPlan, lora_delta
+from .nf4_linear import NF4Linear
 from .routing import AdapterRoute
 
 
@@ -23,6 +24,9 @@ def _per_adapter(value, num_adapters: int, name: str) -> list:
 def linear_shape(base_layer: nn.Module, fan_in_fan_out: bool) -> tuple[int, int, torch.Tensor]:
     """``(in, out, weight)`` of a layer an adapter can wrap: an ``nn.Linear``, or with
     ``fan_in_fan_out`` a layer whose weight is ``[in, out]``; a ``ValueError`` otherwise."""
+    if isinstance(base_layer, NF4Linear):  # no dense weight: a stand-in carries its device and dtype
+        return base_layer.in_features, base_layer.out_features, base_layer.packed.new_empty(
+            0, dtype=base_layer.compute_dtype)
     weight = getattr(base_layer, "weight", None)
     if not fan_in_fan_out and not isinstance(base_layer, nn.Linear):
         raise ValueError(f"base_layer must be an nn.Linear (or a [in, out] layer with "
@@ -155,6 +159,8 @@ class MultiLoRALinear(nn.Module):
         """Fold adapter ``d`` into the base weight; ``unmerge`` puts back the saved weight."""
         if self.merged is not None:
             raise RuntimeError(f"adapter {self.adapter_names[self.merged[0]]!r} is already merged; unmerge first")
+        if isinstance(self.base_layer, NF4Linear):
+            raise ValueError("cannot merge an adapter into a 4-bit NF4 base weight; serve it unmerged")
         weight = self.base_layer.weight
         saved = weight.detach().clone()
         weight.data = (weight.detach().float() + self.delta_weight(d).to(weight.device)).to(weight.dtype)

@@ -25,16 +25,15 @@ class NF4MatmulFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, weight):
         n, k = weight.shape
-        x2 = x.reshape(-1, k)
         ctx.weight, ctx.x_shape = weight, x.shape
+        # outputs are fresh tensors, never views: callers add adapter deltas into them in place
         if backend(x.device) == "triton":
             from .triton import nf4_matmul_forward
 
             packed, absmax, code = _tensors(weight)
-            out = nf4_matmul_forward(x2.contiguous(), packed, absmax, code, bias, n, k, weight.blocksize)
-        else:
-            out = F.linear(x2, weight.dequantize(x.dtype), bias)
-        return out.view(*x.shape[:-1], n)
+            return nf4_matmul_forward(x.reshape(-1, k).contiguous(), packed, absmax, code, bias, n, k,
+                                      weight.blocksize, (*x.shape[:-1], n))
+        return F.linear(x, weight.dequantize(x.dtype), bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -48,10 +47,9 @@ class NF4MatmulFunction(torch.autograd.Function):
                 from .triton import nf4_matmul_dx
 
                 packed, absmax, code = _tensors(weight)
-                dx = nf4_matmul_dx(dy2.contiguous(), packed, absmax, code, n, k, weight.blocksize)
+                dx = nf4_matmul_dx(dy2.contiguous(), packed, absmax, code, n, k, weight.blocksize, ctx.x_shape)
             else:
-                dx = dy2 @ weight.dequantize(dy.dtype)
-            dx = dx.view(ctx.x_shape)
+                dx = (dy2 @ weight.dequantize(dy.dtype)).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             dbias = dy2.sum(0)
         return dx, dbias, None

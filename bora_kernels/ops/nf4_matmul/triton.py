@@ -66,23 +66,26 @@ def _nf4_matmul_kernel(a_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, out_pt
              mask=(offs_m[:, None] < M) & (offs_p[None, :] < P))
 
 
-def _launch(a2, packed, absmax, code, bias, n, k, blocksize, backward: bool):
+def _launch(a2, packed, absmax, code, bias, n, k, blocksize, backward: bool, out):
+    """Writes ``out`` (a tensor whose rows are contiguous, viewed as ``[M, P]``) and returns it."""
     m = a2.shape[0]
     p, block_p, block_q = (k, BLOCK_K, BLOCK_N) if backward else (n, BLOCK_N, BLOCK_K)
-    out = torch.empty(m, p, device=a2.device, dtype=a2.dtype)
+    result, out = out, out.view(m, p)
     grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(p, block_p))
     _nf4_matmul_kernel[grid](a2, packed, absmax, code, or_unused(bias, a2), out, m, n, k, k // blocksize, blocksize,
                              a2.stride(0), out.stride(0), BACKWARD=backward, HAS_BIAS=bias is not None,
                              BLOCK_M=BLOCK_M, BLOCK_P=block_p, BLOCK_Q=block_q, DOT_DTYPE=dot_dtype(a2.dtype),
                              PRECISION=dot_precision(), num_warps=NUM_WARPS)
-    return out
+    return result
 
 
-def nf4_matmul_forward(x2, packed, absmax, code, bias, n, k, blocksize):
-    """``x2 [M, K] @ W^T (+ bias)`` -> ``[M, N]`` in x's dtype."""
-    return _launch(x2, packed, absmax, code, bias, n, k, blocksize, backward=False)
+def nf4_matmul_forward(x2, packed, absmax, code, bias, n, k, blocksize, out_shape):
+    """``x2 [M, K] @ W^T (+ bias)`` -> a new ``out_shape`` tensor (``[..., N]``) in x's dtype."""
+    out = torch.empty(out_shape, device=x2.device, dtype=x2.dtype)
+    return _launch(x2, packed, absmax, code, bias, n, k, blocksize, backward=False, out=out)
 
 
-def nf4_matmul_dx(dy2, packed, absmax, code, n, k, blocksize):
-    """``dy2 [M, N] @ W`` -> ``[M, K]`` in dy's dtype."""
-    return _launch(dy2, packed, absmax, code, None, n, k, blocksize, backward=True)
+def nf4_matmul_dx(dy2, packed, absmax, code, n, k, blocksize, out_shape):
+    """``dy2 [M, N] @ W`` -> a new ``out_shape`` tensor (``[..., K]``) in dy's dtype."""
+    out = torch.empty(out_shape, device=dy2.device, dtype=dy2.dtype)
+    return _launch(dy2, packed, absmax, code, None, n, k, blocksize, backward=True, out=out)
