@@ -67,6 +67,14 @@ def test_bench_ivon_suite(tmp_path):
     assert {c["baseline"] for c in record["comparisons"]} == {"ivon_opt", "adamw", "copy"}
 
 
+def test_bench_nf4_suite(tmp_path):
+    out = tmp_path / "nf4.json"
+    assert bench_main(["nf4", "--device", "cpu", "--quick", "--tokens", "4", "--features", "128", "64",
+                       "--json", str(out)]) == 0
+    (record,) = json.loads(out.read_text())["suites"]["nf4"]
+    assert record["case"] == "M4-K128-N64-fp32" and set(record["median_ms"]) == {"ours", "bnb", "dense"}
+
+
 def test_bench_context_suite(tmp_path):
     out = tmp_path / "context.json"
     assert bench_main(["context", "--device", "cpu", "--quick", "--tokens", "256", "--contexts", "3",

@@ -1,4 +1,5 @@
-"""What a user would otherwise run: PEFT's LoRA layer holding the same adapters as ours."""
+"""What a user would otherwise run: PEFT's LoRA layer holding the same adapters as ours, and the
+optional baseline libraries (ivon-opt, bitsandbytes) the suites import through ``require``."""
 
 from __future__ import annotations
 
@@ -42,3 +43,14 @@ def peft_lora_linear(ours, base: nn.Linear | None = None):
             layer.lora_A[name].weight.data = ours.lora_A[d, :r].detach().clone()
             layer.lora_B[name].weight.data = ours.lora_B[d, :, :r].detach().clone()
     return layer.eval(), names
+
+
+def require(module: str, pip_spec: str, suite: str, without: str):
+    """Import an optional baseline library, or stop ``bora-bench`` saying how to get it or skip it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise SystemExit(f"bora-bench {suite}: this baseline needs {pip_spec} (pip install {pip_spec}), "
+                         f"or leave it out with --variants {without}") from err

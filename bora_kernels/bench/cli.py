@@ -8,6 +8,8 @@
                     context_lora_delta against Algorithm 1's einsum and the masked concatenation
     bora-bench ivon [--device cpu|cuda] [--quick] [--json FILE] [--params ...] [--tensors T]
                     one IVON step plus the next sample against ivon-opt, AdamW and a device copy
+    bora-bench nf4  [--device cpu|cuda] [--quick] [--json FILE] [--tokens ...] [--features K N]
+                    nf4_matmul against bitsandbytes matmul_4bit and the dense weight
     bora-bench all  [--device ...] [--quick] [--json FILE]       every suite
     bora-bench table [--results DIR] [--readme README.md]         README table from result files
 """
@@ -24,11 +26,11 @@ from pathlib import Path
 import torch
 
 from ..ops import use_backend
-from . import context, ivon, lora, model
+from . import context, ivon, lora, model, nf4
 from .report import format_table, write_readme_table
 from .timing import environment, median_seconds, peak_extra_mib
 
-SUITES = {"lora": lora, "model": model, "context": context, "ivon": ivon}
+SUITES = {"lora": lora, "model": model, "context": context, "ivon": ivon, "nf4": nf4}
 
 
 def run_suite(module, cases, device: torch.device, quick: bool, variants=None, echo=print) -> list[dict]:
@@ -97,6 +99,12 @@ def _parser() -> argparse.ArgumentParser:
     p_ivon.add_argument("--tensors", type=int, help="how many tensors hold them (default 256)")
     p_ivon.add_argument("--variants", nargs="+", choices=tuple(ivon.VARIANTS), help="subset to time")
 
+    p_nf4 = sub.add_parser("nf4", help="nf4_matmul against bitsandbytes and the dense weight")
+    common(p_nf4)
+    p_nf4.add_argument("--tokens", type=int, nargs="+", help="rows M of the activations")
+    p_nf4.add_argument("--features", type=int, nargs=2, metavar=("K", "N"), help="in and out features")
+    p_nf4.add_argument("--variants", nargs="+", choices=tuple(nf4.VARIANTS), help="subset to time")
+
     p_all = sub.add_parser("all", help="every suite with its default grid")
     common(p_all)
 
@@ -148,6 +156,12 @@ def main(argv=None) -> int:
         if args.params or args.tensors:
             cases = [ivon.IVONCase(n, args.tensors or 256) for n in (args.params or [c.params for c in cases])]
         plan = {"ivon": (cases, args.variants)}
+    elif args.command == "nf4":
+        cases = nf4.default_cases(device, args.quick)
+        if args.tokens or args.features:
+            k, n = args.features or (cases[0].in_features, cases[0].out_features)
+            cases = [nf4.NF4Case(m, k, n, cases[0].dtype) for m in (args.tokens or sorted({c.m for c in cases}))]
+        plan = {"nf4": (cases, args.variants)}
     else:
         plan = {name: (module.default_cases(device, args.quick), None) for name, module in SUITES.items()}
 

@@ -21,6 +21,7 @@ import dataclasses
 import torch
 
 from ..optim import IVON
+from .baselines import require
 
 VARIANTS = {
     "ours": "bora_kernels.optim.IVON: sampled_params(train=True) block + step() (update and next sample)",
@@ -85,11 +86,7 @@ def build(case: IVONCase, device: torch.device, variants=tuple(VARIANTS)) -> dic
     if "ours" in variants:
         fns["ours", "step"] = _ivon_callable(IVON(_parameters(case, device), **hyper))
     if "ivon_opt" in variants:
-        try:
-            import ivon
-        except ImportError as err:
-            raise SystemExit("bora-bench ivon: the ivon_opt baseline needs ivon-opt (pip install ivon-opt==0.1.3), "
-                             "or leave it out with --variants ours adamw copy") from err
+        ivon = require("ivon", "ivon-opt==0.1.3", "ivon", "ours adamw copy")
 
         fns["ivon_opt", "step"] = _ivon_callable(ivon.IVON(_parameters(case, device), **hyper))
     if "adamw" in variants:

@@ -151,8 +151,18 @@ class NF4Tensor:
             from .triton import dequantize
 
             return dequantize(self.packed, self.block_absmax(), code, self.blocksize, self.numel, dtype).view(self.shape)
-        values = _blockwise_values(self.codes(), self.block_absmax(), code, self.blocksize, self.numel)
-        return values.view(self.shape).to(dtype)
+        # one gather per byte: the (high, low) code values of all 256 bytes
+        byte = torch.arange(256, device=self.device)
+        pairs = torch.stack([code[byte >> 4], code[byte & 0xF]], 1)
+        values = pairs[self.packed.reshape(-1).long()].reshape(-1)[:self.numel]
+        absmax = self.block_absmax()
+        full = self.numel - self.numel % self.blocksize
+        out = torch.empty(self.numel, dtype=torch.float32, device=self.device)
+        torch.mul(values[:full].view(-1, self.blocksize), absmax[:full // self.blocksize, None],
+                  out=out[:full].view(-1, self.blocksize))
+        if full < self.numel:
+            torch.mul(values[full:], absmax[-1], out=out[full:])
+        return out.view(self.shape).to(dtype)
 
     def nbytes(self) -> int:
         """Storage of the quantized weight and its statistics, in bytes."""
