@@ -30,11 +30,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+NEEDS_INTERPRETER = pytest.mark.skipif(not triton_interpreted(),
+                                       reason="Triton interpreter unavailable (TRITON_INTERPRET unset, or triton < 3.8)")
+# the two CPU paths of ops with a single torch layout: the Triton kernels (interpreted) and torch
+KERNEL_AND_TORCH = [pytest.param("triton", marks=NEEDS_INTERPRETER), "torch"]
+
+
 def cpu_backends():
     """The CPU paths to check: the Triton kernels under the interpreter, and both layouts of the
     torch path (padded bmm and the loop over adapters; see ops/lora_delta/grouped.py)."""
-    marks = [] if triton_interpreted() else [pytest.mark.skip(reason="Triton interpreter unavailable (TRITON_INTERPRET unset, or triton < 3.8)")]
-    return [pytest.param("triton", id="triton", marks=marks),
+    return [pytest.param("triton", id="triton", marks=NEEDS_INTERPRETER),
             pytest.param("torch-padded", id="torch-padded"),
             pytest.param("torch-looped", id="torch-looped")]
 

@@ -17,11 +17,8 @@ import transformers
 
 import bora_kernels as bk
 from bora_kernels.ops import use_backend
-from bora_kernels.ops._dispatch import triton_interpreted
 from bora_kernels.optim import IVON
-
-INTERPRETER = pytest.mark.skipif(not triton_interpreted(), reason="Triton interpreter unavailable")
-BACKENDS = [pytest.param("triton", marks=INTERPRETER), "torch"]
+from conftest import KERNEL_AND_TORCH
 
 
 def mlp():
@@ -79,7 +76,7 @@ CONFIGS = [pytest.param(dict(hess_approx=h, mc_samples=mc), id=f"{h}-mc{mc}")
     pytest.param(dict(hess_approx="gradsq", mc_samples=3, clip_radius=1e-2, debias=False), id="gradsq-mc3-clip")]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_AND_TORCH)
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("make", [pytest.param(mlp, id="mlp"), pytest.param(lora_llama, id="lora_llama")])
 def test_matches_ivon_opt_step_for_step(make, config, backend):
@@ -107,7 +104,7 @@ def train(opt, loss_fn, steps):
         opt.step()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_AND_TORCH)
 def test_philox_runs_repeat_from_torch_seed(backend):
     runs = []
     for seed in (5, 5, 6):
@@ -121,7 +118,7 @@ def test_philox_runs_repeat_from_torch_seed(backend):
     assert not torch.equal(runs[0], runs[2])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_AND_TORCH)
 def test_sampled_params_semantics(backend):
     model, loss_fn = mlp()
     with use_backend(backend):
@@ -156,7 +153,7 @@ def test_sampled_params_semantics(backend):
                 pass
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_AND_TORCH)
 def test_gradients_live_in_the_flat_buffer(backend):
     """After a training sample p.grad views the optimizer's buffer; gradients that are not views
     (model.zero_grad() dropped them) are copied in; zero_grad() first folds a pending sample."""
@@ -178,7 +175,7 @@ def test_gradients_live_in_the_flat_buffer(backend):
     assert torch.equal(results[0], results[1])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_AND_TORCH)
 @pytest.mark.parametrize("dtype", [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")])
 def test_low_precision_parameters_keep_an_fp32_mean(backend, dtype):
     model, _ = mlp()
@@ -195,7 +192,7 @@ def test_low_precision_parameters_keep_an_fp32_mean(backend, dtype):
         assert opt._momentum.dtype == opt._hess.dtype == torch.float32
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_AND_TORCH)
 def test_state_dict_round_trip_continues_identically(backend):
     with use_backend(backend):
         model, loss_fn = mlp()
@@ -288,7 +285,7 @@ def _distributed_worker(rank, world, init_file, optimizer_name, backend, out_dir
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_AND_TORCH)
 def test_sync_all_reduces_like_ivon_opt(backend):
     with tempfile.TemporaryDirectory() as out:
         for name in ("ivon-opt", "ours"):

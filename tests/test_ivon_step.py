@@ -7,14 +7,12 @@ import pytest
 import torch
 
 from bora_kernels.ops import use_backend
-from bora_kernels.ops._dispatch import triton_interpreted
 from bora_kernels.ops.ivon_step import StepScalars, ivon_step
 from bora_kernels.ops.ivon_step.reference import ivon_step_reference
 from bora_kernels.ops.ivon_step.triton import BLOCK
+from conftest import KERNEL_AND_TORCH, NEEDS_INTERPRETER
 from tolerances import assert_close
 
-INTERPRETER = pytest.mark.skipif(not triton_interpreted(), reason="Triton interpreter unavailable")
-BACKENDS = [pytest.param("triton", marks=INTERPRETER), "torch"]
 SIZES = [pytest.param(1, id="n1"), pytest.param(BLOCK - 1, id="block-1"),
          pytest.param(4 * BLOCK + 37, id="4block+37")]
 # (grad, count, update, draw): what the optimizer asks of a call
@@ -34,7 +32,7 @@ def _state(n, gen):
                 avg_hess_stat=0.1 * torch.randn(n, generator=gen))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_AND_TORCH)
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
                                    pytest.param(torch.bfloat16, id="bf16")])
 @pytest.mark.parametrize("hess_approx", ["price", "gradsq"])
@@ -77,7 +75,7 @@ def test_step_matches_reference(backend, dtype, hess_approx, fold, count, update
         assert torch.equal(mean_copy, got["mean"].to(dtype)), "mean_copy is not the fp32 mean rounded"
 
 
-@INTERPRETER
+@NEEDS_INTERPRETER
 @pytest.mark.parametrize("hess_approx", ["price", "gradsq"])
 def test_kernel_and_torch_path_agree(hess_approx):
     """Same inputs, both paths: equal up to one rounding (torch's CPU sqrt is not correctly
@@ -109,7 +107,7 @@ def _philox_draw(n, draw, seed, scale=1.0, index_base=0, device="cpu"):
     return sample
 
 
-@INTERPRETER
+@NEEDS_INTERPRETER
 def test_philox_noise_statistics():
     """Per element over 256 draws: mean 0 and variance 1 within 5 standard errors (max over 2.5k
     elements of |z| stays under 5 with probability > 0.999); pooled mean and variance within 5
@@ -129,7 +127,7 @@ def test_philox_noise_statistics():
         assert abs(r) < 5 / a.numel() ** 0.5, f"correlation {r}"
 
 
-@INTERPRETER
+@NEEDS_INTERPRETER
 def test_philox_noise_is_repeatable_and_scaled():
     with use_backend("triton"):
         a = _philox_draw(1000, 3, seed=99)

@@ -12,14 +12,12 @@ import torch
 from bitsandbytes import functional as bnbF
 
 from bora_kernels.ops import use_backend
-from bora_kernels.ops._dispatch import triton_interpreted
 from bora_kernels.quant import NF4_CODE, NF4Tensor, quantize_nf4
 from bora_kernels.quant.nf4 import BLOCKSIZES, NESTED_BLOCKSIZE, dynamic_map
+from conftest import KERNEL_AND_TORCH
 
 SHAPES = [pytest.param((64, 128), id="64x128"), pytest.param((33, 70), id="33x70-partial"),
           pytest.param((7,), id="7-odd"), pytest.param((300, 257), id="300x257")]
-BACKENDS = [pytest.param("triton", marks=pytest.mark.skipif(not triton_interpreted(), reason="no interpreter")),
-            "torch"]
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
           pytest.param(torch.bfloat16, id="bf16")]
 
@@ -58,7 +56,7 @@ def test_code_tables_are_bitsandbytes():
     assert torch.equal(torch.tensor(dynamic_map()), bnbF.create_dynamic_map())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_AND_TORCH)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
 @pytest.mark.parametrize("shape", SHAPES)
@@ -78,7 +76,7 @@ def test_single_quantization_is_byte_identical(shape, blocksize, dtype, backend,
         assert torch.equal(got, bnbF.dequantize_4bit(packed, state))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_AND_TORCH)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("blocksize", [32, 64, 256])
 @pytest.mark.parametrize("shape", SHAPES)

@@ -5,18 +5,16 @@ import pytest
 import torch
 
 from bora_kernels.ops import nf4_matmul, use_backend
-from bora_kernels.ops._dispatch import triton_interpreted
 from bora_kernels.ops.nf4_matmul.reference import nf4_matmul_reference
 from bora_kernels.quant import quantize_nf4
+from conftest import KERNEL_AND_TORCH
 from tolerances import assert_close
 
-BACKENDS = [pytest.param("triton", marks=pytest.mark.skipif(not triton_interpreted(), reason="no interpreter")),
-            "torch"]
 CASES = [pytest.param((1,), 64, 24, 64, id="M1-K64-N24-bs64"), pytest.param((2, 5), 192, 70, 64, id="M10-K192-N70"),
          pytest.param((33,), 128, 130, 32, id="M33-K128-N130-bs32")]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_AND_TORCH)
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
                                    pytest.param(torch.bfloat16, id="bf16")])
 @pytest.mark.parametrize("double_quant", [False, True], ids=["single", "double"])

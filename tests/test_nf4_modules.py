@@ -9,12 +9,10 @@ import transformers
 import bora_kernels as bk
 from bora_kernels.nn import MultiLoRALinear, NF4Linear
 from bora_kernels.ops import use_backend
-from bora_kernels.ops._dispatch import triton_interpreted
 from bora_kernels.quant import quantize_nf4
+from conftest import KERNEL_AND_TORCH
 from tolerances import assert_close
 
-BACKENDS = [pytest.param("triton", marks=pytest.mark.skipif(not triton_interpreted(), reason="no interpreter")),
-            "torch"]
 
 
 def bnb_linear4bit(linear, double_quant):
@@ -26,7 +24,7 @@ def bnb_linear4bit(linear, double_quant):
     return layer.to("cpu")  # quantizes
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_AND_TORCH)
 @pytest.mark.parametrize("double_quant", [False, True], ids=["single", "double"])
 def test_nf4_linear_matches_bitsandbytes_linear4bit(double_quant, backend):
     torch.manual_seed(0)
@@ -66,7 +64,7 @@ def tiny_llama():
     return transformers.LlamaForCausalLM(config)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", KERNEL_AND_TORCH)
 def test_multi_adapter_qlora_trains_and_serves(backend):
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     dense = tiny_llama()

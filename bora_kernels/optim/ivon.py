@@ -129,7 +129,7 @@ class IVON(torch.optim.Optimizer):
         self._sample = torch.empty(n, device=dev, dtype=self._dtype)
         self._grad = torch.zeros(n, device=dev, dtype=self._dtype)
         self._avg_grad = self._avg_hess_stat = None  # running means, made when a step has 2+ samples
-        self._eps = self._eps_spare = None            # noise buffers when noise comes from torch.randn
+        self._eps_spare = None  # with torch.randn noise: the buffer the next draw fills
         self._groups = []  # (group, its slice of the flat buffers)
         self._where = {}   # id(parameter) -> (group, its slice)
         offset = 0
@@ -169,7 +169,8 @@ class IVON(torch.optim.Optimizer):
         # sample has run, and that call is the one this noise is drawn for
         if self._eps_spare is None:
             self._eps_spare = torch.empty(self._numel, device=self._device, dtype=self._dtype)
-        eps, self._eps_spare = self._eps_spare, self._eps
+        current = self._sample_draw if isinstance(self._sample_draw, torch.Tensor) else None
+        eps, self._eps_spare = self._eps_spare, current
         for _, sl in self._groups:
             eps[sl] = torch.randn(sl.stop - sl.start, device=self._device, dtype=self._dtype)
         return eps
@@ -178,8 +179,8 @@ class IVON(torch.optim.Optimizer):
         """One ``ivon_step`` call per parameter group: fold the pending sample, update, draw."""
         eps_now = self._sample_draw
         eps_next = self._next_noise() if draw else None
-        if fold and self._count > 1 or (fold and not update) or (not fold and update):
-            self._ensure_avg()
+        if (fold or update) and not (fold and update and self._count == 1):
+            self._ensure_avg()  # running means are read or written, unless one sample goes straight in
         for group, sl in self._groups:
             if sl.start == sl.stop:
                 continue
@@ -199,8 +200,6 @@ class IVON(torch.optim.Optimizer):
             self._pending = False
         if draw:
             self._sample_draw, self._fresh = eps_next, True
-            if isinstance(eps_next, torch.Tensor):
-                self._eps = eps_next
 
     def _ensure_avg(self):
         if self._avg_grad is None:
@@ -365,11 +364,11 @@ class IVON(torch.optim.Optimizer):
         self._draws = int(state.get("draws", self._draws))
         self._count = int(state.get("count", 0) or 0)
         self._pending, self._fresh, self._sample_draw = False, False, None
-        ivon_avg = state.get("avg_grad"), state.get("avg_nxg" if self.hess_approx == "price" else "avg_gsq")
-        saved_avg = state.get("avg_grad"), state.get("avg_hess_stat", ivon_avg[1])
-        if self._count > 0:
-            if saved_avg[0] is None or saved_avg[1] is None:
+        if self._count > 0:  # ivon-opt names the second running mean after its estimator
+            means = state.get("avg_grad"), state.get("avg_hess_stat", state.get(
+                "avg_nxg" if self.hess_approx == "price" else "avg_gsq"))
+            if any(m is None for m in means):
                 raise ValueError("state_dict has gradient samples but no running means")
             self._ensure_avg()
-            self._avg_grad.copy_(saved_avg[0])
-            self._avg_hess_stat.copy_(saved_avg[1])
+            self._avg_grad.copy_(means[0])
+            self._avg_hess_stat.copy_(means[1])

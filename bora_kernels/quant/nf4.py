@@ -68,6 +68,20 @@ def _table(values, device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
+@functools.lru_cache(maxsize=None)
+def code_table(device: torch.device) -> torch.Tensor:
+    """The NF4 values on ``device``, made once: a matmul must not copy them host-to-device (a
+    synchronising copy) every call. Read-only; tensors handed to users get their own copy."""
+    return _table(NF4_CODE, device)
+
+
+@functools.lru_cache(maxsize=None)
+def _byte_values(device: torch.device) -> torch.Tensor:
+    """``[256, 2]``: the (high nibble, low nibble) code values of every byte."""
+    byte = torch.arange(256, device=device)
+    return torch.stack([code_table(device)[byte >> 4], code_table(device)[byte & 0xF]], 1)
+
+
 def _block_absmax_and_scaled(flat: torch.Tensor, blocksize: int, keep_tiny_tail: bool = True):
     """Per-block fp32 absmax and ``clamp(x * (1/absmax), -1, 1)``, the last block possibly partial.
     bitsandbytes stores an all-zero partial last block's absmax as 1e-38 for the 4-bit codes and
@@ -90,14 +104,14 @@ def _nearest(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(scaled, (code[:-1] + code[1:]) / 2, out_int32=True).to(torch.uint8)
 
 
-def _blockwise_values(codes: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor, blocksize: int, n: int):
-    """``table[codes] * absmax[block]`` in fp32 for the first ``n`` codes."""
-    values = table[codes[:n].long()]
+def _times_block_absmax(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """``values[e] * absmax[e // blocksize]`` in fp32 (the last block may be partial)."""
+    n = values.numel()
     full = n - n % blocksize
-    out = torch.empty(n, dtype=torch.float32, device=codes.device)
-    out[:full] = (values[:full].view(-1, blocksize) * absmax[:full // blocksize].view(-1, 1)).reshape(-1)
+    out = torch.empty(n, dtype=torch.float32, device=values.device)
+    torch.mul(values[:full].view(-1, blocksize), absmax[:full // blocksize, None], out=out[:full].view(-1, blocksize))
     if full < n:
-        out[full:] = values[full:] * absmax[-1]
+        torch.mul(values[full:], absmax[-1], out=out[full:])
     return out
 
 
@@ -130,39 +144,19 @@ class NF4Tensor:
         """The fp32 absmax of every block (undoing the double quantization, as bitsandbytes does)."""
         if not self.double_quant:
             return self.absmax
-        values = _blockwise_values(self.absmax, self.nested_absmax, self.nested_code, NESTED_BLOCKSIZE,
-                                   self.absmax.numel())
-        return values + self.offset
-
-    def codes(self) -> torch.Tensor:
-        """The unpacked 4-bit codes, one uint8 per element."""
-        flat = self.packed.reshape(-1)
-        out = torch.empty(flat.numel() * 2, dtype=torch.uint8, device=flat.device)
-        out[0::2] = flat >> 4
-        out[1::2] = flat & 0xF
-        return out[:self.numel]
+        return _times_block_absmax(self.nested_code[self.absmax.long()], self.nested_absmax,
+                                   NESTED_BLOCKSIZE) + self.offset
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight back in ``dtype`` (default: the dtype it was quantized from): computed in
         fp32, then rounded once, as bitsandbytes does."""
         dtype = dtype or self.dtype
-        code = _table(NF4_CODE, self.device)
         if backend(self.device) == "triton":
             from .triton import dequantize
 
-            return dequantize(self.packed, self.block_absmax(), code, self.blocksize, self.numel, dtype).view(self.shape)
-        # one gather per byte: the (high, low) code values of all 256 bytes
-        byte = torch.arange(256, device=self.device)
-        pairs = torch.stack([code[byte >> 4], code[byte & 0xF]], 1)
-        values = pairs[self.packed.reshape(-1).long()].reshape(-1)[:self.numel]
-        absmax = self.block_absmax()
-        full = self.numel - self.numel % self.blocksize
-        out = torch.empty(self.numel, dtype=torch.float32, device=self.device)
-        torch.mul(values[:full].view(-1, self.blocksize), absmax[:full // self.blocksize, None],
-                  out=out[:full].view(-1, self.blocksize))
-        if full < self.numel:
-            torch.mul(values[full:], absmax[-1], out=out[full:])
-        return out.view(self.shape).to(dtype)
+            return dequantize(self, dtype).view(self.shape)
+        values = _byte_values(self.device)[self.packed.reshape(-1).long()].reshape(-1)[:self.numel]
+        return _times_block_absmax(values, self.block_absmax(), self.blocksize).view(self.shape).to(dtype)
 
     def nbytes(self) -> int:
         """Storage of the quantized weight and its statistics, in bytes."""
@@ -194,7 +188,7 @@ class NF4Tensor:
         """``(packed, QuantState)`` for bitsandbytes (needs bitsandbytes installed)."""
         from bitsandbytes.functional import QuantState
 
-        code = _table(NF4_CODE, self.device)
+        code = code_table(self.device).clone()
         state2 = None
         if self.double_quant:
             state2 = QuantState(absmax=self.nested_absmax, code=self.nested_code, blocksize=NESTED_BLOCKSIZE,
@@ -217,10 +211,10 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
         if backend(w.device) == "triton":
             from .triton import quantize_codes
 
-            packed, absmax = quantize_codes(w.detach().reshape(-1).contiguous(), _table(NF4_CODE, w.device), blocksize)
+            packed, absmax = quantize_codes(w.detach().reshape(-1).contiguous(), code_table(w.device), blocksize)
         else:
             absmax, scaled = _block_absmax_and_scaled(w.detach().reshape(-1).float(), blocksize)
-            codes = _nearest(scaled, _table(NF4_CODE, w.device))
+            codes = _nearest(scaled, code_table(w.device))
             if codes.numel() % 2:
                 codes = torch.cat([codes, codes.new_full((1,), 7)])
             packed = ((codes[0::2] << 4) | codes[1::2]).unsqueeze(1)

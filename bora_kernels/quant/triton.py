@@ -1,6 +1,9 @@
-"""Triton kernels for the NF4 format: quantize a weight's 4-bit codes and dequantize them.
+"""Triton kernels for the NF4 format: quantize a weight's 4-bit codes and dequantize them, and
+``block_scale``, the per-block absmax every NF4 kernel reads (``nf4_matmul`` too): with double
+quantization it is decoded where it is used (``nested_code[q] * nested_absmax[b // 256] + offset``,
+bitsandbytes' order), never expanded into an fp32 tensor first.
 
-The nested (double-quantization) statistics are a 64th of the weight's size and stay torch ops.
+Quantizing the nested statistics (a 64th of the weight) stays torch ops.
 """
 
 from __future__ import annotations
@@ -9,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._common import rounded_for
+from ..ops._common import or_unused, rounded_for
+from .nf4 import NESTED_BLOCKSIZE, code_table
 
 QUANT_WARPS = 4
 DEQUANT_BLOCK = 1024
@@ -48,13 +52,35 @@ def _nf4_quantize_kernel(w_ptr, code_ptr, packed_ptr, absmax_ptr, n,
 
 
 @triton.jit
-def _nf4_dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n, blocksize, BLOCK: tl.constexpr):
+def block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block, mask,
+                DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
+    """The fp32 absmax of NF4 block(s) ``block``."""
+    if DOUBLE_QUANT:
+        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        nested = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+        return tl.load(nested_code_ptr + q, mask=mask, other=0.0) * nested + tl.load(offset_ptr)
+    return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+
+
+def scale_operands(weight) -> dict:
+    """``block_scale``'s pointer arguments and flags for an ``NF4Tensor`` (stand-ins when unused)."""
+    a = weight.absmax
+    return dict(absmax_ptr=a, nested_absmax_ptr=or_unused(weight.nested_absmax, a),
+                nested_code_ptr=or_unused(weight.nested_code, a), offset_ptr=or_unused(weight.offset, a),
+                DOUBLE_QUANT=weight.double_quant, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE)
+
+
+@triton.jit
+def _nf4_dequantize_kernel(packed_ptr, code_ptr, out_ptr, n, blocksize, absmax_ptr, nested_absmax_ptr,
+                           nested_code_ptr, offset_ptr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+                           BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     byte = tl.load(packed_ptr + offs // 2, mask=mask, other=0).to(tl.int32)
     nibble = (byte >> (4 * (1 - offs % 2))) & 0xF
-    value = tl.load(code_ptr + nibble, mask=mask, other=0.0) * tl.load(absmax_ptr + offs // blocksize, mask=mask,
-                                                                       other=0.0)
+    scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, offs // blocksize, mask,
+                        DOUBLE_QUANT, NESTED_BLOCKSIZE)
+    value = tl.load(code_ptr + nibble, mask=mask, other=0.0) * scale
     tl.store(out_ptr + offs, rounded_for(value, out_ptr), mask=mask)
 
 
@@ -69,10 +95,11 @@ def quantize_codes(flat: torch.Tensor, code: torch.Tensor, blocksize: int):
     return packed, absmax
 
 
-def dequantize(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, n: int,
-               dtype: torch.dtype) -> torch.Tensor:
-    """``code[nibble] * absmax[block]`` for ``n`` elements, in ``dtype``."""
-    out = torch.empty(n, dtype=dtype, device=packed.device)
-    _nf4_dequantize_kernel[(triton.cdiv(n, DEQUANT_BLOCK),)](packed, absmax, code, out, n, blocksize,
+def dequantize(weight, dtype: torch.dtype) -> torch.Tensor:
+    """An ``NF4Tensor``'s ``code[nibble] * absmax[block]``, flat, in ``dtype``."""
+    n = weight.numel
+    out = torch.empty(n, dtype=dtype, device=weight.device)
+    _nf4_dequantize_kernel[(triton.cdiv(n, DEQUANT_BLOCK),)](weight.packed, code_table(weight.device), out, n,
+                                                            weight.blocksize, **scale_operands(weight),
                                                             BLOCK=DEQUANT_BLOCK)
     return out

@@ -1,10 +1,10 @@
 """The fused IVON kernel: fold a gradient sample, update the posterior and draw the next weight
 sample, reading and writing every state element once.
 
-Noise: ``tl.randn4x`` turns one Philox call into four normals, so a program handles its
-``BLOCK`` elements as four sub-tiles of ``BLOCK // 4`` and gives sub-tile ``q`` the ``q``-th
-normal. The Philox counter of an element is ``draw * 2**32 + (index of the first element of its
-column)``: draws never share counters, and neither do parameter groups (each passes its offset in
+Noise: ``tl.randn4x`` turns one Philox call into four normals, so a program sees its ``BLOCK``
+elements as a ``[BLOCK // 4, 4]`` tile whose column ``q`` is the sub-range ``q * BLOCK // 4 + i`` and
+takes the ``q``-th normal. The Philox counter of element ``(i, q)`` is ``draw * 2**32 + (index of
+element (i, 0))``: draws never share counters, and neither do parameter groups (each passes its offset in
 the flat buffer as ``index_base``; the counters a partial last tile shares with the next group
 belong only to masked elements). The stream therefore depends on ``BLOCK``, which is fixed.
 """
@@ -30,16 +30,34 @@ def _clip(x, radius):
 
 
 @triton.jit
-def _ivon_tile(offs, n, eps_now, eps_next, eps_now_ptr, eps_next_ptr,
-               mean_ptr, mom_ptr, hess_ptr, grad_ptr, avg_g_ptr, avg_h_ptr, sample_ptr, mean_copy_ptr,
-               count, ess, draw_ess, wd, b1, one_minus_b1, b2, one_minus_b2, half_sq_one_minus_b2, lr, debias, clip,
-               FOLD: tl.constexpr, READ_AVG: tl.constexpr, WRITE_AVG: tl.constexpr, UPDATE: tl.constexpr,
-               DRAW: tl.constexpr, PRICE: tl.constexpr, MEAN_COPY: tl.constexpr,
-               EPS_NOW: tl.constexpr, EPS_NEXT: tl.constexpr):
+def _normals(seed, counter, SUB: tl.constexpr):
+    """``[SUB, 4]`` standard normals: column ``q`` is the ``q``-th output of ``randn4x(counter)``."""
+    z0, z1, z2, z3 = tl.randn4x(seed, counter)
+    return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), (SUB, 4))
+
+
+@triton.jit(do_not_specialize=["n", "index_base", "seed", "now_offset", "next_offset", "count"])
+def _ivon_step_kernel(mean_ptr, mom_ptr, hess_ptr, grad_ptr, avg_g_ptr, avg_h_ptr, eps_now_ptr, eps_next_ptr,
+                      sample_ptr, mean_copy_ptr,
+                      n, index_base, seed, now_offset, next_offset, count,
+                      ess, draw_ess, wd, b1, one_minus_b1, b2, one_minus_b2, half_sq_one_minus_b2, lr, debias, clip,
+                      FOLD: tl.constexpr, READ_AVG: tl.constexpr, WRITE_AVG: tl.constexpr, UPDATE: tl.constexpr,
+                      DRAW: tl.constexpr, PRICE: tl.constexpr, MEAN_COPY: tl.constexpr,
+                      EPS_NOW: tl.constexpr, EPS_NEXT: tl.constexpr, BLOCK: tl.constexpr):
+    SUB: tl.constexpr = BLOCK // 4
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    i = start + tl.arange(0, SUB)
+    offs = i[:, None] + SUB * tl.arange(0, 4)[None, :]
     mask = offs < n
-    if EPS_NOW == 2:
+    eps_now = tl.zeros((SUB, 4), tl.float32)  # stands in for noise the call does not use
+    eps_next = eps_now
+    if EPS_NOW == 1:
+        eps_now = _normals(seed, now_offset + index_base + i, SUB)
+    elif EPS_NOW == 2:
         eps_now = tl.load(eps_now_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if EPS_NEXT == 2:
+    if EPS_NEXT == 1:
+        eps_next = _normals(seed, next_offset + index_base + i, SUB)
+    elif EPS_NEXT == 2:
         eps_next = tl.load(eps_next_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     # The operation order follows ivon-opt's expressions term by term and divisions and square
     # roots are correctly rounded (div_rn, sqrt_rn): the fp32 trajectories then match its own.
@@ -86,44 +104,6 @@ def _ivon_tile(offs, n, eps_now, eps_next, eps_now_ptr, eps_next_ptr,
     if DRAW:
         theta = m + tl.div_rn(eps_next, tl.sqrt_rn(draw_ess * h_wd))
         tl.store(sample_ptr + offs, rounded_for(theta, sample_ptr), mask=mask)
-
-
-@triton.jit(do_not_specialize=["n", "index_base", "seed", "now_offset", "next_offset", "count"])
-def _ivon_step_kernel(mean_ptr, mom_ptr, hess_ptr, grad_ptr, avg_g_ptr, avg_h_ptr, eps_now_ptr, eps_next_ptr,
-                      sample_ptr, mean_copy_ptr,
-                      n, index_base, seed, now_offset, next_offset, count,
-                      ess, draw_ess, wd, b1, one_minus_b1, b2, one_minus_b2, half_sq_one_minus_b2, lr, debias, clip,
-                      FOLD: tl.constexpr, READ_AVG: tl.constexpr, WRITE_AVG: tl.constexpr, UPDATE: tl.constexpr,
-                      DRAW: tl.constexpr, PRICE: tl.constexpr, MEAN_COPY: tl.constexpr,
-                      EPS_NOW: tl.constexpr, EPS_NEXT: tl.constexpr, BLOCK: tl.constexpr):
-    SUB: tl.constexpr = BLOCK // 4
-    start = tl.program_id(0).to(tl.int64) * BLOCK
-    i = tl.arange(0, SUB)
-    offs = start + i
-    counter = index_base + offs
-    zero = tl.zeros((SUB,), tl.float32)  # stands in for noise a call does not use
-    a0, a1, a2, a3 = zero, zero, zero, zero
-    b0, b1_, b2_, b3 = zero, zero, zero, zero
-    if EPS_NOW == 1:
-        a0, a1, a2, a3 = tl.randn4x(seed, now_offset + counter)
-    if EPS_NEXT == 1:
-        b0, b1_, b2_, b3 = tl.randn4x(seed, next_offset + counter)
-    _ivon_tile(offs, n, a0, b0, eps_now_ptr, eps_next_ptr, mean_ptr, mom_ptr, hess_ptr, grad_ptr, avg_g_ptr,
-               avg_h_ptr, sample_ptr, mean_copy_ptr, count, ess, draw_ess, wd, b1, one_minus_b1, b2, one_minus_b2,
-               half_sq_one_minus_b2, lr, debias, clip,
-               FOLD, READ_AVG, WRITE_AVG, UPDATE, DRAW, PRICE, MEAN_COPY, EPS_NOW, EPS_NEXT)
-    _ivon_tile(offs + SUB, n, a1, b1_, eps_now_ptr, eps_next_ptr, mean_ptr, mom_ptr, hess_ptr, grad_ptr, avg_g_ptr,
-               avg_h_ptr, sample_ptr, mean_copy_ptr, count, ess, draw_ess, wd, b1, one_minus_b1, b2, one_minus_b2,
-               half_sq_one_minus_b2, lr, debias, clip,
-               FOLD, READ_AVG, WRITE_AVG, UPDATE, DRAW, PRICE, MEAN_COPY, EPS_NOW, EPS_NEXT)
-    _ivon_tile(offs + 2 * SUB, n, a2, b2_, eps_now_ptr, eps_next_ptr, mean_ptr, mom_ptr, hess_ptr, grad_ptr,
-               avg_g_ptr, avg_h_ptr, sample_ptr, mean_copy_ptr, count, ess, draw_ess, wd, b1, one_minus_b1, b2,
-               one_minus_b2, half_sq_one_minus_b2, lr, debias, clip,
-               FOLD, READ_AVG, WRITE_AVG, UPDATE, DRAW, PRICE, MEAN_COPY, EPS_NOW, EPS_NEXT)
-    _ivon_tile(offs + 3 * SUB, n, a3, b3, eps_now_ptr, eps_next_ptr, mean_ptr, mom_ptr, hess_ptr, grad_ptr,
-               avg_g_ptr, avg_h_ptr, sample_ptr, mean_copy_ptr, count, ess, draw_ess, wd, b1, one_minus_b1, b2,
-               one_minus_b2, half_sq_one_minus_b2, lr, debias, clip,
-               FOLD, READ_AVG, WRITE_AVG, UPDATE, DRAW, PRICE, MEAN_COPY, EPS_NOW, EPS_NEXT)
 
 
 def _source(eps) -> int:

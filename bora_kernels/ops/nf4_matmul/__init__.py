@@ -14,13 +14,6 @@ import torch.nn.functional as F
 from .._dispatch import backend
 
 
-def _tensors(weight):
-    from ...quant.nf4 import NF4_CODE
-
-    code = torch.tensor(NF4_CODE, dtype=torch.float32, device=weight.device)
-    return weight.packed, weight.block_absmax(), code
-
-
 class NF4MatmulFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, weight):
@@ -30,9 +23,7 @@ class NF4MatmulFunction(torch.autograd.Function):
         if backend(x.device) == "triton":
             from .triton import nf4_matmul_forward
 
-            packed, absmax, code = _tensors(weight)
-            return nf4_matmul_forward(x.reshape(-1, k).contiguous(), packed, absmax, code, bias, n, k,
-                                      weight.blocksize, (*x.shape[:-1], n))
+            return nf4_matmul_forward(x.reshape(-1, k).contiguous(), weight, bias, (*x.shape[:-1], n))
         return F.linear(x, weight.dequantize(x.dtype), bias)
 
     @staticmethod
@@ -46,8 +37,7 @@ class NF4MatmulFunction(torch.autograd.Function):
             if backend(dy.device) == "triton":
                 from .triton import nf4_matmul_dx
 
-                packed, absmax, code = _tensors(weight)
-                dx = nf4_matmul_dx(dy2.contiguous(), packed, absmax, code, n, k, weight.blocksize, ctx.x_shape)
+                dx = nf4_matmul_dx(dy2.contiguous(), weight, ctx.x_shape)
             else:
                 dx = (dy2 @ weight.dequantize(dy.dtype)).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ...quant.nf4 import code_table
+from ...quant.triton import block_scale, scale_operands
 from .._common import dot_dtype, dot_precision, or_unused
 
 BLOCK_M, BLOCK_N, BLOCK_K = 32, 64, 64
@@ -22,21 +24,23 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _nf4_tile(packed_ptr, absmax_ptr, code_ptr, offs_n, offs_k, N, K, blocks_per_row, blocksize):
+def _nf4_tile(packed_ptr, code_ptr, offs_n, offs_k, N, K, blocks_per_row, blocksize, absmax_ptr, nested_absmax_ptr,
+              nested_code_ptr, offset_ptr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
     """The fp32 weight tile W[offs_n, offs_k]: code[nibble] * absmax[block]."""
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     flat = offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
     byte = tl.load(packed_ptr + flat // 2, mask=mask, other=0).to(tl.int32)
     nibble = (byte >> (4 * (1 - offs_k[None, :] % 2))) & 0xF
-    scale = tl.load(absmax_ptr + offs_n[:, None].to(tl.int64) * blocks_per_row + offs_k[None, :] // blocksize,
-                    mask=mask, other=0.0)
+    block = offs_n[:, None].to(tl.int64) * blocks_per_row + offs_k[None, :] // blocksize
+    scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block, mask, DOUBLE_QUANT,
+                        NESTED_BLOCKSIZE)
     return tl.load(code_ptr + nibble, mask=mask, other=0.0) * scale
 
 
 @triton.jit
-def _nf4_matmul_kernel(a_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, M, N, K, blocks_per_row,
-                       blocksize, stride_am, stride_om,
-                       BACKWARD: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+def _nf4_matmul_kernel(a_ptr, packed_ptr, code_ptr, bias_ptr, out_ptr, M, N, K, blocks_per_row,
+                       blocksize, stride_am, stride_om, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                       DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, BACKWARD: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
                        BLOCK_Q: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """``out[M, P] = a[M, Q] @ (W^T or W)``: forward ``y = x @ W^T`` (P = N, Q = K), backward
     ``dx = dy @ W`` (P = K, Q = N). Weight tiles are always read as [n, k] and dequantized here."""
@@ -56,9 +60,11 @@ def _nf4_matmul_kernel(a_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, out_pt
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_q[None, :],
                     mask=(offs_m[:, None] < M) & (offs_q[None, :] < Q), other=0.0)
         if BACKWARD:
-            w = _nf4_tile(packed_ptr, absmax_ptr, code_ptr, offs_q, offs_p, N, K, blocks_per_row, blocksize)
+            w = _nf4_tile(packed_ptr, code_ptr, offs_q, offs_p, N, K, blocks_per_row, blocksize, absmax_ptr,
+                          nested_absmax_ptr, nested_code_ptr, offset_ptr, DOUBLE_QUANT, NESTED_BLOCKSIZE)
         else:
-            w = tl.trans(_nf4_tile(packed_ptr, absmax_ptr, code_ptr, offs_p, offs_q, N, K, blocks_per_row, blocksize))
+            w = tl.trans(_nf4_tile(packed_ptr, code_ptr, offs_p, offs_q, N, K, blocks_per_row, blocksize, absmax_ptr,
+                                   nested_absmax_ptr, nested_code_ptr, offset_ptr, DOUBLE_QUANT, NESTED_BLOCKSIZE))
         acc += tl.dot(a.to(DOT_DTYPE), w.to(a.dtype).to(DOT_DTYPE), input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_p, mask=offs_p < P, other=0.0).to(tl.float32)[None, :]
@@ -66,26 +72,25 @@ def _nf4_matmul_kernel(a_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, out_pt
              mask=(offs_m[:, None] < M) & (offs_p[None, :] < P))
 
 
-def _launch(a2, packed, absmax, code, bias, n, k, blocksize, backward: bool, out):
+def _launch(a2, weight, bias, backward: bool, out):
     """Writes ``out`` (a tensor whose rows are contiguous, viewed as ``[M, P]``) and returns it."""
+    n, k = weight.shape
     m = a2.shape[0]
     p, block_p, block_q = (k, BLOCK_K, BLOCK_N) if backward else (n, BLOCK_N, BLOCK_K)
-    result, out = out, out.view(m, p)
     grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(p, block_p))
-    _nf4_matmul_kernel[grid](a2, packed, absmax, code, or_unused(bias, a2), out, m, n, k, k // blocksize, blocksize,
-                             a2.stride(0), out.stride(0), BACKWARD=backward, HAS_BIAS=bias is not None,
-                             BLOCK_M=BLOCK_M, BLOCK_P=block_p, BLOCK_Q=block_q, DOT_DTYPE=dot_dtype(a2.dtype),
-                             PRECISION=dot_precision(), num_warps=NUM_WARPS)
-    return result
+    _nf4_matmul_kernel[grid](a2, weight.packed, code_table(a2.device), or_unused(bias, a2), out.view(m, p), m, n, k,
+                             k // weight.blocksize, weight.blocksize, a2.stride(0), p, **scale_operands(weight),
+                             BACKWARD=backward, HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M, BLOCK_P=block_p,
+                             BLOCK_Q=block_q, DOT_DTYPE=dot_dtype(a2.dtype), PRECISION=dot_precision(),
+                             num_warps=NUM_WARPS)
+    return out
 
 
-def nf4_matmul_forward(x2, packed, absmax, code, bias, n, k, blocksize, out_shape):
+def nf4_matmul_forward(x2, weight, bias, out_shape):
     """``x2 [M, K] @ W^T (+ bias)`` -> a new ``out_shape`` tensor (``[..., N]``) in x's dtype."""
-    out = torch.empty(out_shape, device=x2.device, dtype=x2.dtype)
-    return _launch(x2, packed, absmax, code, bias, n, k, blocksize, backward=False, out=out)
+    return _launch(x2, weight, bias, False, torch.empty(out_shape, device=x2.device, dtype=x2.dtype))
 
 
-def nf4_matmul_dx(dy2, packed, absmax, code, n, k, blocksize, out_shape):
+def nf4_matmul_dx(dy2, weight, out_shape):
     """``dy2 [M, N] @ W`` -> a new ``out_shape`` tensor (``[..., K]``) in dy's dtype."""
-    out = torch.empty(out_shape, device=dy2.device, dtype=dy2.dtype)
-    return _launch(dy2, packed, absmax, code, None, n, k, blocksize, backward=True, out=out)
+    return _launch(dy2, weight, None, True, torch.empty(out_shape, device=dy2.device, dtype=dy2.dtype))
