@@ -18,6 +18,17 @@ step "ceilings"
 python benchmarks/ceilings.py | tee "$results/$stamp-ceilings.json"
 copy=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['copy_GBps'])" "$results/$stamp-ceilings.json" 2>/dev/null || echo 3000)
 
+step "CUDA extension (csrc/): built at install, or JIT-built now"
+python - <<'PY' || status=1
+import logging, time
+logging.basicConfig(level=logging.INFO)
+from bora_kernels._cuda_ext import extension
+t = time.perf_counter()
+ext = extension()
+print(f"extension: {ext} ({time.perf_counter() - t:.0f} s)")
+raise SystemExit(ext is None)
+PY
+
 step "GPU tests (pytest -m gpu)"
 python -m pytest -q -m gpu tests -p no:cacheprovider || status=1
 
@@ -43,6 +54,14 @@ sample = torch.empty(n, device="cuda", dtype=torch.bfloat16)
 ivon_step(*st, s, grad=g, count=2, avg_grad=avg[0], avg_hess_stat=avg[1], sample=sample, eps_now=0, eps_next=1)
 torch.cuda.synchronize()
 print("memcheck run finished: ivon_step (fold, update, draw)")
+from bora_kernels.ops import nf4_matmul
+from bora_kernels.quant import quantize_nf4
+w = quantize_nf4(torch.randn(200, 320, device="cuda", dtype=torch.bfloat16), 64)
+for m in (3, 9, 40):  # the CUDA GEMV, Triton split-K, Triton tiled
+    x = torch.randn(m, 320, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    nf4_matmul(x, w, torch.randn(200, device="cuda", dtype=torch.bfloat16)).sum().backward()
+torch.cuda.synchronize()
+print("memcheck run finished: nf4_matmul (CUDA GEMV, split-K, tiled; forward and dx)")
 PY
 else
   echo "compute-sanitizer not found; skipped"

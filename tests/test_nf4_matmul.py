@@ -1,5 +1,8 @@
 """``nf4_matmul`` and its gradients against ``x.double() @ dequant(W).double().T``, on both CPU
-paths, outputs poisoned; shapes with M = 1, odd sizes and sizes off the kernel's tiles."""
+paths, outputs poisoned; shapes with M = 1, odd sizes and sizes off the kernel's tiles; every
+kernel path (split-K for few rows, tiled, dequantize + F.linear for many, the CUDA GEMV on GPU)."""
+
+import importlib
 
 import pytest
 import torch
@@ -7,8 +10,11 @@ import torch
 from bora_kernels.ops import nf4_matmul, use_backend
 from bora_kernels.ops.nf4_matmul.reference import nf4_matmul_reference
 from bora_kernels.quant import quantize_nf4
-from conftest import KERNEL_AND_TORCH
+from conftest import KERNEL_AND_TORCH, NEEDS_INTERPRETER
 from tolerances import assert_close
+
+nf4_package = importlib.import_module("bora_kernels.ops.nf4_matmul")  # the package, not the function
+
 
 CASES = [pytest.param((1,), 64, 24, 64, id="M1-K64-N24-bs64"), pytest.param((2, 5), 192, 70, 64, id="M10-K192-N70"),
          pytest.param((33,), 128, 130, 32, id="M33-K128-N130-bs32")]
@@ -38,6 +44,55 @@ def test_matches_reference(lead, k, n, blocksize, with_bias, double_quant, dtype
     want = torch.autograd.grad(ref, inputs, dy)
     for g, w, name in zip(got, want, ("x", "bias")):
         assert_close(g, w, dtype, f"d{name}")
+
+
+def _problem(m, k, n, blocksize, dtype, double_quant=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with use_backend("torch"):
+        weight = quantize_nf4(torch.randn(n, k, generator=gen).to(dtype), blocksize, double_quant)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    return weight, x, torch.randn(n, generator=gen).to(dtype), gen
+
+
+@NEEDS_INTERPRETER
+@pytest.mark.parametrize("split", [1, 2, 3, 5])
+@pytest.mark.parametrize("m", [1, 7, 16])
+def test_split_k_sums_every_stretch_once(m, split, poison_empty):
+    """Few rows split the reduction over programs (K = 320: five 64-wide tiles, so 2 and 3 splits
+    leave a short last stretch); forward with bias and dx, against the reference."""
+    from bora_kernels.ops.nf4_matmul.triton import nf4_matmul_dx, nf4_matmul_forward
+
+    weight, x, bias, gen = _problem(m, 320, 72, 64, torch.float32, seed=m * 10 + split)
+    ref = nf4_matmul_reference(x, weight, bias)
+    with use_backend("triton"):
+        assert_close(nf4_matmul_forward(x, weight, bias, (m, 72), split=split), ref, torch.float32, "forward")
+        dy = torch.randn(m, 72, generator=gen)
+        want = dy.double() @ weight.dequantize(torch.float32).double()
+        assert_close(nf4_matmul_dx(dy, weight, (m, 320), split=split), want, torch.float32, "dx")
+
+
+@pytest.mark.parametrize("backend", KERNEL_AND_TORCH)
+def test_many_rows_take_the_dense_path(backend, monkeypatch, poison_empty):
+    """From ``DENSE_MIN_M`` rows the weight is dequantized once and F.linear runs, forward and dx
+    (the threshold lowered here so that the test stays small)."""
+    monkeypatch.setattr(nf4_package, "DENSE_MIN_M", 8)
+    weight, x, bias, gen = _problem(9, 128, 40, 64, torch.bfloat16)
+    x.requires_grad_()
+    assert nf4_package._path(x, weight, bias, forward=True) == "dense"
+    with use_backend(backend):
+        out = nf4_matmul(x, weight, bias)
+        dy = torch.randn(9, 40, generator=gen, dtype=torch.float64)
+        (dx,) = torch.autograd.grad(out, [x], dy.to(torch.bfloat16))
+    ref = nf4_matmul_reference(x, weight, bias)
+    assert_close(out, ref, torch.bfloat16, "forward")
+    assert_close(dx, torch.autograd.grad(ref, [x], dy)[0], torch.bfloat16, "dx")
+
+
+def test_cpu_never_takes_the_cuda_gemv():
+    weight, x, bias, _ = _problem(1, 64, 8, 64, torch.bfloat16)
+    assert nf4_package._path(x, weight, bias, forward=True) == "triton"
+    with pytest.raises(RuntimeError, match="CUDA NF4 GEMV cannot run"):
+        nf4_package.nf4_matmul_csrc(x, weight, bias, (1, 8))
 
 
 @pytest.mark.parametrize("call,match", [
@@ -73,3 +128,25 @@ def test_compiled_kernels_match_bitsandbytes_on_gpu(m):
     (dx,) = torch.autograd.grad(out, [x], dy.to(torch.bfloat16))
     (want,) = torch.autograd.grad(ref, [x], dy)
     assert_close(dx, want, torch.bfloat16, "dx")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("double_quant", [False, True], ids=["single", "double"])
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("k,n,blocksize", [(4096, 4096, 64), (11008, 520, 256), (96, 33, 32)])
+def test_cuda_gemv_matches_reference(k, n, blocksize, m, double_quant, dtype, poison_empty):
+    """The csrc GEMV (built at install or JIT-built here): K off its 1024-weight stride, N off its
+    4-row blocks, every blocksize path; and decode calls dispatch to it."""
+    from bora_kernels._cuda_ext import extension
+
+    assert extension() is not None, "the CUDA extension did not build (see the bora_kernels log)"
+    gen = torch.Generator().manual_seed(m)
+    weight = quantize_nf4(torch.randn(n, k, generator=gen).to("cuda", dtype), blocksize, double_quant)
+    x = torch.randn(m, k, generator=gen).to("cuda", dtype)
+    bias = torch.randn(n, generator=gen).to("cuda", dtype)
+    assert nf4_package._path(x, weight, bias, forward=True) == "csrc"
+    for b in (None, bias):
+        out = nf4_package.nf4_matmul_csrc(x, weight, b, (m, n))
+        assert_close(out, nf4_matmul_reference(x, weight, b), dtype, f"csrc gemv, bias={b is not None}")
+    assert_close(nf4_matmul(x, weight, bias), nf4_matmul_reference(x, weight, bias), dtype, "dispatched")

@@ -35,12 +35,14 @@ SUITES = {"lora": lora, "model": model, "context": context, "ivon": ivon, "nf4":
 
 def run_suite(module, cases, device: torch.device, quick: bool, variants=None, echo=print) -> list[dict]:
     """Time every (case, variant, mode); returns one record per (case, mode). On CUDA a record
-    also holds each variant's peak memory beyond what was allocated before the call (MiB)."""
-    variants = tuple(variants or module.VARIANTS)
+    also holds each variant's peak memory beyond what was allocated before the call (MiB). A
+    variant that does not apply to a case (``build`` leaves it out) is skipped there."""
+    asked = tuple(variants or module.VARIANTS)
     records = []
     for case in cases:
-        fns = module.build(case, device, variants)
+        fns = module.build(case, device, asked)
         for mode in module.MODES:
+            variants = [v for v in asked if (v, mode) in fns]
             peaks = {v: peak_extra_mib(fns[v, mode], device) for v in variants} if device.type == "cuda" else None
             times = {v: median_seconds(fns[v, mode], device, quick) * 1e3 for v in variants}
             comparisons = [

@@ -1,6 +1,11 @@
 """The ``nf4`` suite: ``nf4_matmul`` against what a QLoRA user runs otherwise.
 
-- ``ours``: ``bora_kernels.ops.nf4_matmul`` (weight tiles dequantized inside the GEMM);
+- ``ours``: ``bora_kernels.ops.nf4_matmul`` as dispatched (the CUDA GEMV for M <= 4, the
+  Triton kernels, or dequantize + cuBLAS from ``DENSE_MIN_M`` rows);
+- ``triton``: the Triton kernels whatever M (split-K for M <= 16, tiled above; GPU only);
+- ``csrc``: the CUDA C++ GEMV (M <= 4, GPU with the extension only);
+- ``dequant``: the weight dequantized by our kernel, then ``F.linear``, every call; with
+  ``triton`` it locates the crossover that ``DENSE_MIN_M`` encodes;
 - ``bnb``: bitsandbytes' ``matmul_4bit`` on the same NF4 tensors (``to_bnb()``);
 - ``dense``: ``F.linear`` on the weight already dequantized (cuBLAS; the large-M yardstick).
 
@@ -18,12 +23,16 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import nf4_matmul
+from ..ops.nf4_matmul import CSRC_MAX_M, _csrc_gemv, nf4_matmul_csrc
 from ..quant import quantize_nf4
 from .baselines import require
 from .lora import DTYPES
 
 VARIANTS = {
-    "ours": "bora_kernels.ops.nf4_matmul (dequantized in the GEMM's tiles)",
+    "ours": "bora_kernels.ops.nf4_matmul as dispatched",
+    "triton": "the Triton kernels (dequantized in the GEMM's tiles), any M",
+    "csrc": "the CUDA C++ GEMV (M <= 4)",
+    "dequant": "our dequantize, then F.linear, every call",
     "bnb": "bitsandbytes matmul_4bit on the same NF4 weight",
     "dense": "F.linear on the dequantized weight (cuBLAS on GPU)",
 }
@@ -31,6 +40,8 @@ MODES = ("fwd",)
 COMPARISONS = (
     ("ours", "dense", "speed-up over the dense weight"),
     ("ours", "bnb", "speed-up over bitsandbytes matmul_4bit"),
+    ("csrc", "triton", "CUDA GEMV over the Triton split-K kernel"),
+    ("triton", "dequant", "fused Triton over dequantize + cuBLAS (< 1: past the crossover)"),
 )
 
 
@@ -66,6 +77,14 @@ def build(case: NF4Case, device: torch.device, variants=tuple(VARIANTS)) -> dict
     fns = {}
     if "ours" in variants:
         fns["ours", "fwd"] = lambda: nf4_matmul(x, weight)
+    if device.type == "cuda" and "triton" in variants:  # on CPU the interpreter is never timed
+        from ..ops.nf4_matmul.triton import nf4_matmul_forward
+
+        fns["triton", "fwd"] = lambda: nf4_matmul_forward(x, weight, None, (case.m, case.out_features))
+    if "csrc" in variants and case.m <= CSRC_MAX_M and _csrc_gemv(x, weight, None) is not None:
+        fns["csrc", "fwd"] = lambda: nf4_matmul_csrc(x, weight, None, (case.m, case.out_features))
+    if "dequant" in variants:
+        fns["dequant", "fwd"] = lambda: F.linear(x, weight.dequantize(dtype))
     if "bnb" in variants:
         bnb = require("bitsandbytes", "bitsandbytes==0.50.2", "nf4", "ours dense")
         packed, state = weight.to_bnb()

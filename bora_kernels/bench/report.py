@@ -16,7 +16,8 @@ TIME_COLUMNS = {
     "context": [("base", "base"), ("ours (ids)", "ours_ids"), ("ours (weights)", "ours_weights"),
                 ("einsum", "einsum"), ("masked concat", "masked_concat")],
     "ivon": [("ours", "ours"), ("ivon-opt", "ivon_opt"), ("AdamW", "adamw"), ("copy", "copy")],
-    "nf4": [("ours", "ours"), ("bitsandbytes", "bnb"), ("dense", "dense")],
+    "nf4": [("ours", "ours"), ("Triton", "triton"), ("CUDA GEMV", "csrc"), ("dequant+F.linear", "dequant"),
+            ("bitsandbytes", "bnb"), ("dense", "dense")],
 }
 RATIO_COLUMNS = {
     "lora": [("LoRA / base", "lora_delta", "base", False),
@@ -28,7 +29,8 @@ RATIO_COLUMNS = {
                 ("x einsum (weights)", "ours_weights", "einsum", True)],
     "ivon": [("x ivon-opt", "ours", "ivon_opt", True), ("x AdamW", "ours", "adamw", True),
              ("of copy bandwidth", "copy", "ours", False)],
-    "nf4": [("x dense", "ours", "dense", True), ("x bitsandbytes", "ours", "bnb", True)],
+    "nf4": [("x dense", "ours", "dense", True), ("x bitsandbytes", "ours", "bnb", True),
+            ("Triton x dequant+F.linear", "triton", "dequant", True)],
 }
 
 # peak extra memory (recorded on CUDA only): (column title, variant)

@@ -4,6 +4,16 @@ On CUDA (and CPU under the interpreter) the Triton kernels dequantize weight til
 inside the GEMM's K loop (``triton.py``); on CPU otherwise the weight is dequantized once and
 ``F.linear`` runs (the vectorised torch path). Differentiable in ``x`` and ``bias``; the base
 weight is frozen and gets no gradient.
+
+Which kernel, by M (the rows of x after flattening), in ``_path``:
+
+- M <= 4 on CUDA, fp16/bf16: the CUDA C++ GEMV of ``csrc/nf4_gemv`` when the extension is
+  available (``bora_kernels._cuda_ext``);
+- M <= 16: the Triton kernel with one 16-row tile and the K reduction split across programs;
+- M >= ``DENSE_MIN_M``: the weight dequantized once, then ``F.linear`` (cuBLAS): a big enough
+  GEMM is compute-bound and the dequantization (read 4.5 bits, write 16 per weight) is then a
+  small price; the crossover is measured by ``bora-bench nf4`` (benchmarks/NOTES.md);
+- otherwise the tiled Triton GEMM.
 """
 
 from __future__ import annotations
@@ -11,7 +21,47 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ...quant.nf4 import code_table
 from .._dispatch import backend
+
+CSRC_MAX_M = 4
+SPLIT_MAX_M = 16  # the Triton kernel's small-M tile (triton._tiles)
+DENSE_MIN_M = 1024
+
+
+def _csrc_gemv(x2, weight, bias):
+    """The CUDA extension's module when it can run this call, else None."""
+    if not (x2.is_cuda and x2.dtype in (torch.float16, torch.bfloat16) and x2.shape[0] <= CSRC_MAX_M
+            and (bias is None or bias.dtype == x2.dtype) and weight.blocksize >= 32
+            and x2.data_ptr() % 16 == 0 and weight.packed.data_ptr() % 16 == 0
+            and weight.packed.is_contiguous() and weight.absmax.is_contiguous()):
+        return None
+    from ..._cuda_ext import extension
+
+    return extension()
+
+
+def _path(x2, weight, bias, forward: bool) -> str:
+    """``"csrc"``, ``"triton"`` (tiled or split-K by M, see triton._tiles) or ``"dense"``."""
+    m = x2.shape[0]
+    if m >= DENSE_MIN_M:
+        return "dense"
+    if forward and _csrc_gemv(x2, weight, bias) is not None:
+        return "csrc"
+    return "triton"
+
+
+def nf4_matmul_csrc(x2, weight, bias, out_shape):
+    """The CUDA GEMV: ``x2 [M <= 4, K]`` -> a new ``out_shape`` tensor (``[..., N]``); needs the
+    extension and a CUDA device."""
+    ext = _csrc_gemv(x2, weight, bias)
+    if ext is None:
+        raise RuntimeError("the CUDA NF4 GEMV cannot run this call (see the log for why the extension is "
+                           "unavailable, or the input is not fp16/bf16 with at most 4 rows)")
+    out = torch.empty(out_shape, device=x2.device, dtype=x2.dtype)
+    ext.nf4_gemv(out, x2, weight.packed.view(-1), code_table(x2.device), weight.absmax, weight.nested_absmax,
+                 weight.nested_code, weight.offset, bias, weight.shape[0], weight.blocksize)
+    return out
 
 
 class NF4MatmulFunction(torch.autograd.Function):
@@ -21,9 +71,14 @@ class NF4MatmulFunction(torch.autograd.Function):
         ctx.weight, ctx.x_shape = weight, x.shape
         # outputs are fresh tensors, never views: callers add adapter deltas into them in place
         if backend(x.device) == "triton":
-            from .triton import nf4_matmul_forward
+            x2 = x.reshape(-1, k).contiguous()
+            path = _path(x2, weight, bias, forward=True)
+            if path == "csrc":
+                return nf4_matmul_csrc(x2, weight, bias, (*x.shape[:-1], n))
+            if path == "triton":
+                from .triton import nf4_matmul_forward
 
-            return nf4_matmul_forward(x.reshape(-1, k).contiguous(), weight, bias, (*x.shape[:-1], n))
+                return nf4_matmul_forward(x2, weight, bias, (*x.shape[:-1], n))
         return F.linear(x, weight.dequantize(x.dtype), bias)
 
     @staticmethod
@@ -34,7 +89,7 @@ class NF4MatmulFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, n)
         dx = dbias = None
         if ctx.needs_input_grad[0]:
-            if backend(dy.device) == "triton":
+            if backend(dy.device) == "triton" and _path(dy2, weight, None, forward=False) == "triton":
                 from .triton import nf4_matmul_dx
 
                 dx = nf4_matmul_dx(dy2.contiguous(), weight, ctx.x_shape)
@@ -72,4 +127,4 @@ def nf4_matmul(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> tor
     return NF4MatmulFunction.apply(x, bias, weight)
 
 
-__all__ = ["NF4MatmulFunction", "nf4_matmul"]
+__all__ = ["NF4MatmulFunction", "nf4_matmul", "nf4_matmul_csrc"]

@@ -4,6 +4,10 @@ registers inside the K loop (never written to memory).
     forward   y  = x @ W^T (+ bias)     W tile [BLOCK_N, BLOCK_K] built from packed nibbles
     backward  dx = dy @ W               W tile [BLOCK_N, BLOCK_K] again, reduced over N
 
+Few rows (decode) leave few output tiles to fill the GPU with, so the reduction is split: each
+program sums one stretch of it into an fp32 partial, and ``_sum_splits_kernel`` adds the partials
+in a fixed order (no atomics: the result does not depend on scheduling), the bias, and rounds.
+
 A weight element (n, k) sits at flat index n*K + k: its byte is index // 2 (high nibble for even
 k, since K is even), its absmax is block (n*K + k) // blocksize = n*(K/blocksize) + k//blocksize
 (K is a multiple of the blocksize, so no block straddles two rows).
@@ -17,10 +21,20 @@ import triton.language as tl
 
 from ...quant.nf4 import code_table
 from ...quant.triton import block_scale, scale_operands
-from .._common import dot_dtype, dot_precision, or_unused
+from .._common import dot_dtype, dot_precision, or_unused, rounded_for, splits_to_fill
 
-BLOCK_M, BLOCK_N, BLOCK_K = 32, 64, 64
-NUM_WARPS = 4
+SUM_BLOCK = 1024
+
+
+def _tiles(m: int, device: torch.device) -> dict:
+    """Tile sizes (N and K of the weight tile; M of the activation tile). Up to 16 rows use one
+    16-row tile (the smallest ``tl.dot``) and split K; the interpreter uses small tiles so that CPU
+    tests stay quick and cover partial tiles."""
+    if m <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128 if device.type == "cuda" else 64, num_warps=4)
+    if device.type == "cuda":
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4)
+    return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4)
 
 
 @triton.jit
@@ -39,11 +53,15 @@ def _nf4_tile(packed_ptr, code_ptr, offs_n, offs_k, N, K, blocks_per_row, blocks
 
 @triton.jit
 def _nf4_matmul_kernel(a_ptr, packed_ptr, code_ptr, bias_ptr, out_ptr, M, N, K, blocks_per_row,
-                       blocksize, stride_am, stride_om, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                       DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, BACKWARD: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
-                       BLOCK_Q: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+                       blocksize, stride_am, stride_om, q_per_split, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
+                       offset_ptr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+                       BACKWARD: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                       PRECISION: tl.constexpr):
     """``out[M, P] = a[M, Q] @ (W^T or W)``: forward ``y = x @ W^T`` (P = N, Q = K), backward
-    ``dx = dy @ W`` (P = K, Q = N). Weight tiles are always read as [n, k] and dequantized here."""
+    ``dx = dy @ W`` (P = K, Q = N). Weight tiles are always read as [n, k] and dequantized here.
+    Program (i, j, s) sums Q from ``s * q_per_split``; ``PARTIAL`` stores that fp32 sum (no bias)
+    as ``out[s, M, P]``, otherwise the single split stores the result."""
     if BACKWARD:
         P = K
         Q = N
@@ -52,10 +70,12 @@ def _nf4_matmul_kernel(a_ptr, packed_ptr, code_ptr, bias_ptr, out_ptr, M, N, K, 
         Q = K
     pid_m = tl.program_id(0).to(tl.int64)
     pid_p = tl.program_id(1).to(tl.int64)
+    pid_s = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
-    for q in range(0, Q, BLOCK_Q):
+    q_start = pid_s * q_per_split
+    for q in range(q_start, tl.minimum(Q, q_start + q_per_split), BLOCK_Q):
         offs_q = q + tl.arange(0, BLOCK_Q)
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_q[None, :],
                     mask=(offs_m[:, None] < M) & (offs_q[None, :] < Q), other=0.0)
@@ -66,31 +86,62 @@ def _nf4_matmul_kernel(a_ptr, packed_ptr, code_ptr, bias_ptr, out_ptr, M, N, K, 
             w = tl.trans(_nf4_tile(packed_ptr, code_ptr, offs_p, offs_q, N, K, blocks_per_row, blocksize, absmax_ptr,
                                    nested_absmax_ptr, nested_code_ptr, offset_ptr, DOUBLE_QUANT, NESTED_BLOCKSIZE))
         acc += tl.dot(a.to(DOT_DTYPE), w.to(a.dtype).to(DOT_DTYPE), input_precision=PRECISION)
+    mask = (offs_m[:, None] < M) & (offs_p[None, :] < P)
+    if PARTIAL:
+        tl.store(out_ptr + pid_s.to(tl.int64) * M * P + offs_m[:, None] * P + offs_p[None, :], acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_p, mask=offs_p < P, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_p[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+@triton.jit
+def _sum_splits_kernel(part_ptr, bias_ptr, out_ptr, SPLITS, MP, P, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """``out[M, P] = sum_s part[s, M, P] (+ bias)``, the splits added in order."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MP
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(0, SPLITS):
+        acc += tl.load(part_ptr + s * MP + offs, mask=mask, other=0.0)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_p, mask=offs_p < P, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_p[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=(offs_m[:, None] < M) & (offs_p[None, :] < P))
+        acc += tl.load(bias_ptr + offs % P, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, rounded_for(acc, out_ptr), mask=mask)
 
 
-def _launch(a2, weight, bias, backward: bool, out):
-    """Writes ``out`` (a tensor whose rows are contiguous, viewed as ``[M, P]``) and returns it."""
+def _launch(a2, weight, bias, backward: bool, out, split=None):
+    """Writes ``out`` (a tensor whose rows are contiguous, viewed as ``[M, P]``) and returns it.
+    ``split`` (how many stretches of the reduction; default: enough to fill the device) is used
+    only for up to 16 rows."""
     n, k = weight.shape
     m = a2.shape[0]
-    p, block_p, block_q = (k, BLOCK_K, BLOCK_N) if backward else (n, BLOCK_N, BLOCK_K)
-    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(p, block_p))
-    _nf4_matmul_kernel[grid](a2, weight.packed, code_table(a2.device), or_unused(bias, a2), out.view(m, p), m, n, k,
-                             k // weight.blocksize, weight.blocksize, a2.stride(0), p, **scale_operands(weight),
-                             BACKWARD=backward, HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M, BLOCK_P=block_p,
-                             BLOCK_Q=block_q, DOT_DTYPE=dot_dtype(a2.dtype), PRECISION=dot_precision(),
-                             num_warps=NUM_WARPS)
+    tiles = _tiles(m, a2.device)
+    p, q, block_p, block_q = (k, n, tiles["BLOCK_K"], tiles["BLOCK_N"]) if backward else \
+        (n, k, tiles["BLOCK_N"], tiles["BLOCK_K"])
+    grid_mp = (triton.cdiv(m, tiles["BLOCK_M"]), triton.cdiv(p, block_p))
+    if m > 16:
+        split = 1
+    elif split is None:
+        split = splits_to_fill(grid_mp[0] * grid_mp[1], a2.device, most=triton.cdiv(q, block_q))
+    q_per_split = triton.cdiv(triton.cdiv(q, split), block_q) * block_q
+    split = triton.cdiv(q, q_per_split)
+    target = out.view(m, p) if split == 1 else torch.empty((split, m, p), device=a2.device, dtype=torch.float32)
+    _nf4_matmul_kernel[(*grid_mp, split)](
+        a2, weight.packed, code_table(a2.device), or_unused(bias, a2), target, m, n, k, k // weight.blocksize,
+        weight.blocksize, a2.stride(0), p, q_per_split, **scale_operands(weight), BACKWARD=backward,
+        HAS_BIAS=bias is not None, PARTIAL=split > 1, BLOCK_M=tiles["BLOCK_M"], BLOCK_P=block_p, BLOCK_Q=block_q,
+        DOT_DTYPE=dot_dtype(a2.dtype), PRECISION=dot_precision(), num_warps=tiles["num_warps"])
+    if split > 1:
+        _sum_splits_kernel[(triton.cdiv(m * p, SUM_BLOCK),)](target, or_unused(bias, a2), out.view(m, p), split,
+                                                             m * p, p, HAS_BIAS=bias is not None, BLOCK=SUM_BLOCK)
     return out
 
 
-def nf4_matmul_forward(x2, weight, bias, out_shape):
+def nf4_matmul_forward(x2, weight, bias, out_shape, split=None):
     """``x2 [M, K] @ W^T (+ bias)`` -> a new ``out_shape`` tensor (``[..., N]``) in x's dtype."""
-    return _launch(x2, weight, bias, False, torch.empty(out_shape, device=x2.device, dtype=x2.dtype))
+    return _launch(x2, weight, bias, False, torch.empty(out_shape, device=x2.device, dtype=x2.dtype), split)
 
 
-def nf4_matmul_dx(dy2, weight, out_shape):
+def nf4_matmul_dx(dy2, weight, out_shape, split=None):
     """``dy2 [M, N] @ W`` -> a new ``out_shape`` tensor (``[..., K]``) in dy's dtype."""
-    return _launch(dy2, weight, None, True, torch.empty(out_shape, device=dy2.device, dtype=dy2.dtype))
+    return _launch(dy2, weight, None, True, torch.empty(out_shape, device=dy2.device, dtype=dy2.dtype), split)

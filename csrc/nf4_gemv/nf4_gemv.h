@@ -1,0 +1,38 @@
+// The NF4 decode GEMV: out[m, n] = sum_k x[m, k] * code[nibble(n, k)] * absmax(n, k) (+ bias[n]),
+// for 1 <= M <= 4 rows of fp16 or bf16 activations. The weight is bitsandbytes' NF4 layout: the
+// row-major [N, K] weight flattened, element 2j in the high nibble of byte j and 2j+1 in the low
+// one, one absmax per `blocksize` elements (fp32, or with double quantization an 8-bit code into
+// `nested_code`, times `nested_absmax[block / 256]`, plus `*offset`).
+//
+// This header and nf4_gemv.cu need only the CUDA toolkit (no torch), so that CPU-only CI can
+// compile the kernel with nvcc; bindings.cpp adapts torch tensors to it.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace bora {
+
+constexpr int kNF4GemvMaxRows = 4;
+
+struct NF4GemvArgs {
+  const void* x;              // [m, k] fp16 or bf16, contiguous, 16-byte aligned
+  const uint8_t* packed;      // [n * k / 2], 16-byte aligned
+  const float* code;          // the 16 NF4 values
+  const void* absmax;         // [n * k / blocksize]: fp32, or uint8 codes with double quantization
+  const float* nested_absmax; // [ceil(blocks / 256)] (double quantization only)
+  const float* nested_code;   // [256] dynamic map (double quantization only)
+  const float* offset;        // [1] (double quantization only)
+  const void* bias;           // [n] in x's dtype, or nullptr
+  void* out;                  // [m, n] in x's dtype
+  int m, n, k;
+  int log2_blocksize;         // blocksize = 1 << log2_blocksize, 32 <= blocksize, k % blocksize == 0
+  bool bf16;                  // activations are bf16 (otherwise fp16)
+  bool double_quant;
+};
+
+// Launches the kernel on `stream`; returns the launch's error code (cudaSuccess when it went).
+cudaError_t nf4_gemv(const NF4GemvArgs& args, cudaStream_t stream);
+
+}  // namespace bora
