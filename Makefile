@@ -1,7 +1,8 @@
 # The two commands of the README. Both set everything up on a fresh machine first.
 #   make demo   the main job: PEFT adapters loaded, served in one mixed batch and saved back; a tiny
 #               Llama trains 8 adapters in one mixed batch, then again over a 4-bit NF4 base
-#               (multi-adapter QLoRA); Context-PEFT's comparison at small
+#               (multi-adapter QLoRA); BoRA's test perplexity against tau (runs/bora_multitask/);
+#               Context-PEFT's comparison at small
 #               scale; IVON-LoRA against AdamW at small scale; then the model benchmark
 #   make test   the whole test suite (Triton kernels run under the interpreter without a GPU)
 PYTHON ?= python3
@@ -26,6 +27,7 @@ demo: setup
 	$(PY) python/peft_adapters.py
 	$(PY) python/multi_task_lora.py
 	$(PY) python/multi_task_lora.py --quantize nf4 --steps 30
+	$(PY) python/bora_multitask.py --quick
 	$(PY) python/context_peft.py --quick
 	$(PY) python/ivon_lora.py --quick
 	$(VENV)/bin/bora-bench model --quick

@@ -27,6 +27,8 @@ def test_readme_example_runs():
     assert namespace["scaled"].shape == (4, 10, 32)
     assert namespace["averaged"].shape == (64, 3) and 0 <= namespace["ece"] <= 1 and namespace["nll"] > 0
     assert all(m.sum() > 0 for m in namespace["pruned"].values())
+    assert namespace["step"].penalty.item() > 0 and namespace["step"].sequence_nll.shape == (6,)
+    assert namespace["bora"].layers()[0].lora_A.grad is not None
     assert namespace["y4"].shape == (5, 64) and isinstance(namespace["qlora"].model.layers[0].self_attn.q_proj.base_layer,
                                                              namespace["bk"].nn.NF4Linear)
 
@@ -113,3 +115,29 @@ def test_bench_writes_results_and_readme_table(tmp_path, capsys):
     assert bench_main(["table", "--results", str(out.parent), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "old" not in text and "T16-D2-r4-K32-N24-fp32" in text and text.endswith("outro\n")
+
+
+def test_bora_recipe_reproduces_the_finding(tmp_path):
+    """``python/bora_multitask.py --quick`` (the demo's run, fixed seed): an intermediate tau beats
+    both exact limits, the small tasks gain more over independent training than the large ones, and
+    task adapters lie further from Θ the more data they have (Figure 4)."""
+    result = subprocess.run([sys.executable, str(ROOT / "python" / "bora_multitask.py"), "--quick",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=900,
+                            env={**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+                                 "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "perplexity_vs_tau.png").stat().st_size > 0
+    assert (tmp_path / "distance_vs_size.png").stat().st_size > 0
+    runs = res["runs"]
+    assert [r["tau"] for r in runs] == [0.0, 1.0, 10.0, 100.0, 1000.0, 10000.0, "inf"]
+    best = min(runs, key=lambda r: r["perplexity"])
+    assert best["tau"] not in (0.0, "inf")
+    assert best["perplexity"] < 0.98 * min(runs[0]["perplexity"], runs[-1]["perplexity"])
+    gain = res["gain_over_independent"]
+    assert gain["smaller_half"] > gain["larger_half"] > 0
+    sizes, dist = res["train_documents"], best["distance_to_global"]
+    ranks = [sorted(sizes).index(s) for s in sizes], [sorted(dist).index(d) for d in dist]
+    n = len(sizes)
+    spearman = 1 - 6 * sum((a - b) ** 2 for a, b in zip(*ranks)) / (n * (n * n - 1))
+    assert spearman > 0.5, spearman
