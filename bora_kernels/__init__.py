@@ -1,7 +1,7 @@
 """bora_kernels: GPU kernels and modules for many LoRA adapters at once (BoRA, Context-PEFT,
 IVON-LoRA, QLoRA) on top of Hugging Face models."""
 
-from . import bayes, bora, nn, ops, optim, quant
+from . import abmll, bayes, bora, nn, ops, optim, quant
 from .model import (adapter_names, context_ids, inject, merge_adapter, summary, trainable_parameters,
                     unmerge_adapter, use_adapters, use_contexts)
 from .peft_io import load_peft_adapters, save_peft_adapter

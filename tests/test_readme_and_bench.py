@@ -141,3 +141,16 @@ def test_bora_recipe_reproduces_the_finding(tmp_path):
     n = len(sizes)
     spearman = 1 - 6 * sum((a - b) ** 2 for a, b in zip(*ranks)) / (n * (n * n - 1))
     assert spearman > 0.5, spearman
+
+
+def test_abmll_recipe_runs(tmp_path):
+    """``python/abmll.py`` end to end, shrunk: every method adapted to the held-out task and scored."""
+    result = subprocess.run([sys.executable, str(ROOT / "python" / "abmll.py"), "--quick", "--epochs", "1",
+                             "--pretrain-steps", "5", "--out", str(tmp_path)], capture_output=True, text=True,
+                            timeout=600, env={**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+                                              "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "results.json").read_text())["summary"]
+    assert set(summary) == {"pretrained", "regular LoRA", "structured LoRA", "ABMLL"}
+    assert all(0 <= s["accuracy"] <= 1 and 0 <= s["ece"] <= 1 for s in summary.values())
+    assert (tmp_path / "accuracy_ece.png").stat().st_size > 0

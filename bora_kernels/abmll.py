@@ -1,0 +1,182 @@
+"""ABMLL: amortized Bayesian meta-learning for LoRA (Zhang, Snell & Griffiths).
+
+Each adapted layer's weight is Gaussian, elementwise. The task's posterior is
+``q(φ) = N(W0 + μ_φ, σ_φ²)``, the global prior over it is ``p(φ | θ) = N(W0 + μ_θ, σ_θ²)``, and
+every mean and standard deviation is a LoRA pair: ``μ = B_μ A_μ`` and ``σ = B_σ A_σ + c``.
+``p(θ) = N(μ_θ; 0, c) · Gamma(1/σ_θ²; a0, b0)``. The objective for one task is
+
+    -E_q[log p(D | φ)] + β KL(q(φ) || p(φ | θ)) + γ (-log p(θ))
+
+(the paper's eq. 2; ``KL(q(θ) || p(θ))`` reduces to ``-log p(θ)`` as in ABML). Training
+alternates: ``start_task`` sets ``φ = θ``, a few inner steps fit ``φ`` to the task (likelihood +
+β KL), then ``θ`` takes a step on β KL + γ (-log p(θ)) with ``φ`` fixed (first order: no
+second-order gradients, no copy of the model per task).
+
+``ABMLLLinear`` never builds a dense weight in its forward. It samples the layer's *output* with
+the local reparameterisation trick: with ``W ~ N(M, S²)`` elementwise, ``x W^T`` is Gaussian with
+mean ``x M^T`` and variance ``x² (S²)^T``. ``S² = (BA)∘(BA) + 2c BA + c²``, and the elementwise
+square of a rank-r product is a rank-r² product of row-wise Khatri-Rao factors, so the variance is
+three thin matmuls of ``x²``. The KL and the prior are sums over weight elements, which needs
+the dense ``μ`` and ``σ`` of one layer at a time, built in row chunks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn as nn
+
+from .model import _inject_targets, find_targets
+from .nn.multi_lora import linear_shape
+
+KL_ROWS = 1024  # output rows per chunk when the KL and prior sum over dense weight elements
+
+
+class GaussianLoRA(nn.Module):
+    """One Gaussian over a ``[N, K]`` weight: mean ``B_μ A_μ``, std ``B_σ A_σ + c``."""
+
+    def __init__(self, k: int, n: int, r: int, c: float, init_std: float | None = None, **kw):
+        super().__init__()
+        self.c = float(c)
+        self.mu_A = nn.Parameter(torch.empty(r, k, **kw))
+        self.mu_B = nn.Parameter(torch.zeros(n, r, **kw))
+        self.sigma_A = nn.Parameter(torch.empty(r, k, **kw))
+        self.sigma_B = nn.Parameter(torch.zeros(n, r, **kw))
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.mu_A, a=math.sqrt(5))  # PEFT's LoRA initialisation: mean 0
+            nn.init.kaiming_uniform_(self.sigma_A, a=math.sqrt(5))
+            if init_std is not None:  # std c + init_std everywhere: one constant rank of B_σ A_σ
+                self.sigma_A[0].fill_(1.0)
+                self.sigma_B[:, 0].fill_(init_std)
+
+    def dense(self, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(μ, σ)`` of weight rows ``rows`` (fp32)."""
+        mu = self.mu_B[rows].float() @ self.mu_A.float()
+        sigma = self.sigma_B[rows].float() @ self.sigma_A.float() + self.c
+        return mu, sigma
+
+    def moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean ``x μ^T`` and variance ``x² (σ²)^T`` of ``x W^T``, from thin matmuls only."""
+        x = x.float()
+        x2 = x.square()
+        mean = (x @ self.mu_A.float().T) @ self.mu_B.float().T
+        a, b = self.sigma_A.float(), self.sigma_B.float()
+        r = a.shape[0]
+        a_kr = (a[:, None, :] * a[None, :, :]).reshape(r * r, -1)  # [r², K]: A_k ∘ A_l
+        b_kr = (b[:, :, None] * b[:, None, :]).reshape(b.shape[0], r * r)  # [N, r²]: B_:k ∘ B_:l
+        var = (x2 @ a_kr.T) @ b_kr.T
+        if self.c:
+            var = var + (2 * self.c) * ((x2 @ a.T) @ b.T) + self.c ** 2 * x2.sum(-1, keepdim=True)
+        return mean, var.clamp(min=0)
+
+
+class ABMLLLinear(nn.Module):
+    """A frozen linear layer with ABMLL's global (``theta``) and task (``phi``) Gaussians.
+
+    ``forward`` draws ``base(x) + x μ_φ^T + sqrt(x² (σ_φ²)^T) ε`` (one ``ε`` per output element)
+    while ``sample`` is True, and returns the mean otherwise.
+    """
+
+    def __init__(self, base_layer: nn.Module, r: int = 4, c: float = math.exp(-20), fan_in_fan_out: bool = False,
+                 init_std: float | None = None):
+        super().__init__()
+        k, n, weight = linear_shape(base_layer, fan_in_fan_out)
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        if not c > 0:
+            raise ValueError(f"c must be > 0 (it keeps the standard deviations positive), got {c}")
+        kw = dict(device=weight.device, dtype=torch.float32)
+        self.base_layer = base_layer.requires_grad_(False)
+        self.in_features, self.out_features = k, n
+        self.theta = GaussianLoRA(k, n, r, c, init_std, **kw)
+        self.phi = GaussianLoRA(k, n, r, c, init_std, **kw)
+        self.phi.load_state_dict(self.theta.state_dict())
+        self.sample = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean, var = self.phi.moments(x)
+        if self.sample and self.training:
+            mean = mean + var.sqrt() * torch.randn_like(var)
+        return self.base_layer(x) + mean.to(x.dtype)
+
+    def kl(self) -> torch.Tensor:
+        """``KL(q(φ) || p(φ | θ))`` summed over the weight's elements."""
+        total = torch.zeros((), device=self.phi.mu_A.device)
+        for rows in _row_chunks(self.out_features):
+            mu_q, s_q = self.phi.dense(rows)
+            mu_p, s_p = self.theta.dense(rows)
+            var_q, var_p = s_q.square(), s_p.square()
+            total = total + (0.5 * (var_q.log() - var_p.log()).neg() + (var_q + (mu_q - mu_p).square()) / (2 * var_p)
+                             - 0.5).sum()
+        return total
+
+    def neg_log_prior(self, a0: float, b0: float) -> torch.Tensor:
+        """``-log p(θ)``: ``N(μ_θ; 0, c)`` (c the variance) times ``Gamma(1/σ_θ²; a0, b0)`` (rate b0)."""
+        c = self.theta.c
+        total = torch.zeros((), device=self.theta.mu_A.device)
+        for rows in _row_chunks(self.out_features):
+            mu, sigma = self.theta.dense(rows)
+            precision = sigma.square().reciprocal()
+            log_normal = -0.5 * (math.log(2 * math.pi * c) + mu.square() / c)
+            log_gamma = a0 * math.log(b0) - math.lgamma(a0) + (a0 - 1) * precision.log() - b0 * precision
+            total = total - (log_normal + log_gamma).sum()
+        return total
+
+    @torch.no_grad()
+    def start_task(self):
+        """``φ = θ``: a new task's inner loop starts at the global Gaussian."""
+        self.phi.load_state_dict(self.theta.state_dict())
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.theta.mu_A.shape[0]}, c={self.theta.c:.3g}"
+
+
+def _row_chunks(n: int) -> Iterator[slice]:
+    for start in range(0, n, KL_ROWS):
+        yield slice(start, min(n, start + KL_ROWS))
+
+
+def inject(model: nn.Module, target_modules, r: int = 4, c: float = math.exp(-20), init_std: float | None = None,
+           exclude_modules=None) -> nn.Module:
+    """Replace matching linear layers by ``ABMLLLinear`` (the base model frozen). Returns ``model``."""
+    targets = find_targets(model, target_modules, exclude_modules)
+    _inject_targets(model, targets, lambda name, module, fan: ABMLLLinear(module, r, c, fan, init_std))
+    return model
+
+
+def layers(model: nn.Module) -> list[ABMLLLinear]:
+    found = [m for m in model.modules() if isinstance(m, ABMLLLinear)]
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no ABMLL layers; call bora_kernels.abmll.inject first")
+    return found
+
+
+def task_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """φ of every layer: what the inner loop trains."""
+    return [p for m in layers(model) for p in m.phi.parameters()]
+
+
+def global_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """θ of every layer: what the outer step trains."""
+    return [p for m in layers(model) for p in m.theta.parameters()]
+
+
+def start_task(model: nn.Module) -> None:
+    for m in layers(model):
+        m.start_task()
+
+
+def kl(model: nn.Module) -> torch.Tensor:
+    """``KL(q(φ) || p(φ | θ))`` over every ABMLL layer."""
+    return sum(m.kl() for m in layers(model))
+
+
+def neg_log_prior(model: nn.Module, a0: float = 1.0, b0: float = 0.01) -> torch.Tensor:
+    """``-log p(θ)`` over every ABMLL layer (the paper's a0 = 1, b0 = 0.01 by default)."""
+    return sum(m.neg_log_prior(a0, b0) for m in layers(model))
+
+
+__all__ = ["ABMLLLinear", "GaussianLoRA", "inject", "layers", "task_parameters", "global_parameters",
+           "start_task", "kl", "neg_log_prior"]
