@@ -211,15 +211,17 @@ class BoRA(nn.Module):
     def forward(self, input_ids: torch.Tensor, task_ids, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> BoRAOutput:
         """The loss of a mixed batch: ``input_ids`` ``[B, L]``, one task per sequence. ``labels``
-        default to ``input_ids`` (with ``attention_mask`` zeros ignored); -100 is ignored."""
+        default to ``input_ids`` (with ``attention_mask`` zeros ignored); -100 is ignored. Under
+        ``torch.no_grad()`` a sequence may use ``"global"`` (``Θ``, e.g. for an unseen task)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
         ids = _task_indices(task_ids, self.task_names).to(input_ids.device)
         if ids.shape != input_ids.shape[:1]:
             raise ValueError(f"task_ids must hold one task per sequence ({input_ids.shape[0]}), got "
                              f"shape {tuple(ids.shape)}")
-        if (ids == self.num_tasks).any() and not self.pooled:
-            raise ValueError(f"task_ids may not train {GLOBAL!r} directly; it learns through the prior")
+        if (ids == self.num_tasks).any() and not self.pooled and torch.is_grad_enabled():
+            raise ValueError(f"task_ids may not train {GLOBAL!r} directly (it learns through the prior); "
+                             f"evaluate it under torch.no_grad()")
         with use_adapters(self.model, self.routing(ids)):
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
         sequence_nll, tokens = sequence_losses(logits, input_ids, attention_mask, labels)

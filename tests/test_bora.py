@@ -211,6 +211,11 @@ def test_bad_task_ids_are_named():
         bora(tokens, ["t0", "global"])
     out = bora(tokens, ["t0", "t3"])  # names work
     assert out.sequence_nll.shape == (2,)
+    with torch.no_grad():  # Θ serves unseen tasks
+        out = bora(tokens, ["global", "t3"])
+    with torch.no_grad(), bk.use_adapters(bora.model, "global"):
+        want = bora.model(input_ids=tokens[:1]).logits
+    torch.testing.assert_close(out.logits[:1], want)
 
 
 def _ddp_worker(rank, world, init_file, optimizer, out_dir):
