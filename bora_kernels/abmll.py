@@ -57,11 +57,14 @@ class GaussianLoRA(nn.Module):
         sigma = self.sigma_B[rows].float() @ self.sigma_A.float() + self.c
         return mu, sigma
 
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        """``x μ^T``, the mean of ``x W^T`` (two thin matmuls)."""
+        return (x.float() @ self.mu_A.float().T) @ self.mu_B.float().T
+
     def moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean ``x μ^T`` and variance ``x² (σ²)^T`` of ``x W^T``, from thin matmuls only."""
-        x = x.float()
-        x2 = x.square()
-        mean = (x @ self.mu_A.float().T) @ self.mu_B.float().T
+        x2 = x.float().square()
+        mean = self.mean(x)
         a, b = self.sigma_A.float(), self.sigma_B.float()
         r = a.shape[0]
         a_kr = (a[:, None, :] * a[None, :, :]).reshape(r * r, -1)  # [r², K]: A_k ∘ A_l
@@ -76,7 +79,7 @@ class ABMLLLinear(nn.Module):
     """A frozen linear layer with ABMLL's global (``theta``) and task (``phi``) Gaussians.
 
     ``forward`` draws ``base(x) + x μ_φ^T + sqrt(x² (σ_φ²)^T) ε`` (one ``ε`` per output element)
-    while ``sample`` is True, and returns the mean otherwise.
+    in training mode, and returns the mean (no variance computed) in eval mode.
     """
 
     def __init__(self, base_layer: nn.Module, r: int = 4, c: float = math.exp(-20), fan_in_fan_out: bool = False,
@@ -93,13 +96,12 @@ class ABMLLLinear(nn.Module):
         self.theta = GaussianLoRA(k, n, r, c, init_std, **kw)
         self.phi = GaussianLoRA(k, n, r, c, init_std, **kw)
         self.phi.load_state_dict(self.theta.state_dict())
-        self.sample = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self.base_layer(x) + self.phi.mean(x).to(x.dtype)
         mean, var = self.phi.moments(x)
-        if self.sample and self.training:
-            mean = mean + var.sqrt() * torch.randn_like(var)
-        return self.base_layer(x) + mean.to(x.dtype)
+        return self.base_layer(x) + (mean + var.sqrt() * torch.randn_like(var)).to(x.dtype)
 
     def kl(self) -> torch.Tensor:
         """``KL(q(φ) || p(φ | θ))`` summed over the weight's elements."""

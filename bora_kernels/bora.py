@@ -83,6 +83,7 @@ class TaskSampler:
         self.rule = rule
         self.sizes = sizes
         self.probabilities = sizes / sizes.sum() if rule == "proportional" else torch.full_like(sizes, 1 / len(sizes))
+        self._per_task: dict[torch.device, torch.Tensor] = {}  # N_d / p_d, one copy per device
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``[batch_size]`` task indices (int64)."""
@@ -90,9 +91,11 @@ class TaskSampler:
 
     def weights(self, task_ids: torch.Tensor) -> torch.Tensor:
         """Per sequence ``N_d / (B p_d)``: weights whose weighted sum of per-document losses is an
-        unbiased estimate of the sum over the whole dataset."""
-        d = task_ids.long().cpu()
-        return (self.sizes[d] / (len(d) * self.probabilities[d])).to(torch.float32)
+        unbiased estimate of the sum over the whole dataset (on ``task_ids``' device, no sync)."""
+        per_task = self._per_task.get(task_ids.device)
+        if per_task is None:
+            per_task = self._per_task[task_ids.device] = (self.sizes / self.probabilities).float().to(task_ids.device)
+        return per_task[task_ids.long()] / len(task_ids)
 
 
 @dataclasses.dataclass
@@ -187,10 +190,8 @@ class BoRA(nn.Module):
         """The prior's negative log density (up to a constant) at the current parameters."""
         layers = self.layers()
         device = layers[0].lora_A.device
-        if self._tau == 0 or self.pooled:
-            # exactly zero, but still a function of every adapter tensor (DDP sees them all used)
-            return sum((0.0 * layer.lora_A.sum() + 0.0 * layer.lora_B.sum() for layer in layers),
-                       torch.zeros((), device=device))
+        if self._tau == 0 or self.pooled:  # the stacked tensors are used by the forward anyway (DDP)
+            return torch.zeros((), device=device)
         d = self.num_tasks
         total = torch.zeros((), device=device, dtype=torch.float32)
         for layer in layers:
@@ -198,14 +199,12 @@ class BoRA(nn.Module):
                 diff = (w[:d] - w[d:]).float().flatten(1)
                 if self.penalty_form == "paper":
                     total = total + diff.square().sum() * (self._tau / 2)
-                else:
-                    total = total + _norm_zero_safe(diff).sum() * self._tau
+                else:  # vector_norm's gradient at a zero row is zero
+                    total = total + torch.linalg.vector_norm(diff, dim=1).sum() * self._tau
         return total
 
-    def routing(self, task_ids) -> torch.Tensor:
-        """Adapter slot of each sequence: its task, or ``Θ`` for every sequence when pooled. Task
-        ids are indices or names; ``"global"`` (or index ``D``) selects ``Θ`` itself."""
-        ids = _task_indices(task_ids, self.task_names)
+    def _slots(self, ids: torch.Tensor) -> torch.Tensor:
+        """Adapter slot of each sequence: its task (``D``: ``Θ`` itself), or ``Θ`` for all when pooled."""
         return torch.full_like(ids, self.num_tasks) if self.pooled else ids
 
     def forward(self, input_ids: torch.Tensor, task_ids, attention_mask: torch.Tensor | None = None,
@@ -215,21 +214,22 @@ class BoRA(nn.Module):
         ``torch.no_grad()`` a sequence may use ``"global"`` (``Θ``, e.g. for an unseen task)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")
-        ids = _task_indices(task_ids, self.task_names).to(input_ids.device)
+        ids = _task_indices(task_ids, self.task_names)
         if ids.shape != input_ids.shape[:1]:
             raise ValueError(f"task_ids must hold one task per sequence ({input_ids.shape[0]}), got "
                              f"shape {tuple(ids.shape)}")
-        if (ids == self.num_tasks).any() and not self.pooled and torch.is_grad_enabled():
+        if not self.pooled and torch.is_grad_enabled() and ids.device.type == "cpu" and (ids == self.num_tasks).any():
             raise ValueError(f"task_ids may not train {GLOBAL!r} directly (it learns through the prior); "
                              f"evaluate it under torch.no_grad()")
-        with use_adapters(self.model, self.routing(ids)):
+        ids = ids.to(input_ids.device)
+        with use_adapters(self.model, self._slots(ids)):
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
         sequence_nll, tokens = sequence_losses(logits, input_ids, attention_mask, labels)
         nll = (sequence_nll * tokens).sum() / tokens.sum().clamp(min=1)
         if self.likelihood == "mean":
             data = nll
         else:
-            data = (self.sampler.weights(ids).to(logits.device) * sequence_nll).sum()
+            data = (self.sampler.weights(ids) * sequence_nll).sum()
         penalty = self.penalty()
         return BoRAOutput(data + penalty, nll.detach(), penalty.detach(), sequence_nll.detach(), logits)
 
@@ -245,26 +245,20 @@ class BoRA(nn.Module):
         return total.sqrt()
 
 
-def _norm_zero_safe(diff: torch.Tensor) -> torch.Tensor:
-    """Row norms whose gradient at an all-zero row is zero instead of NaN."""
-    sq = diff.square().sum(1)
-    zero = sq == 0
-    return torch.where(zero, torch.zeros_like(sq), torch.where(zero, torch.ones_like(sq), sq).sqrt())
-
-
 def _task_indices(task_ids, names: Sequence[str]) -> torch.Tensor:
-    """Task ids (a tensor of indices, or a list of indices and names) as an int64 tensor."""
-    allowed = len(names)  # index D is the global adapter
+    """Task ids (a tensor of indices, or a list of indices and names; ``"global"`` is index D) as
+    an int64 ``[B]`` tensor. Like adapter ids, a tensor's values are checked only on the CPU (a
+    check on a GPU would sync)."""
     if isinstance(task_ids, torch.Tensor):
         ids = task_ids.long()
     else:
-        lookup = {n: i for i, n in enumerate(names)} | {GLOBAL: allowed}
+        lookup = {n: i for i, n in enumerate(names)} | {GLOBAL: len(names)}
         try:
             ids = torch.tensor([lookup[t] if isinstance(t, str) else int(t) for t in task_ids], dtype=torch.long)
         except KeyError as err:
             raise ValueError(f"unknown task {err.args[0]!r}; tasks are {list(names)}") from None
-    if ids.dim() != 1 or (ids.numel() and (ids.min() < 0 or ids.max() > allowed)):
-        raise ValueError(f"task_ids must be a [B] list of task indices in 0..{allowed - 1} (or names), got "
+    if ids.dim() != 1 or (ids.device.type == "cpu" and ids.numel() and (ids.min() < 0 or ids.max() > len(names))):
+        raise ValueError(f"task_ids must be a [B] list of task indices in 0..{len(names) - 1} (or names), got "
                          f"{ids.tolist() if ids.numel() < 20 else tuple(ids.shape)}")
     return ids
 

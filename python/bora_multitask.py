@@ -117,18 +117,18 @@ def pretrained_lm(cfg: Config, generic: torch.Tensor, seed: int) -> LlamaForCaus
 
 @torch.no_grad()
 def test_nll(bora: BoRA, tasks: list[dict], base: bool = False) -> list[tuple[float, int]]:
-    """(summed token NLL, tokens) of each task's held-out documents."""
-    out = []
-    for d, task in enumerate(tasks):
-        tokens = task["test"]
-        if base:
-            with bk.use_adapters(bora.model, None):
-                nll, count = sequence_losses(bora.model(input_ids=tokens).logits, tokens)
-        else:
-            o = bora(tokens, torch.full((len(tokens),), d))
-            nll, count = o.sequence_nll, torch.full((len(tokens),), tokens.shape[1] - 1)
-        out.append(((nll * count).sum().item(), int(count.sum())))
-    return out
+    """(summed token NLL, tokens) of each task's held-out documents, every task in one mixed batch."""
+    tokens = torch.cat([t["test"] for t in tasks])
+    ids = torch.cat([torch.full((len(t["test"]),), d) for d, t in enumerate(tasks)])
+    if base:
+        with bk.use_adapters(bora.model, None):
+            nll, _ = sequence_losses(bora.model(input_ids=tokens).logits, tokens)
+    else:
+        nll = bora(tokens, ids).sequence_nll
+    per_doc = tokens.shape[1] - 1
+    sums = torch.zeros(len(tasks), dtype=torch.float64).index_add_(0, ids, nll.double() * per_doc)
+    counts = torch.bincount(ids, minlength=len(tasks)) * per_doc
+    return list(zip(sums.tolist(), counts.tolist()))
 
 
 def train(base_lm, corpus: dict, cfg: Config, tau: float, lr: float, seed: int) -> BoRA:

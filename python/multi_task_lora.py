@@ -21,6 +21,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import bora_kernels as bk
+from bora_kernels.bora import sequence_losses
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -39,9 +40,7 @@ def task_batch(tasks: torch.Tensor, length: int, vocab: int, gen: torch.Generato
 
 
 def loss_per_sequence(model, tokens: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=tokens).logits[:, :-1]
-    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
-    return losses.mean(dim=1)
+    return sequence_losses(model(input_ids=tokens).logits, tokens)[0]
 
 
 def main() -> None:

@@ -78,7 +78,7 @@ def test_many_rows_take_the_dense_path(backend, monkeypatch, poison_empty):
     monkeypatch.setattr(nf4_package, "DENSE_MIN_M", 8)
     weight, x, bias, gen = _problem(9, 128, 40, 64, torch.bfloat16)
     x.requires_grad_()
-    assert nf4_package._path(x, weight, bias, forward=True) == "dense"
+    assert nf4_package._path(x, weight, bias, forward=True)[0] == "dense"
     with use_backend(backend):
         out = nf4_matmul(x, weight, bias)
         dy = torch.randn(9, 40, generator=gen, dtype=torch.float64)
@@ -90,7 +90,7 @@ def test_many_rows_take_the_dense_path(backend, monkeypatch, poison_empty):
 
 def test_cpu_never_takes_the_cuda_gemv():
     weight, x, bias, _ = _problem(1, 64, 8, 64, torch.bfloat16)
-    assert nf4_package._path(x, weight, bias, forward=True) == "triton"
+    assert nf4_package._path(x, weight, bias, forward=True)[0] == "triton"
     with pytest.raises(RuntimeError, match="CUDA NF4 GEMV cannot run"):
         nf4_package.nf4_matmul_csrc(x, weight, bias, (1, 8))
 
@@ -145,7 +145,7 @@ def test_cuda_gemv_matches_reference(k, n, blocksize, m, double_quant, dtype, po
     weight = quantize_nf4(torch.randn(n, k, generator=gen).to("cuda", dtype), blocksize, double_quant)
     x = torch.randn(m, k, generator=gen).to("cuda", dtype)
     bias = torch.randn(n, generator=gen).to("cuda", dtype)
-    assert nf4_package._path(x, weight, bias, forward=True) == "csrc"
+    assert nf4_package._path(x, weight, bias, forward=True)[0] == "csrc"
     for b in (None, bias):
         out = nf4_package.nf4_matmul_csrc(x, weight, b, (m, n))
         assert_close(out, nf4_matmul_reference(x, weight, b), dtype, f"csrc gemv, bias={b is not None}")

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import nf4_matmul
-from ..ops.nf4_matmul import CSRC_MAX_M, _csrc_gemv, nf4_matmul_csrc
+from ..ops.nf4_matmul import _csrc_gemv, nf4_matmul_csrc
 from ..quant import quantize_nf4
 from .baselines import require
 from .lora import DTYPES
@@ -81,7 +81,7 @@ def build(case: NF4Case, device: torch.device, variants=tuple(VARIANTS)) -> dict
         from ..ops.nf4_matmul.triton import nf4_matmul_forward
 
         fns["triton", "fwd"] = lambda: nf4_matmul_forward(x, weight, None, (case.m, case.out_features))
-    if "csrc" in variants and case.m <= CSRC_MAX_M and _csrc_gemv(x, weight, None) is not None:
+    if "csrc" in variants and _csrc_gemv(x, weight, None) is not None:  # fp16/bf16, M <= 4, extension built
         fns["csrc", "fwd"] = lambda: nf4_matmul_csrc(x, weight, None, (case.m, case.out_features))
     if "dequant" in variants:
         fns["dequant", "fwd"] = lambda: F.linear(x, weight.dequantize(dtype))

@@ -25,7 +25,6 @@ from ...quant.nf4 import code_table
 from .._dispatch import backend
 
 CSRC_MAX_M = 4
-SPLIT_MAX_M = 16  # the Triton kernel's small-M tile (triton._tiles)
 DENSE_MIN_M = 1024
 
 
@@ -41,14 +40,13 @@ def _csrc_gemv(x2, weight, bias):
     return extension()
 
 
-def _path(x2, weight, bias, forward: bool) -> str:
-    """``"csrc"``, ``"triton"`` (tiled or split-K by M, see triton._tiles) or ``"dense"``."""
-    m = x2.shape[0]
-    if m >= DENSE_MIN_M:
-        return "dense"
-    if forward and _csrc_gemv(x2, weight, bias) is not None:
-        return "csrc"
-    return "triton"
+def _path(x2, weight, bias, forward: bool):
+    """``(path, extension)``: path ``"csrc"`` (with the extension module to launch it),
+    ``"triton"`` (tiled or split-K by M, see triton._tiles) or ``"dense"``."""
+    if x2.shape[0] >= DENSE_MIN_M:
+        return "dense", None
+    ext = _csrc_gemv(x2, weight, bias) if forward else None
+    return ("csrc", ext) if ext is not None else ("triton", None)
 
 
 def nf4_matmul_csrc(x2, weight, bias, out_shape):
@@ -58,6 +56,10 @@ def nf4_matmul_csrc(x2, weight, bias, out_shape):
     if ext is None:
         raise RuntimeError("the CUDA NF4 GEMV cannot run this call (see the log for why the extension is "
                            "unavailable, or the input is not fp16/bf16 with at most 4 rows)")
+    return _gemv(ext, x2, weight, bias, out_shape)
+
+
+def _gemv(ext, x2, weight, bias, out_shape):
     out = torch.empty(out_shape, device=x2.device, dtype=x2.dtype)
     ext.nf4_gemv(out, x2, weight.packed.view(-1), code_table(x2.device), weight.absmax, weight.nested_absmax,
                  weight.nested_code, weight.offset, bias, weight.shape[0], weight.blocksize)
@@ -72,9 +74,9 @@ class NF4MatmulFunction(torch.autograd.Function):
         # outputs are fresh tensors, never views: callers add adapter deltas into them in place
         if backend(x.device) == "triton":
             x2 = x.reshape(-1, k).contiguous()
-            path = _path(x2, weight, bias, forward=True)
+            path, ext = _path(x2, weight, bias, forward=True)
             if path == "csrc":
-                return nf4_matmul_csrc(x2, weight, bias, (*x.shape[:-1], n))
+                return _gemv(ext, x2, weight, bias, (*x.shape[:-1], n))
             if path == "triton":
                 from .triton import nf4_matmul_forward
 
@@ -89,7 +91,7 @@ class NF4MatmulFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, n)
         dx = dbias = None
         if ctx.needs_input_grad[0]:
-            if backend(dy.device) == "triton" and _path(dy2, weight, None, forward=False) == "triton":
+            if backend(dy.device) == "triton" and _path(dy2, weight, None, forward=False)[0] == "triton":
                 from .triton import nf4_matmul_dx
 
                 dx = nf4_matmul_dx(dy2.contiguous(), weight, ctx.x_shape)

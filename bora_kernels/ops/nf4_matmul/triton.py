@@ -24,14 +24,15 @@ from ...quant.triton import block_scale, scale_operands
 from .._common import dot_dtype, dot_precision, or_unused, rounded_for, splits_to_fill
 
 SUM_BLOCK = 1024
+SPLIT_MAX_M = 16  # up to this many rows: one 16-row tile (the smallest tl.dot), K split across programs
 
 
 def _tiles(m: int, device: torch.device) -> dict:
     """Tile sizes (N and K of the weight tile; M of the activation tile). Up to 16 rows use one
     16-row tile (the smallest ``tl.dot``) and split K; the interpreter uses small tiles so that CPU
     tests stay quick and cover partial tiles."""
-    if m <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128 if device.type == "cuda" else 64, num_warps=4)
+    if m <= SPLIT_MAX_M:
+        return dict(BLOCK_M=SPLIT_MAX_M, BLOCK_N=64, BLOCK_K=128 if device.type == "cuda" else 64, num_warps=4)
     if device.type == "cuda":
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4)
     return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4)
@@ -112,14 +113,14 @@ def _sum_splits_kernel(part_ptr, bias_ptr, out_ptr, SPLITS, MP, P, HAS_BIAS: tl.
 def _launch(a2, weight, bias, backward: bool, out, split=None):
     """Writes ``out`` (a tensor whose rows are contiguous, viewed as ``[M, P]``) and returns it.
     ``split`` (how many stretches of the reduction; default: enough to fill the device) is used
-    only for up to 16 rows."""
+    only for up to ``SPLIT_MAX_M`` rows."""
     n, k = weight.shape
     m = a2.shape[0]
     tiles = _tiles(m, a2.device)
     p, q, block_p, block_q = (k, n, tiles["BLOCK_K"], tiles["BLOCK_N"]) if backward else \
         (n, k, tiles["BLOCK_N"], tiles["BLOCK_K"])
     grid_mp = (triton.cdiv(m, tiles["BLOCK_M"]), triton.cdiv(p, block_p))
-    if m > 16:
+    if m > SPLIT_MAX_M:
         split = 1
     elif split is None:
         split = splits_to_fill(grid_mp[0] * grid_mp[1], a2.device, most=triton.cdiv(q, block_q))
