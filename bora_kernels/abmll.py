@@ -9,8 +9,10 @@ every mean and standard deviation is a LoRA pair: ``μ = B_μ A_μ`` and ``σ = 
 
 (the paper's eq. 2; ``KL(q(θ) || p(θ))`` reduces to ``-log p(θ)`` as in ABML). Training
 alternates: ``start_task`` sets ``φ = θ``, a few inner steps fit ``φ`` to the task (likelihood +
-β KL), then ``θ`` takes a step on β KL + γ (-log p(θ)) with ``φ`` fixed (first order: no
-second-order gradients, no copy of the model per task).
+β KL), then ``θ`` takes one step on the objective with the first-order approximation
+``dφ/dθ ≈ I`` (as first-order MAML; no second-order gradients, no copy of the model per task):
+backward the objective on a fresh batch of the task, then ``add_task_gradients`` adds each φ
+gradient to its θ twin, which already holds the direct gradients of β KL and γ (-log p(θ)).
 
 ``ABMLLLinear`` never builds a dense weight in its forward. It samples the layer's *output* with
 the local reparameterisation trick: with ``W ~ N(M, S²)`` elementwise, ``x W^T`` is Gaussian with
@@ -170,6 +172,20 @@ def start_task(model: nn.Module) -> None:
         m.start_task()
 
 
+@torch.no_grad()
+def add_task_gradients(model: nn.Module) -> None:
+    """The first-order outer gradient: ``θ.grad += φ.grad`` for every twin pair (``dφ/dθ ≈ I``),
+    so ``θ`` gets the likelihood's gradient at the adapted ``φ`` plus its own terms' gradients.
+    Call after the outer objective's ``backward()`` and before the optimizer's step on ``θ``."""
+    for theta, phi in zip(global_parameters(model), task_parameters(model)):
+        if phi.grad is None:
+            continue
+        if theta.grad is None:
+            theta.grad = phi.grad.clone()
+        else:
+            theta.grad.add_(phi.grad)
+
+
 def kl(model: nn.Module) -> torch.Tensor:
     """``KL(q(φ) || p(φ | θ))`` over every ABMLL layer."""
     return sum(m.kl() for m in layers(model))
@@ -181,4 +197,4 @@ def neg_log_prior(model: nn.Module, a0: float = 1.0, b0: float = 0.01) -> torch.
 
 
 __all__ = ["ABMLLLinear", "GaussianLoRA", "inject", "layers", "task_parameters", "global_parameters",
-           "start_task", "kl", "neg_log_prior"]
+           "start_task", "add_task_gradients", "kl", "neg_log_prior"]

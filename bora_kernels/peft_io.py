@@ -101,6 +101,42 @@ def _linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     return {name: shape for name, m in base_modules(model) if (shape := linear_features(m)) is not None}
 
 
+def read_peft_adapter(model: nn.Module, name: str, folder) -> tuple[dict, dict]:
+    """Read one PEFT adapter folder and check every tensor's shape against ``model``'s linear
+    layers; changes nothing. Returns ``(config, {module: (A, B, rank, alpha)})`` for
+    ``set_peft_adapter``. Raises ``ValueError`` naming the adapter and what is wrong."""
+    config, tensors = _read(name, folder)
+    return config, _module_weights(name, config, tensors, model, _linear_shapes(model))
+
+
+def _check_fits(name: str, weights: dict, layers: dict) -> None:
+    for module, (_, _, rank, _) in weights.items():
+        if module not in layers:
+            raise ValueError(f"adapter {name!r} targets {module!r}, which has no adapter layer in this "
+                             f"model; inject it too, or load into a model without adapters")
+        if rank > layers[module].lora_A.shape[1]:
+            raise ValueError(f"adapter {name!r} has rank {rank} at {module!r}, more than the injected "
+                             f"rank {layers[module].lora_A.shape[1]}; inject with a larger r")
+
+
+def _write(layers: dict, d: int, config: dict, weights: dict) -> None:
+    use_rslora = bool(config.get("use_rslora", False))
+    for module, layer in layers.items():
+        a, b, _, alpha = weights.get(module, (None, None, 0, 8))
+        layer.set_adapter(d, a, b, alpha=alpha, use_rslora=use_rslora)
+
+
+def set_peft_adapter(model: nn.Module, slot, adapter: tuple[dict, dict], name: str = "adapter") -> None:
+    """Put an adapter from ``read_peft_adapter`` into ``slot`` (an index or a slot name) of a
+    model with adapter layers; layers it does not target get rank 0 there. Every check runs
+    before anything is written, so a misfit leaves the model as it was."""
+    layers = _layers_or_raise(model)
+    d = _adapter_index(adapter_names(model), slot)
+    config, weights = adapter
+    _check_fits(name, weights, layers)
+    _write(layers, d, config, weights)
+
+
 def load_peft_adapters(model: nn.Module, adapters: Mapping[str, str | Path], dtype: torch.dtype | None = None):
     """Load PEFT LoRA adapters, stacked in the given order: ``{"name": "folder", ...}``.
 
@@ -114,11 +150,7 @@ def load_peft_adapters(model: nn.Module, adapters: Mapping[str, str | Path], dty
     """
     if not isinstance(adapters, Mapping) or not adapters:
         raise ValueError("adapters must be a non-empty {name: folder} mapping")
-    shapes = _linear_shapes(model)
-    loaded = {}
-    for name, folder in adapters.items():
-        config, tensors = _read(name, folder)
-        loaded[name] = (config, _module_weights(name, config, tensors, model, shapes))
+    loaded = {name: read_peft_adapter(model, name, folder) for name, folder in adapters.items()}
 
     layers = adapter_layers(model)
     if not layers:
@@ -135,20 +167,10 @@ def load_peft_adapters(model: nn.Module, adapters: Mapping[str, str | Path], dty
         slots = adapter_names(model)
         for name, (_, weights) in loaded.items():
             _adapter_index(slots, name)
-            for module, (_, _, rank, _) in weights.items():
-                if module not in layers:
-                    raise ValueError(f"adapter {name!r} targets {module!r}, which has no adapter layer in this "
-                                     f"model; inject it too, or load into a model without adapters")
-                if rank > layers[module].lora_A.shape[1]:
-                    raise ValueError(f"adapter {name!r} has rank {rank} at {module!r}, more than the injected "
-                                     f"rank {layers[module].lora_A.shape[1]}; inject with a larger r")
+            _check_fits(name, weights, layers)
     slots = adapter_names(model)
     for name, (config, weights) in loaded.items():
-        d = slots.index(name)
-        use_rslora = bool(config.get("use_rslora", False))
-        for module, layer in layers.items():
-            a, b, _, alpha = weights.get(module, (None, None, 0, 8))
-            layer.set_adapter(d, a, b, alpha=alpha, use_rslora=use_rslora)
+        _write(layers, slots.index(name), config, weights)
     return model
 
 

@@ -88,6 +88,28 @@ def test_task_and_global_parameters():
     assert abmll.kl(model).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_first_order_outer_gradient():
+    """After ``start_task`` (φ = θ), the first-order outer gradient of a loss of φ plus the prior
+    is the loss's gradient at φ plus the prior's at θ; a twin without a gradient is skipped."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    abmll.inject(model, ["0", "2"], r=2, c=0.01, init_std=0.1)
+    model.eval()  # the mean: a deterministic loss
+    x = torch.randn(5, 8)
+    phi, theta = abmll.task_parameters(model), abmll.global_parameters(model)
+    want_phi = torch.autograd.grad(model(x).square().sum(), phi, allow_unused=True)
+    want_theta = torch.autograd.grad(abmll.neg_log_prior(model), theta)
+    (model(x).square().sum() + abmll.neg_log_prior(model)).backward()
+    abmll.add_task_gradients(model)
+    for p, g_phi, g_theta in zip(theta, want_phi, want_theta):
+        torch.testing.assert_close(p.grad, g_theta + (0 if g_phi is None else g_phi))
+    for p in theta:
+        p.grad = None
+    abmll.add_task_gradients(model)
+    for p, g_phi in zip(theta, want_phi):
+        assert (p.grad is None) == (g_phi is None)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="c must be > 0"):
         abmll.ABMLLLinear(nn.Linear(4, 4), c=0.0)
