@@ -27,6 +27,7 @@ def test_readme_example_runs():
     assert namespace["scaled"].shape == (4, 10, 32)
     assert namespace["averaged"].shape == (64, 3) and 0 <= namespace["ece"] <= 1 and namespace["nll"] > 0
     assert all(m.sum() > 0 for m in namespace["pruned"].values())
+    assert len(namespace["streamed"]) == 5 and namespace["streamed"][-1] == "length"
     assert namespace["step"].penalty.item() > 0 and namespace["step"].sequence_nll.shape == (6,)
     assert namespace["bora"].layers()[0].lora_A.grad is not None
     assert namespace["y4"].shape == (5, 64) and isinstance(namespace["qlora"].model.layers[0].self_attn.q_proj.base_layer,

@@ -1,0 +1,384 @@
+"""The serving engine: many adapters over one model, continuous batching at the iteration level.
+
+One thread owns the model. Each iteration it runs queued commands (adapter loads and unloads),
+admits waiting requests up to ``max_batch`` (each prefilled alone, so a prompt never waits for
+another's padding), then runs one decode forward over every running sequence with per-sequence
+adapter ids, whichever adapters they use. Finished and cancelled sequences leave the batch after
+the step that finished them; new ones join before the next.
+
+The KV cache is our own, not transformers' continuous-batching manager: that manager packs the
+tokens of all requests into one ragged row and schedules them itself, and it has no public hook
+to give each request's tokens their own adapter id. Ours is one left-padded cache for the running
+batch (a ``DynamicCache`` built from per-layer ``[B, H, T, D]`` tensors each step): a joining
+sequence is padded to the batch's length (or the batch to its), a leaving one is dropped and
+all-padding columns are trimmed, and every sequence gets its true positions through
+``position_ids``. Works for decoder-only models whose attention takes a 2-D padding mask and
+``position_ids`` (Llama, Mistral without a sliding window, OPT, GPT-2, ...).
+
+Adapters live in ``max_adapters`` slots of ``MultiLoRALinear`` layers of rank ``max_lora_rank``
+(as vLLM's ``max_loras`` and ``max_lora_rank``); a free slot has rank 0 everywhere.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextvars
+import dataclasses
+import itertools
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..model import adapter_layers, inject, use_adapters
+from ..peft_io import read_peft_adapter, set_peft_adapter
+
+logger = logging.getLogger(__name__)
+
+# every linear layer of a transformer block, as named by Llama/Mistral/Qwen, OPT and GPT-2
+DEFAULT_TARGETS = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|out_proj|fc1|fc2|c_attn|c_proj|c_fc)"
+
+
+class QueueFull(RuntimeError):
+    """``max_queue`` requests are waiting already."""
+
+
+class UnknownAdapter(KeyError):
+    """The request names an adapter that is not loaded (or is being unloaded)."""
+
+    def __init__(self, name: str, available: list[str]):
+        super().__init__(name)
+        self.name, self.available = name, available
+
+    def __str__(self) -> str:
+        return f"adapter {self.name!r} is not loaded; available: {self.available}"
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    """``temperature == 0`` is greedy. ``seed`` makes sampling repeatable per request."""
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """A prompt (token ids) for ``adapter`` (None: the base model). ``on_token(token, finish)``
+    is called from the engine thread with each new token (``finish`` None), and once more with
+    ``token`` None and ``finish`` one of ``"stop"`` (a stop token), ``"length"`` (``max_tokens``)
+    or ``"cancelled"`` (``"error"`` if the model failed); it must not block."""
+    prompt: list[int]
+    adapter: str | None
+    params: SamplingParams
+    on_token: Callable[[int | None, str | None], None]
+    id: int = dataclasses.field(default_factory=itertools.count().__next__)
+    cancelled: bool = False
+    arrival: float = dataclasses.field(default_factory=time.perf_counter)
+
+
+class _Seq:
+    """A running request: ``position`` is the number of its tokens in the KV cache (the position
+    of ``last``, the token to feed next)."""
+    __slots__ = ("request", "slot", "position", "last", "generated", "generator")
+
+    def __init__(self, request: Request, slot: int, device: torch.device):
+        self.request, self.slot = request, slot
+        self.position, self.last, self.generated = len(request.prompt), -1, 0
+        self.generator = None
+        if request.params.seed is not None and request.params.temperature > 0:
+            self.generator = torch.Generator(device).manual_seed(request.params.seed)
+
+
+class Engine:
+    """Serve ``model`` (a Hugging Face causal LM) with up to ``max_adapters`` adapters at once.
+
+    A model without adapter layers gets ``MultiLoRALinear`` layers of rank ``max_lora_rank`` on
+    ``target_modules`` (default: every linear layer of the blocks), all slots empty. ``start()``
+    runs the engine thread; ``submit`` queues a request; ``load_adapter`` / ``unload_adapter``
+    change the adapters while it serves."""
+
+    def __init__(self, model: nn.Module, max_adapters: int = 16, max_lora_rank: int = 16, max_batch: int = 32,
+                 max_queue: int = 256, target_modules=DEFAULT_TARGETS):
+        for name, value in (("max_adapters", max_adapters), ("max_lora_rank", max_lora_rank),
+                            ("max_batch", max_batch), ("max_queue", max_queue)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not adapter_layers(model):
+            inject(model, target_modules, max_adapters, r=max_lora_rank, alpha=max_lora_rank)
+            for layer in adapter_layers(model).values():
+                for d in range(max_adapters):
+                    layer.set_adapter(d, None, None)
+        self.model = model.eval()
+        self.layers = adapter_layers(model)
+        self.num_slots = next(iter(self.layers.values())).num_adapters
+        self.device = next(model.parameters()).device
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.adapters: dict[str, int] = {}          # name -> slot
+        self._in_use = collections.Counter()        # slot -> requests waiting or running
+        self._draining: set[str] = set()
+        self._lock = threading.Condition()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._commands: collections.deque[tuple[Callable, Future]] = collections.deque()
+        self._running: list[_Seq] = []
+        self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._mask: torch.Tensor | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.stats = collections.Counter()          # requests, tokens, steps, step_sequences
+
+    # ------------------------------------------------------------------ adapters
+    def load_adapter(self, name: str, folder) -> None:
+        """Read and check a PEFT folder here, then write it into a free slot between steps.
+        Raises ``ValueError`` (bad folder, name taken, no free slot) and changes nothing then."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"adapter name must be a non-empty str, got {name!r}")
+        adapter = read_peft_adapter(self.model, name, folder)
+
+        def write():
+            with self._lock:
+                if name in self.adapters:
+                    raise ValueError(f"adapter {name!r} is already loaded; unload it first")
+                used = set(self.adapters.values())
+                free = [d for d in range(self.num_slots) if d not in used]
+                if not free:
+                    raise ValueError(f"all {self.num_slots} adapter slots are in use; unload one first")
+            set_peft_adapter(self.model, free[0], adapter, name)
+            with self._lock:
+                self.adapters[name] = free[0]
+
+        self._call(write)
+
+    def unload_adapter(self, name: str, timeout: float | None = None) -> None:
+        """Refuse new requests for ``name``, wait for those in flight to finish, free its slot."""
+        with self._lock:
+            if name not in self.adapters or name in self._draining:
+                raise UnknownAdapter(name, self.adapter_names())
+            self._draining.add(name)
+            slot = self.adapters[name]
+            try:
+                if not self._lock.wait_for(lambda: self._in_use[slot] == 0, timeout):
+                    raise TimeoutError(f"adapter {name!r} still has requests in flight after {timeout} s")
+            except BaseException:
+                self._draining.discard(name)
+                raise
+
+        def clear():
+            for layer in self.layers.values():
+                layer.set_adapter(slot, None, None)
+            with self._lock:
+                del self.adapters[name]
+                self._draining.discard(name)
+
+        self._call(clear)
+
+    def adapter_names(self) -> list[str]:
+        with self._lock:
+            return [n for n in self.adapters if n not in self._draining]
+
+    def _call(self, fn):
+        """Run ``fn`` on the engine thread between steps (or here when it is not running)."""
+        if self._thread is None or not self._thread.is_alive():
+            return fn()
+        future: Future = Future()
+        with self._lock:
+            self._commands.append((fn, future))
+            self._lock.notify_all()
+        return future.result()
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, request: Request) -> Request:
+        """Queue ``request``; raises ``UnknownAdapter`` or ``QueueFull``."""
+        with self._lock:
+            slot = -1
+            if request.adapter is not None:
+                if request.adapter not in self.adapters or request.adapter in self._draining:
+                    raise UnknownAdapter(request.adapter, self.adapter_names())
+                slot = self.adapters[request.adapter]
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting (max_queue={self.max_queue})")
+            if self._stop:
+                raise QueueFull("the engine is shutting down")
+            self._in_use[slot] += 1
+            request._slot = slot
+            self._waiting.append(request)
+            self.stats["requests"] += 1
+            self._lock.notify_all()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """The request leaves the batch after the current step (``on_token(None, "cancelled")``)."""
+        request.cancelled = True
+        with self._lock:
+            self._lock.notify_all()
+
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    def batch_size(self) -> int:
+        return len(self._running)
+
+    # ------------------------------------------------------------------ the loop
+    def start(self) -> "Engine":
+        """Run the engine thread, in a copy of the caller's context (so ``ops.use_backend`` set
+        around ``start`` holds for its forwards)."""
+        if self._thread is None or not self._thread.is_alive():
+            self._stop = False
+            context = contextvars.copy_context()
+            self._thread = threading.Thread(target=context.run, args=(self._loop,), name="bora-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop taking requests, finish those queued and running, stop the thread."""
+        with self._lock:
+            self._stop = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self):
+        while True:
+            with self._lock:
+                self._lock.wait_for(lambda: self._commands or self._waiting or self._running or self._stop)
+                if self._stop and not (self._commands or self._waiting or self._running):
+                    return
+            try:
+                self.step()
+            except Exception:  # a failed forward ends the requests it held, never the engine
+                logger.exception("engine step failed; ending the running requests")
+                failed, self._running, self._kv, self._mask = self._running, [], [], None
+                for seq in failed:
+                    self._finish(seq.request, "error")
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One iteration: commands, admissions (prefills), one decode step over the batch."""
+        while self._commands:
+            fn, future = self._commands.popleft()
+            try:
+                future.set_result(fn())
+            except BaseException as err:  # handed to the caller's thread
+                future.set_exception(err)
+        self._leave([s for s in self._running if s.request.cancelled], "cancelled")
+        while len(self._running) < self.max_batch:
+            with self._lock:
+                if not self._waiting:
+                    break
+                request = self._waiting.popleft()
+            if request.cancelled:
+                self._finish(request, "cancelled")
+                continue
+            self._prefill(request)
+        if self._running:
+            self._decode()
+
+    def _prefill(self, request: Request) -> None:
+        seq = _Seq(request, request._slot, self.device)
+        ids = torch.tensor([request.prompt], device=self.device)
+        with use_adapters(self.model, torch.tensor([seq.slot], device=self.device)):
+            out = self.model(input_ids=ids, use_cache=True)
+        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        self._join(seq, kv, len(request.prompt))
+        self._emit([seq], out.logits[:, -1])
+
+    def _decode(self) -> None:
+        seqs = self._running
+        batch = len(seqs)
+        tokens = torch.tensor([[s.last] for s in seqs], device=self.device)
+        positions = torch.tensor([[s.position] for s in seqs], device=self.device)
+        mask = torch.cat([self._mask, self._mask.new_ones(batch, 1)], 1)
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=self._kv)
+        with use_adapters(self.model, torch.tensor([s.slot for s in seqs], device=self.device)):
+            out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                             use_cache=True)
+        self._kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        self._mask = mask
+        for seq in seqs:  # the token just fed is in the cache now
+            seq.position += 1
+        self.stats["steps"] += 1
+        self.stats["step_sequences"] += batch
+        self._emit(list(seqs), out.logits[:, -1])
+
+    def _emit(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
+        """Choose each sequence's next token, hand it out, and retire finished sequences."""
+        chosen = self._choose(seqs, logits).tolist()
+        done, reasons = [], []
+        for seq, token in zip(seqs, chosen):
+            params = seq.request.params
+            if token in params.stop_token_ids:
+                done.append(seq), reasons.append("stop")
+                continue
+            seq.request.on_token(token, None)
+            seq.generated += 1
+            seq.last = token
+            self.stats["tokens"] += 1
+            if seq.generated >= params.max_tokens:
+                done.append(seq), reasons.append("length")
+        for seq, reason in zip(done, reasons):
+            self._leave([seq], reason)
+
+    def _choose(self, seqs: list[_Seq], logits: torch.Tensor) -> torch.Tensor:
+        tokens = logits.argmax(-1)
+        sampled = [i for i, s in enumerate(seqs) if s.request.params.temperature > 0]
+        if not sampled:
+            return tokens
+        temps = torch.tensor([seqs[i].request.params.temperature for i in sampled], device=logits.device)
+        top_p = torch.tensor([seqs[i].request.params.top_p for i in sampled], device=logits.device)
+        probs = (logits[sampled].float() / temps[:, None]).softmax(-1)
+        # top-p: keep the smallest set of most likely tokens whose mass reaches top_p
+        sorted_probs, order = probs.sort(-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p[:, None]
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+        for row, i in enumerate(sampled):
+            tokens[i] = torch.multinomial(probs[row], 1, generator=seqs[i].generator).squeeze()
+        return tokens
+
+    # ------------------------------------------------------------------ the batch's KV cache
+    def _join(self, seq: _Seq, kv: list, length: int) -> None:
+        mask = torch.ones(1, length, dtype=torch.long, device=self.device)
+        if not self._running:
+            self._kv, self._mask = kv, mask
+        else:
+            width = max(self._mask.shape[1], length)
+            pad = lambda t, n: torch.nn.functional.pad(t, (0, 0, n, 0)) if n else t  # noqa: E731  left, dim -2
+            grow, new = width - self._mask.shape[1], width - length
+            self._kv = [(torch.cat([pad(k0, grow), pad(k1, new)]), torch.cat([pad(v0, grow), pad(v1, new)]))
+                        for (k0, v0), (k1, v1) in zip(self._kv, kv)]
+            self._mask = torch.cat([torch.nn.functional.pad(self._mask, (grow, 0)),
+                                    torch.nn.functional.pad(mask, (new, 0))])
+        self._running.append(seq)
+
+    def _leave(self, seqs: list[_Seq], reason: str) -> None:
+        for seq in seqs:
+            self._finish(seq.request, reason)
+        gone = {id(s) for s in seqs}
+        keep = [i for i, s in enumerate(self._running) if id(s) not in gone]
+        if len(keep) == len(self._running):
+            return
+        self._running = [self._running[i] for i in keep]
+        if not keep:
+            self._kv, self._mask = [], None
+            return
+        index = torch.tensor(keep, device=self.device)
+        mask = self._mask.index_select(0, index)
+        first = int((mask.sum(0) > 0).nonzero()[0])  # columns that are padding for every sequence left go
+        self._mask = mask[:, first:]
+        self._kv = [(k.index_select(0, index)[:, :, first:], v.index_select(0, index)[:, :, first:])
+                    for k, v in self._kv]
+
+    def _finish(self, request: Request, reason: str) -> None:
+        try:
+            request.on_token(None, reason)
+        finally:
+            with self._lock:
+                self._in_use[request._slot] -= 1
+                self._lock.notify_all()
