@@ -2,6 +2,7 @@
 limits, one mixed-batch pass against the per-task loop of the released code, the likelihood's
 weights, the sampler, and DDP (two gloo processes) with AdamW and with IVON's ``sync``."""
 
+import datetime
 import math
 import os
 import tempfile
@@ -219,7 +220,9 @@ def test_bad_task_ids_are_named():
 
 
 def _ddp_worker(rank, world, init_file, optimizer, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # a bounded wait: a rank that dies must fail the test, not hang it
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         bora = make_bora(4.0)
         ddp = torch.nn.parallel.DistributedDataParallel(bora)  # no find_unused_parameters

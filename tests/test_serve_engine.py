@@ -207,6 +207,11 @@ def test_queue_limit_and_shutdown_finishes_work(adapters):
 
 
 def test_bad_arguments():
+    for kw, match in (({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 2.5}, "max_tokens"),
+                      ({"temperature": -1}, "temperature"), ({"temperature": float("nan")}, "temperature"),
+                      ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"seed": "x"}, "seed")):
+        with pytest.raises(ValueError, match=match):
+            SamplingParams(**kw)
     with pytest.raises(ValueError, match="max_batch must be a positive int"):
         Engine(tiny_llama(), max_batch=0)
     engine = Engine(copy.deepcopy(tiny_llama()), max_adapters=1, max_lora_rank=2)
