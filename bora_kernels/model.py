@@ -268,7 +268,9 @@ def use_adapters(model: nn.Module, adapter_ids):
 
     ``adapter_ids``: one id or name for the whole batch; per sequence (``[B]``) or per token
     (``[B, L]``) as an integer tensor or (nested) lists of ints, names and None; ``-1`` or None
-    for the base model; None alone runs the base model. Works for ``model(...)``,
+    for the base model; None alone runs the base model; or an ``nn.AdapterRoute``, whose
+    groupings (one per batch shape) then carry over to later blocks that pass the same route (a
+    server's decode steps). Works for ``model(...)``,
     ``loss.backward()`` (run it inside the block) and ``model.generate(...)``, where per-sequence
     ids hold through prefill and every decode step. The grouping of tokens is built once per
     batch shape and shared by all layers. Nested blocks restore the outer ids on exit, also after
@@ -278,9 +280,12 @@ def use_adapters(model: nn.Module, adapter_ids):
     same model at once (serve one batch at a time per model).
     """
     layers = list(_layers_or_raise(model).values())
-    names = adapter_names(model)
-    ids = resolve_adapter_ids(names, adapter_ids)
-    route = None if ids is None else AdapterRoute(ids, len(names))
+    if isinstance(adapter_ids, AdapterRoute):  # kept by the caller: its groupings carry over between blocks
+        route = adapter_ids
+    else:
+        names = adapter_names(model)
+        ids = resolve_adapter_ids(names, adapter_ids)
+        route = None if ids is None else AdapterRoute(ids, len(names))
     with _routed(layers, "adapter_ids", route):
         yield model
 

@@ -88,11 +88,13 @@ def make_corpus(cfg: Config, seed: int = 0) -> dict:
     return {"generic": generic, "tasks": tasks}
 
 
-def sample_chain(logits: torch.Tensor, count: int, length: int, gen: torch.Generator) -> torch.Tensor:
-    """``count`` sequences of a bigram chain with next-token ``logits[prev]``."""
+def sample_chain(logits: torch.Tensor, count: int, length: int, gen: torch.Generator,
+                 start: torch.Tensor | None = None) -> torch.Tensor:
+    """``count`` sequences of a bigram chain with next-token ``logits[prev]``, from random first
+    tokens or the given ``start`` ``[count]``."""
     probs = logits.softmax(1)
     tokens = torch.empty(count, length, dtype=torch.long)
-    tokens[:, 0] = torch.randint(0, logits.shape[0], (count,), generator=gen)
+    tokens[:, 0] = torch.randint(0, logits.shape[0], (count,), generator=gen) if start is None else start
     for t in range(1, length):
         tokens[:, t] = torch.multinomial(probs[tokens[:, t - 1]], 1, generator=gen).squeeze(1)
     return tokens

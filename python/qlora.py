@@ -129,14 +129,6 @@ def _shuffle(options: torch.Tensor, gen) -> tuple[torch.Tensor, torch.Tensor]:
     return options.gather(1, perm[..., None].expand_as(options)), (perm == 0).float().argmax(1)
 
 
-def _continue(logits: torch.Tensor, last: torch.Tensor, length: int, gen) -> torch.Tensor:
-    """``[*last.shape, length]`` tokens of the chain ``logits`` after the tokens ``last``."""
-    probs, tokens = logits.softmax(1), [last.reshape(-1)]
-    for _ in range(length):
-        tokens.append(torch.multinomial(probs[tokens[-1]], 1, generator=gen).squeeze(1))
-    return torch.stack(tokens[1:], 1).view(*last.shape, length)
-
-
 def continuation_task(logits: torch.Tensor, count: int, gen, distractors: torch.Tensor | None = None,
                       prefix: int = 8, length: int = 4) -> dict:
     """A text's first ``prefix`` tokens and 4 continuations of ``length`` tokens: its own, and 3
@@ -146,7 +138,8 @@ def continuation_task(logits: torch.Tensor, count: int, gen, distractors: torch.
     if distractors is None:
         others = sample_chain(logits, count * (OPTIONS - 1), prefix + length, gen)[:, prefix:]
     else:
-        others = _continue(distractors, docs[:, prefix - 1].repeat_interleave(OPTIONS - 1), length, gen)
+        last = docs[:, prefix - 1].repeat_interleave(OPTIONS - 1)
+        others = sample_chain(distractors, len(last), length + 1, gen, start=last)[:, 1:]
     options = torch.cat([docs[:, None, prefix:], others.view(count, OPTIONS - 1, length)], 1)
     options, answer = _shuffle(options, gen)
     return {"prompts": docs[:, :prefix], "options": options, "answer": answer}

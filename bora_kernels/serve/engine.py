@@ -12,7 +12,8 @@ to give each request's tokens their own adapter id. Ours is one left-padded cach
 batch (a ``DynamicCache`` built from per-layer ``[B, H, T, D]`` tensors each step): a joining
 sequence is padded to the batch's length (or the batch to its), a leaving one is dropped and
 all-padding columns are trimmed, and every sequence gets its true positions through
-``position_ids``. Works for decoder-only models whose attention takes a 2-D padding mask and
+``position_ids`` (its count of real cache columns). The batch's adapter route is rebuilt only
+when its membership changes, so the decode steps in between reuse one token grouping. Works for decoder-only models whose attention takes a 2-D padding mask and
 ``position_ids`` (Llama, Mistral without a sliding window, OPT, GPT-2, ...).
 
 Adapters live in ``max_adapters`` slots of ``MultiLoRALinear`` layers of rank ``max_lora_rank``
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 
 from ..model import adapter_layers, inject, use_adapters
+from ..nn import AdapterRoute
 from ..peft_io import read_peft_adapter, set_peft_adapter
 
 logger = logging.getLogger(__name__)
@@ -92,16 +94,15 @@ class Request:
     id: int = dataclasses.field(default_factory=itertools.count().__next__)
     cancelled: bool = False
     arrival: float = dataclasses.field(default_factory=time.perf_counter)
+    slot: int = dataclasses.field(default=-1, init=False, repr=False)  # set by Engine.submit
 
 
 class _Seq:
-    """A running request: ``position`` is the number of its tokens in the KV cache (the position
-    of ``last``, the token to feed next)."""
-    __slots__ = ("request", "slot", "position", "last", "generated", "generator")
+    """A running request: ``last`` is the token to feed next."""
+    __slots__ = ("request", "last", "generated", "generator")
 
-    def __init__(self, request: Request, slot: int, device: torch.device):
-        self.request, self.slot = request, slot
-        self.position, self.last, self.generated = len(request.prompt), -1, 0
+    def __init__(self, request: Request, device: torch.device):
+        self.request, self.last, self.generated = request, -1, 0
         self.generator = None
         if request.params.seed is not None and request.params.temperature > 0:
             self.generator = torch.Generator(device).manual_seed(request.params.seed)
@@ -139,7 +140,8 @@ class Engine:
         self._commands: collections.deque[tuple[Callable, Future]] = collections.deque()
         self._running: list[_Seq] = []
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._mask: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None     # [B, T] 1 for a real cache column, 0 for padding
+        self._route: AdapterRoute | None = None    # the running batch's adapter ids, per membership
         self._thread: threading.Thread | None = None
         self._stop = False
         self.stats = collections.Counter()          # requests, tokens, steps, step_sequences
@@ -217,7 +219,7 @@ class Engine:
             if self._stop:
                 raise QueueFull("the engine is shutting down")
             self._in_use[slot] += 1
-            request._slot = slot
+            request.slot = slot
             self._waiting.append(request)
             self.stats["requests"] += 1
             self._lock.notify_all()
@@ -264,7 +266,7 @@ class Engine:
                 self.step()
             except Exception:  # a failed forward ends the requests it held, never the engine
                 logger.exception("engine step failed; ending the running requests")
-                failed, self._running, self._kv, self._mask = self._running, [], [], None
+                failed, self._running, self._kv, self._mask, self._route = self._running, [], [], None, None
                 for seq in failed:
                     self._finish(seq.request, "error")
 
@@ -277,7 +279,7 @@ class Engine:
                 future.set_result(fn())
             except BaseException as err:  # handed to the caller's thread
                 future.set_exception(err)
-        self._leave([s for s in self._running if s.request.cancelled], "cancelled")
+        self._leave([(s, "cancelled") for s in self._running if s.request.cancelled])
         while len(self._running) < self.max_batch:
             with self._lock:
                 if not self._waiting:
@@ -291,9 +293,9 @@ class Engine:
             self._decode()
 
     def _prefill(self, request: Request) -> None:
-        seq = _Seq(request, request._slot, self.device)
+        seq = _Seq(request, self.device)
         ids = torch.tensor([request.prompt], device=self.device)
-        with use_adapters(self.model, torch.tensor([seq.slot], device=self.device)):
+        with use_adapters(self.model, torch.tensor([request.slot], device=self.device)):
             out = self.model(input_ids=ids, use_cache=True)
         kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         self._join(seq, kv, len(request.prompt))
@@ -303,18 +305,16 @@ class Engine:
         seqs = self._running
         batch = len(seqs)
         tokens = torch.tensor([[s.last] for s in seqs], device=self.device)
-        positions = torch.tensor([[s.position] for s in seqs], device=self.device)
+        positions = self._mask.sum(1, keepdim=True)  # each sequence's tokens in the cache
         mask = torch.cat([self._mask, self._mask.new_ones(batch, 1)], 1)
         from transformers import DynamicCache
 
         cache = DynamicCache(ddp_cache_data=self._kv)
-        with use_adapters(self.model, torch.tensor([s.slot for s in seqs], device=self.device)):
+        with use_adapters(self.model, self._route):
             out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=cache,
                              use_cache=True)
         self._kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         self._mask = mask
-        for seq in seqs:  # the token just fed is in the cache now
-            seq.position += 1
         self.stats["steps"] += 1
         self.stats["step_sequences"] += batch
         self._emit(list(seqs), out.logits[:, -1])
@@ -322,20 +322,19 @@ class Engine:
     def _emit(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
         """Choose each sequence's next token, hand it out, and retire finished sequences."""
         chosen = self._choose(seqs, logits).tolist()
-        done, reasons = [], []
+        done = []
         for seq, token in zip(seqs, chosen):
             params = seq.request.params
             if token in params.stop_token_ids:
-                done.append(seq), reasons.append("stop")
+                done.append((seq, "stop"))
                 continue
             seq.request.on_token(token, None)
             seq.generated += 1
             seq.last = token
             self.stats["tokens"] += 1
             if seq.generated >= params.max_tokens:
-                done.append(seq), reasons.append("length")
-        for seq, reason in zip(done, reasons):
-            self._leave([seq], reason)
+                done.append((seq, "length"))
+        self._leave(done)
 
     def _choose(self, seqs: list[_Seq], logits: torch.Tensor) -> torch.Tensor:
         tokens = logits.argmax(-1)
@@ -349,8 +348,13 @@ class Engine:
         sorted_probs, order = probs.sort(-1, descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p[:, None]
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-        for row, i in enumerate(sampled):
-            tokens[i] = torch.multinomial(probs[row], 1, generator=seqs[i].generator).squeeze()
+        shared = [row for row, i in enumerate(sampled) if seqs[i].generator is None]
+        if shared:  # one draw for every request without a seed
+            where = torch.tensor([sampled[row] for row in shared], device=logits.device)
+            tokens[where] = torch.multinomial(probs[shared], 1).squeeze(1)
+        for row, i in enumerate(sampled):  # a seeded request draws from its own generator
+            if seqs[i].generator is not None:
+                tokens[i] = torch.multinomial(probs[row], 1, generator=seqs[i].generator).squeeze()
         return tokens
 
     # ------------------------------------------------------------------ the batch's KV cache
@@ -367,15 +371,25 @@ class Engine:
             self._mask = torch.cat([torch.nn.functional.pad(self._mask, (grow, 0)),
                                     torch.nn.functional.pad(mask, (new, 0))])
         self._running.append(seq)
+        self._reroute()
 
-    def _leave(self, seqs: list[_Seq], reason: str) -> None:
-        for seq in seqs:
-            self._finish(seq.request, reason)
-        gone = {id(s) for s in seqs}
-        keep = [i for i, s in enumerate(self._running) if id(s) not in gone]
-        if len(keep) == len(self._running):
+    def _reroute(self) -> None:
+        """A new route for a new membership (the decode steps until the next change share it)."""
+        self._route = None
+        if self._running:
+            slots = torch.tensor([s.request.slot for s in self._running], device=self.device)
+            self._route = AdapterRoute(slots, self.num_slots)
+
+    def _leave(self, finished: list[tuple[_Seq, str]]) -> None:
+        """Finish these sequences (each with its reason) and compact the batch once."""
+        if not finished:
             return
+        for seq, reason in finished:
+            self._finish(seq.request, reason)
+        gone = {id(s) for s, _ in finished}
+        keep = [i for i, s in enumerate(self._running) if id(s) not in gone]
         self._running = [self._running[i] for i in keep]
+        self._reroute()
         if not keep:
             self._kv, self._mask = [], None
             return
@@ -391,5 +405,5 @@ class Engine:
             request.on_token(None, reason)
         finally:
             with self._lock:
-                self._in_use[request._slot] -= 1
+                self._in_use[request.slot] -= 1
                 self._lock.notify_all()
