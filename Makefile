@@ -3,7 +3,9 @@
 #               Llama trains 8 adapters in one mixed batch, then again over a 4-bit NF4 base
 #               (multi-adapter QLoRA); BoRA's test perplexity against tau (runs/bora_multitask/);
 #               Context-PEFT's comparison at small
-#               scale; IVON-LoRA against AdamW at small scale; then the model benchmark
+#               scale; IVON-LoRA against AdamW at small scale; the serving demo's model and adapters
+#               (runs/serve_demo/, what `bora-serve --demo` serves) and a load test of bora-serve
+#               against one-adapter-per-batch serving; then the model benchmark
 #   make test   the whole test suite (Triton kernels run under the interpreter without a GPU)
 PYTHON ?= python3
 VENV ?= .venv
@@ -30,6 +32,8 @@ demo: setup
 	$(PY) python/bora_multitask.py --quick
 	$(PY) python/context_peft.py --quick
 	$(PY) python/ivon_lora.py --quick
+	$(PY) -m bora_kernels.serve.demo
+	$(VENV)/bin/bora-bench serve --quick
 	$(VENV)/bin/bora-bench model --quick
 
 test: setup

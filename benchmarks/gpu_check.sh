@@ -70,6 +70,13 @@ fi
 step "benchmarks (bora-bench all)"
 python -m bora_kernels.bench all --device cuda --json "$results/$stamp.json" || status=1
 
+step "serving load test (bora-bench serve; needs fastapi, uvicorn, httpx)"
+if python -c "import fastapi, uvicorn, httpx" 2>/dev/null; then
+  python -m bora_kernels.bench serve --device cuda --json "$results/$stamp-serve.json" || status=1
+else
+  echo "fastapi/uvicorn/httpx missing (carry their wheels in .whl/); skipped"
+fi
+
 step "lora_delta tile sweep"
 python benchmarks/tune_lora.py --copy-GBps "$copy" --json "$results/$stamp-lora-tiles.json" || status=1
 

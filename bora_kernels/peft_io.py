@@ -47,7 +47,12 @@ def _read(name: str, folder) -> tuple[dict, dict[str, torch.Tensor]]:
                 f"read, because unpickling can run arbitrary code. Re-save it with PEFT's "
                 f"save_pretrained(..., safe_serialization=True)")
         raise ValueError(f"adapter {name!r}: {folder} has no {WEIGHTS_FILE}")
-    config = json.loads((folder / CONFIG_FILE).read_text())
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"adapter {name!r}: {folder / CONFIG_FILE} is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"adapter {name!r}: {folder / CONFIG_FILE} holds no JSON object")
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"adapter {name!r}: peft_type is {config.get('peft_type')!r}; only LORA adapters load")
     for field, default in _UNSUPPORTED.items():
@@ -59,7 +64,11 @@ def _read(name: str, folder) -> tuple[dict, dict[str, torch.Tensor]]:
                          f"only bias='none' loads")
     from safetensors.torch import load_file
 
-    return config, load_file(str(folder / WEIGHTS_FILE))
+    try:
+        return config, load_file(str(folder / WEIGHTS_FILE))
+    except Exception as err:  # safetensors raises its own error type for a corrupt file
+        raise ValueError(f"adapter {name!r}: {folder / WEIGHTS_FILE} is not a readable safetensors file "
+                         f"({err})") from None
 
 
 def _module_weights(name: str, config: dict, tensors: dict, model: nn.Module, modules: dict) -> dict:

@@ -81,3 +81,12 @@ def poison_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", _poisoned(torch.empty))
     monkeypatch.setattr(torch, "empty_like", _poisoned(torch.empty_like))
     monkeypatch.setattr(torch.Tensor, "new_empty", _poisoned(torch.Tensor.new_empty))
+
+
+@pytest.fixture(scope="session")
+def serve_demo(tmp_path_factory):
+    """The serving demo (tiny Llama, character tokenizer, 8 adapters), trained briefly."""
+    pytest.importorskip("transformers")
+    from bora_kernels.serve import demo
+
+    return demo.build(tmp_path_factory.mktemp("serve_demo"), steps=80)

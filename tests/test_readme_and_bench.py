@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bora_kernels.bench import report
 from bora_kernels.bench.cli import main as bench_main
 
@@ -92,6 +94,22 @@ def test_bench_context_suite(tmp_path):
     table = report.format_table([{"environment": json.loads(out.read_text())["environment"],
                                   "suites": {"context": records}}])
     assert "MiB einsum" in table and "| 40.0 |" in table
+
+
+def test_bench_serve(serve_demo, tmp_path, capsys):
+    """The load test runs both servers and counts every request (a small run: its ratio is not
+    asserted, the benchmark's figures are quoted from full runs)."""
+    pytest.importorskip("httpx")
+    out = tmp_path / "serve.json"
+    assert bench_main(["serve", "--device", "cpu", "--model", str(serve_demo / "base"), "--requests", "12",
+                       "--concurrency", "4", "--adapters", "3", "--max-tokens", "5", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())["serve"]
+    assert list(result["runs"]) == ["bora (mixed adapters per step)", "baseline (one adapter per step)"]
+    for run in result["runs"].values():
+        assert (run["completed"], run["failed"], run["lost"], run["tokens"]) == (12, 0, 0, 60)
+        assert run["wrong_token_counts"] == 0 and run["ttft_p50_s"] <= run["latency_p50_s"]
+    assert result["throughput_ratio"] > 0
+    assert "throughput ratio (bora / baseline)" in capsys.readouterr().out
 
 
 def test_bench_writes_results_and_readme_table(tmp_path, capsys):

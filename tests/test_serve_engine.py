@@ -112,6 +112,30 @@ def test_greedy_equals_offline_generate_in_a_mixed_batch(adapters, reference):
     assert len(outputs) > 4
 
 
+def test_per_adapter_schedule_runs_one_adapter_per_step(adapters, reference, monkeypatch):
+    """The baseline schedule: every decode step holds one adapter's sequences, the outputs are
+    the same, and it takes more steps than the mixed schedule for the same requests."""
+    root, names = adapters
+    steps = {}
+    for schedule in ("mixed", "per-adapter"):
+        engine = served(adapters, max_batch=8, schedule=schedule)
+        mixes = []
+        decode = engine._decode
+        monkeypatch.setattr(engine, "_decode", lambda: (mixes.append({s.request.slot for s in engine._running}), decode()))
+        jobs = [(names[i % 4], collect(engine, [1 + i, 2, 3], names[i % 4], SamplingParams(max_tokens=4, temperature=0)))
+                for i in range(8)]
+        with use_backend("torch"):
+            while not all(out["done"].is_set() for _, (_, out) in jobs):
+                engine.step()
+        for i, (name, (_, out)) in enumerate(jobs):
+            assert out["tokens"] == offline(reference, [1 + i, 2, 3], name, 4)
+        assert max(map(len, mixes)) == (4 if schedule == "mixed" else 1)
+        steps[schedule] = len(mixes)
+    assert steps["per-adapter"] > steps["mixed"]
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        Engine(tiny_llama(), schedule="fifo")
+
+
 def test_stop_tokens_and_sampling(adapters, reference):
     root, names = adapters
     engine = start(served(adapters))

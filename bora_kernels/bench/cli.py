@@ -10,7 +10,10 @@
                     one IVON step plus the next sample against ivon-opt, AdamW and a device copy
     bora-bench nf4  [--device cpu|cuda] [--quick] [--json FILE] [--tokens ...] [--features K N]
                     nf4_matmul against bitsandbytes matmul_4bit and the dense weight
-    bora-bench all  [--device ...] [--quick] [--json FILE]       every suite
+    bora-bench serve [--device cpu|cuda] [--quick] [--json FILE] [--model DIR] [--requests N]
+                    [--concurrency C] [--adapters A] [--max-tokens T] [--time-limit S]
+                    a load test of bora-serve on loopback against one-adapter-per-batch serving
+    bora-bench all  [--device ...] [--quick] [--json FILE]       every op and model suite
     bora-bench table [--results DIR] [--readme README.md]         README table from result files
 """
 
@@ -26,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..ops import use_backend
-from . import context, ivon, lora, model, nf4
+from . import context, ivon, lora, model, nf4, serve
 from .report import format_table, write_readme_table
 from .timing import environment, median_seconds, peak_extra_mib
 
@@ -107,6 +110,15 @@ def _parser() -> argparse.ArgumentParser:
     p_nf4.add_argument("--features", type=int, nargs=2, metavar=("K", "N"), help="in and out features")
     p_nf4.add_argument("--variants", nargs="+", choices=tuple(nf4.VARIANTS), help="subset to time")
 
+    p_serve = sub.add_parser("serve", help="load test of bora-serve against one adapter per batch")
+    common(p_serve)
+    p_serve.add_argument("--model", help="a Hugging Face model folder (default: the serving demo's model)")
+    p_serve.add_argument("--requests", type=int, help="requests to send (default 256; --quick 64)")
+    p_serve.add_argument("--concurrency", type=int, help="concurrent clients, also --max-batch (default 32; --quick 16)")
+    p_serve.add_argument("--adapters", type=int, help="adapters the requests spread over (default 16; --quick 8)")
+    p_serve.add_argument("--max-tokens", type=int, help="tokens generated per request (default 32; --quick 16)")
+    p_serve.add_argument("--time-limit", type=float, default=600.0, help="seconds per server before requests count as lost")
+
     p_all = sub.add_parser("all", help="every suite with its default grid")
     common(p_all)
 
@@ -127,6 +139,32 @@ def _lora_cases(args, device):
         args.ranks or [16])]
 
 
+def _write_json(file: str | None, result: dict) -> None:
+    if file:
+        path = Path(file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {path}", file=sys.stderr)
+
+
+def _serve(args, device: torch.device) -> int:
+    quick = serve.LoadCase(requests=64, concurrency=16, adapters=8, max_tokens=16)
+    case = quick if args.quick else serve.LoadCase()
+    for name in ("requests", "concurrency", "adapters", "max_tokens", "time_limit"):
+        value = getattr(args, name)
+        if value is not None:
+            if value <= 0:
+                raise SystemExit(f"bora-bench serve: --{name.replace('_', '-')} must be > 0, got {value}")
+            setattr(case, name, value)
+    env = environment(device)
+    print(f"bora-bench serve on {env['device']}", file=sys.stderr)
+    result = {"environment": env, "quick": args.quick, "serve": serve.run(case, args.model, device.type)}
+    print(serve.format_result(result["serve"], env["device"]))
+    _write_json(args.json, result)
+    runs = result["serve"]["runs"].values()
+    return 0 if all(r["failed"] == 0 and r["lost"] == 0 for r in runs) else 1
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "table":
@@ -140,6 +178,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bora-bench: --device cuda but no CUDA device is visible")
+    if args.command == "serve":
+        return _serve(args, device)
     if args.command == "lora":
         plan = {"lora": (_lora_cases(args, device), args.variants)}
     elif args.command == "model":
@@ -174,9 +214,5 @@ def main(argv=None) -> int:
         for name, (cases, variants) in plan.items():
             result["suites"][name] = run_suite(SUITES[name], cases, device, args.quick, variants)
     print(format_table([result]))
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {path}", file=sys.stderr)
+    _write_json(args.json, result)
     return 0

@@ -1,4 +1,11 @@
-"""Serving many adapters over one model: the continuous-batching engine (``engine.py``)."""
+"""Serving many adapters over one model.
+
+- ``engine.py``: the continuous-batching engine (one model thread, adapter slots, own KV cache);
+- ``app.py``: the OpenAI-compatible HTTP API over it (FastAPI; extra ``[serve]``);
+- ``cli.py``: ``bora-serve`` / ``python -m bora_kernels.serve``;
+- ``demo.py``: the tiny model and adapters ``bora-serve --demo`` serves;
+- ``ray.py``: the engine as a Ray Serve deployment with model multiplexing (extra ``[ray]``).
+"""
 
 from .engine import Engine, QueueFull, Request, SamplingParams, UnknownAdapter
 

@@ -45,6 +45,13 @@ logger = logging.getLogger(__name__)
 DEFAULT_TARGETS = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|out_proj|fc1|fc2|c_attn|c_proj|c_fc)"
 
 
+# "mixed": any request joins the running batch. "per-adapter": only requests for the running
+# batch's adapter join it; the next adapter (the oldest waiting request's) starts when the batch
+# has drained. That is how a server without multi-adapter kernels batches (one adapter per
+# forward), kept as the baseline of ``bora-bench serve``.
+SCHEDULES = ("mixed", "per-adapter")
+
+
 class QueueFull(RuntimeError):
     """``max_queue`` requests are waiting already."""
 
@@ -114,10 +121,13 @@ class Engine:
     A model without adapter layers gets ``MultiLoRALinear`` layers of rank ``max_lora_rank`` on
     ``target_modules`` (default: every linear layer of the blocks), all slots empty. ``start()``
     runs the engine thread; ``submit`` queues a request; ``load_adapter`` / ``unload_adapter``
-    change the adapters while it serves."""
+    change the adapters while it serves. ``schedule``: one of ``SCHEDULES`` (default ``"mixed"``,
+    the point of this engine; ``"per-adapter"`` is the baseline it is measured against)."""
 
     def __init__(self, model: nn.Module, max_adapters: int = 16, max_lora_rank: int = 16, max_batch: int = 32,
-                 max_queue: int = 256, target_modules=DEFAULT_TARGETS):
+                 max_queue: int = 256, target_modules=DEFAULT_TARGETS, schedule: str = "mixed"):
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         for name, value in (("max_adapters", max_adapters), ("max_lora_rank", max_lora_rank),
                             ("max_batch", max_batch), ("max_queue", max_queue)):
             if not isinstance(value, int) or value < 1:
@@ -131,7 +141,7 @@ class Engine:
         self.layers = adapter_layers(model)
         self.num_slots = next(iter(self.layers.values())).num_adapters
         self.device = next(model.parameters()).device
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_batch, self.max_queue, self.schedule = max_batch, max_queue, schedule
         self.adapters: dict[str, int] = {}          # name -> slot
         self._in_use = collections.Counter()        # slot -> requests waiting or running
         self._draining: set[str] = set()
@@ -282,15 +292,27 @@ class Engine:
         self._leave([(s, "cancelled") for s in self._running if s.request.cancelled])
         while len(self._running) < self.max_batch:
             with self._lock:
-                if not self._waiting:
-                    break
-                request = self._waiting.popleft()
+                request = self._next_waiting()
+            if request is None:
+                break
             if request.cancelled:
                 self._finish(request, "cancelled")
                 continue
             self._prefill(request)
         if self._running:
             self._decode()
+
+    def _next_waiting(self) -> Request | None:
+        if not self._waiting:
+            return None
+        if self.schedule == "mixed" or not self._running:
+            return self._waiting.popleft()
+        slot = self._running[0].request.slot
+        for i, request in enumerate(self._waiting):
+            if request.slot == slot or request.cancelled:
+                del self._waiting[i]
+                return request
+        return None
 
     def _prefill(self, request: Request) -> None:
         seq = _Seq(request, self.device)

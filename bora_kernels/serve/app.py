@@ -1,0 +1,494 @@
+"""The HTTP API over the engine: OpenAI's completions and chat completions, model list, health,
+Prometheus metrics, and adapter hot load/unload (vLLM's endpoints).
+
+``model`` in a request is an adapter name, or the base model's name for no adapter. Every error
+is OpenAI's JSON shape ``{"error": {"message", "type", "param", "code"}}`` with the status that
+says what happened: 400 bad input, 403 a path outside ``--adapter-root``, 404 an unknown adapter
+(the message lists the loaded ones), 413 a body over the limit, 429 a full queue (with
+``Retry-After``), 504 past the request timeout. A client that disconnects cancels its request: the
+sequence leaves the batch at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import math
+import time
+import uuid
+from pathlib import Path
+
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from .engine import Engine, QueueFull, Request, SamplingParams, UnknownAdapter
+from .metrics import Metrics
+
+
+POLL_SECONDS = 0.1  # how often a waiting request checks for its timeout and its client
+
+
+@dataclasses.dataclass
+class Limits:
+    """What one request may ask for. ``max_prompt_tokens`` defaults to the model's context."""
+    max_prompt_tokens: int | None = None
+    max_tokens: int = 1024
+    max_body_bytes: int = 1 << 20
+    request_timeout: float = 600.0
+    retry_after: int = 1
+
+
+class APIError(Exception):
+    TYPES = {400: "invalid_request_error", 403: "permission_error", 404: "not_found_error",
+             413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable",
+             504: "timeout"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
+                          "param": self.param, "code": self.code}}
+
+
+def _bad(param: str, message: str) -> APIError:
+    return APIError(400, f"{param}: {message}", param=param)
+
+
+def _int(body: dict, name: str, default, low: int, high: int | None = None, why_high: str = ""):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(name, f"must be an integer, got {json.dumps(value)}")
+    if value < low:
+        raise _bad(name, f"must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise _bad(name, f"{value} exceeds {why_high or high}")
+    return value
+
+
+def _number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _bad(name, f"must be a number, got {json.dumps(value)}")
+    if value > high or value < low or (low_open and value == low):
+        raise _bad(name, f"must lie in {'(' if low_open else '['}{low:g}, {high:g}], got {value:g}")
+    return float(value)
+
+
+class _Detokenizer:
+    """Text of the generated tokens so far, handed out in pieces: text that may still become a
+    stop string, or an incomplete character (U+FFFD), is held back until it is settled. Tokens
+    are decoded after the prompt's last few, so a leading space a tokenizer folds into a token is
+    kept."""
+
+    def __init__(self, tokenizer, prompt: list[int], stops: list[str]):
+        self.tokenizer, self.prefix, self.stops = tokenizer, prompt[-4:], stops
+        self.prefix_text = self._decode(self.prefix)
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.ids: list[int] = []
+        self.sent = 0
+
+    def _decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def text(self) -> str:
+        full = self._decode(self.prefix + self.ids)
+        return full[len(self.prefix_text):] if full.startswith(self.prefix_text) else self._decode(self.ids)
+
+    def add(self, token: int) -> tuple[str, bool]:
+        """The next piece of text and whether a stop string ended the output."""
+        self.ids.append(token)
+        text = self.text()
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            return self._take(text, min(hits)), True
+        safe = len(text) - self.hold
+        while safe > self.sent and text[safe - 1] == "\ufffd":
+            safe -= 1
+        return self._take(text, safe), False
+
+    def flush(self) -> str:
+        text = self.text()
+        return self._take(text, len(text))
+
+    def _take(self, text: str, end: int) -> str:
+        piece = text[self.sent:end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return piece
+
+
+@dataclasses.dataclass
+class _Job:
+    """One request's way through the engine: tokens arrive on ``queue`` from the engine thread."""
+    prompt: list[int]
+    adapter: str | None
+    params: SamplingParams
+    stops: list[str]
+    queue: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
+    request: Request | None = None
+    tokens: int = 0
+    finish: str | None = None
+
+
+class Server:
+    """The state behind the routes; ``create_app`` builds the FastAPI app around one."""
+
+    def __init__(self, engine: Engine, tokenizer, model_name: str, adapter_root=None, limits: Limits | None = None,
+                 adapter_paths: dict | None = None):
+        self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+        self.adapter_root = Path(adapter_root).resolve() if adapter_root is not None else None
+        self.limits = limits or Limits()
+        config = engine.model.config
+        self.context = int(getattr(config, "max_position_embeddings", 0) or 0) or None
+        if self.limits.max_prompt_tokens is None:
+            self.limits.max_prompt_tokens = self.context or 4096
+        self.vocab = int(config.vocab_size)
+        self.adapter_paths = dict(adapter_paths or {})
+        self.metrics = Metrics()
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.eos = () if eos is None else (eos,)
+        self.created = int(time.time())
+
+    # ------------------------------------------------------------------ requests in
+    async def read_json(self, http: HTTPRequest) -> dict:
+        """The body as a JSON object, read no further than ``max_body_bytes`` (413 past it)."""
+        limit = self.limits.max_body_bytes
+        declared = http.headers.get("content-length")
+        too_large = APIError(413, f"request body exceeds the server's limit of {limit} bytes")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in http.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        try:
+            body = json.loads(b"".join(chunks))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise APIError(400, f"request body is not valid JSON: {err}") from None
+        if not isinstance(body, dict):
+            raise APIError(400, f"request body must be a JSON object, got {type(body).__name__}")
+        return body
+
+    def adapter_for(self, body: dict) -> str | None:
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise _bad("model", f"must be the base model's name or an adapter's, got {json.dumps(model)}")
+        if model == self.model_name:
+            return None
+        available = self.engine.adapter_names()
+        if model not in available:
+            raise APIError(404, f"The model {model!r} does not exist; available: {[self.model_name] + available}",
+                           param="model", code="model_not_found")
+        return model
+
+    def sampling(self, body: dict, prompt_tokens: int, default_max: int | None) -> tuple[SamplingParams, list[str]]:
+        for name, allowed in (("n", (None, 1)), ("best_of", (None, 1)), ("echo", (None, False)),
+                              ("logprobs", (None, False)), ("top_logprobs", (None,)), ("suffix", (None,)),
+                              ("presence_penalty", (None, 0)), ("frequency_penalty", (None, 0)),
+                              ("logit_bias", (None, {}))):
+            if name in body and body[name] not in allowed:
+                raise _bad(name, f"{json.dumps(body[name])} is not supported by this server")
+        room = self.limits.max_tokens
+        why = f"the server's limit of {room} tokens (--max-tokens-limit)"
+        if self.context is not None and self.context - prompt_tokens < room:
+            room = self.context - prompt_tokens
+            why = f"the {room} tokens left in the model's context of {self.context} after {prompt_tokens} prompt tokens"
+        max_tokens = _int(body, "max_tokens", min(default_max or room, room), 1, room, why)
+        if "max_completion_tokens" in body:  # the chat API's newer name
+            max_tokens = _int(body, "max_completion_tokens", max_tokens, 1, room, why)
+        temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+        top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
+        seed = body.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise _bad("seed", f"must be an integer, got {json.dumps(seed)}")
+        stops = body.get("stop")
+        stops = [] if stops is None else [stops] if isinstance(stops, str) else stops
+        if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
+            raise _bad("stop", "must be a non-empty string or a list of at most 4 of them")
+        ignore_eos = body.get("ignore_eos", False)
+        if not isinstance(ignore_eos, bool):
+            raise _bad("ignore_eos", "must be true or false")
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                stop_token_ids=() if ignore_eos else self.eos)
+        return params, stops
+
+    def check_prompt(self, ids: list[int], param: str) -> list[int]:
+        if not ids:
+            raise _bad(param, "must not be empty")
+        limit = self.limits.max_prompt_tokens
+        if len(ids) > limit:
+            raise _bad(param, f"has {len(ids)} tokens, more than the limit of {limit}")
+        if self.context is not None and len(ids) >= self.context:
+            raise _bad(param, f"has {len(ids)} tokens, which leaves no room in the model's context of {self.context}")
+        return ids
+
+    def completion_prompt(self, body: dict) -> list[int]:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # a batch of one
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt, add_special_tokens=False).input_ids if prompt else []
+        elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            if any(not 0 <= t < self.vocab for t in prompt):
+                raise _bad("prompt", f"token ids must lie in [0, {self.vocab})")
+            ids = list(prompt)
+        elif isinstance(prompt, list):
+            raise _bad("prompt", "one prompt per request: a string or a list of token ids")
+        else:
+            raise _bad("prompt", f"must be a string or a list of token ids, got {json.dumps(prompt)}")
+        return self.check_prompt(ids, "prompt")
+
+    def chat_prompt(self, body: dict) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise APIError(400, f"{self.model_name}'s tokenizer has no chat template; use /v1/completions")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _bad("messages", "must be a non-empty list of {role, content} objects")
+        clean = []
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise _bad(f"messages[{i}]", "must be an object with a string role")
+            content = message.get("content")
+            if isinstance(content, list):  # content parts: only text
+                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                           for p in content):
+                    raise _bad(f"messages[{i}].content", "only text parts are supported")
+                content = "".join(p["text"] for p in content)
+            if not isinstance(content, str):
+                raise _bad(f"messages[{i}].content", "must be a string")
+            clean.append({"role": message["role"], "content": content})
+        text = self.tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
+        return self.check_prompt(self.tokenizer(text, add_special_tokens=False).input_ids, "messages")
+
+    # ------------------------------------------------------------------ generation
+    def submit(self, job: _Job) -> None:
+        loop = asyncio.get_running_loop()
+
+        def on_token(token, finish):  # engine thread
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
+                loop.call_soon_threadsafe(job.queue.put_nowait, (token, finish))
+
+        job.request = Request(job.prompt, job.adapter, job.params, on_token)
+        try:
+            self.engine.submit(job.request)
+        except QueueFull as err:
+            raise APIError(429, f"the server is busy: {err}; retry later",
+                           headers={"Retry-After": str(self.limits.retry_after)}) from None
+        except UnknownAdapter as err:  # unloaded since the check
+            raise APIError(404, str(err), param="model", code="model_not_found") from None
+
+    async def pieces(self, job: _Job, http: HTTPRequest | None):
+        """Yield text pieces until the request finishes (``job.finish`` says how). ``http`` given:
+        poll it and cancel when the client has gone (a streamed response is cancelled by its
+        server instead). Raises 504 past the request timeout."""
+        loop = asyncio.get_running_loop()
+        arrival = job.request.arrival
+        deadline = loop.time() + self.limits.request_timeout
+        detok = _Detokenizer(self.tokenizer, job.prompt, job.stops)
+        label = job.adapter or self.model_name
+        engine_done = False
+        next_poll = loop.time() + POLL_SECONDS
+        try:
+            while job.finish is None:
+                now = loop.time()
+                if now >= deadline:
+                    job.finish = "timeout"
+                    raise APIError(504, f"request timed out after {self.limits.request_timeout:g} s")
+                if http is not None and now >= next_poll:
+                    next_poll = now + POLL_SECONDS
+                    if await http.is_disconnected():
+                        job.finish = "cancelled"
+                        break
+                try:
+                    token, finish = await asyncio.wait_for(job.queue.get(), min(POLL_SECONDS, deadline - now))
+                except asyncio.TimeoutError:
+                    continue
+                if token is None:
+                    engine_done, job.finish = True, finish
+                    if finish == "error":
+                        raise APIError(500, "the model failed on this request; the server log has the error")
+                    piece = detok.flush()
+                else:
+                    if job.tokens == 0:
+                        self.metrics.observe("bora_time_to_first_token_seconds", time.perf_counter() - arrival)
+                    job.tokens += 1
+                    piece, stopped = detok.add(token)
+                    if stopped:
+                        job.finish = "stop"
+                if piece:
+                    yield piece
+        finally:
+            if not engine_done:  # a stop string, the timeout, or the client gone: leave the batch
+                self.engine.cancel(job.request)
+            job.finish = job.finish or "cancelled"
+            self.metrics.inc("bora_requests_total", adapter=label, finish=job.finish)
+            self.metrics.inc("bora_prompt_tokens_total", len(job.prompt), adapter=label)
+            self.metrics.inc("bora_generation_tokens_total", job.tokens, adapter=label)
+            self.metrics.observe("bora_request_latency_seconds", time.perf_counter() - arrival)
+
+    # ------------------------------------------------------------------ adapters
+    def inside_root(self, lora_path, param: str = "lora_path", missing: int = 400) -> Path:
+        """The adapter folder ``lora_path`` names (relative paths are taken from the root), which
+        must resolve inside the adapter root, through any ``..`` and symlinks, and so must every
+        file in it. A path inside the root that is no folder gets status ``missing``."""
+        if self.adapter_root is None:
+            raise APIError(403, "loading adapters at run time is disabled: start the server with --adapter-root DIR")
+        if not isinstance(lora_path, str) or not lora_path:
+            raise _bad(param, "must be a non-empty string")
+        try:
+            folder = (self.adapter_root / lora_path).resolve()
+        except (OSError, ValueError, RuntimeError):
+            raise _bad(param, f"{lora_path!r} is not a usable path") from None
+        outside = APIError(403, f"{param} {lora_path!r} is outside the adapter root", param=param)
+        if not folder.is_relative_to(self.adapter_root):
+            raise outside
+        if not folder.is_dir():
+            raise APIError(missing, f"{param}: {lora_path!r} is not a folder under the adapter root", param=param)
+        if any(not entry.resolve().is_relative_to(self.adapter_root) for entry in folder.iterdir()):
+            raise outside
+        return folder
+
+    # ------------------------------------------------------------------ the routes
+    def error_response(self, err: APIError) -> JSONResponse:
+        self.metrics.inc("bora_http_errors_total", status=err.status)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    def health(self) -> JSONResponse:
+        alive = self.engine._thread is not None and self.engine._thread.is_alive()
+        return JSONResponse({"status": "ok" if alive else "engine stopped"}, status_code=200 if alive else 503)
+
+    def models(self) -> JSONResponse:
+        card = {"object": "model", "created": self.created, "owned_by": "bora_kernels"}
+        data = [{"id": self.model_name, **card, "root": self.model_name, "parent": None}]
+        data += [{"id": name, **card, "root": str(self.adapter_paths.get(name, name)), "parent": self.model_name}
+                 for name in self.engine.adapter_names()]
+        return JSONResponse({"object": "list", "data": data})
+
+    def prometheus(self) -> PlainTextResponse:
+        engine = self.engine
+        counters = {"bora_engine_steps_total": engine.stats["steps"],
+                    "bora_engine_step_sequences_total": engine.stats["step_sequences"]}
+        gauges = {"bora_queue_depth": engine.queue_depth(), "bora_batch_size": engine.batch_size(),
+                  "bora_adapters_loaded": len(engine.adapters)}
+        return PlainTextResponse(self.metrics.render(counters, gauges), media_type="text/plain; version=0.0.4")
+
+    async def generate(self, http: HTTPRequest, chat: bool, body: dict | None = None):
+        """``/v1/completions`` (or ``/v1/chat/completions``): the whole response, or its events."""
+        body = body if body is not None else await self.read_json(http)
+        adapter = self.adapter_for(body)
+        prompt = self.chat_prompt(body) if chat else self.completion_prompt(body)
+        params, stops = self.sampling(body, len(prompt), None if chat else 16)
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise _bad("stream", "must be true or false")
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise _bad("stream_options", "must be an object")
+        job = _Job(prompt, adapter, params, stops)
+        self.submit(job)
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": body["model"]}
+
+        def usage():
+            return {"prompt_tokens": len(prompt), "completion_tokens": job.tokens, "total_tokens": len(prompt) + job.tokens}
+
+        def choice(text, finish, delta=None):
+            if not chat:
+                return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            if delta is None:
+                return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+            return {"index": 0, "delta": delta, "finish_reason": finish}
+
+        if not stream:
+            text = "".join([piece async for piece in self.pieces(job, http)])
+            if job.finish == "cancelled":  # the client has gone; nobody reads this
+                return JSONResponse({}, status_code=499)
+            reason = "stop" if job.finish == "stop" else "length"
+            return JSONResponse({**head, "object": "chat.completion" if chat else "text_completion",
+                                 "choices": [choice(text, reason)], "usage": usage()})
+
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def event(choices, **extra) -> str:
+            return f"data: {json.dumps({**head, 'object': kind, 'choices': choices, **extra})}\n\n"
+
+        async def events():
+            try:
+                if chat:
+                    yield event([choice("", None, {"role": "assistant", "content": ""})])
+                async for piece in self.pieces(job, None):
+                    yield event([choice(piece, None, {"content": piece})])
+                yield event([choice("", "stop" if job.finish == "stop" else "length", {})])
+                if options.get("include_usage"):
+                    yield event([], usage=usage())
+            except APIError as err:  # the timeout, after the status line was sent
+                yield f"data: {json.dumps(err.body())}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def completions(self, http: HTTPRequest):
+        return await self.generate(http, chat=False)
+
+    async def chat_completions(self, http: HTTPRequest):
+        return await self.generate(http, chat=True)
+
+    async def load(self, http: HTTPRequest) -> JSONResponse:
+        body = await self.read_json(http)
+        name = body.get("lora_name")
+        if not isinstance(name, str) or not name or name == self.model_name:
+            raise _bad("lora_name", f"must be a non-empty string other than the base model's name, got {json.dumps(name)}")
+        folder = self.inside_root(body.get("lora_path"))
+        try:
+            await asyncio.to_thread(self.engine.load_adapter, name, folder)
+        except ValueError as err:
+            raise APIError(400, str(err), param="lora_path") from None
+        self.adapter_paths[name] = folder
+        return JSONResponse({"status": "ok", "lora_name": name})
+
+    async def unload(self, http: HTTPRequest) -> JSONResponse:
+        body = await self.read_json(http)
+        name = body.get("lora_name")
+        if not isinstance(name, str) or not name:
+            raise _bad("lora_name", f"must be a non-empty string, got {json.dumps(name)}")
+        try:
+            await asyncio.to_thread(self.engine.unload_adapter, name, self.limits.request_timeout)
+        except UnknownAdapter as err:
+            raise APIError(404, str(err), param="lora_name", code="model_not_found") from None
+        except TimeoutError as err:
+            raise APIError(504, str(err)) from None
+        self.adapter_paths.pop(name, None)
+        return JSONResponse({"status": "ok", "lora_name": name})
+
+
+def create_app(server: Server) -> FastAPI:
+    """The FastAPI app around ``server``: starts the engine with the app, finishes its work on
+    shutdown."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        server.engine.start()
+        yield
+        await asyncio.to_thread(server.engine.shutdown)
+
+    app = FastAPI(title="bora-serve", lifespan=lifespan)
+    app.state.server = server
+    app.add_exception_handler(APIError, lambda _, err: server.error_response(err))
+    app.add_api_route("/health", server.health, methods=["GET"])
+    app.add_api_route("/v1/models", server.models, methods=["GET"])
+    app.add_api_route("/metrics", server.prometheus, methods=["GET"])
+    app.add_api_route("/v1/completions", server.completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
+    app.add_api_route("/v1/load_lora_adapter", server.load, methods=["POST"])
+    app.add_api_route("/v1/unload_lora_adapter", server.unload, methods=["POST"])
+    return app

@@ -1,0 +1,174 @@
+"""``bora-serve``: many adapters over one model behind an OpenAI-compatible HTTP API.
+
+    bora-serve --demo                                  # the tiny demo model and its 8 adapters
+    bora-serve --model DIR --adapters a=DIR_A b=DIR_B  # a Hugging Face model and PEFT adapters
+    bora-serve --model DIR --adapter-root ROOT         # every sub-folder of ROOT is an adapter,
+                                                       # and POST /v1/load_lora_adapter may load more from it
+
+Then ``curl localhost:8000/v1/completions -d '{"model": "skip2", "prompt": "abc", "max_tokens": 8}'``
+(``model`` is the adapter; the base model's name means none). SIGTERM or Ctrl-C stops taking
+requests, finishes those in flight and exits with status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .engine import SCHEDULES
+
+    p = argparse.ArgumentParser(prog="bora-serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a Hugging Face model folder (or hub id) with its tokenizer")
+    source.add_argument("--demo", nargs="?", const="runs/serve_demo", metavar="DIR",
+                        help="the tiny demo model and its adapters (built in DIR first if missing; default %(const)s)")
+    p.add_argument("--served-model-name", help="the base model's name in requests (default: the folder's name)")
+    p.add_argument("--adapters", nargs="+", default=[], metavar="NAME=DIR", help="PEFT adapter folders to load")
+    p.add_argument("--adapter-root", metavar="DIR",
+                   help="load every adapter sub-folder of DIR, and allow run-time loads from inside it (only)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="auto")
+    p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
+                   help="the ops' implementation (auto: the dispatch rule of ARCHITECTURE.md)")
+    p.add_argument("--max-adapters", type=int, default=16, help="adapter slots (loaded at once)")
+    p.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank a slot holds")
+    p.add_argument("--max-batch", type=int, default=32, help="sequences in one decode step")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the model's context")
+    p.add_argument("--max-tokens-limit", type=int, default=1024, help="the largest max_tokens a request may ask")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (413 past it)")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request ends with 504")
+    p.add_argument("--schedule", choices=SCHEDULES, default="mixed",
+                   help="per-adapter: one adapter per batch (the baseline bora-bench serve compares with)")
+    p.add_argument("--no-access-log", action="store_true")
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def _positive(parser, args) -> None:
+    for name in ("max_adapters", "max_lora_rank", "max_batch", "max_queue", "max_tokens_limit", "max_body_bytes"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
+        parser.error(f"--max-prompt-tokens must be >= 1, got {args.max_prompt_tokens}")
+    if not args.request_timeout > 0:
+        parser.error(f"--request-timeout must be > 0, got {args.request_timeout}")
+
+
+def _adapter_folders(parser, args, root: Path | None, defaults: dict) -> dict[str, Path]:
+    folders = dict(defaults)
+    for item in args.adapters:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            parser.error(f"--adapters takes NAME=DIR items, got {item!r}")
+        folders[name] = Path(folder)
+    if root is not None:
+        if not root.is_dir():
+            parser.error(f"--adapter-root {str(root)!r} is not a folder")
+        for sub in sorted(root.iterdir()):
+            if (sub / "adapter_config.json").is_file():
+                folders.setdefault(sub.name, sub)
+    return folders
+
+
+def build_server(argv=None):
+    """Parse ``argv`` and load the model and adapters: returns ``(Server, args)``."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import demo
+    from .app import Limits, Server
+    from .engine import Engine
+
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _positive(parser, args)
+    defaults = {}
+    if args.demo is not None:
+        folder = demo.ensure(args.demo)
+        path, name = folder / "base", args.served_model_name or demo.MODEL_NAME
+        defaults = {n: folder / "adapters" / n for n in demo.ADAPTERS}
+    else:
+        path, name = args.model, args.served_model_name or Path(args.model.rstrip("/")).name
+    root = Path(args.adapter_root) if args.adapter_root else None
+    folders = _adapter_folders(parser, args, root, defaults)
+    if name in folders:
+        parser.error(f"adapter {name!r} has the base model's name; rename it or pass --served-model-name")
+    if len(folders) > args.max_adapters:
+        parser.error(f"{len(folders)} adapters to load but --max-adapters is {args.max_adapters}")
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    dtype_key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    kwargs = {dtype_key: getattr(torch, DTYPES[args.dtype])} if DTYPES[args.dtype] else {}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    engine = Engine(model, max_adapters=args.max_adapters, max_lora_rank=args.max_lora_rank, max_batch=args.max_batch,
+                    max_queue=args.max_queue, schedule=args.schedule)
+    for adapter, folder in folders.items():
+        try:
+            engine.load_adapter(adapter, folder)
+        except ValueError as err:
+            parser.error(f"{err} (--max-lora-rank raises the slots' rank)" if "rank" in str(err) else str(err))
+    limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit,
+                    max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout)
+    server = Server(engine, tokenizer, name, adapter_root=root, limits=limits,
+                    adapter_paths={a: f.resolve() for a, f in folders.items()})
+    return server, args
+
+
+def _uvicorn_server(config):
+    import uvicorn
+
+    class Graceful(uvicorn.Server):
+        """uvicorn's server, except that after the graceful shutdown a SIGTERM or SIGINT ends the
+        process with status 0 (uvicorn re-raises the signal, which kills it with the signal's)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Graceful(config)
+
+
+def main(argv=None) -> int:
+    import uvicorn
+
+    from ..ops import use_backend
+    from .app import create_app
+
+    server, args = build_server(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with use_backend(None if args.backend == "auto" else args.backend):
+        server.engine.start()  # the engine thread keeps the backend chosen here
+    adapters = server.engine.adapter_names()
+    print(f"bora-serve: {server.model_name} with {len(adapters)} adapters {adapters} on "
+          f"http://{args.host}:{args.port} (schedule {args.schedule})", file=sys.stderr, flush=True)
+    config = uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
+                            access_log=not args.no_access_log)
+    _uvicorn_server(config).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

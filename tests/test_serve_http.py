@@ -1,0 +1,426 @@
+"""``bora-serve`` on loopback with the demo model: greedy outputs over HTTP equal offline
+``generate`` with each adapter alone (streamed or not, 8 adapters and the base mixed); the
+OpenAI client works; bad input gets its status and the server keeps serving; hot loads only from
+inside the adapter root; limits, timeouts, disconnects, metrics; SIGTERM finishes the work and
+exits 0.
+
+The server runs in this process (uvicorn in a thread) on the ops' torch path, except the SIGTERM
+test, which starts ``python -m bora_kernels.serve`` as users do."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+import bora_kernels as bk  # noqa: E402
+from bora_kernels.ops import use_backend  # noqa: E402
+from bora_kernels.serve import Engine, QueueFull, demo  # noqa: E402
+from bora_kernels.serve.app import Limits, Server, create_app  # noqa: E402
+
+ADAPTERS = demo.ADAPTERS
+BASE = demo.MODEL_NAME
+
+
+@pytest.fixture(scope="module")
+def reference(serve_demo):
+    model = transformers.AutoModelForCausalLM.from_pretrained(serve_demo / "base")
+    return bk.load_peft_adapters(model, {n: serve_demo / "adapters" / n for n in ADAPTERS}).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(serve_demo):
+    return transformers.AutoTokenizer.from_pretrained(serve_demo / "base")
+
+
+@pytest.fixture(scope="module")
+def root(serve_demo, tmp_path_factory):
+    """The adapter root: two good adapters, a corrupt one, a mismatched one; beside it a folder
+    outside the root, a symlink to it, and an adapter whose weights link out of the root."""
+    top = tmp_path_factory.mktemp("serving")
+    root, outside = top / "root", top / "outside"
+    root.mkdir()
+    shutil.copytree(serve_demo / "adapters" / "skip3", root / "late3")
+    shutil.copytree(serve_demo / "adapters" / "skip5", root / "late5")
+    shutil.copytree(serve_demo / "adapters" / "skip3", outside)
+    (root / "corrupt").mkdir()
+    (root / "corrupt" / "adapter_config.json").write_text((outside / "adapter_config.json").read_text())
+    (root / "corrupt" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    (root / "mismatched").mkdir()
+    config = json.loads((outside / "adapter_config.json").read_text())
+    (root / "mismatched" / "adapter_config.json").write_text(json.dumps({**config, "r": 3}))
+    shutil.copy(outside / "adapter_model.safetensors", root / "mismatched")
+    (root / "link").symlink_to(outside, target_is_directory=True)
+    (root / "leaky").mkdir()
+    shutil.copy(outside / "adapter_config.json", root / "leaky")
+    (root / "leaky" / "adapter_model.safetensors").symlink_to(outside / "adapter_model.safetensors")
+    return root
+
+
+def start_uvicorn(app) -> tuple[uvicorn.Server, threading.Thread, str]:
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def served(serve_demo, root, tokenizer):
+    """(base url, Server): the 8 demo adapters loaded, 2 slots free, hot loads from ``root``."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(serve_demo / "base")
+    engine = Engine(model, max_adapters=10, max_lora_rank=8, max_batch=8)
+    for name in ADAPTERS:
+        engine.load_adapter(name, serve_demo / "adapters" / name)
+    server = Server(engine, tokenizer, BASE, adapter_root=root,
+                    limits=Limits(max_prompt_tokens=64, max_tokens=300, max_body_bytes=4096))
+    with use_backend("torch"):
+        engine.start()
+    uv, thread, url = start_uvicorn(create_app(server))
+    yield url, server
+    uv.should_exit = True
+    thread.join(30)
+    assert not engine._thread.is_alive()  # the lifespan shut the engine down
+
+
+def offline(reference, tokenizer, prompt: str, adapter: str | None, max_tokens: int) -> str:
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    with bk.use_adapters(reference, [adapter]), use_backend("torch"):
+        out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
+                                 min_new_tokens=max_tokens)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def complete(url, model, prompt, max_tokens, stream=False, chat=False, **extra):
+    """(text, finish_reason, usage) of one request, streamed or not."""
+    body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": stream, **extra}
+    if chat:
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    if not stream:
+        r = httpx.post(url + path, json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        return (choice["message"]["content"] if chat else choice["text"]), choice["finish_reason"], r.json()["usage"]
+    body["stream_options"] = {"include_usage": True}
+    text, finish, usage = [], None, None
+    with httpx.stream("POST", url + path, json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    for event in map(json.loads, events[:-1]):
+        if not event["choices"]:
+            usage = event["usage"]
+            continue
+        choice = event["choices"][0]
+        text.append(choice["delta"].get("content") or "" if chat else choice["text"])
+        finish = choice["finish_reason"] or finish
+    return "".join(text), finish, usage
+
+
+def test_greedy_equals_offline_generate_over_http(served, reference, tokenizer):
+    """24 concurrent requests over 8 adapters and the base, prompts of 1 to 12 letters, streamed
+    and not, completions and chat: each text equals ``generate`` with its adapter alone."""
+    url, server = served
+    gen = torch.Generator().manual_seed(0)
+    jobs = []
+    for i in range(24):
+        length = int(torch.randint(1, 13, (1,), generator=gen))
+        prompt = "".join(demo.LETTERS[int(c)] for c in torch.randint(0, 26, (length,), generator=gen))
+        adapter = BASE if i % 9 == 8 else ADAPTERS[i % 8]
+        jobs.append((prompt, adapter, 4 + i % 9, i % 2 == 1, i % 3 == 2))
+    steps_before = server.engine.stats["steps"], server.engine.stats["step_sequences"]
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(lambda j: complete(url, j[1], j[0], j[2], stream=j[3], chat=j[4]), jobs))
+    for (prompt, adapter, max_tokens, stream, chat), (text, finish, usage) in zip(jobs, results):
+        want = offline(reference, tokenizer, prompt, None if adapter == BASE else adapter, max_tokens)
+        assert text == want, (adapter, prompt, stream, chat)
+        assert finish == "length"
+        assert usage == {"prompt_tokens": len(prompt), "completion_tokens": max_tokens,
+                         "total_tokens": len(prompt) + max_tokens}
+    steps = server.engine.stats["steps"] - steps_before[0]
+    assert server.engine.stats["step_sequences"] - steps_before[1] > steps  # requests shared decode steps
+    assert len({text for text, _, _ in results}) > 12  # the adapters answered differently
+
+
+def test_stop_strings(served, reference, tokenizer):
+    url, _ = served
+    want = offline(reference, tokenizer, "abc", "skip1", 10)
+    stop = want[3:5]
+    for stream in (False, True):
+        text, finish, usage = complete(url, "skip1", "abc", 10, stream=stream, stop=[stop, "#"])
+        assert (text, finish) == (want[:3], "stop")
+        assert usage["completion_tokens"] == 5  # the tokens generated, the stop string's included
+
+
+def test_openai_client(served, reference, tokenizer):
+    openai = pytest.importorskip("openai")
+    url, _ = served
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+    assert [m.id for m in client.models.list()] == [BASE] + ADAPTERS
+    reply = client.completions.create(model="skip2", prompt="hello", max_tokens=7, temperature=0)
+    assert reply.choices[0].text == offline(reference, tokenizer, "hello", "skip2", 7)
+    assert reply.usage.completion_tokens == 7
+    chunks = client.chat.completions.create(model="skip6", messages=[{"role": "user", "content": "xyz"}],
+                                            max_tokens=6, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == offline(reference, tokenizer, "xyz", "skip6", 6)
+    with pytest.raises(openai.NotFoundError, match="available: .*skip8"):
+        client.completions.create(model="skip9", prompt="abc")
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model="skip1", prompt="abc", max_tokens=100000)
+
+
+def post(url, path, body=None, content=None, headers=None):
+    return httpx.post(url + path, json=body, content=content, headers=headers, timeout=60)
+
+
+def test_bad_input_gets_its_status_and_the_server_keeps_serving(served, reference, tokenizer):
+    url, _ = served
+    ok = {"model": "skip4", "prompt": "abc"}
+    cases = [
+        (None, b"{not json", 400, "not valid JSON"),
+        (None, b"[1, 2]", 400, "must be a JSON object"),
+        ({"prompt": "abc"}, None, 400, "model"),
+        ({**ok, "model": 7}, None, 400, "model"),
+        ({**ok, "model": "nope"}, None, 404, "available: ['bora-demo', 'skip1'"),
+        ({**ok, "prompt": ""}, None, 400, "prompt: must not be empty"),
+        ({**ok, "prompt": []}, None, 400, "prompt: must not be empty"),
+        ({**ok, "prompt": 5}, None, 400, "prompt: must be a string"),
+        ({**ok, "prompt": ["a", "b"]}, None, 400, "one prompt per request"),
+        ({**ok, "prompt": [1, 10 ** 6]}, None, 400, "token ids must lie in"),
+        ({**ok, "prompt": "a" * 65}, None, 400, "more than the limit of 64"),
+        ({**ok, "max_tokens": -3}, None, 400, "max_tokens: must be >= 1"),
+        ({**ok, "max_tokens": 0}, None, 400, "max_tokens: must be >= 1"),
+        ({**ok, "max_tokens": "9"}, None, 400, "max_tokens: must be an integer"),
+        ({**ok, "max_tokens": 1.5}, None, 400, "max_tokens: must be an integer"),
+        ({**ok, "max_tokens": 10 ** 9}, None, 400, "exceeds the server's limit of 300"),
+        ({**ok, "temperature": -1}, None, 400, "temperature"),
+        ({**ok, "temperature": "hot"}, None, 400, "temperature"),
+        ({**ok, "top_p": 0}, None, 400, "top_p"),
+        ({**ok, "seed": 1.5}, None, 400, "seed"),
+        ({**ok, "stop": 3}, None, 400, "stop"),
+        ({**ok, "stop": ["a", "b", "c", "d", "e"]}, None, 400, "stop"),
+        ({**ok, "stream": "yes"}, None, 400, "stream"),
+        ({**ok, "n": 2}, None, 400, "n: 2 is not supported"),
+        ({**ok, "logprobs": 3}, None, 400, "logprobs"),
+        ({"model": "skip4", "messages": []}, None, 400, "messages"),
+        ({"model": "skip4", "messages": [{"role": "user", "content": 3}]}, None, 400, "messages[0].content"),
+        ({"model": "skip4", "messages": [{"content": "hi"}]}, None, 400, "messages[0]"),
+    ]
+    for body, content, status, message in cases:
+        path = "/v1/chat/completions" if body and "messages" in body else "/v1/completions"
+        r = post(url, path, body, content, headers={"content-type": "application/json"})
+        assert r.status_code == status, (body, content, r.text)
+        error = r.json()["error"]
+        assert message in error["message"], (message, error)
+    # a body over max_body_bytes: 413, whether it says its length or not
+    big = json.dumps({**ok, "prompt": "a" * 5000}).encode()
+    assert post(url, "/v1/completions", content=big).status_code == 413
+    r = httpx.post(url + "/v1/completions", content=iter([big[:3000], big[3000:]]), timeout=60)  # chunked
+    assert r.status_code == 413 and "4096 bytes" in r.json()["error"]["message"]
+    # still serving, exactly
+    assert complete(url, "skip4", "abc", 6)[0] == offline(reference, tokenizer, "abc", "skip4", 6)
+    assert httpx.get(url + "/health").json() == {"status": "ok"}
+
+
+def test_hot_load_only_from_inside_the_root(served, reference, tokenizer, root):
+    url, server = served
+    outside = root.parent / "outside"
+
+    def load(name, path):
+        return post(url, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
+
+    for path in (str(outside), "../outside", str(root / ".." / "outside"), "link", str(root / "link"), "leaky"):
+        r = load("x", path)
+        assert r.status_code == 403 and "outside the adapter root" in r.json()["error"]["message"], (path, r.text)
+    assert load("x", "corrupt").status_code == 400
+    r = load("x", "mismatched")
+    assert r.status_code == 400 and "expected" in r.json()["error"]["message"]
+    assert load("x", "missing").status_code == 400
+    assert load("", "late3").status_code == 400
+    assert load(BASE, "late3").status_code == 400
+    assert load("skip1", "late3").status_code == 400  # the name is taken
+    assert "x" not in server.engine.adapter_names()
+    # a good one loads (by relative or absolute path) and serves exactly
+    assert load("late3", "late3").json() == {"status": "ok", "lora_name": "late3"}
+    assert load("late5", str(root / "late5")).status_code == 200
+    r = load("one-too-many", "late3")
+    assert r.status_code == 400 and "all 10 adapter slots are in use" in r.json()["error"]["message"]
+    assert complete(url, "late3", "mno", 6)[0] == offline(reference, tokenizer, "mno", "skip3", 6)
+    assert "late3" in [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
+
+    # unload waits for the request in flight on it, which finishes in full
+    results = {}
+    thread = threading.Thread(target=lambda: results.update(out=complete(url, "late5", "abc", 200, stream=True)))
+    thread.start()
+    deadline = time.time() + 30
+    while server.engine.batch_size() == 0:
+        assert time.time() < deadline
+        time.sleep(0.01)
+    r = post(url, "/v1/unload_lora_adapter", {"lora_name": "late5"})
+    assert r.status_code == 200
+    thread.join(60)
+    text, finish, usage = results["out"]
+    assert finish == "length" and usage["completion_tokens"] == 200
+    assert text == offline(reference, tokenizer, "abc", "skip5", 200)
+    assert post(url, "/v1/completions", {"model": "late5", "prompt": "abc"}).status_code == 404
+    assert post(url, "/v1/unload_lora_adapter", {"lora_name": "late5"}).status_code == 404
+    assert post(url, "/v1/unload_lora_adapter", {"lora_name": "late3"}).status_code == 200
+
+    # without an adapter root nothing loads at run time
+    server.adapter_root, saved = None, server.adapter_root
+    try:
+        r = load("late3", "late3")
+        assert r.status_code == 403 and "--adapter-root" in r.json()["error"]["message"]
+    finally:
+        server.adapter_root = saved
+
+
+def wait_for(condition, timeout=30.0):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_queue_full_timeout_and_disconnects(served, monkeypatch):
+    url, server = served
+    engine = server.engine
+
+    def full(request):
+        raise QueueFull("256 requests are waiting (max_queue=256)")
+
+    with monkeypatch.context() as m:
+        m.setattr(engine, "submit", full)
+        r = post(url, "/v1/completions", {"model": "skip1", "prompt": "abc"})
+    assert r.status_code == 429 and r.headers["retry-after"] == "1" and "max_queue" in r.json()["error"]["message"]
+
+    # past the request timeout: 504 (or an error event once streaming), and the sequence leaves
+    monkeypatch.setattr(server.limits, "request_timeout", 0.3)
+    r = post(url, "/v1/completions", {"model": "skip1", "prompt": "abc", "max_tokens": 300, "ignore_eos": True})
+    assert r.status_code == 504 and "timed out after 0.3 s" in r.json()["error"]["message"]
+    with httpx.stream("POST", url + "/v1/completions", timeout=60,
+                      json={"model": "skip1", "prompt": "abc", "max_tokens": 300, "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert "timed out" in lines[-2] and lines[-1] == "data: [DONE]"
+    wait_for(lambda: engine.batch_size() == 0)
+    monkeypatch.undo()
+
+    def cancelled():
+        return server.metrics._counters["bora_requests_total"][(("adapter", "skip2"), ("finish", "cancelled"))]
+
+    # a streaming client that goes away: its sequence leaves the batch
+    before = cancelled()
+    with httpx.stream("POST", url + "/v1/completions", timeout=60,
+                      json={"model": "skip2", "prompt": "abc", "max_tokens": 300, "stream": True}) as r:
+        next(r.iter_lines())
+    wait_for(lambda: cancelled() == before + 1 and engine.batch_size() == 0)
+    # and one waiting for a whole response
+    host, port = url[7:].split(":")
+    body = json.dumps({"model": "skip2", "prompt": "abc", "max_tokens": 300}).encode()
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        wait_for(lambda: engine.batch_size() == 1)
+    wait_for(lambda: cancelled() == before + 2 and engine.batch_size() == 0)
+    assert complete(url, "skip2", "abc", 3)[1] == "length"
+
+
+def test_metrics(served):
+    url, _ = served
+    complete(url, "skip7", "abc", 5)
+    post(url, "/v1/completions", {"model": "nope", "prompt": "a"})
+    text = httpx.get(url + "/metrics").text
+    samples = {}
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    assert samples['bora_requests_total{adapter="skip7",finish="length"}'] >= 1
+    assert samples['bora_generation_tokens_total{adapter="skip7"}'] >= 5
+    assert samples['bora_http_errors_total{status="404"}'] >= 1
+    assert samples["bora_adapters_loaded"] == 8 and samples["bora_queue_depth"] == 0
+    assert samples["bora_engine_step_sequences_total"] >= samples["bora_engine_steps_total"] > 0
+    for histogram in ("bora_request_latency_seconds", "bora_time_to_first_token_seconds"):
+        buckets = [v for k, v in samples.items() if k.startswith(histogram + "_bucket")]
+        assert buckets == sorted(buckets) and buckets[-1] == samples[histogram + "_count"] > 0
+    assert "# TYPE bora_request_latency_seconds histogram" in text
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_sigterm_finishes_in_flight_work_and_exits_0(serve_demo, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.Popen([sys.executable, "-m", "bora_kernels.serve", "--demo", str(serve_demo), "--port", str(port),
+                             "--max-adapters", "9", "--no-access-log"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None and time.time() < deadline, "the server did not start"
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        results = {}
+        thread = threading.Thread(target=lambda: results.update(out=complete(url, "skip1", "abc", 250, stream=True)))
+        thread.start()
+        wait_for(lambda: "\nbora_batch_size 1\n" in httpx.get(url + "/metrics").text)
+        proc.send_signal(signal.SIGTERM)
+        thread.join(120)
+        text, finish, usage = results["out"]
+        assert finish == "length" and usage["completion_tokens"] == 250 and len(text) == 250
+        assert proc.wait(60) == 0
+        with pytest.raises(httpx.TransportError):
+            httpx.get(url + "/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log = proc.communicate()[0]
+    assert "with 8 adapters" in log, log
+
+
+def test_cli_bad_arguments(serve_demo, capsys):
+    from bora_kernels.serve.cli import build_server
+
+    for argv, message in ((["--demo", str(serve_demo), "--adapters", "oops"], "NAME=DIR"),
+                          (["--demo", str(serve_demo), "--max-batch", "0"], "--max-batch must be >= 1"),
+                          (["--demo", str(serve_demo), "--max-adapters", "4"], "8 adapters to load but --max-adapters is 4"),
+                          (["--demo", str(serve_demo), "--max-lora-rank", "4"], "--max-lora-rank"),
+                          (["--demo", str(serve_demo), "--adapter-root", "/nonexistent"], "is not a folder"),
+                          (["--demo", str(serve_demo), "--adapters", f"skip1={serve_demo}"], "has no adapter_config.json")):
+        with pytest.raises(SystemExit) as exit_info:
+            build_server(argv)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
