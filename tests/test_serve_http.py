@@ -112,8 +112,9 @@ def offline(reference, tokenizer, prompt: str, adapter: str | None, max_tokens: 
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-def complete(url, model, prompt, max_tokens, stream=False, chat=False, **extra):
-    """(text, finish_reason, usage) of one request, streamed or not."""
+def complete(url, model, prompt, max_tokens, stream=False, chat=False, started=None, **extra):
+    """(text, finish_reason, usage) of one request, streamed or not; ``started`` (an Event) is
+    set when the first event has arrived."""
     body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": stream, **extra}
     if chat:
         body["messages"] = [{"role": "user", "content": prompt}]
@@ -129,7 +130,12 @@ def complete(url, model, prompt, max_tokens, stream=False, chat=False, **extra):
     text, finish, usage = [], None, None
     with httpx.stream("POST", url + path, json=body, timeout=60) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        events = []
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+                if started is not None:
+                    started.set()
     assert events[-1] == "[DONE]"
     for event in map(json.loads, events[:-1]):
         if not event["choices"]:
@@ -246,7 +252,7 @@ def test_bad_input_gets_its_status_and_the_server_keeps_serving(served, referenc
     assert httpx.get(url + "/health").json() == {"status": "ok"}
 
 
-def test_hot_load_only_from_inside_the_root(served, reference, tokenizer, root):
+def test_hot_load_only_from_inside_the_root(served, reference, tokenizer, root, monkeypatch):
     url, server = served
     outside = root.parent / "outside"
 
@@ -273,16 +279,17 @@ def test_hot_load_only_from_inside_the_root(served, reference, tokenizer, root):
     assert "late3" in [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
 
     # unload waits for the request in flight on it, which finishes in full
-    results = {}
-    thread = threading.Thread(target=lambda: results.update(out=complete(url, "late5", "abc", 200, stream=True)))
+    results, started = {}, threading.Event()
+    decode = server.engine._decode  # slowed down, so the request is surely in flight at the unload
+    monkeypatch.setattr(server.engine, "_decode", lambda: (time.sleep(0.005), decode()))
+    thread = threading.Thread(target=lambda: results.update(
+        out=complete(url, "late5", "abc", 200, stream=True, started=started)))
     thread.start()
-    deadline = time.time() + 30
-    while server.engine.batch_size() == 0:
-        assert time.time() < deadline
-        time.sleep(0.01)
+    assert started.wait(30)
     r = post(url, "/v1/unload_lora_adapter", {"lora_name": "late5"})
     assert r.status_code == 200
     thread.join(60)
+    monkeypatch.undo()
     text, finish, usage = results["out"]
     assert finish == "length" and usage["completion_tokens"] == 200
     assert text == offline(reference, tokenizer, "abc", "skip5", 200)
@@ -332,7 +339,10 @@ def test_queue_full_timeout_and_disconnects(served, monkeypatch):
     def cancelled():
         return server.metrics._counters["bora_requests_total"][(("adapter", "skip2"), ("finish", "cancelled"))]
 
-    # a streaming client that goes away: its sequence leaves the batch
+    # a streaming client that goes away: its sequence leaves the batch (decode steps slowed down
+    # so that 300 tokens cannot finish before the server notices, however loaded the machine)
+    decode = engine._decode
+    monkeypatch.setattr(engine, "_decode", lambda: (time.sleep(0.01), decode()))
     before = cancelled()
     with httpx.stream("POST", url + "/v1/completions", timeout=60,
                       json={"model": "skip2", "prompt": "abc", "max_tokens": 300, "stream": True}) as r:
@@ -346,6 +356,7 @@ def test_queue_full_timeout_and_disconnects(served, monkeypatch):
                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         wait_for(lambda: engine.batch_size() == 1)
     wait_for(lambda: cancelled() == before + 2 and engine.batch_size() == 0)
+    monkeypatch.undo()
     assert complete(url, "skip2", "abc", 3)[1] == "length"
 
 
@@ -393,14 +404,15 @@ def test_cli_sigterm_finishes_in_flight_work_and_exits_0(serve_demo, tmp_path):
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
-        results = {}
-        thread = threading.Thread(target=lambda: results.update(out=complete(url, "skip1", "abc", 250, stream=True)))
+        results, started = {}, threading.Event()
+        thread = threading.Thread(target=lambda: results.update(
+            out=complete(url, "skip1", "abc", 500, stream=True, started=started)))
         thread.start()
-        wait_for(lambda: "\nbora_batch_size 1\n" in httpx.get(url + "/metrics").text)
-        proc.send_signal(signal.SIGTERM)
+        assert started.wait(60)
+        proc.send_signal(signal.SIGTERM)  # with the stream in flight
         thread.join(120)
         text, finish, usage = results["out"]
-        assert finish == "length" and usage["completion_tokens"] == 250 and len(text) == 250
+        assert finish == "length" and usage["completion_tokens"] == 500 and len(text) == 500
         assert proc.wait(60) == 0
         with pytest.raises(httpx.TransportError):
             httpx.get(url + "/health", timeout=2)
