@@ -101,7 +101,7 @@ def served(serve_demo, root, tokenizer):
     yield url, server
     uv.should_exit = True
     thread.join(30)
-    assert not engine._thread.is_alive()  # the lifespan shut the engine down
+    assert not engine.is_running()  # the lifespan shut the engine down
 
 
 def offline(reference, tokenizer, prompt: str, adapter: str | None, max_tokens: int) -> str:

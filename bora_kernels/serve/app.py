@@ -364,7 +364,7 @@ class Server:
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     def health(self) -> JSONResponse:
-        alive = self.engine._thread is not None and self.engine._thread.is_alive()
+        alive = self.engine.is_running()
         return JSONResponse({"status": "ok" if alive else "engine stopped"}, status_code=200 if alive else 503)
 
     def models(self) -> JSONResponse:

@@ -207,7 +207,7 @@ class Engine:
 
     def _call(self, fn):
         """Run ``fn`` on the engine thread between steps (or here when it is not running)."""
-        if self._thread is None or not self._thread.is_alive():
+        if not self.is_running():
             return fn()
         future: Future = Future()
         with self._lock:
@@ -241,6 +241,10 @@ class Engine:
         with self._lock:
             self._lock.notify_all()
 
+    def is_running(self) -> bool:
+        """Whether the engine thread is alive (``start`` called, not shut down)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def queue_depth(self) -> int:
         return len(self._waiting)
 
@@ -251,7 +255,7 @@ class Engine:
     def start(self) -> "Engine":
         """Run the engine thread, in a copy of the caller's context (so ``ops.use_backend`` set
         around ``start`` holds for its forwards)."""
-        if self._thread is None or not self._thread.is_alive():
+        if not self.is_running():
             self._stop = False
             context = contextvars.copy_context()
             self._thread = threading.Thread(target=context.run, args=(self._loop,), name="bora-engine", daemon=True)
