@@ -2,6 +2,7 @@
 and the masked concatenation), ``context_bias`` (BitFit) and ``context_scale`` (IA3); forward
 and every gradient, on every CPU path, outputs poisoned."""
 
+import importlib
 import zlib
 
 import pytest
@@ -90,6 +91,22 @@ def test_context_lora_delta_matches_masked_concatenation(kind, path, poison_empt
         out = context_lora_delta(x, a, b, w, scaling)
         assert_close(out, ref, torch.float32, "forward")
         _check_grads(out, ref, [x, a, b, w], torch.float32, gen, ["x", "lora_a", "lora_b", "context_weights"])
+
+
+@pytest.mark.parametrize("num_contexts,rank,masked", [(2, 8, True), (3, 5, True), (4, 16, False)])
+def test_cpu_torch_path_takes_the_masked_form_only_when_it_is_small(num_contexts, rank, masked, monkeypatch):
+    """The torch path multiplies by every context's A (``[T, C * R]``) only when C * R fits in K
+    and N (here 24 and 40), so ``SHAPES`` above check both of its forms against the reference."""
+    module = importlib.import_module("bora_kernels.ops.context_lora_delta")  # (the package, not the op)
+    calls = []
+    real = module._masked_delta
+    monkeypatch.setattr(module, "_masked_delta", lambda *a: calls.append(1) or real(*a))
+    gen = torch.Generator().manual_seed(0)
+    x, a, b, scaling = _inputs((2, 5), num_contexts, rank, torch.float32, gen)
+    for kind in ("ids", "soft"):
+        with run_on("torch-looped"):
+            context_lora_delta(x, a, b, make_context(kind, (2, 5), num_contexts, gen), scaling).sum().backward()
+    assert len(calls) == (2 if masked else 0)
 
 
 def test_passes_cover_only_nonzero_contexts():

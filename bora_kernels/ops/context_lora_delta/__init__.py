@@ -12,6 +12,13 @@ into their output:
   weight, adding into the output. The passes number the most non-zero contexts of any token, so
   only non-zero (token, context) pairs are computed and extra memory stays O(T * R) per pass.
 
+On the CPU's torch path, when every context's rank columns together fit in the input and output
+widths (``C * R <= min(K, N, MASKED_MAX_COLUMNS)``), the delta is computed in the masked
+concatenation form instead: one ``[T, C * R]`` product with every context's A, each token's
+columns weighted by its context weights, one product with every B. That intermediate is then no
+larger than ``x`` or ``y``, and the form needs none of the grouping's copies of ``x`` and ``y``,
+which cost more than the small products themselves on a CPU.
+
 The gradient of float weights needs ``dy . (x A_c^T) B_c^T`` for every (token, context) pair,
 zero weights included, so it is computed for all of them (two GEMMs, a ``[T, C * R]``
 intermediate) only when the weights require grad.
@@ -23,7 +30,10 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from .._dispatch import backend
 from ..lora_delta import LoRAPlan, _check_inputs, _kernels, _shape, lora_delta, lora_plan
+
+MASKED_MAX_COLUMNS = 128  # the CPU path's masked form: C * R at most this (and at most K and N)
 
 
 class ContextPlan(NamedTuple):
@@ -147,6 +157,30 @@ def _weighted_delta(x2, lora_a, lora_b, plan, scaling):
     return out
 
 
+def _token_weights(plan: ContextPlan, num_tokens: int) -> torch.Tensor:
+    """``[T, C]`` fp32: each token's weight per context (one-hot rows for integer ids, derived
+    from the plan's grouping once and kept in it)."""
+    if plan.weights is not None:
+        return plan.weights.float()
+    ids_plan = plan.passes[0][0]
+    if "token_context" not in ids_plan.derived:
+        # segment s of the grouping holds id s - 2 (0: ids below -1, 1: -1, 2 + d: context d)
+        labels = torch.arange(-2, plan.num_contexts + 1, device=ids_plan.perm.device)
+        context = torch.empty(num_tokens, dtype=torch.int64, device=labels.device)
+        context[ids_plan.perm.long()] = labels.repeat_interleave(ids_plan.bounds.diff().long())
+        ids_plan.derived["token_context"] = context
+    context = ids_plan.derived["token_context"]
+    return (context[:, None] == torch.arange(plan.num_contexts, device=context.device)).float()
+
+
+def _masked_delta(x2, lora_a, lora_b, weights):
+    """``sum_c w[t, c] (x A_c^T) B_c^T`` as two products through ``[T, C * R]`` (fp32, autograd)."""
+    num_contexts, rank, k = lora_a.shape
+    h = x2.float() @ lora_a.reshape(num_contexts * rank, k).float().T
+    h = (h.view(-1, num_contexts, rank) * weights[:, :, None]).view(-1, num_contexts * rank)
+    return (h @ lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], -1).float().T).to(x2.dtype)
+
+
 def context_lora_delta(x, lora_a, lora_b, context_weights, scaling=None):
     """Context-PEFT's LoRA delta: ``sum_c w[..., c] * s_c * (x @ A_c^T) @ B_c^T``.
 
@@ -183,7 +217,10 @@ def context_lora_delta(x, lora_a, lora_b, context_weights, scaling=None):
     scaling = (torch.ones(num_contexts, device=x.device) if scaling is None
                else scaling.to(device=x.device, dtype=torch.float32))
 
-    if plan.weights is None:  # one context per token: the multi-adapter op itself
+    num_contexts, rank, k = lora_a.shape
+    if backend(x.device) == "torch" and num_contexts * rank <= min(k, n, MASKED_MAX_COLUMNS):
+        out = _masked_delta(x2, lora_a, lora_b, _token_weights(plan, x2.shape[0]) * scaling)
+    elif plan.weights is None:  # one context per token: the multi-adapter op itself
         ids_plan = plan.passes[0][0]
         out = lora_delta(x2, lora_a, lora_b, LoRAPlan(ids_plan.perm, ids_plan.bounds, (x2.shape[0],),
                                                       num_contexts, ids_plan.derived), scaling)
