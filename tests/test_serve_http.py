@@ -247,6 +247,14 @@ def test_bad_input_gets_its_status_and_the_server_keeps_serving(served, referenc
     assert post(url, "/v1/completions", content=big).status_code == 413
     r = httpx.post(url + "/v1/completions", content=iter([big[:3000], big[3000:]]), timeout=60)  # chunked
     assert r.status_code == 413 and "4096 bytes" in r.json()["error"]["message"]
+    # a tokenizer without a chat template: chat requests get 400, completions still work
+    server = served[1]
+    template, server.tokenizer.chat_template = server.tokenizer.chat_template, None
+    try:
+        r = post(url, "/v1/chat/completions", {"model": "skip4", "messages": [{"role": "user", "content": "abc"}]})
+        assert r.status_code == 400 and "no chat template" in r.json()["error"]["message"]
+    finally:
+        server.tokenizer.chat_template = template
     # still serving, exactly
     assert complete(url, "skip4", "abc", 6)[0] == offline(reference, tokenizer, "abc", "skip4", 6)
     assert httpx.get(url + "/health").json() == {"status": "ok"}
