@@ -30,6 +30,7 @@ uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 import bora_kernels as bk  # noqa: E402
+from bora_kernels.bench.serve import free_port  # noqa: E402
 from bora_kernels.ops import use_backend  # noqa: E402
 from bora_kernels.serve import Engine, QueueFull, demo  # noqa: E402
 from bora_kernels.serve.app import Limits, Server, create_app  # noqa: E402
@@ -387,12 +388,6 @@ def test_metrics(served):
         buckets = [v for k, v in samples.items() if k.startswith(histogram + "_bucket")]
         assert buckets == sorted(buckets) and buckets[-1] == samples[histogram + "_count"] > 0
     assert "# TYPE bora_request_latency_seconds histogram" in text
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_cli_sigterm_finishes_in_flight_work_and_exits_0(serve_demo, tmp_path):

@@ -4,8 +4,6 @@ are full, and greedy outputs equal offline ``generate`` with that adapter."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 
@@ -15,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 httpx = pytest.importorskip("httpx")
 
 import bora_kernels as bk  # noqa: E402
+from bora_kernels.bench.serve import free_port  # noqa: E402
 from bora_kernels.ops import use_backend  # noqa: E402
 from bora_kernels.serve import demo  # noqa: E402
 from bora_kernels.serve.ray import HEADER, bora_app  # noqa: E402
@@ -29,9 +28,7 @@ def offline(model, tokenizer, prompt, adapter, max_tokens):
 
 
 def test_ray_serve_multiplexes_adapters(serve_demo):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -65,7 +65,7 @@ def make_adapters(model_dir: Path, out: Path, count: int, rank: int, seed: int =
     return names
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -74,7 +74,7 @@ def _free_port() -> int:
 def start_server(model_dir: Path, root: Path, case: LoadCase, schedule: str, device: str) -> tuple[subprocess.Popen, str]:
     import httpx
 
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # CPU figures are for the torch path, never the interpreter
     command = [sys.executable, "-m", "bora_kernels.serve", "--model", str(model_dir), "--adapter-root", str(root),
