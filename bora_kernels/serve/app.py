@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import math
 import time
 import uuid
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from .engine import Engine, QueueFull, Request, SamplingParams, UnknownAdapter
+from .engine import Engine, InvalidParams, QueueFull, Request, SamplingParams, UnknownAdapter
 from .metrics import Metrics
 
 
@@ -57,30 +56,6 @@ class APIError(Exception):
 
 def _bad(param: str, message: str) -> APIError:
     return APIError(400, f"{param}: {message}", param=param)
-
-
-def _int(body: dict, name: str, default, low: int, high: int | None = None, why_high: str = ""):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _bad(name, f"must be an integer, got {json.dumps(value)}")
-    if value < low:
-        raise _bad(name, f"must be >= {low}, got {value}")
-    if high is not None and value > high:
-        raise _bad(name, f"{value} exceeds {why_high or high}")
-    return value
-
-
-def _number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _bad(name, f"must be a number, got {json.dumps(value)}")
-    if value > high or value < low or (low_open and value == low):
-        raise _bad(name, f"must lie in {'(' if low_open else '['}{low:g}, {high:g}], got {value:g}")
-    return float(value)
 
 
 class _Detokenizer:
@@ -203,14 +178,20 @@ class Server:
         if self.context is not None and self.context - prompt_tokens < room:
             room = self.context - prompt_tokens
             why = f"the {room} tokens left in the model's context of {self.context} after {prompt_tokens} prompt tokens"
-        max_tokens = _int(body, "max_tokens", min(default_max or room, room), 1, room, why)
-        if "max_completion_tokens" in body:  # the chat API's newer name
-            max_tokens = _int(body, "max_completion_tokens", max_tokens, 1, room, why)
-        temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-        top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
-        seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise _bad("seed", f"must be an integer, got {json.dumps(seed)}")
+        given = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        values = {"max_tokens": body.get(given), "temperature": body.get("temperature"), "top_p": body.get("top_p"),
+                  "seed": body.get("seed")}
+        try:  # the fields' own domains are SamplingParams' to check
+            params = SamplingParams(**{k: v for k, v in values.items() if v is not None})
+        except InvalidParams as err:
+            param = given if err.param == "max_tokens" else err.param
+            raise APIError(400, f"{param}{str(err)[len(err.param):]}", param=param) from None
+        if values["max_tokens"] is None:
+            params.max_tokens = min(default_max or room, room)
+        elif params.max_tokens > room:
+            raise _bad(given, f"{params.max_tokens} exceeds {why}")
+        if params.temperature > 2:  # OpenAI's range
+            raise _bad("temperature", f"must lie in [0, 2], got {params.temperature:g}")
         stops = body.get("stop")
         stops = [] if stops is None else [stops] if isinstance(stops, str) else stops
         if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
@@ -218,8 +199,7 @@ class Server:
         ignore_eos = body.get("ignore_eos", False)
         if not isinstance(ignore_eos, bool):
             raise _bad("ignore_eos", "must be true or false")
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                                stop_token_ids=() if ignore_eos else self.eos)
+        params.stop_token_ids = () if ignore_eos else self.eos
         return params, stops
 
     def check_prompt(self, ids: list[int], param: str) -> list[int]:

@@ -27,6 +27,7 @@ import contextvars
 import dataclasses
 import itertools
 import logging
+import math
 import threading
 import time
 from concurrent.futures import Future
@@ -67,9 +68,22 @@ class UnknownAdapter(KeyError):
         return f"adapter {self.name!r} is not loaded; available: {self.available}"
 
 
+class InvalidParams(ValueError):
+    """A sampling parameter outside its domain; ``param`` names it (the message starts with it)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclasses.dataclass
 class SamplingParams:
-    """``temperature == 0`` is greedy. ``seed`` makes sampling repeatable per request."""
+    """``temperature == 0`` is greedy. ``seed`` makes sampling repeatable per request. Bad values
+    raise ``InvalidParams`` naming the field."""
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
@@ -77,14 +91,16 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
-        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < float("inf")):
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        for name in ("max_tokens", "seed"):
+            value = getattr(self, name)
+            if (value is not None or name == "max_tokens") and (isinstance(value, bool) or not isinstance(value, int)):
+                raise InvalidParams(name, f"must be an integer, got {value!r}")
+        if self.max_tokens < 1:
+            raise InvalidParams("max_tokens", f"must be >= 1, got {self.max_tokens}")
+        if not (_is_number(self.temperature) and self.temperature >= 0):
+            raise InvalidParams("temperature", f"must be a finite number >= 0, got {self.temperature!r}")
+        if not (_is_number(self.top_p) and 0 < self.top_p <= 1):
+            raise InvalidParams("top_p", f"must lie in (0, 1], got {self.top_p!r}")
         self.stop_token_ids = tuple(self.stop_token_ids)
 
 
