@@ -36,16 +36,33 @@ def test_readme_example_runs():
                                                              namespace["bk"].nn.NF4Linear)
 
 
-def test_context_recipe_runs():
-    """``python/context_peft.py`` end to end with a few steps (the full --quick run is the demo's)."""
+def test_context_recipe_runs(tmp_path):
+    """``python/context_peft.py`` end to end with a few steps and two seeds (the full --quick run is
+    the demo's): every method's row, and the JSON with one paired run per seed."""
     result = subprocess.run([sys.executable, str(ROOT / "python" / "context_peft.py"), "--quick", "--steps", "3",
-                             "--device", "cpu"], capture_output=True, text=True, timeout=600,
+                             "--seeds", "2", "--device", "cpu", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600,
                             env={**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
                                  "PYTHONPATH": str(ROOT)})  # the torch path: the interpreter is for kernel tests
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] in (["LoRA-8"], ["BitFit"], ["IA3"])]
-    assert [r[0] for r in rows] == ["LoRA-8", "BitFit", "IA3"]
+    names = ["LoRA-1", "LoRA-8", "BitFit", "IA3"]
+    rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] in [[n] for n in names]]
+    assert [r[0] for r in rows] == names
     assert all(1.0 < float(r[1]) < 100 and 1.0 < float(r[2]) < 100 for r in rows)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    for name, row in zip(names, rows):
+        runs = saved["methods"][name]["runs"]
+        assert [r["seed"] for r in runs] == [0, 1]
+        assert runs[0]["agnostic"] != runs[1]["agnostic"]  # the seeds differ
+        mean = sum(r["specific"] - r["agnostic"] for r in runs) / 2
+        assert abs(mean - float(row[3])) < 1e-3
+
+
+def test_context_recipe_rejects_bad_counts():
+    for flag in ("--steps", "--seeds"):
+        result = subprocess.run([sys.executable, str(ROOT / "python" / "context_peft.py"), flag, "0"],
+                                capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert result.returncode == 2 and f"{flag} must be at least 1" in result.stderr
 
 
 def test_ivon_recipe_runs():
