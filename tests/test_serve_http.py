@@ -30,7 +30,7 @@ uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 import bora_kernels as bk  # noqa: E402
-from bora_kernels.bench.serve import free_port  # noqa: E402
+from bora_kernels.bench.serve import free_port, wait_healthy  # noqa: E402
 from bora_kernels.ops import use_backend  # noqa: E402
 from bora_kernels.serve import Engine, QueueFull, demo  # noqa: E402
 from bora_kernels.serve.app import Limits, Server, create_app  # noqa: E402
@@ -181,6 +181,39 @@ def test_stop_strings(served, reference, tokenizer):
         text, finish, usage = complete(url, "skip1", "abc", 10, stream=stream, stop=[stop, "#"])
         assert (text, finish) == (want[:3], "stop")
         assert usage["completion_tokens"] == 5  # the tokens generated, the stop string's included
+
+
+def test_detokenizer_pieces_equal_the_whole_decode(monkeypatch):
+    """With a byte-level BPE (leading spaces folded into tokens, characters split over byte
+    tokens) and a window of 3 tokens, so the settled text rolls over many times: the streamed
+    pieces add up to the decode of the whole output, no piece holds half a character, and a stop
+    string cuts the text where it starts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from bora_kernels.serve.app import _Detokenizer
+
+    corpus = ["the cat sat on the mat", "héllo wörld, ça va?", "naïve café 🙂 über straße"] * 20
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend)
+    monkeypatch.setattr(_Detokenizer, "WINDOW", 3)
+    prompt = tok("say:", add_special_tokens=False).input_ids
+    text = " the naïve café 🙂 says héllo wörld über straße"
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert len(ids) > 3 * _Detokenizer.WINDOW and tok.decode(prompt + ids) == "say:" + text
+    for stops, want in (([], text), (["über"], text[:text.index("über")]), (["🙂 s", "zz"], text[:text.index("🙂")])):
+        detok, pieces = _Detokenizer(tok, prompt, stops), []
+        for token in ids:
+            piece, stopped = detok.add(token)
+            pieces.append(piece)
+            if stopped:
+                break
+        else:
+            pieces.append(detok.flush())
+        assert "".join(pieces) == want
+        assert not any("\ufffd" in piece for piece in pieces)
 
 
 def test_openai_client(served, reference, tokenizer):
@@ -399,14 +432,7 @@ def test_cli_sigterm_finishes_in_flight_work_and_exits_0(serve_demo, tmp_path):
                              "--max-adapters", "9", "--no-access-log"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None and time.time() < deadline, "the server did not start"
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_healthy(proc, url, 120)
         results, started = {}, threading.Event()
         thread = threading.Thread(target=lambda: results.update(
             out=complete(url, "skip1", "abc", 500, stream=True, started=started)))

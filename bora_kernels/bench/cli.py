@@ -148,8 +148,7 @@ def _write_json(file: str | None, result: dict) -> None:
 
 
 def _serve(args, device: torch.device) -> int:
-    quick = serve.LoadCase(requests=64, concurrency=16, adapters=8, max_tokens=16)
-    case = quick if args.quick else serve.LoadCase()
+    case = dataclasses.replace(serve.QUICK) if args.quick else serve.LoadCase()
     for name in ("requests", "concurrency", "adapters", "max_tokens", "time_limit"):
         value = getattr(args, name)
         if value is not None:

@@ -46,6 +46,9 @@ class LoadCase:
     time_limit: float = 600.0
 
 
+QUICK = LoadCase(requests=64, concurrency=16, adapters=8, max_tokens=16)
+
+
 def make_adapters(model_dir: Path, out: Path, count: int, rank: int, seed: int = 0) -> list[str]:
     """``count`` random PEFT adapters for the model in ``model_dir``, saved under ``out``."""
     import torch
@@ -71,9 +74,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: Path, root: Path, case: LoadCase, schedule: str, device: str) -> tuple[subprocess.Popen, str]:
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float) -> None:
+    """Return once the server process ``proc`` answers ``url``'s ``/health``; raise
+    ``RuntimeError`` when it exits first or ``timeout`` seconds pass (killing it)."""
     import httpx
 
+    deadline = time.time() + timeout
+    while True:
+        if proc.poll() is not None:
+            error = proc.stderr.read()[-2000:] if proc.stderr else ""
+            raise RuntimeError(f"bora-serve exited with {proc.returncode}: {error}")
+        if time.time() > deadline:
+            proc.kill()
+            raise RuntimeError(f"bora-serve did not answer /health within {timeout:g} s")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.2)
+
+
+def start_server(model_dir: Path, root: Path, case: LoadCase, schedule: str, device: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # CPU figures are for the torch path, never the interpreter
@@ -84,18 +105,8 @@ def start_server(model_dir: Path, root: Path, case: LoadCase, schedule: str, dev
                "--served-model-name", "base", "--no-access-log", "--log-level", "warning"]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"bora-serve exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
-        if time.time() > deadline:
-            proc.kill()
-            raise RuntimeError("bora-serve did not answer /health within 300 s")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.2)
+    wait_healthy(proc, url, 300)
+    return proc, url
 
 
 async def _one(client, url: str, body: dict) -> dict:

@@ -60,28 +60,42 @@ def _bad(param: str, message: str) -> APIError:
 
 class _Detokenizer:
     """Text of the generated tokens so far, handed out in pieces: text that may still become a
-    stop string, or an incomplete character (U+FFFD), is held back until it is settled. Tokens
-    are decoded after the prompt's last few, so a leading space a tokenizer folds into a token is
-    kept."""
+    stop string, or an incomplete character (U+FFFD), is held back until it is settled.
+
+    Only a window of the newest tokens is decoded per token, after the few tokens before it (so a
+    leading space a tokenizer folds into a token is kept): once the window holds ``WINDOW``
+    tokens and ends on a whole character, its text is settled and a new window starts. Decoding
+    the whole output per token would cost O(n^2) in the output's length."""
+
+    WINDOW = 32
+    CONTEXT = 4
 
     def __init__(self, tokenizer, prompt: list[int], stops: list[str]):
-        self.tokenizer, self.prefix, self.stops = tokenizer, prompt[-4:], stops
-        self.prefix_text = self._decode(self.prefix)
+        self.tokenizer, self.stops = tokenizer, stops
         self.hold = max((len(s) for s in stops), default=1) - 1
-        self.ids: list[int] = []
+        self.settled = ""                 # text of the tokens before the window
+        self._start_window(prompt[-self.CONTEXT:])
         self.sent = 0
 
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def _start_window(self, context: list[int]) -> None:
+        self.context, self.context_text, self.window = context, self._decode(context), []
+
     def text(self) -> str:
-        full = self._decode(self.prefix + self.ids)
-        return full[len(self.prefix_text):] if full.startswith(self.prefix_text) else self._decode(self.ids)
+        full = self._decode(self.context + self.window)
+        if full.startswith(self.context_text):
+            return self.settled + full[len(self.context_text):]
+        return self.settled + self._decode(self.window)
 
     def add(self, token: int) -> tuple[str, bool]:
         """The next piece of text and whether a stop string ended the output."""
-        self.ids.append(token)
+        self.window.append(token)
         text = self.text()
+        if len(self.window) >= self.WINDOW and not text.endswith("\ufffd"):
+            self.settled = text
+            self._start_window((self.context + self.window)[-self.CONTEXT:])
         hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
         if hits:
             return self._take(text, min(hits)), True

@@ -76,6 +76,10 @@ class InvalidParams(ValueError):
         self.param = param
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -91,10 +95,10 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
-        for name in ("max_tokens", "seed"):
-            value = getattr(self, name)
-            if (value is not None or name == "max_tokens") and (isinstance(value, bool) or not isinstance(value, int)):
-                raise InvalidParams(name, f"must be an integer, got {value!r}")
+        if not _is_int(self.max_tokens):
+            raise InvalidParams("max_tokens", f"must be an integer, got {self.max_tokens!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise InvalidParams("seed", f"must be an integer, got {self.seed!r}")
         if self.max_tokens < 1:
             raise InvalidParams("max_tokens", f"must be >= 1, got {self.max_tokens}")
         if not (_is_number(self.temperature) and self.temperature >= 0):

@@ -57,24 +57,16 @@ class Metrics:
     def render(self, counters: dict[str, float], gauges: dict[str, float]) -> str:
         """The exposition text; ``counters`` and ``gauges`` are read from the engine now."""
         lines = []
-
-        def head(name):
-            kind, text = METRICS[name]
-            lines.extend([f"# HELP {name} {text}", f"# TYPE {name} {kind}"])
-
         with self._lock:
-            for name, (kind, _) in METRICS.items():
+            for name, (kind, text) in METRICS.items():
+                lines.extend([f"# HELP {name} {text}", f"# TYPE {name} {kind}"])
                 if kind == "counter" and name in counters:
-                    head(name)
                     lines.append(f"{name} {counters[name]:g}")
                 elif kind == "counter":
-                    head(name)
                     lines.extend(f"{name}{_labels(k)} {v:g}" for k, v in sorted(self._counters.get(name, {}).items()))
                 elif kind == "gauge":
-                    head(name)
                     lines.append(f"{name} {gauges.get(name, 0):g}")
                 else:
-                    head(name)
                     for key, cells in sorted(self._histograms.get(name, {}).items()):
                         total = 0
                         for le, n in zip(LATENCY_BUCKETS, cells):

@@ -103,7 +103,8 @@ def bora_app(model: str, adapter_root: str, *, max_adapters: int = 16, max_lora_
                     raise _bad("model", f"{json.dumps(body.get('model'))} differs from the {HEADER} header {adapter!r}")
                 if adapter == server.model_name or not isinstance(adapter, str) or not adapter:
                     return await server.generate(http, chat, body)
-                server.inside_root(adapter, "model", missing=404)  # before Ray's loader: 403 outside the root
+                if adapter not in server.engine.adapters:  # 403 outside the root, before Ray's loader wraps it
+                    server.inside_root(adapter, "model", missing=404)
                 for attempt in (0, 1):  # Ray may evict it between the load and the submit: load again
                     await self.adapter(adapter)
                     try:
