@@ -8,11 +8,13 @@ every mean and standard deviation is a LoRA pair: ``μ = B_μ A_μ`` and ``σ = 
     -E_q[log p(D | φ)] + β KL(q(φ) || p(φ | θ)) + γ (-log p(θ))
 
 (the paper's eq. 2; ``KL(q(θ) || p(θ))`` reduces to ``-log p(θ)`` as in ABML). Training
-alternates: ``start_task`` sets ``φ = θ``, a few inner steps fit ``φ`` to the task (likelihood +
-β KL), then ``θ`` takes one step on the objective with the first-order approximation
-``dφ/dθ ≈ I`` (as first-order MAML; no second-order gradients, no copy of the model per task):
-backward the objective on a fresh batch of the task, then ``add_task_gradients`` adds each φ
-gradient to its θ twin, which already holds the direct gradients of β KL and γ (-log p(θ)).
+alternates, per task: ``adapt`` runs a few SGD steps on the likelihood + β KL from ``φ = θ``,
+as tensors that are functions of θ, then ``task_loss`` evaluates the objective at that ``φ`` on
+a fresh batch of the task and its ``backward()`` gives θ's outer gradient. With
+``create_graph=True`` the gradient goes through the inner steps (second order, as ABML does);
+with ``False`` it takes ``dφ/dθ = I`` (first-order MAML). Neither copies the model per task:
+``φ`` lives only as the inner loop's tensors, and ``load_task`` writes it into the layers' φ
+parameters for evaluation or serving.
 
 ``ABMLLLinear`` never builds a dense weight in its forward. It samples the layer's *output* with
 the local reparameterisation trick: with ``W ~ N(M, S²)`` elementwise, ``x W^T`` is Gaussian with
@@ -58,6 +60,13 @@ class GaussianLoRA(nn.Module):
         mu = self.mu_B[rows].float() @ self.mu_A.float()
         sigma = self.sigma_B[rows].float() @ self.sigma_A.float() + self.c
         return mu, sigma
+
+    def kl_variance(self, sigma: torch.Tensor) -> torch.Tensor:
+        """``max(σ², c²)``, the variance the KL and the prior use. ``σ = BA + c`` is signed and
+        crosses zero as training moves B and A; there ``log σ²`` and ``1/σ²`` overflow and their
+        gradients turn into NaN, so both read ``σ`` as at least ``c`` in size (the paper adds c
+        to keep σ positive). Sampling uses ``σ²`` itself, a valid variance either way."""
+        return sigma.square().clamp(min=self.c ** 2)
 
     def mean(self, x: torch.Tensor) -> torch.Tensor:
         """``x μ^T``, the mean of ``x W^T`` (two thin matmuls)."""
@@ -111,7 +120,7 @@ class ABMLLLinear(nn.Module):
         for rows in _row_chunks(self.out_features):
             mu_q, s_q = self.phi.dense(rows)
             mu_p, s_p = self.theta.dense(rows)
-            var_q, var_p = s_q.square(), s_p.square()
+            var_q, var_p = self.phi.kl_variance(s_q), self.theta.kl_variance(s_p)
             total = total + (0.5 * (var_q.log() - var_p.log()).neg() + (var_q + (mu_q - mu_p).square()) / (2 * var_p)
                              - 0.5).sum()
         return total
@@ -122,7 +131,7 @@ class ABMLLLinear(nn.Module):
         total = torch.zeros((), device=self.theta.mu_A.device)
         for rows in _row_chunks(self.out_features):
             mu, sigma = self.theta.dense(rows)
-            precision = sigma.square().reciprocal()
+            precision = self.theta.kl_variance(sigma).reciprocal()
             log_normal = -0.5 * (math.log(2 * math.pi * c) + mu.square() / c)
             log_gamma = a0 * math.log(b0) - math.lgamma(a0) + (a0 - 1) * precision.log() - b0 * precision
             total = total - (log_normal + log_gamma).sum()
@@ -172,18 +181,64 @@ def start_task(model: nn.Module) -> None:
         m.start_task()
 
 
+class _Objective(nn.Module):
+    """``loss_fn(model, batch) + β KL + γ (-log p(θ))`` as a module, so that ``functional_call``
+    can evaluate it with φ swapped for the inner loop's tensors."""
+
+    def __init__(self, model: nn.Module, loss_fn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch, beta: float, gamma: float, a0: float, b0: float) -> torch.Tensor:
+        loss = self.loss_fn(self.model, batch)
+        if beta:
+            loss = loss + beta * kl(self.model)
+        if gamma:
+            loss = loss + gamma * neg_log_prior(self.model, a0, b0)
+        return loss
+
+
+def _twins(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``{name of a φ parameter, as the objective sees it: its θ twin}`` over every layer."""
+    layers(model)  # a clear error if there are none
+    return {f"model.{prefix}{'.' if prefix else ''}phi.{name}": theta
+            for prefix, m in model.named_modules() if isinstance(m, ABMLLLinear)
+            for name, theta in m.theta.named_parameters()}
+
+
+def task_loss(model: nn.Module, loss_fn, phi: dict[str, torch.Tensor], batch, beta: float = 0.0,
+              gamma: float = 0.0, a0: float = 1.0, b0: float = 0.01) -> torch.Tensor:
+    """The objective ``loss_fn(model, batch) + β KL(q(φ) || p(φ | θ)) + γ (-log p(θ))`` with the
+    layers' φ replaced by ``phi`` (from ``adapt``); θ is the layers' own parameters."""
+    return torch.func.functional_call(_Objective(model, loss_fn), phi, (batch, beta, gamma, a0, b0))
+
+
+def adapt(model: nn.Module, loss_fn, batches, steps: int, lr: float, beta: float = 0.0,
+          create_graph: bool = False) -> dict[str, torch.Tensor]:
+    """ABMLL's inner loop on one task: ``steps`` SGD steps of ``φ ← φ - lr ∇_φ (loss + β KL)``
+    from ``φ = θ``, ``batches()`` giving each step's batch. Returns φ as tensors that depend on θ:
+    ``task_loss(...).backward()`` then reaches θ through every step when ``create_graph``
+    (second order), or as ``dφ/dθ = I`` otherwise (first order). The layers' parameters are
+    not changed (``load_task`` does that)."""
+    if not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    # φ = θ as views: the graph starts at θ, and a gradient w.r.t. φ counts only φ's uses
+    phi = {name: theta.view_as(theta) for name, theta in _twins(model).items()}
+    for _ in range(steps):
+        loss = task_loss(model, loss_fn, phi, batches(), beta)
+        grads = torch.autograd.grad(loss, list(phi.values()), create_graph=create_graph, allow_unused=True)
+        phi = {name: p if g is None else p - lr * g for (name, p), g in zip(phi.items(), grads)}
+    return phi
+
+
 @torch.no_grad()
-def add_task_gradients(model: nn.Module) -> None:
-    """The first-order outer gradient: ``θ.grad += φ.grad`` for every twin pair (``dφ/dθ ≈ I``),
-    so ``θ`` gets the likelihood's gradient at the adapted ``φ`` plus its own terms' gradients.
-    Call after the outer objective's ``backward()`` and before the optimizer's step on ``θ``."""
-    for theta, phi in zip(global_parameters(model), task_parameters(model)):
-        if phi.grad is None:
-            continue
-        if theta.grad is None:
-            theta.grad = phi.grad.clone()
-        else:
-            theta.grad.add_(phi.grad)
+def load_task(model: nn.Module, phi: dict[str, torch.Tensor]) -> None:
+    """Write an adapted φ (from ``adapt``) into the layers' φ parameters."""
+    named = dict(model.named_parameters())
+    for name, value in phi.items():
+        named[name[len("model."):]].copy_(value)
 
 
 def kl(model: nn.Module) -> torch.Tensor:
@@ -197,4 +252,4 @@ def neg_log_prior(model: nn.Module, a0: float = 1.0, b0: float = 0.01) -> torch.
 
 
 __all__ = ["ABMLLLinear", "GaussianLoRA", "inject", "layers", "task_parameters", "global_parameters",
-           "start_task", "add_task_gradients", "kl", "neg_log_prior"]
+           "start_task", "adapt", "task_loss", "load_task", "kl", "neg_log_prior"]

@@ -58,12 +58,14 @@ def test_kl_and_prior_against_torch_distributions():
         kl, prior = layer.kl(), layer.neg_log_prior(a0=2.0, b0=0.5)
     finally:
         abmll.KL_ROWS = saved
+    c = layer.theta.c
     mu_q, s_q = (t.double() for t in layer.phi.dense())
     mu_p, s_p = (t.double() for t in layer.theta.dense())
-    want = torch.distributions.kl_divergence(torch.distributions.Normal(mu_q, s_q.abs()),
-                                             torch.distributions.Normal(mu_p, s_p.abs())).sum()
+    s_q, s_p = s_q.abs().clamp(min=c), s_p.abs().clamp(min=c)  # σ read as at least c in size
+    assert (s_p == c).any() and (s_p > c).any()  # the spread reaches both sides of the floor
+    want = torch.distributions.kl_divergence(torch.distributions.Normal(mu_q, s_q),
+                                             torch.distributions.Normal(mu_p, s_p)).sum()
     assert math.isclose(kl.item(), want.item(), rel_tol=1e-4)
-    c = layer.theta.c
     log_p = (torch.distributions.Normal(0.0, math.sqrt(c)).log_prob(mu_p)
              + torch.distributions.Gamma(2.0, 0.5).log_prob(s_p.square().reciprocal())).sum()
     assert math.isclose(prior.item(), -log_p.item(), rel_tol=1e-4)
@@ -88,26 +90,96 @@ def test_task_and_global_parameters():
     assert abmll.kl(model).item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_first_order_outer_gradient():
-    """After ``start_task`` (φ = θ), the first-order outer gradient of a loss of φ plus the prior
-    is the loss's gradient at φ plus the prior's at θ; a twin without a gradient is skipped."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+def small_model(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
     abmll.inject(model, ["0", "2"], r=2, c=0.01, init_std=0.1)
-    model.eval()  # the mean: a deterministic loss
-    x = torch.randn(5, 8)
-    phi, theta = abmll.task_parameters(model), abmll.global_parameters(model)
-    want_phi = torch.autograd.grad(model(x).square().sum(), phi, allow_unused=True)
-    want_theta = torch.autograd.grad(abmll.neg_log_prior(model), theta)
-    (model(x).square().sum() + abmll.neg_log_prior(model)).backward()
-    abmll.add_task_gradients(model)
-    for p, g_phi, g_theta in zip(theta, want_phi, want_theta):
-        torch.testing.assert_close(p.grad, g_theta + (0 if g_phi is None else g_phi))
-    for p in theta:
-        p.grad = None
-    abmll.add_task_gradients(model)
-    for p, g_phi in zip(theta, want_phi):
-        assert (p.grad is None) == (g_phi is None)
+    with torch.no_grad():  # μ's B ≠ 0, so every factor gets a gradient; σ stays near 0.11,
+        for m in abmll.layers(model):  # away from the KL's floor at c (a kink for differences)
+            for p in (m.theta.mu_A, m.theta.mu_B, m.theta.sigma_A):
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()  # the mean: deterministic losses
+
+
+def square_loss(model, x):
+    return model(x).square().mean()
+
+
+def test_inner_loop_is_sgd_from_theta_and_leaves_the_layers():
+    model = small_model()
+    batches = [torch.randn(5, 8) for _ in range(2)]
+    it = iter(batches)
+    phi = abmll.adapt(model, square_loss, lambda: next(it), steps=2, lr=0.3, beta=0.5)
+    # the same two steps by hand, on the layers' own φ parameters
+    theta = [p.detach().clone() for p in abmll.global_parameters(model)]
+    abmll.start_task(model)
+    params = abmll.task_parameters(model)
+    for x in batches:
+        grads = torch.autograd.grad(square_loss(model, x) + 0.5 * abmll.kl(model), params)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p.sub_(0.3 * g)
+    for got, want in zip(phi.values(), params):
+        torch.testing.assert_close(got, want)
+    abmll.start_task(model)
+    abmll.load_task(model, phi)
+    for got, want in zip(abmll.task_parameters(model), params):
+        torch.testing.assert_close(got, want)
+    for got, want in zip(abmll.global_parameters(model), theta):  # θ untouched
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("second_order", [False, True])
+def test_outer_gradient(second_order):
+    """θ's gradient of the objective after an inner step: first order is the loss's gradient at
+    the adapted φ plus the KL's and prior's own; second order matches central differences of the
+    whole inner-then-outer computation, and differs from first order (so the test can fail)."""
+    model = small_model()
+    x_in, x_out = torch.randn(5, 8), torch.randn(5, 8)
+    theta = abmll.global_parameters(model)
+
+    def objective(create_graph):
+        phi = abmll.adapt(model, square_loss, lambda: x_in, steps=1, lr=0.5, beta=0.01, create_graph=create_graph)
+        return abmll.task_loss(model, square_loss, phi, x_out, beta=0.01, gamma=1e-4), phi
+
+    loss, phi = objective(second_order)
+    grads = torch.autograd.grad(loss, theta)
+    if not second_order:
+        abmll.load_task(model, phi)
+        want_phi = torch.autograd.grad(square_loss(model, x_out) + 0.01 * abmll.kl(model), abmll.task_parameters(model))
+        want_theta = torch.autograd.grad(0.01 * abmll.kl(model) + 1e-4 * abmll.neg_log_prior(model), theta)
+        for got, a, b in zip(grads, want_phi, want_theta):
+            torch.testing.assert_close(got, a + b)
+        return
+    first = torch.autograd.grad(objective(False)[0], theta)
+    assert max((a - b).abs().max() for a, b in zip(grads, first)) > 1e-3
+    gen = torch.Generator().manual_seed(1)
+    for p, g in zip(theta, grads):
+        direction = torch.randn(p.shape, generator=gen)
+        eps = 1e-3  # the prior's 1/σ² bends too fast for 1e-2
+        with torch.no_grad():
+            p.add_(eps * direction)
+        up = objective(False)[0].item()
+        with torch.no_grad():
+            p.sub_(2 * eps * direction)
+        down = objective(False)[0].item()
+        with torch.no_grad():
+            p.add_(eps * direction)
+        assert (up - down) / (2 * eps) == pytest.approx((g * direction).sum().item(), rel=1e-2, abs=3e-4)
+
+
+@pytest.mark.parametrize("sigma_b", [-0.01, -0.015])
+def test_kl_reads_sigma_as_at_least_c(sigma_b):
+    """σ_θ = BA + c at zero (-0.01) or below c in size (-0.015) is read as c by the KL and the
+    prior: φ (σ = c) then matches θ exactly, and the values and gradients stay finite."""
+    layer = abmll.ABMLLLinear(nn.Linear(4, 3), r=1, c=0.01)
+    with torch.no_grad():
+        layer.theta.sigma_A.fill_(1.0)
+        layer.theta.sigma_B.fill_(sigma_b)
+    kl = layer.kl()
+    (kl + layer.neg_log_prior(1.0, 0.01)).backward()
+    assert kl.item() == pytest.approx(0.0, abs=1e-6)
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
 
 
 def test_bad_arguments():
@@ -117,3 +189,8 @@ def test_bad_arguments():
         abmll.ABMLLLinear(nn.Linear(4, 4), r=0)
     with pytest.raises(ValueError, match="no ABMLL layers"):
         abmll.kl(nn.Linear(3, 3))
+    model = small_model()
+    with pytest.raises(ValueError, match="steps must be"):
+        abmll.adapt(model, square_loss, lambda: torch.randn(2, 8), steps=-1, lr=0.1)
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        abmll.adapt(model, square_loss, lambda: torch.randn(2, 8), steps=1, lr=0.0)

@@ -179,17 +179,32 @@ def test_bora_recipe_reproduces_the_finding(tmp_path):
     assert spearman > 0.5, spearman
 
 
+def run_abmll_recipe(tmp_path, *flags):
+    """``python/abmll.py --quick``, shrunk to one epoch on a barely pre-trained model."""
+    return subprocess.run([sys.executable, str(ROOT / "python" / "abmll.py"), "--quick", "--epochs", "1",
+                           "--pretrain-steps", "5", "--out", str(tmp_path), *flags], capture_output=True, text=True,
+                          timeout=600, env={**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+                                            "PYTHONPATH": str(ROOT)})
+
+
 def test_abmll_recipe_runs(tmp_path):
     """``python/abmll.py`` end to end, shrunk: every method adapted to the held-out task and scored."""
-    result = subprocess.run([sys.executable, str(ROOT / "python" / "abmll.py"), "--quick", "--epochs", "1",
-                             "--pretrain-steps", "5", "--out", str(tmp_path)], capture_output=True, text=True,
-                            timeout=600, env={**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
-                                              "PYTHONPATH": str(ROOT)})
+    result = run_abmll_recipe(tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "results.json").read_text())["summary"]
     assert set(summary) == {"pretrained", "regular LoRA", "structured LoRA", "ABMLL"}
     assert all(0 <= s["accuracy"] <= 1 and 0 <= s["ece"] <= 1 for s in summary.values())
     assert (tmp_path / "accuracy_ece.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("flags, message", [(["--inner-lr", "0"], "--inner-lr must be > 0"),
+                                            (["--beta", "-1"], "--beta and --gamma must be >= 0"),
+                                            (["--beta", "1e-2"], "lower --beta")])
+def test_abmll_recipe_rejects_bad_steps(tmp_path, flags, message):
+    """Bad flags are named; a β too stiff for the inner SGD stops the run with advice, not NaN."""
+    result = run_abmll_recipe(tmp_path, *flags)
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "results.json").exists()
 
 
 def test_qlora_recipe_reproduces_the_finding(tmp_path):
