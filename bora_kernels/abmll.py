@@ -199,24 +199,25 @@ class _Objective(nn.Module):
 
 
 def _twins(model: nn.Module) -> dict[str, nn.Parameter]:
-    """``{name of a φ parameter, as the objective sees it: its θ twin}`` over every layer."""
+    """``{name of a φ parameter in model: its θ twin}`` over every layer."""
     layers(model)  # a clear error if there are none
-    return {f"model.{prefix}{'.' if prefix else ''}phi.{name}": theta
-            for prefix, m in model.named_modules() if isinstance(m, ABMLLLinear)
-            for name, theta in m.theta.named_parameters()}
+    return {name: theta for prefix, m in model.named_modules() if isinstance(m, ABMLLLinear)
+            for name, theta in m.theta.named_parameters(prefix=f"{prefix}.phi" if prefix else "phi")}
 
 
 def task_loss(model: nn.Module, loss_fn, phi: dict[str, torch.Tensor], batch, beta: float = 0.0,
               gamma: float = 0.0, a0: float = 1.0, b0: float = 0.01) -> torch.Tensor:
     """The objective ``loss_fn(model, batch) + β KL(q(φ) || p(φ | θ)) + γ (-log p(θ))`` with the
     layers' φ replaced by ``phi`` (from ``adapt``); θ is the layers' own parameters."""
-    return torch.func.functional_call(_Objective(model, loss_fn), phi, (batch, beta, gamma, a0, b0))
+    swapped = {f"model.{name}": value for name, value in phi.items()}  # names inside _Objective
+    return torch.func.functional_call(_Objective(model, loss_fn), swapped, (batch, beta, gamma, a0, b0))
 
 
 def adapt(model: nn.Module, loss_fn, batches, steps: int, lr: float, beta: float = 0.0,
           create_graph: bool = False) -> dict[str, torch.Tensor]:
     """ABMLL's inner loop on one task: ``steps`` SGD steps of ``φ ← φ - lr ∇_φ (loss + β KL)``
-    from ``φ = θ``, ``batches()`` giving each step's batch. Returns φ as tensors that depend on θ:
+    from ``φ = θ``, ``batches()`` giving each step's batch. Returns φ, keyed by the names of the
+    layers' φ parameters in ``model``, as tensors that depend on θ:
     ``task_loss(...).backward()`` then reaches θ through every step when ``create_graph``
     (second order), or as ``dφ/dθ = I`` otherwise (first order). The layers' parameters are
     not changed (``load_task`` does that)."""
@@ -238,7 +239,7 @@ def load_task(model: nn.Module, phi: dict[str, torch.Tensor]) -> None:
     """Write an adapted φ (from ``adapt``) into the layers' φ parameters."""
     named = dict(model.named_parameters())
     for name, value in phi.items():
-        named[name[len("model."):]].copy_(value)
+        named[name].copy_(value)
 
 
 def kl(model: nn.Module) -> torch.Tensor:

@@ -164,12 +164,14 @@ def train_abmll(base, rules, cfg: Config, seed: int, beta: float, gamma: float, 
             phi = abmll.adapt(model, batch_loss, lambda: questions(rule, cfg.batch, gen), cfg.inner_steps,
                               inner_lr, beta, create_graph=second_order)
             loss = abmll.task_loss(model, batch_loss, phi, questions(rule, cfg.batch, gen), beta, gamma)
-            if not torch.isfinite(loss):  # the inner SGD diverged: the KL's pull is too stiff for the step
-                raise SystemExit(f"ABMLL's objective is {loss.item()} at epoch {epoch}: "
-                                 f"lower --beta ({beta:g}) or --inner-lr ({inner_lr:g})")
             outer.zero_grad()
             loss.backward()
             outer.step()
+        # once per epoch (a NaN stays in θ once there): the inner SGD diverged when the KL's pull
+        # is too stiff for its step
+        if not torch.isfinite(loss):
+            raise SystemExit(f"ABMLL's objective is {loss.item()} at epoch {epoch}: "
+                             f"lower --beta ({beta:g}) or --inner-lr ({inner_lr:g})")
     return model
 
 
@@ -251,8 +253,10 @@ def report(results: dict, out_dir: Path) -> None:
         se = (lambda t: (t.std() / len(t) ** 0.5).item() if len(t) > 1 else 0.0)
         summary[name] = {"accuracy": accs.mean().item(), "accuracy_se": se(accs), "ece": eces.mean().item(),
                          "ece_se": se(eces)}
-        seconds = [r[name]["train_seconds"] for r in results["seeds"] if "train_seconds" in r[name]]
-        trained = f"   training {sum(seconds) / len(seconds):.0f} s" if seconds else ""
+        trained = ""
+        if name != "pretrained":
+            seconds = sum(r[name]["train_seconds"] for r in results["seeds"]) / len(results["seeds"])
+            trained = f"   training {seconds:.0f} s"
         print(f"  {name:16s} accuracy {100 * accs.mean():5.1f}% ± {100 * se(accs):.1f}   "
               f"ECE {eces.mean():.3f} ± {se(eces):.3f}{trained}")
     results["summary"] = summary
@@ -298,9 +302,10 @@ def main(argv=None) -> dict:
     cfg = QUICK if args.quick else FULL
     cfg = dataclasses.replace(cfg, epochs=args.epochs or cfg.epochs,
                               pretrain_steps=args.pretrain_steps or cfg.pretrain_steps)
-    for flag in ("inner_lr", "lora_adapt_lr"):
-        if getattr(args, flag) is not None and not getattr(args, flag) > 0:
-            parser.error(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
+    if not args.inner_lr > 0:
+        parser.error(f"--inner-lr must be > 0, got {args.inner_lr}")
+    if args.lora_adapt_lr is not None and not args.lora_adapt_lr > 0:
+        parser.error(f"--lora-adapt-lr must be > 0, got {args.lora_adapt_lr}")
     if args.beta < 0 or args.gamma < 0:
         parser.error(f"--beta and --gamma must be >= 0, got {args.beta} and {args.gamma}")
     return run(cfg, Path(args.out), args.beta, args.gamma, args.inner_lr, args.outer == "second-order",

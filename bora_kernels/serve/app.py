@@ -192,20 +192,6 @@ class Server:
         if self.context is not None and self.context - prompt_tokens < room:
             room = self.context - prompt_tokens
             why = f"the {room} tokens left in the model's context of {self.context} after {prompt_tokens} prompt tokens"
-        given = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        values = {"max_tokens": body.get(given), "temperature": body.get("temperature"), "top_p": body.get("top_p"),
-                  "seed": body.get("seed")}
-        try:  # the fields' own domains are SamplingParams' to check
-            params = SamplingParams(**{k: v for k, v in values.items() if v is not None})
-        except InvalidParams as err:
-            param = given if err.param == "max_tokens" else err.param
-            raise APIError(400, f"{param}{str(err)[len(err.param):]}", param=param) from None
-        if values["max_tokens"] is None:
-            params.max_tokens = min(default_max or room, room)
-        elif params.max_tokens > room:
-            raise _bad(given, f"{params.max_tokens} exceeds {why}")
-        if params.temperature > 2:  # OpenAI's range
-            raise _bad("temperature", f"must lie in [0, 2], got {params.temperature:g}")
         stops = body.get("stop")
         stops = [] if stops is None else [stops] if isinstance(stops, str) else stops
         if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
@@ -213,7 +199,21 @@ class Server:
         ignore_eos = body.get("ignore_eos", False)
         if not isinstance(ignore_eos, bool):
             raise _bad("ignore_eos", "must be true or false")
-        params.stop_token_ids = () if ignore_eos else self.eos
+        given = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        values = {"max_tokens": body.get(given), "temperature": body.get("temperature"), "top_p": body.get("top_p"),
+                  "seed": body.get("seed")}
+        if values["max_tokens"] is None:  # the default is within the room
+            values["max_tokens"] = min(default_max or room, room)
+        try:  # the fields' own domains are SamplingParams' to check
+            params = SamplingParams(**{k: v for k, v in values.items() if v is not None},
+                                    stop_token_ids=() if ignore_eos else self.eos)
+        except InvalidParams as err:
+            param = given if err.param == "max_tokens" else err.param
+            raise APIError(400, f"{param}{str(err)[len(err.param):]}", param=param) from None
+        if params.max_tokens > room:
+            raise _bad(given, f"{params.max_tokens} exceeds {why}")
+        if params.temperature > 2:  # OpenAI's range
+            raise _bad("temperature", f"must lie in [0, 2], got {params.temperature:g}")
         return params, stops
 
     def check_prompt(self, ids: list[int], param: str) -> list[int]:

@@ -202,7 +202,7 @@ def context_lora_delta(x, lora_a, lora_b, context_weights, scaling=None):
     batch_shape = tuple(x.shape[:-1])
     x2 = x.reshape(-1, x.shape[-1])
     _check_inputs(x2, lora_a, lora_b, scaling, None)
-    num_contexts, n = lora_a.shape[0], lora_b.shape[1]
+    (num_contexts, rank, k), n = lora_a.shape, lora_b.shape[1]
     if isinstance(context_weights, ContextPlan):
         plan = context_weights
         if plan.batch_shape != batch_shape or plan.num_contexts != num_contexts:
@@ -217,7 +217,6 @@ def context_lora_delta(x, lora_a, lora_b, context_weights, scaling=None):
     scaling = (torch.ones(num_contexts, device=x.device) if scaling is None
                else scaling.to(device=x.device, dtype=torch.float32))
 
-    num_contexts, rank, k = lora_a.shape
     if backend(x.device) == "torch" and num_contexts * rank <= min(k, n, MASKED_MAX_COLUMNS):
         out = _masked_delta(x2, lora_a, lora_b, _token_weights(plan, x2.shape[0]) * scaling)
     elif plan.weights is None:  # one context per token: the multi-adapter op itself
