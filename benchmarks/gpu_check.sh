@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
 # Everything that needs CUDA, in one go (see GPU.md): the ceilings, the GPU tests, a
 # compute-sanitizer run of each kernel, the benchmark suites, the tile sweep, then the table.
-# Run from the repository root on a CUDA machine:  bash benchmarks/gpu_check.sh [results dir]
-# Carried wheels in .whl/ (bitsandbytes, ivon-opt) are installed into .site/ first.
+# Run from the repository root on a CUDA machine:  bash benchmarks/gpu_check.sh [results dir] [step...]
+# Steps (default: all, in this order): ceilings ext tests sanitizer ivon nf4 context lora model serve
+# tiles table. Each suite writes its own results file as soon as it finishes, so a run cut off by
+# a time limit keeps what it measured; `model` runs its --quick grid (PEFT's mixed batch alone
+# takes minutes at 64 adapters). Carried wheels in .whl/ (bitsandbytes, ivon-opt, the serving
+# stack) are installed into .site/ first.
 set -uo pipefail
 results=${1:-benchmarks/results}
+shift || true
+steps=" ${*:-ceilings ext tests sanitizer ivon nf4 context lora model serve tiles table} "
+want() { [[ "$steps" == *" $1 "* ]]; }
 mkdir -p "$results"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -14,10 +21,13 @@ stamp=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ',
 status=0
 step() { echo; echo "=== $* ==="; }
 
-step "ceilings"
-python benchmarks/ceilings.py | tee "$results/$stamp-ceilings.json"
+if want ceilings; then
+  step "ceilings"
+  python benchmarks/ceilings.py | tee "$results/$stamp-ceilings.json"
+fi
 copy=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['copy_GBps'])" "$results/$stamp-ceilings.json" 2>/dev/null || echo 3000)
 
+if want ext; then
 step "CUDA extension (csrc/): built at install, or JIT-built now"
 python - <<'PY' || status=1
 import logging, time
@@ -28,12 +38,17 @@ ext = extension()
 print(f"extension: {ext} ({time.perf_counter() - t:.0f} s)")
 raise SystemExit(ext is None)
 PY
+fi
 
-step "GPU tests (pytest -m gpu)"
-python -m pytest -q -m gpu tests -p no:cacheprovider || status=1
+if want tests; then
+  step "GPU tests (pytest -m gpu)"
+  python -m pytest -q -m gpu tests -p no:cacheprovider || status=1
+fi
 
-step "compute-sanitizer (memcheck) on one small run of each kernel"
-if command -v compute-sanitizer >/dev/null; then
+if ! want sanitizer; then
+  :
+elif command -v compute-sanitizer >/dev/null; then
+  step "compute-sanitizer (memcheck) on one small run of each kernel"
   compute-sanitizer --tool memcheck --error-exitcode 9 python - <<'PY' || status=1
 import torch
 from bora_kernels.ops import lora_delta
@@ -67,19 +82,29 @@ else
   echo "compute-sanitizer not found; skipped"
 fi
 
-step "benchmarks (bora-bench all)"
-python -m bora_kernels.bench all --device cuda --json "$results/$stamp.json" || status=1
+for suite in ivon nf4 context lora model; do
+  want $suite || continue
+  step "benchmarks: bora-bench $suite"
+  quick=""; [[ $suite == model ]] && quick="--quick"
+  python -m bora_kernels.bench $suite --device cuda $quick --json "$results/$stamp-$suite.json" || status=1
+done
 
-step "serving load test (bora-bench serve; needs fastapi, uvicorn, httpx)"
-if python -c "import fastapi, uvicorn, httpx" 2>/dev/null; then
-  python -m bora_kernels.bench serve --device cuda --json "$results/$stamp-serve.json" || status=1
-else
-  echo "fastapi/uvicorn/httpx missing (carry their wheels in .whl/); skipped"
+if want serve; then
+  step "serving load test (bora-bench serve; needs fastapi, uvicorn, httpx)"
+  if python -c "import fastapi, uvicorn, httpx" 2>/dev/null; then
+    python -m bora_kernels.bench serve --device cuda --json "$results/$stamp-serve.json" || status=1
+  else
+    echo "fastapi/uvicorn/httpx missing (carry their wheels in .whl/); skipped"
+  fi
 fi
 
-step "lora_delta tile sweep"
-python benchmarks/tune_lora.py --copy-GBps "$copy" --json "$results/$stamp-lora-tiles.json" || status=1
+if want tiles; then
+  step "lora_delta tile sweep"
+  python benchmarks/tune_lora.py --copy-GBps "$copy" --json "$results/$stamp-lora-tiles.json" || status=1
+fi
 
-step "table"
-python -m bora_kernels.bench table --results "$results"
+if want table; then
+  step "table"
+  python -m bora_kernels.bench table --results "$results"
+fi
 exit $status

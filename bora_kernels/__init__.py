@@ -7,5 +7,6 @@ from .model import (adapter_names, context_ids, inject, merge_adapter, summary, 
 from .peft_io import load_peft_adapters, save_peft_adapter
 
 __version__ = "0.1.0"
-__all__ = ["adapter_names", "bayes", "optim", "context_ids", "inject", "load_peft_adapters", "merge_adapter", "nn", "ops", "quant", "save_peft_adapter",
-           "summary", "trainable_parameters", "unmerge_adapter", "use_adapters", "use_contexts"]
+__all__ = ["abmll", "adapter_names", "bayes", "bora", "context_ids", "inject", "load_peft_adapters", "merge_adapter",
+           "nn", "ops", "optim", "quant", "save_peft_adapter", "summary", "trainable_parameters", "unmerge_adapter",
+           "use_adapters", "use_contexts"]

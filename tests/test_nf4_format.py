@@ -5,8 +5,6 @@ dtypes, with outliers and exact zeros in the weights."""
 
 import math
 
-import math
-
 import pytest
 import torch
 from bitsandbytes import functional as bnbF
@@ -42,6 +40,27 @@ def weight(shape, dtype, seed=0):
 # quantizer is right. Dequantization is checked against the plain formula everywhere and against
 # bitsandbytes on the shapes SHAPES holds (where it is right) with blocksize <= 128.
 BNB_CPU_DEQUANT_MAX_BLOCKSIZE = 128
+
+
+def zero_blocks_weight(blocksize, dtype):
+    """A full all-zero block and an all-zero partial last block (absmax 0 and 1e-38 in bitsandbytes)."""
+    w = weight((3 * blocksize + 10,), dtype)
+    w[blocksize:2 * blocksize] = 0
+    w[3 * blocksize:] = 0
+    return w
+
+
+@pytest.mark.parametrize("backend", KERNEL_AND_TORCH)
+@pytest.mark.parametrize("blocksize", [64, 256])
+def test_zero_blocks_match_bitsandbytes(backend, blocksize):
+    """All-zero blocks: codes of zero, and the absmax bitsandbytes stores (0 full, 1e-38 partial)."""
+    w = zero_blocks_weight(blocksize, torch.float32)
+    packed, state = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4")
+    with use_backend(backend):
+        ours = quantize_nf4(w, blocksize, double_quant=False)
+    assert state.absmax[1] == 0 and state.absmax[3] == torch.tensor(1e-38)  # what this test is about
+    assert torch.equal(ours.packed, packed.view_as(ours.packed))
+    assert torch.equal(ours.absmax, state.absmax)
 
 
 def formula(packed, absmax, blocksize, n):
@@ -158,3 +177,14 @@ def test_kernels_match_bitsandbytes_cuda(blocksize, double_quant):
     if not double_quant:
         assert torch.equal(ours.absmax, state.absmax)
     assert torch.equal(NF4Tensor.from_bnb(packed, state).dequantize(), bnbF.dequantize_4bit(packed, state))
+    w = zero_blocks_weight(blocksize, torch.float32).cuda()
+    packed, state = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4")
+    ours = quantize_nf4(w, blocksize, double_quant=False)
+    # bitsandbytes' CUDA quantizer gives all-zero blocks code 0 (-1) and the partial one absmax 0,
+    # where its CPU quantizer and ours give code 7 (0) and 1e-38: both dequantize to zeros
+    live = [0, 2]  # the blocks with nonzero weights
+    assert torch.equal(ours.absmax[live], state.absmax[live])
+    half = blocksize // 2
+    for b in live:
+        assert torch.equal(ours.packed[b * half:(b + 1) * half], packed.view_as(ours.packed)[b * half:(b + 1) * half])
+    torch.testing.assert_close(ours.dequantize(), bnbF.dequantize_4bit(packed, state).view_as(w), rtol=0, atol=1e-37)

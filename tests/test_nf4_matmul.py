@@ -75,7 +75,7 @@ def test_split_k_sums_every_stretch_once(m, split, poison_empty):
 def test_many_rows_take_the_dense_path(backend, monkeypatch, poison_empty):
     """From ``DENSE_MIN_M`` rows the weight is dequantized once and F.linear runs, forward and dx
     (the threshold lowered here so that the test stays small)."""
-    monkeypatch.setattr(nf4_package, "DENSE_MIN_M", 8)
+    monkeypatch.setitem(nf4_package.DENSE_MIN_M, "cpu", 8)
     weight, x, bias, gen = _problem(9, 128, 40, 64, torch.bfloat16)
     x.requires_grad_()
     assert nf4_package._path(x, weight, bias, forward=True)[0] == "dense"
@@ -109,15 +109,21 @@ def test_bad_input_names_the_argument(call, match):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("path", ["dispatched", "triton"])
 @pytest.mark.parametrize("m", [1, 16, 1024])
-def test_compiled_kernels_match_bitsandbytes_on_gpu(m):
-    """bf16 on CUDA: ours against the float64 reference and against bitsandbytes' matmul_4bit."""
+def test_compiled_kernels_match_bitsandbytes_on_gpu(m, path, monkeypatch):
+    """bf16 on CUDA: ours against the float64 reference and against bitsandbytes' matmul_4bit, as
+    dispatched and with the Triton kernels forced (CUDA dispatch skips them for now)."""
     import bitsandbytes as bnb
 
     gen = torch.Generator().manual_seed(m)
     w = torch.randn(4096, 4096, generator=gen).to("cuda", torch.bfloat16)
     weight = quantize_nf4(w, 64, double_quant=True)
     x = torch.randn(m, 4096, generator=gen).to("cuda", torch.bfloat16).requires_grad_()
+    if path == "triton":
+        monkeypatch.setattr(nf4_package, "CSRC_MAX_M", 0)
+        monkeypatch.setitem(nf4_package.DENSE_MIN_M, "cuda", 1 << 30)
+        assert nf4_package._path(x, weight, None, forward=True)[0] == "triton"
     out = nf4_matmul(x, weight)
     ref = nf4_matmul_reference(x, weight)
     assert_close(out, ref, torch.bfloat16, "forward")

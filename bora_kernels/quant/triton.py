@@ -32,12 +32,17 @@ def _nf4_quantize_kernel(w_ptr, code_ptr, packed_ptr, absmax_ptr, n,
     x = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     absmax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
     partial = (blk + 1) * BLOCKSIZE > n
-    safe = tl.maximum(absmax, 1e-38)
+    # bitsandbytes clamps the absmax at 1e-38. That is an fp32 denormal, and a literal below fp32's
+    # normal range compiles as fp64, so it is written as its fp32 bits. Dividing by it is avoided:
+    # an all-zero block scales to zeros whatever the divisor, and a flushed denormal would give 0/0.
+    tiny = tl.full((), 0x6CE3EE, tl.int32).to(tl.float32, bitcast=True)
+    safe = tl.maximum(absmax, tiny)
+    divisor = tl.where(absmax > 0, safe, 1.0)
     # bitsandbytes multiplies full blocks by the reciprocal and divides the partial last block
     if partial:
-        scaled = tl.div_rn(x, safe)
+        scaled = tl.div_rn(x, divisor)
     else:
-        scaled = x * tl.div_rn(1.0, safe)
+        scaled = x * tl.div_rn(1.0, divisor)
     scaled = tl.minimum(tl.maximum(scaled, -1.0), 1.0)
     # the nearest code (ties up): how many midpoints lie strictly below
     idx = tl.zeros((PAIRS, 2), tl.int32)
@@ -58,8 +63,10 @@ def block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bloc
     if DOUBLE_QUANT:
         q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
         nested = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
-        return tl.load(nested_code_ptr + q, mask=mask, other=0.0) * nested + tl.load(offset_ptr)
-    return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+        scale = tl.load(nested_code_ptr + q, mask=mask, other=0.0) * nested + tl.load(offset_ptr)
+    else:  # one return for both: the compiler types the code after a constexpr `if` as well
+        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return scale
 
 
 def scale_operands(weight) -> dict:

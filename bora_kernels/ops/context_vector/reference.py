@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 
 from ..context_lora_delta.reference import as_weights
 

@@ -3,7 +3,6 @@ small GEMM (weights) builds the per-row vectors, then one elementwise op; fp32 t
 
 from __future__ import annotations
 
-import torch
 
 
 def _row_vectors(vectors, context, ids, rows_per_id):

@@ -13,7 +13,6 @@ gradient and noise-times-gradient over the step's samples:
 
 from __future__ import annotations
 
-import torch
 
 
 def noise_scale(hess, ess: float, weight_decay: float):

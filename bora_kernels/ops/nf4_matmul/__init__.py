@@ -9,11 +9,15 @@ Which kernel, by M (the rows of x after flattening), in ``_path``:
 
 - M <= 4 on CUDA, fp16/bf16: the CUDA C++ GEMV of ``csrc/nf4_gemv`` when the extension is
   available (``bora_kernels._cuda_ext``);
-- M <= 16: the Triton kernel with one 16-row tile and the K reduction split across programs;
-- M >= ``DENSE_MIN_M``: the weight dequantized once, then ``F.linear`` (cuBLAS): a big enough
-  GEMM is compute-bound and the dequantization (read 4.5 bits, write 16 per weight) is then a
-  small price; the crossover is measured by ``bora-bench nf4`` (benchmarks/NOTES.md);
-- otherwise the tiled Triton GEMM.
+- M >= ``DENSE_MIN_M[device type]``: the weight dequantized once, then ``F.linear`` (cuBLAS);
+- otherwise Triton: up to 16 rows one 16-row tile with the K reduction split across programs,
+  above that the tiled GEMM.
+
+On CUDA ``DENSE_MIN_M`` is 1 for now: measured on an H100 (``bora-bench nf4``, benchmarks/NOTES.md,
+2026-11-23) the fused Triton kernels took 0.62 ms at M = 16 and 5.7 ms at M = 1024 on a
+4096 x 4096 weight, against 0.05 and 0.07 ms for dequantize + cuBLAS, so every call the GEMV
+cannot take goes dense until they are rewritten. Under the interpreter they still run below 1024
+rows, which is how CI checks them; the GPU tests lower the threshold to check them compiled.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from ...quant.nf4 import code_table
 from .._dispatch import backend
 
 CSRC_MAX_M = 4
-DENSE_MIN_M = 1024
+DENSE_MIN_M = {"cuda": 1, "cpu": 1024}  # by device type; see the module docstring
 
 
 def _csrc_gemv(x2, weight, bias):
@@ -43,10 +47,12 @@ def _csrc_gemv(x2, weight, bias):
 def _path(x2, weight, bias, forward: bool):
     """``(path, extension)``: path ``"csrc"`` (with the extension module to launch it),
     ``"triton"`` (tiled or split-K by M, see triton._tiles) or ``"dense"``."""
-    if x2.shape[0] >= DENSE_MIN_M:
-        return "dense", None
     ext = _csrc_gemv(x2, weight, bias) if forward else None
-    return ("csrc", ext) if ext is not None else ("triton", None)
+    if ext is not None:
+        return "csrc", ext
+    if x2.shape[0] >= DENSE_MIN_M.get(x2.device.type, 1024):
+        return "dense", None
+    return "triton", None
 
 
 def nf4_matmul_csrc(x2, weight, bias, out_shape):
