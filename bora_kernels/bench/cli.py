@@ -31,7 +31,7 @@ import torch
 from ..ops import use_backend
 from . import context, ivon, lora, model, nf4, serve
 from .report import format_table, write_readme_table
-from .timing import environment, median_seconds, peak_extra_mib
+from .timing import environment, interleaved_medians, median_seconds, peak_extra_mib
 
 SUITES = {"lora": lora, "model": model, "context": context, "ivon": ivon, "nf4": nf4}
 
@@ -47,7 +47,12 @@ def run_suite(module, cases, device: torch.device, quick: bool, variants=None, e
         for mode in module.MODES:
             variants = [v for v in asked if (v, mode) in fns]
             peaks = {v: peak_extra_mib(fns[v, mode], device) for v in variants} if device.type == "cuda" else None
-            times = {v: median_seconds(fns[v, mode], device, quick) * 1e3 for v in variants}
+            rounds = getattr(module, "INTERLEAVED_ROUNDS", None)  # long calls: see interleaved_medians
+            if rounds:
+                seconds = interleaved_medians({v: fns[v, mode] for v in variants}, device, rounds[quick])
+                times = {v: t * 1e3 for v, t in seconds.items()}
+            else:
+                times = {v: median_seconds(fns[v, mode], device, quick) * 1e3 for v in variants}
             comparisons = [
                 {"ours": ours, "baseline": base, "meaning": meaning, "ours_ms": times[ours],
                  "baseline_ms": times[base], "ratio": times[base] / times[ours]}
@@ -55,6 +60,8 @@ def run_suite(module, cases, device: torch.device, quick: bool, variants=None, e
             ]
             records.append({"case": str(case), "shape": vars(case), "mode": mode,
                             "median_ms": times, "comparisons": comparisons})
+            if rounds:
+                records[-1]["timer"] = f"median of {rounds[quick]} interleaved rounds, perf_counter"
             if peaks is not None:
                 records[-1]["peak_extra_mib"] = peaks
             if hasattr(case, "bytes_moved"):  # memory-bound suites count the bytes they must move

@@ -4,7 +4,8 @@ Ours (``inject`` + ``use_adapters``) against PEFT's mixed batch (``adapter_names
 single adapter for the whole batch (the lower bound any multi-adapter runtime aims at) and the
 base model alone. Sequence ``i`` uses adapter ``i mod D``. A tiny Llama on CPU, a ~1.1B-parameter
 Llama config (TinyLlama's shape, random weights: no download) in bf16 on a GPU. All seven
-projections of every layer carry rank-16 adapters.
+projections of every layer carry rank-16 adapters. The variants of a case are timed in
+interleaved rounds (``timing.interleaved_medians``), not one after the other.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from .. import inject, use_adapters
 
+INTERLEAVED_ROUNDS = {False: 5, True: 3}  # by --quick
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MODELS = {
     # name: LlamaConfig fields

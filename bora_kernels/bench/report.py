@@ -69,6 +69,10 @@ def format_table(results: list[dict]) -> str:
             ratio_cols = RATIO_COLUMNS.get(suite, [])
             memory_cols = MEMORY_COLUMNS.get(suite, []) if any("peak_extra_mib" in r for r in records) else []
             header = ["case", "pass"] + [t for t, _ in times_cols] + [t for t, *_ in ratio_cols] + [t for t, _ in memory_cols]
+            timers = {r["timer"] for r in records if "timer" in r}
+            if timers:
+                lines.append(f"{suite}: {', '.join(sorted(timers))}.")
+                lines.append("")
             lines.append("| " + " | ".join(header) + " |")
             lines.append("|" + "---|" * len(header))
             for rec in records:

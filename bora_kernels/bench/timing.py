@@ -34,6 +34,27 @@ def median_seconds(fn, device: torch.device, quick: bool = False) -> float:
     return statistics.median(times)
 
 
+def interleaved_medians(fns: dict, device: torch.device, rounds: int) -> dict:
+    """``{key: median seconds}`` of long calls (whole models: milliseconds to seconds each), timed
+    in rounds that run every callable once in turn, each between device syncs, after one warm-up
+    call each. A drift over the run then falls on every variant alike: on an H100 the base model
+    alone sped up by 30% from the first case to the last of one run (2026-11-23), which timing
+    variants one after the other turns into a bias of the ratios."""
+    for fn in fns.values():
+        fn()
+    times: dict = {key: [] for key in fns}
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(t) for key, t in times.items()}
+
+
 def peak_extra_mib(fn, device: torch.device) -> float | None:
     """Peak memory ``fn()`` allocates on a CUDA device beyond what was allocated before (its output
     included), in MiB; None elsewhere (CPU allocations are not tracked)."""

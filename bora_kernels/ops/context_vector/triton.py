@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import or_unused
+from .._common import cdiv, or_unused
 
 
 @triton.jit
@@ -117,7 +117,7 @@ def context_vector_forward(u, vectors, context, ids, rows_per_id, multiply):
     tiles = _tiles(u.device)
     out = torch.empty_like(u)
     stride_ct, stride_cc = _context_strides(context, ids)
-    grid = (triton.cdiv(t, tiles["BLOCK_M"]), triton.cdiv(n, tiles["BLOCK_N"]))
+    grid = (cdiv(t, tiles["BLOCK_M"]), cdiv(n, tiles["BLOCK_N"]))
     _context_vector_kernel[grid](
         u, vectors, context, out, t, n, vectors.shape[0], rows_per_id,
         u.stride(0), out.stride(0), stride_ct, stride_cc, vectors.stride(0),
@@ -132,7 +132,7 @@ def context_vector_backward(dy, u, vectors, context, ids, rows_per_id, multiply,
     t, n = dy.shape
     num_contexts = vectors.shape[0]
     tiles = _tiles(dy.device)
-    row_blocks, col_blocks = triton.cdiv(t, tiles["BLOCK_M"]), triton.cdiv(n, tiles["BLOCK_N"])
+    row_blocks, col_blocks = cdiv(t, tiles["BLOCK_M"]), cdiv(n, tiles["BLOCK_N"])
     du = torch.empty_like(dy) if needs_du and multiply else None
     dvec = torch.empty((row_blocks, num_contexts, n), device=dy.device, dtype=torch.float32) if needs_dvec else None
     dw = torch.empty((col_blocks, t, num_contexts), device=dy.device, dtype=torch.float32) if needs_dw else None

@@ -80,19 +80,38 @@ def lora_plan(adapter_ids: torch.Tensor, batch_shape: Sequence[int], num_adapter
     check_adapter_ids(adapter_ids, num_adapters, name)
     per_sequence = ids_per_sequence(adapter_ids, batch_shape, name)
     device = adapter_ids.device if device is None else torch.device(device)
-    ids = adapter_ids.to(device=device, dtype=torch.int64).reshape(-1)
+    ids = adapter_ids.to(device).reshape(-1)
+    if ids.dtype not in (torch.int32, torch.int64):
+        ids = ids.long()
 
-    # per-sequence ids sort the sequences, and every token follows its sequence
-    run = batch_shape[1] if per_sequence else 1
-    num_tokens = ids.numel() * run
+    # Few launches, as each costs ~20 us of host time on a GPU: sort, clamp, one searchsorted
+    # straight to int32 bounds, and the order to int32. Clamping puts ids below -1 at -2 and ids
+    # >= D at D, inside the two invalid segments, so that the probes -2 and D + 1 give 0 and T.
     sorted_ids, order = torch.sort(ids, stable=True)
-    if run > 1:
-        order = order[:, None] * run + torch.arange(run, device=device)
-    edges = torch.searchsorted(sorted_ids, torch.arange(-1, num_adapters + 1, device=device)) * run
-    # built on the device without host scalars, so that a CUDA graph can capture the plan
-    zero = torch.zeros(1, dtype=edges.dtype, device=device)
-    bounds = torch.cat([zero, edges, zero + num_tokens]).to(torch.int32)
+    bounds = torch.searchsorted(sorted_ids.clamp_(-2, num_adapters), _probes(num_adapters, ids.dtype, device),
+                                out_int32=True)
+    run = batch_shape[1] if per_sequence else 1
+    if run > 1:  # per-sequence ids sort the sequences, and every token follows its sequence
+        order = torch.arange(run, device=device).add(order[:, None], alpha=run)
+        bounds = bounds * run
     return LoRAPlan(order.reshape(-1).to(torch.int32), bounds, batch_shape, num_adapters, {})
+
+
+_PROBES: dict = {}
+
+
+def _probes(num_adapters: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[-2, -1, 0, ..., D + 1]``: the first sorted position of each segment's smallest id, and
+    T. Kept per (D, dtype, device), except while a CUDA graph is captured or torch.compile traces
+    (a tensor made then belongs to the graph)."""
+    key = (num_adapters, dtype, device)
+    probes = _PROBES.get(key)
+    if probes is None:
+        probes = torch.arange(-2, num_adapters + 2, device=device, dtype=dtype)
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if not capturing and not torch.compiler.is_compiling():
+            _PROBES[key] = probes
+    return probes
 
 
 def _check_inputs(x, lora_a, lora_b, scaling, ranks):

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import dot_dtype, dot_precision, or_unused, segment_block, splits_to_fill
+from .._common import cdiv, dot_dtype, dot_precision, next_power_of_2, or_unused, segment_block, splits_to_fill
 
 NONE_SEGMENT = tl.constexpr(1)
 FIRST_ADAPTER_SEGMENT = tl.constexpr(2)
@@ -189,7 +189,7 @@ def _tiles(num_tokens: int, num_adapters: int, max_rank: int, device: torch.devi
     less of a 16-row tile; prefill and training use 64 rows. The reduction tiles are 128 wide
     on a GPU (128-byte bf16 rows per load); the interpreter uses small tiles to stay quick.
     """
-    block_r = max(16, triton.next_power_of_2(max_rank))
+    block_r = max(16, next_power_of_2(max_rank))
     if device.type != "cuda":
         return dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=32, BLOCK_R=block_r, num_warps=4)
     per_adapter = num_tokens // max(1, min(num_adapters, num_tokens))
@@ -199,7 +199,7 @@ def _tiles(num_tokens: int, num_adapters: int, max_rank: int, device: torch.devi
 
 def _row_programs(num_tokens: int, num_segs: int, block_m: int) -> int:
     # every segment may end in a partial block: cdiv(T, BLOCK_M) + num_segs blocks at most
-    return triton.cdiv(num_tokens, block_m) + num_segs
+    return cdiv(num_tokens, block_m) + num_segs
 
 
 def lora_shrink(x, w, plan, ranks, scaling, tiles, apply_scale, split=None, row_weight=None):
@@ -215,16 +215,16 @@ def lora_shrink(x, w, plan, ranks, scaling, tiles, apply_scale, split=None, row_
     block_k = tiles["BLOCK_K"]
     programs = _row_programs(num_tokens, num_segs, tiles["BLOCK_M"])
     if split is None:  # small batches split the reduction to keep the GPU busy
-        split = splits_to_fill(programs, x.device, most=triton.cdiv(k, block_k))
-    k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
-    split = triton.cdiv(k, k_per_split)
+        split = splits_to_fill(programs, x.device, most=cdiv(k, block_k))
+    k_per_split = cdiv(cdiv(k, split), block_k) * block_k
+    split = cdiv(k, k_per_split)
     h = torch.empty((split, num_tokens, tiles["BLOCK_R"]), device=x.device, dtype=torch.float32)
     _lora_shrink_kernel[(programs, split)](
         x, w, h, perm, bounds, ranks, scaling, or_unused(row_weight, scaling),
         num_segs, k, w.shape[1], k_per_split,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), h.stride(0), h.stride(1),
         APPLY_SCALE=apply_scale, ROW_WEIGHT=row_weight is not None, BLOCK_M=tiles["BLOCK_M"], BLOCK_K=block_k,
-        BLOCK_R=tiles["BLOCK_R"], BLOCK_S=triton.next_power_of_2(num_segs + 1),
+        BLOCK_R=tiles["BLOCK_R"], BLOCK_S=next_power_of_2(num_segs + 1),
         DOT_DTYPE=dot_dtype(x.dtype), PRECISION=dot_precision(), num_warps=tiles["num_warps"],
     )
     return h
@@ -243,7 +243,7 @@ def lora_expand(h, w, out, plan, ranks, scaling, tiles, apply_scale, hsum=None, 
     num_segs = bounds.numel() - 1
     n = w.shape[1]
     programs = _row_programs(num_tokens, num_segs, tiles["BLOCK_M"])
-    col_blocks = triton.cdiv(n, tiles["BLOCK_N"]) if out is not None else 1
+    col_blocks = cdiv(n, tiles["BLOCK_N"]) if out is not None else 1
     _lora_expand_kernel[(programs, col_blocks)](
         h, w, or_unused(out, h), or_unused(hsum, h), perm, bounds, ranks, scaling, or_unused(row_weight, scaling),
         num_segs, n, w.shape[2],
@@ -252,7 +252,7 @@ def lora_expand(h, w, out, plan, ranks, scaling, tiles, apply_scale, hsum=None, 
         NUM_SPLITS=h.shape[0], APPLY_SCALE=apply_scale, ROW_WEIGHT=row_weight is not None,
         ACCUMULATE=accumulate, STORE_OUT=out is not None,
         STORE_HSUM=hsum is not None, BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["BLOCK_N"],
-        BLOCK_R=tiles["BLOCK_R"], BLOCK_S=triton.next_power_of_2(num_segs + 1),
+        BLOCK_R=tiles["BLOCK_R"], BLOCK_S=next_power_of_2(num_segs + 1),
         DOT_DTYPE=dot_dtype(w.dtype), PRECISION=dot_precision(), num_warps=tiles["num_warps"],
     )
 
@@ -267,10 +267,10 @@ def lora_weight_grad(p, q, g, plan, ranks, scaling, tiles, apply_scale, split=No
     perm, bounds = plan.perm, plan.bounds
     num_adapters, max_rank, c = g.shape
     block_c = tiles["BLOCK_N"]
-    col_blocks = triton.cdiv(c, block_c)
+    col_blocks = cdiv(c, block_c)
     if split is None:
         split = splits_to_fill(num_adapters * col_blocks, g.device,
-                               most=triton.cdiv(q.shape[0], 4 * tiles["BLOCK_M"]))
+                               most=cdiv(q.shape[0], 4 * tiles["BLOCK_M"]))
     target = g.unsqueeze(0) if split == 1 else torch.empty(
         (split, *g.shape), device=g.device, dtype=torch.float32)
     _lora_weight_grad_kernel[(num_adapters, col_blocks, split)](

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from ...quant.nf4 import code_table
 from ...quant.triton import block_scale, scale_operands
-from .._common import dot_dtype, dot_precision, or_unused, rounded_for, splits_to_fill
+from .._common import cdiv, dot_dtype, dot_precision, or_unused, rounded_for, splits_to_fill
 
 SUM_BLOCK = 1024
 SPLIT_MAX_M = 16  # up to this many rows: one 16-row tile (the smallest tl.dot), K split across programs
@@ -122,13 +122,13 @@ def _launch(a2, weight, bias, backward: bool, out, split=None):
     tiles = _tiles(m, a2.device)
     p, q, block_p, block_q = (k, n, tiles["BLOCK_K"], tiles["BLOCK_N"]) if backward else \
         (n, k, tiles["BLOCK_N"], tiles["BLOCK_K"])
-    grid_mp = (triton.cdiv(m, tiles["BLOCK_M"]), triton.cdiv(p, block_p))
+    grid_mp = (cdiv(m, tiles["BLOCK_M"]), cdiv(p, block_p))
     if m > SPLIT_MAX_M:
         split = 1
     elif split is None:
-        split = splits_to_fill(grid_mp[0] * grid_mp[1], a2.device, most=triton.cdiv(q, block_q))
-    q_per_split = triton.cdiv(triton.cdiv(q, split), block_q) * block_q
-    split = triton.cdiv(q, q_per_split)
+        split = splits_to_fill(grid_mp[0] * grid_mp[1], a2.device, most=cdiv(q, block_q))
+    q_per_split = cdiv(cdiv(q, split), block_q) * block_q
+    split = cdiv(q, q_per_split)
     target = out.view(m, p) if split == 1 else torch.empty((split, m, p), device=a2.device, dtype=torch.float32)
     _nf4_matmul_kernel[(*grid_mp, split)](
         a2, weight.packed, code_table(a2.device), or_unused(bias, a2), target, m, n, k, k // weight.blocksize,
@@ -137,7 +137,7 @@ def _launch(a2, weight, bias, backward: bool, out, split=None):
         DOT_DTYPE=dot_dtype(a2.dtype), PRECISION=dot_precision(), num_warps=tiles["num_warps"],
         num_stages=tiles["num_stages"])
     if split > 1:
-        _sum_splits_kernel[(triton.cdiv(m * p, SUM_BLOCK),)](target, or_unused(bias, a2), out.view(m, p), split,
+        _sum_splits_kernel[(cdiv(m * p, SUM_BLOCK),)](target, or_unused(bias, a2), out.view(m, p), split,
                                                              m * p, p, HAS_BIAS=bias is not None, BLOCK=SUM_BLOCK)
     return out
 
