@@ -6,9 +6,11 @@
   rank-``C*R`` intermediate multiplied by a per-token mask).
 
 Every token has one context, laid out in runs as in a real batch: each sequence of 128 tokens is
-cut into C runs (image patches then caption for C = 2; roles for more). Ours runs twice: with the
-integer ids (what ``use_contexts`` passes; never a one-hot tensor) and with the float one-hot
-weights the baselines take. On CUDA each case also records the peak memory a call allocates
+cut into C runs (image patches then caption for C = 2; roles for more). Ours runs three ways:
+with the integer ids (what ``use_contexts`` passes; never a one-hot tensor; grouped on every
+call), with those ids grouped once beforehand (``ours_plan``: what every layer of a model after
+the first pays, as ``use_contexts`` shares one plan) and with the float one-hot weights the
+baselines take. On CUDA each case also records the peak memory a call allocates
 beyond its inputs.
 """
 
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import context_lora_delta
+from ..ops.context_lora_delta import context_plan
 from ..ops.context_lora_delta.reference import einsum_form, masked_concat_form, one_hot_weights
 from .lora import DTYPES, timed_callables
 
@@ -28,6 +31,7 @@ VARIANTS = {
     "base": "F.linear alone (the frozen base layer, for scale)",
     "ours_ids": "bora_kernels.ops.context_lora_delta with integer context ids",
     "ours_weights": "bora_kernels.ops.context_lora_delta with the float one-hot weights",
+    "ours_plan": "context_lora_delta with a ready ContextPlan (the ids grouped once, as a model's layers share it)",
     "einsum": "Algorithm 1's einsum with a one-hot selector",
     "masked_concat": "concatenated A and B, the rank-C*R intermediate masked per token",
 }
@@ -36,6 +40,7 @@ COMPARISONS = (
     ("ours_ids", "einsum", "speed-up over Algorithm 1's einsum"),
     ("ours_ids", "masked_concat", "speed-up over the masked concatenation"),
     ("ours_weights", "einsum", "speed-up over the einsum, float weights"),
+    ("ours_plan", "einsum", "speed-up over the einsum, grouping shared by layers"),
 )
 SEQUENCE = 128
 
@@ -88,12 +93,14 @@ def build(case: ContextCase, device: torch.device, variants=tuple(VARIANTS)) -> 
     weights = one_hot_weights(ids, batch_shape, case.contexts).to(device=device, dtype=dtype)
     ids = ids.to(device)
     dy = torch.randn(*batch_shape, case.out_features, generator=gen).to(device=device, dtype=dtype)
+    plan = context_plan(ids, batch_shape, case.contexts, device=device)
     xg = x.clone().requires_grad_()
     params = [lora_a, lora_b]
     forwards = {
         "base": (lambda inp: F.linear(inp, base), []),
         "ours_ids": (lambda inp: context_lora_delta(inp, lora_a, lora_b, ids, scaling), params),
         "ours_weights": (lambda inp: context_lora_delta(inp, lora_a, lora_b, weights, scaling), params),
+        "ours_plan": (lambda inp: context_lora_delta(inp, lora_a, lora_b, plan, scaling), params),
         "einsum": (lambda inp: einsum_form(inp, lora_a, lora_b, weights, scaling), params),
         "masked_concat": (lambda inp: masked_concat_form(inp, lora_a, lora_b, weights, scaling), params),
     }

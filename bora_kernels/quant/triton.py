@@ -16,7 +16,7 @@ from ..ops._common import cdiv, or_unused, rounded_for
 from .nf4 import NESTED_BLOCKSIZE, code_table
 
 QUANT_WARPS = 4
-DEQUANT_BLOCK = 1024
+DEQUANT_BYTES = 512  # 1024 weights a program
 
 
 @triton.jit
@@ -83,16 +83,22 @@ def scale_operands(weight) -> dict:
 
 
 @triton.jit
-def _nf4_dequantize_kernel(packed_ptr, code_ptr, out_ptr, n, blocksize, absmax_ptr, nested_absmax_ptr,
-                           nested_code_ptr, offset_ptr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
-                           BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _nf4_dequantize_kernel(packed_ptr, code_ptr, out_ptr, n, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
+                           offset_ptr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+                           BLOCKSIZE: tl.constexpr, BYTES: tl.constexpr):
+    """One program per BYTES packed bytes, seen as [BYTES, 2] elements (high nibble first): each
+    byte and its block's scale are loaded once for both of its elements, and the block index is a
+    shift (BLOCKSIZE is a constexpr power of two, so never a 64-bit division per element)."""
+    j = tl.program_id(0).to(tl.int64) * BYTES + tl.arange(0, BYTES)
+    c = tl.arange(0, 2)
+    offs = 2 * j[:, None] + c[None, :]
     mask = offs < n
-    byte = tl.load(packed_ptr + offs // 2, mask=mask, other=0).to(tl.int32)
-    nibble = (byte >> (4 * (1 - offs % 2))) & 0xF
-    scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, offs // blocksize, mask,
+    live = 2 * j < n
+    byte = tl.load(packed_ptr + j, mask=live, other=0).to(tl.int32)
+    nibble = (byte[:, None] >> (4 * (1 - c[None, :]))) & 0xF
+    scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, (2 * j) // BLOCKSIZE, live,
                         DOUBLE_QUANT, NESTED_BLOCKSIZE)
-    value = tl.load(code_ptr + nibble, mask=mask, other=0.0) * scale
+    value = tl.load(code_ptr + nibble, mask=mask, other=0.0) * scale[:, None]
     tl.store(out_ptr + offs, rounded_for(value, out_ptr), mask=mask)
 
 
@@ -111,7 +117,7 @@ def dequantize(weight, dtype: torch.dtype) -> torch.Tensor:
     """An ``NF4Tensor``'s ``code[nibble] * absmax[block]``, flat, in ``dtype``."""
     n = weight.numel
     out = torch.empty(n, dtype=dtype, device=weight.device)
-    _nf4_dequantize_kernel[(cdiv(n, DEQUANT_BLOCK),)](weight.packed, code_table(weight.device), out, n,
-                                                            weight.blocksize, **scale_operands(weight),
-                                                            BLOCK=DEQUANT_BLOCK)
+    _nf4_dequantize_kernel[(cdiv(n, 2 * DEQUANT_BYTES),)](weight.packed, code_table(weight.device), out, n,
+                                                             **scale_operands(weight), BLOCKSIZE=weight.blocksize,
+                                                             BYTES=DEQUANT_BYTES)
     return out
