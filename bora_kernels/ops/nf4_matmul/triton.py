@@ -42,23 +42,31 @@ def _tiles(m: int, device: torch.device) -> dict:
 
 
 @triton.jit
-def _nf4_tile(packed_ptr, code_ptr, offs_n, offs_k, N, K, blocks_per_row, blocksize, absmax_ptr, nested_absmax_ptr,
-              nested_code_ptr, offset_ptr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
-    """The fp32 weight tile W[offs_n, offs_k]: code[nibble] * absmax[block]."""
-    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-    flat = offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
-    byte = tl.load(packed_ptr + flat // 2, mask=mask, other=0).to(tl.int32)
-    nibble = (byte >> (4 * (1 - offs_k[None, :] % 2))) & 0xF
-    block = offs_n[:, None].to(tl.int64) * blocks_per_row + offs_k[None, :] // blocksize
+def _nf4_tile(packed_ptr, code_ptr, offs_n, k_start, N, K, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
+              offset_ptr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, BLOCKSIZE: tl.constexpr,
+              WIDTH: tl.constexpr):
+    """The fp32 weight tile ``W[offs_n, k_start : k_start + WIDTH]``: code[nibble] * absmax[block].
+
+    Built from the [n, WIDTH / 2] packed bytes (K is a multiple of the blocksize, so even, and every
+    row starts on a byte): each byte and its block's scale are loaded once for both of its weights,
+    the block index is a shift (BLOCKSIZE a constexpr power of two), and the high and low nibbles
+    are interleaved back with ``tl.join``."""
+    offs_b = k_start // 2 + tl.arange(0, WIDTH // 2)
+    mask = (offs_n[:, None] < N) & (offs_b[None, :] < K // 2)
+    rows = offs_n[:, None].to(tl.int64)
+    byte = tl.load(packed_ptr + rows * (K // 2) + offs_b[None, :], mask=mask, other=0).to(tl.int32)
+    block = rows * (K // BLOCKSIZE) + (2 * offs_b[None, :]) // BLOCKSIZE
     scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block, mask, DOUBLE_QUANT,
                         NESTED_BLOCKSIZE)
-    return tl.load(code_ptr + nibble, mask=mask, other=0.0) * scale
+    high = tl.load(code_ptr + (byte >> 4), mask=mask, other=0.0) * scale
+    low = tl.load(code_ptr + (byte & 0xF), mask=mask, other=0.0) * scale
+    return tl.reshape(tl.join(high, low), (offs_n.shape[0], WIDTH))
 
 
 @triton.jit
-def _nf4_matmul_kernel(a_ptr, packed_ptr, code_ptr, bias_ptr, out_ptr, M, N, K, blocks_per_row,
-                       blocksize, stride_am, stride_om, q_per_split, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
-                       offset_ptr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+def _nf4_matmul_kernel(a_ptr, packed_ptr, code_ptr, bias_ptr, out_ptr, M, N, K, stride_am, stride_om, q_per_split,
+                       absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, DOUBLE_QUANT: tl.constexpr,
+                       NESTED_BLOCKSIZE: tl.constexpr, BLOCKSIZE: tl.constexpr,
                        BACKWARD: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, DOT_DTYPE: tl.constexpr,
                        PRECISION: tl.constexpr):
@@ -84,11 +92,11 @@ def _nf4_matmul_kernel(a_ptr, packed_ptr, code_ptr, bias_ptr, out_ptr, M, N, K, 
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_q[None, :],
                     mask=(offs_m[:, None] < M) & (offs_q[None, :] < Q), other=0.0)
         if BACKWARD:
-            w = _nf4_tile(packed_ptr, code_ptr, offs_q, offs_p, N, K, blocks_per_row, blocksize, absmax_ptr,
-                          nested_absmax_ptr, nested_code_ptr, offset_ptr, DOUBLE_QUANT, NESTED_BLOCKSIZE)
+            w = _nf4_tile(packed_ptr, code_ptr, offs_q, pid_p * BLOCK_P, N, K, absmax_ptr, nested_absmax_ptr,
+                          nested_code_ptr, offset_ptr, DOUBLE_QUANT, NESTED_BLOCKSIZE, BLOCKSIZE, BLOCK_P)
         else:
-            w = tl.trans(_nf4_tile(packed_ptr, code_ptr, offs_p, offs_q, N, K, blocks_per_row, blocksize, absmax_ptr,
-                                   nested_absmax_ptr, nested_code_ptr, offset_ptr, DOUBLE_QUANT, NESTED_BLOCKSIZE))
+            w = tl.trans(_nf4_tile(packed_ptr, code_ptr, offs_p, q, N, K, absmax_ptr, nested_absmax_ptr,
+                                   nested_code_ptr, offset_ptr, DOUBLE_QUANT, NESTED_BLOCKSIZE, BLOCKSIZE, BLOCK_Q))
         acc += tl.dot(a.to(DOT_DTYPE), w.to(a.dtype).to(DOT_DTYPE), input_precision=PRECISION)
     mask = (offs_m[:, None] < M) & (offs_p[None, :] < P)
     if PARTIAL:
@@ -131,8 +139,8 @@ def _launch(a2, weight, bias, backward: bool, out, split=None):
     split = cdiv(q, q_per_split)
     target = out.view(m, p) if split == 1 else torch.empty((split, m, p), device=a2.device, dtype=torch.float32)
     _nf4_matmul_kernel[(*grid_mp, split)](
-        a2, weight.packed, code_table(a2.device), or_unused(bias, a2), target, m, n, k, k // weight.blocksize,
-        weight.blocksize, a2.stride(0), p, q_per_split, **scale_operands(weight), BACKWARD=backward,
+        a2, weight.packed, code_table(a2.device), or_unused(bias, a2), target, m, n, k, a2.stride(0), p, q_per_split,
+        **scale_operands(weight), BLOCKSIZE=weight.blocksize, BACKWARD=backward,
         HAS_BIAS=bias is not None, PARTIAL=split > 1, BLOCK_M=tiles["BLOCK_M"], BLOCK_P=block_p, BLOCK_Q=block_q,
         DOT_DTYPE=dot_dtype(a2.dtype), PRECISION=dot_precision(), num_warps=tiles["num_warps"],
         num_stages=tiles["num_stages"])
