@@ -28,8 +28,8 @@ fi
 copy=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['copy_GBps'])" "$results/$stamp-ceilings.json" 2>/dev/null || echo 3000)
 
 if want ext; then
-step "CUDA extension (csrc/): built at install, or JIT-built now"
-python - <<'PY' || status=1
+  step "CUDA extension (csrc/): built at install, or JIT-built now"
+  python - <<'PY' || status=1
 import logging, time
 logging.basicConfig(level=logging.INFO)
 from bora_kernels._cuda_ext import extension
@@ -45,9 +45,9 @@ if want tests; then
   python -m pytest -q -m gpu tests -p no:cacheprovider || status=1
 fi
 
-if ! want sanitizer; then
-  :
-elif command -v compute-sanitizer >/dev/null; then
+if want sanitizer && ! command -v compute-sanitizer >/dev/null; then
+  echo "compute-sanitizer not found; skipped"
+elif want sanitizer; then
   step "compute-sanitizer (memcheck) on one small run of each kernel"
   compute-sanitizer --tool memcheck --error-exitcode 9 python - <<'PY' || status=1
 import torch
@@ -78,8 +78,6 @@ for m in (3, 9, 40):  # the CUDA GEMV, Triton split-K, Triton tiled
 torch.cuda.synchronize()
 print("memcheck run finished: nf4_matmul (CUDA GEMV, split-K, tiled; forward and dx)")
 PY
-else
-  echo "compute-sanitizer not found; skipped"
 fi
 
 for suite in ivon nf4 context lora model; do

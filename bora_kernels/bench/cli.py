@@ -41,13 +41,13 @@ def run_suite(module, cases, device: torch.device, quick: bool, variants=None, e
     also holds each variant's peak memory beyond what was allocated before the call (MiB). A
     variant that does not apply to a case (``build`` leaves it out) is skipped there."""
     asked = tuple(variants or module.VARIANTS)
+    rounds = getattr(module, "INTERLEAVED_ROUNDS", None)  # long calls: see interleaved_medians
     records = []
     for case in cases:
         fns = module.build(case, device, asked)
         for mode in module.MODES:
             variants = [v for v in asked if (v, mode) in fns]
             peaks = {v: peak_extra_mib(fns[v, mode], device) for v in variants} if device.type == "cuda" else None
-            rounds = getattr(module, "INTERLEAVED_ROUNDS", None)  # long calls: see interleaved_medians
             if rounds:
                 seconds = interleaved_medians({v: fns[v, mode] for v in variants}, device, rounds[quick])
                 times = {v: t * 1e3 for v, t in seconds.items()}

@@ -83,23 +83,31 @@ def scale_operands(weight) -> dict:
 
 
 @triton.jit
+def nf4_byte_values(packed_ptr, code_ptr, byte_index, mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
+                    offset_ptr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+                    BLOCKSIZE: tl.constexpr):
+    """``(high, low)``: the fp32 weights ``2i`` and ``2i + 1`` of the packed bytes ``i =
+    byte_index`` (any shape). Each byte and its block's scale are loaded once for both of its
+    weights (one block holds both: BLOCKSIZE is even), and the block index is a shift (BLOCKSIZE a
+    constexpr power of two), never a 64-bit division per weight."""
+    byte = tl.load(packed_ptr + byte_index, mask=mask, other=0).to(tl.int32)
+    scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, (2 * byte_index) // BLOCKSIZE,
+                        mask, DOUBLE_QUANT, NESTED_BLOCKSIZE)
+    high = tl.load(code_ptr + (byte >> 4), mask=mask, other=0.0) * scale
+    low = tl.load(code_ptr + (byte & 0xF), mask=mask, other=0.0) * scale
+    return high, low
+
+
+@triton.jit
 def _nf4_dequantize_kernel(packed_ptr, code_ptr, out_ptr, n, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
                            offset_ptr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
                            BLOCKSIZE: tl.constexpr, BYTES: tl.constexpr):
-    """One program per BYTES packed bytes, seen as [BYTES, 2] elements (high nibble first): each
-    byte and its block's scale are loaded once for both of its elements, and the block index is a
-    shift (BLOCKSIZE is a constexpr power of two, so never a 64-bit division per element)."""
+    """One program per BYTES packed bytes, written as [BYTES, 2] weights (high nibble first)."""
     j = tl.program_id(0).to(tl.int64) * BYTES + tl.arange(0, BYTES)
-    c = tl.arange(0, 2)
-    offs = 2 * j[:, None] + c[None, :]
-    mask = offs < n
-    live = 2 * j < n
-    byte = tl.load(packed_ptr + j, mask=live, other=0).to(tl.int32)
-    nibble = (byte[:, None] >> (4 * (1 - c[None, :]))) & 0xF
-    scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, (2 * j) // BLOCKSIZE, live,
-                        DOUBLE_QUANT, NESTED_BLOCKSIZE)
-    value = tl.load(code_ptr + nibble, mask=mask, other=0.0) * scale[:, None]
-    tl.store(out_ptr + offs, rounded_for(value, out_ptr), mask=mask)
+    high, low = nf4_byte_values(packed_ptr, code_ptr, j, 2 * j < n, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
+                                offset_ptr, DOUBLE_QUANT, NESTED_BLOCKSIZE, BLOCKSIZE)
+    offs = 2 * j[:, None] + tl.arange(0, 2)[None, :]
+    tl.store(out_ptr + offs, rounded_for(tl.join(high, low), out_ptr), mask=offs < n)
 
 
 def quantize_codes(flat: torch.Tensor, code: torch.Tensor, blocksize: int):

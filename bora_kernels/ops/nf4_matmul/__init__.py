@@ -17,7 +17,7 @@ On CUDA ``DENSE_MIN_M`` is 1 for now: measured on an H100 (``bora-bench nf4``, b
 2026-11-23) the fused Triton kernels took 0.62 ms at M = 16 and 5.7 ms at M = 1024 on a
 4096 x 4096 weight, against 0.05 and 0.07 ms for dequantize + cuBLAS, so every call the GEMV
 cannot take goes dense until they are rewritten. Under the interpreter they still run below 1024
-rows, which is how CI checks them; the GPU tests lower the threshold to check them compiled.
+rows, which is how CI checks them; the GPU tests raise the threshold to check them compiled.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _path(x2, weight, bias, forward: bool):
     ext = _csrc_gemv(x2, weight, bias) if forward else None
     if ext is not None:
         return "csrc", ext
-    if x2.shape[0] >= DENSE_MIN_M.get(x2.device.type, 1024):
+    if x2.shape[0] >= DENSE_MIN_M.get(x2.device.type, DENSE_MIN_M["cpu"]):
         return "dense", None
     return "triton", None
 

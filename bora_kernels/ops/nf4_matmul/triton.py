@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ...quant.nf4 import code_table
-from ...quant.triton import block_scale, scale_operands
+from ...quant.triton import nf4_byte_values, scale_operands
 from .._common import cdiv, dot_dtype, dot_precision, or_unused, rounded_for, splits_to_fill
 
 SUM_BLOCK = 1024
@@ -45,21 +45,14 @@ def _tiles(m: int, device: torch.device) -> dict:
 def _nf4_tile(packed_ptr, code_ptr, offs_n, k_start, N, K, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
               offset_ptr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, BLOCKSIZE: tl.constexpr,
               WIDTH: tl.constexpr):
-    """The fp32 weight tile ``W[offs_n, k_start : k_start + WIDTH]``: code[nibble] * absmax[block].
-
-    Built from the [n, WIDTH / 2] packed bytes (K is a multiple of the blocksize, so even, and every
-    row starts on a byte): each byte and its block's scale are loaded once for both of its weights,
-    the block index is a shift (BLOCKSIZE a constexpr power of two), and the high and low nibbles
-    are interleaved back with ``tl.join``."""
+    """The fp32 weight tile ``W[offs_n, k_start : k_start + WIDTH]`` from its [n, WIDTH / 2] packed
+    bytes (K is a multiple of the blocksize, so even: every row starts on a byte), the high and
+    low nibbles' weights interleaved back with ``tl.join``."""
     offs_b = k_start // 2 + tl.arange(0, WIDTH // 2)
     mask = (offs_n[:, None] < N) & (offs_b[None, :] < K // 2)
-    rows = offs_n[:, None].to(tl.int64)
-    byte = tl.load(packed_ptr + rows * (K // 2) + offs_b[None, :], mask=mask, other=0).to(tl.int32)
-    block = rows * (K // BLOCKSIZE) + (2 * offs_b[None, :]) // BLOCKSIZE
-    scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, block, mask, DOUBLE_QUANT,
-                        NESTED_BLOCKSIZE)
-    high = tl.load(code_ptr + (byte >> 4), mask=mask, other=0.0) * scale
-    low = tl.load(code_ptr + (byte & 0xF), mask=mask, other=0.0) * scale
+    high, low = nf4_byte_values(packed_ptr, code_ptr, offs_n[:, None].to(tl.int64) * (K // 2) + offs_b[None, :],
+                                mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, DOUBLE_QUANT,
+                                NESTED_BLOCKSIZE, BLOCKSIZE)
     return tl.reshape(tl.join(high, low), (offs_n.shape[0], WIDTH))
 
 
