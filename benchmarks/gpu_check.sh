@@ -58,7 +58,7 @@ b = torch.randn(5, 80, 12, device="cuda", dtype=torch.bfloat16, requires_grad=Tr
 out = lora_delta(x, a, b, torch.tensor([0, -1, 4], device="cuda"), ranks=torch.tensor([12, 3, 7, 1, 12]))
 out.backward(torch.randn_like(out))
 torch.cuda.synchronize()
-print("memcheck run finished: lora_delta forward and backward (shrink, expand, weight_grad)")
+print("memcheck run finished: lora_delta forward and backward (shrink_expand, weight_grad)")
 from bora_kernels.ops.ivon_step import StepScalars, ivon_step
 n = 5000
 st = [torch.randn(n, device="cuda"), torch.zeros(n, device="cuda"), torch.ones(n, device="cuda")]

@@ -54,16 +54,19 @@ def main():
                  "floor_fwd_us": bytes_fwd / args.copy_GBps / 1e3,
                  "floor_fwd_bwd_us": bytes_bwd / args.copy_GBps / 1e3}
         tiles = default_tiles(t, d, r, dev)
-        h = kernels.lora_shrink(x, a, pb, ranks, scaling, tiles, apply_scale=False)
         out = torch.empty(t, n, device=dev, dtype=dt)
-        hsum = torch.empty_like(h[0])
-        entry["default_tiles"] = tiles
+        h = torch.empty(t, tiles["BLOCK_R"], device=dev, dtype=torch.float32)
+        programs = kernels._row_programs(t, pb.bounds.numel() - 1, tiles["BLOCK_M"])
+        split = kernels.column_splits(programs, n, tiles, dev)
+        entry["default_tiles"] = {**tiles, "column_split": split}
         entry["kernels_us"] = {
             "plan (sort + searchsorted)": bench(lambda: lora_plan(ids, (t,), d)),
-            f"shrink (split {h.shape[0]})": bench(lambda: kernels.lora_shrink(x, a, pb, ranks, scaling, tiles, False)),
-            "expand": bench(lambda: kernels.lora_expand(h, b, out, pb, ranks, scaling, tiles, True, hsum)),
-            "weight_grad dA": bench(lambda: kernels.lora_weight_grad(hsum, x, torch.empty_like(a), pb, ranks,
-                                                                   scaling, tiles, False)),
+            **{f"shrink_expand (column split {s})": bench(
+                lambda s=s: kernels.lora_shrink_expand(x, a, b, out, pb, ranks, scaling, tiles, False, h, split=s))
+               for s in sorted({1, split, 2 * split})},
+            "weight_grads dA + dB": bench(lambda: kernels.lora_weight_grads(
+                [kernels.GradJob(h, x, torch.empty_like(a), False),
+                 kernels.GradJob(h, dy, torch.empty_like(b).transpose(1, 2), True)], pb, ranks, scaling, tiles)),
             "F.linear base": bench(lambda: torch.nn.functional.linear(x, weight)),
         }
         sweep = []

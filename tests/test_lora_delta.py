@@ -152,24 +152,35 @@ def test_plan_groups_tokens():
 
 
 @pytest.mark.skipif(not triton_interpreted(), reason="needs the Triton interpreter")
-@pytest.mark.parametrize("split", [2, 3])
-def test_split_reductions(poison_empty, split):
-    """Splitting K (shrink) and the tokens (weight grad) changes no result beyond rounding."""
+@pytest.mark.parametrize("split", [2, 4])
+def test_split_work(poison_empty, split):
+    """Cutting the output columns into shares (each recomputes h) changes no bit of out or h, and
+    splitting the tokens of the weight gradients changes nothing beyond rounding."""
     from bora_kernels.ops.lora_delta import triton as kernels
 
-    x, a, b, ids, scaling, ranks = make_case(130, 3, "per_token", "mixed", torch.float32, k=200)
+    x, a, b, ids, scaling, ranks = make_case(130, 3, "per_token", "mixed", torch.float32, k=200, n=100)
     plan = lora_plan(ids, x.shape[:-1], 3)
     tiles = kernels._tiles(130, 3, a.shape[1], x.device)
     args = (plan, ranks.int(), scaling)
-    h1 = kernels.lora_shrink(x, a, *args, tiles, apply_scale=False, split=1)
-    hs = kernels.lora_shrink(x, a, *args, tiles, apply_scale=False, split=split)
-    assert hs.shape[0] == split
-    used = slice(int(plan.bounds[2]), int(plan.bounds[-2]))
-    torch.testing.assert_close(hs.sum(0)[used], h1[0][used], rtol=1e-5, atol=1e-5)
-    g1, gs = torch.empty_like(a), torch.empty_like(a)
-    kernels.lora_weight_grad(h1[0], x, g1, *args, tiles, apply_scale=False, split=1)
-    kernels.lora_weight_grad(h1[0], x, gs, *args, tiles, apply_scale=False, split=split)
-    torch.testing.assert_close(gs, g1, rtol=1e-5, atol=1e-5)
+    results = []
+    for s in (1, split):
+        out, h = torch.empty(130, b.shape[1]), torch.empty(130, tiles["BLOCK_R"])
+        kernels.lora_shrink_expand(x, a, b, out, *args, tiles, scale_h=False, h=h, split=s)
+        results.append((out, h))
+    (out1, h1), (outs, hs) = results
+    used = slice(int(plan.bounds[2]), int(plan.bounds[-2]))  # h rows of tokens with an adapter
+    assert torch.equal(outs, out1) and torch.equal(hs[used], h1[used])
+    dy = torch.randn(130, b.shape[1], generator=torch.Generator().manual_seed(1))
+    row_weight = torch.rand(130, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for s in (1, split):  # dA and dB (scaled, row-weighted) in one launch
+        da, db = torch.empty_like(a), torch.empty_like(b)
+        jobs = [kernels.GradJob(h1, x, da, weighted=False), kernels.GradJob(h1, dy, db.transpose(1, 2), weighted=True)]
+        kernels.lora_weight_grads(jobs, *args, tiles, row_weight=row_weight, split=s)
+        grads.append((da, db))
+    (da1, db1), (das, dbs) = grads
+    torch.testing.assert_close(das, da1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dbs, db1, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())

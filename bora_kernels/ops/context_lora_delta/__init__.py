@@ -31,7 +31,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from .._dispatch import backend
-from ..lora_delta import LoRAPlan, _check_inputs, _kernels, _shape, lora_delta, lora_plan
+from ..lora_delta import LoRAPlan, _check_inputs, _kernels, _shape, full_ranks, lora_delta, lora_plan, unit_scaling
 
 MASKED_MAX_COLUMNS = 128  # the CPU path's masked form: C * R at most this (and at most K and N)
 
@@ -143,7 +143,7 @@ class ContextLoRADeltaFunction(torch.autograd.Function):
 @torch.compiler.disable  # the passes are data-dependent Python objects: run eagerly under compile
 def _weighted_delta(x2, lora_a, lora_b, plan, scaling):
     num_contexts, max_rank, _ = lora_a.shape
-    ranks = torch.full((num_contexts,), max_rank, device=x2.device, dtype=torch.int32)
+    ranks = full_ranks(num_contexts, max_rank, x2.device)
     kernels = _kernels(x2.device)
     weights = plan.weights
     tracked = weights is not None and weights.requires_grad
@@ -214,8 +214,8 @@ def context_lora_delta(x, lora_a, lora_b, context_weights, scaling=None):
         plan = context_plan(context_weights, batch_shape, num_contexts, device=x.device)
     if plan.passes[0][0].perm.device != x.device:
         raise ValueError(f"context_weights plan is on {plan.passes[0][0].perm.device} but x is on {x.device}")
-    scaling = (torch.ones(num_contexts, device=x.device) if scaling is None
-               else scaling.to(device=x.device, dtype=torch.float32))
+    scaling = unit_scaling(num_contexts, x.device) if scaling is None else scaling.to(device=x.device,
+                                                                                       dtype=torch.float32)
 
     if backend(x.device) == "torch" and num_contexts * rank <= min(k, n, MASKED_MAX_COLUMNS):
         out = _masked_delta(x2, lora_a, lora_b, _token_weights(plan, x2.shape[0]) * scaling)

@@ -97,21 +97,38 @@ def lora_plan(adapter_ids: torch.Tensor, batch_shape: Sequence[int], num_adapter
     return LoRAPlan(order.reshape(-1).to(torch.int32), bounds, batch_shape, num_adapters, {})
 
 
-_PROBES: dict = {}
+_CONSTANTS: dict = {}
+
+
+def _constant(key: tuple, device: torch.device, make) -> torch.Tensor:
+    """A small constant tensor, ``make()`` once per ``key`` and device rather than one launch per
+    call; made afresh while a CUDA graph is captured or torch.compile traces (a tensor made then
+    belongs to the graph). Callers never write to it."""
+    key = (*key, device)
+    value = _CONSTANTS.get(key)
+    if value is None:
+        value = make()
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if not capturing and not torch.compiler.is_compiling():
+            _CONSTANTS[key] = value
+    return value
 
 
 def _probes(num_adapters: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``[-2, -1, 0, ..., D + 1]``: the first sorted position of each segment's smallest id, and
-    T. Kept per (D, dtype, device), except while a CUDA graph is captured or torch.compile traces
-    (a tensor made then belongs to the graph)."""
-    key = (num_adapters, dtype, device)
-    probes = _PROBES.get(key)
-    if probes is None:
-        probes = torch.arange(-2, num_adapters + 2, device=device, dtype=dtype)
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if not capturing and not torch.compiler.is_compiling():
-            _PROBES[key] = probes
-    return probes
+    """``[-2, -1, 0, ..., D + 1]``: the first sorted position of each segment's smallest id, and T."""
+    return _constant(("probes", num_adapters, dtype), device,
+                     lambda: torch.arange(-2, num_adapters + 2, device=device, dtype=dtype))
+
+
+def full_ranks(num_adapters: int, max_rank: int, device: torch.device) -> torch.Tensor:
+    """``ranks`` when none are given: every adapter at ``max_rank`` (int32)."""
+    return _constant(("ranks", num_adapters, max_rank), device,
+                     lambda: torch.full((num_adapters,), max_rank, device=device, dtype=torch.int32))
+
+
+def unit_scaling(num_adapters: int, device: torch.device) -> torch.Tensor:
+    """``scaling`` when none is given: 1.0 for every adapter (fp32)."""
+    return _constant(("ones", num_adapters), device, lambda: torch.ones(num_adapters, device=device))
 
 
 def _check_inputs(x, lora_a, lora_b, scaling, ranks):
@@ -264,10 +281,10 @@ def lora_delta(x, lora_a, lora_b, adapter_ids, scaling=None, ranks=None):
         plan = lora_plan(adapter_ids, batch_shape, num_adapters, device=x.device)
 
     device = x.device
-    scaling = (torch.ones(num_adapters, device=device) if scaling is None
-               else scaling.to(device=device, dtype=torch.float32))
-    ranks = (torch.full((num_adapters,), max_rank, device=device, dtype=torch.int32) if ranks is None
-             else ranks.to(device=device, dtype=torch.int32))
+    scaling = unit_scaling(num_adapters, device) if scaling is None else scaling.to(device=device,
+                                                                                    dtype=torch.float32)
+    ranks = full_ranks(num_adapters, max_rank, device) if ranks is None else ranks.to(device=device,
+                                                                                    dtype=torch.int32)
     x2 = x.reshape(-1, k)
     if x2.shape[0] == 0:  # nothing to launch; keep the autograd graph connected
         return (x2 @ lora_a[0].T @ lora_b[0].T).reshape(*batch_shape, lora_b.shape[1])
