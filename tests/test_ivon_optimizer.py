@@ -96,6 +96,15 @@ def test_matches_ivon_opt_step_for_step(make, config, backend):
     assert not torch.equal(want[0][0], want[-1][0]), "training did not move the parameters"
 
 
+def test_both_exchanges_match_ivon_opt(exchange):
+    """The sample swapped in either way: the torch path stays bit-identical to ivon-opt."""
+    config = dict(hess_approx="price", mc_samples=3, clip_radius=1e-2)
+    want = trajectory(mlp, ivon.IVON, "torch", 30, config)
+    got = trajectory(mlp, IVON, "torch", 30, config)
+    for w, g in zip(want, got):
+        assert all(torch.equal(a, b) for a, b in zip(w, g))
+
+
 def train(opt, loss_fn, steps):
     for _ in range(steps):
         with opt.sampled_params(train=True):
@@ -118,8 +127,51 @@ def test_philox_runs_repeat_from_torch_seed(backend):
     assert not torch.equal(runs[0], runs[2])
 
 
+@pytest.fixture(params=["storage", "repoint"])
+def exchange(request, monkeypatch):
+    """Both ways sampled_params swaps the sample in: trading the buffers' memory (torch builds with
+    UntypedStorage._swap_data_ptr_) and re-pointing every parameter (the fallback)."""
+    from bora_kernels.optim import ivon as ours
+
+    if request.param == "storage" and not ours.STORAGE_EXCHANGE:
+        pytest.skip("this torch build has no UntypedStorage._swap_data_ptr_")
+    monkeypatch.setattr(ours, "STORAGE_EXCHANGE", request.param == "storage")
+    return request.param
+
+
 @pytest.mark.parametrize("backend", KERNEL_AND_TORCH)
-def test_sampled_params_semantics(backend):
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
+def test_the_block_swaps_sample_and_mean(exchange, backend, dtype):
+    """Inside the block the parameters hold the sample and posterior() still gives the mean (and
+    writes to it stay in the mean); after it the parameters hold the mean in their own memory."""
+    model, loss_fn = mlp()
+    model = model.to(dtype)
+    x, y = torch.randn(32, 5).to(dtype), torch.randint(0, 3, (32,))
+    with use_backend(backend):
+        opt = IVON(model.parameters(), lr=0.05, ess=100.0, hess_init=0.1)
+        assert opt._exchange_storage == (exchange == "storage")
+        train(opt, lambda: F.cross_entropy(model(x).float(), y), 2)
+        w = model[0].weight
+        where, before = w.data_ptr(), w.detach().clone()
+        mean_before = opt.posterior(w)[0].clone()
+        with opt.sampled_params(train=True):
+            inside = w.detach().clone()
+            mean, _ = opt.posterior(w)
+            assert torch.equal(mean, mean_before), "posterior() inside the block must give the mean"
+            mean[0, 0] += 1.0  # written in place inside the block: kept in the mean
+            F.cross_entropy(model(x).float(), y).backward()
+        assert not torch.equal(inside, before)
+        assert w.data_ptr() == where
+        assert torch.equal(opt.posterior(w)[0][0, 0], mean_before[0, 0] + 1.0)
+        opt.sync_params()
+        assert torch.equal(w.detach(), opt.posterior(w)[0].to(dtype))
+        opt.step()
+        with opt.sampled_params():
+            assert not torch.equal(w.detach(), inside), "the next block shows the next sample"
+
+
+@pytest.mark.parametrize("backend", KERNEL_AND_TORCH)
+def test_sampled_params_semantics(exchange, backend):
     model, loss_fn = mlp()
     with use_backend(backend):
         opt = IVON(model.parameters(), lr=0.05, ess=100.0, hess_init=0.1)

@@ -109,4 +109,6 @@ def environment(device: torch.device) -> dict:
         "commit": _git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "timer": "triton.testing.do_bench median" if device.type == "cuda" else "perf_counter median",
+        # how IVON's sampled_params swaps the sample in (optim/ivon.py): "storage" or "repoint"
+        "ivon_sample_swap": "storage" if hasattr(torch.UntypedStorage, "_swap_data_ptr_") else "repoint",
     }
