@@ -27,7 +27,7 @@ class LoRAPlan(NamedTuple):
     two invalid segments stay empty whenever the ids were checked).
     """
 
-    perm: torch.Tensor  # [T] int32
+    perm: torch.Tensor  # [T] int64 (int32 accepted)
     bounds: torch.Tensor  # [D + 4] int32
     batch_shape: tuple
     num_adapters: int
@@ -84,8 +84,8 @@ def lora_plan(adapter_ids: torch.Tensor, batch_shape: Sequence[int], num_adapter
     if ids.dtype not in (torch.int32, torch.int64):
         ids = ids.long()
 
-    # Few launches, as each costs ~20 us of host time on a GPU: sort, clamp, one searchsorted
-    # straight to int32 bounds, and the order to int32. Clamping puts ids below -1 at -2 and ids
+    # Few launches, as each costs ~20 us of host time on a GPU: sort, clamp and one searchsorted
+    # straight to int32 bounds; the order stays sort's int64 (no conversion launch). Clamping puts ids below -1 at -2 and ids
     # >= D at D, inside the two invalid segments, so that the probes -2 and D + 1 give 0 and T.
     sorted_ids, order = torch.sort(ids, stable=True)
     bounds = torch.searchsorted(sorted_ids.clamp_(-2, num_adapters), _probes(num_adapters, ids.dtype, device),
@@ -94,7 +94,7 @@ def lora_plan(adapter_ids: torch.Tensor, batch_shape: Sequence[int], num_adapter
     if run > 1:  # per-sequence ids sort the sequences, and every token follows its sequence
         order = torch.arange(run, device=device).add(order[:, None], alpha=run)
         bounds = bounds * run
-    return LoRAPlan(order.reshape(-1).to(torch.int32), bounds, batch_shape, num_adapters, {})
+    return LoRAPlan(order.reshape(-1), bounds, batch_shape, num_adapters, {})
 
 
 _CONSTANTS: dict = {}
