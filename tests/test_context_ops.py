@@ -122,6 +122,27 @@ def test_passes_cover_only_nonzero_contexts():
     assert routed == [2, 1]
 
 
+@pytest.mark.parametrize("path", cpu_backends())
+@pytest.mark.parametrize("extra", [False, True], ids=["one_pass", "two_passes"])
+def test_weights_keep_sign_zero_rows_and_nan(extra, path):
+    """At most one context per token takes the one-pass plan; either plan keeps a negative weight,
+    gives all-zero rows exact zeros and lets a NaN weight show in its row only."""
+    w = torch.tensor([[0.0, -2.0, 0.0], [0.0, 0.0, 0.0], [float("nan"), 0.0, 0.0], [0.0, 0.0, 0.5]])
+    if extra:
+        w[3, 0] = 1.0  # a second context on token 3
+    plan = context_plan(w, (4,), 3)
+    assert len(plan.passes) == (2 if extra else 1)
+    first = plan.passes[0][1]
+    assert first[:2].tolist() == [-2.0, 0.0] and first[2].isnan()
+    gen = torch.Generator().manual_seed(5)
+    x, a, b, scaling = _inputs((4,), 3, 4, torch.float32, gen)
+    with run_on(path), torch.no_grad():
+        out = context_lora_delta(x, a, b, w, scaling)
+    want = context_lora_delta_reference(x.detach(), a.detach(), b.detach(), torch.nan_to_num(w), scaling)
+    assert (out[1] == 0).all() and out[2].isnan().all()
+    assert_close(out[[0, 3]], want[[0, 3]], torch.float32, "out")
+
+
 def test_ids_equal_one_hot_weights():
     gen = torch.Generator().manual_seed(3)
     x, a, b, scaling = _inputs((2, 9), 3, 4, torch.float32, gen)

@@ -88,12 +88,16 @@ def context_plan(context_weights, batch_shape: Sequence[int], num_contexts: int,
         num_passes = num_contexts
     else:
         num_passes = max(1, int(nonzero.sum(-1).max())) if values.shape[0] else 1
-    # each token's non-zero contexts first, in context order; C marks "no more"
-    contexts = torch.arange(num_contexts, device=device).expand_as(values)
-    listed = torch.where(nonzero, contexts, num_contexts).sort(dim=-1).values[:, :num_passes]
-    present = listed < num_contexts
-    ids = torch.where(present, listed, -1)
-    row_weights = torch.where(present, values.gather(1, listed.clamp(max=num_contexts - 1)), 0.0)
+    if num_passes == 1:  # at most one context per token (one-hot): its place is the largest |w|
+        largest = values.abs().max(dim=-1)
+        ids = torch.where(largest.values != 0, largest.indices, -1)[:, None]  # NaN kept: it must show
+        row_weights = values.gather(1, largest.indices[:, None])  # 0 where the row is all zeros
+    else:  # each token's non-zero contexts first, in context order; C marks "no more"
+        contexts = torch.arange(num_contexts, device=device).expand_as(values)
+        listed = torch.where(nonzero, contexts, num_contexts).sort(dim=-1).values[:, :num_passes]
+        present = listed < num_contexts
+        ids = torch.where(present, listed, -1)
+        row_weights = torch.where(present, values.gather(1, listed.clamp(max=num_contexts - 1)), 0.0)
     passes = tuple((lora_plan(ids[:, k], (values.shape[0],), num_contexts, device=device),
                     row_weights[:, k].contiguous()) for k in range(num_passes))
     return ContextPlan(passes, batch_shape, num_contexts, weights)
