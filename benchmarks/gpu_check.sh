@@ -2,15 +2,15 @@
 # Everything that needs CUDA, in one go (see GPU.md): the ceilings, the GPU tests, a
 # compute-sanitizer run of each kernel, the benchmark suites, the tile sweep, then the table.
 # Run from the repository root on a CUDA machine:  bash benchmarks/gpu_check.sh [results dir] [step...]
-# Steps (default: all, in this order): ceilings ext tests sanitizer ivon nf4 context lora model serve
-# tiles table. Each suite writes its own results file as soon as it finishes, so a run cut off by
+# Steps (default: all, in this order): ceilings ext tests sanitizer profile ivon nf4 context lora model
+# serve tiles table. Each suite writes its own results file as soon as it finishes, so a run cut off by
 # a time limit keeps what it measured; `model` runs its --quick grid (PEFT's mixed batch alone
 # takes minutes at 64 adapters). Carried wheels in .whl/ (bitsandbytes, ivon-opt, the serving
 # stack) are installed into .site/ first.
 set -uo pipefail
 results=${1:-benchmarks/results}
 shift || true
-steps=" ${*:-ceilings ext tests sanitizer ivon nf4 context lora model serve tiles table} "
+steps=" ${*:-ceilings ext tests sanitizer profile ivon nf4 context lora model serve tiles table} "
 want() { [[ "$steps" == *" $1 "* ]]; }
 mkdir -p "$results"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -78,6 +78,11 @@ for m in (3, 9, 40):  # the CUDA GEMV, Triton split-K, Triton tiled
 torch.cuda.synchronize()
 print("memcheck run finished: nf4_matmul (CUDA GEMV, split-K, tiled; forward and dx)")
 PY
+fi
+
+if want profile; then
+  step "lora_delta: host against device time per call (benchmarks/profile_lora.py)"
+  python benchmarks/profile_lora.py --tokens 16 64 4096 || status=1
 fi
 
 for suite in ivon nf4 context lora model; do

@@ -80,7 +80,7 @@ def main():
                 leaves = [x.clone().requires_grad_(), a.clone().requires_grad_(), b.clone().requires_grad_()]
 
                 def fb():
-                    o = LoRADeltaFunction.apply(*leaves, scaling, ranks, plan, kernels)
+                    o = LoRADeltaFunction.apply(None, *leaves, scaling, ranks, plan, kernels)
                     torch.autograd.grad(o, leaves, dy)
                 fwd_bwd = bench(fb)
             except Exception as exc:  # a tile that does not fit (shared memory) is a result too

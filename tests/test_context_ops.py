@@ -143,6 +143,31 @@ def test_weights_keep_sign_zero_rows_and_nan(extra, path):
     assert_close(out[[0, 3]], want[[0, 3]], torch.float32, "out")
 
 
+@pytest.mark.parametrize("path", cpu_backends())
+@pytest.mark.parametrize("kind", ["ids", "soft", "multi_hot"])
+def test_add_to_adds_in_place(kind, path, poison_empty):
+    """``add_to`` (a base output in an autograd graph) gets the delta added in place; the result
+    and every gradient (the base's, and float weights') match the reference."""
+    gen = torch.Generator().manual_seed(6)
+    x, a, b, scaling = _inputs((2, 19), 3, 5, torch.float32, gen)
+    context = make_context(kind, (2, 19), 3, gen)
+    w = torch.randn(40, 24, generator=gen).requires_grad_()
+    leaves = [x, a, b, w] + ([context] if context.dtype.is_floating_point else [])
+    with run_on(path):
+        base = x @ w.T
+        out = context_lora_delta(x, a, b, context, scaling, add_to=base)
+        assert out.data_ptr() == base.data_ptr()
+        dy = torch.randn(out.shape, generator=gen)
+        grads = torch.autograd.grad(out, leaves, dy)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref_context = ref_leaves[4] if len(leaves) > 4 else context
+    ref = ref_leaves[0] @ ref_leaves[3].T + context_lora_delta_reference(*ref_leaves[:3], ref_context, scaling.double())
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dy.double())
+    assert_close(out, ref, torch.float32, "output")
+    for g, r, name in zip(grads, ref_grads, ("dx", "dA", "dB", "dW (the base)", "dweights")):
+        assert_close(g, r, torch.float32, name)
+
+
 def test_ids_equal_one_hot_weights():
     gen = torch.Generator().manual_seed(3)
     x, a, b, scaling = _inputs((2, 9), 3, 4, torch.float32, gen)

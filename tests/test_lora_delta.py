@@ -119,6 +119,37 @@ def test_defaults_scaling_and_ranks(poison_empty, backend):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("mode", ["per_token", "per_sequence"])
+def test_add_to_adds_in_place(poison_empty, backend, layout, mode):
+    """``add_to`` (a base layer's output, itself in an autograd graph) gets the delta added in place:
+    the result and every gradient, the base's own included, match the reference; a strided
+    ``add_to`` takes a separate add and gives the same."""
+    x, a, b, ids, scaling, ranks = make_case(63, 3, mode, "mixed", torch.float32)
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(4))
+    leaves = [t.clone().requires_grad_() for t in (x, a, b, w)]
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, a, b, w)]
+    bias = torch.randn(N, generator=torch.Generator().manual_seed(5))
+    with run_on(backend):
+        base = torch.nn.functional.linear(leaves[0], leaves[3], bias)  # a 3-D input makes it a view
+        if layout == "strided":
+            base = (leaves[3] @ leaves[0].transpose(-1, -2)).transpose(-1, -2) + bias
+        out = lora_delta(*leaves[:3], ids, scaling, ranks, add_to=base)
+        assert out.data_ptr() == base.data_ptr() and out.shape == base.shape
+        dy = torch.randn_like(out)
+        grads = torch.autograd.grad(out, leaves, dy)
+    ref = ref_leaves[0] @ ref_leaves[3].T + bias.double() + lora_delta_reference(*ref_leaves[:3], ids, scaling, ranks)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, dy.double())
+    assert_close(out, ref, torch.float32, "output")
+    for g, r, name in zip(grads, ref_grads, ("dx", "dA", "dB", "dW (the base)")):
+        assert_close(g, r, torch.float32, name)
+    with run_on(backend), torch.no_grad():  # no autograd: the kernels add straight in
+        base = torch.nn.functional.linear(x, w, bias)
+        assert lora_delta(x, a, b, ids, scaling, ranks, add_to=base).data_ptr() == base.data_ptr()
+    assert_close(base, ref.detach(), torch.float32, "output without grad")
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
 def test_ranks_skip_padding(backend):
     """Whatever the padded part of the weights holds, a rank of r reads only the first r."""
     x, a, b, ids, scaling, ranks = make_case(63, 3, "per_token", "mixed", torch.float32)
@@ -264,6 +295,9 @@ BAD_INPUTS = [
     (lambda c: {**c, "ranks": torch.ones(3)}, "ranks must be"),
     (lambda c: {**c, "ranks": torch.tensor([1, 2, 9])}, r"ranks must lie in \[0, 8\]"),
     (lambda c: {**c, "adapter_ids": lora_plan(c["adapter_ids"], (7,), 4)}, "plan for batch"),
+    (lambda c: {**c, "add_to": torch.zeros(7, 5)}, r"add_to must be a float tensor of shape \(7, 36\)"),
+    (lambda c: {**c, "add_to": torch.zeros(7, 36, dtype=torch.long)}, "add_to must be a float"),
+    (lambda c: {**c, "add_to": torch.zeros(7, 36, device="meta")}, "add_to is on"),
 ]
 
 

@@ -84,9 +84,8 @@ class ContextLoRALinear(_ContextLayer):
             return result
         if self._scaling.device != x.device:
             self._scaling = torch.full((self.num_contexts,), self.scaling_value, device=x.device)
-        delta = context_lora_delta(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A, self.lora_B,
-                                   context, self._scaling)
-        return result.add_(delta)
+        return context_lora_delta(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A, self.lora_B,
+                                  context, self._scaling, add_to=result)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", r={self.r}, alpha={self.alpha:g}"

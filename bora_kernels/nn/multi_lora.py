@@ -189,10 +189,9 @@ class MultiLoRALinear(nn.Module):
         if isinstance(ids, AdapterRoute):
             ids = ids.plan(x.shape[:-1], self.num_adapters, x.device)
         x = self.lora_dropout(x).to(self.lora_A.dtype)
-        delta = lora_delta(x, self.lora_A, self.lora_B, ids, self.scaling, self.ranks)
-        # in place: the base output is a fresh tensor its backward does not need, and add_ casts
-        # an fp32 delta into a bf16 result without another copy
-        return result.add_(delta)
+        # added into the base output in place, by the kernel that computes the delta: the base
+        # output is a fresh tensor its backward does not need
+        return lora_delta(x, self.lora_A, self.lora_B, ids, self.scaling, self.ranks, add_to=result)
 
     def extra_repr(self) -> str:
         ranks = self.ranks.tolist()

@@ -31,7 +31,8 @@ from typing import NamedTuple, Sequence
 import torch
 
 from .._dispatch import backend
-from ..lora_delta import LoRAPlan, _check_inputs, _kernels, _shape, full_ranks, lora_delta, lora_plan, unit_scaling
+from ..lora_delta import (LoRAPlan, _check_inputs, _kernels, _shape, apply_delta, check_add_to, full_ranks,
+                          lora_plan, unit_scaling)
 
 MASKED_MAX_COLUMNS = 128  # the CPU path's masked form: C * R at most this (and at most K and N)
 
@@ -112,25 +113,31 @@ def _weights_grad(dy, x, lora_a, lora_b, scaling):
 
 
 class ContextLoRADeltaFunction(torch.autograd.Function):
-    """Forward keeps h = x @ A^T per pass ([T, R] fp32 each); backward runs the passes again."""
+    """Forward keeps h = x @ A^T per pass ([T, R] fp32 each); backward runs the passes again.
+    With ``add_to`` (the first input, as in ``LoRADeltaFunction``) the passes add into it in
+    place (its gradient is dy itself)."""
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, weights, scaling, ranks, plan, kernels):
-        needs_grad = any(ctx.needs_input_grad[:3])
-        out, saved_h = None, []
+    def forward(ctx, add_to, x, lora_a, lora_b, weights, scaling, ranks, plan, kernels):
+        needs_grad = any(ctx.needs_input_grad[1:4])
+        out, saved_h = None if add_to is None else add_to.view(x.shape[0], lora_b.shape[1]), []
         for pass_plan, row_weight in plan.passes:
             out, h = kernels.lora_delta_forward(x, lora_a, lora_b, pass_plan, scaling, ranks, save_h=needs_grad,
                                                 row_weight=row_weight, out=out)
             saved_h.append(h)
         ctx.kernels, ctx.plan = kernels, plan
         ctx.save_for_backward(x, lora_a, lora_b, scaling, ranks, *saved_h)
+        if add_to is not None:
+            ctx.mark_dirty(add_to)
+            return add_to
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, lora_a, lora_b, scaling, ranks, *saved_h = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:3]
+        d_add_to, dy = dy, dy.reshape(x.shape[0], -1)
+        needs = ctx.needs_input_grad[1:4]
         dx = da = db = None
         if any(needs):
             for (pass_plan, row_weight), h in zip(ctx.plan.passes, saved_h):
@@ -139,26 +146,29 @@ class ContextLoRADeltaFunction(torch.autograd.Function):
                 da = da_k if da is None else da.add_(da_k)
                 db = db_k if db is None else db.add_(db_k)
         dw = None
-        if ctx.needs_input_grad[3]:
+        if ctx.needs_input_grad[4]:
             dw = _weights_grad(dy, x, lora_a, lora_b, scaling).to(ctx.plan.weights.dtype)
-        return dx, da, db, dw, None, None, None, None
+        return (d_add_to if ctx.needs_input_grad[0] else None), dx, da, db, dw, None, None, None, None
 
 
 @torch.compiler.disable  # the passes are data-dependent Python objects: run eagerly under compile
-def _weighted_delta(x2, lora_a, lora_b, plan, scaling):
+def _weighted_delta(x2, lora_a, lora_b, plan, scaling, add_to=None):
+    """The passes of a float-weights plan; with ``add_to`` (contiguous) they add into it and it is
+    returned as it was shaped."""
     num_contexts, max_rank, _ = lora_a.shape
     ranks = full_ranks(num_contexts, max_rank, x2.device)
     kernels = _kernels(x2.device)
     weights = plan.weights
     tracked = weights is not None and weights.requires_grad
-    if torch.is_grad_enabled() and (x2.requires_grad or lora_a.requires_grad or lora_b.requires_grad or tracked):
-        return ContextLoRADeltaFunction.apply(x2, lora_a, lora_b, weights if tracked else None, scaling,
+    if torch.is_grad_enabled() and (x2.requires_grad or lora_a.requires_grad or lora_b.requires_grad or tracked
+                                    or (add_to is not None and add_to.requires_grad)):
+        return ContextLoRADeltaFunction.apply(add_to, x2, lora_a, lora_b, weights if tracked else None, scaling,
                                               ranks, plan, kernels)
-    out = None
+    out = None if add_to is None else add_to.view(x2.shape[0], lora_b.shape[1])
     for pass_plan, row_weight in plan.passes:
         out, _ = kernels.lora_delta_forward(x2, lora_a, lora_b, pass_plan, scaling, ranks, save_h=False,
                                             row_weight=row_weight, out=out)
-    return out
+    return out if add_to is None else add_to
 
 
 def _token_weights(plan: ContextPlan, num_tokens: int) -> torch.Tensor:
@@ -185,7 +195,7 @@ def _masked_delta(x2, lora_a, lora_b, weights):
     return (h @ lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], -1).float().T).to(x2.dtype)
 
 
-def context_lora_delta(x, lora_a, lora_b, context_weights, scaling=None):
+def context_lora_delta(x, lora_a, lora_b, context_weights, scaling=None, add_to=None):
     """Context-PEFT's LoRA delta: ``sum_c w[..., c] * s_c * (x @ A_c^T) @ B_c^T``.
 
     Args:
@@ -197,9 +207,11 @@ def context_lora_delta(x, lora_a, lora_b, context_weights, scaling=None):
             for none, which never builds a one-hot tensor; or a ``ContextPlan`` from
             ``context_plan`` to share one grouping between layers.
         scaling: ``None`` (1.0) or ``[C]`` float, e.g. ``alpha / r``.
+        add_to: optional ``x.shape[:-1] + (N,)`` float tensor (the base layer's output) that the
+            delta is added into in place, by the kernels themselves on the GPU path; returned.
 
-    Returns ``x.shape[:-1] + (N,)`` in x's dtype, accumulated in fp32. Differentiable in x,
-    lora_a, lora_b and float context weights.
+    Returns ``x.shape[:-1] + (N,)`` in x's dtype, accumulated in fp32 (or ``add_to`` plus the
+    delta). Differentiable in x, lora_a, lora_b, float context weights and ``add_to``.
     """
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         raise ValueError(f"x must be a [..., K] tensor with at least one leading dim, got shape {_shape(x)}")
@@ -221,14 +233,19 @@ def context_lora_delta(x, lora_a, lora_b, context_weights, scaling=None):
     scaling = unit_scaling(num_contexts, x.device) if scaling is None else scaling.to(device=x.device,
                                                                                        dtype=torch.float32)
 
+    check_add_to(add_to, x, n)
     if backend(x.device) == "torch" and num_contexts * rank <= min(k, n, MASKED_MAX_COLUMNS):
         out = _masked_delta(x2, lora_a, lora_b, _token_weights(plan, x2.shape[0]) * scaling)
     elif plan.weights is None:  # one context per token: the multi-adapter op itself
         ids_plan = plan.passes[0][0]
-        out = lora_delta(x2, lora_a, lora_b, LoRAPlan(ids_plan.perm, ids_plan.bounds, (x2.shape[0],),
-                                                      num_contexts, ids_plan.derived), scaling)
+        flat = LoRAPlan(ids_plan.perm, ids_plan.bounds, (x2.shape[0],), num_contexts, ids_plan.derived)
+        return apply_delta(x2, lora_a, lora_b, flat, scaling, full_ranks(num_contexts, rank, x.device), batch_shape,
+                           add_to)
     elif x2.shape[0] == 0:
         out = x2 @ lora_a[0].T @ lora_b[0].T
+    elif add_to is not None and add_to.is_contiguous():  # the passes add into it
+        return _weighted_delta(x2, lora_a, lora_b, plan, scaling, add_to)
     else:
         out = _weighted_delta(x2, lora_a, lora_b, plan, scaling)
-    return out.reshape(*batch_shape, n)
+    out = out.reshape(*batch_shape, n)
+    return out if add_to is None else add_to.add_(out)

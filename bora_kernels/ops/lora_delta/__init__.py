@@ -168,14 +168,21 @@ def _check_inputs(x, lora_a, lora_b, scaling, ranks):
 
 
 class LoRADeltaFunction(torch.autograd.Function):
-    """Forward saves x, the weights and h = x @ A^T ([T, R], small); backward gives dx, dA, dB."""
+    """Forward saves x, the weights and h = x @ A^T ([T, R], small); backward gives dx, dA, dB.
+    With ``add_to`` the delta is added into it in place (its gradient is dy itself). ``add_to``
+    is the first input: when it is a view (a 3-D ``F.linear`` output with a bias is one), autograd
+    routes the base's gradient through the function's first input."""
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, scaling, ranks, plan, kernels):
-        needs_grad = any(ctx.needs_input_grad[:3])
-        out, h = kernels.lora_delta_forward(x, lora_a, lora_b, plan, scaling, ranks, save_h=needs_grad)
+    def forward(ctx, add_to, x, lora_a, lora_b, scaling, ranks, plan, kernels):
+        needs_grad = any(ctx.needs_input_grad[1:4])
+        into = None if add_to is None else add_to.view(x.shape[0], lora_b.shape[1])
+        out, h = kernels.lora_delta_forward(x, lora_a, lora_b, plan, scaling, ranks, save_h=needs_grad, out=into)
         ctx.kernels, ctx.plan = kernels, plan  # the plan holds index tensors only, no autograd state
         ctx.save_for_backward(x, lora_a, lora_b, h, scaling, ranks)
+        if add_to is not None:
+            ctx.mark_dirty(add_to)
+            return add_to
         return out
 
     @staticmethod
@@ -183,8 +190,20 @@ class LoRADeltaFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, lora_a, lora_b, h, scaling, ranks = ctx.saved_tensors
         dx, da, db = ctx.kernels.lora_delta_backward(
-            dy, x, lora_a, lora_b, h, ctx.plan, scaling, ranks, ctx.needs_input_grad[:3])
-        return dx, da, db, None, None, None, None
+            dy.reshape(x.shape[0], -1), x, lora_a, lora_b, h, ctx.plan, scaling, ranks, ctx.needs_input_grad[1:4])
+        return (dy if ctx.needs_input_grad[0] else None), dx, da, db, None, None, None, None
+
+
+def check_add_to(add_to, x, n: int):
+    """``add_to`` (or None) must be a float tensor shaped ``x.shape[:-1] + (N,)`` on x's device."""
+    if add_to is None:
+        return
+    want = tuple(x.shape[:-1]) + (n,)
+    if not isinstance(add_to, torch.Tensor) or tuple(add_to.shape) != want or not add_to.dtype.is_floating_point:
+        raise ValueError(f"add_to must be a float tensor of shape {want} (x.shape[:-1] + (N,)), got "
+                         f"{_shape(add_to)}{'' if not isinstance(add_to, torch.Tensor) else ' ' + str(add_to.dtype)}")
+    if add_to.device != x.device:
+        raise ValueError(f"add_to is on {add_to.device} but x is on {x.device}")
 
 
 # --- the same op as torch.library custom ops, for torch.compile ----------------------------------
@@ -249,7 +268,7 @@ def _kernels(device: torch.device):
     return kernels
 
 
-def lora_delta(x, lora_a, lora_b, adapter_ids, scaling=None, ranks=None):
+def lora_delta(x, lora_a, lora_b, adapter_ids, scaling=None, ranks=None, add_to=None):
     """Per-token LoRA delta for a batch mixing many adapters.
 
     Args:
@@ -263,8 +282,13 @@ def lora_delta(x, lora_a, lora_b, adapter_ids, scaling=None, ranks=None):
         ranks: ``None`` (all R) or ``[D]`` integer ranks; padded rank is then neither read nor
             computed with.
 
+        add_to: optional ``x.shape[:-1] + (N,)`` float tensor (a base layer's output, say) that
+            the delta is added into, in place, in the same pass that computes it (no separate
+            add); it is returned, and its gradient is the incoming gradient.
+
     Returns ``x.shape[:-1] + (N,)`` in x's dtype, accumulated in fp32; rows with id -1 are exactly
-    zero. Differentiable in x, lora_a and lora_b.
+    zero (with ``add_to``: ``add_to`` plus the delta, rounded once). Differentiable in x, lora_a,
+    lora_b and ``add_to``.
     """
     _check_inputs(x, lora_a, lora_b, scaling, ranks)
     num_adapters, max_rank, k = lora_a.shape
@@ -285,15 +309,26 @@ def lora_delta(x, lora_a, lora_b, adapter_ids, scaling=None, ranks=None):
                                                                                     dtype=torch.float32)
     ranks = full_ranks(num_adapters, max_rank, device) if ranks is None else ranks.to(device=device,
                                                                                     dtype=torch.int32)
-    x2 = x.reshape(-1, k)
+    check_add_to(add_to, x, lora_b.shape[1])
+    return apply_delta(x.reshape(-1, k), lora_a, lora_b, plan, scaling, ranks, batch_shape, add_to)
+
+
+def apply_delta(x2, lora_a, lora_b, plan, scaling, ranks, batch_shape, add_to=None):
+    """``lora_delta`` after its checks: ``x2`` is ``[T, K]``, ``plan`` groups its T rows,
+    ``scaling`` fp32 and ``ranks`` int32 on x's device. Returns the delta shaped
+    ``batch_shape + (N,)``, or ``add_to`` (that shape) with the delta added in place."""
+    n = lora_b.shape[1]
+    if add_to is not None and (x2.shape[0] == 0 or not add_to.is_contiguous() or torch.compiler.is_compiling()):
+        return add_to.add_(apply_delta(x2, lora_a, lora_b, plan, scaling, ranks, batch_shape))  # a separate add
     if x2.shape[0] == 0:  # nothing to launch; keep the autograd graph connected
-        return (x2 @ lora_a[0].T @ lora_b[0].T).reshape(*batch_shape, lora_b.shape[1])
+        return (x2 @ lora_a[0].T @ lora_b[0].T).reshape(*batch_shape, n)
     if torch.compiler.is_compiling():
-        out = _lora_delta_op(x2, lora_a, lora_b, plan.perm, plan.bounds, scaling, ranks)
-        return out.reshape(*batch_shape, lora_b.shape[1])
-    kernels = _kernels(device)
-    if torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad):
-        out = LoRADeltaFunction.apply(x2, lora_a, lora_b, scaling, ranks, plan, kernels)
-    else:
-        out, _ = kernels.lora_delta_forward(x2, lora_a, lora_b, plan, scaling, ranks, save_h=False)
-    return out.reshape(*batch_shape, lora_b.shape[1])
+        return _lora_delta_op(x2, lora_a, lora_b, plan.perm, plan.bounds, scaling, ranks).reshape(*batch_shape, n)
+    kernels = _kernels(x2.device)
+    tracked = add_to is not None and add_to.requires_grad
+    if torch.is_grad_enabled() and (x2.requires_grad or lora_a.requires_grad or lora_b.requires_grad or tracked):
+        out = LoRADeltaFunction.apply(add_to, x2, lora_a, lora_b, scaling, ranks, plan, kernels)
+        return out if add_to is not None else out.reshape(*batch_shape, n)
+    into = None if add_to is None else add_to.view(-1, n)
+    out, _ = kernels.lora_delta_forward(x2, lora_a, lora_b, plan, scaling, ranks, save_h=False, out=into)
+    return add_to if add_to is not None else out.reshape(*batch_shape, n)
