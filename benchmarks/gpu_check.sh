@@ -83,6 +83,7 @@ fi
 if want profile; then
   step "lora_delta: host against device time per call (benchmarks/profile_lora.py)"
   python benchmarks/profile_lora.py --tokens 16 64 4096 || status=1
+  python benchmarks/profile_lora.py --tokens 64 --adapters 1 || status=1  # decode at one adapter (NOTES: D=1)
 fi
 
 for suite in ivon nf4 context lora model; do
