@@ -85,8 +85,9 @@ def lora_plan(adapter_ids: torch.Tensor, batch_shape: Sequence[int], num_adapter
         ids = ids.long()
 
     # Few launches, as each costs ~20 us of host time on a GPU: sort, clamp and one searchsorted
-    # straight to int32 bounds; the order stays sort's int64 (no conversion launch). Clamping puts ids below -1 at -2 and ids
-    # >= D at D, inside the two invalid segments, so that the probes -2 and D + 1 give 0 and T.
+    # straight to int32 bounds; the order stays sort's int64 (no conversion launch). Clamping puts
+    # ids below -1 at -2 and ids >= D at D, inside the two invalid segments, so that the probes -2
+    # and D + 1 give 0 and T.
     sorted_ids, order = torch.sort(ids, stable=True)
     bounds = torch.searchsorted(sorted_ids.clamp_(-2, num_adapters), _probes(num_adapters, ids.dtype, device),
                                 out_int32=True)
