@@ -14,7 +14,8 @@ a fresh batch of the task and its ``backward()`` gives θ's outer gradient. With
 ``create_graph=True`` the gradient goes through the inner steps (second order, as ABML does);
 with ``False`` it takes ``dφ/dθ = I`` (first-order MAML). Neither copies the model per task:
 ``φ`` lives only as the inner loop's tensors, and ``load_task`` writes it into the layers' φ
-parameters for evaluation or serving.
+parameters for evaluation or serving; ``predict`` then gives class probabilities at the posterior
+mean or averaged over sampled outputs.
 
 ``ABMLLLinear`` never builds a dense weight in its forward. It samples the layer's *output* with
 the local reparameterisation trick: with ``W ~ N(M, S²)`` elementwise, ``x W^T`` is Gaussian with
@@ -242,6 +243,25 @@ def load_task(model: nn.Module, phi: dict[str, torch.Tensor]) -> None:
         named[name].copy_(value)
 
 
+@torch.no_grad()
+def predict(model: nn.Module, logits_fn, samples: int = 0) -> torch.Tensor:
+    """Predictive class probabilities under the task posterior ``q(φ)``. ``samples=0`` (the
+    default) predicts once at the posterior mean; ``samples=S`` averages the softmax over ``S``
+    sampled forward passes (each layer's output drawn by the local reparameterisation, so every
+    example gets its own draw). The model's train/eval mode is restored afterwards."""
+    if not isinstance(samples, int) or samples < 0:
+        raise ValueError(f"samples must be an int >= 0, got {samples!r}")
+    was_training = model.training
+    try:
+        model.train(samples > 0)
+        total = torch.softmax(logits_fn().float(), dim=-1)
+        for _ in range(samples - 1):
+            total += torch.softmax(logits_fn().float(), dim=-1)
+        return total / max(samples, 1)
+    finally:
+        model.train(was_training)
+
+
 def kl(model: nn.Module) -> torch.Tensor:
     """``KL(q(φ) || p(φ | θ))`` over every ABMLL layer."""
     return sum(m.kl() for m in layers(model))
@@ -253,4 +273,4 @@ def neg_log_prior(model: nn.Module, a0: float = 1.0, b0: float = 0.01) -> torch.
 
 
 __all__ = ["ABMLLLinear", "GaussianLoRA", "inject", "layers", "task_parameters", "global_parameters",
-           "start_task", "adapt", "task_loss", "load_task", "kl", "neg_log_prior"]
+           "start_task", "adapt", "task_loss", "load_task", "predict", "kl", "neg_log_prior"]

@@ -182,6 +182,28 @@ def test_kl_reads_sigma_as_at_least_c(sigma_b):
     assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_predict_at_the_mean_and_averaged_over_samples(training):
+    """``samples=0`` is the eval-mode softmax; ``samples=S`` is the mean of S sampled softmaxes
+    (the same draws as by hand from one seed), which differ from the mean's; the mode is kept."""
+    model = small_model().train(training)
+    x = torch.randn(6, 8)
+    probs = abmll.predict(model, lambda: model(x))
+    assert model.training == training
+    with torch.no_grad():
+        torch.testing.assert_close(probs, model.eval()(x).softmax(-1))
+        model.train(training)
+        torch.manual_seed(3)
+        got = abmll.predict(model, lambda: model(x), samples=4)
+        assert model.training == training
+        torch.manual_seed(3)
+        model.train()
+        draws = torch.stack([model(x).softmax(-1) for _ in range(4)])
+    torch.testing.assert_close(got, draws.mean(0))
+    assert (draws[0] - draws[1]).abs().max() > 1e-3 and (got - probs).abs().max() > 1e-4
+    torch.testing.assert_close(got.sum(-1), torch.ones(6))
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="c must be > 0"):
         abmll.ABMLLLinear(nn.Linear(4, 4), c=0.0)
@@ -194,3 +216,6 @@ def test_bad_arguments():
         abmll.adapt(model, square_loss, lambda: torch.randn(2, 8), steps=-1, lr=0.1)
     with pytest.raises(ValueError, match="lr must be > 0"):
         abmll.adapt(model, square_loss, lambda: torch.randn(2, 8), steps=1, lr=0.0)
+    for samples in (-1, 2.0):
+        with pytest.raises(ValueError, match="samples must be an int >= 0"):
+            abmll.predict(model, lambda: model(torch.randn(2, 8)), samples=samples)

@@ -194,25 +194,32 @@ def test_abmll_recipe_runs(tmp_path):
     result = run_abmll_recipe(tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "results.json").read_text())["summary"]
-    assert set(summary) == {"pretrained", "regular LoRA", "structured LoRA", "ABMLL"}
-    assert all(0 <= s["accuracy"] <= 1 and 0 <= s["ece"] <= 1 for s in summary.values())
+    assert set(summary) == {"pretrained", "regular LoRA", "structured LoRA", "ABMLL", "ABMLL, averaged"}
+    for s in summary.values():
+        assert 0 <= s["accuracy"] <= 1 and 0 <= s["ece"] <= 1 and 0 < s["ece_floor"] < 1 and s["nll"] > 0, s
     assert (tmp_path / "accuracy_ece.png").stat().st_size > 0
 
 
 def test_abmll_recipe_reproduces_the_accuracy_finding(tmp_path):
     """``python/abmll.py --quick`` (seed 0): on the held-out task ABMLL beats both LoRA baselines
-    (69.0% against 54.2% for each when this was written)."""
+    in accuracy (67.6% against 59.3% and 56.1% when this was written), and its posterior-averaged
+    predictions have the lowest negative log-likelihood, below its own at the mean (0.826 against
+    0.886; LoRA 0.980 and 1.062). Both held on each of the full run's 3 seeds; ECE did not."""
     result = run_abmll_recipe(tmp_path, shrunk=False)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "results.json").read_text())["summary"]
     abmll_acc = summary["ABMLL"]["accuracy"]
     assert abmll_acc > summary["structured LoRA"]["accuracy"] + 0.05, summary
     assert abmll_acc > summary["regular LoRA"]["accuracy"] + 0.05, summary
+    averaged_nll = summary["ABMLL, averaged"]["nll"]
+    assert averaged_nll < summary["ABMLL"]["nll"] - 0.02, summary
+    assert averaged_nll < min(summary["regular LoRA"]["nll"], summary["structured LoRA"]["nll"]) - 0.05, summary
 
 
 @pytest.mark.parametrize("flags, message", [(["--inner-lr", "0"], "--inner-lr must be > 0"),
                                             (["--beta", "-1"], "--beta and --gamma must be >= 0"),
                                             (["--c", "0"], "--c must be > 0"),
+                                            (["--samples", "-1"], "--samples must be >= 0"),
                                             (["--beta", "1e-2"], "lower --beta")])
 def test_abmll_recipe_rejects_bad_steps(tmp_path, flags, message):
     """Bad flags are named; a β too stiff for the inner SGD stops the run with advice, not NaN."""
