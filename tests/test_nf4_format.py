@@ -163,6 +163,14 @@ def test_bad_input_names_the_argument(call, match):
         call()
 
 
+def mismatch(got, want) -> str:
+    """Where two tensors that should be identical differ: how many elements, the first few
+    positions with both values, and the largest difference (read on a GPU run's log)."""
+    if got.shape != want.shape:
+        return f"shapes {tuple(got.shape)} and {tuple(want.shape)}"
+    where = (got != want).nonzero()
+    first = ", ".join(f"{tuple(i.tolist())}: {got[tuple(i)].item()!r} vs {want[tuple(i)].item()!r}" for i in where[:4])
+    return f"{len(where)} of {got.numel()} differ, max |diff| {(got.double() - want.double()).abs().max().item():.3g}; {first}"
 
 
 @pytest.mark.gpu
@@ -173,10 +181,11 @@ def test_kernels_match_bitsandbytes_cuda(blocksize, double_quant):
     w = weight((4096, 1000), torch.bfloat16).cuda()
     packed, state = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant)
     ours = quantize_nf4(w, blocksize, double_quant)
-    assert torch.equal(ours.packed, packed)
+    assert torch.equal(ours.packed, packed), "packed: " + mismatch(ours.packed, packed)
     if not double_quant:
-        assert torch.equal(ours.absmax, state.absmax)
-    assert torch.equal(NF4Tensor.from_bnb(packed, state).dequantize(), bnbF.dequantize_4bit(packed, state))
+        assert torch.equal(ours.absmax, state.absmax), "absmax: " + mismatch(ours.absmax, state.absmax)
+    got, want = NF4Tensor.from_bnb(packed, state).dequantize(), bnbF.dequantize_4bit(packed, state)
+    assert torch.equal(got, want), "dequantized: " + mismatch(got, want)
     w = zero_blocks_weight(blocksize, torch.float32).cuda()
     packed, state = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4")
     ours = quantize_nf4(w, blocksize, double_quant=False)
