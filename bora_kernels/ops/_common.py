@@ -42,13 +42,23 @@ def dot_precision() -> str:
     return "tf32"
 
 
+# True only in tests/compile_for_gpu.py, which compiles the kernels for an H100 on a machine
+# without one: CPU tensors then get the GPU's tile sizes and SM count.
+ASSUME_GPU = False
+
+
+def gpu_sized(device: torch.device) -> bool:
+    """Whether tile sizes are chosen for a GPU (CUDA tensors) or kept small for the interpreter."""
+    return device.type == "cuda" or ASSUME_GPU
+
+
 @functools.lru_cache(maxsize=None)
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors to fill; a small stand-in under the interpreter so that the
     split paths of every kernel run in CPU tests too."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+    return 132 if ASSUME_GPU else 4
 
 
 def cdiv(a: int, b: int) -> int:

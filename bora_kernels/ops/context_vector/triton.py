@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import cdiv, or_unused
+from .._common import cdiv, gpu_sized, or_unused
 
 
 @triton.jit
@@ -100,7 +100,7 @@ def _context_vector_backward_kernel(
 def _tiles(device: torch.device) -> dict:
     # an elementwise pass: 64 x 128 fp32 tiles keep 4 warps busy with 64 values per thread on a
     # GPU; the interpreter uses small tiles so that CPU tests stay quick and cover partial blocks
-    if device.type != "cuda":
+    if not gpu_sized(device):
         return dict(BLOCK_M=8, BLOCK_N=16, num_warps=4)
     return dict(BLOCK_M=64, BLOCK_N=128, num_warps=4)
 

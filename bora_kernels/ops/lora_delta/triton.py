@@ -32,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import (cdiv, dot_dtype, dot_precision, next_power_of_2, num_sms, or_unused, segment_block,
-                       splits_to_fill)
+from .._common import (cdiv, dot_dtype, dot_precision, gpu_sized, next_power_of_2, num_sms, or_unused,
+                       segment_block, splits_to_fill)
 
 NONE_SEGMENT = tl.constexpr(1)
 FIRST_ADAPTER_SEGMENT = tl.constexpr(2)
@@ -208,7 +208,7 @@ def _tiles(num_tokens: int, num_adapters: int, max_rank: int, device: torch.devi
     on a GPU (128-byte bf16 rows per load); the interpreter uses small tiles to stay quick.
     """
     block_r = max(16, next_power_of_2(max_rank))
-    if device.type != "cuda":
+    if not gpu_sized(device):
         return dict(BLOCK_M=16, BLOCK_K=32, BLOCK_N=32, BLOCK_R=block_r, num_warps=4)
     per_adapter = num_tokens // max(1, min(num_adapters, num_tokens))
     block_m = 16 if per_adapter < 32 else (64 if block_r <= 64 else 32)

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from ...quant.nf4 import code_table
 from ...quant.triton import nf4_byte_values, scale_operands
-from .._common import cdiv, dot_dtype, dot_precision, or_unused, rounded_for, splits_to_fill
+from .._common import cdiv, dot_dtype, dot_precision, gpu_sized, or_unused, rounded_for, splits_to_fill
 
 SUM_BLOCK = 1024
 SPLIT_MAX_M = 16  # up to this many rows: one 16-row tile (the smallest tl.dot), K split across programs
@@ -32,9 +32,9 @@ def _tiles(m: int, device: torch.device) -> dict:
     16-row tile (the smallest ``tl.dot``) and split K; the interpreter uses small tiles so that CPU
     tests stay quick and cover partial tiles."""
     if m <= SPLIT_MAX_M:
-        return dict(BLOCK_M=SPLIT_MAX_M, BLOCK_N=64, BLOCK_K=128 if device.type == "cuda" else 64, num_warps=4,
+        return dict(BLOCK_M=SPLIT_MAX_M, BLOCK_N=64, BLOCK_K=128 if gpu_sized(device) else 64, num_warps=4,
                     num_stages=2)
-    if device.type == "cuda":
+    if gpu_sized(device):
         # two stages: the pipeliner stages the weight tile's bytes, code values and scales (~80 KB
         # a stage at 128 x 64), and three stages ask for 237 KB of the H100's 227 KB
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=2)

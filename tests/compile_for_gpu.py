@@ -1,0 +1,194 @@
+"""Compile every Triton kernel for an H100 (sm_90) on a machine without a GPU.
+
+CI runs the kernels under Triton's interpreter, which accepts code that the compiler refuses (a
+float literal typed fp64, two returns of different types, more shared memory than the SM has:
+three such bugs reached the first GPU run). This script swaps Triton's CUDA driver for a stand-in
+that reports an H100 and launches nothing, makes the ops take their Triton path on CPU tensors
+with the GPU's tile sizes (``_common.ASSUME_GPU``), and calls every op forward and backward over
+the dtypes and shapes that select different specialisations. Each kernel then goes through
+Triton's whole pipeline down to ``ptxas``; only the launch is skipped, so outputs are garbage.
+
+    python tests/compile_for_gpu.py     # a table: kernel, variants, registers, spills, shared memory
+
+Exit status: 0 when everything compiled and fits, 1 on a compile error or a kernel that does not
+fit an H100 (its shared memory, or spills to local memory), 3 when this Triton has no CUDA
+backend or its driver interface does not take the stand-in (``tests/test_compile_for_gpu.py``
+skips then).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import traceback
+
+os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compiled kernels
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+H100_SHARED = 232448  # bytes of shared memory one block may use on sm_90
+UNSUPPORTED = 3
+
+
+class _Utils:
+    def get_device_properties(self, device):
+        return {"max_shared_mem": H100_SHARED, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32,
+                "sm_clock_rate": 1_980_000, "mem_clock_rate": 2_619_000, "mem_bus_width": 5120}
+
+    def load_binary(self, name, kernel, shared, device):
+        return 1, 1, 0, 0, 1024  # module, function, registers, spills, threads: stand-ins
+
+
+class H100Stub:
+    """Triton's active-driver interface, as far as compiling and a skipped launch use it."""
+
+    utils = _Utils()
+
+    def is_active(self):
+        return True
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def launcher_cls(self, src, metadata):
+        return lambda *args, **kwargs: None  # the launch is all that is skipped
+
+
+def _install() -> None:
+    from triton.runtime import driver
+
+    driver.set_active(H100Stub())
+
+    @triton.jit
+    def probe(x_ptr):
+        triton.language.store(x_ptr, 1.0)
+
+    probe[(1,)](torch.empty(1))  # the stand-in fits this Triton, and ptxas runs
+
+
+def _exercise() -> None:
+    """Every op, forward and backward, over what selects its kernels' specialisations."""
+    from bora_kernels.ops import (_common, _dispatch, context_bias, context_lora_delta, context_scale, lora_delta,
+                                  nf4_matmul)
+    from bora_kernels.optim import IVON
+    from bora_kernels.quant import quantize_nf4
+
+    _common.ASSUME_GPU = True
+    _dispatch.triton_interpreted = lambda: True  # CPU tensors take the Triton path
+    k, n = 256, 384
+    # decode, prefill and a wide rank in bf16 and fp32; fp16 compiles as bf16 does, so decode only
+    cases = [(dtype, *shape) for dtype in (torch.bfloat16, torch.float32)
+             for shape in ((4, 4, 8), (512, 4, 16), (512, 2, 128))] + [(torch.float16, 4, 4, 8)]
+    for dtype, tokens, adapters, rank in cases:
+        x = torch.randn(tokens, k, dtype=dtype, requires_grad=True)
+        a = torch.randn(adapters, rank, k, dtype=dtype, requires_grad=True)
+        b = torch.randn(adapters, n, rank, dtype=dtype, requires_grad=True)
+        ids = torch.arange(tokens) % adapters
+        lora_delta(x, a, b, ids).float().sum().backward()
+        base = torch.zeros(tokens, n, dtype=dtype, requires_grad=True)
+        lora_delta(x, a, b, ids, add_to=base.clone()).float().sum().backward()
+        weights = torch.rand(tokens, adapters, requires_grad=True)  # several contexts a token
+        context_lora_delta(x, a, b, weights).float().sum().backward()
+        u = torch.randn(tokens, n, dtype=dtype, requires_grad=True)
+        vec = torch.randn(adapters, n, requires_grad=True)
+        (context_bias(u, vec, weights).float().sum() + context_scale(u, vec, ids).float().sum()).backward()
+    for dtype in (torch.bfloat16, torch.float32):  # an adapter per sequence
+        x = torch.randn(2, 64, k, dtype=dtype, requires_grad=True)
+        a = torch.randn(2, 16, k, dtype=dtype, requires_grad=True)
+        b = torch.randn(2, n, 16, dtype=dtype, requires_grad=True)
+        lora_delta(x, a, b, torch.tensor([1, 0])).float().sum().backward()
+    for dtype in (torch.float32, torch.bfloat16):  # IVON: parameter dtypes, estimators, samples, noise
+        for samples, hess, noise in ((1, "price", "philox"), (3, "gradsq", "philox"), (2, "price", "torch")):
+            layer = torch.nn.Linear(64, 32).to(dtype)
+            opt = IVON(layer.parameters(), lr=0.1, ess=1e4, mc_samples=samples, hess_approx=hess, clip_radius=1e-3,
+                       noise=noise)
+            for _ in range(2):
+                for _ in range(samples):
+                    with opt.sampled_params(train=True):
+                        layer(torch.randn(8, 64, dtype=dtype)).float().square().sum().backward()
+                opt.step()
+            with opt.sampled_params(train=False, tau=2.0):
+                pass
+    for dtype, blocksize, double_quant in ((torch.bfloat16, 64, False), (torch.bfloat16, 256, True),
+                                           (torch.float16, 64, True)):
+        weight = quantize_nf4(torch.randn(n, k, dtype=dtype), blocksize, double_quant)
+        weight.dequantize()
+        for rows in (1, 16, 64):  # GEMV with split K; one 16-row tile; the tiled GEMM
+            x = torch.randn(rows, k, dtype=dtype, requires_grad=True)
+            nf4_matmul(x, weight, torch.randn(n, dtype=dtype)).float().sum().backward()
+
+
+def _resources(kernel) -> dict:
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        text = subprocess.run([tool, "-res-usage", cubin.name], capture_output=True, text=True).stdout
+    usage = {}
+    for line in text.splitlines():
+        if "REG:" in line:
+            usage = dict(field.split(":", 1) for field in line.split() if ":" in field)
+    return {"registers": int(usage.get("REG", -1)), "spill_bytes": int(usage.get("LOCAL", 0)),
+            "shared": kernel.metadata.shared}
+
+
+def _compiled() -> dict[str, list]:
+    import bora_kernels.ops as ops
+    import bora_kernels.quant.triton as quant
+    from bora_kernels.ops.context_vector import triton as cv
+    from bora_kernels.ops.ivon_step import triton as iv
+    from bora_kernels.ops.lora_delta import triton as lt
+    from bora_kernels.ops.nf4_matmul import triton as nt
+
+    found = {}
+    for module in (lt, cv, iv, nt, quant):
+        for name, fn in vars(module).items():
+            if isinstance(fn, triton.runtime.JITFunction) and fn.device_caches:
+                kernels = [k for cache in fn.device_caches.values() for k in cache[0].values()]
+                if kernels:
+                    found[name] = kernels
+    del ops
+    return found
+
+
+def main() -> int:
+    try:
+        _install()
+    except Exception:
+        traceback.print_exc()
+        print(f"this Triton ({triton.__version__}) cannot compile for sm_90 here", file=sys.stderr)
+        return UNSUPPORTED
+    try:
+        _exercise()
+    except Exception:
+        traceback.print_exc()
+        return 1
+    failed = False
+    print(f"{'kernel':34s} {'variants':>8s} {'registers':>10s} {'spill B':>8s} {'shared B':>9s}")
+    for name, kernels in sorted(_compiled().items()):
+        rows = [_resources(k) for k in kernels]
+        regs = max(r["registers"] for r in rows)
+        spill = max(r["spill_bytes"] for r in rows)
+        shared = max(r["shared"] for r in rows)
+        print(f"{name:34s} {len(rows):8d} {regs:10d} {spill:8d} {shared:9d}")
+        failed |= spill > 0 or shared > H100_SHARED
+    if failed:
+        print("a kernel spills registers or needs more shared memory than an H100 has", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
