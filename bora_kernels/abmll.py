@@ -27,12 +27,14 @@ the dense ``μ`` and ``σ`` of one layer at a time, built in row chunks.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
 
+from .bayes import average_softmax
 from .model import _inject_targets, find_targets
 from .nn.multi_lora import linear_shape
 
@@ -243,21 +245,15 @@ def load_task(model: nn.Module, phi: dict[str, torch.Tensor]) -> None:
         named[name].copy_(value)
 
 
-@torch.no_grad()
 def predict(model: nn.Module, logits_fn, samples: int = 0) -> torch.Tensor:
     """Predictive class probabilities under the task posterior ``q(φ)``. ``samples=0`` (the
     default) predicts once at the posterior mean; ``samples=S`` averages the softmax over ``S``
     sampled forward passes (each layer's output drawn by the local reparameterisation, so every
     example gets its own draw). The model's train/eval mode is restored afterwards."""
-    if not isinstance(samples, int) or samples < 0:
-        raise ValueError(f"samples must be an int >= 0, got {samples!r}")
     was_training = model.training
     try:
-        model.train(samples > 0)
-        total = torch.softmax(logits_fn().float(), dim=-1)
-        for _ in range(samples - 1):
-            total += torch.softmax(logits_fn().float(), dim=-1)
-        return total / max(samples, 1)
+        model.train(isinstance(samples, int) and samples > 0)  # training mode samples the outputs
+        return average_softmax(logits_fn, samples, contextlib.nullcontext)
     finally:
         model.train(was_training)
 

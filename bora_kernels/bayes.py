@@ -19,16 +19,23 @@ def predict(logits_fn, optimizer: IVON | None = None, samples: int = 0, tau: flo
     """Predictive class probabilities. ``samples=0`` (the default) predicts once at the posterior
     mean ("@mean"); ``samples=S`` averages the softmax over ``S`` weight samples drawn at test
     temperature ``tau`` (their spread is ``1/(tau*ess*(h + wd))``, so ``tau=inf`` is the mean)."""
-    if samples < 0:
-        raise ValueError(f"samples must be >= 0, got {samples}")
     if samples > 0 and optimizer is None:
         raise ValueError("samples > 0 needs the IVON optimizer that holds the posterior")
+    return average_softmax(logits_fn, samples, lambda: optimizer.sampled_params(train=False, tau=tau))
+
+
+def average_softmax(logits_fn, samples: int, sampled) -> torch.Tensor:
+    """The softmax of ``logits_fn()`` (last dimension, fp32): once as it is (``samples=0``), or
+    averaged over ``samples`` calls, each inside the context ``sampled()`` that puts one posterior
+    draw in place. IVON's ``predict`` and ABMLL's ``abmll.predict`` share it."""
+    if not isinstance(samples, int) or samples < 0:
+        raise ValueError(f"samples must be an int >= 0, got {samples!r}")
     with torch.no_grad():
         if samples == 0:
             return torch.softmax(logits_fn().float(), dim=-1)
         total = None
         for _ in range(samples):
-            with optimizer.sampled_params(train=False, tau=tau):
+            with sampled():
                 probs = torch.softmax(logits_fn().float(), dim=-1)
             total = probs if total is None else total + probs
         return total / samples
@@ -121,5 +128,5 @@ def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
     return (probs.argmax(dim=1) == labels).double().mean().item()
 
 
-__all__ = ["accuracy", "expected_calibration_error", "negative_log_likelihood", "predict", "prune_random",
+__all__ = ["accuracy", "average_softmax", "expected_calibration_error", "negative_log_likelihood", "predict", "prune_random",
            "prune_uncertain"]

@@ -207,7 +207,6 @@ def adapt_lora(model, batches, steps: int, sgd_lr: float | None = None):
 def evaluate(model, prompts, options, answer, samples: int = 0) -> dict:
     """Accuracy and ECE of the option probabilities: at the posterior mean (eval mode), or for
     ABMLL with ``samples > 0`` averaged over that many sampled forward passes."""
-    model.eval()
     probs = abmll.predict(model, lambda: option_logits(model, prompts, options), samples)
     acc = (probs.argmax(1) == answer).float().mean().item()
     return {"accuracy": acc, "ece": expected_calibration_error(probs, answer),
