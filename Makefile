@@ -12,6 +12,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # only installed when torch is missing; on these machines the file is a CPU build
 TORCH_SPEC ?= torch==2.13.0
+# the GPU machine's Triton (../shared/GPU.md), beside the venv's own: the kernels are also compiled
+# for sm_90 with it in the tests (compile-only, no GPU needed)
+GPU_TRITON ?= triton-3.6.0
 
 .PHONY: setup demo test bench clean
 
@@ -21,6 +24,8 @@ $(VENV)/.ready: pyproject.toml setup.py
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q "setuptools>=64" wheel
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	$(PY) -m pip install -q --no-deps --target $(VENV)/$(GPU_TRITON) "$(subst -,==,$(GPU_TRITON))" \
+		|| echo "$(GPU_TRITON) not installed: tests/test_compile_for_gpu.py checks only the installed triton"
 	touch $@
 
 setup: $(VENV)/.ready

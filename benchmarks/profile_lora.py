@@ -4,8 +4,9 @@
     python benchmarks/profile_lora.py [--tokens 16 4096] [--adapters 32] [--rank 16]
 
 Host time is the wall time of many calls launched back to back without a sync, divided by the
-count, while the GPU is kept busy ahead of the host; device time sums the kernels that
-``torch.profiler`` records for one call. When host > device, the call is launch-bound.
+count, while the GPU is kept busy ahead of the host, with kernels launched by ``_common.launch``
+and, beside it, by Triton's own launch; device time sums the kernels that ``torch.profiler``
+records for one call. When host > device, the call is launch-bound.
 """
 
 import argparse
@@ -15,7 +16,7 @@ import time
 
 import torch
 
-from bora_kernels.ops import lora_delta, lora_plan
+from bora_kernels.ops import _common, lora_delta, lora_plan
 
 
 def host_us(fn, calls=200):
@@ -50,6 +51,7 @@ def main():
     parser.add_argument("--cprofile", action="store_true", help="also print the host's top functions")
     args = parser.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
+    direct = _common.DIRECT_LAUNCH  # False where this Triton has no direct launch path
     d, r, k = args.adapters, args.rank, args.features
     a = (torch.randn(d, r, k, device=dev, dtype=dt) / 64).requires_grad_()
     b = (torch.randn(d, k, r, device=dev, dtype=dt) / 4).requires_grad_()
@@ -69,8 +71,11 @@ def main():
         print(f"T={t} D={d} r={r} K=N={k} bf16")
         for name, fn in cases.items():
             host = host_us(fn)
+            _common.DIRECT_LAUNCH = False  # every kernel through Triton's own launch, for comparison
+            stock = host_us(fn)
+            _common.DIRECT_LAUNCH = direct
             dev_total, top = device_us(fn)
-            print(f"  {name:16s} host {host:8.1f} us   device {dev_total:8.1f} us")
+            print(f"  {name:16s} host {host:8.1f} us (Triton's own launch: {stock:8.1f})   device {dev_total:8.1f} us")
             for key, count, us in top:
                 print(f"      {us:8.1f} us  x{count}  {key}")
             if args.cprofile and name == "fwd+bwd (plan)":

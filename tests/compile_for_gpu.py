@@ -64,7 +64,18 @@ class H100Stub:
         return torch.device("cpu")
 
     def launcher_cls(self, src, metadata):
-        return lambda *args, **kwargs: None  # the launch is all that is skipped
+        return _Launcher()  # the launch is all that is skipped
+
+
+LAUNCHES: list = []  # (launcher, grid, arguments) of every launch, for the launch check
+
+
+class _Launcher:
+    """A compiled kernel's launcher that records its calls instead of launching."""
+
+    def __call__(self, grid_x, grid_y, grid_z, stream, function, packed_metadata, launch_metadata, enter_hook,
+                 exit_hook, *args):
+        LAUNCHES.append((self, (grid_x, grid_y, grid_z), packed_metadata, enter_hook, args))
 
 
 def _install() -> None:
@@ -77,6 +88,78 @@ def _install() -> None:
         triton.language.store(x_ptr, 1.0)
 
     probe[(1,)](torch.empty(1))  # the stand-in fits this Triton, and ptxas runs
+
+
+MISMATCHES: list = []  # launches where _common.launch and Triton's own launch differed
+DIRECT: dict = {}  # kernel name -> launches _common.launch made directly (and checked)
+
+
+def _same(a, b) -> bool:
+    return a is b if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) else type(a) is type(b) and a == b
+
+
+def _describe(args, kwargs) -> str:
+    def one(a):
+        return f"{a.dtype}{tuple(a.shape)}@{a.data_ptr() % 16}" if isinstance(a, torch.Tensor) else repr(a)
+    return ", ".join([one(a) for a in args] + [f"{k}={one(v)}" for k, v in kwargs.items()])
+
+
+def _checked_launch(kernel, grid, *args, **kwargs):
+    """``_common.launch``, checked against Triton's own ``kernel[grid]``: the same compiled kernel,
+    grid and arguments reach the launcher. The first call of a key goes through Triton; the second
+    is the direct path, which is what is checked."""
+    from bora_kernels.ops import _common
+
+    _common.launch(kernel, grid, *args, **kwargs)
+    LAUNCHES.clear()
+    _common.launch(kernel, grid, *args, **kwargs)
+    ours = LAUNCHES[:]
+    LAUNCHES.clear()
+    kernel[grid](*args, **kwargs)
+    theirs = LAUNCHES[:]
+    LAUNCHES.clear()
+    name = kernel.fn.__name__
+    if len(ours) != 1 or len(theirs) != 1 or ours[0][0] is not theirs[0][0] or ours[0][1:3] != theirs[0][1:3] \
+            or len(ours[0][4]) != len(theirs[0][4]) or not all(map(_same, ours[0][4], theirs[0][4])):
+        MISMATCHES.append(f"{name} grid {grid} args {_describe(args, kwargs)}: launch reached "
+                          f"{[(id(c[0]), c[1]) for c in ours]}, Triton {[(id(c[0]), c[1]) for c in theirs]}")
+    elif ours[0][3] is None:  # no hooks passed: the direct path ran
+        DIRECT[name] = DIRECT.get(name, 0) + 1
+
+
+def _check_launches() -> None:
+    """Route every op's launches through ``_checked_launch``, and run a probe kernel over what
+    Triton specialises on, in an order where a key that missed any of it would reuse a kernel
+    compiled for other arguments."""
+    import importlib
+    import pkgutil
+
+    import bora_kernels
+    from bora_kernels.ops import _common
+
+    for info in pkgutil.walk_packages(bora_kernels.__path__, "bora_kernels."):
+        if info.name.endswith(".triton"):
+            module = importlib.import_module(info.name)
+            if getattr(module, "launch", None) is _common.launch:
+                module.launch = _checked_launch
+
+    tl = triton.language
+
+    @triton.jit(do_not_specialize=["m"])
+    def _launch_probe_kernel(x_ptr, f, n, m, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(x_ptr + offs, (tl.load(x_ptr + offs) * f + n + m).to(x_ptr.dtype.element_ty))
+
+    x = torch.zeros(64)
+    for tensor, f, n, m, block in ((x, 1.0, 5, 5, 16), (x[1:], 1.0, 5, 5, 16), (x.to(torch.bfloat16), 1.0, 5, 5, 16),
+                                   (x, 0.5, 5, 5, 16), (x, 1.0, 1, 5, 16), (x, 1.0, 16, 5, 16), (x, 1.0, 17, 5, 16),
+                                   (x, 1.0, 2 ** 31, 5, 16), (x, 1.0, -2 ** 31 - 1, 5, 16), (x, 1.0, 5, 1, 16),
+                                   (x, 1.0, 5, 2 ** 31, 16), (x, 1.0, 5, 2 ** 63, 16), (x, 1.0, 5, 5, 32),
+                                   (x, 1.0, True, 5, 16), (x[4:], 2.0, 6, 7, 16)):
+        _checked_launch(_launch_probe_kernel, (1,), tensor, f, n, m, BLOCK=block)
+    for kernel in ("_launch_probe_kernel",):
+        if not DIRECT.get(kernel):
+            MISMATCHES.append(f"{kernel}: the direct path never ran")
 
 
 def _exercise() -> None:
@@ -168,11 +251,13 @@ def main() -> int:
         print(f"this Triton ({triton.__version__}) cannot compile for sm_90 here", file=sys.stderr)
         return UNSUPPORTED
     try:
+        _check_launches()
         _exercise()
     except Exception:
         traceback.print_exc()
         return 1
     failed = False
+    print(f"triton {triton.__version__}, compiled for sm_90")
     print(f"{'kernel':34s} {'variants':>8s} {'registers':>10s} {'spill B':>8s} {'shared B':>9s}")
     for name, kernels in sorted(_compiled().items()):
         rows = [_resources(k) for k in kernels]
@@ -183,6 +268,14 @@ def main() -> int:
         failed |= spill > 0 or shared > H100_SHARED
     if failed:
         print("a kernel spills registers or needs more shared memory than an H100 has", file=sys.stderr)
+    print("\nlaunches made directly by _common.launch and checked against Triton's own: "
+          + ", ".join(f"{name} {count}" for name, count in sorted(DIRECT.items())))
+    undirect = sorted(set(_compiled()) - set(DIRECT))
+    if undirect:
+        MISMATCHES.append(f"kernels never launched directly: {undirect}")
+    if MISMATCHES:
+        print("_common.launch differs from Triton's own launch:\n" + "\n".join(MISMATCHES), file=sys.stderr)
+        failed = True
     return 1 if failed else 0
 
 

@@ -113,6 +113,28 @@ def test_bench_context_suite(tmp_path):
     assert "MiB einsum" in table and "| 40.0 |" in table
 
 
+def test_host_time_script(tmp_path):
+    """``benchmarks/host_time.py``: host time per call through both launch paths, without a GPU
+    (a fresh process: kernels compiled for sm_90, not interpreted)."""
+    out = tmp_path / "host.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_time.py"), "--calls", "3", "--rounds",
+                             "1", "--json", str(out), "fwd+bwd", "IVON"],
+                            capture_output=True, text=True, timeout=600, env=env)
+    if result.returncode == 3:
+        pytest.skip("this Triton cannot compile for sm_90 here")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    figures = json.loads(out.read_text())["host_us"]
+    assert set(figures) == {"lora_delta fwd+bwd, plan", "IVON step + sample, 256 tensors"}
+    assert all(set(row) == {"direct", "triton"} and all(0 < us < 1e6 for us in row.values())
+               for row in figures.values()), figures
+    assert "triton/direct" in result.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_time.py"), "--calls", "0"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert bad.returncode == 2 and "--calls" in bad.stderr
+
+
 def test_bench_serve(serve_demo, tmp_path, capsys):
     """The load test runs both servers and counts every request (a small run: its ratio is not
     asserted, the benchmark's figures are quoted from full runs)."""

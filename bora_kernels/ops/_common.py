@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import driver as _driver
 
 
 @triton.jit
@@ -20,6 +22,11 @@ INTERPRETED = not isinstance(_probe_kernel, triton.runtime.JITFunction)
 # memory (it hands numpy a 1-element array). Compiled kernels need only 3.6.
 _VERSION = tuple(int(p) for p in triton.__version__.split(".")[:2])
 INTERPRETER_SUPPORTED = _VERSION >= (3, 8)
+# ``launch``'s direct path calls a compiled kernel's launcher as Triton 3.6 to 3.9 do (checked in
+# their sources); other versions, or one without launch hook chains, keep Triton's own launch.
+# Set it False to send every launch through Triton's own path (benchmarks/host_time.py --stock).
+DIRECT_LAUNCH = (3, 6) <= _VERSION < (3, 10) and hasattr(getattr(triton, "knobs", None), "runtime") \
+    and hasattr(triton.knobs.runtime.launch_enter_hook, "calls")
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -70,6 +77,106 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= ``n`` (>= 1), for host code (see ``cdiv``)."""
     return 1 << max(n - 1, 0).bit_length()
+
+
+_LAUNCH_CACHE_SIZE = 4096  # compiled variants remembered per kernel before starting over
+_launch_caches: dict = {}  # id(kernel) -> _LaunchCache
+_OPTIONS = frozenset(("num_warps", "num_stages", "num_ctas", "enable_fp_fusion", "maxnreg", "debug"))
+
+
+class _LaunchCache:
+    """One kernel's compiled variants for ``launch``: argument key -> (compiled kernel, names of the
+    parameters passed by keyword in signature order), or None for a call the direct path cannot
+    make (a constexpr passed by position, a parameter left to its default)."""
+
+    __slots__ = ("entries", "not_specialized")
+
+    def __init__(self, kernel):
+        self.entries = {}
+        self.not_specialized = tuple(p.num for p in kernel.params if p.do_not_specialize and not p.is_constexpr)
+
+    @staticmethod
+    def entry(kernel, compiled, args, kwargs):
+        tail = kernel.arg_names[len(args):]
+        direct = not any(p.is_constexpr for p in kernel.params[:len(args)]) and set(tail) == set(kwargs) - _OPTIONS
+        return (compiled, tail) if direct else None
+
+
+def _int_type(value: int) -> str:
+    """The type Triton gives an integer argument it does not specialise: only its range counts."""
+    if -2 ** 31 <= value < 2 ** 31:
+        return "i32"
+    return "i64" if value < 2 ** 63 else "u64"
+
+
+def launch(kernel, grid: tuple, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)``, with Triton's per-call work done once per argument key.
+
+    Every Triton launch binds and specialises each argument, builds its cache key and launch
+    metadata and calls the launch hooks before the C launcher runs: ~18 us of CPU time per launch
+    on the 2-core CPU machine (Triton 3.6 and 3.9, kernels compiled for an H100, launch skipped),
+    ~40-60 us on the H100 machine's host, where small calls of our ops are bound by host time
+    (benchmarks/NOTES.md). Here the first call with a key goes through Triton (compiling if
+    needed) and the compiled kernel it returns is kept; later calls with that key go straight to
+    the compiled kernel's launcher (~9 us on the CPU machine, half of it the key).
+
+    The key holds at least what Triton specialises on, so one key never stands for two compiled
+    kernels: the device, Triton's debug flag, every keyword argument's name and value, every
+    integer's exact value (only its range for ``do_not_specialize`` ones, as Triton), a float's
+    type (Triton does not specialise non-constexpr floats), each tensor's dtype and its address
+    modulo 16 (Triton: aligned or not). Kernel globals are checked by Triton when a key is first
+    seen.
+    Launch hooks (profilers), the interpreter, Triton versions outside 3.6-3.9, a kernel called
+    with a constexpr by position and ``DIRECT_LAUNCH = False`` take Triton's own path every call; a
+    launcher that refuses the direct call's arguments (a TypeError, raised before anything runs)
+    turns the direct path off with a warning. ``tests/compile_for_gpu.py`` checks, without a GPU,
+    that both paths hand the launcher the same compiled kernel, grid and arguments for every
+    launch of every op; ``tests/test_launch.py`` checks the key against Triton's own
+    specialisation.
+    """
+    runtime = triton.knobs.runtime if DIRECT_LAUNCH else None
+    if INTERPRETED or runtime is None or runtime.launch_enter_hook.calls or runtime.launch_exit_hook.calls:
+        return kernel[grid](*args, **kwargs)
+    cache = _launch_caches.get(id(kernel))
+    if cache is None:
+        cache = _launch_caches[id(kernel)] = _LaunchCache(kernel)
+    keyed = args
+    if cache.not_specialized:
+        keyed = list(args)
+        for i in cache.not_specialized:
+            if i < len(keyed) and keyed[i].__class__ is int:
+                keyed[i] = _int_type(keyed[i])
+    active = _driver.active
+    device = active.get_current_device()
+    key = (device, runtime.debug, len(args), *kwargs,
+           *[a if a.__class__ is int else (a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor)
+             else (a.__class__, None if a.__class__ is float else a) for a in keyed],
+           *[v if v.__class__ is int else (v.dtype, v.data_ptr() & 15) if isinstance(v, torch.Tensor)
+             else (v.__class__, v) for v in kwargs.values()])
+    entry = cache.entries.get(key, False)
+    if entry is False or entry is None:
+        compiled = kernel[grid](*args, **kwargs)
+        if entry is False:
+            if len(cache.entries) >= _LAUNCH_CACHE_SIZE:
+                cache.entries.clear()
+            cache.entries[key] = _LaunchCache.entry(kernel, compiled, args, kwargs)
+        return compiled
+    compiled, tail = entry
+    try:
+        compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+                     active.get_current_stream(device), compiled.function, compiled.packed_metadata,
+                     None, None, None, *args, *[kwargs[name] for name in tail])
+    except TypeError as error:  # a launcher that takes its arguments otherwise refuses them before launching
+        _stop_direct_launch(error)
+        return kernel[grid](*args, **kwargs)
+    return compiled
+
+
+def _stop_direct_launch(error: Exception) -> None:
+    global DIRECT_LAUNCH
+    DIRECT_LAUNCH = False
+    warnings.warn(f"bora_kernels: this Triton ({triton.__version__})'s launcher refused a direct launch ({error}); "
+                  f"every kernel now launches through Triton's own path", RuntimeWarning, stacklevel=3)
 
 
 def splits_to_fill(programs: int, device: torch.device, most: int) -> int:

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._common import cdiv, or_unused, rounded_for
+from ..ops._common import cdiv, launch, or_unused, rounded_for
 from .nf4 import NESTED_BLOCKSIZE, code_table
 
 QUANT_WARPS = 4
@@ -116,8 +116,8 @@ def quantize_codes(flat: torch.Tensor, code: torch.Tensor, blocksize: int):
     blocks = cdiv(n, blocksize)
     packed = torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=flat.device)
     absmax = torch.empty(blocks, dtype=torch.float32, device=flat.device)
-    _nf4_quantize_kernel[(blocks,)](flat, code, packed, absmax, n, BLOCKSIZE=blocksize, PAIRS=blocksize // 2,
-                                    num_warps=QUANT_WARPS)
+    launch(_nf4_quantize_kernel, (blocks,), flat, code, packed, absmax, n, BLOCKSIZE=blocksize, PAIRS=blocksize // 2,
+           num_warps=QUANT_WARPS)
     return packed, absmax
 
 
@@ -125,7 +125,6 @@ def dequantize(weight, dtype: torch.dtype) -> torch.Tensor:
     """An ``NF4Tensor``'s ``code[nibble] * absmax[block]``, flat, in ``dtype``."""
     n = weight.numel
     out = torch.empty(n, dtype=dtype, device=weight.device)
-    _nf4_dequantize_kernel[(cdiv(n, 2 * DEQUANT_BYTES),)](weight.packed, code_table(weight.device), out, n,
-                                                             **scale_operands(weight), BLOCKSIZE=weight.blocksize,
-                                                             BYTES=DEQUANT_BYTES)
+    launch(_nf4_dequantize_kernel, (cdiv(n, 2 * DEQUANT_BYTES),), weight.packed, code_table(weight.device), out, n,
+           **scale_operands(weight), BLOCKSIZE=weight.blocksize, BYTES=DEQUANT_BYTES)
     return out

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import cdiv, gpu_sized, or_unused
+from .._common import cdiv, gpu_sized, launch, or_unused
 
 
 @triton.jit
@@ -118,7 +118,7 @@ def context_vector_forward(u, vectors, context, ids, rows_per_id, multiply):
     out = torch.empty_like(u)
     stride_ct, stride_cc = _context_strides(context, ids)
     grid = (cdiv(t, tiles["BLOCK_M"]), cdiv(n, tiles["BLOCK_N"]))
-    _context_vector_kernel[grid](
+    launch(_context_vector_kernel, grid,
         u, vectors, context, out, t, n, vectors.shape[0], rows_per_id,
         u.stride(0), out.stride(0), stride_ct, stride_cc, vectors.stride(0),
         MULTIPLY=multiply, IDS=ids, BLOCK_M=tiles["BLOCK_M"], BLOCK_N=tiles["BLOCK_N"], num_warps=tiles["num_warps"],
@@ -138,7 +138,7 @@ def context_vector_backward(dy, u, vectors, context, ids, rows_per_id, multiply,
     dw = torch.empty((col_blocks, t, num_contexts), device=dy.device, dtype=torch.float32) if needs_dw else None
     if du is not None or dvec is not None or dw is not None:
         stride_ct, stride_cc = _context_strides(context, ids)
-        _context_vector_backward_kernel[(row_blocks, col_blocks)](
+        launch(_context_vector_backward_kernel, (row_blocks, col_blocks),
             dy, or_unused(u, dy), vectors, context, or_unused(du, dy), or_unused(dvec, dy), or_unused(dw, dy),
             t, n, num_contexts, rows_per_id, dy.stride(0), u.stride(0) if u is not None else 0,
             du.stride(0) if du is not None else 0, stride_ct, stride_cc, vectors.stride(0),

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import cdiv, or_unused, rounded_for
+from .._common import cdiv, launch, or_unused, rounded_for
 
 BLOCK = 2048
 NUM_WARPS = 8
@@ -120,7 +120,7 @@ def ivon_step(mean, momentum, hess, scalars, *, grad, count, avg_grad, avg_hess_
     fold = grad is not None
     draw = sample is not None
     philox_offset = [(e << 32) if isinstance(e, int) else 0 for e in (eps_now, eps_next)]
-    _ivon_step_kernel[(cdiv(n, BLOCK),)](
+    launch(_ivon_step_kernel, (cdiv(n, BLOCK),),
         mean, momentum, hess, or_unused(grad, mean), or_unused(avg_grad, mean), or_unused(avg_hess_stat, mean),
         eps_now if _source(eps_now) == BUFFER else mean, eps_next if _source(eps_next) == BUFFER else mean,
         or_unused(sample, mean), or_unused(mean_copy, mean),

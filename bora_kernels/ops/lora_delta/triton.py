@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import (cdiv, dot_dtype, dot_precision, gpu_sized, next_power_of_2, num_sms, or_unused,
+from .._common import (cdiv, dot_dtype, dot_precision, gpu_sized, launch, next_power_of_2, num_sms, or_unused,
                        segment_block, splits_to_fill)
 
 NONE_SEGMENT = tl.constexpr(1)
@@ -250,7 +250,7 @@ def lora_shrink_expand(x, w1, w2, out, plan, ranks, scaling, tiles, scale_h, h=N
     n_per_split = cdiv(cdiv(n, split), tiles["BLOCK_N"]) * tiles["BLOCK_N"] if n else 0
     split = cdiv(n, n_per_split) if n else 1
     w2 = or_unused(w2, w1)
-    _lora_shrink_expand_kernel[(programs, split)](
+    launch(_lora_shrink_expand_kernel, (programs, split),
         x, w1, w2, or_unused(out, x), or_unused(h, scaling), perm, bounds, ranks, scaling,
         or_unused(row_weight, scaling),
         num_segs, k, n, w1.shape[1], n_per_split,
@@ -294,7 +294,7 @@ def lora_weight_grads(jobs, plan, ranks, scaling, tiles, row_weight=None, split=
     targets = [job.g.unsqueeze(0) if split == 1 else torch.empty((split, *job.g.shape), device=job.g.device,
                                                                 dtype=torch.float32) for job in jobs]
     second, target2 = (second, targets[1]) if second is not None else (first, targets[0])
-    _lora_weight_grad_kernel[(num_adapters, all_blocks, split)](
+    launch(_lora_weight_grad_kernel, (num_adapters, all_blocks, split),
         first.p, first.q, targets[0], second.p, second.q, target2, perm, bounds, ranks, scaling,
         or_unused(row_weight, scaling),
         c, c2, col_blocks, max_rank,

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from ...quant.nf4 import code_table
 from ...quant.triton import nf4_byte_values, scale_operands
-from .._common import cdiv, dot_dtype, dot_precision, gpu_sized, or_unused, rounded_for, splits_to_fill
+from .._common import cdiv, dot_dtype, dot_precision, gpu_sized, launch, or_unused, rounded_for, splits_to_fill
 
 SUM_BLOCK = 1024
 SPLIT_MAX_M = 16  # up to this many rows: one 16-row tile (the smallest tl.dot), K split across programs
@@ -131,15 +131,15 @@ def _launch(a2, weight, bias, backward: bool, out, split=None):
     q_per_split = cdiv(cdiv(q, split), block_q) * block_q
     split = cdiv(q, q_per_split)
     target = out.view(m, p) if split == 1 else torch.empty((split, m, p), device=a2.device, dtype=torch.float32)
-    _nf4_matmul_kernel[(*grid_mp, split)](
+    launch(_nf4_matmul_kernel, (*grid_mp, split),
         a2, weight.packed, code_table(a2.device), or_unused(bias, a2), target, m, n, k, a2.stride(0), p, q_per_split,
         **scale_operands(weight), BLOCKSIZE=weight.blocksize, BACKWARD=backward,
         HAS_BIAS=bias is not None, PARTIAL=split > 1, BLOCK_M=tiles["BLOCK_M"], BLOCK_P=block_p, BLOCK_Q=block_q,
         DOT_DTYPE=dot_dtype(a2.dtype), PRECISION=dot_precision(), num_warps=tiles["num_warps"],
         num_stages=tiles["num_stages"])
     if split > 1:
-        _sum_splits_kernel[(cdiv(m * p, SUM_BLOCK),)](target, or_unused(bias, a2), out.view(m, p), split,
-                                                             m * p, p, HAS_BIAS=bias is not None, BLOCK=SUM_BLOCK)
+        launch(_sum_splits_kernel, (cdiv(m * p, SUM_BLOCK),), target, or_unused(bias, a2), out.view(m, p), split,
+               m * p, p, HAS_BIAS=bias is not None, BLOCK=SUM_BLOCK)
     return out
 
 
