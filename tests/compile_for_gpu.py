@@ -7,13 +7,16 @@ that reports an H100 and launches nothing, makes the ops take their Triton path 
 with the GPU's tile sizes (``_common.ASSUME_GPU``), and calls every op forward and backward over
 the dtypes and shapes that select different specialisations. Each kernel then goes through
 Triton's whole pipeline down to ``ptxas``; only the launch is skipped, so outputs are garbage.
+Every launch is also made twice more: directly by ``_common.launch`` and by Triton's own
+``kernel[grid]``; the stand-in launcher records both, and they must reach it with the same
+compiled kernel, grid and arguments (a probe kernel adds the argument kinds our ops never vary).
 
     python tests/compile_for_gpu.py     # a table: kernel, variants, registers, spills, shared memory
 
-Exit status: 0 when everything compiled and fits, 1 on a compile error or a kernel that does not
-fit an H100 (its shared memory, or spills to local memory), 3 when this Triton has no CUDA
-backend or its driver interface does not take the stand-in (``tests/test_compile_for_gpu.py``
-skips then).
+Exit status: 0 when everything compiled and fits and every direct launch matched, 1 on a compile
+error, a launch mismatch or a kernel that does not fit an H100 (its shared memory, or spills to
+local memory), 3 when this Triton has no CUDA backend or its driver interface does not take the
+stand-in (``tests/test_compile_for_gpu.py`` skips then).
 """
 
 from __future__ import annotations
@@ -157,9 +160,8 @@ def _check_launches() -> None:
                                    (x, 1.0, 5, 2 ** 31, 16), (x, 1.0, 5, 2 ** 63, 16), (x, 1.0, 5, 5, 32),
                                    (x, 1.0, True, 5, 16), (x[4:], 2.0, 6, 7, 16)):
         _checked_launch(_launch_probe_kernel, (1,), tensor, f, n, m, BLOCK=block)
-    for kernel in ("_launch_probe_kernel",):
-        if not DIRECT.get(kernel):
-            MISMATCHES.append(f"{kernel}: the direct path never ran")
+    if not DIRECT.get("_launch_probe_kernel"):
+        MISMATCHES.append("_launch_probe_kernel: the direct path never ran")
 
 
 def _exercise() -> None:

@@ -24,7 +24,8 @@ _VERSION = tuple(int(p) for p in triton.__version__.split(".")[:2])
 INTERPRETER_SUPPORTED = _VERSION >= (3, 8)
 # ``launch``'s direct path calls a compiled kernel's launcher as Triton 3.6 to 3.9 do (checked in
 # their sources); other versions, or one without launch hook chains, keep Triton's own launch.
-# Set it False to send every launch through Triton's own path (benchmarks/host_time.py --stock).
+# Set it False to send every launch through Triton's own path (benchmarks/host_time.py and
+# profile_lora.py time both).
 DIRECT_LAUNCH = (3, 6) <= _VERSION < (3, 10) and hasattr(getattr(triton, "knobs", None), "runtime") \
     and hasattr(triton.knobs.runtime.launch_enter_hook, "calls")
 
@@ -125,8 +126,7 @@ def launch(kernel, grid: tuple, *args, **kwargs):
     integer's exact value (only its range for ``do_not_specialize`` ones, as Triton), a float's
     type (Triton does not specialise non-constexpr floats), each tensor's dtype and its address
     modulo 16 (Triton: aligned or not). Kernel globals are checked by Triton when a key is first
-    seen.
-    Launch hooks (profilers), the interpreter, Triton versions outside 3.6-3.9, a kernel called
+    seen. Launch hooks (profilers), the interpreter, Triton versions outside 3.6-3.9, a kernel called
     with a constexpr by position and ``DIRECT_LAUNCH = False`` take Triton's own path every call; a
     launcher that refuses the direct call's arguments (a TypeError, raised before anything runs)
     turns the direct path off with a warning. ``tests/compile_for_gpu.py`` checks, without a GPU,
