@@ -90,9 +90,10 @@ class _LaunchCache:
     parameters passed by keyword in signature order), or None for a call the direct path cannot
     make (a constexpr passed by position, a parameter left to its default)."""
 
-    __slots__ = ("entries", "not_specialized")
+    __slots__ = ("kernel", "entries", "not_specialized")
 
     def __init__(self, kernel):
+        self.kernel = kernel  # held, so that its id (the cache's key) is never reused by another
         self.entries = {}
         self.not_specialized = tuple(p.num for p in kernel.params if p.do_not_specialize and not p.is_constexpr)
 
