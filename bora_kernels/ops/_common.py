@@ -87,8 +87,7 @@ _OPTIONS = frozenset(("num_warps", "num_stages", "num_ctas", "enable_fp_fusion",
 
 class _LaunchCache:
     """One kernel's compiled variants for ``launch``: argument key -> (compiled kernel, names of the
-    parameters passed by keyword in signature order), or None for a call the direct path cannot
-    make (a constexpr passed by position, a parameter left to its default)."""
+    constexprs, passed by keyword, in signature order)."""
 
     __slots__ = ("kernel", "entries", "not_specialized")
 
@@ -99,8 +98,11 @@ class _LaunchCache:
 
     @staticmethod
     def entry(kernel, compiled, args, kwargs):
+        """The entry for a call, or None when the direct path cannot make it: its key must hold
+        only constexprs and options by keyword, and every parameter must be given."""
         tail = kernel.arg_names[len(args):]
-        direct = not any(p.is_constexpr for p in kernel.params[:len(args)]) and set(tail) == set(kwargs) - _OPTIONS
+        direct = all(not p.is_constexpr for p in kernel.params[:len(args)]) \
+            and all(p.is_constexpr for p in kernel.params[len(args):]) and set(tail) == set(kwargs) - _OPTIONS
         return (compiled, tail) if direct else None
 
 
@@ -122,13 +124,15 @@ def launch(kernel, grid: tuple, *args, **kwargs):
     needed) and the compiled kernel it returns is kept; later calls with that key go straight to
     the compiled kernel's launcher (~9 us on the CPU machine, half of it the key).
 
-    The key holds at least what Triton specialises on, so one key never stands for two compiled
-    kernels: the device, Triton's debug flag, every keyword argument's name and value, every
-    integer's exact value (only its range for ``do_not_specialize`` ones, as Triton), a float's
-    type (Triton does not specialise non-constexpr floats), each tensor's dtype and its address
-    modulo 16 (Triton: aligned or not). Kernel globals are checked by Triton when a key is first
-    seen. Launch hooks (profilers), the interpreter, Triton versions outside 3.6-3.9, a kernel called
-    with a constexpr by position and ``DIRECT_LAUNCH = False`` take Triton's own path every call; a
+    Non-constexpr arguments are passed by position, constexprs and launch options by keyword. The
+    key holds at least what Triton specialises on, so one key never stands for two compiled
+    kernels: the device, Triton's debug flag, the keyword arguments as given (Triton keys
+    constexprs by value too), every integer argument's exact value (only its range for
+    ``do_not_specialize`` ones, as Triton), a float's type (Triton does not specialise
+    non-constexpr floats), each tensor's dtype and its address modulo 16 (Triton: aligned or not).
+    Kernel globals are checked by Triton when a key is first seen. Launch hooks (profilers), the
+    interpreter, Triton versions outside 3.6-3.9, calls that pass arguments otherwise and
+    ``DIRECT_LAUNCH = False`` take Triton's own path every call (nothing is kept for them); a
     launcher that refuses the direct call's arguments (a TypeError, raised before anything runs)
     turns the direct path off with a warning. ``tests/compile_for_gpu.py`` checks, without a GPU,
     that both paths hand the launcher the same compiled kernel, grid and arguments for every
@@ -149,18 +153,17 @@ def launch(kernel, grid: tuple, *args, **kwargs):
                 keyed[i] = _int_type(keyed[i])
     active = _driver.active
     device = active.get_current_device()
-    key = (device, runtime.debug, len(args), *kwargs,
+    key = (device, runtime.debug, *kwargs.items(),
            *[a if a.__class__ is int else (a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor)
-             else (a.__class__, None if a.__class__ is float else a) for a in keyed],
-           *[v if v.__class__ is int else (v.dtype, v.data_ptr() & 15) if isinstance(v, torch.Tensor)
-             else (v.__class__, v) for v in kwargs.values()])
-    entry = cache.entries.get(key, False)
-    if entry is False or entry is None:
+             else (a.__class__, None if a.__class__ is float else a) for a in keyed])
+    entry = cache.entries.get(key)
+    if entry is None:
         compiled = kernel[grid](*args, **kwargs)
-        if entry is False:
+        entry = _LaunchCache.entry(kernel, compiled, args, kwargs)
+        if entry is not None:
             if len(cache.entries) >= _LAUNCH_CACHE_SIZE:
                 cache.entries.clear()
-            cache.entries[key] = _LaunchCache.entry(kernel, compiled, args, kwargs)
+            cache.entries[key] = entry
         return compiled
     compiled, tail = entry
     try:

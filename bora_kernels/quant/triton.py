@@ -69,17 +69,18 @@ def block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bloc
     return scale
 
 
-def scale_operands(weight) -> dict:
-    """``block_scale``'s pointer arguments and flags for an ``NF4Tensor`` (stand-ins when unused).
+def scale_operands(weight) -> tuple[tuple, dict]:
+    """``block_scale``'s pointer arguments (positional, in the kernels' order: absmax, nested
+    absmax, nested code, offset; stand-ins when unused) and its constexpr flags (by keyword) for an
+    ``NF4Tensor``.
 
     ``enable_fp_fusion=False`` keeps ``code * nested + offset`` two roundings, as bitsandbytes
     computes it (two kernels) and as the interpreter and the torch path do; contracted to one FMA
     the fp32 absmax can differ in its last bit (unverified guess for the one H100 test failure of
     2026-11-23, double quantization at blocksize 256; see benchmarks/NOTES.md)."""
     a = weight.absmax
-    return dict(absmax_ptr=a, nested_absmax_ptr=or_unused(weight.nested_absmax, a),
-                nested_code_ptr=or_unused(weight.nested_code, a), offset_ptr=or_unused(weight.offset, a),
-                DOUBLE_QUANT=weight.double_quant, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, enable_fp_fusion=False)
+    pointers = (a, or_unused(weight.nested_absmax, a), or_unused(weight.nested_code, a), or_unused(weight.offset, a))
+    return pointers, dict(DOUBLE_QUANT=weight.double_quant, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, enable_fp_fusion=False)
 
 
 @triton.jit
@@ -125,6 +126,7 @@ def dequantize(weight, dtype: torch.dtype) -> torch.Tensor:
     """An ``NF4Tensor``'s ``code[nibble] * absmax[block]``, flat, in ``dtype``."""
     n = weight.numel
     out = torch.empty(n, dtype=dtype, device=weight.device)
+    pointers, flags = scale_operands(weight)
     launch(_nf4_dequantize_kernel, (cdiv(n, 2 * DEQUANT_BYTES),), weight.packed, code_table(weight.device), out, n,
-           **scale_operands(weight), BLOCKSIZE=weight.blocksize, BYTES=DEQUANT_BYTES)
+           *pointers, **flags, BLOCKSIZE=weight.blocksize, BYTES=DEQUANT_BYTES)
     return out

@@ -131,9 +131,10 @@ def _launch(a2, weight, bias, backward: bool, out, split=None):
     q_per_split = cdiv(cdiv(q, split), block_q) * block_q
     split = cdiv(q, q_per_split)
     target = out.view(m, p) if split == 1 else torch.empty((split, m, p), device=a2.device, dtype=torch.float32)
+    pointers, flags = scale_operands(weight)
     launch(_nf4_matmul_kernel, (*grid_mp, split),
         a2, weight.packed, code_table(a2.device), or_unused(bias, a2), target, m, n, k, a2.stride(0), p, q_per_split,
-        **scale_operands(weight), BLOCKSIZE=weight.blocksize, BACKWARD=backward,
+        *pointers, **flags, BLOCKSIZE=weight.blocksize, BACKWARD=backward,
         HAS_BIAS=bias is not None, PARTIAL=split > 1, BLOCK_M=tiles["BLOCK_M"], BLOCK_P=block_p, BLOCK_Q=block_q,
         DOT_DTYPE=dot_dtype(a2.dtype), PRECISION=dot_precision(), num_warps=tiles["num_warps"],
         num_stages=tiles["num_stages"])
