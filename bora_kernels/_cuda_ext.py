@@ -11,6 +11,7 @@ extension off.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -21,6 +22,17 @@ log = logging.getLogger("bora_kernels")
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = ("bindings.cpp", "nf4_gemv/nf4_gemv.cu")
+API_VERSION = 2  # bindings.cpp's; 2: nf4_gemv takes no code table and up to 8 rows
+
+
+def _sources_digest() -> str:
+    """A digest of every file under csrc/, headers included. torch's JIT versioning hashes the
+    listed sources and the build flags only, so the digest goes into the flags: a changed header
+    then rebuilds a cached extension instead of loading a stale one."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in CSRC.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(CSRC)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _without(reason: str, level: int = logging.WARNING):
@@ -38,7 +50,9 @@ def extension():
     try:
         from . import _C
 
-        return _C
+        if getattr(_C, "API_VERSION", 1) == API_VERSION:
+            return _C
+        not_built = f"the installed bora_kernels._C has API {getattr(_C, 'API_VERSION', 1)}, not {API_VERSION}"
     except ImportError as exc:
         not_built = str(exc)
     sources = [CSRC / s for s in SOURCES]
@@ -52,6 +66,7 @@ def extension():
         verify_ninja_availability()
         log.warning("bora_kernels: JIT-building the CUDA extension from %s (first use only, about a minute)", CSRC)
         return load(name="bora_kernels_C", sources=[str(s) for s in sources], extra_include_paths=[str(CSRC)],
-                    extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo"])
+                    extra_cflags=["-O3"],
+                    extra_cuda_cflags=["-O3", "-lineinfo", f"-DBORA_CSRC_DIGEST={_sources_digest()}"])
     except Exception as exc:  # a failed build must leave the Triton path working
         return _without(f"JIT build failed: {type(exc).__name__}: {exc}")

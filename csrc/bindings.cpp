@@ -17,11 +17,11 @@ void check_cuda(const torch::Tensor& t, const char* name, const torch::Tensor& x
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-// out [M, N] = x [M, K] (M <= 4) @ dequant(W [N, K])^T (+ bias), in x's dtype.
-void nf4_gemv(const torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& code,
-                       const torch::Tensor& absmax, const c10::optional<torch::Tensor>& nested_absmax,
-                       const c10::optional<torch::Tensor>& nested_code, const c10::optional<torch::Tensor>& offset,
-                       const c10::optional<torch::Tensor>& bias, int64_t n, int64_t blocksize) {
+// out [M, N] = x [M, K] (M <= kNF4GemvMaxRows) @ dequant(W [N, K])^T (+ bias), in x's dtype.
+void nf4_gemv(const torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& absmax,
+              const c10::optional<torch::Tensor>& nested_absmax, const c10::optional<torch::Tensor>& nested_code,
+              const c10::optional<torch::Tensor>& offset, const c10::optional<torch::Tensor>& bias, int64_t n,
+              int64_t blocksize) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CUDA tensor");
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kHalf,
               "x must be bfloat16 or float16, got ", x.scalar_type());
@@ -35,8 +35,6 @@ void nf4_gemv(const torch::Tensor& out, const torch::Tensor& x, const torch::Ten
   TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.numel() == n * k / 2, "packed must hold ", n * k / 2,
               " uint8 bytes, got ", packed.numel(), " of ", packed.scalar_type());
   TORCH_CHECK(aligned16(x) && aligned16(packed), "x and packed must be 16-byte aligned");
-  check_cuda(code, "code", x);
-  TORCH_CHECK(code.scalar_type() == torch::kFloat && code.numel() == 16, "code must be the 16 fp32 NF4 values");
   check_cuda(absmax, "absmax", x);
   TORCH_CHECK(absmax.numel() == n * k / blocksize, "absmax must hold ", n * k / blocksize, " values, got ",
               absmax.numel());
@@ -67,7 +65,6 @@ void nf4_gemv(const torch::Tensor& out, const torch::Tensor& x, const torch::Ten
   bora::NF4GemvArgs args{};
   args.x = x.data_ptr();
   args.packed = packed.data_ptr<uint8_t>();
-  args.code = code.data_ptr<float>();
   args.absmax = absmax.data_ptr();
   args.nested_absmax = double_quant ? nested_absmax->data_ptr<float>() : nullptr;
   args.nested_code = double_quant ? nested_code->data_ptr<float>() : nullptr;
@@ -81,6 +78,8 @@ void nf4_gemv(const torch::Tensor& out, const torch::Tensor& x, const torch::Ten
   while ((int64_t{1} << args.log2_blocksize) < blocksize) ++args.log2_blocksize;
   args.bf16 = x.scalar_type() == torch::kBFloat16;
   args.double_quant = double_quant;
+  TORCH_CHECK(bora::nf4_gemv_args_valid(args), "nf4_gemv: unsupported sizes m=", m, ", n=", n, ", K=", k,
+              ", blocksize=", blocksize);
   const cudaError_t err = bora::nf4_gemv(args, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "nf4_gemv launch failed: ", cudaGetErrorString(err));
 }
@@ -89,8 +88,10 @@ void nf4_gemv(const torch::Tensor& out, const torch::Tensor& x, const torch::Ten
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "bora_kernels' CUDA C++ kernels";
-  m.def("nf4_gemv", &nf4_gemv, "out [M, N] = x [M<=4, K] @ dequant(NF4 W [N, K])^T (+ bias), fp16/bf16",
+  // bora_kernels/_cuda_ext.py refuses a module built from sources with another API (a stale build)
+  m.attr("API_VERSION") = 2;
+  m.def("nf4_gemv", &nf4_gemv, "out [M, N] = x [M<=8, K] @ dequant(NF4 W [N, K])^T (+ bias), fp16/bf16",
         py::arg("out"), py::arg("x"),
-        py::arg("packed"), py::arg("code"), py::arg("absmax"), py::arg("nested_absmax"), py::arg("nested_code"),
+        py::arg("packed"), py::arg("absmax"), py::arg("nested_absmax"), py::arg("nested_code"),
         py::arg("offset"), py::arg("bias"), py::arg("n"), py::arg("blocksize"));
 }

@@ -72,3 +72,78 @@ def test_the_extension_can_be_turned_off(monkeypatch):
         assert _cuda_ext.extension() is None
     finally:
         _cuda_ext.extension.cache_clear()
+
+
+# --- the GEMV's per-lane code, run on the CPU ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    """tests/csrc/nf4_gemv_emulate.cu built with nvcc as a host program (no GPU needed)."""
+    if NVCC is None:
+        pytest.skip("nvcc not on the PATH")
+    exe = tmp_path_factory.mktemp("emulate") / "nf4_gemv_emulate"
+    source = Path(__file__).resolve().parent / "csrc" / "nf4_gemv_emulate.cu"
+    done = subprocess.run([NVCC, "-std=c++17", "-O2", "-Xcompiler", "-ffp-contract=off", "-I", str(CSRC), str(source),
+                           "-o", str(exe)], capture_output=True, text=True)
+    assert done.returncode == 0, f"nvcc failed on {source.name}:\n{done.stderr}"
+    return exe
+
+
+def test_gemv_code_table_is_bitsandbytes_nf4(emulator):
+    """The kernel writes its code table from immediates: they must be NF4_CODE's fp32 values."""
+    from bora_kernels.quant.nf4 import NF4_CODE
+
+    printed = subprocess.run([str(emulator), "code"], capture_output=True, text=True, check=True).stdout.split()
+    want = torch.tensor(NF4_CODE, dtype=torch.float32).view(torch.int32).tolist()
+    assert [int(h, 16) for h in printed] == [w & 0xFFFFFFFF for w in want]
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    t = t.contiguous()
+    return (t.view(torch.int16) if t.dtype in (torch.float16, torch.bfloat16) else t).numpy().tobytes()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("double_quant", [False, True], ids=["single", "double"])
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("k,n,blocksize", [(4096, 6, 64), (11008, 5, 256), (96, 9, 32), (2048, 3, 2048)])
+def test_gemv_lanes_match_reference_on_cpu(emulator, tmp_path, k, n, blocksize, m, double_quant, dtype):
+    """Every lane's chunks (K = 4096: four per lane, one group of loads; K = 11008: 344 chunks, so
+    lanes hold 10 or 11 and the last group is partial; K = 96: 29 idle lanes), every blocksize path
+    and both dtypes. The reduced fp32 sums must be within fp32 rounding of the float64 product
+    (bounded by |x| @ |W|^T, so that one wrong weight of 11008 fails), and the output is exactly
+    those sums plus the bias, rounded once; the output starts poisoned, so unwritten rows fail."""
+    from bora_kernels.ops import use_backend
+    from bora_kernels.quant import quantize_nf4
+
+    gen = torch.Generator().manual_seed(k + n + m)
+    with use_backend("torch"):
+        weight = quantize_nf4(torch.randn(n, k, generator=gen).to(dtype), blocksize, double_quant)
+        w = weight.dequantize(torch.float32).double()
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    files = {"x": x, "packed": weight.packed, "absmax": weight.absmax, "bias": bias,
+             "out": torch.full((m, n), float("nan"), dtype=dtype)}
+    if double_quant:
+        files.update(nested_absmax=weight.nested_absmax, nested_code=weight.nested_code, offset=weight.offset)
+    for name, t in files.items():
+        (tmp_path / f"{name}.bin").write_bytes(_raw(t))
+    args = [str(tmp_path), m, n, k, blocksize.bit_length() - 1, int(dtype == torch.bfloat16), int(double_quant), 1]
+    done = subprocess.run([str(emulator), *map(str, args)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+    acc = torch.frombuffer(bytearray((tmp_path / "acc.bin").read_bytes()), dtype=torch.float32).view(m, n)
+    out = torch.frombuffer(bytearray((tmp_path / "out.bin").read_bytes()), dtype=torch.int16).view(dtype).view(m, n)
+    exact = x.double() @ w.T
+    bound = 3e-5 * (x.double().abs() @ w.abs().T)
+    assert ((acc.double() - exact).abs() <= bound).all(), f"max error {(acc.double() - exact).abs().max():.3e}"
+    assert torch.equal(out, (acc + bias.float()).to(dtype)), "out is not the reduced sums plus bias, rounded once"
+
+
+def test_python_expects_the_bindings_api_version():
+    """A module built from older sources must be refused, not called with the wrong arguments."""
+    import re
+
+    declared = re.search(r'm\.attr\("API_VERSION"\) = (\d+);', (CSRC / "bindings.cpp").read_text())
+    assert declared is not None and int(declared.group(1)) == _cuda_ext.API_VERSION

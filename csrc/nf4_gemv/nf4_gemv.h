@@ -1,8 +1,9 @@
 // The NF4 decode GEMV: out[m, n] = sum_k x[m, k] * code[nibble(n, k)] * absmax(n, k) (+ bias[n]),
-// for 1 <= M <= 4 rows of fp16 or bf16 activations. The weight is bitsandbytes' NF4 layout: the
-// row-major [N, K] weight flattened, element 2j in the high nibble of byte j and 2j+1 in the low
-// one, one absmax per `blocksize` elements (fp32, or with double quantization an 8-bit code into
-// `nested_code`, times `nested_absmax[block / 256]`, plus `*offset`).
+// for 1 <= M <= kNF4GemvMaxRows rows of fp16 or bf16 activations. The weight is bitsandbytes' NF4
+// layout: the row-major [N, K] weight flattened, element 2j in the high nibble of byte j and 2j+1
+// in the low one, one absmax per `blocksize` elements (fp32, or with double quantization an 8-bit
+// code into `nested_code`, times `nested_absmax[block / 256]`, plus `*offset`). The code is NF4's
+// 16 values, built into the kernel.
 //
 // This header and nf4_gemv.cu need only the CUDA toolkit (no torch), so that CPU-only CI can
 // compile the kernel with nvcc; bindings.cpp adapts torch tensors to it.
@@ -14,12 +15,11 @@
 
 namespace bora {
 
-constexpr int kNF4GemvMaxRows = 4;
+constexpr int kNF4GemvMaxRows = 8;
 
 struct NF4GemvArgs {
   const void* x;              // [m, k] fp16 or bf16, contiguous, 16-byte aligned
   const uint8_t* packed;      // [n * k / 2], 16-byte aligned
-  const float* code;          // the 16 NF4 values
   const void* absmax;         // [n * k / blocksize]: fp32, or uint8 codes with double quantization
   const float* nested_absmax; // [ceil(blocks / 256)] (double quantization only)
   const float* nested_code;   // [256] dynamic map (double quantization only)
@@ -31,6 +31,12 @@ struct NF4GemvArgs {
   bool bf16;                  // activations are bf16 (otherwise fp16)
   bool double_quant;
 };
+
+// What the kernel needs of the sizes (the pointers' alignment is the caller's to check).
+inline bool nf4_gemv_args_valid(const NF4GemvArgs& a) {
+  return a.m >= 1 && a.m <= kNF4GemvMaxRows && a.n >= 1 && a.log2_blocksize >= 5 && a.log2_blocksize < 31 &&
+         a.k >= (1 << a.log2_blocksize) && a.k % (1 << a.log2_blocksize) == 0;
+}
 
 // Launches the kernel on `stream`; returns the launch's error code (cudaSuccess when it went).
 cudaError_t nf4_gemv(const NF4GemvArgs& args, cudaStream_t stream);

@@ -110,7 +110,10 @@ def _lora_shrink_expand_kernel(
                     acc += tl.load(out_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
                 tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
     elif STORE_OUT:  # no adapter: exact zeros; an id outside [-1, D): NaN rows
-        for n in range(n_lo, n_hi, BLOCK_N):
+        n_end = n_hi
+        if ACCUMULATE:  # rows without an adapter keep what they hold: nothing to read or write
+            n_end = tl.where(seg == NONE_SEGMENT, n_lo, n_hi)
+        for n in range(n_lo, n_end, BLOCK_N):
             offs_n = n + tl.arange(0, BLOCK_N)
             mask_n = offs_n < n_hi
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)

@@ -7,7 +7,7 @@ weight is frozen and gets no gradient.
 
 Which kernel, by M (the rows of x after flattening), in ``_path``:
 
-- M <= 4 on CUDA, fp16/bf16: the CUDA C++ GEMV of ``csrc/nf4_gemv`` when the extension is
+- M <= 8 on CUDA, fp16/bf16: the CUDA C++ GEMV of ``csrc/nf4_gemv`` when the extension is
   available (``bora_kernels._cuda_ext``);
 - M >= ``DENSE_MIN_M[device type]``: the weight dequantized once, then ``F.linear`` (cuBLAS);
 - otherwise Triton: up to 16 rows one 16-row tile with the K reduction split across programs,
@@ -25,10 +25,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...quant.nf4 import code_table
 from .._dispatch import backend
 
-CSRC_MAX_M = 4
+CSRC_MAX_M = 8  # csrc/nf4_gemv/nf4_gemv.h: kNF4GemvMaxRows
 DENSE_MIN_M = {"cuda": 1, "cpu": 1024}  # by device type; see the module docstring
 
 
@@ -56,19 +55,19 @@ def _path(x2, weight, bias, forward: bool):
 
 
 def nf4_matmul_csrc(x2, weight, bias, out_shape):
-    """The CUDA GEMV: ``x2 [M <= 4, K]`` -> a new ``out_shape`` tensor (``[..., N]``); needs the
+    """The CUDA GEMV: ``x2 [M <= CSRC_MAX_M, K]`` -> a new ``out_shape`` tensor (``[..., N]``); needs the
     extension and a CUDA device."""
     ext = _csrc_gemv(x2, weight, bias)
     if ext is None:
         raise RuntimeError("the CUDA NF4 GEMV cannot run this call (see the log for why the extension is "
-                           "unavailable, or the input is not fp16/bf16 with at most 4 rows)")
+                           f"unavailable, or the input is not fp16/bf16 with at most {CSRC_MAX_M} rows)")
     return _gemv(ext, x2, weight, bias, out_shape)
 
 
 def _gemv(ext, x2, weight, bias, out_shape):
     out = torch.empty(out_shape, device=x2.device, dtype=x2.dtype)
-    ext.nf4_gemv(out, x2, weight.packed.view(-1), code_table(x2.device), weight.absmax, weight.nested_absmax,
-                 weight.nested_code, weight.offset, bias, weight.shape[0], weight.blocksize)
+    ext.nf4_gemv(out, x2, weight.packed.view(-1), weight.absmax, weight.nested_absmax, weight.nested_code,
+                 weight.offset, bias, weight.shape[0], weight.blocksize)
     return out
 
 
