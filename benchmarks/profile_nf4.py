@@ -2,7 +2,7 @@
 reports: the L2 flushed before each call, host hidden) against the kernels' own device time
 (``torch.profiler``), for the CUDA GEMV and the dense bf16 ``F.linear`` beside it (notes: NOTES.md).
 
-    python benchmarks/profile_nf4.py [--rows 1 4 8] [--features 4096 4096]
+    python benchmarks/profile_nf4.py [--rows 1 4 8 16] [--features 4096 4096]
 
 The difference between the two columns is launch latency and whatever the flush leaves behind
 (dirty L2 lines written back during the call); the device column is what a CUDA graph would see.
@@ -21,7 +21,7 @@ from bora_kernels.quant import quantize_nf4
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--features", type=int, nargs=2, default=[4096, 4096], metavar=("K", "N"))
     args = parser.parse_args()
     k, n = args.features

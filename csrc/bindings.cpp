@@ -90,7 +90,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "bora_kernels' CUDA C++ kernels";
   // bora_kernels/_cuda_ext.py refuses a module built from sources with another API (a stale build)
   m.attr("API_VERSION") = 2;
-  m.def("nf4_gemv", &nf4_gemv, "out [M, N] = x [M<=8, K] @ dequant(NF4 W [N, K])^T (+ bias), fp16/bf16",
+  m.def("nf4_gemv", &nf4_gemv, "out [M, N] = x [M<=16, K] @ dequant(NF4 W [N, K])^T (+ bias), fp16/bf16",
         py::arg("out"), py::arg("x"),
         py::arg("packed"), py::arg("absmax"), py::arg("nested_absmax"), py::arg("nested_code"),
         py::arg("offset"), py::arg("bias"), py::arg("n"), py::arg("blocksize"));

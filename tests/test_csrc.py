@@ -106,14 +106,15 @@ def _raw(t: torch.Tensor) -> bytes:
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("double_quant", [False, True], ids=["single", "double"])
-@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("m", [1, 3, 8, 16])
 @pytest.mark.parametrize("k,n,blocksize", [(4096, 6, 64), (11008, 5, 256), (96, 9, 32), (2048, 3, 2048)])
 def test_gemv_lanes_match_reference_on_cpu(emulator, tmp_path, k, n, blocksize, m, double_quant, dtype):
     """Every lane's chunks (K = 4096: four per lane, one group of loads; K = 11008: 344 chunks, so
-    lanes hold 10 or 11 and the last group is partial; K = 96: 29 idle lanes), every blocksize path
-    and both dtypes. The reduced fp32 sums must be within fp32 rounding of the float64 product
-    (bounded by |x| @ |W|^T, so that one wrong weight of 11008 fails), and the output is exactly
-    those sums plus the bias, rounded once; the output starts poisoned, so unwritten rows fail."""
+    lanes hold 10 or 11 and the last group is partial; K = 96: 29 idle lanes), every blocksize
+    path, M = 1, 3, 8 and the largest (16), both dtypes. The reduced fp32 sums must be within fp32
+    rounding of the float64 product (bounded by |x| @ |W|^T, so that one wrong weight of 11008
+    fails), and the output is exactly those sums plus the bias, rounded once; the output starts
+    poisoned, so unwritten rows fail."""
     from bora_kernels.ops import use_backend
     from bora_kernels.quant import quantize_nf4
 

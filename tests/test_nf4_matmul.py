@@ -139,11 +139,11 @@ def test_compiled_kernels_match_bitsandbytes_on_gpu(m, path, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("double_quant", [False, True], ids=["single", "double"])
-@pytest.mark.parametrize("m", [1, 2, 4, 5, 8])
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 9, 16])
 @pytest.mark.parametrize("k,n,blocksize", [(4096, 4096, 64), (11008, 523, 256), (96, 33, 32)])
 def test_cuda_gemv_matches_reference(k, n, blocksize, m, double_quant, dtype, poison_empty):
     """The csrc GEMV (built at install or JIT-built here): K off its 1024-weight stride, N off its
-    8-row blocks, every blocksize path, M from 1 to its largest (8); and such calls dispatch to it.
+    8-row blocks, every blocksize path, M from 1 to its largest (16); and such calls dispatch to it.
     (tests/test_csrc.py runs the kernel's per-lane code on the CPU; this is the kernel itself.)"""
     from bora_kernels._cuda_ext import extension
 

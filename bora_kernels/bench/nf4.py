@@ -1,9 +1,9 @@
 """The ``nf4`` suite: ``nf4_matmul`` against what a QLoRA user runs otherwise.
 
-- ``ours``: ``bora_kernels.ops.nf4_matmul`` as dispatched (the CUDA GEMV for M <= 8, the
+- ``ours``: ``bora_kernels.ops.nf4_matmul`` as dispatched (the CUDA GEMV for M <= 16, the
   Triton kernels, or dequantize + cuBLAS from ``DENSE_MIN_M`` rows);
 - ``triton``: the Triton kernels whatever M (split-K for M <= 16, tiled above; GPU only);
-- ``csrc``: the CUDA C++ GEMV (M <= 8, GPU with the extension only);
+- ``csrc``: the CUDA C++ GEMV (M <= 16, GPU with the extension only);
 - ``dequant``: the weight dequantized by our kernel, then ``F.linear``, every call; with
   ``triton`` it locates the crossover that ``DENSE_MIN_M`` encodes;
 - ``bnb``: bitsandbytes' ``matmul_4bit`` on the same NF4 tensors (``to_bnb()``);
@@ -31,7 +31,7 @@ from .lora import DTYPES
 VARIANTS = {
     "ours": "bora_kernels.ops.nf4_matmul as dispatched",
     "triton": "the Triton kernels (dequantized in the GEMM's tiles), any M",
-    "csrc": "the CUDA C++ GEMV (M <= 8)",
+    "csrc": "the CUDA C++ GEMV (M <= 16)",
     "dequant": "our dequantize, then F.linear, every call",
     "bnb": "bitsandbytes matmul_4bit on the same NF4 weight",
     "dense": "F.linear on the dequantized weight (cuBLAS on GPU)",
@@ -81,7 +81,7 @@ def build(case: NF4Case, device: torch.device, variants=tuple(VARIANTS)) -> dict
         from ..ops.nf4_matmul.triton import nf4_matmul_forward
 
         fns["triton", "fwd"] = lambda: nf4_matmul_forward(x, weight, None, (case.m, case.out_features))
-    if "csrc" in variants and _csrc_gemv(x, weight, None) is not None:  # fp16/bf16, M <= 8, extension built
+    if "csrc" in variants and _csrc_gemv(x, weight, None) is not None:  # fp16/bf16, M <= 16, extension built
         fns["csrc", "fwd"] = lambda: nf4_matmul_csrc(x, weight, None, (case.m, case.out_features))
     if "dequant" in variants:
         fns["dequant", "fwd"] = lambda: F.linear(x, weight.dequantize(dtype))

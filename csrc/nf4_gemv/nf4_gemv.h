@@ -15,7 +15,7 @@
 
 namespace bora {
 
-constexpr int kNF4GemvMaxRows = 8;
+constexpr int kNF4GemvMaxRows = 16;
 
 struct NF4GemvArgs {
   const void* x;              // [m, k] fp16 or bf16, contiguous, 16-byte aligned

@@ -7,7 +7,7 @@ weight is frozen and gets no gradient.
 
 Which kernel, by M (the rows of x after flattening), in ``_path``:
 
-- M <= 8 on CUDA, fp16/bf16: the CUDA C++ GEMV of ``csrc/nf4_gemv`` when the extension is
+- M <= 16 on CUDA, fp16/bf16: the CUDA C++ GEMV of ``csrc/nf4_gemv`` when the extension is
   available (``bora_kernels._cuda_ext``);
 - M >= ``DENSE_MIN_M[device type]``: the weight dequantized once, then ``F.linear`` (cuBLAS);
 - otherwise Triton: up to 16 rows one 16-row tile with the K reduction split across programs,
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .._dispatch import backend
 
-CSRC_MAX_M = 8  # csrc/nf4_gemv/nf4_gemv.h: kNF4GemvMaxRows
+CSRC_MAX_M = 16  # csrc/nf4_gemv/nf4_gemv.h: kNF4GemvMaxRows; M = 9..16 unmeasured (NOTES.md)
 DENSE_MIN_M = {"cuda": 1, "cpu": 1024}  # by device type; see the module docstring
 
 
