@@ -97,7 +97,8 @@ __host__ __device__ __forceinline__ void lane_partials(const NF4GemvArgs& a, int
 #pragma unroll
     for (int u = 0; u < kChunksInFlight; ++u) {
       const int chunk = base + u * kWarp;
-      if (chunk < chunks) loads[u] = load_chunk<kDoubleQuant>(a, wrow, (first_chunk + chunk) >> log2_chunks_per_block, chunk);
+      const int64_t block = (first_chunk + chunk) >> log2_chunks_per_block;
+      if (chunk < chunks) loads[u] = load_chunk<kDoubleQuant>(a, wrow, block, chunk);
     }
 #pragma unroll
     for (int u = 0; u < kChunksInFlight; ++u) {
@@ -117,7 +118,8 @@ __host__ __device__ __forceinline__ void lane_partials(const NF4GemvArgs& a, int
       }
 #pragma unroll
       for (int m = 0; m < M; ++m) {
-        const uint4* xm = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(m) * k + static_cast<int64_t>(chunk) * kPerLane);
+        const T* xrow = x + static_cast<int64_t>(m) * k + static_cast<int64_t>(chunk) * kPerLane;
+        const uint4* xm = reinterpret_cast<const uint4*>(xrow);
         float dot = 0.f;
 #pragma unroll
         for (int v = 0; v < kPerLane / 8; ++v) {

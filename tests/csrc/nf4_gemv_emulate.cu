@@ -127,7 +127,8 @@ int main(int argc, char** argv) {
     a.double_quant ? emulate_rows<__nv_bfloat16, true, 1>(a, reduced.data())
                    : emulate_rows<__nv_bfloat16, false, 1>(a, reduced.data());
   } else {
-    a.double_quant ? emulate_rows<__half, true, 1>(a, reduced.data()) : emulate_rows<__half, false, 1>(a, reduced.data());
+    a.double_quant ? emulate_rows<__half, true, 1>(a, reduced.data())
+                   : emulate_rows<__half, false, 1>(a, reduced.data());
   }
   write_file(dir + "/out.bin", out.data(), out_bytes);
   write_file(dir + "/acc.bin", reduced.data(), reduced.size() * sizeof(float));

@@ -55,8 +55,8 @@ def _path(x2, weight, bias, forward: bool):
 
 
 def nf4_matmul_csrc(x2, weight, bias, out_shape):
-    """The CUDA GEMV: ``x2 [M <= CSRC_MAX_M, K]`` -> a new ``out_shape`` tensor (``[..., N]``); needs the
-    extension and a CUDA device."""
+    """The CUDA GEMV: ``x2 [M <= CSRC_MAX_M, K]`` -> a new ``out_shape`` tensor (``[..., N]``);
+    needs the extension and a CUDA device."""
     ext = _csrc_gemv(x2, weight, bias)
     if ext is None:
         raise RuntimeError("the CUDA NF4 GEMV cannot run this call (see the log for why the extension is "
