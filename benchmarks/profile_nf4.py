@@ -1,6 +1,7 @@
 """Where the time of an NF4 decode call goes on a GPU: ``do_bench`` (what ``bora-bench nf4``
 reports: the L2 flushed before each call, host hidden) against the kernels' own device time
-(``torch.profiler``), for the CUDA GEMV and the dense bf16 ``F.linear`` beside it (notes: NOTES.md).
+(``torch.profiler``), for the CUDA GEMV, the dense bf16 ``F.linear`` and dequantize + ``F.linear``
+(the path M above ``CSRC_MAX_M`` takes) beside it (notes: NOTES.md).
 
     python benchmarks/profile_nf4.py [--rows 1 4 8 16] [--features 4096 4096]
 
@@ -32,14 +33,15 @@ def main():
     print(f"K={k} N={n} bf16, double quantization, blocksize 64: do_bench (flushed L2) and device time, us")
     for m in args.rows:
         x = torch.randn(m, k, generator=gen).to("cuda", torch.bfloat16)
-        fns = {"dense F.linear": lambda: F.linear(x, dense)}
+        fns = {"dense F.linear": lambda: F.linear(x, dense),
+               "dequant+linear": lambda: F.linear(x, weight.dequantize(torch.bfloat16))}
         if _csrc_gemv(x, weight, None) is not None:
             fns["csrc GEMV"] = lambda: nf4_matmul_csrc(x, weight, None, (m, n))
         for name, fn in fns.items():
             bench = do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
             device, top = device_us(fn)
             kernels = ", ".join(f"{key} {us:.1f}" for key, _, us in top[:2])
-            print(f"  M={m:<2d} {name:15s} do_bench {bench:7.1f}   device {device:7.1f}   ({kernels})")
+            print(f"  M={m:<2d} {name:16s} do_bench {bench:7.1f}   device {device:7.1f}   ({kernels})")
 
 
 if __name__ == "__main__":
