@@ -54,26 +54,15 @@ __global__ void __launch_bounds__(kWarp * kRowsPerBlock, M == 1 ? 4 : 2) nf4_gem
   }
 }
 
-template <typename T, bool kDoubleQuant, int M>
-cudaError_t launch_rows(const NF4GemvArgs& a, cudaStream_t stream) {
-  if (a.m != M) {
-    if constexpr (M < kNF4GemvMaxRows) return launch_rows<T, kDoubleQuant, M + 1>(a, stream);
-    return cudaErrorInvalidValue;
-  }
-  const dim3 grid((a.n + kRowsPerBlock - 1) / kRowsPerBlock), block(kWarp * kRowsPerBlock);
-  nf4_gemv_kernel<T, M, kDoubleQuant><<<grid, block, 0, stream>>>(a);
-  return cudaGetLastError();
-}
-
 }  // namespace
 
 cudaError_t nf4_gemv(const NF4GemvArgs& a, cudaStream_t stream) {
   if (!nf4_gemv_args_valid(a)) return cudaErrorInvalidValue;
-  if (a.bf16) {
-    return a.double_quant ? launch_rows<__nv_bfloat16, true, 1>(a, stream)
-                          : launch_rows<__nv_bfloat16, false, 1>(a, stream);
-  }
-  return a.double_quant ? launch_rows<__half, true, 1>(a, stream) : launch_rows<__half, false, 1>(a, stream);
+  const dim3 grid((a.n + kRowsPerBlock - 1) / kRowsPerBlock), block(kWarp * kRowsPerBlock);
+  nf4::with_variant(a, [&](auto dtype, auto rows, auto double_quant) {
+    nf4_gemv_kernel<decltype(dtype), rows.value, double_quant.value><<<grid, block, 0, stream>>>(a);
+  });
+  return cudaGetLastError();
 }
 
 }  // namespace bora

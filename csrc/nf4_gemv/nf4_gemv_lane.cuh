@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -133,6 +134,29 @@ __host__ __device__ __forceinline__ void lane_partials(const NF4GemvArgs& a, int
       }
     }
   }
+}
+
+// Calls f(T{}, rows, double_quant) with the compile-time variant that `a` asks for: T its
+// activation dtype, rows a std::integral_constant of a.m (1..kNF4GemvMaxRows), double_quant a
+// std::bool_constant. The kernel's launcher and the CPU emulation dispatch through this one place.
+template <int M = 1, typename F>
+void with_rows(int m, F&& f) {
+  if (m == M) {
+    f(std::integral_constant<int, M>{});
+  } else if constexpr (M < kNF4GemvMaxRows) {
+    with_rows<M + 1>(m, f);
+  }
+}
+
+template <typename F>
+void with_variant(const NF4GemvArgs& a, F&& f) {
+  with_rows(a.m, [&](auto rows) {
+    if (a.bf16) {
+      a.double_quant ? f(__nv_bfloat16{}, rows, std::true_type{}) : f(__nv_bfloat16{}, rows, std::false_type{});
+    } else {
+      a.double_quant ? f(__half{}, rows, std::true_type{}) : f(__half{}, rows, std::false_type{});
+    }
+  });
 }
 
 }  // namespace nf4

@@ -70,12 +70,6 @@ void emulate(const bora::NF4GemvArgs& a, float* reduced) {
   }
 }
 
-template <typename T, bool kDoubleQuant, int M>
-void emulate_rows(const bora::NF4GemvArgs& a, float* reduced) {
-  if (a.m == M) return emulate<T, M, kDoubleQuant>(a, reduced);
-  if constexpr (M < bora::kNF4GemvMaxRows) emulate_rows<T, kDoubleQuant, M + 1>(a, reduced);
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -123,13 +117,9 @@ int main(int argc, char** argv) {
   a.bias = has_bias ? bias.data() : nullptr;
   a.out = out.data();
   std::vector<float> reduced(static_cast<size_t>(a.m) * a.n);
-  if (a.bf16) {
-    a.double_quant ? emulate_rows<__nv_bfloat16, true, 1>(a, reduced.data())
-                   : emulate_rows<__nv_bfloat16, false, 1>(a, reduced.data());
-  } else {
-    a.double_quant ? emulate_rows<__half, true, 1>(a, reduced.data())
-                   : emulate_rows<__half, false, 1>(a, reduced.data());
-  }
+  bora::nf4::with_variant(a, [&](auto dtype, auto rows, auto double_quant) {
+    emulate<decltype(dtype), rows.value, double_quant.value>(a, reduced.data());
+  });
   write_file(dir + "/out.bin", out.data(), out_bytes);
   write_file(dir + "/acc.bin", reduced.data(), reduced.size() * sizeof(float));
   return 0;
