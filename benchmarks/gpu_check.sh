@@ -75,12 +75,15 @@ w = quantize_nf4(torch.randn(200, 320, device="cuda", dtype=torch.bfloat16), 64)
 for m in (3, 9, 40):  # the CUDA GEMV, Triton split-K, Triton tiled
     x = torch.randn(m, 320, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     nf4_matmul(x, w, torch.randn(200, device="cuda", dtype=torch.bfloat16)).sum().backward()
-# the GEMV up to its largest M, N off its 8-row blocks, 33 chunks per row (a lane's group of four partial)
+# both GEMV kernels up to the largest M, N off their 8- and 16-row blocks, 33 chunks of 32 per row
+# (a lane's group of four partial; the tensor cores' last 128-wide chunk a quarter full)
+from bora_kernels.ops.nf4_matmul import nf4_matmul_csrc
 w = quantize_nf4(torch.randn(203, 1056, device="cuda", dtype=torch.float16), 32)
-for m in (1, 8, 16):
-    nf4_matmul(torch.randn(m, 1056, device="cuda", dtype=torch.float16), w)
+for m in (1, 8, 9, 16):
+    for kernel in ("cores", "mma"):
+        nf4_matmul_csrc(torch.randn(m, 1056, device="cuda", dtype=torch.float16), w, None, (m, 203), kernel=kernel)
 torch.cuda.synchronize()
-print("memcheck run finished: nf4_matmul (CUDA GEMV, split-K, tiled; forward and dx)")
+print("memcheck run finished: nf4_matmul (CUDA GEMV on CUDA and tensor cores, split-K, tiled; forward and dx)")
 PY
 fi
 
@@ -88,7 +91,7 @@ if want profile; then
   step "lora_delta: host against device time per call (benchmarks/profile_lora.py)"
   python benchmarks/profile_lora.py --tokens 16 64 4096 || status=1
   python benchmarks/profile_lora.py --tokens 64 --adapters 1 || status=1  # decode at one adapter (NOTES: D=1)
-  python benchmarks/profile_nf4.py --rows 1 4 8 16 || status=1  # the NF4 GEMV: do_bench against device time
+  python benchmarks/profile_nf4.py --rows 1 2 4 5 8 9 12 16 || status=1  # NF4 GEMV kernels by M: do_bench, device time
 fi
 
 for suite in ivon nf4 context lora model; do

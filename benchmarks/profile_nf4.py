@@ -1,9 +1,10 @@
 """Where the time of an NF4 decode call goes on a GPU: ``do_bench`` (what ``bora-bench nf4``
 reports: the L2 flushed before each call, host hidden) against the kernels' own device time
-(``torch.profiler``), for the CUDA GEMV, the dense bf16 ``F.linear`` and dequantize + ``F.linear``
-(the path M above ``CSRC_MAX_M`` takes) beside it (notes: NOTES.md).
+(``torch.profiler``), for both CUDA GEMV kernels (CUDA cores and tensor cores, forced, so that the
+rows give the crossover ``kNF4GemvMmaMinRows`` encodes), the dense bf16 ``F.linear`` and
+dequantize + ``F.linear`` (the path M above ``CSRC_MAX_M`` takes) beside them (notes: NOTES.md).
 
-    python benchmarks/profile_nf4.py [--rows 1 4 8 16] [--features 4096 4096]
+    python benchmarks/profile_nf4.py [--rows 1 4 5 8 9 16] [--features 4096 4096]
 
 The difference between the two columns is launch latency and whatever the flush leaves behind
 (dirty L2 lines written back during the call); the device column is what a CUDA graph would see.
@@ -22,7 +23,7 @@ from bora_kernels.quant import quantize_nf4
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 5, 8, 9, 16])
     parser.add_argument("--features", type=int, nargs=2, default=[4096, 4096], metavar=("K", "N"))
     args = parser.parse_args()
     k, n = args.features
@@ -36,7 +37,8 @@ def main():
         fns = {"dense F.linear": lambda: F.linear(x, dense),
                "dequant+linear": lambda: F.linear(x, weight.dequantize(torch.bfloat16))}
         if _csrc_gemv(x, weight, None) is not None:
-            fns["csrc GEMV"] = lambda: nf4_matmul_csrc(x, weight, None, (m, n))
+            for kernel in ("cores", "mma"):
+                fns[f"GEMV {kernel}"] = lambda kernel=kernel: nf4_matmul_csrc(x, weight, None, (m, n), kernel=kernel)
         for name, fn in fns.items():
             bench = do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
             device, top = device_us(fn)

@@ -22,7 +22,7 @@ log = logging.getLogger("bora_kernels")
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = ("bindings.cpp", "nf4_gemv/nf4_gemv.cu")
-API_VERSION = 2  # bindings.cpp's; 2: nf4_gemv takes no code table and up to 16 rows
+API_VERSION = 3  # bindings.cpp's; 2: nf4_gemv takes no code table and up to 16 rows; 3: and `kernel`
 
 
 def _sources_digest() -> str:

@@ -17,11 +17,12 @@ void check_cuda(const torch::Tensor& t, const char* name, const torch::Tensor& x
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-// out [M, N] = x [M, K] (M <= kNF4GemvMaxRows) @ dequant(W [N, K])^T (+ bias), in x's dtype.
+// out [M, N] = x [M, K] (M <= kNF4GemvMaxRows) @ dequant(W [N, K])^T (+ bias), in x's dtype;
+// kernel: bora::NF4GemvKernel (0 by M, 1 CUDA cores, 2 tensor cores).
 void nf4_gemv(const torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& absmax,
               const c10::optional<torch::Tensor>& nested_absmax, const c10::optional<torch::Tensor>& nested_code,
               const c10::optional<torch::Tensor>& offset, const c10::optional<torch::Tensor>& bias, int64_t n,
-              int64_t blocksize) {
+              int64_t blocksize, int64_t kernel) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CUDA tensor");
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kHalf,
               "x must be bfloat16 or float16, got ", x.scalar_type());
@@ -61,7 +62,12 @@ void nf4_gemv(const torch::Tensor& out, const torch::Tensor& x, const torch::Ten
   TORCH_CHECK(out.scalar_type() == x.scalar_type() && out.numel() == m * n, "out must be [", m, ", ", n,
               "] in x's dtype");
 
+  TORCH_CHECK(kernel >= bora::kAuto && kernel <= bora::kTensorCores,
+              "kernel must be 0 (by M), 1 (CUDA cores) or 2 (tensor cores), got ", kernel);
+
   const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(kernel != bora::kTensorCores || bora::nf4_gemv_tensor_cores_available(),
+              "kernel=2: the tensor-core GEMV needs a device of compute capability 8.0 or later and a build for it");
   bora::NF4GemvArgs args{};
   args.x = x.data_ptr();
   args.packed = packed.data_ptr<uint8_t>();
@@ -78,6 +84,7 @@ void nf4_gemv(const torch::Tensor& out, const torch::Tensor& x, const torch::Ten
   while ((int64_t{1} << args.log2_blocksize) < blocksize) ++args.log2_blocksize;
   args.bf16 = x.scalar_type() == torch::kBFloat16;
   args.double_quant = double_quant;
+  args.kernel = static_cast<int>(kernel);
   const cudaError_t err = bora::nf4_gemv(args, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "nf4_gemv launch failed: ", cudaGetErrorString(err));
 }
@@ -87,9 +94,9 @@ void nf4_gemv(const torch::Tensor& out, const torch::Tensor& x, const torch::Ten
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "bora_kernels' CUDA C++ kernels";
   // bora_kernels/_cuda_ext.py refuses a module built from sources with another API (a stale build)
-  m.attr("API_VERSION") = 2;
+  m.attr("API_VERSION") = 3;
   m.def("nf4_gemv", &nf4_gemv, "out [M, N] = x [M<=16, K] @ dequant(NF4 W [N, K])^T (+ bias), fp16/bf16",
         py::arg("out"), py::arg("x"),
         py::arg("packed"), py::arg("absmax"), py::arg("nested_absmax"), py::arg("nested_code"),
-        py::arg("offset"), py::arg("bias"), py::arg("n"), py::arg("blocksize"));
+        py::arg("offset"), py::arg("bias"), py::arg("n"), py::arg("blocksize"), py::arg("kernel") = 0);
 }

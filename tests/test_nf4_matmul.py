@@ -93,6 +93,8 @@ def test_cpu_never_takes_the_cuda_gemv():
     assert nf4_package._path(x, weight, bias, forward=True)[0] == "triton"
     with pytest.raises(RuntimeError, match="CUDA NF4 GEMV cannot run"):
         nf4_package.nf4_matmul_csrc(x, weight, bias, (1, 8))
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        nf4_package.nf4_matmul_csrc(x, weight, bias, (1, 8), kernel="tensor")
 
 
 @pytest.mark.parametrize("call,match", [
@@ -142,9 +144,10 @@ def test_compiled_kernels_match_bitsandbytes_on_gpu(m, path, monkeypatch):
 @pytest.mark.parametrize("m", [1, 2, 5, 8, 9, 16])
 @pytest.mark.parametrize("k,n,blocksize", [(4096, 4096, 64), (11008, 523, 256), (96, 33, 32)])
 def test_cuda_gemv_matches_reference(k, n, blocksize, m, double_quant, dtype, poison_empty):
-    """The csrc GEMV (built at install or JIT-built here): K off its 1024-weight stride, N off its
-    8-row blocks, every blocksize path, M from 1 to its largest (16); and such calls dispatch to it.
-    (tests/test_csrc.py runs the kernel's per-lane code on the CPU; this is the kernel itself.)"""
+    """The csrc GEMV (built at install or JIT-built here), both kernels: K off the CUDA cores'
+    1024-weight stride and the tensor cores' 128-wide chunks, N off their 8- and 16-row blocks,
+    every blocksize path, M from 1 to its largest (16); and such calls dispatch to it.
+    (tests/test_csrc.py runs the kernels' lane and warp code on the CPU; this is the kernels.)"""
     from bora_kernels._cuda_ext import extension
 
     assert extension() is not None, "the CUDA extension did not build (see the bora_kernels log)"
@@ -153,7 +156,8 @@ def test_cuda_gemv_matches_reference(k, n, blocksize, m, double_quant, dtype, po
     x = torch.randn(m, k, generator=gen).to("cuda", dtype)
     bias = torch.randn(n, generator=gen).to("cuda", dtype)
     assert nf4_package._path(x, weight, bias, forward=True)[0] == "csrc"
-    for b in (None, bias):
-        out = nf4_package.nf4_matmul_csrc(x, weight, b, (m, n))
-        assert_close(out, nf4_matmul_reference(x, weight, b), dtype, f"csrc gemv, bias={b is not None}")
+    for kernel in ("cores", "mma"):
+        for b in (None, bias):
+            out = nf4_package.nf4_matmul_csrc(x, weight, b, (m, n), kernel=kernel)
+            assert_close(out, nf4_matmul_reference(x, weight, b), dtype, f"csrc {kernel}, bias={b is not None}")
     assert_close(nf4_matmul(x, weight, bias), nf4_matmul_reference(x, weight, bias), dtype, "dispatched")

@@ -17,6 +17,12 @@ namespace bora {
 
 constexpr int kNF4GemvMaxRows = 16;
 
+// Which kernel runs: CUDA cores (nf4_gemv_lane.cuh: a warp per weight row, fp32 FMAs) or tensor
+// cores (nf4_gemv_mma.cuh: mma.sync on 16-row tiles, sm_80 and later). kAuto takes the tensor cores
+// from kNF4GemvMmaMinRows rows on, where the device and the build have them.
+enum NF4GemvKernel : int { kAuto = 0, kCudaCores = 1, kTensorCores = 2 };
+constexpr int kNF4GemvMmaMinRows = 5;  // unmeasured: benchmarks/profile_nf4.py times both kernels by M
+
 struct NF4GemvArgs {
   const void* x;              // [m, k] fp16 or bf16, contiguous, 16-byte aligned
   const uint8_t* packed;      // [n * k / 2], 16-byte aligned
@@ -30,15 +36,22 @@ struct NF4GemvArgs {
   int log2_blocksize;         // blocksize = 1 << log2_blocksize, 32 <= blocksize, k % blocksize == 0
   bool bf16;                  // activations are bf16 (otherwise fp16)
   bool double_quant;
+  int kernel;                 // NF4GemvKernel
 };
 
 // What the kernel needs of the sizes (the pointers' alignment is the caller's to check).
 inline bool nf4_gemv_args_valid(const NF4GemvArgs& a) {
   return a.m >= 1 && a.m <= kNF4GemvMaxRows && a.n >= 1 && a.log2_blocksize >= 5 && a.log2_blocksize < 31 &&
-         a.k >= (1 << a.log2_blocksize) && a.k % (1 << a.log2_blocksize) == 0;
+         a.k >= (1 << a.log2_blocksize) && a.k % (1 << a.log2_blocksize) == 0 && a.kernel >= kAuto &&
+         a.kernel <= kTensorCores;
 }
 
-// Launches the kernel on `stream`; returns the launch's error code (cudaSuccess when it went).
+// Whether the tensor-core kernel can run on the current device: its compiled code has mma.sync
+// (built for sm_80 or later, and the device runs that build).
+bool nf4_gemv_tensor_cores_available();
+
+// Launches the kernel on `stream`; returns the launch's error code (cudaSuccess when it went;
+// cudaErrorNotSupported when args.kernel asks for the tensor cores and they are not available).
 cudaError_t nf4_gemv(const NF4GemvArgs& args, cudaStream_t stream);
 
 }  // namespace bora

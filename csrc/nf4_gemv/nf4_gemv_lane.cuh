@@ -61,6 +61,12 @@ struct ChunkLoads {
   uint8_t absmax_code;
 };
 
+template <typename T> __host__ __device__ __forceinline__ T from_float(float v);
+template <> __host__ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __host__ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
 template <bool kDoubleQuant>
 __host__ __device__ __forceinline__ ChunkLoads load_chunk(const NF4GemvArgs& a, const uint4* wrow, int64_t block,
                                                           int chunk) {
@@ -74,6 +80,14 @@ __host__ __device__ __forceinline__ ChunkLoads load_chunk(const NF4GemvArgs& a, 
     c.absmax_or_nested = BORA_LDG(static_cast<const float*>(a.absmax) + block);
   }
   return c;
+}
+
+// The block's absmax of a chunk: with double quantization code * nested absmax, rounded, plus the
+// offset (`offset` is 0 without).
+template <bool kDoubleQuant>
+__host__ __device__ __forceinline__ float chunk_scale(const NF4GemvArgs& a, const ChunkLoads& c, float offset) {
+  if constexpr (kDoubleQuant) return mul_rn(BORA_LDG(a.nested_code + c.absmax_code), c.absmax_or_nested) + offset;
+  return c.absmax_or_nested;
 }
 
 // acc[m] = sum over this lane's chunks of the row of scale * sum_j x[m, k_j] * code[nibble_j].
@@ -105,9 +119,7 @@ __host__ __device__ __forceinline__ void lane_partials(const NF4GemvArgs& a, int
     for (int u = 0; u < kChunksInFlight; ++u) {
       const int chunk = base + u * kWarp;
       if (chunk >= chunks) break;
-      const float scale = kDoubleQuant
-          ? mul_rn(BORA_LDG(a.nested_code + loads[u].absmax_code), loads[u].absmax_or_nested) + offset
-          : loads[u].absmax_or_nested;
+      const float scale = chunk_scale<kDoubleQuant>(a, loads[u], offset);
       // byte j of the 16 holds weight 2j in its high nibble and 2j + 1 in its low one
       const uint32_t words[4] = {loads[u].bits.x, loads[u].bits.y, loads[u].bits.z, loads[u].bits.w};
       float w[kPerLane];

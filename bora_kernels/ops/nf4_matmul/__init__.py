@@ -8,7 +8,9 @@ weight is frozen and gets no gradient.
 Which kernel, by M (the rows of x after flattening), in ``_path``:
 
 - M <= 16 on CUDA, fp16/bf16: the CUDA C++ GEMV of ``csrc/nf4_gemv`` when the extension is
-  available (``bora_kernels._cuda_ext``);
+  available (``bora_kernels._cuda_ext``): CUDA cores below 5 rows, tensor cores (sm_80+) from 5
+  (``kNF4GemvMmaMinRows``; the tensor-core kernel multiplies by the weight rounded to x's dtype,
+  as dequantize + cuBLAS does, the CUDA-core one by its fp32 value);
 - M >= ``DENSE_MIN_M[device type]``: the weight dequantized once, then ``F.linear`` (cuBLAS);
 - otherwise Triton: up to 16 rows one 16-row tile with the K reduction split across programs,
   above that the tiled GEMM.
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 
 from .._dispatch import backend
 
-CSRC_MAX_M = 16  # csrc/nf4_gemv/nf4_gemv.h: kNF4GemvMaxRows; M = 9..16 unmeasured (NOTES.md)
+CSRC_MAX_M = 16  # csrc/nf4_gemv/nf4_gemv.h: kNF4GemvMaxRows; M = 5..16 unmeasured (NOTES.md)
 DENSE_MIN_M = {"cuda": 1, "cpu": 1024}  # by device type; see the module docstring
 
 
@@ -54,20 +56,27 @@ def _path(x2, weight, bias, forward: bool):
     return "triton", None
 
 
-def nf4_matmul_csrc(x2, weight, bias, out_shape):
+CSRC_KERNELS = {"auto": 0, "cores": 1, "mma": 2}  # csrc/nf4_gemv/nf4_gemv.h: NF4GemvKernel
+
+
+def nf4_matmul_csrc(x2, weight, bias, out_shape, kernel: str = "auto"):
     """The CUDA GEMV: ``x2 [M <= CSRC_MAX_M, K]`` -> a new ``out_shape`` tensor (``[..., N]``);
-    needs the extension and a CUDA device."""
+    needs the extension and a CUDA device. ``kernel``: ``"auto"`` (by M, as ``nf4_matmul`` does),
+    ``"cores"`` (CUDA cores) or ``"mma"`` (tensor cores, compute capability 8.0+), for benchmarks
+    and tests that compare the two."""
+    if kernel not in CSRC_KERNELS:
+        raise ValueError(f"kernel must be one of {sorted(CSRC_KERNELS)}, got {kernel!r}")
     ext = _csrc_gemv(x2, weight, bias)
     if ext is None:
         raise RuntimeError("the CUDA NF4 GEMV cannot run this call (see the log for why the extension is "
                            f"unavailable, or the input is not fp16/bf16 with at most {CSRC_MAX_M} rows)")
-    return _gemv(ext, x2, weight, bias, out_shape)
+    return _gemv(ext, x2, weight, bias, out_shape, CSRC_KERNELS[kernel])
 
 
-def _gemv(ext, x2, weight, bias, out_shape):
+def _gemv(ext, x2, weight, bias, out_shape, kernel=0):
     out = torch.empty(out_shape, device=x2.device, dtype=x2.dtype)
     ext.nf4_gemv(out, x2, weight.packed.view(-1), weight.absmax, weight.nested_absmax, weight.nested_code,
-                 weight.offset, bias, weight.shape[0], weight.blocksize)
+                 weight.offset, bias, weight.shape[0], weight.blocksize, kernel)
     return out
 
 
