@@ -33,6 +33,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 H100_SHARED = 232448  # bytes of shared memory one block may use on sm_90
+NO_FMA = ("_nf4_dequantize_kernel", "_nf4_matmul_kernel")  # see main()
 UNSUPPORTED = 3
 
 
@@ -270,6 +271,13 @@ def main() -> int:
         failed |= spill > 0 or shared > H100_SHARED
     if failed:
         print("a kernel spills registers or needs more shared memory than an H100 has", file=sys.stderr)
+    # the kernels that read NF4 scales compute a double-quantized absmax as bitsandbytes does,
+    # code * nested absmax and + offset rounded apart (quant.triton.scale_operands turns fusion
+    # off): an fp32 FMA in their PTX means the compiler contracted it
+    contracted = [name for name in NO_FMA for k in _compiled().get(name, []) if "fma.rn.f32" in k.asm["ptx"]]
+    if contracted:
+        print(f"fp32 FMA in {sorted(set(contracted))}: code * nested + offset contracted", file=sys.stderr)
+        failed = True
     print("\nlaunches made directly by _common.launch and checked against Triton's own: "
           + ", ".join(f"{name} {count}" for name, count in sorted(DIRECT.items())))
     undirect = sorted(set(_compiled()) - set(DIRECT))

@@ -172,7 +172,8 @@ __host__ __device__ __forceinline__ void write_output(const NF4GemvArgs& a, int 
   const int token = tid / kRows, r = tid % kRows, row = row0 + r;
   if (token >= a.m || row >= a.n) return;
   const float b = a.bias ? to_float(static_cast<const T*>(a.bias)[row]) : 0.f;
-  static_cast<T*>(a.out)[static_cast<int64_t>(token) * a.n + row] = from_float<T>(tile_sum<kTiles>(partial, r, token) + b);
+  const float sum = tile_sum<kTiles>(partial, r, token);
+  static_cast<T*>(a.out)[static_cast<int64_t>(token) * a.n + row] = from_float<T>(sum + b);
 }
 
 // Calls f(T{}, tiles, double_quant) with the variant `a` asks for: tiles a std::integral_constant,
