@@ -188,6 +188,9 @@ def _exercise() -> None:
         lora_delta(x, a, b, ids, add_to=base.clone()).float().sum().backward()
         weights = torch.rand(tokens, adapters, requires_grad=True)  # several contexts a token
         context_lora_delta(x, a, b, weights).float().sum().backward()
+        with torch.no_grad():  # inference: the masked form where C * R <= 128, ids and weights, into add_to
+            context_lora_delta(x, a, b, ids)
+            context_lora_delta(x, a, b, weights, add_to=torch.zeros(tokens, n, dtype=dtype))
         u = torch.randn(tokens, n, dtype=dtype, requires_grad=True)
         vec = torch.randn(adapters, n, requires_grad=True)
         (context_bias(u, vec, weights).float().sum() + context_scale(u, vec, ids).float().sum()).backward()

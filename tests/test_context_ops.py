@@ -13,7 +13,7 @@ from bora_kernels.ops import context_bias, context_lora_delta, context_plan, con
 from bora_kernels.ops.context_lora_delta.reference import (context_lora_delta_reference, masked_concat_form,
                                                            one_hot_weights)
 from bora_kernels.ops.context_vector.reference import context_bias_reference, context_scale_reference
-from conftest import cpu_backends, run_on
+from conftest import NEEDS_INTERPRETER, cpu_backends, run_on
 from tolerances import assert_close
 
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
@@ -168,6 +168,85 @@ def test_add_to_adds_in_place(kind, path, poison_empty):
         assert_close(g, r, torch.float32, name)
 
 
+def _record_launches(monkeypatch):
+    """The ``MASKED`` flag of every shrink-expand launch, and ``context_plan`` made to fail."""
+    kernels = importlib.import_module("bora_kernels.ops.lora_delta.triton")
+    module = importlib.import_module("bora_kernels.ops.context_lora_delta")  # (the package, not the op)
+    real, launches, plans = kernels.launch, [], []
+    monkeypatch.setattr(kernels, "launch", lambda kernel, grid, *args, **kwargs:
+                        launches.append(kwargs.get("MASKED")) or real(kernel, grid, *args, **kwargs))
+    real_plan = module.context_plan
+    monkeypatch.setattr(module, "context_plan", lambda *args, **kwargs: plans.append(1) or real_plan(*args, **kwargs))
+    return launches, plans
+
+
+@NEEDS_INTERPRETER
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_contexts,rank,k,n", [(3, 5, 24, 40), (8, 16, 128, 136)], ids=["C3-R5", "C8-R16"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_inference_is_one_masked_launch(kind, num_contexts, rank, k, n, dtype, monkeypatch, poison_empty):
+    """The Triton path without gradients: ids or weights given as they are take the masked form,
+    one launch of the shrink-expand kernel's MASKED mode and no grouping, up to C * R = 128 (the
+    second case); rows without a context are exact zeros."""
+    launches, plans = _record_launches(monkeypatch)
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{kind}-{num_contexts}".encode()))
+    x, a, b, scaling = _inputs((2, 19), num_contexts, rank, dtype, gen, k=k, n=n)
+    w = make_context(kind, (2, 19), num_contexts, gen)
+    ref = context_lora_delta_reference(x, a, b, w, scaling)
+    with run_on("triton"), torch.no_grad():
+        out = context_lora_delta(x, a, b, w, scaling)
+    assert launches == [True] and not plans
+    assert out.dtype == dtype
+    assert_close(out, ref, dtype, "forward")
+    if kind in ("ids", "seq_ids"):
+        ids = w if kind == "ids" else w[:, None].expand(2, 19)
+        assert (out[ids == -1] == 0).all()
+
+
+@NEEDS_INTERPRETER
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "strided"])
+@pytest.mark.parametrize("kind", ["ids", "multi_hot"])
+def test_inference_masked_form_adds_to(kind, contiguous, monkeypatch, poison_empty):
+    """``add_to`` without gradients: the masked launch adds into a contiguous one in place (and
+    into a strided one through a fresh output); NaN weights show in their rows only."""
+    launches, _ = _record_launches(monkeypatch)
+    gen = torch.Generator().manual_seed(11)
+    x, a, b, scaling = _inputs((2, 19), 3, 5, torch.float32, gen)
+    w = make_context(kind, (2, 19), 3, gen)
+    if kind == "multi_hot":
+        w = w.detach().clone()
+        w[1, 4, 2] = float("nan")
+    base = torch.randn(40, 2, 19, generator=gen).permute(1, 2, 0)
+    base = base.contiguous() if contiguous else base
+    want = base.double() + context_lora_delta_reference(x.detach(), a.detach(), b.detach(), torch.nan_to_num(w),
+                                                        scaling)
+    with run_on("triton"), torch.no_grad():
+        out = context_lora_delta(x, a, b, w, scaling, add_to=base)
+    assert out is base and launches == [True]
+    finite = torch.ones(2, 19, dtype=torch.bool)
+    if kind == "multi_hot":
+        finite[1, 4] = False
+        assert out[1, 4].isnan().all()
+    assert_close(out[finite], want[finite], torch.float32, "add_to")
+
+
+@NEEDS_INTERPRETER
+@pytest.mark.parametrize("case", ["grad", "plan", "wide"])
+def test_masked_form_only_for_inference_without_a_plan(case, monkeypatch):
+    """The Triton path groups (no MASKED launch) when a gradient is needed, when a ContextPlan is
+    given (a model's layers share its grouping) and when C * R > 128."""
+    launches, _ = _record_launches(monkeypatch)
+    gen = torch.Generator().manual_seed(12)
+    num_contexts, rank = (9, 16) if case == "wide" else (3, 5)
+    x, a, b, scaling = _inputs((2, 19), num_contexts, rank, torch.float32, gen, k=160, n=160)
+    ids = make_context("ids", (2, 19), num_contexts, gen)
+    context = context_plan(ids, (2, 19), num_contexts) if case == "plan" else ids
+    with run_on("triton"), torch.set_grad_enabled(case == "grad"):
+        out = context_lora_delta(x, a, b, context, scaling)
+    assert launches and not any(launches)
+    assert_close(out, context_lora_delta_reference(x, a, b, ids, scaling), torch.float32, "forward")
+
+
 def test_ids_equal_one_hot_weights():
     gen = torch.Generator().manual_seed(3)
     x, a, b, scaling = _inputs((2, 9), 3, 4, torch.float32, gen)
@@ -249,6 +328,23 @@ def test_errors_name_the_argument(call, message):
 
 
 @pytest.mark.gpu
+def test_inference_on_gpu_poisons_unchecked_ids():
+    """CUDA ids are not checked (a host sync); in the masked launch an id outside [-1, C) gives a
+    NaN row, -1 exact zeros, and the other rows their delta."""
+    gen = torch.Generator().manual_seed(14)
+    x, a, b, scaling = (t.detach().cuda() for t in _inputs((40,), 4, 16, torch.bfloat16, gen, k=256, n=384))
+    ids = torch.randint(0, 4, (40,), generator=gen)
+    ids[[3, 7, 11]] = torch.tensor([4, -2, -1])
+    with torch.no_grad():
+        out = context_lora_delta(x, a, b, ids.cuda(), scaling)
+    assert out[3].isnan().all() and out[7].isnan().all() and (out[11] == 0).all()
+    good = torch.ones(40, dtype=torch.bool)
+    good[[3, 7]] = False
+    ref = context_lora_delta_reference(x[good.cuda()], a, b, ids[good].cuda(), scaling)
+    assert_close(out[good.cuda()], ref, torch.bfloat16, "valid rows")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("kind", ["ids", "seq_ids", "soft", "multi_hot"])
 def test_compiled_kernels_on_gpu(kind, dtype):
@@ -264,6 +360,8 @@ def test_compiled_kernels_on_gpu(kind, dtype):
     assert_close(out, ref, dtype, "forward")
     _check_grads(out, ref, [x, a, b] + ([w] if w.requires_grad else []), dtype, gen,
                  ["x", "lora_a", "lora_b", "context_weights"])
+    with torch.no_grad():  # inference: the masked launch
+        assert_close(context_lora_delta(x, a, b, w, scaling), ref, dtype, "forward, inference")
     u = torch.randn(*batch_shape, 384, generator=gen).to(dtype).cuda().requires_grad_()
     vectors = (1 + torch.randn(num_contexts, 384, generator=gen) / 4).cuda().requires_grad_()
     for op, reference in ((context_bias, context_bias_reference), (context_scale, context_scale_reference)):

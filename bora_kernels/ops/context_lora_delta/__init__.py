@@ -12,12 +12,17 @@ into their output:
   weight, adding into the output. The passes number the most non-zero contexts of any token, so
   only non-zero (token, context) pairs are computed and extra memory stays O(T * R) per pass.
 
-On the CPU's torch path, when every context's rank columns together fit in the input and output
-widths (``C * R <= min(K, N, MASKED_MAX_COLUMNS)``), the delta is computed in the masked
-concatenation form instead: one ``[T, C * R]`` product with every context's A, each token's
-columns weighted by its context weights, one product with every B. That intermediate is then no
-larger than ``x`` or ``y``, and the form needs none of the grouping's copies of ``x`` and ``y``,
-which cost more than the small products themselves on a CPU.
+When every context's rank columns together are few (on the CPU's torch path: they fit in the
+input and output widths, ``C * R <= min(K, N, MASKED_MAX_COLUMNS)``), the delta is computed in the
+masked concatenation form instead: one product with every context's A (``[T, C * R]``), each
+token's columns weighted by its context weights, one product with every B. On the CPU's torch path that intermediate is then no larger
+than ``x`` or ``y``, and the form needs none of the grouping's copies of ``x`` and ``y``, which
+cost more than the small products themselves on a CPU. On the Triton path (where only ``C * R <=
+MASKED_MAX_COLUMNS`` counts: the intermediate stays in registers) it is one launch, the ``MASKED``
+mode of ``lora_delta``'s shrink-expand kernel, with no grouping at all, for integer ids or float
+weights given directly when nothing needs a gradient (inference): the grouping and the passes
+cost more host time than the extra products (``C`` times the rank) cost the device. With a ready
+``ContextPlan`` (what a model's layers share) or in training, the Triton path groups.
 
 The gradient of float weights needs ``dy . (x A_c^T) B_c^T`` for every (token, context) pair,
 zero weights included, so it is computed for all of them (two GEMMs, a ``[T, C * R]``
@@ -31,8 +36,8 @@ from typing import NamedTuple, Sequence
 import torch
 
 from .._dispatch import backend
-from ..lora_delta import (LoRAPlan, _check_inputs, _kernels, _shape, apply_delta, check_add_to, full_ranks,
-                          lora_plan, unit_scaling)
+from ..lora_delta import (LoRAPlan, _check_inputs, _kernels, _shape, apply_delta, check_add_to, check_adapter_ids,
+                          full_ranks, ids_per_sequence, lora_plan, unit_scaling)
 
 MASKED_MAX_COLUMNS = 128  # the CPU path's masked form: C * R at most this (and at most K and N)
 
@@ -187,6 +192,37 @@ def _token_weights(plan: ContextPlan, num_tokens: int) -> torch.Tensor:
     return (context[:, None] == torch.arange(plan.num_contexts, device=context.device)).float()
 
 
+def _kernel_masked_delta(x2, lora_a, lora_b, context_weights, batch_shape, scaling, add_to):
+    """The Triton path's masked form (see the module docstring) for ids or float weights given
+    as they are, or None when it does not apply (then the caller groups)."""
+    num_contexts, rank, _ = lora_a.shape
+    n = lora_b.shape[1]
+    if isinstance(context_weights, ContextPlan) or not isinstance(context_weights, torch.Tensor) \
+            or num_contexts * rank > MASKED_MAX_COLUMNS or x2.shape[0] == 0:
+        return None
+    if torch.is_grad_enabled() and (x2.requires_grad or lora_a.requires_grad or lora_b.requires_grad
+                                    or context_weights.requires_grad
+                                    or (add_to is not None and add_to.requires_grad)):
+        return None
+    if _is_ids(context_weights):
+        check_adapter_ids(context_weights, num_contexts, "context_weights")
+        per_row = batch_shape[1] if ids_per_sequence(context_weights, batch_shape, "context_weights") else 1
+        context = context_weights.reshape(-1)
+    else:
+        if tuple(context_weights.shape) != batch_shape + (num_contexts,) or context_weights.dtype.is_complex:
+            return None  # context_plan names what is wrong
+        per_row, context = 1, context_weights.reshape(-1, num_contexts)
+    from ..lora_delta.triton import context_masked_delta
+
+    if add_to is not None and add_to.is_contiguous():
+        context_masked_delta(x2, lora_a, lora_b, context, per_row, scaling, add_to.view(x2.shape[0], n), True)
+        return add_to
+    out = torch.empty((x2.shape[0], n), device=x2.device, dtype=x2.dtype)
+    context_masked_delta(x2, lora_a, lora_b, context, per_row, scaling, out, False)
+    out = out.reshape(*batch_shape, n)
+    return out if add_to is None else add_to.add_(out)
+
+
 def _masked_delta(x2, lora_a, lora_b, weights):
     """``sum_c w[t, c] (x A_c^T) B_c^T`` as two products through ``[T, C * R]`` (fp32, autograd)."""
     num_contexts, rank, k = lora_a.shape
@@ -224,16 +260,20 @@ def context_lora_delta(x, lora_a, lora_b, context_weights, scaling=None, add_to=
         if plan.batch_shape != batch_shape or plan.num_contexts != num_contexts:
             raise ValueError(f"context_weights is a plan for batch {plan.batch_shape} and {plan.num_contexts} "
                              f"contexts, but x is {_shape(x)} and lora_a holds {num_contexts} contexts")
-    else:
-        if isinstance(context_weights, torch.Tensor) and context_weights.device != x.device:
-            raise ValueError(f"context_weights is on {context_weights.device} but x is on {x.device}")
+    elif isinstance(context_weights, torch.Tensor) and context_weights.device != x.device:
+        raise ValueError(f"context_weights is on {context_weights.device} but x is on {x.device}")
+    scaling = unit_scaling(num_contexts, x.device) if scaling is None else scaling.to(device=x.device,
+                                                                                       dtype=torch.float32)
+    check_add_to(add_to, x, n)
+    if backend(x.device) == "triton":
+        done = _kernel_masked_delta(x2, lora_a, lora_b, context_weights, batch_shape, scaling, add_to)
+        if done is not None:
+            return done
+    if not isinstance(context_weights, ContextPlan):
         plan = context_plan(context_weights, batch_shape, num_contexts, device=x.device)
     if plan.passes[0][0].perm.device != x.device:
         raise ValueError(f"context_weights plan is on {plan.passes[0][0].perm.device} but x is on {x.device}")
-    scaling = unit_scaling(num_contexts, x.device) if scaling is None else scaling.to(device=x.device,
-                                                                                       dtype=torch.float32)
 
-    check_add_to(add_to, x, n)
     if backend(x.device) == "torch" and num_contexts * rank <= min(k, n, MASKED_MAX_COLUMNS):
         out = _masked_delta(x2, lora_a, lora_b, _token_weights(plan, x2.shape[0]) * scaling)
     elif plan.weights is None:  # one context per token: the multi-adapter op itself

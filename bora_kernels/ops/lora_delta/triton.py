@@ -40,14 +40,53 @@ FIRST_ADAPTER_SEGMENT = tl.constexpr(2)
 
 
 @triton.jit
+def _shrink(x_ptr, w1_ptr, rows, mask_m, w1_cols, mask_r, K, stride_xt, stride_xk, stride_w1k,
+            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, DOT_DTYPE: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """``h = x[rows] @ W1^T`` over all of K ([BLOCK_M, BLOCK_R] fp32), W1's column r at
+    ``w1_ptr + w1_cols[r]`` (columns where ``mask_r`` is off are never read: zeros)."""
+    h = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(x_ptr + rows[:, None] * stride_xt + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w1_ptr + w1_cols[:, None] + offs_k[None, :] * stride_w1k, mask=mask_r[:, None] & mask_k[None, :],
+                    other=0.0)
+        h += tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), input_precision=PRECISION)
+    return h
+
+
+@triton.jit
+def _expand_store(h_dot, w2_ptr, w2_cols, mask_r, out_ptr, rows, mask_m, n_lo, n_hi, row_scale, stride_w2n,
+                  stride_ot, stride_on, SCALE_ROWS: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_N: tl.constexpr,
+                  DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """``out[rows, n_lo:n_hi] (+)= h @ W2^T`` (times ``row_scale`` per row when ``SCALE_ROWS``),
+    W2's column r at ``w2_ptr + w2_cols[r]``."""
+    for n in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < n_hi
+        w = tl.load(w2_ptr + w2_cols[None, :] + offs_n[:, None] * stride_w2n, mask=mask_n[:, None] & mask_r[None, :],
+                    other=0.0)
+        acc = tl.dot(h_dot, tl.trans(w.to(DOT_DTYPE)), input_precision=PRECISION)
+        if SCALE_ROWS:
+            acc = acc * row_scale[:, None]
+        out_ptrs = out_ptr + rows[:, None] * stride_ot + offs_n[None, :] * stride_on
+        if ACCUMULATE:
+            acc += tl.load(out_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
 def _lora_shrink_expand_kernel(
-    x_ptr, w1_ptr, w2_ptr, out_ptr, h_ptr, perm_ptr, bounds_ptr, rank_ptr, scale_ptr, row_weight_ptr,
-    num_segs, K, N, R, n_per_split,
+    x_ptr, w1_ptr, w2_ptr, out_ptr, h_ptr, perm_ptr, bounds_ptr, rank_ptr, scale_ptr, row_weight_ptr, ctx_ptr,
+    num_segs, K, N, R, n_per_split, num_rows, num_ctx, ctx_div,
     stride_xt, stride_xk, stride_w1d, stride_w1r, stride_w1k, stride_w2d, stride_w2n, stride_w2r,
-    stride_ot, stride_on, stride_ht,
+    stride_ot, stride_on, stride_ht, stride_ct, stride_cc,
     SCALE_H: tl.constexpr, ROW_WEIGHT: tl.constexpr, ACCUMULATE: tl.constexpr, STORE_OUT: tl.constexpr,
-    STORE_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    STORE_H: tl.constexpr, MASKED: tl.constexpr, CTX_IDS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """For the sorted rows j of one block, ``h = x[perm[j]] @ W1_d^T`` over all of K, then
     ``out[perm[j]] = h @ W2_d^T`` over this program's share of the columns.
@@ -60,69 +99,79 @@ def _lora_shrink_expand_kernel(
     ``STORE_OUT`` the kernel is a shrink alone (h for backward). Each output row belongs to one
     program per column share: no atomics, and the result is the same run to run and for any
     column split (each share recomputes the same h).
+
+    ``MASKED`` (Context-PEFT's masked concatenation, forward only): no grouping; block i is rows
+    i * BLOCK_M.. of ``num_rows`` in order, W1 and W2 are every context's A and B side by side
+    (column ``c * R + r`` is context c's rank r, ``num_ctx * R <= BLOCK_R``), and h's column is
+    weighted by its context's ``scale[c]`` times the token's weight for c: ``ctx[t // ctx_div]
+    == c`` for integer ids (``CTX_IDS``; ids outside [-1, num_ctx) give NaN rows), else the float
+    ``ctx[t, c]`` (strides ``stride_ct``, ``stride_cc``).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    seg, start, end = segment_block(bounds_ptr, num_segs, pid_m, BLOCK_M, BLOCK_S)
-    if seg >= num_segs:
-        return
-    offs_m = start + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < end
-    rows = tl.load(perm_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
     n_lo = pid_n * n_per_split
     n_hi = tl.minimum(n_lo + n_per_split, N)
-    adapter = seg - FIRST_ADAPTER_SEGMENT
-    if (adapter >= 0) & (seg < num_segs - 1):
-        rank = tl.minimum(tl.load(rank_ptr + adapter), R)
-        offs_r = tl.arange(0, BLOCK_R)
-        mask_r = offs_r < rank  # padded rank is never read
-        w1_base = w1_ptr + adapter.to(tl.int64) * stride_w1d + offs_r[:, None] * stride_w1r
-        h = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            offs_k = k + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K
-            x = tl.load(x_ptr + rows[:, None] * stride_xt + offs_k[None, :] * stride_xk,
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            w = tl.load(w1_base + offs_k[None, :] * stride_w1k, mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-            h += tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), input_precision=PRECISION)
-        row_scale = tl.load(scale_ptr + adapter) + tl.zeros([BLOCK_M], dtype=tl.float32)
-        if ROW_WEIGHT:
-            row_scale = row_scale * tl.load(row_weight_ptr + rows, mask=mask_m, other=0.0)
-        if SCALE_H:
-            h = h * row_scale[:, None]
-        if STORE_H:
-            if pid_n == 0:
-                h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_ht + offs_r[None, :]
-                tl.store(h_ptrs, h, mask=mask_m[:, None])
-        if STORE_OUT:
-            h_dot = h.to(DOT_DTYPE)
-            w2_base = w2_ptr + adapter.to(tl.int64) * stride_w2d + offs_r[None, :] * stride_w2r
-            for n in range(n_lo, n_hi, BLOCK_N):
+    offs_r = tl.arange(0, BLOCK_R)
+    if MASKED:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < num_rows
+        rows = offs_m.to(tl.int64)
+        col_ctx = offs_r // R
+        mask_r = offs_r < num_ctx * R
+        h = _shrink(x_ptr, w1_ptr, rows, mask_m, col_ctx.to(tl.int64) * stride_w1d + (offs_r % R) * stride_w1r, mask_r,
+                    K, stride_xt, stride_xk, stride_w1k, BLOCK_M, BLOCK_K, BLOCK_R, DOT_DTYPE, PRECISION)
+        if CTX_IDS:
+            ids = tl.load(ctx_ptr + rows // ctx_div, mask=mask_m, other=-1)
+            weight = (ids[:, None] == col_ctx[None, :]).to(tl.float32)
+            row_scale = tl.where((ids < -1) | (ids >= num_ctx), float("nan"), 1.0)  # exact otherwise
+        else:
+            weight = tl.load(ctx_ptr + rows[:, None] * stride_ct + col_ctx[None, :] * stride_cc,
+                             mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+            row_scale = tl.zeros([BLOCK_M], dtype=tl.float32)  # unused
+        h = h * (weight * tl.load(scale_ptr + col_ctx, mask=mask_r, other=0.0)[None, :])
+        _expand_store(h.to(DOT_DTYPE), w2_ptr, col_ctx.to(tl.int64) * stride_w2d + (offs_r % R) * stride_w2r, mask_r,
+                      out_ptr, rows, mask_m, n_lo, n_hi, row_scale, stride_w2n, stride_ot, stride_on, CTX_IDS,
+                      ACCUMULATE, BLOCK_N, DOT_DTYPE, PRECISION)
+    else:
+        seg, start, end = segment_block(bounds_ptr, num_segs, pid_m, BLOCK_M, BLOCK_S)
+        if seg >= num_segs:
+            return
+        offs_m = start + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < end
+        rows = tl.load(perm_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+        adapter = seg - FIRST_ADAPTER_SEGMENT
+        if (adapter >= 0) & (seg < num_segs - 1):
+            rank = tl.minimum(tl.load(rank_ptr + adapter), R)
+            mask_r = offs_r < rank  # padded rank is never read
+            h = _shrink(x_ptr, w1_ptr, rows, mask_m, adapter.to(tl.int64) * stride_w1d + offs_r * stride_w1r, mask_r,
+                        K, stride_xt, stride_xk, stride_w1k, BLOCK_M, BLOCK_K, BLOCK_R, DOT_DTYPE, PRECISION)
+            row_scale = tl.load(scale_ptr + adapter) + tl.zeros([BLOCK_M], dtype=tl.float32)
+            if ROW_WEIGHT:
+                row_scale = row_scale * tl.load(row_weight_ptr + rows, mask=mask_m, other=0.0)
+            if SCALE_H:
+                h = h * row_scale[:, None]
+            if STORE_H:
+                if pid_n == 0:
+                    h_ptrs = h_ptr + offs_m[:, None].to(tl.int64) * stride_ht + offs_r[None, :]
+                    tl.store(h_ptrs, h, mask=mask_m[:, None])
+            if STORE_OUT:
+                _expand_store(h.to(DOT_DTYPE), w2_ptr, adapter.to(tl.int64) * stride_w2d + offs_r * stride_w2r, mask_r,
+                              out_ptr, rows, mask_m, n_lo, n_hi, row_scale, stride_w2n, stride_ot, stride_on,
+                              not SCALE_H, ACCUMULATE, BLOCK_N, DOT_DTYPE, PRECISION)
+        elif STORE_OUT:  # no adapter: exact zeros; an id outside [-1, D): NaN rows
+            n_end = n_hi
+            if ACCUMULATE:  # rows without an adapter keep what they hold: nothing to read or write
+                n_end = tl.where(seg == NONE_SEGMENT, n_lo, n_hi)
+            for n in range(n_lo, n_end, BLOCK_N):
                 offs_n = n + tl.arange(0, BLOCK_N)
                 mask_n = offs_n < n_hi
-                w = tl.load(w2_base + offs_n[:, None] * stride_w2n, mask=mask_n[:, None] & mask_r[None, :],
-                            other=0.0)
-                acc = tl.dot(h_dot, tl.trans(w.to(DOT_DTYPE)), input_precision=PRECISION)
-                if not SCALE_H:
-                    acc = acc * row_scale[:, None]
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                if seg != NONE_SEGMENT:
+                    acc += float("nan")
                 out_ptrs = out_ptr + rows[:, None] * stride_ot + offs_n[None, :] * stride_on
                 if ACCUMULATE:
                     acc += tl.load(out_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
                 tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-    elif STORE_OUT:  # no adapter: exact zeros; an id outside [-1, D): NaN rows
-        n_end = n_hi
-        if ACCUMULATE:  # rows without an adapter keep what they hold: nothing to read or write
-            n_end = tl.where(seg == NONE_SEGMENT, n_lo, n_hi)
-        for n in range(n_lo, n_end, BLOCK_N):
-            offs_n = n + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < n_hi
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            if seg != NONE_SEGMENT:
-                acc += float("nan")
-            out_ptrs = out_ptr + rows[:, None] * stride_ot + offs_n[None, :] * stride_on
-            if ACCUMULATE:
-                acc += tl.load(out_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -255,16 +304,42 @@ def lora_shrink_expand(x, w1, w2, out, plan, ranks, scaling, tiles, scale_h, h=N
     w2 = or_unused(w2, w1)
     launch(_lora_shrink_expand_kernel, (programs, split),
         x, w1, w2, or_unused(out, x), or_unused(h, scaling), perm, bounds, ranks, scaling,
-        or_unused(row_weight, scaling),
-        num_segs, k, n, w1.shape[1], n_per_split,
+        or_unused(row_weight, scaling), perm,
+        num_segs, k, n, w1.shape[1], n_per_split, num_tokens, 0, 1,
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), w2.stride(0), w2.stride(1),
         w2.stride(2), out.stride(0) if out is not None else 0, out.stride(1) if out is not None else 0,
-        h.stride(0) if h is not None else 0,
+        h.stride(0) if h is not None else 0, 0, 0,
         SCALE_H=scale_h, ROW_WEIGHT=row_weight is not None, ACCUMULATE=accumulate, STORE_OUT=out is not None,
-        STORE_H=h is not None, BLOCK_M=tiles["BLOCK_M"], BLOCK_K=tiles["BLOCK_K"], BLOCK_N=tiles["BLOCK_N"],
-        BLOCK_R=tiles["BLOCK_R"], BLOCK_S=next_power_of_2(num_segs + 1),
+        STORE_H=h is not None, MASKED=False, CTX_IDS=False, BLOCK_M=tiles["BLOCK_M"], BLOCK_K=tiles["BLOCK_K"],
+        BLOCK_N=tiles["BLOCK_N"], BLOCK_R=tiles["BLOCK_R"], BLOCK_S=next_power_of_2(num_segs + 1),
         DOT_DTYPE=dot_dtype(x.dtype), PRECISION=dot_precision(), num_warps=tiles["num_warps"],
     )
+
+
+def context_masked_delta(x, lora_a, lora_b, context, per_row, scaling, out, accumulate):
+    """Context-PEFT's delta in the masked concatenation form, one launch, no grouping:
+    ``out[t] (+)= sum_c w[t, c] * scale[c] * (x[t] @ A_c^T) @ B_c^T`` (see the kernel's
+    ``MASKED``). ``context``: integer ids, one per ``per_row`` consecutive rows (-1: none), or float
+    (or bool) weights ``[T, C]``. Needs ``C * R <= 128``. Forward only (no h is kept)."""
+    num_tokens, k = x.shape
+    num_contexts, rank, _ = lora_a.shape
+    n = lora_b.shape[1]
+    tiles = _tiles(num_tokens, 1, num_contexts * rank, x.device)
+    programs = cdiv(num_tokens, tiles["BLOCK_M"])
+    split = column_splits(programs, n, tiles, x.device)
+    n_per_split = cdiv(cdiv(n, split), tiles["BLOCK_N"]) * tiles["BLOCK_N"]
+    ids = not (context.dtype.is_floating_point or context.dtype == torch.bool)
+    launch(_lora_shrink_expand_kernel, (programs, cdiv(n, n_per_split)),
+        x, lora_a, lora_b, out, scaling, scaling, scaling, scaling, scaling, scaling, context,
+        0, k, n, rank, n_per_split, num_tokens, num_contexts, per_row,
+        x.stride(0), x.stride(1), *lora_a.stride(), *lora_b.stride(), out.stride(0), out.stride(1), 0,
+        0 if ids else context.stride(0), 0 if ids else context.stride(1),
+        SCALE_H=False, ROW_WEIGHT=False, ACCUMULATE=accumulate, STORE_OUT=True, STORE_H=False, MASKED=True,
+        CTX_IDS=ids, BLOCK_M=tiles["BLOCK_M"], BLOCK_K=tiles["BLOCK_K"], BLOCK_N=tiles["BLOCK_N"],
+        BLOCK_R=tiles["BLOCK_R"], BLOCK_S=1, DOT_DTYPE=dot_dtype(x.dtype), PRECISION=dot_precision(),
+        num_warps=tiles["num_warps"],
+    )
+    return out
 
 
 class GradJob(NamedTuple):
