@@ -15,14 +15,15 @@ into their output:
 When every context's rank columns together are few (on the CPU's torch path: they fit in the
 input and output widths, ``C * R <= min(K, N, MASKED_MAX_COLUMNS)``), the delta is computed in the
 masked concatenation form instead: one product with every context's A (``[T, C * R]``), each
-token's columns weighted by its context weights, one product with every B. On the CPU's torch path that intermediate is then no larger
-than ``x`` or ``y``, and the form needs none of the grouping's copies of ``x`` and ``y``, which
-cost more than the small products themselves on a CPU. On the Triton path (where only ``C * R <=
-MASKED_MAX_COLUMNS`` counts: the intermediate stays in registers) it is one launch, the ``MASKED``
-mode of ``lora_delta``'s shrink-expand kernel, with no grouping at all, for integer ids or float
-weights given directly when nothing needs a gradient (inference): the grouping and the passes
-cost more host time than the extra products (``C`` times the rank) cost the device. With a ready
-``ContextPlan`` (what a model's layers share) or in training, the Triton path groups.
+token's columns weighted by its context weights, one product with every B. On the CPU's torch
+path that intermediate is then no larger than ``x`` or ``y``, and the form needs none of the
+grouping's copies of ``x`` and ``y``, which cost more than the small products themselves on a
+CPU. On the Triton path (where only ``C * R <= MASKED_MAX_COLUMNS`` counts: the intermediate stays
+in registers) it is one launch, the ``MASKED`` mode of ``lora_delta``'s shrink-expand kernel, with
+no grouping at all, for integer ids or float weights given directly when nothing needs a
+gradient (inference): the grouping and the passes cost more host time than the extra products
+(``C`` times the rank) cost the device. With a ready ``ContextPlan`` (what a model's layers
+share) or in training, the Triton path groups.
 
 The gradient of float weights needs ``dy . (x A_c^T) B_c^T`` for every (token, context) pair,
 zero weights included, so it is computed for all of them (two GEMMs, a ``[T, C * R]``

@@ -77,7 +77,7 @@ def _expand_store(h_dot, w2_ptr, w2_cols, mask_r, out_ptr, rows, mask_m, n_lo, n
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])  # the masked mode's token count: one compile for every batch size
 def _lora_shrink_expand_kernel(
     x_ptr, w1_ptr, w2_ptr, out_ptr, h_ptr, perm_ptr, bounds_ptr, rank_ptr, scale_ptr, row_weight_ptr, ctx_ptr,
     num_segs, K, N, R, n_per_split, num_rows, num_ctx, ctx_div,
@@ -305,7 +305,7 @@ def lora_shrink_expand(x, w1, w2, out, plan, ranks, scaling, tiles, scale_h, h=N
     launch(_lora_shrink_expand_kernel, (programs, split),
         x, w1, w2, or_unused(out, x), or_unused(h, scaling), perm, bounds, ranks, scaling,
         or_unused(row_weight, scaling), perm,
-        num_segs, k, n, w1.shape[1], n_per_split, num_tokens, 0, 1,
+        num_segs, k, n, w1.shape[1], n_per_split, 0, 0, 1,
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), w2.stride(0), w2.stride(1),
         w2.stride(2), out.stride(0) if out is not None else 0, out.stride(1) if out is not None else 0,
         h.stride(0) if h is not None else 0, 0, 0,
