@@ -18,6 +18,10 @@ by its ~45 us of device work at 4096 tokens. Small batches, with fewer row block
 the output columns into shares instead of the reduction: each share recomputes the same h, so
 the result does not depend on the split.
 
+Context-PEFT's inference also runs on the shrink-expand kernel, in its ``MASKED`` mode
+(``context_masked_delta``): no grouping, every context's A and B side by side as one rank-C*R
+adapter, each token's columns weighted in registers by its context weight.
+
 Segments (from ``LoRAPlan``): 0 holds ids below -1, 1 holds -1, ``2 + d`` holds adapter ``d`` and
 the last one ids at or above D. Rows of segment 1 get exact zeros; rows of the two invalid
 segments get NaN, so an id that escaped checking (CUDA ids are not checked, to avoid a host
