@@ -66,8 +66,6 @@ void nf4_gemv(const torch::Tensor& out, const torch::Tensor& x, const torch::Ten
               "kernel must be 0 (by M), 1 (CUDA cores) or 2 (tensor cores), got ", kernel);
 
   const c10::cuda::CUDAGuard guard(x.device());
-  TORCH_CHECK(kernel != bora::kTensorCores || bora::nf4_gemv_tensor_cores_available(),
-              "kernel=2: the tensor-core GEMV needs a device of compute capability 8.0 or later and a build for it");
   bora::NF4GemvArgs args{};
   args.x = x.data_ptr();
   args.packed = packed.data_ptr<uint8_t>();
@@ -86,6 +84,8 @@ void nf4_gemv(const torch::Tensor& out, const torch::Tensor& x, const torch::Ten
   args.double_quant = double_quant;
   args.kernel = static_cast<int>(kernel);
   const cudaError_t err = bora::nf4_gemv(args, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err != cudaErrorNotSupported,
+              "kernel=2: the tensor-core GEMV needs a device of compute capability 8.0 or later and a build for it");
   TORCH_CHECK(err == cudaSuccess, "nf4_gemv launch failed: ", cudaGetErrorString(err));
 }
 

@@ -10,8 +10,8 @@ cut into C runs (image patches then caption for C = 2; roles for more). Ours run
 with the integer ids (never a one-hot tensor; grouped on every call, except forward without
 gradients, which takes the one-launch masked mode when C * R <= 128), with those ids grouped once
 beforehand (``ours_plan``: what every layer of a model pays, as ``use_contexts`` shares one plan)
-and with the float one-hot weights the baselines take. On CUDA each case also records the peak memory a call allocates
-beyond its inputs.
+and with the float one-hot weights the baselines take. On CUDA each case also records the peak
+memory a call allocates beyond its inputs.
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ struct DeviceWarp {
           : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
     }
 #else
-    __trap();  // never launched: nf4_gemv_tensor_cores_available() is false for such a build
+    __trap();  // never launched: tensor_cores_available() is false for such a build
 #endif
   }
 };
@@ -100,9 +100,9 @@ __global__ void __launch_bounds__(kMmaThreads, 2) nf4_gemv_mma_kernel(const NF4G
   mma::write_output<T, kTiles>(a, row0, threadIdx.x, partial);
 }
 
-}  // namespace
-
-bool nf4_gemv_tensor_cores_available() {
+// Whether the tensor-core kernel can run on the current device: its compiled code has mma.sync
+// (built for sm_80 or later, and the device runs that build).
+bool tensor_cores_available() {
   // per device, once: the PTX version the device's chosen build of the kernel was compiled for
   static std::atomic<int8_t> known[64] = {};
   int device = 0;
@@ -120,10 +120,12 @@ bool nf4_gemv_tensor_cores_available() {
   return state > 0;
 }
 
+}  // namespace
+
 cudaError_t nf4_gemv(const NF4GemvArgs& a, cudaStream_t stream) {
   if (!nf4_gemv_args_valid(a)) return cudaErrorInvalidValue;
   const bool tensor_cores = a.kernel == kTensorCores || (a.kernel == kAuto && a.m >= kNF4GemvMmaMinRows);
-  if (tensor_cores && nf4_gemv_tensor_cores_available()) {
+  if (tensor_cores && tensor_cores_available()) {
     const dim3 grid((a.n + nf4::mma::kRows - 1) / nf4::mma::kRows), block(kMmaThreads);
     nf4::mma::with_variant(a, [&](auto dtype, auto tiles, auto double_quant) {
       nf4_gemv_mma_kernel<decltype(dtype), tiles.value, double_quant.value><<<grid, block, 0, stream>>>(a);

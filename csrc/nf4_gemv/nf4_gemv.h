@@ -46,10 +46,6 @@ inline bool nf4_gemv_args_valid(const NF4GemvArgs& a) {
          a.kernel <= kTensorCores;
 }
 
-// Whether the tensor-core kernel can run on the current device: its compiled code has mma.sync
-// (built for sm_80 or later, and the device runs that build).
-bool nf4_gemv_tensor_cores_available();
-
 // Launches the kernel on `stream`; returns the launch's error code (cudaSuccess when it went;
 // cudaErrorNotSupported when args.kernel asks for the tensor cores and they are not available).
 cudaError_t nf4_gemv(const NF4GemvArgs& args, cudaStream_t stream);

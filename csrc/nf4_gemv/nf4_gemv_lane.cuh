@@ -148,9 +148,19 @@ __host__ __device__ __forceinline__ void lane_partials(const NF4GemvArgs& a, int
   }
 }
 
-// Calls f(T{}, rows, double_quant) with the compile-time variant that `a` asks for: T its
-// activation dtype, rows a std::integral_constant of a.m (1..kNF4GemvMaxRows), double_quant a
-// std::bool_constant. The kernel's launcher and the CPU emulation dispatch through this one place.
+// Calls f(T{}, double_quant) with `a`'s activation dtype T and a std::bool_constant of its double
+// quantization: the dispatch both kernels' launchers (and the CPU emulation) share.
+template <typename F>
+void with_dtype_and_quant(const NF4GemvArgs& a, F&& f) {
+  if (a.bf16) {
+    a.double_quant ? f(__nv_bfloat16{}, std::true_type{}) : f(__nv_bfloat16{}, std::false_type{});
+  } else {
+    a.double_quant ? f(__half{}, std::true_type{}) : f(__half{}, std::false_type{});
+  }
+}
+
+// Calls f(T{}, rows, double_quant) with the CUDA-core kernel's variant for `a`: rows a
+// std::integral_constant of a.m (1..kNF4GemvMaxRows).
 template <int M = 1, typename F>
 void with_rows(int m, F&& f) {
   if (m == M) {
@@ -162,13 +172,7 @@ void with_rows(int m, F&& f) {
 
 template <typename F>
 void with_variant(const NF4GemvArgs& a, F&& f) {
-  with_rows(a.m, [&](auto rows) {
-    if (a.bf16) {
-      a.double_quant ? f(__nv_bfloat16{}, rows, std::true_type{}) : f(__nv_bfloat16{}, rows, std::false_type{});
-    } else {
-      a.double_quant ? f(__half{}, rows, std::true_type{}) : f(__half{}, rows, std::false_type{});
-    }
-  });
+  with_rows(a.m, [&](auto rows) { with_dtype_and_quant(a, [&](auto dtype, auto dq) { f(dtype, rows, dq); }); });
 }
 
 }  // namespace nf4

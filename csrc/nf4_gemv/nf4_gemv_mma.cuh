@@ -176,22 +176,17 @@ __host__ __device__ __forceinline__ void write_output(const NF4GemvArgs& a, int 
   static_cast<T*>(a.out)[static_cast<int64_t>(token) * a.n + row] = from_float<T>(sum + b);
 }
 
-// Calls f(T{}, tiles, double_quant) with the variant `a` asks for: tiles a std::integral_constant,
-// 1 for M <= 8 and 2 above. The kernel's launcher and the CPU emulation dispatch through here.
+// Calls f(T{}, tiles, double_quant) with the tensor-core kernel's variant for `a`: tiles a
+// std::integral_constant, 1 for M <= 8 and 2 above.
 template <typename F>
 void with_variant(const NF4GemvArgs& a, F&& f) {
-  auto by_tiles = [&](auto dtype, auto double_quant) {
+  with_dtype_and_quant(a, [&](auto dtype, auto dq) {
     if (a.m <= kTokens) {
-      f(dtype, std::integral_constant<int, 1>{}, double_quant);
+      f(dtype, std::integral_constant<int, 1>{}, dq);
     } else {
-      f(dtype, std::integral_constant<int, 2>{}, double_quant);
+      f(dtype, std::integral_constant<int, 2>{}, dq);
     }
-  };
-  if (a.bf16) {
-    a.double_quant ? by_tiles(__nv_bfloat16{}, std::true_type{}) : by_tiles(__nv_bfloat16{}, std::false_type{});
-  } else {
-    a.double_quant ? by_tiles(__half{}, std::true_type{}) : by_tiles(__half{}, std::false_type{});
-  }
+  });
 }
 
 }  // namespace mma

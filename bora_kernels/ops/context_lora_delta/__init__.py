@@ -165,9 +165,8 @@ def _weighted_delta(x2, lora_a, lora_b, plan, scaling, add_to=None):
     ranks = full_ranks(num_contexts, max_rank, x2.device)
     kernels = _kernels(x2.device)
     weights = plan.weights
-    tracked = weights is not None and weights.requires_grad
-    if torch.is_grad_enabled() and (x2.requires_grad or lora_a.requires_grad or lora_b.requires_grad or tracked
-                                    or (add_to is not None and add_to.requires_grad)):
+    if _needs_grad(x2, lora_a, lora_b, weights, add_to):
+        tracked = weights is not None and weights.requires_grad
         return ContextLoRADeltaFunction.apply(add_to, x2, lora_a, lora_b, weights if tracked else None, scaling,
                                               ranks, plan, kernels)
     out = None if add_to is None else add_to.view(x2.shape[0], lora_b.shape[1])
@@ -193,35 +192,26 @@ def _token_weights(plan: ContextPlan, num_tokens: int) -> torch.Tensor:
     return (context[:, None] == torch.arange(plan.num_contexts, device=context.device)).float()
 
 
-def _kernel_masked_delta(x2, lora_a, lora_b, context_weights, batch_shape, scaling, add_to):
-    """The Triton path's masked form (see the module docstring) for ids or float weights given
-    as they are, or None when it does not apply (then the caller groups)."""
-    num_contexts, rank, _ = lora_a.shape
-    n = lora_b.shape[1]
-    if isinstance(context_weights, ContextPlan) or not isinstance(context_weights, torch.Tensor) \
-            or num_contexts * rank > MASKED_MAX_COLUMNS or x2.shape[0] == 0:
-        return None
-    if torch.is_grad_enabled() and (x2.requires_grad or lora_a.requires_grad or lora_b.requires_grad
-                                    or context_weights.requires_grad
-                                    or (add_to is not None and add_to.requires_grad)):
+def _needs_grad(x2, lora_a, lora_b, weights, add_to) -> bool:
+    """Whether autograd must record the call (``weights``: float context weights or None)."""
+    return torch.is_grad_enabled() and (x2.requires_grad or lora_a.requires_grad or lora_b.requires_grad
+                                        or (weights is not None and weights.requires_grad)
+                                        or (add_to is not None and add_to.requires_grad))
+
+
+def _masked_context(context_weights, batch_shape, num_contexts: int, rank: int):
+    """``(context, per_row)`` for the Triton path's masked launch (see the module docstring): ids
+    (one per ``per_row`` rows) or float weights ``[T, C]`` as given; None when it does not apply
+    (a plan, C * R above MASKED_MAX_COLUMNS, or weights ``context_plan`` will refuse)."""
+    if not isinstance(context_weights, torch.Tensor) or num_contexts * rank > MASKED_MAX_COLUMNS:
         return None
     if _is_ids(context_weights):
         check_adapter_ids(context_weights, num_contexts, "context_weights")
-        per_row = batch_shape[1] if ids_per_sequence(context_weights, batch_shape, "context_weights") else 1
-        context = context_weights.reshape(-1)
-    else:
-        if tuple(context_weights.shape) != batch_shape + (num_contexts,) or context_weights.dtype.is_complex:
-            return None  # context_plan names what is wrong
-        per_row, context = 1, context_weights.reshape(-1, num_contexts)
-    from ..lora_delta.triton import context_masked_delta
-
-    if add_to is not None and add_to.is_contiguous():
-        context_masked_delta(x2, lora_a, lora_b, context, per_row, scaling, add_to.view(x2.shape[0], n), True)
-        return add_to
-    out = torch.empty((x2.shape[0], n), device=x2.device, dtype=x2.dtype)
-    context_masked_delta(x2, lora_a, lora_b, context, per_row, scaling, out, False)
-    out = out.reshape(*batch_shape, n)
-    return out if add_to is None else add_to.add_(out)
+        per_sequence = ids_per_sequence(context_weights, batch_shape, "context_weights")
+        return context_weights.reshape(-1), batch_shape[1] if per_sequence else 1
+    if tuple(context_weights.shape) != batch_shape + (num_contexts,) or context_weights.dtype.is_complex:
+        return None  # context_plan names what is wrong
+    return context_weights.reshape(-1, num_contexts), 1
 
 
 def _masked_delta(x2, lora_a, lora_b, weights):
@@ -266,16 +256,25 @@ def context_lora_delta(x, lora_a, lora_b, context_weights, scaling=None, add_to=
     scaling = unit_scaling(num_contexts, x.device) if scaling is None else scaling.to(device=x.device,
                                                                                        dtype=torch.float32)
     check_add_to(add_to, x, n)
-    if backend(x.device) == "triton":
-        done = _kernel_masked_delta(x2, lora_a, lora_b, context_weights, batch_shape, scaling, add_to)
-        if done is not None:
-            return done
-    if not isinstance(context_weights, ContextPlan):
-        plan = context_plan(context_weights, batch_shape, num_contexts, device=x.device)
-    if plan.passes[0][0].perm.device != x.device:
-        raise ValueError(f"context_weights plan is on {plan.passes[0][0].perm.device} but x is on {x.device}")
+    masked = None
+    if backend(x.device) == "triton" and x2.shape[0] and not _needs_grad(
+            x2, lora_a, lora_b, context_weights if isinstance(context_weights, torch.Tensor) else None, add_to):
+        masked = _masked_context(context_weights, batch_shape, num_contexts, rank)
+    if masked is None:
+        if not isinstance(context_weights, ContextPlan):
+            plan = context_plan(context_weights, batch_shape, num_contexts, device=x.device)
+        if plan.passes[0][0].perm.device != x.device:
+            raise ValueError(f"context_weights plan is on {plan.passes[0][0].perm.device} but x is on {x.device}")
 
-    if backend(x.device) == "torch" and num_contexts * rank <= min(k, n, MASKED_MAX_COLUMNS):
+    if masked is not None:  # one launch, no grouping; into add_to itself when it is contiguous
+        from ..lora_delta.triton import context_masked_delta
+
+        into = add_to is not None and add_to.is_contiguous()
+        target = add_to.view(x2.shape[0], n) if into else torch.empty((x2.shape[0], n), device=x.device, dtype=x.dtype)
+        out = context_masked_delta(x2, lora_a, lora_b, *masked, scaling, target, accumulate=into)
+        if into:
+            return add_to
+    elif backend(x.device) == "torch" and num_contexts * rank <= min(k, n, MASKED_MAX_COLUMNS):
         out = _masked_delta(x2, lora_a, lora_b, _token_weights(plan, x2.shape[0]) * scaling)
     elif plan.weights is None:  # one context per token: the multi-adapter op itself
         ids_plan = plan.passes[0][0]

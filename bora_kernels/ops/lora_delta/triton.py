@@ -284,7 +284,7 @@ def column_splits(programs: int, n: int, tiles: dict, device: torch.device) -> i
 
 
 def lora_shrink_expand(x, w1, w2, out, plan, ranks, scaling, tiles, scale_h, h=None, row_weight=None,
-                       accumulate=False, split=None):
+                       accumulate=False, split=None, context=None, per_row=1):
     """``out[perm[j]] = (x[perm[j]] @ W1_d^T) @ W2_d^T`` in one launch; ``h`` (if given, [T, BLOCK_R]
     fp32) receives the middle product in adapter order.
 
@@ -293,12 +293,24 @@ def lora_shrink_expand(x, w1, w2, out, plan, ranks, scaling, tiles, scale_h, h=N
     multiply h when ``scale_h`` (backward) and the output rows otherwise. ``out=None`` computes h
     alone (``w2`` unused). ``accumulate`` adds to ``out`` instead of overwriting it; ``split``
     overrides how many column shares each row block is cut into.
+
+    With ``context`` (and ``plan``, ``ranks`` None) the kernel runs its ``MASKED`` mode, forward
+    only: the D adapters are contexts used side by side (``D * R <= BLOCK_R``), each token's
+    columns weighted by ``context``: integer ids, one per ``per_row`` consecutive rows (-1: none),
+    or float (or bool) weights ``[T, D]``.
     """
-    perm, bounds = plan.perm, plan.bounds
     num_tokens, k = x.shape
-    num_segs = bounds.numel() - 1
+    masked = context is not None
+    if masked:
+        perm = bounds = ranks = scaling  # not read
+        num_segs, programs = 0, cdiv(num_tokens, tiles["BLOCK_M"])
+        weights = context.dtype.is_floating_point or context.dtype == torch.bool
+    else:
+        perm, bounds = plan.perm, plan.bounds
+        num_segs = bounds.numel() - 1
+        programs = _row_programs(num_tokens, num_segs, tiles["BLOCK_M"])
+        weights = False
     n = w2.shape[1] if out is not None else 0
-    programs = _row_programs(num_tokens, num_segs, tiles["BLOCK_M"])
     if out is None:
         split = 1
     elif split is None:
@@ -308,41 +320,26 @@ def lora_shrink_expand(x, w1, w2, out, plan, ranks, scaling, tiles, scale_h, h=N
     w2 = or_unused(w2, w1)
     launch(_lora_shrink_expand_kernel, (programs, split),
         x, w1, w2, or_unused(out, x), or_unused(h, scaling), perm, bounds, ranks, scaling,
-        or_unused(row_weight, scaling), perm,
-        num_segs, k, n, w1.shape[1], n_per_split, 0, 0, 1,
+        or_unused(row_weight, scaling), or_unused(context, perm),
+        num_segs, k, n, w1.shape[1], n_per_split, num_tokens if masked else 0, w1.shape[0] if masked else 0, per_row,
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2), w2.stride(0), w2.stride(1),
         w2.stride(2), out.stride(0) if out is not None else 0, out.stride(1) if out is not None else 0,
-        h.stride(0) if h is not None else 0, 0, 0,
+        h.stride(0) if h is not None else 0, context.stride(0) if weights else 0, context.stride(1) if weights else 0,
         SCALE_H=scale_h, ROW_WEIGHT=row_weight is not None, ACCUMULATE=accumulate, STORE_OUT=out is not None,
-        STORE_H=h is not None, MASKED=False, CTX_IDS=False, BLOCK_M=tiles["BLOCK_M"], BLOCK_K=tiles["BLOCK_K"],
-        BLOCK_N=tiles["BLOCK_N"], BLOCK_R=tiles["BLOCK_R"], BLOCK_S=next_power_of_2(num_segs + 1),
-        DOT_DTYPE=dot_dtype(x.dtype), PRECISION=dot_precision(), num_warps=tiles["num_warps"],
+        STORE_H=h is not None, MASKED=masked, CTX_IDS=masked and not weights, BLOCK_M=tiles["BLOCK_M"],
+        BLOCK_K=tiles["BLOCK_K"], BLOCK_N=tiles["BLOCK_N"], BLOCK_R=tiles["BLOCK_R"],
+        BLOCK_S=next_power_of_2(num_segs + 1), DOT_DTYPE=dot_dtype(x.dtype), PRECISION=dot_precision(),
+        num_warps=tiles["num_warps"],
     )
 
 
 def context_masked_delta(x, lora_a, lora_b, context, per_row, scaling, out, accumulate):
     """Context-PEFT's delta in the masked concatenation form, one launch, no grouping:
-    ``out[t] (+)= sum_c w[t, c] * scale[c] * (x[t] @ A_c^T) @ B_c^T`` (see the kernel's
-    ``MASKED``). ``context``: integer ids, one per ``per_row`` consecutive rows (-1: none), or float
-    (or bool) weights ``[T, C]``. Needs ``C * R <= 128``. Forward only (no h is kept)."""
-    num_tokens, k = x.shape
-    num_contexts, rank, _ = lora_a.shape
-    n = lora_b.shape[1]
-    tiles = _tiles(num_tokens, 1, num_contexts * rank, x.device)
-    programs = cdiv(num_tokens, tiles["BLOCK_M"])
-    split = column_splits(programs, n, tiles, x.device)
-    n_per_split = cdiv(cdiv(n, split), tiles["BLOCK_N"]) * tiles["BLOCK_N"]
-    ids = not (context.dtype.is_floating_point or context.dtype == torch.bool)
-    launch(_lora_shrink_expand_kernel, (programs, cdiv(n, n_per_split)),
-        x, lora_a, lora_b, out, scaling, scaling, scaling, scaling, scaling, scaling, context,
-        0, k, n, rank, n_per_split, num_tokens, num_contexts, per_row,
-        x.stride(0), x.stride(1), *lora_a.stride(), *lora_b.stride(), out.stride(0), out.stride(1), 0,
-        0 if ids else context.stride(0), 0 if ids else context.stride(1),
-        SCALE_H=False, ROW_WEIGHT=False, ACCUMULATE=accumulate, STORE_OUT=True, STORE_H=False, MASKED=True,
-        CTX_IDS=ids, BLOCK_M=tiles["BLOCK_M"], BLOCK_K=tiles["BLOCK_K"], BLOCK_N=tiles["BLOCK_N"],
-        BLOCK_R=tiles["BLOCK_R"], BLOCK_S=1, DOT_DTYPE=dot_dtype(x.dtype), PRECISION=dot_precision(),
-        num_warps=tiles["num_warps"],
-    )
+    ``out[t] (+)= sum_c w[t, c] * scale[c] * (x[t] @ A_c^T) @ B_c^T`` (the kernel's ``MASKED``
+    mode; ``context`` as ``lora_shrink_expand`` takes it). Needs ``C * R <= 128``."""
+    tiles = _tiles(x.shape[0], 1, lora_a.shape[0] * lora_a.shape[1], x.device)
+    lora_shrink_expand(x, lora_a, lora_b, out, None, None, scaling, tiles, scale_h=False, accumulate=accumulate,
+                       context=context, per_row=per_row)
     return out
 
 
