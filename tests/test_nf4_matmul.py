@@ -2,6 +2,7 @@
 paths, outputs poisoned; shapes with M = 1, odd sizes and sizes off the kernel's tiles; every
 kernel path (split-K for few rows, tiled, dequantize + F.linear for many, the CUDA GEMV on GPU)."""
 
+import dataclasses
 import importlib
 
 import pytest
@@ -69,6 +70,38 @@ def test_split_k_sums_every_stretch_once(m, split, poison_empty):
         dy = torch.randn(m, 72, generator=gen)
         want = dy.double() @ weight.dequantize(torch.float32).double()
         assert_close(nf4_matmul_dx(dy, weight, (m, 320), split=split), want, torch.float32, "dx")
+
+
+@NEEDS_INTERPRETER
+@pytest.mark.parametrize("double_quant", [False, True], ids=["single", "double"])
+@pytest.mark.parametrize("blocksize", [128, 256])
+@pytest.mark.parametrize("m", [3, 40])
+def test_blocks_wider_than_the_weight_tile(m, blocksize, double_quant, poison_empty):
+    """A block spans several of the kernels' K tiles (64 wide under the interpreter), so a tile
+    takes one scale per row; forward (split K at M = 3, tiled at 40) and dx, against the
+    reference."""
+    from bora_kernels.ops.nf4_matmul.triton import nf4_matmul_dx, nf4_matmul_forward
+
+    weight, x, bias, gen = _problem(m, 512, 24, blocksize, torch.float32, double_quant, seed=blocksize + m)
+    with use_backend("triton"):
+        assert_close(nf4_matmul_forward(x, weight, bias, (m, 24)), nf4_matmul_reference(x, weight, bias),
+                     torch.float32, "forward")
+        dy = torch.randn(m, 24, generator=gen)
+        want = dy.double() @ weight.dequantize(torch.float32).double()
+        assert_close(nf4_matmul_dx(dy, weight, (m, 512)), want, torch.float32, "dx")
+
+
+@NEEDS_INTERPRETER
+def test_packed_codes_starting_mid_word(poison_empty):
+    """The kernels read the codes as int32 words; packed bytes that start off a 4-byte boundary
+    (a view into a larger buffer) are copied to an aligned buffer first, never misread."""
+    weight, x, bias, _ = _problem(5, 128, 20, 64, torch.float32, seed=3)
+    buffer = torch.zeros(weight.packed.numel() + 1, 1, dtype=torch.uint8)
+    buffer[1:] = weight.packed
+    shifted = dataclasses.replace(weight, packed=buffer[1:])
+    assert shifted.packed.storage_offset() == 1
+    with use_backend("triton"):
+        assert_close(nf4_matmul(x, shifted, bias), nf4_matmul_reference(x, weight, bias), torch.float32, "forward")
 
 
 @pytest.mark.parametrize("backend", KERNEL_AND_TORCH)

@@ -18,8 +18,11 @@ Which kernel, by M (the rows of x after flattening), in ``_path``:
 On CUDA ``DENSE_MIN_M`` is 1 for now: measured on an H100 (``bora-bench nf4``, benchmarks/NOTES.md,
 2026-11-23) the fused Triton kernels took 0.62 ms at M = 16 and 5.7 ms at M = 1024 on a
 4096 x 4096 weight, against 0.05 and 0.07 ms for dequantize + cuBLAS, so every call the GEMV
-cannot take goes dense until they are rewritten. Under the interpreter they still run below 1024
-rows, which is how CI checks them; the GPU tests raise the threshold to check them compiled.
+cannot take goes dense. Their weight tiles have since been rewritten without a memory read per
+element (``triton.py``; 2026-12-03, not yet timed on a GPU): the threshold is to be set from the
+next ``bora-bench nf4`` run, whose ``triton`` column times them at every M. Under the interpreter
+they run below 1024 rows, which is how CI checks them; the GPU tests raise the threshold to
+check them compiled.
 """
 
 from __future__ import annotations
