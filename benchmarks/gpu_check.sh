@@ -6,7 +6,8 @@
 # serve tiles table. Each suite writes its own results file as soon as it finishes, so a run cut off by
 # a time limit keeps what it measured; `model` runs its --quick grid (PEFT's mixed batch alone
 # takes minutes at 64 adapters). Carried wheels in .whl/ (bitsandbytes, ivon-opt, the serving
-# stack) are installed into .site/ first.
+# stack) are installed into .site/ first. QUICK=1 runs every suite's --quick grid (a lent GPU's
+# 15 device-minutes do not hold the full grids): QUICK=1 bash benchmarks/gpu_check.sh DIR ext tests nf4
 set -uo pipefail
 results=${1:-benchmarks/results}
 shift || true
@@ -97,7 +98,7 @@ fi
 for suite in ivon nf4 context lora model; do
   want $suite || continue
   step "benchmarks: bora-bench $suite"
-  quick=""; [[ $suite == model ]] && quick="--quick"
+  quick=""; [[ $suite == model || ${QUICK:-0} == 1 ]] && quick="--quick"
   python -m bora_kernels.bench $suite --device cuda $quick --json "$results/$stamp-$suite.json" || status=1
 done
 

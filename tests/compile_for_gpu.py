@@ -169,6 +169,7 @@ def _exercise() -> None:
     """Every op, forward and backward, over what selects its kernels' specialisations."""
     from bora_kernels.ops import (_common, _dispatch, context_bias, context_lora_delta, context_scale, lora_delta,
                                   nf4_matmul)
+    from bora_kernels.ops.nf4_matmul.triton import nf4_matmul_dx, nf4_matmul_forward
     from bora_kernels.optim import IVON
     from bora_kernels.quant import quantize_nf4
 
@@ -218,6 +219,9 @@ def _exercise() -> None:
         for rows in (1, 16, 64):  # GEMV with split K; one 16-row tile; the tiled GEMM
             x = torch.randn(rows, k, dtype=dtype, requires_grad=True)
             nf4_matmul(x, weight, torch.randn(n, dtype=dtype)).float().sum().backward()
+        # the tiled GEMM unsplit, as enough row tiles (M = 1024 on a wide weight) run it
+        nf4_matmul_forward(x.detach(), weight, None, (64, n), split=1)
+        nf4_matmul_dx(torch.randn(64, n, dtype=dtype), weight, (64, k), split=1)
 
 
 def _resources(kernel) -> dict:

@@ -57,10 +57,11 @@ def _problem(m, k, n, blocksize, dtype, double_quant=True, seed=0):
 
 @NEEDS_INTERPRETER
 @pytest.mark.parametrize("split", [1, 2, 3, 5])
-@pytest.mark.parametrize("m", [1, 7, 16])
+@pytest.mark.parametrize("m", [1, 7, 16, 40])
 def test_split_k_sums_every_stretch_once(m, split, poison_empty):
-    """Few rows split the reduction over programs (K = 320: five 64-wide tiles, so 2 and 3 splits
-    leave a short last stretch); forward with bias and dx, against the reference."""
+    """Few output tiles split the reduction over programs (K = 320: five 64-wide tiles, so 2 and 3
+    splits leave a short last stretch), in the 16-row kernel and the tiled one (M = 40); forward
+    with bias and dx, against the reference."""
     from bora_kernels.ops.nf4_matmul.triton import nf4_matmul_dx, nf4_matmul_forward
 
     weight, x, bias, gen = _problem(m, 320, 72, 64, torch.float32, seed=m * 10 + split)

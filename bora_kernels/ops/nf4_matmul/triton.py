@@ -4,9 +4,10 @@ registers inside the K loop (never written to memory).
     forward   y  = x @ W^T (+ bias)     W tile [BLOCK_N, BLOCK_K] built from packed nibbles
     backward  dx = dy @ W               W tile [BLOCK_N, BLOCK_K] again, reduced over N
 
-Few rows (decode) leave few output tiles to fill the GPU with, so the reduction is split: each
-program sums one stretch of it into an fp32 partial, and ``_sum_splits_kernel`` adds the partials
-in a fixed order (no atomics: the result does not depend on scheduling), the bias, and rounds.
+When the output tiles are too few to fill the GPU (decode, or a few row tiles of a wide weight),
+the reduction is split: each program sums one stretch of it into an fp32 partial, and
+``_sum_splits_kernel`` adds the partials in a fixed order (no atomics: the result does not depend
+on scheduling), the bias, and rounds.
 
 A weight element (n, k) sits at flat index n*K + k: its byte is index // 2 (high nibble for even
 k, since K is even), its absmax is block (n*K + k) // blocksize = n*(K/blocksize) + k//blocksize
@@ -31,13 +32,14 @@ from ...quant.triton import block_scale, scale_operands
 from .._common import cdiv, dot_dtype, dot_precision, gpu_sized, launch, or_unused, rounded_for, splits_to_fill
 
 SUM_BLOCK = 1024
-SPLIT_MAX_M = 16  # up to this many rows: one 16-row tile (the smallest tl.dot), K split across programs
+SPLIT_MAX_M = 16  # up to this many rows: one 16-row tile (the smallest tl.dot) and a 64-row weight tile
 
 
 def _tiles(m: int, device: torch.device) -> dict:
     """Tile sizes (N and K of the weight tile; M of the activation tile). Up to 16 rows use one
-    16-row tile (the smallest ``tl.dot``) and split K; the interpreter uses small tiles so that CPU
-    tests stay quick and cover partial tiles."""
+    16-row tile (the smallest ``tl.dot``) and 64-row weight tiles; ``_launch`` splits the reduction
+    when the tiles are too few. The interpreter uses small tiles so that CPU tests stay quick and
+    cover partial tiles."""
     if m <= SPLIT_MAX_M:
         return dict(BLOCK_M=SPLIT_MAX_M, BLOCK_N=64, BLOCK_K=128 if gpu_sized(device) else 64, num_warps=4,
                     num_stages=2)
@@ -175,17 +177,15 @@ def code_words(packed: torch.Tensor) -> torch.Tensor:
 
 def _launch(a2, weight, bias, backward: bool, out, split=None):
     """Writes ``out`` (a tensor whose rows are contiguous, viewed as ``[M, P]``) and returns it.
-    ``split`` (how many stretches of the reduction; default: enough to fill the device) is used
-    only for up to ``SPLIT_MAX_M`` rows."""
+    ``split``: how many stretches of the reduction (default: enough programs to fill the device
+    twice; 1 once the output tiles alone do, as for M = 1024 on a 4096-wide weight)."""
     n, k = weight.shape
     m = a2.shape[0]
     tiles = _tiles(m, a2.device)
     p, q, block_p, block_q = (k, n, tiles["BLOCK_K"], tiles["BLOCK_N"]) if backward else \
         (n, k, tiles["BLOCK_N"], tiles["BLOCK_K"])
     grid_mp = (cdiv(m, tiles["BLOCK_M"]), cdiv(p, block_p))
-    if m > SPLIT_MAX_M:
-        split = 1
-    elif split is None:
+    if split is None:
         split = splits_to_fill(grid_mp[0] * grid_mp[1], a2.device, most=cdiv(q, block_q))
     q_per_split = cdiv(cdiv(q, split), block_q) * block_q
     split = cdiv(q, q_per_split)
