@@ -220,7 +220,7 @@ def _exercise() -> None:
             x = torch.randn(rows, k, dtype=dtype, requires_grad=True)
             nf4_matmul(x, weight, torch.randn(n, dtype=dtype)).float().sum().backward()
         # the tiled GEMM unsplit, as enough row tiles (M = 1024 on a wide weight) run it
-        nf4_matmul_forward(x.detach(), weight, None, (64, n), split=1)
+        nf4_matmul_forward(torch.randn(64, k, dtype=dtype), weight, None, (64, n), split=1)
         nf4_matmul_dx(torch.randn(64, n, dtype=dtype), weight, (64, k), split=1)
 
 

@@ -1,7 +1,9 @@
 """Triton kernels for the NF4 format: quantize a weight's 4-bit codes and dequantize them, and
 ``block_scale``, the per-block absmax every NF4 kernel reads (``nf4_matmul`` too): with double
 quantization it is decoded where it is used (``nested_code[q] * nested_absmax[b // 256] + offset``,
-bitsandbytes' order), never expanded into an fp32 tensor first.
+bitsandbytes' order), never expanded into an fp32 tensor first. The code values come from
+``nf4_byte_values`` (gathered from the table) or ``nf4_code_values`` (selected by the code's bits,
+for K loops).
 
 Quantizing the nested statistics (a 64th of the weight) stays torch ops.
 """
@@ -84,11 +86,43 @@ def scale_operands(weight) -> tuple[tuple, dict]:
 
 
 @triton.jit
+def _pick(table, i: tl.constexpr):
+    """``table[i]`` of a 16-value tensor, as a scalar (exact: one value plus zeros)."""
+    return tl.sum(tl.where(tl.arange(0, 16) == i, table, 0.0))
+
+
+@triton.jit
+def nf4_code_values(codes, table):
+    """The NF4 values of 4-bit ``codes`` (int32, any shape): a select on each bit of the code,
+    between values picked from the 16-entry ``table`` (loaded once by the caller). Inside a K loop
+    the picks are hoisted, so the loop reads no memory per element for the lookup: what
+    ``nf4_matmul``'s GEMM uses, where Triton's pipeliner turns per-element gathers into
+    per-element asynchronous copies. ``nf4_byte_values`` gathers instead (one pass, no loop)."""
+    b0 = (codes & 1) != 0
+    b1 = (codes & 2) != 0
+    b2 = (codes & 4) != 0
+    v01 = tl.where(b0, _pick(table, 1), _pick(table, 0))
+    v23 = tl.where(b0, _pick(table, 3), _pick(table, 2))
+    v45 = tl.where(b0, _pick(table, 5), _pick(table, 4))
+    v67 = tl.where(b0, _pick(table, 7), _pick(table, 6))
+    v89 = tl.where(b0, _pick(table, 9), _pick(table, 8))
+    vab = tl.where(b0, _pick(table, 11), _pick(table, 10))
+    vcd = tl.where(b0, _pick(table, 13), _pick(table, 12))
+    vef = tl.where(b0, _pick(table, 15), _pick(table, 14))
+    v03 = tl.where(b1, v23, v01)
+    v47 = tl.where(b1, v67, v45)
+    v8b = tl.where(b1, vab, v89)
+    vcf = tl.where(b1, vef, vcd)
+    return tl.where((codes & 8) != 0, tl.where(b2, vcf, v8b), tl.where(b2, v47, v03))
+
+
+@triton.jit
 def nf4_byte_values(packed_ptr, code_ptr, byte_index, mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
                     offset_ptr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
                     BLOCKSIZE: tl.constexpr):
     """``(high, low)``: the fp32 weights ``2i`` and ``2i + 1`` of the packed bytes ``i =
-    byte_index`` (any shape). Each byte and its block's scale are loaded once for both of its
+    byte_index`` (any shape), their code values gathered from ``code_ptr`` (``nf4_code_values``
+    looks them up without loads). Each byte and its block's scale are loaded once for both of its
     weights (one block holds both: BLOCKSIZE is even), and the block index is a shift (BLOCKSIZE a
     constexpr power of two), never a 64-bit division per weight."""
     byte = tl.load(packed_ptr + byte_index, mask=mask, other=0).to(tl.int32)

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ...quant.nf4 import code_table
-from ...quant.triton import block_scale, scale_operands
+from ...quant.triton import block_scale, nf4_code_values, scale_operands
 from .._common import cdiv, dot_dtype, dot_precision, gpu_sized, launch, or_unused, rounded_for, splits_to_fill
 
 SUM_BLOCK = 1024
@@ -52,35 +52,6 @@ def _tiles(m: int, device: torch.device) -> dict:
 
 
 @triton.jit
-def _pick(table, i: tl.constexpr):
-    """``table[i]`` of a 16-value tensor, as a scalar (exact: one value plus zeros)."""
-    return tl.sum(tl.where(tl.arange(0, 16) == i, table, 0.0))
-
-
-@triton.jit
-def _nf4_code_values(codes, table):
-    """The NF4 values of 4-bit ``codes`` (int32, any shape): a select on each bit of the code,
-    between values picked from the 16-entry ``table``. The picks depend on nothing in a K loop
-    (the compiler hoists them), so the loop reads no memory per element for the lookup."""
-    b0 = (codes & 1) != 0
-    b1 = (codes & 2) != 0
-    b2 = (codes & 4) != 0
-    v01 = tl.where(b0, _pick(table, 1), _pick(table, 0))
-    v23 = tl.where(b0, _pick(table, 3), _pick(table, 2))
-    v45 = tl.where(b0, _pick(table, 5), _pick(table, 4))
-    v67 = tl.where(b0, _pick(table, 7), _pick(table, 6))
-    v89 = tl.where(b0, _pick(table, 9), _pick(table, 8))
-    vab = tl.where(b0, _pick(table, 11), _pick(table, 10))
-    vcd = tl.where(b0, _pick(table, 13), _pick(table, 12))
-    vef = tl.where(b0, _pick(table, 15), _pick(table, 14))
-    v03 = tl.where(b1, v23, v01)
-    v47 = tl.where(b1, v67, v45)
-    v8b = tl.where(b1, vab, v89)
-    vcf = tl.where(b1, vef, vcd)
-    return tl.where((codes & 8) != 0, tl.where(b2, vcf, v8b), tl.where(b2, v47, v03))
-
-
-@triton.jit
 def _nf4_tile(words_ptr, table, offs_n, k_start, N, K, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
               offset_ptr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, BLOCKSIZE: tl.constexpr,
               WIDTH: tl.constexpr):
@@ -89,7 +60,7 @@ def _nf4_tile(words_ptr, table, offs_n, k_start, N, K, absmax_ptr, nested_absmax
 
     The packed codes are read as int32 words of eight (row-major element 8w + e sits in byte e // 2
     of word w, high nibble for even e; bytes little-endian), the values come from
-    ``_nf4_code_values`` and the scales once per block of the tile (``[rows, WIDTH / BLOCKSIZE]``,
+    ``nf4_code_values`` and the scales once per block of the tile (``[rows, WIDTH / BLOCKSIZE]``,
     or one per row when a block spans the tile), broadcast over their elements."""
     ROWS: tl.constexpr = offs_n.shape[0]
     GROUPS: tl.constexpr = WIDTH // BLOCKSIZE if BLOCKSIZE < WIDTH else 1
@@ -99,7 +70,7 @@ def _nf4_tile(words_ptr, table, offs_n, k_start, N, K, absmax_ptr, nested_absmax
                     & (offs_w[None, :] < K // 8), other=0)
     e = tl.arange(0, 8)
     codes = (words[:, :, None] >> (8 * (e // 2) + 4 * (1 - e % 2))[None, None, :]) & 0xF
-    values = _nf4_code_values(tl.reshape(codes, (ROWS, WIDTH)), table)
+    values = nf4_code_values(tl.reshape(codes, (ROWS, WIDTH)), table)
     k_group = k_start + tl.arange(0, GROUPS) * (WIDTH // GROUPS)
     scale = block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                         rows * (K // BLOCKSIZE) + k_group[None, :] // BLOCKSIZE,
