@@ -3,15 +3,16 @@
 # compute-sanitizer run of each kernel, the benchmark suites, the tile sweep, then the table.
 # Run from the repository root on a CUDA machine:  bash benchmarks/gpu_check.sh [results dir] [step...]
 # Steps (default: all, in this order): ceilings ext tests sanitizer profile ivon nf4 context lora model
-# serve tiles table. Each suite writes its own results file as soon as it finishes, so a run cut off by
-# a time limit keeps what it measured; `model` runs its --quick grid (PEFT's mixed batch alone
+# graphs serve tiles table (graphs: the op suites timed from CUDA graph replays, device work
+# alone). Each suite writes its own results file as soon as it finishes, so a run cut off by a
+# time limit keeps what it measured; `model` runs its --quick grid (PEFT's mixed batch alone
 # takes minutes at 64 adapters). Carried wheels in .whl/ (bitsandbytes, ivon-opt, the serving
 # stack) are installed into .site/ first. QUICK=1 runs every suite's --quick grid (a lent GPU's
 # 15 device-minutes do not hold the full grids): QUICK=1 bash benchmarks/gpu_check.sh DIR ext tests nf4
 set -uo pipefail
 results=${1:-benchmarks/results}
 shift || true
-steps=" ${*:-ceilings ext tests sanitizer profile ivon nf4 context lora model serve tiles table} "
+steps=" ${*:-ceilings ext tests sanitizer profile ivon nf4 context lora model graphs serve tiles table} "
 want() { [[ "$steps" == *" $1 "* ]]; }
 mkdir -p "$results"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -101,6 +102,13 @@ for suite in ivon nf4 context lora model; do
   quick=""; [[ $suite == model || ${QUICK:-0} == 1 ]] && quick="--quick"
   python -m bora_kernels.bench $suite --device cuda $quick --json "$results/$stamp-$suite.json" || status=1
 done
+
+if want graphs; then
+  step "device time alone: the op suites replayed from CUDA graphs (bora-bench --graph, quick grids)"
+  for suite in context lora nf4; do
+    python -m bora_kernels.bench $suite --device cuda --quick --graph --json "$results/$stamp-$suite-graph.json" || status=1
+  done
+fi
 
 if want serve; then
   step "serving load test (bora-bench serve; needs fastapi, uvicorn, httpx)"

@@ -43,7 +43,9 @@ def cases() -> dict:
     """``{name: (callable, needs grad)}`` over bf16 tensors."""
     from bora_kernels.ops import context_lora_delta, lora_delta, lora_plan
     from bora_kernels.ops.context_lora_delta import context_plan
+    from bora_kernels.ops import nf4_matmul
     from bora_kernels.optim import IVON
+    from bora_kernels.quant import quantize_nf4
 
     gen = torch.Generator().manual_seed(0)
     dt = torch.bfloat16
@@ -64,6 +66,9 @@ def cases() -> dict:
         p.grad = torch.randn(IVON_SIZE, generator=gen)
     opt = IVON(params, lr=0.1, ess=1e4)
 
+    nf4 = quantize_nf4(torch.randn(N, K, generator=gen).to(dt), 64)  # contents unused: nothing runs
+    x16, x1024 = x[:16], torch.randn(1024, K, generator=gen).to(dt)  # the split-K and the dense path
+
     def ivon_step():
         with opt.sampled_params(train=True):
             pass
@@ -78,6 +83,12 @@ def cases() -> dict:
         "context_lora_delta fwd, ids": (lambda: context_lora_delta(x, a, b, contexts, scaling), False),
         "context_lora_delta fwd, plan": (lambda: context_lora_delta(x, a, b, cplan, scaling), False),
         "context_lora_delta fwd, one-hot": (lambda: context_lora_delta(x, a, b, one_hot, scaling), False),
+        "context_lora_delta fwd+bwd, ids": (lambda: context_lora_delta(xg, a, b, contexts, scaling).backward(dy), True),
+        "context_lora_delta fwd+bwd, plan": (lambda: context_lora_delta(xg, a, b, cplan, scaling).backward(dy), True),
+        "nf4_matmul fwd, M 16 (Triton split-K)": (lambda: nf4_matmul(x16, nf4), False),
+        "nf4_matmul fwd, M 1024 (dequantize + F.linear)": (lambda: nf4_matmul(x1024, nf4), False),
+        "nf4 dequantize + F.linear, M 1024 (no op)": (lambda: torch.nn.functional.linear(x1024, nf4.dequantize()),
+                                                       False),
         f"IVON step + sample, {IVON_TENSORS} tensors": (ivon_step, True),
     }
 
@@ -134,10 +145,11 @@ def main(argv=None) -> int:
 
     print(f"host CPU us per call (triton {triton.__version__}, torch {torch.__version__}, kernels compiled for sm_90, "
           f"not launched; best of {args.rounds} rounds of {args.calls})")
-    print(f"{'case':40s} " + " ".join(f"{p:>8s}" for p in paths) + ("   triton/direct" if len(paths) == 2 else ""))
+    width = max(len(name) for name in figures)
+    print(f"{'case':{width}s} " + " ".join(f"{p:>8s}" for p in paths) + ("   triton/direct" if len(paths) == 2 else ""))
     for name, row in figures.items():
         ratio = f"   {row['triton'] / row['direct']:6.2f}x" if len(paths) == 2 else ""
-        print(f"{name:40s} " + " ".join(f"{row[p]:8.1f}" for p in paths) + ratio)
+        print(f"{name:{width}s} " + " ".join(f"{row[p]:8.1f}" for p in paths) + ratio)
     if args.json:
         from bora_kernels.bench.timing import environment
 

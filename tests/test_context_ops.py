@@ -123,6 +123,25 @@ def test_passes_cover_only_nonzero_contexts():
 
 
 @pytest.mark.parametrize("path", cpu_backends())
+@pytest.mark.parametrize("kind", ["one_hot", "multi_hot", "bool"])
+def test_weights_without_a_host_sync_run_every_pass(kind, path, monkeypatch, poison_empty):
+    """Under torch.compile or a CUDA graph's capture the plan cannot read how many contexts a token
+    has at most: it runs all C passes (empty ones included), with the same result and gradients."""
+    module = importlib.import_module("bora_kernels.ops.context_lora_delta")
+    monkeypatch.setattr(module, "_may_sync", lambda values: False)
+    gen = torch.Generator().manual_seed(11)
+    x, a, b, scaling = _inputs((2, 9), 4, 6, torch.float32, gen)
+    w = make_context(kind, (2, 9), 4, gen)
+    assert len(context_plan(w, (2, 9), 4).passes) == 4
+    ref = context_lora_delta_reference(x, a, b, w, scaling)
+    inputs = [x, a, b] + ([w] if w.requires_grad else [])
+    with run_on(path):
+        out = context_lora_delta(x, a, b, w, scaling)
+        assert_close(out, ref, torch.float32, "forward")
+        _check_grads(out, ref, inputs, torch.float32, gen, ["x", "lora_a", "lora_b", "context_weights"])
+
+
+@pytest.mark.parametrize("path", cpu_backends())
 @pytest.mark.parametrize("extra", [False, True], ids=["one_pass", "two_passes"])
 def test_weights_keep_sign_zero_rows_and_nan(extra, path):
     """At most one context per token takes the one-pass plan; either plan keeps a negative weight,
@@ -370,3 +389,44 @@ def test_compiled_kernels_on_gpu(kind, dtype):
         assert_close(out, ref, dtype, f"{op.__name__} forward")
         _check_grads(out, ref, [u, vectors] + ([w] if w.requires_grad else []), dtype, gen,
                      ["u", "vectors", "context_weights"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["ids", "multi_hot"])
+def test_training_step_in_a_cuda_graph(kind):
+    """Forward and backward captured in one CUDA graph: no host sync on CUDA, float weights
+    included (the plan then runs every context's pass). Replays follow new contents of the
+    captured inputs, and match the reference each time."""
+    gen = torch.Generator().manual_seed(15)
+    batch_shape, num_contexts = (4, 64), 3
+    x, a, b, scaling = (t.detach().cuda() for t in _inputs(batch_shape, num_contexts, 16, torch.float16, gen,
+                                                           k=256, n=192))
+    x, a, b = x.requires_grad_(), a.requires_grad_(), b.requires_grad_()
+    w = make_context(kind, batch_shape, num_contexts, gen)
+    w = w.detach().cuda().requires_grad_(w.requires_grad)
+    inputs = [x, a, b] + ([w] if w.requires_grad else [])
+    dy = torch.randn(*batch_shape, 192, generator=gen).cuda()
+
+    def step():
+        out = context_lora_delta(x, a, b, w, scaling)
+        return (out, *torch.autograd.grad(out, inputs, dy.half()))
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compiles the kernels outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for seed in range(3):
+        new = torch.Generator().manual_seed(100 + seed)
+        with torch.no_grad():
+            x.copy_(torch.randn(x.shape, generator=new))
+            w.copy_(make_context(kind, batch_shape, num_contexts, new))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = context_lora_delta_reference(x, a, b, w, scaling)
+        want = (ref, *torch.autograd.grad(ref, inputs, dy.double()))
+        for got, expected, name in zip(captured, want, ["forward", "dx", "dlora_a", "dlora_b", "dcontext_weights"]):
+            assert_close(got, expected, torch.float16, f"replay {seed}: {name}")

@@ -39,6 +39,9 @@ def test_matches_reference(lead, k, n, blocksize, with_bias, double_quant, dtype
         out = nf4_matmul(x, weight, bias)
         assert out.dtype == dtype and out.shape == (*lead, n)
         assert_close(out, ref, dtype, "forward")
+        with torch.no_grad():  # inference skips the autograd node, not the arithmetic
+            plain = nf4_matmul(x, weight, bias)
+        assert plain.grad_fn is None and torch.equal(plain, out)
         dy = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
         inputs = [x] + ([bias] if with_bias else [])
         got = torch.autograd.grad(out, inputs, dy.to(dtype))

@@ -113,6 +113,45 @@ def test_bench_context_suite(tmp_path):
     assert "MiB einsum" in table and "| 40.0 |" in table
 
 
+def test_bench_graph_timing_needs_cuda_and_reports_what_it_could_not_capture(tmp_path):
+    """``--graph`` refuses a CPU device by name; a record's ``not_captured`` variants show as "-"
+    in the table, listed under it (the timing itself runs in the GPU test below)."""
+    with pytest.raises(SystemExit, match="--graph .* needs --device cuda"):
+        bench_main(["context", "--device", "cpu", "--graph", "--tokens", "128", "--contexts", "2"])
+    out = tmp_path / "context.json"
+    assert bench_main(["context", "--device", "cpu", "--quick", "--tokens", "128", "--contexts", "2",
+                       "--variants", "ours_ids", "einsum", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    record = result["suites"]["context"][1]
+    del record["median_ms"]["ours_ids"]
+    record["not_captured"] = {"ours_ids": "RuntimeError: operation not permitted when stream is capturing"}
+    table = report.format_table([result])
+    assert f"| {record['case']} | fwd_bwd | - | - |" in table
+    assert "Not captured in a CUDA graph (a host sync): ours_ids (fwd_bwd)." in table
+
+
+@pytest.mark.gpu
+def test_bench_graph_timing_on_gpu(tmp_path):
+    """Every context variant captures, fwd and fwd_bwd (float weights too: no host sync while
+    capturing), and times > 0; a callable that syncs is reported, and the device still works."""
+    import torch
+
+    from bora_kernels.bench.timing import NotCapturable, graph_median_seconds
+
+    out = tmp_path / "graph.json"
+    assert bench_main(["context", "--device", "cuda", "--quick", "--graph", "--tokens", "1024", "--contexts", "2",
+                       "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert "CUDA graph" in result["environment"]["timer"]
+    for record in result["suites"]["context"]:
+        assert "not_captured" not in record, record["not_captured"]
+        assert all(t > 0 for t in record["median_ms"].values()) and len(record["median_ms"]) == 6
+    device = torch.device("cuda")
+    with pytest.raises(NotCapturable):
+        graph_median_seconds(lambda: torch.ones(1, device=device).item(), device, quick=True)
+    assert graph_median_seconds(lambda: torch.ones(1 << 20, device=device).sum(), device, quick=True) > 0
+
+
 def test_host_time_script(tmp_path):
     """``benchmarks/host_time.py``: host time per call through both launch paths, without a GPU
     (a fresh process: kernels compiled for sm_90, not interpreted)."""
@@ -120,13 +159,14 @@ def test_host_time_script(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_time.py"), "--calls", "3", "--rounds",
-                             "1", "--json", str(out), "fwd+bwd", "IVON"],
+                             "1", "--json", str(out), "fwd+bwd, plan", "IVON"],
                             capture_output=True, text=True, timeout=600, env=env)
     if result.returncode == 3:
         pytest.skip("this Triton cannot compile for sm_90 here")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     figures = json.loads(out.read_text())["host_us"]
-    assert set(figures) == {"lora_delta fwd+bwd, plan", "IVON step + sample, 256 tensors"}
+    assert set(figures) == {"lora_delta fwd+bwd, plan", "context_lora_delta fwd+bwd, plan",
+                            "IVON step + sample, 256 tensors"}
     assert all(set(row) == {"direct", "triton"} and all(0 < us < 1e6 for us in row.values())
                for row in figures.values()), figures
     assert "triton/direct" in result.stdout

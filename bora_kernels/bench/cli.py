@@ -15,6 +15,10 @@
                     a load test of bora-serve on loopback against one-adapter-per-batch serving
     bora-bench all  [--device ...] [--quick] [--json FILE]       every op and model suite
     bora-bench table [--results DIR] [--readme README.md]         README table from result files
+
+``--graph`` (lora, context, nf4; CUDA only) times each call replayed from a CUDA graph: the device
+work alone, without the host time that bounds small calls (what a loop that captures its steps
+pays). Variants that cannot be captured (a host sync) are listed as not captured.
 """
 
 from __future__ import annotations
@@ -31,26 +35,41 @@ import torch
 from ..ops import use_backend
 from . import context, ivon, lora, model, nf4, serve
 from .report import format_table, write_readme_table
-from .timing import environment, interleaved_medians, median_seconds, peak_extra_mib
+from .timing import (GRAPH_TIMER, NotCapturable, environment, graph_median_seconds, interleaved_medians,
+                     median_seconds, peak_extra_mib)
 
 SUITES = {"lora": lora, "model": model, "context": context, "ivon": ivon, "nf4": nf4}
 
 
-def run_suite(module, cases, device: torch.device, quick: bool, variants=None, echo=print) -> list[dict]:
+def run_suite(module, cases, device: torch.device, quick: bool, variants=None, echo=print,
+              graph: bool = False) -> list[dict]:
     """Time every (case, variant, mode); returns one record per (case, mode). On CUDA a record
     also holds each variant's peak memory beyond what was allocated before the call (MiB). A
-    variant that does not apply to a case (``build`` leaves it out) is skipped there."""
+    variant that does not apply to a case (``build`` leaves it out) is skipped there. ``graph``
+    (CUDA, op suites) times device work alone, replayed from CUDA graphs; a variant that cannot
+    be captured is left out of the times and its reason kept under ``not_captured``."""
     asked = tuple(variants or module.VARIANTS)
     rounds = getattr(module, "INTERLEAVED_ROUNDS", None)  # long calls: see interleaved_medians
+    if graph and (device.type != "cuda" or rounds):
+        raise ValueError("graph timing needs a CUDA device and an op suite (lora, context, nf4)")
     records = []
     for case in cases:
         fns = module.build(case, device, asked)
         for mode in module.MODES:
             variants = [v for v in asked if (v, mode) in fns]
             peaks = {v: peak_extra_mib(fns[v, mode], device) for v in variants} if device.type == "cuda" else None
+            not_captured = {}
             if rounds:
                 seconds = interleaved_medians({v: fns[v, mode] for v in variants}, device, rounds[quick])
                 times = {v: t * 1e3 for v, t in seconds.items()}
+            elif graph:
+                times = {}
+                for v in variants:
+                    try:
+                        times[v] = graph_median_seconds(fns[v, mode], device, quick) * 1e3
+                    except NotCapturable as error:
+                        not_captured[v] = str(error)
+                        echo(f"  {case} {mode}: {v} not captured ({error})", file=sys.stderr)
             else:
                 times = {v: median_seconds(fns[v, mode], device, quick) * 1e3 for v in variants}
             comparisons = [
@@ -62,6 +81,10 @@ def run_suite(module, cases, device: torch.device, quick: bool, variants=None, e
                             "median_ms": times, "comparisons": comparisons})
             if rounds:
                 records[-1]["timer"] = f"median of {rounds[quick]} interleaved rounds, perf_counter"
+            if graph:
+                records[-1]["timer"] = GRAPH_TIMER
+            if not_captured:
+                records[-1]["not_captured"] = not_captured
             if peaks is not None:
                 records[-1]["peak_extra_mib"] = peaks
             if hasattr(case, "bytes_moved"):  # memory-bound suites count the bytes they must move
@@ -85,6 +108,11 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--quick", action="store_true", help="headline cases only, short timing")
         p.add_argument("--json", metavar="FILE", help="write the results file (see ARCHITECTURE.md)")
 
+    def graph_option(p):
+        p.add_argument("--graph", action="store_true",
+                       help="CUDA only: time each call replayed from a CUDA graph (device work without host "
+                            "time, L2 flushed before each call); variants that cannot be captured are reported")
+
     p_lora = sub.add_parser("lora", help="lora_delta and MultiLoRALinear against PEFT and F.linear")
     common(p_lora)
     p_lora.add_argument("--tokens", type=int, nargs="+", help="tokens per batch")
@@ -93,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     p_lora.add_argument("--features", type=int, nargs=2, metavar=("K", "N"), help="in and out features")
     p_lora.add_argument("--dtype", choices=tuple(lora.DTYPES), help="input and weight dtype")
     p_lora.add_argument("--variants", nargs="+", choices=tuple(lora.VARIANTS), help="subset to time")
+    graph_option(p_lora)
 
     p_model = sub.add_parser("model", help="a whole Llama (prefill, generate) against PEFT")
     common(p_model)
@@ -104,6 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     p_context.add_argument("--tokens", type=int, nargs="+", help="tokens per batch (multiples of 128)")
     p_context.add_argument("--contexts", type=int, nargs="+", help="numbers of contexts")
     p_context.add_argument("--variants", nargs="+", choices=tuple(context.VARIANTS), help="subset to time")
+    graph_option(p_context)
 
     p_ivon = sub.add_parser("ivon", help="the IVON step against ivon-opt, AdamW and a device copy")
     common(p_ivon)
@@ -116,6 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     p_nf4.add_argument("--tokens", type=int, nargs="+", help="rows M of the activations")
     p_nf4.add_argument("--features", type=int, nargs=2, metavar=("K", "N"), help="in and out features")
     p_nf4.add_argument("--variants", nargs="+", choices=tuple(nf4.VARIANTS), help="subset to time")
+    graph_option(p_nf4)
 
     p_serve = sub.add_parser("serve", help="load test of bora-serve against one adapter per batch")
     common(p_serve)
@@ -184,6 +215,10 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bora-bench: --device cuda but no CUDA device is visible")
+    graph = getattr(args, "graph", False)
+    if graph and device.type != "cuda":
+        raise SystemExit(f"bora-bench {args.command}: --graph times CUDA graph replays and needs --device cuda "
+                         f"(the device is {device.type})")
     if args.command == "serve":
         return _serve(args, device)
     if args.command == "lora":
@@ -214,11 +249,13 @@ def main(argv=None) -> int:
         plan = {name: (module.default_cases(device, args.quick), None) for name, module in SUITES.items()}
 
     result = {"environment": environment(device), "quick": args.quick, "suites": {}}
+    if graph:
+        result["environment"]["timer"] = GRAPH_TIMER
     print(f"bora-bench on {result['environment']['device']}", file=sys.stderr)
     # CPU figures are for the torch path: the interpreter, if set, must never be timed
     with use_backend("torch" if device.type == "cpu" else None):
         for name, (cases, variants) in plan.items():
-            result["suites"][name] = run_suite(SUITES[name], cases, device, args.quick, variants)
+            result["suites"][name] = run_suite(SUITES[name], cases, device, args.quick, variants, graph=graph)
     print(format_table([result]))
     _write_json(args.json, result)
     return 0

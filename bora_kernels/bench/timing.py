@@ -34,6 +34,69 @@ def median_seconds(fn, device: torch.device, quick: bool = False) -> float:
     return statistics.median(times)
 
 
+GRAPH_TIMER = "median of CUDA graph replays: device time, no host work; L2 flushed before each call"
+
+
+class NotCapturable(RuntimeError):
+    """``graph_median_seconds`` could not capture the callable (it syncs with the host, say)."""
+
+
+def graph_median_seconds(fn, device: torch.device, quick: bool = False) -> float:
+    """Median device time of ``fn()`` replayed from a CUDA graph: what a call costs once its host
+    work is gone, as in a server or training loop that captures its steps.
+
+    Two graphs are captured after a warm-up on a side stream: ``n`` times (flush L2; ``fn()``) and
+    ``n`` times the flush alone (writing twice the L2's bytes, so that inputs come from HBM as in
+    ``do_bench``); a figure is the difference of their replay times over ``n``, and the median is
+    taken over rounds that replay both. Raises ``NotCapturable`` naming the error when ``fn``
+    cannot be captured; the device is usable afterwards.
+    """
+    l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2 ** 20)
+    flush = torch.empty(max(2 * l2_bytes, 2 ** 20) // 4, dtype=torch.int32, device=device)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # compiles and caches outside the capture
+            fn()
+        start = time.perf_counter()
+        for _ in range(3):
+            flush.zero_()
+            fn()
+        torch.cuda.synchronize(device)
+        host_bound = (time.perf_counter() - start) / 3  # at least the device time
+    calls = max(5, min(200, int((0.01 if quick else 0.03) / max(host_bound, 1e-6))))
+    graphs = {}
+    for with_fn in (True, False):
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                for _ in range(calls):
+                    flush.zero_()
+                    if with_fn:
+                        fn()
+        except Exception as error:  # noqa: BLE001 - any capture failure is reported, not raised
+            reason = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+            try:
+                torch.cuda.synchronize(device)
+            except RuntimeError as sticky:  # the capture left an error behind: say so too
+                reason += f"; then {type(sticky).__name__}: {(str(sticky).splitlines() or [''])[0]}"
+            raise NotCapturable(reason) from error
+        graphs[with_fn] = graph
+    per_call = []
+    for _ in range(5 if quick else 11):
+        elapsed = {}
+        for with_fn, graph in graphs.items():
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            graph.replay()
+            end.record()
+            torch.cuda.synchronize(device)
+            elapsed[with_fn] = begin.elapsed_time(end)
+        per_call.append(max(elapsed[True] - elapsed[False], 0.0) / calls)
+    del graphs
+    return statistics.median(per_call) / 1e3
+
+
 def interleaved_medians(fns: dict, device: torch.device, rounds: int) -> dict:
     """``{key: median seconds}`` of long calls (whole models: milliseconds to seconds each), timed
     in rounds that run every callable once in turn, each between device syncs, after one warm-up

@@ -63,6 +63,14 @@ def _is_ids(context) -> bool:
         and context.dtype != torch.bool and not context.dtype.is_complex
 
 
+def _may_sync(values: torch.Tensor) -> bool:
+    """Whether reading a value of ``values`` on the host is allowed: not while torch.compile
+    traces or a CUDA graph is captured (a sync then fails the capture)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (values.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def context_plan(context_weights, batch_shape: Sequence[int], num_contexts: int,
                  device: torch.device | None = None) -> ContextPlan:
     """Passes for ``context_weights`` of a batch whose leading dims are ``batch_shape``.
@@ -70,7 +78,8 @@ def context_plan(context_weights, batch_shape: Sequence[int], num_contexts: int,
     ``context_weights``: integer ids per token (``batch_shape``) or per sequence (``[B]`` of a
     ``[B, L]`` batch), -1 for none; or float (or bool) weights ``batch_shape + (C,)``. Float
     weights cost one host sync (the most non-zero contexts of a token) except under
-    ``torch.compile``, where every one of the C passes runs.
+    ``torch.compile`` or while a CUDA graph is captured, where every one of the C passes runs
+    (a token's k-th non-zero context, or none, in pass k: the same sum).
     """
     batch_shape = tuple(batch_shape)
     if not isinstance(context_weights, torch.Tensor):
@@ -91,7 +100,7 @@ def context_plan(context_weights, batch_shape: Sequence[int], num_contexts: int,
         weights = weights.float()
     values = weights.detach().float()
     nonzero = values != 0
-    if torch.compiler.is_compiling():
+    if not _may_sync(values):
         num_passes = num_contexts
     else:
         num_passes = max(1, int(nonzero.sum(-1).max())) if values.shape[0] else 1

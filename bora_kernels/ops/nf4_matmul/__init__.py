@@ -83,22 +83,27 @@ def _gemv(ext, x2, weight, bias, out_shape, kernel=0):
     return out
 
 
+def _forward(x, bias, weight):
+    """``x @ dequant(W)^T + bias`` by the path ``_path`` picks; a fresh tensor, never a view
+    (callers add adapter deltas into it in place)."""
+    n, k = weight.shape
+    if backend(x.device) == "triton":
+        x2 = x.reshape(-1, k).contiguous()
+        path, ext = _path(x2, weight, bias, forward=True)
+        if path == "csrc":
+            return _gemv(ext, x2, weight, bias, (*x.shape[:-1], n))
+        if path == "triton":
+            from .triton import nf4_matmul_forward
+
+            return nf4_matmul_forward(x2, weight, bias, (*x.shape[:-1], n))
+    return F.linear(x, weight.dequantize(x.dtype), bias)
+
+
 class NF4MatmulFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, weight):
-        n, k = weight.shape
         ctx.weight, ctx.x_shape = weight, x.shape
-        # outputs are fresh tensors, never views: callers add adapter deltas into them in place
-        if backend(x.device) == "triton":
-            x2 = x.reshape(-1, k).contiguous()
-            path, ext = _path(x2, weight, bias, forward=True)
-            if path == "csrc":
-                return _gemv(ext, x2, weight, bias, (*x.shape[:-1], n))
-            if path == "triton":
-                from .triton import nf4_matmul_forward
-
-                return nf4_matmul_forward(x2, weight, bias, (*x.shape[:-1], n))
-        return F.linear(x, weight.dequantize(x.dtype), bias)
+        return _forward(x, bias, weight)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -143,7 +148,9 @@ def nf4_matmul(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> tor
                              or bias.device != x.device):
         raise ValueError(f"bias must be a [{n}] tensor on {x.device}, got "
                          f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
-    return NF4MatmulFunction.apply(x, bias, weight)
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return NF4MatmulFunction.apply(x, bias, weight)
+    return _forward(x, bias, weight)  # nothing to differentiate: no autograd node (host time)
 
 
 __all__ = ["NF4MatmulFunction", "nf4_matmul", "nf4_matmul_csrc"]
