@@ -83,6 +83,21 @@ def poison_empty(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "new_empty", _poisoned(torch.Tensor.new_empty))
 
 
+def capture_cuda_graph(fn):
+    """``(graph, outputs)``: ``fn()`` run once on a side stream (Triton compiles, caches fill and
+    autograd settles outside the capture), then captured; ``graph.replay()`` reruns it into
+    ``outputs``."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn()
+    return graph, outputs
+
+
 @pytest.fixture(scope="session")
 def serve_demo(tmp_path_factory):
     """The serving demo (tiny Llama, character tokenizer, 8 adapters), trained briefly."""

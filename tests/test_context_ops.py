@@ -13,7 +13,7 @@ from bora_kernels.ops import context_bias, context_lora_delta, context_plan, con
 from bora_kernels.ops.context_lora_delta.reference import (context_lora_delta_reference, masked_concat_form,
                                                            one_hot_weights)
 from bora_kernels.ops.context_vector.reference import context_bias_reference, context_scale_reference
-from conftest import NEEDS_INTERPRETER, cpu_backends, run_on
+from conftest import NEEDS_INTERPRETER, capture_cuda_graph, cpu_backends, run_on
 from tolerances import assert_close
 
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
@@ -128,7 +128,7 @@ def test_weights_without_a_host_sync_run_every_pass(kind, path, monkeypatch, poi
     """Under torch.compile or a CUDA graph's capture the plan cannot read how many contexts a token
     has at most: it runs all C passes (empty ones included), with the same result and gradients."""
     module = importlib.import_module("bora_kernels.ops.context_lora_delta")
-    monkeypatch.setattr(module, "_may_sync", lambda values: False)
+    monkeypatch.setattr(module, "recording_graph", lambda device: True)
     gen = torch.Generator().manual_seed(11)
     x, a, b, scaling = _inputs((2, 9), 4, 6, torch.float32, gen)
     w = make_context(kind, (2, 9), 4, gen)
@@ -411,14 +411,7 @@ def test_training_step_in_a_cuda_graph(kind):
         out = context_lora_delta(x, a, b, w, scaling)
         return (out, *torch.autograd.grad(out, inputs, dy.half()))
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()  # compiles the kernels outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
+    graph, captured = capture_cuda_graph(step)
     for seed in range(3):
         new = torch.Generator().manual_seed(100 + seed)
         with torch.no_grad():

@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from conftest import cpu_backends, run_on
+from conftest import capture_cuda_graph, cpu_backends, run_on
 from tolerances import assert_close
 
 from bora_kernels.ops import LoRAPlan, lora_delta, lora_plan
@@ -357,15 +357,7 @@ def test_cuda_graph_decode():
     x, a, b, ids, scaling, ranks = make_case(63, 8, "per_token", "mixed", torch.bfloat16, "cuda",
                                              k=512, n=512)
     static_ids = ids.clone()
-    lora_delta(x, a, b, static_ids, scaling, ranks)  # compile outside the capture
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        lora_delta(x, a, b, static_ids, scaling, ranks)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = lora_delta(x, a, b, static_ids, scaling, ranks)
+    graph, out = capture_cuda_graph(lambda: lora_delta(x, a, b, static_ids, scaling, ranks))
     for seed in range(3):
         new_ids = torch.randint(-1, 8, ids.shape, generator=torch.Generator().manual_seed(seed))
         static_ids.copy_(new_ids)

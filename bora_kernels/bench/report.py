@@ -84,8 +84,7 @@ def format_table(results: list[dict]) -> str:
                 row += [_fmt_ms(peaks.get(v)) for _, v in memory_cols]
                 lines.append("| " + " | ".join(row) + " |")
             lines.append("")
-            missed = sorted({f"{v} ({mode})" for r in records
-                             for v, mode in ((v, r["mode"]) for v in r.get("not_captured", {}))})
+            missed = sorted({f"{v} ({r['mode']})" for r in records for v in r.get("not_captured", {})})
             if missed:  # graph timing: shown as "-" above
                 lines.append(f"Not captured in a CUDA graph (a host sync): {', '.join(missed)}.")
                 lines.append("")

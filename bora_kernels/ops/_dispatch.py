@@ -51,6 +51,26 @@ def triton_interpreted() -> bool:
     return _common.INTERPRETED
 
 
+def records_grad(*tensors) -> bool:
+    """Whether a call must go through its op's autograd Function: grad mode is on and one of
+    ``tensors`` (None allowed) requires grad. Otherwise ops launch their kernels directly, with no
+    autograd node (host time)."""
+    if torch.is_grad_enabled():
+        for t in tensors:  # a loop, not any() over a generator: ~1 us less per call
+            if t is not None and t.requires_grad:
+                return True
+    return False
+
+
+def recording_graph(device: torch.device) -> bool:
+    """True while torch.compile traces or a CUDA graph is captured on ``device``: no host sync
+    then (a sync fails the capture), and no tensor made then may be cached (it belongs to the
+    graph)."""
+    if torch.compiler.is_compiling():
+        return True
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def backend(device: torch.device) -> str:
     """Which implementation runs tensors on ``device``: ``"triton"`` or ``"torch"``."""
     forced = _forced.get()

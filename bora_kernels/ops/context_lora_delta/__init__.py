@@ -36,7 +36,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from .._dispatch import backend
+from .._dispatch import backend, recording_graph, records_grad
 from ..lora_delta import (LoRAPlan, _check_inputs, _kernels, _shape, apply_delta, check_add_to, check_adapter_ids,
                           full_ranks, ids_per_sequence, lora_plan, unit_scaling)
 
@@ -61,14 +61,6 @@ class ContextPlan(NamedTuple):
 def _is_ids(context) -> bool:
     return isinstance(context, torch.Tensor) and not context.dtype.is_floating_point \
         and context.dtype != torch.bool and not context.dtype.is_complex
-
-
-def _may_sync(values: torch.Tensor) -> bool:
-    """Whether reading a value of ``values`` on the host is allowed: not while torch.compile
-    traces or a CUDA graph is captured (a sync then fails the capture)."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (values.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def context_plan(context_weights, batch_shape: Sequence[int], num_contexts: int,
@@ -100,7 +92,7 @@ def context_plan(context_weights, batch_shape: Sequence[int], num_contexts: int,
         weights = weights.float()
     values = weights.detach().float()
     nonzero = values != 0
-    if not _may_sync(values):
+    if recording_graph(values.device):
         num_passes = num_contexts
     else:
         num_passes = max(1, int(nonzero.sum(-1).max())) if values.shape[0] else 1
@@ -174,7 +166,7 @@ def _weighted_delta(x2, lora_a, lora_b, plan, scaling, add_to=None):
     ranks = full_ranks(num_contexts, max_rank, x2.device)
     kernels = _kernels(x2.device)
     weights = plan.weights
-    if _needs_grad(x2, lora_a, lora_b, weights, add_to):
+    if records_grad(x2, lora_a, lora_b, weights, add_to):
         tracked = weights is not None and weights.requires_grad
         return ContextLoRADeltaFunction.apply(add_to, x2, lora_a, lora_b, weights if tracked else None, scaling,
                                               ranks, plan, kernels)
@@ -199,13 +191,6 @@ def _token_weights(plan: ContextPlan, num_tokens: int) -> torch.Tensor:
         ids_plan.derived["token_context"] = context
     context = ids_plan.derived["token_context"]
     return (context[:, None] == torch.arange(plan.num_contexts, device=context.device)).float()
-
-
-def _needs_grad(x2, lora_a, lora_b, weights, add_to) -> bool:
-    """Whether autograd must record the call (``weights``: float context weights or None)."""
-    return torch.is_grad_enabled() and (x2.requires_grad or lora_a.requires_grad or lora_b.requires_grad
-                                        or (weights is not None and weights.requires_grad)
-                                        or (add_to is not None and add_to.requires_grad))
 
 
 def _masked_context(context_weights, batch_shape, num_contexts: int, rank: int):
@@ -266,7 +251,7 @@ def context_lora_delta(x, lora_a, lora_b, context_weights, scaling=None, add_to=
                                                                                        dtype=torch.float32)
     check_add_to(add_to, x, n)
     masked = None
-    if backend(x.device) == "triton" and x2.shape[0] and not _needs_grad(
+    if backend(x.device) == "triton" and x2.shape[0] and not records_grad(
             x2, lora_a, lora_b, context_weights if isinstance(context_weights, torch.Tensor) else None, add_to):
         masked = _masked_context(context_weights, batch_shape, num_contexts, rank)
     if masked is None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .._dispatch import backend
+from .._dispatch import backend, records_grad
 from ..context_lora_delta import _is_ids
 from ..lora_delta import _shape, check_adapter_ids, ids_per_sequence
 
@@ -83,8 +83,7 @@ def _context_vector(u, vectors, context_weights, multiply: bool, name: str):
     kernels = _kernels(u.device)
     if u2.shape[0] == 0:
         return u * 1.0 if multiply else u + 0.0
-    tracked = weights is not None and weights.requires_grad
-    if torch.is_grad_enabled() and (u.requires_grad or vectors.requires_grad or tracked):
+    if records_grad(u, vectors, weights):
         out = ContextVectorFunction.apply(u2, vectors, weights, ids, rows_per_id, multiply, kernels)
     else:
         context = ids if weights is None else weights

@@ -13,7 +13,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from .._dispatch import backend
+from .._dispatch import backend, recording_graph, records_grad
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -109,8 +109,7 @@ def _constant(key: tuple, device: torch.device, make) -> torch.Tensor:
     value = _CONSTANTS.get(key)
     if value is None:
         value = make()
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if not capturing and not torch.compiler.is_compiling():
+        if not recording_graph(device):
             _CONSTANTS[key] = value
     return value
 
@@ -326,8 +325,7 @@ def apply_delta(x2, lora_a, lora_b, plan, scaling, ranks, batch_shape, add_to=No
     if torch.compiler.is_compiling():
         return _lora_delta_op(x2, lora_a, lora_b, plan.perm, plan.bounds, scaling, ranks).reshape(*batch_shape, n)
     kernels = _kernels(x2.device)
-    tracked = add_to is not None and add_to.requires_grad
-    if torch.is_grad_enabled() and (x2.requires_grad or lora_a.requires_grad or lora_b.requires_grad or tracked):
+    if records_grad(x2, lora_a, lora_b, add_to):
         out = LoRADeltaFunction.apply(add_to, x2, lora_a, lora_b, scaling, ranks, plan, kernels)
         return out if add_to is not None else out.reshape(*batch_shape, n)
     into = None if add_to is None else add_to.view(-1, n)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._dispatch import backend
+from .._dispatch import backend, records_grad
 
 CSRC_MAX_M = 16  # csrc/nf4_gemv/nf4_gemv.h: kNF4GemvMaxRows; M = 5..16 unmeasured (NOTES.md)
 DENSE_MIN_M = {"cuda": 1, "cpu": 1024}  # by device type; see the module docstring
@@ -148,7 +148,7 @@ def nf4_matmul(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> tor
                              or bias.device != x.device):
         raise ValueError(f"bias must be a [{n}] tensor on {x.device}, got "
                          f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
-    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+    if records_grad(x, bias):
         return NF4MatmulFunction.apply(x, bias, weight)
     return _forward(x, bias, weight)  # nothing to differentiate: no autograd node (host time)
 
