@@ -108,6 +108,9 @@ if want graphs; then
   for suite in context lora nf4; do
     python -m bora_kernels.bench $suite --device cuda --quick --graph --json "$results/$stamp-$suite-graph.json" || status=1
   done
+  # IVON at the sizes where the eager step is host-bound (1M, 16M)
+  python -m bora_kernels.bench ivon --device cuda --quick --graph --params 1048576 16777216 \
+    --json "$results/$stamp-ivon-graph.json" || status=1
 fi
 
 if want serve; then

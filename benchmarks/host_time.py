@@ -44,6 +44,7 @@ def cases() -> dict:
     from bora_kernels.ops import context_lora_delta, lora_delta, lora_plan
     from bora_kernels.ops.context_lora_delta import context_plan
     from bora_kernels.ops import nf4_matmul
+    from bora_kernels.bench.ivon import training_step
     from bora_kernels.optim import IVON
     from bora_kernels.quant import quantize_nf4
 
@@ -61,18 +62,15 @@ def cases() -> dict:
     contexts = torch.arange(T) * D // T  # runs of one context, as in a Context-PEFT batch
     cplan = context_plan(contexts, (T,), D)
     one_hot = torch.nn.functional.one_hot(contexts, D).to(dt)
-    params = [torch.nn.Parameter(torch.randn(IVON_SIZE, generator=gen)) for _ in range(IVON_TENSORS)]
-    for p in params:
-        p.grad = torch.randn(IVON_SIZE, generator=gen)
-    opt = IVON(params, lr=0.1, ess=1e4)
+    optimizers = {}
+    for capturable in (False, True):
+        params = [torch.nn.Parameter(torch.randn(IVON_SIZE, generator=gen)) for _ in range(IVON_TENSORS)]
+        for p in params:
+            p.grad = torch.randn(IVON_SIZE, generator=gen)
+        optimizers[capturable] = IVON(params, lr=0.1, ess=1e4, capturable=capturable)
 
     nf4 = quantize_nf4(torch.randn(N, K, generator=gen).to(dt), 64)  # contents unused: nothing runs
     x16, x1024 = x[:16], torch.randn(1024, K, generator=gen).to(dt)  # the split-K and the dense path
-
-    def ivon_step():
-        with opt.sampled_params(train=True):
-            pass
-        opt.step()
 
     return {
         "lora_delta fwd, ids": (lambda: lora_delta(x, a, b, ids, scaling), False),
@@ -89,7 +87,8 @@ def cases() -> dict:
         "nf4_matmul fwd, M 1024 (dequantize + F.linear)": (lambda: nf4_matmul(x1024, nf4), False),
         "nf4 dequantize + F.linear, M 1024 (no op)": (lambda: torch.nn.functional.linear(x1024, nf4.dequantize()),
                                                        False),
-        f"IVON step + sample, {IVON_TENSORS} tensors": (ivon_step, True),
+        f"IVON step + sample, {IVON_TENSORS} tensors": (training_step(optimizers[False]), True),
+        f"IVON step + sample, {IVON_TENSORS} tensors, capturable": (training_step(optimizers[True]), True),
     }
 
 

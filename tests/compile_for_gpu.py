@@ -200,11 +200,12 @@ def _exercise() -> None:
         a = torch.randn(2, 16, k, dtype=dtype, requires_grad=True)
         b = torch.randn(2, n, 16, dtype=dtype, requires_grad=True)
         lora_delta(x, a, b, torch.tensor([1, 0])).float().sum().backward()
-    for dtype in (torch.float32, torch.bfloat16):  # IVON: parameter dtypes, estimators, samples, noise
-        for samples, hess, noise in ((1, "price", "philox"), (3, "gradsq", "philox"), (2, "price", "torch")):
+    for dtype in (torch.float32, torch.bfloat16):  # IVON: parameter dtypes, estimators, samples, noise, counters
+        for samples, hess, noise, capturable in ((1, "price", "philox", False), (3, "gradsq", "philox", False),
+                                                 (2, "price", "torch", False), (1, "price", "philox", True)):
             layer = torch.nn.Linear(64, 32).to(dtype)
             opt = IVON(layer.parameters(), lr=0.1, ess=1e4, mc_samples=samples, hess_approx=hess, clip_radius=1e-3,
-                       noise=noise)
+                       noise=noise, capturable=capturable)
             for _ in range(2):
                 for _ in range(samples):
                     with opt.sampled_params(train=True):

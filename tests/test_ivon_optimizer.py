@@ -18,7 +18,7 @@ import transformers
 import bora_kernels as bk
 from bora_kernels.ops import use_backend
 from bora_kernels.optim import IVON
-from conftest import KERNEL_AND_TORCH
+from conftest import KERNEL_AND_TORCH, capture_cuda_graph
 
 
 def mlp():
@@ -58,11 +58,7 @@ def trajectory(make, optimizer_cls, backend, steps, config):
     with use_backend(backend):
         opt = optimizer_cls(params, **kwargs)
         for _ in range(steps):
-            for _ in range(opt.mc_samples):
-                with opt.sampled_params(train=True):
-                    opt.zero_grad()
-                    loss_fn().backward()
-            opt.step()
+            train(opt, loss_fn, 1, samples=opt.mc_samples)
             state = [torch.cat([g[k] for g in opt.param_groups]) for k in ("momentum", "hess")] \
                 if optimizer_cls is ivon.IVON else [opt._momentum, opt._hess]
             out.append([torch.cat([p.detach().reshape(-1) for p in params]).clone()] + [s.clone() for s in state])
@@ -105,11 +101,13 @@ def test_both_exchanges_match_ivon_opt(exchange):
         assert all(torch.equal(a, b) for a, b in zip(w, g))
 
 
-def train(opt, loss_fn, steps):
+def train(opt, loss_fn, steps, samples=1):
+    """``steps`` steps of ``samples`` gradient samples each."""
     for _ in range(steps):
-        with opt.sampled_params(train=True):
-            opt.zero_grad()
-            loss_fn().backward()
+        for _ in range(samples):
+            with opt.sampled_params(train=True):
+                opt.zero_grad()
+                loss_fn().backward()
         opt.step()
 
 
@@ -245,11 +243,14 @@ def test_low_precision_parameters_keep_an_fp32_mean(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", KERNEL_AND_TORCH)
-def test_state_dict_round_trip_continues_identically(backend):
+@pytest.mark.parametrize("capturable", [False, True], ids=["default-to-capturable", "capturable-to-default"])
+def test_state_dict_round_trip_continues_identically(backend, capturable):
+    """Saved mid-step and loaded into a new optimizer (capturable or not: the step and draw
+    counts cross between host and device), training continues bit for bit."""
     with use_backend(backend):
         model, loss_fn = mlp()
         torch.manual_seed(2)
-        opt = IVON(model.parameters(), lr=0.05, ess=100.0, hess_init=0.1, mc_samples=2)
+        opt = IVON(model.parameters(), lr=0.05, ess=100.0, hess_init=0.1, mc_samples=2, capturable=capturable)
         train(opt, loss_fn, 3)
         with opt.sampled_params(train=True):  # mid-step: one of two samples taken
             opt.zero_grad()
@@ -262,13 +263,118 @@ def test_state_dict_round_trip_continues_identically(backend):
 
         model2, loss_fn2 = mlp()
         model2.load_state_dict(saved_model)
-        opt2 = IVON(model2.parameters(), lr=1.0, ess=1.0)  # hyper-parameters come from the state dict
+        opt2 = IVON(model2.parameters(), lr=1.0, ess=1.0,  # hyper-parameters come from the state dict
+                    capturable=not capturable)
         opt2.load_state_dict(saved)
         torch.set_rng_state(rng)
         train(opt2, loss_fn2, 3)
         got = torch.cat([p.detach().reshape(-1) for p in model2.parameters()])
-    assert opt2.current_step == opt.current_step
+    assert opt2.current_step == opt.current_step == 6
+    assert saved["state"]["step"] == 3 and saved["state"]["draws"] == (4 if backend == "triton" else 0)
     assert torch.equal(want, got)
+
+
+def _train_then_predict(opt, loss_fn, steps):
+    """``steps`` training steps with a test-temperature sample between two of them; returns the
+    parameters, momentum and ``h`` after each step, and the prediction sample."""
+    out = []
+    for t in range(steps):
+        train(opt, loss_fn, 1, samples=opt.mc_samples)
+        if t == 2:
+            with opt.sampled_params(tau=4.0):
+                predicted = torch.cat([p.detach().reshape(-1) for p in opt._params]).clone()
+        out.append([torch.cat([p.detach().reshape(-1) for p in opt._params]).clone(), opt._momentum.clone(),
+                    opt._hess.clone()])
+    return out, predicted
+
+
+CAPTURE_CONFIGS = [pytest.param(dict(), id="price-mc1"),
+                   pytest.param(dict(hess_approx="gradsq", mc_samples=3, clip_radius=1e-2), id="gradsq-mc3-clip"),
+                   pytest.param(dict(noise="torch", mc_samples=2), id="torch_noise-mc2"),
+                   pytest.param(dict(beta1=0.99, weight_decay=0.1), id="beta0.99-wd")]
+
+
+@pytest.mark.parametrize("backend", KERNEL_AND_TORCH)
+@pytest.mark.parametrize("config", CAPTURE_CONFIGS)
+def test_capturable_trains_bit_for_bit_like_the_default(backend, config):
+    """capturable=True moves the step count (debias) and Philox's draw count to the device: the
+    same trajectory and prediction samples, bit for bit."""
+    runs = []
+    for capturable in (False, True):
+        model, loss_fn = mlp()
+        with use_backend(backend):
+            torch.manual_seed(4)
+            opt = IVON(model.parameters(), lr=0.05, ess=100.0, hess_init=0.1, capturable=capturable, **config)
+            runs.append(_train_then_predict(opt, loss_fn, 8))
+        assert opt.current_step == 8
+    (want, want_predicted), (got, got_predicted) = runs
+    for t, (w, g) in enumerate(zip(want, got)):
+        for name, a, b in zip(("params", "momentum", "hess"), w, g):
+            assert torch.equal(a, b), f"step {t + 1}: {name} differs"
+    assert torch.equal(want_predicted, got_predicted)
+    assert not torch.equal(want[0][0], want[-1][0]), "training did not move the parameters"
+
+
+def _record_launches(monkeypatch):
+    """Replace the optimizer's ``ivon_step`` by one that also records each call as a CUDA graph
+    would bake it: every tensor's address, shape and dtype, and every other argument's value."""
+    from bora_kernels.optim import ivon as ours
+
+    calls = []
+    launch = ours.ivon_step
+
+    def baked(value):
+        if isinstance(value, torch.Tensor):
+            return ("tensor", value.data_ptr(), tuple(value.shape), value.dtype)
+        return value
+
+    def recording(*args, **kwargs):
+        calls.append(tuple(baked(a) for a in args) + tuple((k, baked(v)) for k, v in sorted(kwargs.items())))
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(ours, "ivon_step", recording)
+    return calls
+
+
+@pytest.mark.parametrize("backend", KERNEL_AND_TORCH)
+@pytest.mark.parametrize("config", [pytest.param(dict(), id="price-mc1"),
+                                    pytest.param(dict(noise="torch", mc_samples=3), id="torch_noise-mc3")])
+def test_capturable_steps_launch_what_a_graph_replays(backend, config, monkeypatch):
+    """What a CUDA graph captures of one training step (the kernel launches: addresses and
+    scalars) is what every later step launches, with capturable=True: nothing that changes
+    from step to step is left on the host. The default's launches do change (it refuses
+    capture)."""
+    calls = _record_launches(monkeypatch)
+    for capturable in (True, False):
+        model, loss_fn = mlp()
+        with use_backend(backend):
+            opt = IVON(model.parameters(), lr=0.05, ess=100.0, hess_init=0.1, capturable=capturable, **config)
+            train(opt, loss_fn, 2)  # warm-up, as before a capture
+            steps = []
+            for _ in range(4):
+                del calls[:]
+                train(opt, loss_fn, 1)
+                steps.append(list(calls))
+        assert all(steps), "no launch recorded"
+        # torch noise alternates two buffers from step to step: a step's own launches agree with
+        # each other whichever pair it gets, so compare every other step
+        same = steps[0] == steps[2] and steps[1] == steps[3]
+        assert same == capturable, f"capturable={capturable}: launches {'differ' if capturable else 'repeat'}"
+
+
+def test_default_refuses_cuda_graph_capture(monkeypatch):
+    """capturable=False would replay one step's noise and step count: it refuses to be captured
+    (here the capture is simulated: this machine may have no GPU)."""
+    from bora_kernels.optim import ivon as ours
+
+    model, loss_fn = mlp()
+    opts = {c: IVON(model.parameters(), lr=0.05, ess=100.0, hess_init=0.1, capturable=c) for c in (False, True)}
+    for opt in opts.values():
+        train(opt, loss_fn, 1)
+    monkeypatch.setattr(ours, "capturing_cuda_graph", lambda device: True)
+    with pytest.raises(RuntimeError, match="capturable=True"):
+        train(opts[False], loss_fn, 1)
+    train(opts[True], loss_fn, 1)
 
 
 def test_loads_ivon_opt_state_dict():
@@ -298,9 +404,58 @@ def test_bad_arguments_raise_like_ivon_opt(kwargs):
         assert "hess_approx" in str(ours.value) and "kfac" in str(ours.value)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("noise", ["philox", "torch"])
+def test_training_step_in_a_cuda_graph(noise):
+    """A whole training step (two samples: forward and backward inside sampled_params, then
+    step()) captured in one CUDA graph and replayed 6 times: the trajectory of the same
+    optimizer run eagerly, step for step (replays that repeated one step's noise or step count
+    would drift by the noise's size). The default optimizer refuses the capture, and the device
+    works after it."""
+    dev = torch.device("cuda")
+
+    def setup(capturable):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 10)).to(dev)
+        x, y = torch.randn(256, 64, device=dev), torch.randint(0, 10, (256,), device=dev)
+        opt = IVON(model.parameters(), lr=0.05, ess=1000.0, hess_init=0.1, mc_samples=2, noise=noise,
+                   capturable=capturable)
+
+        def step():
+            for _ in range(2):
+                with opt.sampled_params(train=True):
+                    opt.zero_grad()
+                    F.cross_entropy(model(x), y).backward()
+            opt.step()
+        return model, opt, step
+
+    def flat(model):
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+
+    model, opt, step = setup(True)
+    eager = []
+    for _ in range(7):
+        step()
+        eager.append(flat(model))
+    model, opt, step = setup(True)
+    graph, _ = capture_cuda_graph(step)  # its warm-up is step 1
+    for t in range(1, 7):
+        graph.replay()
+        torch.testing.assert_close(flat(model), eager[t], rtol=1e-5, atol=1e-6, msg=f"replay {t}")
+    assert opt.current_step == 7
+    assert not torch.allclose(eager[1], eager[6])
+
+    _, _, step = setup(False)
+    with pytest.raises(RuntimeError, match="capturable=True"):
+        capture_cuda_graph(step)
+    assert torch.ones(4, device=dev).sum().item() == 4.0
+
+
 def test_other_bad_input():
     with pytest.raises(ValueError, match="noise"):
         IVON([torch.nn.Parameter(torch.zeros(2))], lr=0.1, ess=1.0, noise="uniform")
+    with pytest.raises(ValueError, match="capturable"):
+        IVON([torch.nn.Parameter(torch.zeros(2))], lr=0.1, ess=1.0, capturable="yes")
     with pytest.raises(ValueError, match="different dtypes"):
         IVON([torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2).double())], lr=0.1, ess=1.0)
     opt = IVON([torch.nn.Parameter(torch.zeros(2))], lr=0.1, ess=1.0)

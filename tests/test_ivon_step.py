@@ -3,6 +3,8 @@ every mode a step can be in: fold one sample or the k-th, store the running mean
 update from final means (after an all-reduce), draw or not; both Hessian estimators; fp32, fp16
 and bf16 gradients and samples; sizes around the kernel's block. Outputs are poisoned."""
 
+import math
+
 import pytest
 import torch
 
@@ -73,6 +75,38 @@ def test_step_matches_reference(backend, dtype, hess_approx, fold, count, update
         assert_close(sample, ref["sample"], dtype, "sample")
     if mean_copy is not None:
         assert torch.equal(mean_copy, got["mean"].to(dtype)), "mean_copy is not the fp32 mean rounded"
+
+
+@pytest.mark.parametrize("backend", KERNEL_AND_TORCH)
+@pytest.mark.parametrize("step,beta1", [(1, 0.9), (3, 0.9), (57, 0.9), (400, 0.9), (7, 0.999), (2000, 0.999),
+                                        (5, 0.0), (9, 1 - 2 ** -20)])
+def test_counters_on_the_device_stand_for_the_host_values(backend, step, beta1):
+    """``counters`` (a CUDA graph's optimizer): ``1 - beta1**t`` from the step count and Philox
+    draws relative to the draws made give the same bits as the host's debias and draw indices."""
+    gen = torch.Generator().manual_seed(step)
+    n, draws = 2 * BLOCK + 77, 11
+    st = _state(n, gen)
+    grad = torch.randn(n, generator=gen)
+    philox = backend == "triton"
+    if philox:  # the host passes absolute draw indices, the counters' caller offsets from the draws made
+        noise = {"host": (draws - 2, draws - 1), "counters": (-2, -1)}
+    else:
+        eps = (torch.randn(n, generator=gen), torch.randn(n, generator=gen))
+        noise = {"host": eps, "counters": eps}
+    outs = {}
+    for how in ("host", "counters"):
+        host = how == "host"
+        scalars = SCALARS._replace(beta1=beta1, debias=1.0 - math.pow(beta1, step) if host else None)
+        got = {k: v.clone() for k, v in st.items()}
+        sample = torch.full((n,), float("nan"))
+        with use_backend(backend):
+            ivon_step(got["mean"], got["momentum"], got["hess"], scalars, grad=grad, count=2,
+                      avg_grad=got["avg_grad"], avg_hess_stat=got["avg_hess_stat"], sample=sample,
+                      eps_now=noise[how][0], eps_next=noise[how][1], seed=5,
+                      counters=None if host else torch.tensor([step, draws]))
+        outs[how] = [got["mean"], got["momentum"], got["hess"], sample]
+    for a, b, name in zip(outs["host"], outs["counters"], ("mean", "momentum", "hess", "sample")):
+        assert torch.equal(a, b), f"{name}: counters on the device differ from the host's values"
 
 
 @NEEDS_INTERPRETER
@@ -149,6 +183,12 @@ def test_philox_noise_is_repeatable_and_scaled():
     (lambda t: ivon_step(t, t, t, SCALARS, update=False, sample=t, eps_next=-1), "Philox draw index"),
     (lambda t: ivon_step(t, t, t, SCALARS, hess_approx="kfac"), "hess_approx must be"),
     (lambda t: ivon_step(t, t, t, SCALARS, update=True), "running means"),
+    (lambda t: ivon_step(t, t, t, SCALARS._replace(debias=None), grad=t, eps_now=t), "needs counters"),
+    (lambda t: ivon_step(t, t, t, SCALARS, grad=t, eps_now=t, counters=torch.zeros(2)), "counters must be an int64"),
+    (lambda t: ivon_step(t, t, t, SCALARS, grad=t, eps_now=t, counters=torch.zeros(3, dtype=torch.int64)),
+     "counters must be an int64"),
+    (lambda t: ivon_step(t, t, t, SCALARS, grad=t, eps_now=t, counters=torch.zeros(2, dtype=torch.int64,
+                                                                                  device="meta")), "counters is on"),
 ])
 def test_bad_arguments_name_the_argument(call, match):
     with pytest.raises(ValueError, match=match):

@@ -152,6 +152,19 @@ def test_bench_graph_timing_on_gpu(tmp_path):
     assert graph_median_seconds(lambda: torch.ones(1 << 20, device=device).sum(), device, quick=True) > 0
 
 
+@pytest.mark.gpu
+def test_bench_ivon_graph_timing_on_gpu(tmp_path):
+    """``bora-bench ivon --graph``: our IVON and AdamW, built capturable, and the copy are captured
+    and timed; the record counts the bytes our step moves."""
+    out = tmp_path / "ivon-graph.json"
+    assert bench_main(["ivon", "--device", "cuda", "--quick", "--graph", "--params", str(1 << 20), "--json",
+                       str(out)]) == 0
+    record = json.loads(out.read_text())["suites"]["ivon"][0]
+    assert {"ours", "adamw", "copy"} <= set(record["median_ms"]), record.get("not_captured")
+    assert all(t > 0 for t in record["median_ms"].values())
+    assert record["bytes_moved"] == 32 << 20
+
+
 def test_host_time_script(tmp_path):
     """``benchmarks/host_time.py``: host time per call through both launch paths, without a GPU
     (a fresh process: kernels compiled for sm_90, not interpreted)."""
@@ -166,7 +179,7 @@ def test_host_time_script(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     figures = json.loads(out.read_text())["host_us"]
     assert set(figures) == {"lora_delta fwd+bwd, plan", "context_lora_delta fwd+bwd, plan",
-                            "IVON step + sample, 256 tensors"}
+                            "IVON step + sample, 256 tensors", "IVON step + sample, 256 tensors, capturable"}
     assert all(set(row) == {"direct", "triton"} and all(0 < us < 1e6 for us in row.values())
                for row in figures.values()), figures
     assert "triton/direct" in result.stdout

@@ -16,9 +16,9 @@
     bora-bench all  [--device ...] [--quick] [--json FILE]       every op and model suite
     bora-bench table [--results DIR] [--readme README.md]         README table from result files
 
-``--graph`` (lora, context, nf4; CUDA only) times each call replayed from a CUDA graph: the device
-work alone, without the host time that bounds small calls (what a loop that captures its steps
-pays). Variants that cannot be captured (a host sync) are listed as not captured.
+``--graph`` (lora, context, nf4, ivon; CUDA only) times each call replayed from a CUDA graph: the
+device work alone, without the host time that bounds small calls (what a loop that captures its
+steps pays). Variants that cannot be captured (a host sync) are listed as not captured.
 """
 
 from __future__ import annotations
@@ -48,14 +48,16 @@ def run_suite(module, cases, device: torch.device, quick: bool, variants=None, e
     variant that does not apply to a case (``build`` leaves it out) is skipped there. ``graph``
     (CUDA, op suites; the caller labels the result file's timer) times device work alone,
     replayed from CUDA graphs; a variant that cannot be captured is left out of the times and its
-    reason kept under ``not_captured``."""
+    reason kept under ``not_captured``; a suite whose callables differ when captured (``ivon``:
+    capturable optimizers) builds them with its ``build_captured``."""
     asked = tuple(variants or module.VARIANTS)
     rounds = getattr(module, "INTERLEAVED_ROUNDS", None)  # long calls: see interleaved_medians
     if graph and rounds:
-        raise ValueError("graph timing is for the op suites (lora, context, nf4), not whole models")
+        raise ValueError("graph timing is for the op suites (lora, context, nf4, ivon), not whole models")
+    build = getattr(module, "build_captured", module.build) if graph else module.build
     records = []
     for case in cases:
-        fns = module.build(case, device, asked)
+        fns = build(case, device, asked)
         for mode in module.MODES:
             variants = [v for v in asked if (v, mode) in fns]
             peaks = {v: peak_extra_mib(fns[v, mode], device) for v in variants} if device.type == "cuda" else None
@@ -136,6 +138,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p_ivon = sub.add_parser("ivon", help="the IVON step against ivon-opt, AdamW and a device copy")
     common(p_ivon)
+    graph_option(p_ivon)
     p_ivon.add_argument("--params", type=int, nargs="+", help="parameter counts (elements)")
     p_ivon.add_argument("--tensors", type=int, help="how many tensors hold them (default 256)")
     p_ivon.add_argument("--variants", nargs="+", choices=tuple(ivon.VARIANTS), help="subset to time")

@@ -8,6 +8,10 @@
 - ``copy``: a device copy moving as many bytes as our step must (its time over ours is the
   fraction of copy bandwidth the step reaches).
 
+With ``bora-bench ivon --graph`` each callable is replayed from a CUDA graph (device time alone):
+``build_captured`` then builds our IVON and AdamW with ``capturable=True``. ivon-opt has no such
+option; its replays repeat one step's noise, which leaves its device work, what is timed, the same.
+
 Parameters are ``tensors`` fp32 tensors (default 256, as LoRA r=16 on q/k/v/o of a 32-layer
 model), gradients already in place. The bytes our step must move per element: the gradient, mean,
 momentum and ``h`` read once (4 x 4 B) and the mean, momentum, ``h`` and the next sample written
@@ -71,7 +75,9 @@ def _parameters(case: IVONCase, device: torch.device):
     return params
 
 
-def _ivon_callable(opt):
+def training_step(opt):
+    """What a step costs an IVON optimizer (ours or ivon-opt's) with the gradients in place: a
+    ``sampled_params(train=True)`` block entered and left, then ``step()``."""
     def run():
         with opt.sampled_params(train=True):
             pass
@@ -79,22 +85,29 @@ def _ivon_callable(opt):
     return run
 
 
-def build(case: IVONCase, device: torch.device, variants=tuple(VARIANTS)) -> dict:
-    """``{(variant, "step"): callable}``; each variant owns its parameters (same values)."""
+def build(case: IVONCase, device: torch.device, variants=tuple(VARIANTS), capturable: bool = False) -> dict:
+    """``{(variant, "step"): callable}``; each variant owns its parameters (same values).
+    ``capturable``: our IVON and AdamW built to be replayed from CUDA graphs."""
     hyper = dict(lr=0.03, ess=1e6, hess_init=5e-3, beta2=0.99999, clip_radius=0.01, weight_decay=0.0)
     fns = {}
     if "ours" in variants:
-        fns["ours", "step"] = _ivon_callable(IVON(_parameters(case, device), **hyper))
+        fns["ours", "step"] = training_step(IVON(_parameters(case, device), **hyper, capturable=capturable))
     if "ivon_opt" in variants:
         ivon = require("ivon", "ivon-opt==0.1.3", "ivon", "ours adamw copy")
 
-        fns["ivon_opt", "step"] = _ivon_callable(ivon.IVON(_parameters(case, device), **hyper))
+        fns["ivon_opt", "step"] = training_step(ivon.IVON(_parameters(case, device), **hyper))
     if "adamw" in variants:
         flavour = {"fused": True} if device.type == "cuda" else {"foreach": True}
-        adamw = torch.optim.AdamW(_parameters(case, device), lr=2e-4, weight_decay=0.0, **flavour)
+        adamw = torch.optim.AdamW(_parameters(case, device), lr=2e-4, weight_decay=0.0, capturable=capturable,
+                                  **flavour)
         fns["adamw", "step"] = adamw.step
     if "copy" in variants:
         src = torch.randn(case.bytes_moved // 8, device=device)
         dst = torch.empty_like(src)
         fns["copy", "step"] = lambda: dst.copy_(src)
     return fns
+
+
+def build_captured(case: IVONCase, device: torch.device, variants=tuple(VARIANTS)) -> dict:
+    """``build`` for ``--graph``: the optimizers that can be captured are built capturable."""
+    return build(case, device, variants, capturable=True)

@@ -66,8 +66,11 @@ def recording_graph(device: torch.device) -> bool:
     """True while torch.compile traces or a CUDA graph is captured on ``device``: no host sync
     then (a sync fails the capture), and no tensor made then may be cached (it belongs to the
     graph)."""
-    if torch.compiler.is_compiling():
-        return True
+    return torch.compiler.is_compiling() or capturing_cuda_graph(device)
+
+
+def capturing_cuda_graph(device: torch.device) -> bool:
+    """True while a CUDA graph is captured on ``device``'s current stream."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 

@@ -27,6 +27,13 @@ Same constructor, defaults and semantics as ``ivon.IVON`` of ivon-opt 0.1.3. Wha
   accumulates straight into what the kernel reads. A gradient that is not such a view (say after
   ``model.zero_grad()``) is copied in when the sample ends. Changing ``p.grad`` in place between the
   end of a sample and ``step()`` changes the step (ivon-opt copies gradients when the sample ends).
+- **CUDA graphs.** ``capturable=True`` keeps the step count and the Philox draw count in a
+  device tensor that the kernel reads, so that a training step (``sampled_params`` block and
+  ``step()``) captured in a CUDA graph draws new noise and debiases by the right step at every
+  replay. Each step then runs one more small launch (the counters' increment). Hyper-parameters
+  (``lr`` and the rest) are read when the step is captured: change them, capture again.
+  ``capturable=False`` (the default) refuses to run while a graph is being captured, rather than
+  replaying one step's noise and step count forever.
 - Exceptions inside ``sampled_params`` restore the mean; ``step()`` without a gradient sample, and
   nested ``sampled_params``, raise; ``state_dict()`` also holds the step count, the fp32 mean and
   the noise state, and ``load_state_dict`` also accepts ivon-opt's state dicts.
@@ -40,7 +47,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from ..ops._dispatch import backend, use_backend
+from ..ops._dispatch import backend, capturing_cuda_graph, use_backend
 from ..ops.ivon_step import StepScalars, ivon_step
 
 HESS_APPROX = ("price", "gradsq")
@@ -62,7 +69,7 @@ class IVON(torch.optim.Optimizer):
     def __init__(self, params, lr: float, ess: float, hess_init: float = 1.0, beta1: float = 0.9,
                  beta2: float = 0.99999, weight_decay: float = 1e-4, mc_samples: int = 1, hess_approx: str = "price",
                  clip_radius: float = float("inf"), sync: bool = False, debias: bool = True, rescale_lr: bool = True,
-                 noise: str = "philox"):
+                 noise: str = "philox", capturable: bool = False):
         if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr}")
         if not 1 <= mc_samples:
@@ -83,15 +90,17 @@ class IVON(torch.optim.Optimizer):
             raise ValueError(f"Invalid hess_approx parameter: {hess_approx!r} (one of {HESS_APPROX})")
         if noise not in NOISE:
             raise ValueError(f"Invalid noise parameter: {noise!r} (one of {NOISE})")
+        if not isinstance(capturable, bool):
+            raise ValueError(f"Invalid capturable parameter: {capturable!r} (True or False)")
         defaults = dict(lr=lr, mc_samples=mc_samples, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
                         hess_init=hess_init, ess=ess, clip_radius=clip_radius)
         self._building = True
         super().__init__(params, defaults)
         self._building = False
         self.mc_samples, self.hess_approx, self.sync = mc_samples, hess_approx, sync
-        self.debias, self.rescale_lr, self.noise = debias, rescale_lr, noise
-        self.current_step = 0
+        self.debias, self.rescale_lr, self.noise, self.capturable = debias, rescale_lr, noise, capturable
         self._build_buffers()
+        self._step = 0  # steps taken, counted on the host (on the device too when capturable)
         # Philox noise needs a seed; torch noise must leave torch's generator as ivon-opt would
         self._seed = int(torch.randint(0, 2 ** 31 - 1, ())) if noise == "philox" else 0
         self._draws = 0          # Philox draws made so far (the next draw index)
@@ -163,6 +172,24 @@ class IVON(torch.optim.Optimizer):
         # the two flat buffers' memory where torch can, else one ``p.data`` per parameter
         self._exchange_storage = STORAGE_EXCHANGE and self._sample.untyped_storage().nbytes() > 0
         self._showing_sample = False
+        # capturable: [steps, Philox draws] on the device, and what each kind of call adds to them
+        self._counters = torch.zeros(2, dtype=torch.int64, device=dev) if self.capturable else None
+        self._increments = {(update, draw): torch.tensor([update, draw], dtype=torch.int64, device=dev)
+                            for update in (0, 1) for draw in (0, 1)} if self.capturable else None
+
+    @property
+    def current_step(self) -> int:
+        """Steps taken (read from the device when ``capturable``: a host sync)."""
+        return int(self._counters[0]) if self._counters is not None else self._step
+
+    @current_step.setter
+    def current_step(self, value: int):
+        self._step = int(value)
+        if self._counters is not None:
+            self._counters[0] = self._step
+
+    def _draw_count(self) -> int:
+        return int(self._counters[1]) if self._counters is not None and self._kernel_noise else self._draws
 
     def _show_sample(self, sample: bool):
         """Make the parameters hold the weight sample (True) or the mean (False).
@@ -188,7 +215,12 @@ class IVON(torch.optim.Optimizer):
     # --------------------------------------------------------------- sampling
     def _scalars(self, group, update: bool) -> StepScalars:
         lr = group["lr"] * (group["hess_init"] + group["weight_decay"]) if self.rescale_lr else group["lr"]
-        debias = 1.0 - math.pow(group["beta1"], float(self.current_step)) if (self.debias and update) else 1.0
+        if not (self.debias and update):
+            debias = 1.0
+        elif self._counters is not None:
+            debias = None  # from the step count on the device
+        else:
+            debias = 1.0 - math.pow(group["beta1"], float(self._step))
         return StepScalars(lr, group["ess"], group["weight_decay"], group["beta1"], group["beta2"], debias,
                            group["clip_radius"])
 
@@ -210,8 +242,21 @@ class IVON(torch.optim.Optimizer):
 
     def _run(self, *, fold: bool, update: bool, draw: bool, draw_scale: float = 1.0):
         """One ``ivon_step`` call per parameter group: fold the pending sample, update, draw."""
+        counters = self._counters
+        if counters is None and capturing_cuda_graph(self._device):
+            raise RuntimeError("IVON is being captured in a CUDA graph, whose replays would repeat this step's "
+                               "noise and step count: build the optimizer with capturable=True")
         eps_now = self._sample_draw
         eps_next = self._next_noise() if draw else None
+        if counters is not None:
+            # counted on the device before the launch, which reads them; Philox draw indices are
+            # then relative to the draws made: -1 the one this call makes (or the latest)
+            kernel_draw = draw and self._kernel_noise
+            if update or kernel_draw:
+                counters.add_(self._increments[int(update), int(kernel_draw)])
+            if self._kernel_noise:
+                eps_now = None if eps_now is None else -2 if draw else -1
+                eps_next = -1 if draw else None
         if (fold or update) and not (fold and update and self._count == 1):
             self._ensure_avg()  # running means are read or written, unless one sample goes straight in
         for group, sl in self._groups:
@@ -228,7 +273,7 @@ class IVON(torch.optim.Optimizer):
                           eps_now=eps_now[sl] if isinstance(eps_now, torch.Tensor) else eps_now,
                           eps_next=eps_next[sl] if isinstance(eps_next, torch.Tensor) else eps_next,
                           draw_ess=scalars.ess * draw_scale, hess_approx=self.hess_approx, seed=self._seed,
-                          index_base=sl.start)
+                          index_base=sl.start, counters=counters)
         if fold:
             self._pending = False
         if draw:
@@ -305,7 +350,7 @@ class IVON(torch.optim.Optimizer):
         if self._count == 0:
             raise RuntimeError("IVON.step() needs a gradient sample: run forward and backward inside "
                                "`with optimizer.sampled_params(train=True):` before calling step()")
-        self.current_step += 1
+        self._step += 1  # the device's count (capturable) goes up in the update's _run
         fold = self._pending
         if self.sync and dist.is_available() and dist.is_initialized():
             if fold:
@@ -361,7 +406,7 @@ class IVON(torch.optim.Optimizer):
             groups.append(packed)
             first += count
         state = {"step": self.current_step, "count": self._count, "mean": self._mean.clone(),
-                 "seed": self._seed, "draws": self._draws, "noise": self.noise, "hess_approx": self.hess_approx}
+                 "seed": self._seed, "draws": self._draw_count(), "noise": self.noise, "hess_approx": self.hess_approx}
         if self._count > 0:
             state["avg_grad"] = self._avg_grad.clone()
             state["avg_hess_stat"] = self._avg_hess_stat.clone()
@@ -392,6 +437,8 @@ class IVON(torch.optim.Optimizer):
         self.sync_params()
         self._seed = int(state.get("seed", self._seed))
         self._draws = int(state.get("draws", self._draws))
+        if self._counters is not None:
+            self._counters[1] = self._draws
         self._count = int(state.get("count", 0) or 0)
         self._pending, self._fresh, self._sample_draw = False, False, None
         if self._count > 0:  # ivon-opt names the second running mean after its estimator

@@ -13,6 +13,11 @@ State (``mean``, ``momentum``, ``hess``, the running means) is fp32; ``grad``, `
 standard-normal tensor, or an integer draw index: Philox noise made inside the kernel from
 ``(seed, draw, index_base + element)`` (CUDA, or CPU under the interpreter). ``bora_kernels.optim.IVON``
 is the user-facing optimizer; this op is its kernel.
+
+``counters`` (an int64 tensor ``[t, d]`` on the device) moves what changes from step to step onto
+the device, for launches replayed from a CUDA graph: Philox draw indices are then offsets from
+``d`` (the draws made so far; ``-1`` is the latest), and ``scalars.debias=None`` asks for
+``1 - beta1**t`` computed from ``t``. The caller advances the counters between calls.
 """
 
 from __future__ import annotations
@@ -26,13 +31,14 @@ from .._dispatch import backend
 
 class StepScalars(NamedTuple):
     """A parameter group's hyper-parameters for one step; ``lr`` already rescaled and ``debias``
-    already ``1 - beta1**t`` (or 1.0) as ivon-opt computes them."""
+    already ``1 - beta1**t`` (or 1.0) as ivon-opt computes them, or None: computed from the step
+    count in ``counters``."""
     lr: float
     ess: float
     weight_decay: float
     beta1: float
     beta2: float
-    debias: float
+    debias: float | None
     clip_radius: float
 
 
@@ -53,13 +59,15 @@ def _check(name, t, n, device, dtypes):
 
 def ivon_step(mean, momentum, hess, scalars: StepScalars, *, grad=None, count: int = 1, avg_grad=None,
               avg_hess_stat=None, update: bool = True, sample=None, mean_copy=None, eps_now=None, eps_next=None,
-              draw_ess: float | None = None, hess_approx: str = "price", seed: int = 0, index_base: int = 0):
+              draw_ess: float | None = None, hess_approx: str = "price", seed: int = 0, index_base: int = 0,
+              counters=None):
     """Fold ``grad`` (the ``count``-th sample of this step; ``None`` when the running means are
     already final, as after a distributed all-reduce), update when ``update``, and draw into
     ``sample`` when given. ``eps_now`` is the noise of the sample ``grad`` was taken at (needed to
     fold under ``"price"``), ``eps_next`` the noise of the sample to draw: tensors, or Philox draw
     indices. ``draw_ess`` (default ``scalars.ess``) sets the sample's spread: ``tau * ess`` draws at
-    test temperature ``tau``. Everything is updated in place; returns None.
+    test temperature ``tau``. ``counters``: see the module docstring. Everything is updated in
+    place; returns None.
     """
     if hess_approx not in ("price", "gradsq"):
         raise ValueError(f"hess_approx must be 'price' or 'gradsq', got {hess_approx!r}")
@@ -71,11 +79,21 @@ def ivon_step(mean, momentum, hess, scalars: StepScalars, *, grad=None, count: i
         _check(name, t, n, device, (torch.float32,))
     for name, t in (("grad", grad), ("sample", sample), ("mean_copy", mean_copy)):
         _check(name, t, n, device, _FLOAT)
+    if counters is not None:
+        if not isinstance(counters, torch.Tensor) or counters.shape != (2,) or counters.dtype != torch.int64:
+            raise ValueError("counters must be an int64 tensor [step count, draws made], got "
+                             + (f"{counters.dtype} {tuple(counters.shape)}" if isinstance(counters, torch.Tensor)
+                                else type(counters).__name__))
+        if counters.device != device:
+            raise ValueError(f"counters is on {counters.device} but mean is on {device}")
+    elif scalars.debias is None:
+        raise ValueError("scalars.debias=None (computed from the step count) needs counters")
+    lowest = -2 ** 31 if counters is not None else 0  # relative to the draws made, or absolute
     for name, eps in (("eps_now", eps_now), ("eps_next", eps_next)):
         if isinstance(eps, torch.Tensor):
             _check(name, eps, n, device, _FLOAT)
-        elif eps is not None and (not isinstance(eps, int) or not 0 <= eps < 2 ** 31):
-            raise ValueError(f"{name} must be a noise tensor or a Philox draw index in [0, 2**31), got {eps!r}")
+        elif eps is not None and (not isinstance(eps, int) or not lowest <= eps < 2 ** 31):
+            raise ValueError(f"{name} must be a noise tensor or a Philox draw index in [{lowest}, 2**31), got {eps!r}")
     price = hess_approx == "price"
     fold = grad is not None
     if fold and count < 1:
@@ -101,7 +119,7 @@ def ivon_step(mean, momentum, hess, scalars: StepScalars, *, grad=None, count: i
     launch(mean, momentum, hess, scalars, grad=grad, count=count, avg_grad=avg_grad, avg_hess_stat=avg_hess_stat,
            update=update, sample=sample, mean_copy=mean_copy, eps_now=eps_now, eps_next=eps_next,
            draw_ess=scalars.ess if draw_ess is None else draw_ess, price=price, read_avg=read_avg, seed=seed,
-           index_base=index_base)
+           index_base=index_base, counters=counters)
 
 
 __all__ = ["StepScalars", "ivon_step"]

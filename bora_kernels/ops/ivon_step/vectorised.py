@@ -7,6 +7,8 @@ lives inside the Triton kernel); the optimizer draws them with ``torch.randn`` o
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 CHUNK = 1 << 18
@@ -52,12 +54,15 @@ def _step_chunk(sl, mean, momentum, hess, s, grad, count, avg_grad, avg_hess_sta
 
 
 def ivon_step(mean, momentum, hess, scalars, *, grad, count, avg_grad, avg_hess_stat, update, sample, mean_copy,
-              eps_now, eps_next, draw_ess, price, read_avg, seed, index_base):
+              eps_now, eps_next, draw_ess, price, read_avg, seed, index_base, counters):
     """Same contract as the Triton launcher, with noise given as tensors (``seed``/``index_base``
-    only place Philox noise, which this path never draws)."""
+    only place Philox noise, which this path never draws). The step count in ``counters`` is
+    read on the host: this path runs CPU tensors, which no CUDA graph captures."""
     for name, eps in (("eps_now", eps_now), ("eps_next", eps_next)):
         if eps is not None and not isinstance(eps, torch.Tensor):
             raise ValueError(f"{name}: the torch path takes noise as a tensor, not a Philox draw index")
+    if scalars.debias is None:
+        scalars = scalars._replace(debias=1.0 - math.pow(scalars.beta1, float(counters[0])))
     n = mean.numel()
     for start in range(0, n, CHUNK):
         _step_chunk(slice(start, min(start + CHUNK, n)), mean, momentum, hess, scalars, grad, count, avg_grad,
