@@ -190,7 +190,7 @@ class IVON(torch.optim.Optimizer):
 
     def _draw_count(self) -> int:
         """Philox draws made so far (read from the device when ``capturable``: a host sync)."""
-        return int(self._counters[1]) if self._counters is not None and self._kernel_noise else self._draws
+        return int(self._counters[1]) if self._counters is not None else self._draws
 
     def _show_sample(self, sample: bool):
         """Make the parameters hold the weight sample (True) or the mean (False).
