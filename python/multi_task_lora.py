@@ -61,9 +61,7 @@ def main() -> None:
     print(f"tiny Llama on {device}: {len(layers)} projections with {num_tasks} adapters each, "
           f"{trainable:,} trainable parameters")
     if args.quantize:
-        bases = [m.base_layer for m in layers]
-        stored = sum(b.base_bytes() for b in bases)
-        weights = sum(b.in_features * b.out_features for b in bases)
+        stored, weights = bk.nn.nf4_storage(model)
         print(f"  base projections in NF4: {stored / weights:.3f} bytes per weight (measured; bf16 takes 2, "
               f"fp32 4), {stored / 2 ** 10:.0f} KiB for {weights:,} weights")
 

@@ -188,20 +188,26 @@ def test_host_time_script(tmp_path):
     assert bad.returncode == 2 and "--calls" in bad.stderr
 
 
-def test_bench_serve(serve_demo, tmp_path, capsys):
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_bench_serve(serve_demo, tmp_path, capsys, quantize):
     """The load test runs both servers and counts every request (a small run: its ratio is not
-    asserted, the benchmark's figures are quoted from full runs)."""
+    asserted, the benchmark's figures are quoted from full runs); with ``--quantize nf4`` both
+    servers say they keep the base in NF4."""
     pytest.importorskip("httpx")
     out = tmp_path / "serve.json"
     assert bench_main(["serve", "--device", "cpu", "--model", str(serve_demo / "base"), "--requests", "12",
-                       "--concurrency", "4", "--adapters", "3", "--max-tokens", "5", "--json", str(out)]) == 0
+                       "--concurrency", "4", "--adapters", "3", "--max-tokens", "5", "--json", str(out)]
+                      + (["--quantize", quantize] if quantize else [])) == 0
     result = json.loads(out.read_text())["serve"]
     assert list(result["runs"]) == ["bora (mixed adapters per step)", "baseline (one adapter per step)"]
     for run in result["runs"].values():
         assert (run["completed"], run["failed"], run["lost"], run["tokens"]) == (12, 0, 0, 60)
         assert run["wrong_token_counts"] == 0 and run["ttft_p50_s"] <= run["latency_p50_s"]
-    assert result["throughput_ratio"] > 0
-    assert "throughput ratio (bora / baseline)" in capsys.readouterr().out
+        assert run["server"].startswith("bora-serve: base with 3 adapters")
+        assert ("base in NF4:" in run["server"]) == (quantize == "nf4")
+    assert result["case"]["quantize"] == quantize and result["throughput_ratio"] > 0
+    printed = capsys.readouterr().out
+    assert "throughput ratio (bora / baseline)" in printed and ("base in NF4" in printed) == (quantize == "nf4")
 
 
 def test_bench_writes_results_and_readme_table(tmp_path, capsys):

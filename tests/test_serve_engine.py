@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 import bora_kernels as bk  # noqa: E402
+from bora_kernels.nn import NF4Linear  # noqa: E402
 from bora_kernels.ops import use_backend  # noqa: E402
 from bora_kernels.serve import Engine, QueueFull, Request, SamplingParams, UnknownAdapter  # noqa: E402
 
@@ -136,6 +137,37 @@ def test_per_adapter_schedule_runs_one_adapter_per_step(adapters, reference, mon
         Engine(tiny_llama(), schedule="fifo")
 
 
+def test_nf4_base_serves_what_the_dequantized_model_generates(adapters):
+    """``quantize="nf4"``: every block projection's base is stored in NF4 under the adapter
+    slots, and a mixed batch generates, per request, what ``generate`` gives with the adapter
+    alone over the dense model whose weights are the dequantized NF4 ones (and not what the
+    unquantized model gives: the 4-bit base is really used)."""
+    root, names = adapters
+    engine = Engine(tiny_llama(), max_adapters=10, max_lora_rank=8, quantize="nf4")
+    layers = bk.model.adapter_layers(engine.model)
+    assert len(layers) == 14 and all(isinstance(layer.base_layer, NF4Linear) for layer in layers.values())
+    for name in names:
+        engine.load_adapter(name, root / name)
+    dequantized = tiny_llama()
+    for module_name, layer in layers.items():
+        dequantized.get_submodule(module_name).weight.data.copy_(layer.base_layer.nf4_weight().dequantize())
+    dequantized = bk.load_peft_adapters(dequantized, {n: root / n for n in names})
+    dense = bk.load_peft_adapters(tiny_llama(), {n: root / n for n in names})
+    gen = torch.Generator().manual_seed(5)
+    jobs = []
+    for i in range(10):
+        prompt = torch.randint(1, VOCAB, (int(torch.randint(1, 13, (1,), generator=gen)),), generator=gen).tolist()
+        adapter = None if i % 5 == 4 else names[i % 8]
+        jobs.append((prompt, adapter, collect(engine, prompt, adapter, SamplingParams(max_tokens=6, temperature=0))))
+    with use_backend("torch"):
+        while not all(out["done"].is_set() for *_, (_, out) in jobs):
+            engine.step()
+    assert engine.stats["step_sequences"] > engine.stats["steps"]  # batched
+    for prompt, adapter, (_, out) in jobs:
+        assert out["tokens"] == offline(dequantized, prompt, adapter, 6), (adapter, prompt)
+    assert any(out["tokens"] != offline(dense, prompt, adapter, 6) for prompt, adapter, (_, out) in jobs)
+
+
 def test_stop_tokens_and_sampling(adapters, reference):
     root, names = adapters
     engine = start(served(adapters))
@@ -240,6 +272,12 @@ def test_bad_arguments():
             SamplingParams(**kw)
     with pytest.raises(ValueError, match="max_batch must be a positive int"):
         Engine(tiny_llama(), max_batch=0)
+    with pytest.raises(ValueError, match="quantize must be None or 'nf4'"):
+        Engine(tiny_llama(), quantize="int8")
+    with pytest.raises(ValueError, match="unquantized bases"):
+        Engine(bk.inject(tiny_llama(), ["q_proj"], 2), quantize="nf4")
+    qlora = bk.inject(tiny_llama(), ["q_proj"], 2, quantize="nf4")
+    assert Engine(qlora, quantize="nf4").model is qlora  # already over NF4: served as it is
     engine = Engine(copy.deepcopy(tiny_llama()), max_adapters=1, max_lora_rank=2)
     with pytest.raises(ValueError, match="adapter name must be a non-empty str"):
         engine.load_adapter("", "x")

@@ -31,6 +31,7 @@ httpx = pytest.importorskip("httpx")
 
 import bora_kernels as bk  # noqa: E402
 from bora_kernels.bench.serve import free_port, wait_healthy  # noqa: E402
+from bora_kernels.nn import NF4Linear, nf4_storage  # noqa: E402
 from bora_kernels.ops import use_backend  # noqa: E402
 from bora_kernels.serve import Engine, QueueFull, demo  # noqa: E402
 from bora_kernels.serve.app import Limits, Server, create_app  # noqa: E402
@@ -450,6 +451,23 @@ def test_cli_sigterm_finishes_in_flight_work_and_exits_0(serve_demo, tmp_path):
             proc.kill()
         log = proc.communicate()[0]
     assert "with 8 adapters" in log, log
+
+
+def test_cli_quantize_nf4_serves_the_adapters_over_a_4bit_base(serve_demo, capsys):
+    from bora_kernels.serve.cli import _quantized, build_server
+
+    server, _ = build_server(["--demo", str(serve_demo), "--quantize", "nf4"])
+    layers = bk.model.adapter_layers(server.engine.model)
+    assert layers and all(isinstance(layer.base_layer, NF4Linear) for layer in layers.values())
+    assert len(server.engine.adapter_names()) == 8
+    stored, weights = nf4_storage(server.engine.model)
+    assert weights == sum(layer.in_features * layer.out_features for layer in layers.values())
+    assert 0.5 < stored / weights < 0.6  # 4 bits plus the block statistics
+    assert f"base in NF4: {stored / weights:.3f} bytes per weight" in _quantized(server.engine.model)
+    assert _quantized(build_server(["--demo", str(serve_demo)])[0].engine.model) == ""
+    with pytest.raises(SystemExit):
+        build_server(["--demo", str(serve_demo), "--quantize", "int8"])
+    assert "--quantize: invalid choice: 'int8'" in capsys.readouterr().err
 
 
 def test_cli_bad_arguments(serve_demo, capsys):

@@ -11,7 +11,7 @@
     bora-bench nf4  [--device cpu|cuda] [--quick] [--json FILE] [--tokens ...] [--features K N]
                     nf4_matmul against bitsandbytes matmul_4bit and the dense weight
     bora-bench serve [--device cpu|cuda] [--quick] [--json FILE] [--model DIR] [--requests N]
-                    [--concurrency C] [--adapters A] [--max-tokens T] [--time-limit S]
+                    [--concurrency C] [--adapters A] [--max-tokens T] [--time-limit S] [--quantize nf4]
                     a load test of bora-serve on loopback against one-adapter-per-batch serving
     bora-bench all  [--device ...] [--quick] [--json FILE]       every op and model suite
     bora-bench table [--results DIR] [--readme README.md]         README table from result files
@@ -158,6 +158,8 @@ def _parser() -> argparse.ArgumentParser:
     p_serve.add_argument("--adapters", type=int, help="adapters the requests spread over (default 16; --quick 8)")
     p_serve.add_argument("--max-tokens", type=int, help="tokens generated per request (default 32; --quick 16)")
     p_serve.add_argument("--time-limit", type=float, default=600.0, help="seconds per server before requests count as lost")
+    p_serve.add_argument("--quantize", choices=("nf4",), default=None,
+                         help="both servers keep the base weights in NF4 (bora-serve --quantize nf4)")
 
     p_all = sub.add_parser("all", help="every suite with its default grid")
     common(p_all)
@@ -195,6 +197,7 @@ def _serve(args, device: torch.device) -> int:
             if value <= 0:
                 raise SystemExit(f"bora-bench serve: --{name.replace('_', '-')} must be > 0, got {value}")
             setattr(case, name, value)
+    case.quantize = args.quantize
     env = environment(device)
     print(f"bora-bench serve on {env['device']}", file=sys.stderr)
     result = {"environment": env, "quick": args.quick, "serve": serve.run(case, args.model, device.type)}

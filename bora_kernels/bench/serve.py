@@ -44,6 +44,7 @@ class LoadCase:
     prompt_tokens: tuple[int, int] = (8, 32)
     rank: int = 8
     time_limit: float = 600.0
+    quantize: str | None = None  # "nf4": both servers keep the base in NF4 (bora-serve --quantize)
 
 
 QUICK = LoadCase(requests=64, concurrency=16, adapters=8, max_tokens=16)
@@ -94,7 +95,10 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout: float) -> None:
             time.sleep(0.2)
 
 
-def start_server(model_dir: Path, root: Path, case: LoadCase, schedule: str, device: str) -> tuple[subprocess.Popen, str]:
+def start_server(model_dir: Path, root: Path, case: LoadCase, schedule: str,
+                 device: str) -> tuple[subprocess.Popen, str, str]:
+    """Start bora-serve for ``case``; returns the process, its URL and the line it printed on
+    starting (what it serves: adapters, schedule, NF4 base)."""
     port = free_port()
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # CPU figures are for the torch path, never the interpreter
@@ -103,10 +107,17 @@ def start_server(model_dir: Path, root: Path, case: LoadCase, schedule: str, dev
                "--max-lora-rank", str(case.rank), "--max-batch", str(case.concurrency),
                "--max-queue", str(case.requests + case.adapters), "--schedule", schedule,
                "--served-model-name", "base", "--no-access-log", "--log-level", "warning"]
+    if case.quantize:
+        command += ["--quantize", case.quantize]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     wait_healthy(proc, url, 300)
-    return proc, url
+    banner = ""  # printed before the server answers, so it is in the pipe by now
+    while not banner.startswith("bora-serve:"):
+        banner = proc.stderr.readline()
+        if not banner:
+            break
+    return proc, url, banner.strip()
 
 
 async def _one(client, url: str, body: dict) -> dict:
@@ -176,7 +187,7 @@ def run_schedule(model_dir: Path, root: Path, names: list[str], case: LoadCase, 
                 "max_tokens": case.max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True}}
 
-    proc, url = start_server(model_dir, root, case, schedule, device)
+    proc, url, banner = start_server(model_dir, root, case, schedule, device)
     try:
         warm = [body(name) for name in names]
         asyncio.run(_load(url, warm, case.concurrency, case.time_limit))
@@ -193,7 +204,7 @@ def run_schedule(model_dir: Path, root: Path, names: list[str], case: LoadCase, 
     tokens = sum(r["tokens"] for r in ok)
     latencies = [r["latency"] for r in ok]
     ttfts = [r["ttft"] for r in ok if r["ttft"] is not None]
-    return {"schedule": schedule, "completed": len(ok), "failed": len(errors), "lost": results.count(None),
+    return {"schedule": schedule, "server": banner, "completed": len(ok), "failed": len(errors), "lost": results.count(None),
             "errors": errors[:5], "wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
             "latency_p50_s": _percentile(latencies, 0.5), "latency_p99_s": _percentile(latencies, 0.99),
             "ttft_p50_s": _percentile(ttfts, 0.5), "ttft_p99_s": _percentile(ttfts, 0.99),
@@ -229,7 +240,8 @@ def run(case: LoadCase, model_dir: Path | None, device: str, echo=print) -> dict
 def format_result(result: dict, device_name: str) -> str:
     case = result["case"]
     lines = [f"bora-bench serve on {device_name}: {case['requests']} requests from {case['concurrency']} clients "
-             f"over {case['adapters']} adapters, {case['max_tokens']} tokens each",
+             f"over {case['adapters']} adapters, {case['max_tokens']} tokens each"
+             + (f", base in {case['quantize'].upper()}" if case.get("quantize") else ""),
              "| server | tokens/s | latency p50 / p99 (s) | TTFT p50 / p99 (s) | failed | lost |",
              "|---|---|---|---|---|---|"]
     for label, r in result["runs"].items():

@@ -67,3 +67,10 @@ class NF4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, blocksize={self.blocksize}, "
                 f"double_quant={self.offset is not None}, compute_dtype={self.compute_dtype}")
+
+
+def nf4_storage(model: nn.Module) -> tuple[int, int]:
+    """``(bytes, weights)`` over every ``NF4Linear`` of ``model``: the bytes its 4-bit weights
+    and their statistics take, and how many weights they hold (bytes per weight = the ratio)."""
+    layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    return sum(m.base_bytes() for m in layers), sum(m.in_features * m.out_features for m in layers)

@@ -4,6 +4,7 @@
     bora-serve --model DIR --adapters a=DIR_A b=DIR_B  # a Hugging Face model and PEFT adapters
     bora-serve --model DIR --adapter-root ROOT         # every sub-folder of ROOT is an adapter,
                                                        # and POST /v1/load_lora_adapter may load more from it
+    bora-serve --model DIR --adapters ... --quantize nf4   # the adapters over a 4-bit NF4 base (QLoRA)
 
 Then ``curl localhost:8000/v1/completions -d '{"model": "skip2", "prompt": "abc", "max_tokens": 8}'``
 (``model`` is the adapter; the base model's name means none). SIGTERM or Ctrl-C stops taking
@@ -41,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), default="auto")
     p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
                    help="the ops' implementation (auto: the dispatch rule of ARCHITECTURE.md)")
+    p.add_argument("--quantize", choices=("nf4",), default=None,
+                   help="store the block projections' frozen base weights in NF4 (4-bit) under the adapters")
     p.add_argument("--max-adapters", type=int, default=16, help="adapter slots (loaded at once)")
     p.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank a slot holds")
     p.add_argument("--max-batch", type=int, default=32, help="sequences in one decode step")
@@ -116,7 +119,7 @@ def build_server(argv=None):
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     engine = Engine(model, max_adapters=args.max_adapters, max_lora_rank=args.max_lora_rank, max_batch=args.max_batch,
-                    max_queue=args.max_queue, schedule=args.schedule)
+                    max_queue=args.max_queue, schedule=args.schedule, quantize=args.quantize)
     for adapter, folder in folders.items():
         try:
             engine.load_adapter(adapter, folder)
@@ -151,6 +154,15 @@ def _uvicorn_server(config):
     return Graceful(config)
 
 
+def _quantized(model) -> str:
+    """``", base in NF4: ..."`` (bytes per weight, measured) for a model with NF4 layers, else ``""``."""
+    from ..nn import nf4_storage
+
+    stored, weights = nf4_storage(model)
+    size = f"{stored / 2 ** 20:.1f} MiB" if stored >= 2 ** 20 else f"{stored / 2 ** 10:.1f} KiB"
+    return f", base in NF4: {stored / weights:.3f} bytes per weight, {size}" if weights else ""
+
+
 def main(argv=None) -> int:
     import uvicorn
 
@@ -163,7 +175,8 @@ def main(argv=None) -> int:
         server.engine.start()  # the engine thread keeps the backend chosen here
     adapters = server.engine.adapter_names()
     print(f"bora-serve: {server.model_name} with {len(adapters)} adapters {adapters} on "
-          f"http://{args.host}:{args.port} (schedule {args.schedule})", file=sys.stderr, flush=True)
+          f"http://{args.host}:{args.port} (schedule {args.schedule}{_quantized(server.engine.model)})",
+          file=sys.stderr, flush=True)
     config = uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
                             access_log=not args.no_access_log)
     _uvicorn_server(config).run()

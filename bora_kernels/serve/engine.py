@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..model import adapter_layers, inject, use_adapters
-from ..nn import AdapterRoute
+from ..nn import AdapterRoute, NF4Linear
 from ..peft_io import read_peft_adapter, set_peft_adapter
 
 logger = logging.getLogger(__name__)
@@ -142,21 +142,31 @@ class Engine:
     ``target_modules`` (default: every linear layer of the blocks), all slots empty. ``start()``
     runs the engine thread; ``submit`` queues a request; ``load_adapter`` / ``unload_adapter``
     change the adapters while it serves. ``schedule``: one of ``SCHEDULES`` (default ``"mixed"``,
-    the point of this engine; ``"per-adapter"`` is the baseline it is measured against)."""
+    the point of this engine; ``"per-adapter"`` is the baseline it is measured against).
+    ``quantize="nf4"`` stores the frozen base weights of ``target_modules`` in NF4 (4-bit, as
+    ``inject(..., quantize="nf4")``) under the adapter slots: many adapters served over one
+    4-bit base (multi-adapter QLoRA). It applies when the engine injects the adapter layers;
+    a model that has them already is served as it is."""
 
     def __init__(self, model: nn.Module, max_adapters: int = 16, max_lora_rank: int = 16, max_batch: int = 32,
-                 max_queue: int = 256, target_modules=DEFAULT_TARGETS, schedule: str = "mixed"):
+                 max_queue: int = 256, target_modules=DEFAULT_TARGETS, schedule: str = "mixed", quantize=None):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if quantize not in (None, "nf4"):
+            raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
         for name, value in (("max_adapters", max_adapters), ("max_lora_rank", max_lora_rank),
                             ("max_batch", max_batch), ("max_queue", max_queue)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not adapter_layers(model):
-            inject(model, target_modules, max_adapters, r=max_lora_rank, alpha=max_lora_rank)
+            inject(model, target_modules, max_adapters, r=max_lora_rank, alpha=max_lora_rank, quantize=quantize)
             for layer in adapter_layers(model).values():
                 for d in range(max_adapters):
                     layer.set_adapter(d, None, None)
+        elif quantize is not None and not all(isinstance(getattr(layer, "base_layer", None), NF4Linear)
+                                              for layer in adapter_layers(model).values()):
+            raise ValueError("quantize='nf4' applies when the engine injects the adapter layers, and this model "
+                             "has them over unquantized bases: inject(model, ..., quantize='nf4') instead")
         self.model = model.eval()
         self.layers = adapter_layers(model)
         self.num_slots = next(iter(self.layers.values())).num_adapters
