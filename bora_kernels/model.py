@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .nn import (CONTEXT_LAYERS, AdapterRoute, ContextBitFit, ContextIA3, ContextLoRALinear, ContextRoute, MultiLoRALinear,
-                 NF4Linear)
+                 NF4Linear, is_bnb_4bit)
 from .quant import quantize_nf4
 
 METHODS = ("lora", "context_lora", "context_bitfit", "context_ia3")
@@ -46,7 +46,7 @@ def _fan_in_fan_out(module: nn.Module) -> bool | None:
 
 def linear_features(module: nn.Module) -> tuple[int, int] | None:
     """``(in, out)`` of a layer that can hold adapters (wrapped already or not), else None."""
-    if isinstance(module, _WRAPPERS):
+    if isinstance(module, _WRAPPERS) or is_bnb_4bit(module):  # (a 4-bit weight holds packed codes)
         return module.in_features, module.out_features
     fan = _fan_in_fan_out(module)
     if fan is None:
@@ -148,8 +148,10 @@ def inject(model: nn.Module, target_modules: str | Iterable[str], num_adapters: 
     a suffix after a dot) or a regex string (full match), as PEFT. ``nn.Linear`` and GPT-2's
     ``Conv1D`` are wrapped (``Conv1D`` with ``fan_in_fan_out``). ``quantize="nf4"`` first turns each
     targeted base layer into an ``NF4Linear`` (blocksize 64, double quantization): QLoRA, with many
-    adapters over one 4-bit base. Freezes the whole base model; only the adapters train. Returns
-    ``model``.
+    adapters over one 4-bit base. A bitsandbytes NF4 ``Linear4bit`` (a model loaded with
+    ``load_in_4bit``) is adopted as an ``NF4Linear`` as it is, whatever ``quantize`` says: its bytes
+    are kept, not quantized again. Freezes the whole base model; only the adapters train. Returns
+    ``model``; on a ``ValueError`` the model is left as it was.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -166,7 +168,8 @@ def inject(model: nn.Module, target_modules: str | Iterable[str], num_adapters: 
         raise ValueError(f"num_adapters (the number of contexts) must be a positive int, got {num_adapters!r}")
 
     def make_layer(name, module, fan):
-        if quantize == "nf4":  # QLoRA: the frozen base in NF4 (a Conv1D's [in, out] weight transposed)
+        if quantize == "nf4" and not isinstance(module, NF4Linear):  # QLoRA: the frozen base in NF4 (a
+            # Conv1D's [in, out] weight transposed); a bitsandbytes NF4 layer comes adopted already
             weight = module.weight.detach()
             module = NF4Linear(quantize_nf4(weight.T.contiguous() if fan else weight), module.bias)
             fan = False
@@ -185,12 +188,27 @@ def inject(model: nn.Module, target_modules: str | Iterable[str], num_adapters: 
     return model
 
 
+def _adopted(name: str, module: nn.Module) -> nn.Module:
+    """``module``, or for a bitsandbytes NF4 ``Linear4bit`` an ``NF4Linear`` holding its bytes
+    (our kernels then run it); a ``ValueError`` naming the module for other 4-bit types."""
+    if not is_bnb_4bit(module):
+        return module
+    quant_type = getattr(module.weight, "quant_type", None)
+    if quant_type != "nf4":
+        raise ValueError(f"module {name!r} is a bitsandbytes 4-bit layer quantized as {quant_type!r}; only NF4 "
+                         f"bases take adapters (load with bnb_4bit_quant_type='nf4')")
+    return NF4Linear.from_bnb(module)
+
+
 def _inject_targets(model, targets, make_layer):
     """Freeze ``model`` and replace each ``(name, module, fan_in_fan_out)`` target by
-    ``make_layer(name, module, fan_in_fan_out)``."""
+    ``make_layer(name, module, fan_in_fan_out)``, a bitsandbytes NF4 module adopted first
+    (``_adopted``). Every new layer is made before any is put in, so that an error in one (a
+    shape a quantizer refuses, a 4-bit type we cannot read) leaves the model untouched."""
+    layers = [(name, make_layer(name, _adopted(name, module), fan)) for name, module, fan in targets]
     model.requires_grad_(False)
-    for name, module, fan in targets:
-        _replace(model, name, make_layer(name, module, fan))
+    for name, layer in layers:
+        _replace(model, name, layer)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

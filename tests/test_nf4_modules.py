@@ -7,7 +7,7 @@ import torch
 import transformers
 
 import bora_kernels as bk
-from bora_kernels.nn import MultiLoRALinear, NF4Linear
+from bora_kernels.nn import MultiLoRALinear, NF4Linear, is_bnb_4bit
 from bora_kernels.ops import use_backend
 from bora_kernels.quant import quantize_nf4
 from conftest import KERNEL_AND_TORCH
@@ -15,11 +15,11 @@ from tolerances import assert_close
 
 
 
-def bnb_linear4bit(linear, double_quant):
+def bnb_linear4bit(linear, double_quant, quant_type="nf4"):
     import bitsandbytes as bnb
 
     layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                              compute_dtype=linear.weight.dtype, quant_type="nf4", compress_statistics=double_quant)
+                              compute_dtype=linear.weight.dtype, quant_type=quant_type, compress_statistics=double_quant)
     layer.load_state_dict(linear.state_dict())
     return layer.to("cpu")  # quantizes
 
@@ -92,3 +92,75 @@ def test_multi_adapter_qlora_trains_and_serves(backend):
         layers[0].merge(0)
     with pytest.raises(ValueError, match="quantize must be None or 'nf4'"):
         bk.inject(tiny_llama(), ["q_proj"], 2, quantize="int8")
+
+
+def bnb_llama(quant_type="nf4"):
+    """``tiny_llama()`` with every q_proj and v_proj a bitsandbytes ``Linear4bit``, as
+    ``from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True))`` makes them."""
+    model = tiny_llama()
+    for block in model.model.layers:
+        for name in ("q_proj", "v_proj"):
+            setattr(block.self_attn, name, bnb_linear4bit(getattr(block.self_attn, name), True, quant_type))
+    return model
+
+
+@pytest.mark.parametrize("backend", KERNEL_AND_TORCH)
+def test_inject_adopts_a_bitsandbytes_4bit_model(backend, tmp_path):
+    """A model loaded in 4-bit by bitsandbytes takes adapters: each ``Linear4bit`` becomes an
+    ``NF4Linear`` holding the same bytes (not quantized again), the base model's output is
+    unchanged, the adapters train, and PEFT adapters load onto such a model."""
+    model = bnb_llama()
+    bnb_layers = {name: m for name, m in model.named_modules() if is_bnb_4bit(m)}
+    dense_shapes = {name: m.weight.shape[::-1] for name, m in tiny_llama().named_modules() if name in bnb_layers}
+    assert len(bnb_layers) == 4 and {n: bk.model.linear_features(m) for n, m in bnb_layers.items()} == dense_shapes
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    bk.inject(model, ["q_proj", "v_proj"], 2, r=4, alpha=8)
+    for name, theirs in bnb_layers.items():
+        layer = model.get_submodule(name)
+        assert isinstance(layer, MultiLoRALinear) and isinstance(layer.base_layer, NF4Linear)
+        assert (layer.in_features, layer.out_features) == dense_shapes[name]
+        assert torch.equal(layer.base_layer.packed.flatten(), theirs.weight.data.flatten())
+        torch.nn.init.normal_(layer.lora_B, std=0.1)
+    with use_backend(backend):
+        with torch.no_grad(), bk.use_adapters(model, [-1, -1]):
+            got = model(input_ids=ids).logits
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        with bk.use_adapters(model, [0, 1]):
+            model(input_ids=ids, labels=ids).loss.backward()
+    grads = [model.get_submodule(name).lora_A.grad for name in bnb_layers]
+    assert all(g is not None and g[0].abs().sum() > 0 and g[1].abs().sum() > 0 for g in grads)
+
+    dense = bk.inject(tiny_llama(), ["q_proj", "v_proj"], 1, r=4, alpha=8, adapter_names=["task"])
+    for layer in bk.model.adapter_layers(dense).values():
+        torch.nn.init.normal_(layer.lora_B, std=0.1)
+    bk.save_peft_adapter(dense, "task", tmp_path / "task")
+    loaded = bk.load_peft_adapters(bnb_llama(), {"task": tmp_path / "task"})
+    layers = bk.model.adapter_layers(loaded)
+    assert set(layers) == set(bnb_layers) and all(isinstance(m.base_layer, NF4Linear) for m in layers.values())
+    for name, layer in layers.items():
+        torch.testing.assert_close(layer.lora_B[0], bk.model.adapter_layers(dense)[name].lora_B[0])
+
+
+def test_a_layer_inject_cannot_take_leaves_the_model_as_it_was():
+    """bitsandbytes FP4 layers are refused by name; a layer the quantizer refuses (in_features
+    not a multiple of the blocksize) stops ``inject`` before any layer is replaced."""
+    fp4 = bnb_llama("fp4")
+    trainable = [p.requires_grad for p in fp4.parameters()]
+    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.q_proj' is a bitsandbytes 4-bit layer quantized "
+                                         r"as 'fp4'"):
+        bk.inject(fp4, ["q_proj", "v_proj"], 2)
+    assert not bk.model.adapter_layers(fp4) and [p.requires_grad for p in fp4.parameters()] == trainable
+    with pytest.raises(ValueError, match="only NF4 is supported"):
+        NF4Linear.from_bnb(fp4.model.layers[0].self_attn.q_proj)
+    with pytest.raises(ValueError, match=r"NF4Linear.from_bnb\(base_layer\)"):
+        MultiLoRALinear(bnb_llama().model.layers[0].self_attn.q_proj, 2)
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 96), torch.nn.Linear(96, 64))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with use_backend("torch"), pytest.raises(ValueError, match="multiple of the blocksize"):
+        bk.inject(model, r"\d", 2, quantize="nf4")
+    assert all(type(m) is torch.nn.Linear for m in model) and all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+

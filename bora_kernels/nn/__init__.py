@@ -2,8 +2,8 @@
 
 from .context import CONTEXT_LAYERS, ContextBitFit, ContextIA3, ContextLoRALinear
 from .multi_lora import MultiLoRALinear
-from .nf4_linear import NF4Linear, nf4_storage
+from .nf4_linear import NF4Linear, is_bnb_4bit, nf4_storage
 from .routing import AdapterRoute, ContextRoute
 
 __all__ = ["AdapterRoute", "CONTEXT_LAYERS", "ContextBitFit", "ContextIA3", "ContextLoRALinear", "ContextRoute", "NF4Linear",
-           "MultiLoRALinear", "nf4_storage"]
+           "MultiLoRALinear", "is_bnb_4bit", "nf4_storage"]

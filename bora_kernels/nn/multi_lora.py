@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..ops.lora_delta import LoRAPlan, lora_delta
-from .nf4_linear import NF4Linear
+from .nf4_linear import NF4Linear, is_bnb_4bit
 from .routing import AdapterRoute
 
 
@@ -27,6 +27,9 @@ def linear_shape(base_layer: nn.Module, fan_in_fan_out: bool) -> tuple[int, int,
     if isinstance(base_layer, NF4Linear):  # no dense weight: a stand-in carries its device and dtype
         return base_layer.in_features, base_layer.out_features, base_layer.packed.new_empty(
             0, dtype=base_layer.compute_dtype)
+    if is_bnb_4bit(base_layer):
+        raise ValueError("base_layer is a bitsandbytes 4-bit layer, whose weight is packed codes: wrap "
+                         "NF4Linear.from_bnb(base_layer) instead (inject does so)")
     weight = getattr(base_layer, "weight", None)
     if not fan_in_fan_out and not isinstance(base_layer, nn.Linear):
         raise ValueError(f"base_layer must be an nn.Linear (or a [in, out] layer with "

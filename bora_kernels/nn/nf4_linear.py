@@ -12,6 +12,13 @@ from ..quant import NF4Tensor, quantize_nf4
 _PARTS = ("packed", "absmax", "offset", "nested_absmax", "nested_code")
 
 
+def is_bnb_4bit(module: nn.Module) -> bool:
+    """A bitsandbytes 4-bit layer (``Linear4bit``, as ``from_pretrained`` with ``load_in_4bit``
+    makes): an ``nn.Linear`` whose weight holds packed 4-bit codes, not a dense ``[out, in]``
+    matrix. Told apart without importing bitsandbytes."""
+    return isinstance(module, nn.Linear) and type(getattr(module, "weight", None)).__name__ == "Params4bit"
+
+
 class NF4Linear(nn.Module):
     """``y = x @ dequant(W)^T + b`` with W in NF4. The quantized parts are buffers (they move with
     ``.to(device)`` and live in ``state_dict``); the bias, if any, is a frozen parameter. Inputs are
@@ -41,6 +48,9 @@ class NF4Linear(nn.Module):
         state = getattr(linear4bit.weight, "quant_state", None)
         if state is None:
             raise ValueError("linear4bit's weight is not quantized yet (move it to its device first)")
+        if getattr(state, "quant_type", None) != "nf4":
+            raise ValueError(f"linear4bit is quantized as {getattr(state, 'quant_type', None)!r}; only NF4 is "
+                             f"supported (bnb_4bit_quant_type='nf4', QLoRA's choice)")
         return cls(NF4Tensor.from_bnb(linear4bit.weight.data, state), linear4bit.bias)
 
     def _apply(self, fn, *args, **kwargs):
