@@ -116,7 +116,11 @@ fi
 if want serve; then
   step "serving load test (bora-bench serve; needs fastapi, uvicorn, httpx)"
   if python -c "import fastapi, uvicorn, httpx" 2>/dev/null; then
-    python -m bora_kernels.bench serve --device cuda --json "$results/$stamp-serve.json" || status=1
+    quick=""; [[ ${QUICK:-0} == 1 ]] && quick="--quick"
+    python -m bora_kernels.bench serve --device cuda $quick --json "$results/$stamp-serve.json" || status=1
+    # the same over an NF4 base: decode steps through the CUDA GEMV (M <= 16) and dequantize + cuBLAS
+    python -m bora_kernels.bench serve --device cuda $quick --quantize nf4 \
+      --json "$results/$stamp-serve-nf4.json" || status=1
   else
     echo "fastapi/uvicorn/httpx missing (carry their wheels in .whl/); skipped"
   fi
