@@ -2,6 +2,8 @@
 multi-adapter QLoRA: ``inject(..., quantize="nf4")`` on a tiny Llama trains and serves adapters
 over one 4-bit base."""
 
+import copy
+
 import pytest
 import torch
 import transformers
@@ -9,7 +11,7 @@ import transformers
 import bora_kernels as bk
 from bora_kernels.nn import MultiLoRALinear, NF4Linear, is_bnb_4bit
 from bora_kernels.ops import use_backend
-from bora_kernels.quant import quantize_nf4
+from bora_kernels.quant import NF4Tensor, quantize_nf4
 from conftest import KERNEL_AND_TORCH
 from tolerances import assert_close
 
@@ -44,6 +46,37 @@ def test_nf4_linear_matches_bitsandbytes_linear4bit(double_quant, backend):
     dense = linear(x).detach()
     assert ((got - dense).norm() / dense.norm()) < 0.15, "NF4 error larger than expected"
     assert ours.base_bytes() < 0.6 * 128 * 64
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["single", "double"])
+def test_from_bnb_reads_a_weight_bitsandbytes_repacked_for_its_cpu_kernel(double_quant):
+    """bitsandbytes repacks a Linear4bit for its CPU kernel at its first eval forward without grad
+    (on CPUs with AVX512-BF16): same byte count, another order, absmax rounded to bf16. Adopted
+    then, the layer must hold the same codes and the bf16 absmax bnb now uses; where this CPU has
+    the kernel, its output must match bnb's."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu, has_avx512bf16
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 96)
+    layer = bnb_linear4bit(linear, double_quant)
+    with use_backend("torch"):
+        standard = NF4Linear.from_bnb(layer).nf4_weight()
+        state = copy.deepcopy(layer.weight.quant_state)
+        packed, state = _convert_weight_packed_for_cpu(layer.weight.data.clone(), state)
+        repacked = NF4Tensor.from_bnb(packed, state)
+        assert not torch.equal(packed.reshape(-1), standard.packed.reshape(-1))  # the layout did change
+        assert torch.equal(repacked.packed, standard.packed)
+        bf16_absmax = standard.block_absmax().to(torch.bfloat16).float()
+        assert torch.equal(repacked.absmax, bf16_absmax) and repacked.dtype == torch.float32
+        want = NF4Tensor(standard.packed, bf16_absmax, standard.shape, torch.float32, standard.blocksize)
+        assert torch.equal(repacked.dequantize(), want.dequantize())
+    if has_avx512bf16():
+        x = torch.randn(3, 128)
+        with torch.no_grad():
+            theirs = layer.eval()(x)  # repacks, then runs bnb's CPU kernel
+            assert layer.weight.quant_state.packing_format_for_cpu
+            ours = NF4Linear.from_bnb(layer)(x)
+        assert ((ours - theirs).norm() / theirs.norm()) < 1e-2
 
 
 def test_nf4_linear_moves_without_rounding_its_statistics():

@@ -166,7 +166,9 @@ class NF4Tensor:
     # --------------------------------------------------------------- bitsandbytes
     @classmethod
     def from_bnb(cls, packed: torch.Tensor, quant_state) -> "NF4Tensor":
-        """Adopt bitsandbytes' packed tensor and ``QuantState`` (``quant_type="nf4"``) as they are."""
+        """Adopt bitsandbytes' packed tensor and ``QuantState`` (``quant_type="nf4"``) as they are.
+        A weight that bitsandbytes repacked for its CPU kernel is read in that layout (see
+        ``_from_bnb_cpu_layout``)."""
         if getattr(quant_state, "quant_type", None) != "nf4":
             raise ValueError(f"quant_state.quant_type must be 'nf4', got {getattr(quant_state, 'quant_type', None)!r}")
         if packed.dtype != torch.uint8:
@@ -175,6 +177,8 @@ class NF4Tensor:
         if packed.numel() != (math.prod(shape) + 1) // 2:
             raise ValueError(f"packed holds {packed.numel()} bytes, but shape {tuple(shape)} needs "
                              f"{(math.prod(shape) + 1) // 2}")
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            return cls._from_bnb_cpu_layout(packed, quant_state)
         if quant_state.nested:
             s2 = quant_state.state2
             if s2.blocksize != NESTED_BLOCKSIZE:
@@ -183,6 +187,27 @@ class NF4Tensor:
                        offset=torch.as_tensor(quant_state.offset, dtype=torch.float32, device=packed.device),
                        nested_absmax=s2.absmax, nested_code=s2.code)
         return cls(packed.reshape(-1, 1), quant_state.absmax, shape, quant_state.dtype, quant_state.blocksize)
+
+    @classmethod
+    def _from_bnb_cpu_layout(cls, packed: torch.Tensor, quant_state, tile_rows: int = 32) -> "NF4Tensor":
+        """bitsandbytes 0.49+ repacks a ``Linear4bit`` weight for its CPU kernel at the layer's first
+        forward in eval mode without grad, on CPUs with AVX512-BF16: the codes of each tile of 32
+        rows are interleaved (a byte holds two rows' codes), and the block absmax, nested statistics
+        expanded, is stored transposed in bf16. The packed bytes alone do not say so (the same count
+        in another order): ``quant_state.packing_format_for_cpu`` does. The codes are put back in
+        the standard order; the absmax keeps the bf16 values that bitsandbytes now multiplies by
+        (its repacking rounded them; the double quantization is gone)."""
+        n, k = quant_state.shape
+        if len(quant_state.shape) != 2 or n % tile_rows or k % 2:
+            raise ValueError(f"a CPU-repacked weight must be 2-D with rows a multiple of {tile_rows}, got "
+                             f"{tuple(quant_state.shape)}")
+        pairs = packed.reshape(-1, tile_rows)  # a byte: a code of the tile's first half (low), one of its second
+        codes = torch.cat([pairs & 0xF, pairs >> 4], dim=1)  # [tiles * k/2, (row in tile, column pair)]
+        codes = codes.reshape(n // tile_rows, k // 2, tile_rows, 2).transpose(1, 2).reshape(-1)  # row-major
+        standard = (codes[0::2] << 4) | codes[1::2]  # element 2j in the high nibble
+        absmax = quant_state.absmax.float().T.reshape(-1)  # [k / blocksize, n] -> blocks in order
+        dtype = getattr(quant_state, "original_dtype", quant_state.dtype)
+        return cls(standard.reshape(-1, 1), absmax, torch.Size((n, k)), dtype, quant_state.blocksize)
 
     def to_bnb(self):
         """``(packed, QuantState)`` for bitsandbytes (needs bitsandbytes installed)."""
