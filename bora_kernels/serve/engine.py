@@ -146,7 +146,9 @@ class Engine:
     ``quantize="nf4"`` stores the frozen base weights of ``target_modules`` in NF4 (4-bit, as
     ``inject(..., quantize="nf4")``) under the adapter slots: many adapters served over one
     4-bit base (multi-adapter QLoRA). It applies when the engine injects the adapter layers;
-    a model that has them already is served as it is."""
+    a model that has them already is served as it is, and with ``quantize="nf4"`` its adapter
+    layers must sit on NF4 bases already. A model that bitsandbytes loaded in 4-bit is served
+    over its own NF4 bytes either way (``inject`` adopts them)."""
 
     def __init__(self, model: nn.Module, max_adapters: int = 16, max_lora_rank: int = 16, max_batch: int = 32,
                  max_queue: int = 256, target_modules=DEFAULT_TARGETS, schedule: str = "mixed", quantize=None):
