@@ -470,6 +470,28 @@ def test_cli_quantize_nf4_serves_the_adapters_over_a_4bit_base(serve_demo, capsy
     assert "--quantize: invalid choice: 'int8'" in capsys.readouterr().err
 
 
+def test_cli_serves_a_checkpoint_bitsandbytes_saved_in_4bit(serve_demo, tmp_path):
+    """A model folder saved by bitsandbytes in NF4 loads as ``Linear4bit`` layers, which the
+    engine adopts as ``NF4Linear`` (the same bytes) under the adapter slots."""
+    pytest.importorskip("bitsandbytes")
+    from bora_kernels.serve.cli import _quantized, build_server
+
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(serve_demo / "base", quantization_config=config,
+                                                              device_map="cpu")
+    model.save_pretrained(tmp_path)
+    transformers.AutoTokenizer.from_pretrained(serve_demo / "base").save_pretrained(tmp_path)
+    server, _ = build_server(["--model", str(tmp_path), "--device", "cpu", "--adapter-root",
+                              str(serve_demo / "adapters")])
+    layers = bk.model.adapter_layers(server.engine.model)
+    assert layers and all(isinstance(layer.base_layer, NF4Linear) for layer in layers.values())
+    saved = {n: m.weight.data for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"}
+    assert set(saved) == set(layers)
+    assert all(torch.equal(layers[n].base_layer.packed.flatten(), saved[n].flatten()) for n in saved)
+    assert len(server.engine.adapter_names()) == 8 and "base in NF4" in _quantized(server.engine.model)
+
+
 def test_cli_bad_arguments(serve_demo, capsys):
     from bora_kernels.serve.cli import build_server
 
