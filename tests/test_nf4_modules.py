@@ -9,7 +9,7 @@ import torch
 import transformers
 
 import bora_kernels as bk
-from bora_kernels.nn import MultiLoRALinear, NF4Linear, is_bnb_4bit
+from bora_kernels.nn import CONTEXT_LAYERS, MultiLoRALinear, NF4Linear, is_bnb_4bit
 from bora_kernels.ops import use_backend
 from bora_kernels.quant import NF4Tensor, quantize_nf4
 from conftest import KERNEL_AND_TORCH
@@ -196,4 +196,64 @@ def test_a_layer_inject_cannot_take_leaves_the_model_as_it_was():
         bk.inject(model, r"\d", 2, quantize="nf4")
     assert all(type(m) is torch.nn.Linear for m in model) and all(p.requires_grad for p in model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("method", ["context_lora", "context_bitfit", "context_ia3"])
+def test_context_peft_over_an_nf4_base(method):
+    """Context-PEFT layers take an NF4 base too: the logits equal those of the dense model whose
+    weights are the dequantized ones, with the same context parameters, and every context
+    parameter that a token's context selects gets a gradient."""
+    targets = ["q_proj", "v_proj", "down_proj"]
+    kw = {"feedforward_modules": ["down_proj"]} if method == "context_ia3" else {}
+    with use_backend("torch"):
+        quantized = bk.inject(tiny_llama(), targets, 2, method=method, quantize="nf4", **kw)
+    dense = tiny_llama()
+    layers = {name: m for name, m in quantized.named_modules() if isinstance(m, CONTEXT_LAYERS)}
+    assert len(layers) == 6 and all(isinstance(m.base_layer, NF4Linear) for m in layers.values())
+    for name, layer in layers.items():
+        dense.get_submodule(name).weight.data.copy_(layer.base_layer.nf4_weight().dequantize())
+    dense = bk.inject(dense, targets, 2, method=method, **kw)
+    gen = torch.Generator().manual_seed(0)
+    for name, p in quantized.named_parameters():
+        if p.requires_grad:
+            p.data.copy_(p + 0.1 * torch.randn(p.shape, generator=gen))  # away from the identity start
+            dense.get_parameter(name).data.copy_(p)
+    ids = torch.randint(0, 64, (2, 7), generator=gen)
+    contexts = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1, 1]])
+    with use_backend("torch"), bk.use_contexts(quantized, contexts):
+        logits = quantized(input_ids=ids).logits
+        logits.sum().backward()
+        with torch.no_grad(), bk.use_contexts(dense, contexts):
+            want = dense(input_ids=ids).logits
+    torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
+    grads = [p.grad for p in quantized.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g[0].abs().sum() > 0 and g[1].abs().sum() > 0 for g in grads)
+
+
+def test_bitsandbytes_8bit_base_trains_and_refuses_merge(tmp_path):
+    """A model bitsandbytes loaded in 8-bit: its layers' output is a view made in bitsandbytes'
+    own autograd Function, so the adapters add their delta out of place (in place, autograd
+    refuses the backward); merging into its int8 codes is refused, not done."""
+    tiny_llama().save_pretrained(tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=transformers.BitsAndBytesConfig(load_in_8bit=True), device_map="cpu")
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    bk.inject(model, ["q_proj", "v_proj"], 2, r=4, alpha=8)
+    layers = bk.model.adapter_layers(model)
+    assert len(layers) == 4 and all(type(m.base_layer).__name__ == "Linear8bitLt" for m in layers.values())
+    for layer in layers.values():
+        torch.nn.init.normal_(layer.lora_B, std=0.1)
+    with use_backend("torch"):
+        with torch.no_grad(), bk.use_adapters(model, [-1, -1]):
+            torch.testing.assert_close(model(input_ids=ids).logits, want)
+        with bk.use_adapters(model, [0, 1]):
+            model(input_ids=ids, labels=ids).loss.backward()
+    assert all(m.lora_A.grad[0].abs().sum() > 0 and m.lora_A.grad[1].abs().sum() > 0 for m in layers.values())
+    layer = next(iter(layers.values()))
+    codes = layer.base_layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="quantized torch.int8 base weight"):
+        layer.merge(0)
+    assert torch.equal(layer.base_layer.weight, codes)
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..ops import context_bias, context_lora_delta, context_scale
 from ..ops.context_lora_delta import ContextPlan
-from .multi_lora import linear_shape, lora_scaling, parameter_kwargs
+from .multi_lora import adds_in_place, linear_shape, lora_scaling, parameter_kwargs
 from .routing import ContextRoute
 
 
@@ -30,6 +30,11 @@ class _ContextLayer(nn.Module):
         self.fan_in_fan_out = fan_in_fan_out
         self.in_features, self.out_features, self.num_contexts = k, n, num_contexts
         self.context: ContextRoute | torch.Tensor | ContextPlan | None = None
+
+    def _parameter_kwargs(self, dtype: torch.dtype | None) -> dict:
+        """Where this layer's parameters live: ``parameter_kwargs`` of the base weight (of the
+        stand-in that ``linear_shape`` gives for an NF4 base, which has no dense weight)."""
+        return parameter_kwargs(linear_shape(self.base_layer, self.fan_in_fan_out)[2], dtype)
 
     def _context(self, x: torch.Tensor, context, grouped: bool):
         """This call's context laid out for ``x`` (a plan when ``grouped``), or None: base only."""
@@ -60,7 +65,7 @@ class ContextLoRALinear(_ContextLayer):
             raise ValueError(f"r must be a positive int, got {r!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
-        kw = parameter_kwargs(base_layer.weight, dtype)
+        kw = self._parameter_kwargs(dtype)
         self.lora_A = nn.Parameter(torch.empty(num_contexts, r, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(num_contexts, self.out_features, r, **kw))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -84,8 +89,10 @@ class ContextLoRALinear(_ContextLayer):
             return result
         if self._scaling.device != x.device:
             self._scaling = torch.full((self.num_contexts,), self.scaling_value, device=x.device)
-        return context_lora_delta(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A, self.lora_B,
-                                  context, self._scaling, add_to=result)
+        into = result if adds_in_place(self.base_layer) else None
+        delta = context_lora_delta(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A, self.lora_B,
+                                   context, self._scaling, add_to=into)
+        return delta if into is not None else result + delta.to(result.dtype)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", r={self.r}, alpha={self.alpha:g}"
@@ -99,7 +106,7 @@ class ContextBitFit(_ContextLayer):
                  fan_in_fan_out: bool = False):
         super().__init__(base_layer, num_contexts, fan_in_fan_out)
         self.context_bias = nn.Parameter(torch.zeros(num_contexts, self.out_features,
-                                                     **parameter_kwargs(base_layer.weight, dtype)))
+                                                     **self._parameter_kwargs(dtype)))
 
     def forward(self, x: torch.Tensor, context=None) -> torch.Tensor:
         result = self.base_layer(x)
@@ -120,7 +127,7 @@ class ContextIA3(_ContextLayer):
             raise ValueError(f"on must be 'output' or 'input', got {on!r}")
         self.on = on
         size = self.out_features if on == "output" else self.in_features
-        self.context_scale = nn.Parameter(torch.ones(num_contexts, size, **parameter_kwargs(base_layer.weight, dtype)))
+        self.context_scale = nn.Parameter(torch.ones(num_contexts, size, **self._parameter_kwargs(dtype)))
 
     def forward(self, x: torch.Tensor, context=None) -> torch.Tensor:
         context = self._context(x, context, grouped=False)

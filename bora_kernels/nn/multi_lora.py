@@ -40,6 +40,15 @@ def linear_shape(base_layer: nn.Module, fan_in_fan_out: bool) -> tuple[int, int,
     return k, n, weight
 
 
+def adds_in_place(base_layer: nn.Module) -> bool:
+    """Whether an adapter may add its delta into ``base_layer``'s output in place (one pass less):
+    only for layers whose output comes from ordinary ops (``nn.Linear``, ``NF4Linear``, GPT-2's
+    ``Conv1D``). Another layer's output may be a view made inside its own autograd Function, which
+    autograd forbids changing in place (bitsandbytes' 8-bit ``Linear8bitLt``): it gets the delta
+    added out of place."""
+    return type(base_layer) in (nn.Linear, NF4Linear) or type(base_layer).__name__ == "Conv1D"
+
+
 def parameter_kwargs(weight: torch.Tensor, dtype: torch.dtype | None) -> dict:
     """Where adapter parameters live: the base weight's device, ``dtype`` or the base weight's
     (fp32 for a quantized integer weight)."""
@@ -165,6 +174,8 @@ class MultiLoRALinear(nn.Module):
         if isinstance(self.base_layer, NF4Linear):
             raise ValueError("cannot merge an adapter into a 4-bit NF4 base weight; serve it unmerged")
         weight = self.base_layer.weight
+        if not weight.dtype.is_floating_point:  # bitsandbytes' int8 codes: adding a float delta corrupts them
+            raise ValueError(f"cannot merge an adapter into a quantized {weight.dtype} base weight; serve it unmerged")
         saved = weight.detach().clone()
         weight.data = (weight.detach().float() + self.delta_weight(d).to(weight.device)).to(weight.dtype)
         self.merged = (d, saved)
@@ -192,9 +203,11 @@ class MultiLoRALinear(nn.Module):
         if isinstance(ids, AdapterRoute):
             ids = ids.plan(x.shape[:-1], self.num_adapters, x.device)
         x = self.lora_dropout(x).to(self.lora_A.dtype)
-        # added into the base output in place, by the kernel that computes the delta: the base
-        # output is a fresh tensor its backward does not need
-        return lora_delta(x, self.lora_A, self.lora_B, ids, self.scaling, self.ranks, add_to=result)
+        # added into the base output in place, by the kernel that computes the delta, where the
+        # base output is a fresh tensor its backward does not need (``adds_in_place``)
+        into = result if adds_in_place(self.base_layer) else None
+        delta = lora_delta(x, self.lora_A, self.lora_B, ids, self.scaling, self.ranks, add_to=into)
+        return delta if into is not None else result + delta.to(result.dtype)
 
     def extra_repr(self) -> str:
         ranks = self.ranks.tolist()
