@@ -14,7 +14,7 @@ from torch import nn
 
 from ..ops import context_bias, context_lora_delta, context_scale
 from ..ops.context_lora_delta import ContextPlan
-from .multi_lora import adds_in_place, linear_shape, lora_scaling, parameter_kwargs
+from .multi_lora import linear_shape, lora_scaling, parameter_kwargs, plus_delta
 from .routing import ContextRoute
 
 
@@ -89,10 +89,9 @@ class ContextLoRALinear(_ContextLayer):
             return result
         if self._scaling.device != x.device:
             self._scaling = torch.full((self.num_contexts,), self.scaling_value, device=x.device)
-        into = result if adds_in_place(self.base_layer) else None
-        delta = context_lora_delta(self.lora_dropout(x).to(self.lora_A.dtype), self.lora_A, self.lora_B,
-                                   context, self._scaling, add_to=into)
-        return delta if into is not None else result + delta.to(result.dtype)
+        x = self.lora_dropout(x).to(self.lora_A.dtype)
+        return plus_delta(self.base_layer, result, lambda into: context_lora_delta(
+            x, self.lora_A, self.lora_B, context, self._scaling, add_to=into))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", r={self.r}, alpha={self.alpha:g}"

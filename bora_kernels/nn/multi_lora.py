@@ -40,13 +40,15 @@ def linear_shape(base_layer: nn.Module, fan_in_fan_out: bool) -> tuple[int, int,
     return k, n, weight
 
 
-def adds_in_place(base_layer: nn.Module) -> bool:
-    """Whether an adapter may add its delta into ``base_layer``'s output in place (one pass less):
-    only for layers whose output comes from ordinary ops (``nn.Linear``, ``NF4Linear``, GPT-2's
-    ``Conv1D``). Another layer's output may be a view made inside its own autograd Function, which
-    autograd forbids changing in place (bitsandbytes' 8-bit ``Linear8bitLt``): it gets the delta
-    added out of place."""
-    return type(base_layer) in (nn.Linear, NF4Linear) or type(base_layer).__name__ == "Conv1D"
+def plus_delta(base_layer: nn.Module, result: torch.Tensor, delta) -> torch.Tensor:
+    """``result`` (``base_layer``'s output) plus the adapters' delta, where ``delta(add_to)`` is the
+    op that computes it (``add_to``: a tensor to add it into in place, or None). In place (one pass
+    less) only over layers whose output comes from ordinary ops (``nn.Linear``, ``NF4Linear``,
+    GPT-2's ``Conv1D``); another layer's output may be a view made inside its own autograd
+    Function, which autograd forbids changing in place (bitsandbytes' 8-bit ``Linear8bitLt``)."""
+    if type(base_layer) in (nn.Linear, NF4Linear) or type(base_layer).__name__ == "Conv1D":
+        return delta(result)
+    return result + delta(None).to(result.dtype)
 
 
 def parameter_kwargs(weight: torch.Tensor, dtype: torch.dtype | None) -> dict:
@@ -203,11 +205,10 @@ class MultiLoRALinear(nn.Module):
         if isinstance(ids, AdapterRoute):
             ids = ids.plan(x.shape[:-1], self.num_adapters, x.device)
         x = self.lora_dropout(x).to(self.lora_A.dtype)
-        # added into the base output in place, by the kernel that computes the delta, where the
-        # base output is a fresh tensor its backward does not need (``adds_in_place``)
-        into = result if adds_in_place(self.base_layer) else None
-        delta = lora_delta(x, self.lora_A, self.lora_B, ids, self.scaling, self.ranks, add_to=into)
-        return delta if into is not None else result + delta.to(result.dtype)
+        # added into the base output in place by the kernel that computes the delta, where the
+        # base output is a fresh tensor its backward does not need (``plus_delta``)
+        return plus_delta(self.base_layer, result, lambda into: lora_delta(
+            x, self.lora_A, self.lora_B, ids, self.scaling, self.ranks, add_to=into))
 
     def extra_repr(self) -> str:
         ranks = self.ranks.tolist()

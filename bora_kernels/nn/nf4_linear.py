@@ -48,9 +48,6 @@ class NF4Linear(nn.Module):
         state = getattr(linear4bit.weight, "quant_state", None)
         if state is None:
             raise ValueError("linear4bit's weight is not quantized yet (move it to its device first)")
-        if getattr(state, "quant_type", None) != "nf4":
-            raise ValueError(f"linear4bit is quantized as {getattr(state, 'quant_type', None)!r}; only NF4 is "
-                             f"supported (bnb_4bit_quant_type='nf4', QLoRA's choice)")
         return cls(NF4Tensor.from_bnb(linear4bit.weight.data, state), linear4bit.bias)
 
     def _apply(self, fn, *args, **kwargs):

@@ -170,7 +170,8 @@ class NF4Tensor:
         A weight that bitsandbytes repacked for its CPU kernel is read in that layout (see
         ``_from_bnb_cpu_layout``)."""
         if getattr(quant_state, "quant_type", None) != "nf4":
-            raise ValueError(f"quant_state.quant_type must be 'nf4', got {getattr(quant_state, 'quant_type', None)!r}")
+            raise ValueError(f"quant_state.quant_type must be 'nf4', got {getattr(quant_state, 'quant_type', None)!r}: "
+                             f"only NF4 is supported (bnb_4bit_quant_type='nf4', QLoRA's choice)")
         if packed.dtype != torch.uint8:
             packed = packed.view(torch.uint8)
         shape = torch.Size(quant_state.shape)
