@@ -85,6 +85,13 @@ def test_nf4_linear_moves_without_rounding_its_statistics():
     absmax = layer.nested_absmax.clone()
     layer.to(torch.bfloat16)
     assert layer.nested_absmax.dtype == torch.float32 and torch.equal(layer.nested_absmax, absmax)
+    x = torch.randn(3, 64)
+    with use_backend("torch"):  # it computes in the dtype it was cast to, as the rest of a model does
+        out = layer(x.bfloat16())
+        assert out.dtype == torch.bfloat16 and layer.bias.dtype == torch.bfloat16
+        assert_close(out, x.double() @ layer.nf4_weight().dequantize(torch.float64).T + layer.bias.double(),
+                     torch.bfloat16, "bf16 forward")
+        assert layer.float()(x).dtype == torch.float32
     assert set(layer.state_dict()) >= {"packed", "absmax", "offset", "nested_absmax", "nested_code", "bias"}
     with pytest.raises(ValueError, match="multiple of the blocksize"):
         NF4Linear(quantize_nf4(torch.randn(16, 96), 64))
@@ -125,6 +132,40 @@ def test_multi_adapter_qlora_trains_and_serves(backend):
         layers[0].merge(0)
     with pytest.raises(ValueError, match="quantize must be None or 'nf4'"):
         bk.inject(tiny_llama(), ["q_proj"], 2, quantize="int8")
+
+
+@pytest.mark.parametrize("backend", KERNEL_AND_TORCH)
+def test_qlora_over_layers_with_biases_trains_like_the_dequantized_model(backend):
+    """OPT: every projection has a bias, and its MLP sees the tokens flattened to ``[B * L, K]``.
+    The adapters' gradients over the NF4 base equal those over the dense model whose weights are
+    the dequantized ones (the delta is added into the base output in place, which autograd
+    refused when that output was a view)."""
+    config = transformers.OPTConfig(vocab_size=64, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                    num_attention_heads=4, word_embed_proj_dim=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    dense = transformers.OPTForCausalLM(config).eval()  # no dropout
+    targets = ["q_proj", "v_proj", "out_proj", "fc1", "fc2"]
+    with use_backend("torch"):
+        quantized = bk.inject(copy.deepcopy(dense), targets, num_adapters=2, r=4, alpha=8, quantize="nf4")
+    layers = bk.model.adapter_layers(quantized)
+    assert len(layers) == 10 and all(m.base_layer.bias is not None for m in layers.values())
+    for name, layer in layers.items():
+        dense.get_submodule(name).weight.data.copy_(layer.base_layer.nf4_weight().dequantize())
+    dense = bk.inject(dense, targets, num_adapters=2, r=4, alpha=8)
+    gen = torch.Generator().manual_seed(1)
+    for name, p in quantized.named_parameters():
+        if p.requires_grad:
+            p.data.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            dense.get_parameter(name).data.copy_(p)
+    ids = torch.randint(0, 64, (3, 7), generator=gen)
+    with use_backend(backend):
+        for model in (quantized, dense):
+            with bk.use_adapters(model, [1, -1, 0]):
+                model(input_ids=ids, labels=ids).loss.backward()
+    for name, layer in layers.items():
+        want = dense.get_submodule(name)
+        assert_close(layer.lora_A.grad, want.lora_A.grad.double(), torch.float32, f"{name} dA")
+        assert_close(layer.lora_B.grad, want.lora_B.grad.double(), torch.float32, f"{name} dB")
 
 
 def bnb_llama(quant_type="nf4"):

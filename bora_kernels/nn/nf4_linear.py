@@ -22,7 +22,8 @@ def is_bnb_4bit(module: nn.Module) -> bool:
 class NF4Linear(nn.Module):
     """``y = x @ dequant(W)^T + b`` with W in NF4. The quantized parts are buffers (they move with
     ``.to(device)`` and live in ``state_dict``); the bias, if any, is a frozen parameter. Inputs are
-    cast to ``compute_dtype`` (the dtype the weight was quantized from) and outputs come back in it."""
+    cast to ``compute_dtype`` (the dtype the weight was quantized from, then the dtype the layer is
+    cast to by ``.to(dtype)``, ``.half()``...) and outputs come back in it."""
 
     def __init__(self, weight: NF4Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -51,18 +52,26 @@ class NF4Linear(nn.Module):
         return cls(NF4Tensor.from_bnb(linear4bit.weight.data, state), linear4bit.bias)
 
     def _apply(self, fn, *args, **kwargs):
-        # model.to(torch.bfloat16) must move the quantized statistics, never round them
+        # model.to(torch.bfloat16) must move the quantized statistics, never round them; the layer
+        # then computes in the new dtype, as the rest of the model does
         saved = {part: getattr(self, part) for part in _PARTS}
         super()._apply(fn, *args, **kwargs)
         for part, old in saved.items():
             new = getattr(self, part)
             if old is not None and new is not None and new.dtype != old.dtype:
                 self._buffers[part] = old.to(new.device)
+        self.compute_dtype = fn(self.packed.new_empty(0, dtype=self.compute_dtype)).dtype
         return self
 
     def nf4_weight(self) -> NF4Tensor:
         return NF4Tensor(self.packed, self.absmax, self.shape, self.compute_dtype, self.blocksize, self.offset,
                          self.nested_absmax, self.nested_code)
+
+    @property
+    def weight(self) -> NF4Tensor:
+        """The quantized weight (not a ``torch.Tensor``; its ``dtype`` is the compute dtype), for
+        model code that reads a layer's ``weight.dtype``, ``shape`` or ``device``."""
+        return self.nf4_weight()
 
     def base_bytes(self) -> int:
         """Bytes the quantized weight and its statistics take."""

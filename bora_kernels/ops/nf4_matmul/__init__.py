@@ -2,7 +2,7 @@
 
 On CUDA (and CPU under the interpreter) the Triton kernels dequantize weight tiles in registers
 inside the GEMM's K loop (``triton.py``); on CPU otherwise the weight is dequantized once and
-``F.linear`` runs (the vectorised torch path). Differentiable in ``x`` and ``bias``; the base
+multiplied by (the vectorised torch path). Differentiable in ``x`` and ``bias``; the base
 weight is frozen and gets no gradient.
 
 Which kernel, by M (the rows of x after flattening), in ``_path``:
@@ -11,7 +11,7 @@ Which kernel, by M (the rows of x after flattening), in ``_path``:
   available (``bora_kernels._cuda_ext``): CUDA cores below 5 rows, tensor cores (sm_80+) from 5
   (``kNF4GemvMmaMinRows``; the tensor-core kernel multiplies by the weight rounded to x's dtype,
   as dequantize + cuBLAS does, the CUDA-core one by its fp32 value);
-- M >= ``DENSE_MIN_M[device type]``: the weight dequantized once, then ``F.linear`` (cuBLAS);
+- M >= ``DENSE_MIN_M[device type]``: the weight dequantized once, then a matmul (cuBLAS);
 - otherwise Triton: up to 16 rows one 16-row tile with the K reduction split across programs,
   above that the tiled GEMM.
 
@@ -28,7 +28,6 @@ check them compiled.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .._dispatch import backend, records_grad
 
@@ -96,7 +95,10 @@ def _forward(x, bias, weight):
             from .triton import nf4_matmul_forward
 
             return nf4_matmul_forward(x2, weight, bias, (*x.shape[:-1], n))
-    return F.linear(x, weight.dequantize(x.dtype), bias)
+    # not F.linear: with a bias and x of 3 or more dims it returns a view of a 2-D result, and a view
+    # made inside an autograd Function may not be changed in place
+    out = torch.matmul(x, weight.dequantize(x.dtype).T)
+    return out if bias is None else out.add_(bias)
 
 
 class NF4MatmulFunction(torch.autograd.Function):
