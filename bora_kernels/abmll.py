@@ -36,7 +36,7 @@ import torch.nn as nn
 
 from .bayes import average_softmax
 from .model import _inject_targets, find_targets
-from .nn.multi_lora import linear_shape
+from .nn.multi_lora import ReadsThroughToBase, linear_shape
 
 KL_ROWS = 1024  # output rows per chunk when the KL and prior sum over dense weight elements
 
@@ -89,7 +89,7 @@ class GaussianLoRA(nn.Module):
         return mean, var.clamp(min=0)
 
 
-class ABMLLLinear(nn.Module):
+class ABMLLLinear(ReadsThroughToBase, nn.Module):
     """A frozen linear layer with ABMLL's global (``theta``) and task (``phi``) Gaussians.
 
     ``forward`` draws ``base(x) + x μ_φ^T + sqrt(x² (σ_φ²)^T) ε`` (one ``ε`` per output element)

@@ -21,6 +21,7 @@ from .nn import (CONTEXT_LAYERS, AdapterRoute, ContextBitFit, ContextIA3, Contex
 from .quant import quantize_nf4
 
 METHODS = ("lora", "context_lora", "context_bitfit", "context_ia3")
+ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer but the output head
 _WRAPPERS = (MultiLoRALinear, *CONTEXT_LAYERS)
 
 
@@ -90,7 +91,8 @@ def adapter_names(model: nn.Module) -> tuple[str, ...]:
 
 
 def find_targets(model: nn.Module, target_modules, exclude_modules=None) -> list[tuple[str, nn.Module, bool]]:
-    """``(name, module, fan_in_fan_out)`` for every module matching as PEFT matches; a
+    """``(name, module, fan_in_fan_out)`` for every module matching as PEFT matches (``"all-linear"``:
+    every ``nn.Linear`` and ``Conv1D`` but the model's output head, as PEFT's shorthand); a
     ``ValueError`` lists near names when nothing matches, and names a matched module that is not
     a linear layer."""
     if not isinstance(target_modules, str):
@@ -98,7 +100,16 @@ def find_targets(model: nn.Module, target_modules, exclude_modules=None) -> list
     if exclude_modules is not None and not isinstance(exclude_modules, str):
         exclude_modules = list(exclude_modules)
     named = base_modules(model)
-    hits = [(name, m) for name, m in named if matches(name, target_modules) and not matches(name, exclude_modules)]
+    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        named = [(name, m) for name, m in named if m is not head and (
+            isinstance(m, _WRAPPERS) or _fan_in_fan_out(m) is not None)]
+        hits = [(name, m) for name, m in named if not matches(name, exclude_modules)]
+        if not hits:
+            raise ValueError(f"target_modules 'all-linear' (exclude_modules {exclude_modules!r}) found no linear "
+                             f"layer in {type(model).__name__} but its output head")
+    else:
+        hits = [(name, m) for name, m in named if matches(name, target_modules) and not matches(name, exclude_modules)]
     if not hits:
         names = [name for name, _ in named]
         wanted = [target_modules] if isinstance(target_modules, str) else target_modules
@@ -145,8 +156,9 @@ def inject(model: nn.Module, target_modules: str | Iterable[str], num_adapters: 
       (PEFT's name: the FFN's down projection).
 
     ``target_modules``, ``exclude_modules`` and ``feedforward_modules``: a list of names (exact, or
-    a suffix after a dot) or a regex string (full match), as PEFT. ``nn.Linear`` and GPT-2's
-    ``Conv1D`` are wrapped (``Conv1D`` with ``fan_in_fan_out``). ``quantize="nf4"`` first turns each
+    a suffix after a dot) or a regex string (full match), as PEFT; ``target_modules="all-linear"``
+    is every linear layer but the output head (``get_output_embeddings()``), as in PEFT.
+    ``nn.Linear`` and GPT-2's ``Conv1D`` are wrapped (``Conv1D`` with ``fan_in_fan_out``). ``quantize="nf4"`` first turns each
     targeted base layer into an ``NF4Linear`` (blocksize 64, double quantization): QLoRA, with many
     adapters over one 4-bit base. A bitsandbytes NF4 ``Linear4bit`` (a model loaded with
     ``load_in_4bit``) is adopted as an ``NF4Linear`` as it is, whatever ``quantize`` says: its bytes

@@ -83,6 +83,7 @@ def test_fresh_layer_equals_base_and_trains_only_adapters(make):
     assert torch.allclose(layer(x, context=ids), base(x), atol=1e-6)
     assert not base.weight.requires_grad and not base.bias.requires_grad
     assert all(p.requires_grad for n, p in layer.named_parameters() if not n.startswith("base_layer"))
+    assert layer.weight is base.weight and layer.bias is base.bias  # read through, as PEFT's layers
 
 
 def tiny_llama():
@@ -176,8 +177,12 @@ def test_opt_sees_flattened_tokens():
 
 
 @pytest.mark.parametrize("decode_context", ["last", 0])
-def test_generate_needs_a_decode_context(decode_context):
-    model = bk.inject(tiny_llama(), LLAMA_ATTENTION, num_adapters=2, method="context_lora", r=2, alpha=4)
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_generate_needs_a_decode_context(kind, decode_context):
+    """Per-token contexts are longer than a decode step's input; OPT's MLP sees that input
+    flattened to ``[B * 1]`` tokens."""
+    make, targets = (tiny_llama, LLAMA_ATTENTION) if kind == "llama" else (tiny_opt, ["q_proj", "fc1", "fc2"])
+    model = bk.inject(make(), targets, num_adapters=2, method="context_lora", r=2, alpha=4)
     gen = torch.Generator().manual_seed(4)
     for m in bk.model.context_layers(model).values():
         _perturbed(m, gen)

@@ -29,6 +29,7 @@ def test_fresh_layer_equals_base():
     x = torch.randn(5, K)
     out = layer(x, torch.tensor([0, 1, 2, -1, 1]))
     torch.testing.assert_close(out, layer.base_layer(x), rtol=0, atol=0)
+    assert layer.weight is layer.base_layer.weight and layer.bias is layer.base_layer.bias  # as PEFT's layers
 
 
 def test_init_as_peft():

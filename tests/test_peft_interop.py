@@ -273,6 +273,11 @@ def test_inject_matching_rules():
     gpt2 = bk.inject(tiny_model("gpt2"), ["c_attn"], num_adapters=2)
     layer = gpt2.transformer.h[0].attn.c_attn
     assert layer.fan_in_fan_out and (layer.in_features, layer.out_features) == (32, 96)
+    for kind in ("llama", "opt", "gpt2"):  # PEFT's shorthand: every linear layer but the output head
+        base = tiny_model(kind)
+        peft_targets = get_peft_model(copy.deepcopy(base), LoraConfig(target_modules="all-linear")).targeted_module_names
+        model = bk.inject(base, "all-linear", num_adapters=2, exclude_modules=[r"q_proj"])
+        assert set(bk.model.adapter_layers(model)) == {n for n in peft_targets if not n.endswith("q_proj")}, kind
 
 
 def test_inject_errors():
@@ -282,6 +287,8 @@ def test_inject_errors():
         bk.inject(tiny_model("llama"), ["self_attn"], num_adapters=2)
     with pytest.raises(ValueError, match="is a LlamaRMSNorm"):
         bk.inject(tiny_model("llama"), r".*layernorm", num_adapters=2)
+    with pytest.raises(ValueError, match="'all-linear'.*found no linear layer in Sequential"):
+        bk.inject(torch.nn.Sequential(torch.nn.ReLU()), "all-linear", num_adapters=2)
     model = bk.inject(tiny_model("llama"), ["q_proj"], num_adapters=2)
     with pytest.raises(ValueError, match="already has adapter layers"):
         bk.inject(model, ["v_proj"], num_adapters=2)
@@ -341,6 +348,41 @@ def test_load_into_injected_model(tmp_path):
     wide = _folder(tmp_path / "wide", r=16, lora_alpha=8, target_modules=["q_proj"])
     with pytest.raises(ValueError, match="rank 16 .* more than the injected rank 8"):
         bk.load_peft_adapters(model, {"other": wide})
+
+
+def test_t5_reads_projection_weights_through_the_adapter_layers(tmp_path):
+    """T5's feed-forward reads ``self.wo.weight.dtype``. Adapter layers give their base layer's
+    ``weight`` and ``bias``, as PEFT's layers do, so a T5 takes PEFT adapters and gives PEFT's
+    logits; over an NF4 base, ``weight`` is the NF4 weight, whose dtype is the compute dtype."""
+    config = transformers.T5Config(vocab_size=VOCAB, d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16,
+                                   decoder_start_token_id=0)
+    torch.manual_seed(0)
+    base = transformers.T5ForConditionalGeneration(config).eval()
+    torch.manual_seed(1)
+    reference = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                               init_lora_weights=False))
+    reference.save_pretrained(tmp_path / "a")
+    model = bk.load_peft_adapters(copy.deepcopy(base), {"a": tmp_path / "a"})
+    wo = model.get_submodule("encoder.block.0.layer.1.DenseReluDense.wo")
+    assert wo.weight is wo.base_layer.weight and wo.bias is None
+    gen = torch.Generator().manual_seed(2)
+    input_ids, decoder_ids = torch.randint(1, VOCAB, (2, 6), generator=gen), torch.randint(1, VOCAB, (2, 3), generator=gen)
+    with torch.no_grad(), bk.use_adapters(model, ["a", None]):
+        logits = model(input_ids=input_ids, decoder_input_ids=decoder_ids).logits
+    with torch.no_grad():
+        want = reference(input_ids=input_ids[:1], decoder_input_ids=decoder_ids[:1]).logits
+        with reference.disable_adapter():
+            want_base = reference(input_ids=input_ids[1:], decoder_input_ids=decoder_ids[1:]).logits
+    assert_close(logits[:1], want.double(), torch.float32, "adapter a")
+    assert_close(logits[1:], want_base.double(), torch.float32, "base")
+
+    quantized = bk.inject(copy.deepcopy(base), ["q", "v", "wi", "wo"], num_adapters=2, quantize="nf4")
+    wo = quantized.get_submodule("encoder.block.0.layer.1.DenseReluDense.wo")
+    assert isinstance(wo.weight, bk.quant.NF4Tensor) and wo.weight.dtype == torch.float32
+    with bk.use_adapters(quantized, [0, 1]):
+        quantized(input_ids=input_ids, decoder_input_ids=decoder_ids, labels=decoder_ids).loss.backward()
+    grads = [layer.lora_B.grad for layer in bk.model.adapter_layers(quantized).values()]  # (B starts at zero)
+    assert len(grads) == 20 and all(g[0].abs().sum() > 0 and g[1].abs().sum() > 0 for g in grads)
 
 
 def test_torch_compile_mixed_batch_without_graph_breaks():

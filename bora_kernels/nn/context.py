@@ -14,11 +14,17 @@ from torch import nn
 
 from ..ops import context_bias, context_lora_delta, context_scale
 from ..ops.context_lora_delta import ContextPlan
-from .multi_lora import linear_shape, lora_scaling, parameter_kwargs, plus_delta
+from .multi_lora import (
+    ReadsThroughToBase,
+    linear_shape,
+    lora_scaling,
+    parameter_kwargs,
+    plus_delta,
+)
 from .routing import ContextRoute
 
 
-class _ContextLayer(nn.Module):
+class _ContextLayer(ReadsThroughToBase, nn.Module):
     """What the three layers share: the frozen base, the feature sizes and the current context."""
 
     def __init__(self, base_layer: nn.Module, num_contexts: int, fan_in_fan_out: bool):

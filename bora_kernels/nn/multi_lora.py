@@ -40,6 +40,20 @@ def linear_shape(base_layer: nn.Module, fan_in_fan_out: bool) -> tuple[int, int,
     return k, n, weight
 
 
+class ReadsThroughToBase:
+    """``weight`` and ``bias`` of an adapter layer are its base layer's, read-only, as in PEFT's
+    layers: model code that reads a projection's weight keeps working with adapters in (T5's
+    feed-forward reads ``self.wo.weight.dtype``; others cast inputs to ``proj.weight.dtype``)."""
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+
 def plus_delta(base_layer: nn.Module, result: torch.Tensor, delta) -> torch.Tensor:
     """``result`` (``base_layer``'s output) plus the adapters' delta, where ``delta(add_to)`` is the
     op that computes it (``add_to``: a tensor to add it into in place, or None). In place (one pass
@@ -65,7 +79,7 @@ def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
-class MultiLoRALinear(nn.Module):
+class MultiLoRALinear(ReadsThroughToBase, nn.Module):
     """``base_layer(x) + scaling[d] * B_d A_d x`` with ``d`` chosen per sequence or token.
 
     Adapters are stacked: ``lora_A`` is ``[D, R, K]`` and ``lora_B`` is ``[D, N, R]`` with R the

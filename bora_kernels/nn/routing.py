@@ -16,9 +16,9 @@ def fit_to_batch(values: torch.Tensor, batch_shape: tuple, tail: tuple = (), dec
     One value serves every token (ids: every sequence, cheaper to group); per-sequence values
     also fit a batch that repeats each sequence ``m`` times in a row (``generate`` with beams or
     ``num_return_sequences``); ``[B, L]`` values fit layers that see the batch flattened to
-    ``[B * L]`` tokens (OPT's MLP). A ``[B, L']`` input with ``L' != L`` (a decode step) takes
-    ``decode(values)`` (``[B, 1, *tail]``); without ``decode`` it is a ``ValueError`` ending in
-    ``hint``.
+    ``[B * L]`` tokens (OPT's MLP). A ``[B, L']`` input with ``L' != L`` (a decode step), or its
+    flattened ``[B * L']``, takes ``decode(values)`` (``[B, 1, *tail]``) for each new token;
+    without ``decode`` it is a ``ValueError`` ending in ``hint``.
     """
     lead = tuple(values.shape[:values.dim() - len(tail)])
     per_sequence = len(batch_shape) == 2 and not tail  # ids [B] of a [B, L] batch stay per sequence
@@ -29,11 +29,14 @@ def fit_to_batch(values: torch.Tensor, batch_shape: tuple, tail: tuple = (), dec
     rows = batch_shape[0]  # sequences of a [B, L] input; tokens of a flattened [B * L] one
     if len(lead) == 2 and len(batch_shape) == 1 and lead[0] * lead[1] == rows:
         return values.reshape(rows, *tail)
-    if len(lead) == 2 and len(batch_shape) == 2 and batch_shape[1] != lead[1]:
+    flat = len(batch_shape) == 1
+    if len(lead) == 2 and (flat or batch_shape[1] != lead[1]):  # a decode step (flattened in OPT's MLP)
         if decode is None:
             raise ValueError(f"per-token {name} of shape {tuple(values.shape)} do not fit an input of batch "
                              f"{batch_shape}; {hint}")
         values, lead = decode(values), (lead[0], 1)
+        if flat:  # one value per sequence, repeated below for its tokens (and beams) in a row
+            values, lead = values[:, 0], lead[:1]
     if lead[0] != rows and lead[0] and rows % lead[0] == 0:
         values = values.repeat_interleave(rows // lead[0], dim=0)
     if len(batch_shape) == 2 and (len(lead) == 2 or tail):
