@@ -168,6 +168,65 @@ def test_nf4_base_serves_what_the_dequantized_model_generates(adapters):
     assert any(out["tokens"] != offline(dense, prompt, adapter, 6) for prompt, adapter, (_, out) in jobs)
 
 
+def test_a_failed_prefill_ends_that_request_alone(adapters, reference, monkeypatch):
+    """A prefill that fails (here the model raises on one prompt) ends that request with
+    "error", in the step that admitted it beside others; the request already running and the one
+    admitted after it go on, and each generates what it would alone."""
+    names = adapters[1]
+    engine = served(adapters, max_batch=4)
+    forward = engine.model.forward
+
+    def failing(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] == 6:
+            raise RuntimeError("this prefill fails")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", failing)
+    prompts = {names[0]: [5, 6, 7], names[1]: [1, 2, 3, 4, 5, 6], names[2]: [8, 9]}
+    jobs = {name: collect(engine, prompt, name, SamplingParams(max_tokens=5, temperature=0))[1]
+            for name, prompt in prompts.items()}
+    with use_backend("torch"):
+        engine.step()  # admits all three: the first joins, the second fails, the third joins
+        assert jobs[names[1]]["finish"] == "error" and jobs[names[1]]["tokens"] == []
+        assert engine.batch_size() == 2
+        while not all(out["done"].is_set() for out in jobs.values()):
+            engine.step()
+    for name in (names[0], names[2]):
+        assert jobs[name]["finish"] == "length"
+        assert jobs[name]["tokens"] == offline(reference, prompts[name], name, 5), name
+
+
+def test_sliding_window_model_serves_what_generate_gives(tmp_path):
+    """Mistral with a 4-token sliding window, prompts and outputs longer than the window, in one
+    batch: the batch's cache keeps every key (a sliding layer's own cache keeps only its window,
+    which could not be padded to the others) and each request generates what ``generate`` gives
+    with its adapter alone."""
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                        sliding_window=4, eos_token_id=None, bos_token_id=None, pad_token_id=0)
+    base = transformers.MistralForCausalLM(config).eval()
+    names = ["a", "b"]
+    reference = bk.inject(copy.deepcopy(base), "all-linear", 2, r=4, alpha=8, adapter_names=names)
+    gen = torch.Generator().manual_seed(1)
+    for layer in bk.model.adapter_layers(reference).values():
+        layer.lora_B.data.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.3)
+    engine = Engine(base, max_adapters=2, max_lora_rank=4)
+    for name in names:
+        engine.load_adapter(name, bk.save_peft_adapter(reference, name, tmp_path / name))
+    jobs = []
+    for i in range(6):
+        prompt = torch.randint(1, VOCAB, (2 + 2 * i,), generator=gen).tolist()
+        adapter = [*names, None][i % 3]
+        jobs.append((prompt, adapter, collect(engine, prompt, adapter, SamplingParams(max_tokens=8, temperature=0))[1]))
+    with use_backend("torch"):
+        while not all(out["done"].is_set() for *_, out in jobs):
+            engine.step()
+    assert engine.stats["step_sequences"] > engine.stats["steps"]  # batched
+    for prompt, adapter, out in jobs:
+        assert out["finish"] == "length" and out["tokens"] == offline(reference, prompt, adapter, 8), (adapter, prompt)
+
+
 def test_stop_tokens_and_sampling(adapters, reference):
     root, names = adapters
     engine = start(served(adapters))
@@ -279,6 +338,12 @@ def test_bad_arguments():
     qlora = bk.inject(tiny_llama(), ["q_proj"], 2, quantize="nf4")
     assert Engine(qlora, quantize="nf4").model is qlora  # already over NF4: served as it is
     engine = Engine(copy.deepcopy(tiny_llama()), max_adapters=1, max_lora_rank=2)
+    for prompt, match in (([], "prompt: must be a non-empty list"), ("12", "prompt: must be a non-empty list"),
+                          ([1, VOCAB], r"prompt: token ids must be ints in \[0, 64\)"), ([1, -1], "prompt: token ids"),
+                          ([1, 2.0], "prompt: token ids")):
+        with pytest.raises(ValueError, match=match):
+            engine.submit(Request(prompt, None, SamplingParams(), lambda token, finish: None))
+    assert engine.queue_depth() == 0
     with pytest.raises(ValueError, match="adapter name must be a non-empty str"):
         engine.load_adapter("", "x")
     with pytest.raises(ValueError, match="is not a folder"):

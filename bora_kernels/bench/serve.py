@@ -14,8 +14,9 @@ only requests for the running batch's adapter join it, so each forward serves on
 a server without multi-adapter kernels does, e.g. PEFT with ``set_adapter`` per batch), with
 continuous batching still on, so the difference measured is the mixing of adapters alone.
 
-The adapters are random PEFT LoRA adapters (rank ``rank`` on every block projection) for the
-model, written to a temporary adapter root: throughput does not depend on what they learned.
+The adapters are random PEFT LoRA adapters (rank ``rank`` on every linear layer but the output
+head) for the model, written to a temporary adapter root: throughput does not depend on what
+they learned.
 """
 
 from __future__ import annotations

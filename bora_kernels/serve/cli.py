@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
                    help="the ops' implementation (auto: the dispatch rule of ARCHITECTURE.md)")
     p.add_argument("--quantize", choices=("nf4",), default=None,
-                   help="store the block projections' frozen base weights in NF4 (4-bit) under the adapters")
+                   help="store the frozen base weights of the adapted layers (every linear layer but the "
+                        "output head) in NF4 (4-bit) under the adapters")
     p.add_argument("--max-adapters", type=int, default=16, help="adapter slots (loaded at once)")
     p.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank a slot holds")
     p.add_argument("--max-batch", type=int, default=32, help="sequences in one decode step")

@@ -13,8 +13,10 @@ batch (a ``DynamicCache`` built from per-layer ``[B, H, T, D]`` tensors each ste
 sequence is padded to the batch's length (or the batch to its), a leaving one is dropped and
 all-padding columns are trimmed, and every sequence gets its true positions through
 ``position_ids`` (its count of real cache columns). The batch's adapter route is rebuilt only
-when its membership changes, so the decode steps in between reuse one token grouping. Works for decoder-only models whose attention takes a 2-D padding mask and
-``position_ids`` (Llama, Mistral without a sliding window, OPT, GPT-2, ...).
+when its membership changes, so the decode steps in between reuse one token grouping. Works for
+decoder-only models whose attention takes a 2-D padding mask and ``position_ids`` (Llama, Mistral,
+Qwen, Gemma, Phi, OPT, GPT-2, GPT-J, ...). Sliding-window layers keep every key in the cache
+(their attention mask applies the window), as the batch's cache pads all layers alike.
 
 Adapters live in ``max_adapters`` slots of ``MultiLoRALinear`` layers of rank ``max_lora_rank``
 (as vLLM's ``max_loras`` and ``max_lora_rank``); a free slot has rank 0 everywhere.
@@ -42,8 +44,9 @@ from ..peft_io import read_peft_adapter, set_peft_adapter
 
 logger = logging.getLogger(__name__)
 
-# every linear layer of a transformer block, as named by Llama/Mistral/Qwen, OPT and GPT-2
-DEFAULT_TARGETS = r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|out_proj|fc1|fc2|c_attn|c_proj|c_fc)"
+# every linear layer but the output head, whatever the model names them (PEFT's shorthand): the
+# slots then take any PEFT LoRA adapter of linear layers
+DEFAULT_TARGETS = "all-linear"
 
 
 # "mixed": any request joins the running batch. "per-adapter": only requests for the running
@@ -69,7 +72,8 @@ class UnknownAdapter(KeyError):
 
 
 class InvalidParams(ValueError):
-    """A sampling parameter outside its domain; ``param`` names it (the message starts with it)."""
+    """A sampling parameter or a prompt outside its domain; ``param`` names it (the message starts
+    with it)."""
 
     def __init__(self, param: str, message: str):
         super().__init__(f"{param}: {message}")
@@ -139,9 +143,9 @@ class Engine:
     """Serve ``model`` (a Hugging Face causal LM) with up to ``max_adapters`` adapters at once.
 
     A model without adapter layers gets ``MultiLoRALinear`` layers of rank ``max_lora_rank`` on
-    ``target_modules`` (default: every linear layer of the blocks), all slots empty. ``start()``
-    runs the engine thread; ``submit`` queues a request; ``load_adapter`` / ``unload_adapter``
-    change the adapters while it serves. ``schedule``: one of ``SCHEDULES`` (default ``"mixed"``,
+    ``target_modules`` (default ``"all-linear"``: every linear layer but the output head), all
+    slots empty. ``start()`` runs the engine thread; ``submit`` queues a request;
+    ``load_adapter`` / ``unload_adapter`` change the adapters while it serves. ``schedule``: one of ``SCHEDULES`` (default ``"mixed"``,
     the point of this engine; ``"per-adapter"`` is the baseline it is measured against).
     ``quantize="nf4"`` stores the frozen base weights of ``target_modules`` in NF4 (4-bit, as
     ``inject(..., quantize="nf4")``) under the adapter slots: many adapters served over one
@@ -173,6 +177,7 @@ class Engine:
         self.layers = adapter_layers(model)
         self.num_slots = next(iter(self.layers.values())).num_adapters
         self.device = next(model.parameters()).device
+        self.vocab_size = model.get_input_embeddings().num_embeddings
         self.max_batch, self.max_queue, self.schedule = max_batch, max_queue, schedule
         self.adapters: dict[str, int] = {}          # name -> slot
         self._in_use = collections.Counter()        # slot -> requests waiting or running
@@ -249,7 +254,14 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
     def submit(self, request: Request) -> Request:
-        """Queue ``request``; raises ``UnknownAdapter`` or ``QueueFull``."""
+        """Queue ``request``; raises ``InvalidParams`` (the prompt: empty, or a token id outside
+        the vocabulary, which on a GPU would fail the whole batch's device), ``UnknownAdapter`` or
+        ``QueueFull``."""
+        prompt = request.prompt
+        if not isinstance(prompt, (list, tuple)) or not prompt:
+            raise InvalidParams("prompt", f"must be a non-empty list of token ids, got {prompt!r:.80}")
+        if not all(_is_int(t) and 0 <= t < self.vocab_size for t in prompt):
+            raise InvalidParams("prompt", f"token ids must be ints in [0, {self.vocab_size})")
         with self._lock:
             slot = -1
             if request.adapter is not None:
@@ -351,12 +363,22 @@ class Engine:
         return None
 
     def _prefill(self, request: Request) -> None:
+        from transformers import DynamicCache
+
         seq = _Seq(request, self.device)
         ids = torch.tensor([request.prompt], device=self.device)
-        with use_adapters(self.model, torch.tensor([request.slot], device=self.device)):
-            out = self.model(input_ids=ids, use_cache=True)
-        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        self._join(seq, kv, len(request.prompt))
+        try:
+            # a cache without the model's config keeps every layer's keys whole: a sliding-window
+            # layer's cache would keep only its window, which the batch's cache cannot pad to
+            # the others (the attention masks still apply the window)
+            with use_adapters(self.model, torch.tensor([request.slot], device=self.device)):
+                out = self.model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
+            kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            self._join(seq, kv, len(request.prompt))
+        except Exception:  # this request fails alone; the running batch is untouched and goes on
+            logger.exception("prefill failed; ending that request")
+            self._finish(request, "error")
+            return
         self._emit([seq], out.logits[:, -1])
 
     def _decode(self) -> None:
