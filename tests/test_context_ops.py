@@ -423,3 +423,28 @@ def test_training_step_in_a_cuda_graph(kind):
         want = (ref, *torch.autograd.grad(ref, inputs, dy.double()))
         for got, expected, name in zip(captured, want, ["forward", "dx", "dlora_a", "dlora_b", "dcontext_weights"]):
             assert_close(got, expected, torch.float16, f"replay {seed}: {name}")
+
+
+@pytest.mark.parametrize("path", cpu_backends())
+@pytest.mark.parametrize("kind", ["ids", "weights"])
+@pytest.mark.parametrize("op,reference", [(context_bias, context_bias_reference),
+                                          (context_scale, context_scale_reference)], ids=["bias", "scale"])
+def test_context_vector_takes_any_layout(op, reference, kind, path, poison_empty):
+    """``u`` whose columns are strided, vectors stored transposed, and the incoming gradient of a
+    ``.sum()`` (expanded: stride 0): the kernels read one stride per row, so these are laid out
+    for them first (they read past the elements before)."""
+    gen = torch.Generator().manual_seed(10)
+    u = torch.randn(2, 3, 16, generator=gen)[..., ::2].requires_grad_()
+    vectors = torch.randn(8, 2, generator=gen).T.requires_grad_()
+    context = torch.tensor([[0, 1, -1], [1, 1, 0]]) if kind == "ids" else torch.rand(2, 3, 2, generator=gen)
+    weights = one_hot_weights(context, (2, 3), 2) if kind == "ids" else context
+    leaves = [u, vectors] + ([context.requires_grad_()] if kind == "weights" else [])
+    with run_on(path):
+        out = op(u, vectors, context)
+        grads = torch.autograd.grad(out.sum(), leaves)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (u, vectors, weights)]
+    ref = reference(*ref_leaves)
+    ref_grads = torch.autograd.grad(ref.sum(), ref_leaves[:len(leaves)])
+    assert_close(out, ref, torch.float32, "output")
+    for got, want, name in zip(grads, ref_grads, ["du", "dvectors", "dweights"]):
+        assert_close(got, want, torch.float32, name)

@@ -105,6 +105,12 @@ def _tiles(device: torch.device) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=128, num_warps=4)
 
 
+def _unit_columns(t):
+    """``t`` [rows, N] as the kernels read it, one stride per row and consecutive columns: a copy
+    when its columns are not (an incoming gradient expanded from a sum has stride 0)."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
 def _context_strides(context, ids: bool):
     # ids are [T / rows_per_id]; weights [T, C]
     return context.stride(0), 0 if ids else context.stride(1)
@@ -113,6 +119,7 @@ def _context_strides(context, ids: bool):
 def context_vector_forward(u, vectors, context, ids, rows_per_id, multiply):
     """``u [T, N]`` with the vector of each row added (or multiplied); ``context`` is ids
     ``[T / rows_per_id]`` or float weights ``[T, C]``."""
+    u, vectors = _unit_columns(u), _unit_columns(vectors)
     t, n = u.shape
     tiles = _tiles(u.device)
     out = torch.empty_like(u)
@@ -129,6 +136,7 @@ def context_vector_forward(u, vectors, context, ids, rows_per_id, multiply):
 def context_vector_backward(dy, u, vectors, context, ids, rows_per_id, multiply, needs_grad):
     """Returns ``(du, dvectors, dweights)`` (fp32 for the last two), None where not wanted."""
     needs_du, needs_dvec, needs_dw = needs_grad
+    dy, u, vectors = _unit_columns(dy), _unit_columns(u), _unit_columns(vectors)
     t, n = dy.shape
     num_contexts = vectors.shape[0]
     tiles = _tiles(dy.device)
