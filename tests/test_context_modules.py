@@ -204,6 +204,36 @@ def test_generate_needs_a_decode_context(kind, decode_context):
     assert torch.equal(out, seq)
 
 
+@pytest.mark.parametrize("path", cpu_backends())
+@pytest.mark.parametrize("method,kind", [("context_lora", "ids"), ("context_bitfit", "weights"), ("context_ia3", "ids"),
+                                         ("context_ia3", "weights")])
+def test_compiles_without_graph_breaks(method, kind, path):
+    """``torch.compile(fullgraph=True)`` of a Context-PEFT model: the ops run as custom ops (the
+    tracer does not follow a kernel launch), and logits and gradients equal the eager run's.
+    (Context-LoRA with float weights on the Triton path runs its passes eagerly: a graph break.)"""
+    kw = {"feedforward_modules": ["down_proj"]} if method == "context_ia3" else {}
+    model = bk.inject(tiny_llama(), LLAMA_ALL, num_adapters=2, method=method, r=2, alpha=4, **kw)
+    gen = torch.Generator().manual_seed(6)
+    for m in bk.model.context_layers(model).values():
+        _perturbed(m, gen)
+    input_ids = torch.randint(0, 64, (2, 5), generator=gen)
+    context = torch.randint(-1, 2, (2, 5), generator=gen) if kind == "ids" else torch.rand(2, 5, 2, generator=gen)
+
+    def step(fn):
+        model.zero_grad()
+        with run_on(path), bk.use_contexts(model, context):
+            logits = fn(input_ids).logits
+            logits.square().mean().backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    torch._dynamo.reset()
+    expected, expected_grads = step(model)
+    got, grads = step(torch.compile(model, backend="aot_eager", fullgraph=True))
+    assert_close(got, expected.double(), torch.float32, "compiled logits")
+    for g, e in zip(grads, expected_grads):
+        assert_close(g, e.double(), torch.float32, "compiled grads")
+
+
 def test_context_ids_layout():
     ids = bk.context_ids([(0, 1), (1, 3), (0, 2)])
     assert ids.tolist() == [0, 1, 1, 1, 0, 0]

@@ -426,6 +426,26 @@ def test_training_step_in_a_cuda_graph(kind):
 
 
 @pytest.mark.parametrize("path", cpu_backends())
+@pytest.mark.parametrize("multiply", [False, True], ids=["bias", "scale"])
+@pytest.mark.parametrize("kind", ["ids", "weights"])
+def test_context_vector_custom_ops_pass_opcheck(kind, multiply, path):
+    """Under torch.compile ``context_bias`` and ``context_scale`` run as the custom ops
+    ``bora_kernels::context_vector`` and ``context_vector_backward``."""
+    from bora_kernels.ops.context_vector import _context_vector_backward_op, _context_vector_op
+
+    gen = torch.Generator().manual_seed(9)
+    u = torch.randn(6, 10, generator=gen, requires_grad=True)
+    vectors = torch.randn(3, 10, generator=gen, requires_grad=True)
+    context = torch.tensor([0, 2, -1]) if kind == "ids" else torch.rand(6, 3, generator=gen).requires_grad_()
+    rows = 2 if kind == "ids" else 1
+    with run_on(path):
+        torch.library.opcheck(_context_vector_op, (u, vectors, context, kind == "ids", rows, multiply))
+        dy = torch.randn(6, 10, generator=gen)
+        torch.library.opcheck(_context_vector_backward_op, (dy, u.detach(), vectors.detach(), context.detach(),
+                                                            kind == "ids", rows, multiply, True, True, kind != "ids"))
+
+
+@pytest.mark.parametrize("path", cpu_backends())
 @pytest.mark.parametrize("kind", ["ids", "weights"])
 @pytest.mark.parametrize("op,reference", [(context_bias, context_bias_reference),
                                           (context_scale, context_scale_reference)], ids=["bias", "scale"])

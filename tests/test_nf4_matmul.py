@@ -147,6 +147,18 @@ def test_output_is_fresh_so_a_delta_can_be_added_in_place(dense_min_m, backend, 
         assert_close(got, want, torch.float32, name)
 
 
+@pytest.mark.parametrize("backend", KERNEL_AND_TORCH)
+@pytest.mark.parametrize("double_quant", [False, True], ids=["single", "double"])
+def test_custom_ops_pass_opcheck(double_quant, backend):
+    """Under torch.compile the op runs as ``bora_kernels::nf4_matmul`` and ``nf4_matmul_dx``: their
+    fake implementations, schemas and autograd registration as torch checks them."""
+    weight, x, bias, gen = _problem(5, 128, 24, 64, torch.float32, double_quant)
+    parts = (weight.packed, weight.absmax, weight.offset, weight.nested_absmax, weight.nested_code)
+    with use_backend(backend):
+        torch.library.opcheck(nf4_package._nf4_matmul_op, (x.requires_grad_(), *parts, bias.requires_grad_(), 24, 64))
+        torch.library.opcheck(nf4_package._nf4_matmul_dx_op, (torch.randn(5, 24, generator=gen), *parts, 128, 64))
+
+
 def test_cpu_never_takes_the_cuda_gemv():
     weight, x, bias, _ = _problem(1, 64, 8, 64, torch.bfloat16)
     assert nf4_package._path(x, weight, bias, forward=True)[0] == "triton"

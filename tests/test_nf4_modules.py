@@ -168,6 +168,35 @@ def test_qlora_over_layers_with_biases_trains_like_the_dequantized_model(backend
         assert_close(layer.lora_B.grad, want.lora_B.grad.double(), torch.float32, f"{name} dB")
 
 
+@pytest.mark.parametrize("backend", KERNEL_AND_TORCH)
+def test_qlora_compiles_without_graph_breaks(backend):
+    """``torch.compile(fullgraph=True)`` of a QLoRA model with per-token adapter ids: ``nf4_matmul``
+    runs as the custom ops ``bora_kernels::nf4_matmul`` and ``nf4_matmul_dx``, and logits and
+    adapter gradients equal the eager run's, also after the ids change."""
+    with use_backend("torch"):
+        model = bk.inject(tiny_llama(), "all-linear", num_adapters=2, r=4, alpha=8, quantize="nf4")
+    gen = torch.Generator().manual_seed(2)
+    for p in bk.trainable_parameters(model):
+        p.data.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    input_ids = torch.randint(0, 64, (2, 5), generator=gen)
+
+    def step(fn, ids):
+        model.zero_grad()
+        with use_backend(backend), bk.use_adapters(model, ids):
+            logits = fn(input_ids=input_ids).logits
+            logits.square().mean().backward()
+        return logits.detach(), [p.grad.clone() for p in bk.trainable_parameters(model)]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    for ids in (torch.randint(-1, 2, (2, 5), generator=gen), torch.randint(-1, 2, (2, 5), generator=gen)):
+        expected, expected_grads = step(model, ids)
+        got, grads = step(compiled, ids)
+        assert_close(got, expected.double(), torch.float32, "compiled logits")
+        for g, e in zip(grads, expected_grads):
+            assert_close(g, e.double(), torch.float32, "compiled grads")
+
+
 def bnb_llama(quant_type="nf4"):
     """``tiny_llama()`` with every q_proj and v_proj a bitsandbytes ``Linear4bit``, as
     ``from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True))`` makes them."""

@@ -74,8 +74,11 @@ def capturing_cuda_graph(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+@torch.compiler.assume_constant_result  # the tracer cannot read a ContextVar: it calls this once
 def backend(device: torch.device) -> str:
-    """Which implementation runs tensors on ``device``: ``"triton"`` or ``"torch"``."""
+    """Which implementation runs tensors on ``device``: ``"triton"`` or ``"torch"``. Under
+    ``torch.compile`` the answer is fixed when a graph is traced (a later ``use_backend`` does not
+    retrace); the ops' custom ops still ask it when they run."""
     forced = _forced.get()
     if device.type == "cuda":
         return forced or "triton"

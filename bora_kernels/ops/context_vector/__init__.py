@@ -48,6 +48,55 @@ class ContextVectorFunction(torch.autograd.Function):
         return du, dvec, dw, None, None, None, None
 
 
+# --- the same op as torch.library custom ops, for torch.compile ----------------------------------
+# Eager calls use ContextVectorFunction above. Under torch.compile the op is opaque to the tracer
+# through these custom ops and their fake implementations (the tracer cannot follow a launch).
+
+
+@torch.library.custom_op("bora_kernels::context_vector", mutates_args=())
+def _context_vector_op(u: torch.Tensor, vectors: torch.Tensor, context: torch.Tensor, is_ids: bool,
+                       rows_per_id: int, multiply: bool) -> torch.Tensor:
+    return _kernels(u.device).context_vector_forward(u, vectors, context, is_ids, rows_per_id, multiply)
+
+
+@_context_vector_op.register_fake
+def _(u, vectors, context, is_ids, rows_per_id, multiply):
+    return torch.empty_like(u)
+
+
+@torch.library.custom_op("bora_kernels::context_vector_backward", mutates_args=())
+def _context_vector_backward_op(dy: torch.Tensor, u: torch.Tensor, vectors: torch.Tensor, context: torch.Tensor,
+                                is_ids: bool, rows_per_id: int, multiply: bool, needs_du: bool, needs_dvec: bool,
+                                needs_dw: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = _kernels(dy.device).context_vector_backward(dy, u if multiply else None, vectors, context, is_ids,
+                                                        rows_per_id, multiply, (needs_du, needs_dvec, needs_dw))
+    # a custom op returns new tensors (never dy itself) of the inputs' dtypes: empty ones for
+    # gradients not asked for
+    return tuple(like.new_empty(0) if g is None else g.clone() if g is dy else g.to(like.dtype)
+                 for g, like in zip(grads, (dy, vectors, context)))
+
+
+@_context_vector_backward_op.register_fake
+def _(dy, u, vectors, context, is_ids, rows_per_id, multiply, needs_du, needs_dvec, needs_dw):
+    return tuple(like.new_empty(like.shape if need else (0,))
+                 for like, need in ((dy, needs_du), (vectors, needs_dvec), (context, needs_dw)))
+
+
+def _op_setup_context(ctx, inputs, output):
+    u, vectors, context, is_ids, rows_per_id, multiply = inputs
+    ctx.save_for_backward(u, vectors, context)
+    ctx.layout = (is_ids, rows_per_id, multiply)
+
+
+def _op_backward(ctx, dy):
+    needs = ctx.needs_input_grad[:3]
+    grads = _context_vector_backward_op(dy, *ctx.saved_tensors, *ctx.layout, *needs)
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None)
+
+
+_context_vector_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
 def _context_vector(u, vectors, context_weights, multiply: bool, name: str):
     if not isinstance(u, torch.Tensor) or u.dim() < 2 or not u.dtype.is_floating_point:
         raise ValueError(f"u must be a float [..., N] tensor with at least one leading dim, got {_shape(u)}"
@@ -80,9 +129,12 @@ def _context_vector(u, vectors, context_weights, multiply: bool, name: str):
         weights = context_weights.reshape(-1, num_contexts)
         if not weights.dtype.is_floating_point:
             weights = weights.float()  # a bool mask
-    kernels = _kernels(u.device)
     if u2.shape[0] == 0:
         return u * 1.0 if multiply else u + 0.0
+    if torch.compiler.is_compiling():
+        context = ids if weights is None else weights
+        return _context_vector_op(u2, vectors, context, weights is None, rows_per_id, multiply).reshape(u.shape)
+    kernels = _kernels(u.device)
     if records_grad(u, vectors, weights):
         out = ContextVectorFunction.apply(u2, vectors, weights, ids, rows_per_id, multiply, kernels)
     else:

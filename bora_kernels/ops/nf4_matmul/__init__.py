@@ -101,6 +101,15 @@ def _forward(x, bias, weight):
     return out if bias is None else out.add_(bias)
 
 
+def _dx(dy2, weight, x_shape):
+    """``dy2 [M, N] @ dequant(W)`` shaped ``x_shape``."""
+    if backend(dy2.device) == "triton" and _path(dy2, weight, None, forward=False)[0] == "triton":
+        from .triton import nf4_matmul_dx
+
+        return nf4_matmul_dx(dy2.contiguous(), weight, x_shape)
+    return (dy2 @ weight.dequantize(dy2.dtype)).view(x_shape)
+
+
 class NF4MatmulFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, weight):
@@ -110,20 +119,62 @@ class NF4MatmulFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        weight = ctx.weight
-        n, k = weight.shape
-        dy2 = dy.reshape(-1, n)
-        dx = dbias = None
-        if ctx.needs_input_grad[0]:
-            if backend(dy.device) == "triton" and _path(dy2, weight, None, forward=False)[0] == "triton":
-                from .triton import nf4_matmul_dx
-
-                dx = nf4_matmul_dx(dy2.contiguous(), weight, ctx.x_shape)
-            else:
-                dx = (dy2 @ weight.dequantize(dy.dtype)).view(ctx.x_shape)
-        if ctx.needs_input_grad[1]:
-            dbias = dy2.sum(0)
+        dy2 = dy.reshape(-1, ctx.weight.shape[0])
+        dx = _dx(dy2, ctx.weight, ctx.x_shape) if ctx.needs_input_grad[0] else None
+        dbias = dy2.sum(0) if ctx.needs_input_grad[1] else None
         return dx, dbias, None
+
+
+# --- the same op as torch.library custom ops, for torch.compile ----------------------------------
+# Eager calls use NF4MatmulFunction above. Under torch.compile the op is opaque to the tracer
+# through these custom ops (the NF4 weight passed as its tensors) and their fake implementations.
+
+
+def _op_weight(packed, absmax, offset, nested_absmax, nested_code, n: int, k: int, blocksize: int, dtype):
+    from ...quant import NF4Tensor
+
+    return NF4Tensor(packed, absmax, torch.Size((n, k)), dtype, blocksize, offset, nested_absmax, nested_code)
+
+
+@torch.library.custom_op("bora_kernels::nf4_matmul", mutates_args=())
+def _nf4_matmul_op(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, offset: torch.Tensor | None,
+                   nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None, bias: torch.Tensor | None,
+                   n: int, blocksize: int) -> torch.Tensor:
+    weight = _op_weight(packed, absmax, offset, nested_absmax, nested_code, n, x.shape[1], blocksize, x.dtype)
+    return _forward(x, bias, weight)
+
+
+@_nf4_matmul_op.register_fake
+def _(x, packed, absmax, offset, nested_absmax, nested_code, bias, n, blocksize):
+    return x.new_empty((x.shape[0], n))
+
+
+@torch.library.custom_op("bora_kernels::nf4_matmul_dx", mutates_args=())
+def _nf4_matmul_dx_op(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, offset: torch.Tensor | None,
+                      nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None, k: int,
+                      blocksize: int) -> torch.Tensor:
+    weight = _op_weight(packed, absmax, offset, nested_absmax, nested_code, dy.shape[1], k, blocksize, dy.dtype)
+    return _dx(dy, weight, (dy.shape[0], k))
+
+
+@_nf4_matmul_dx_op.register_fake
+def _(dy, packed, absmax, offset, nested_absmax, nested_code, k, blocksize):
+    return dy.new_empty((dy.shape[0], k))
+
+
+def _op_setup_context(ctx, inputs, output):
+    x, weight_parts, blocksize = inputs[0], inputs[1:6], inputs[8]  # (bias and n: not needed)
+    ctx.save_for_backward(*weight_parts)
+    ctx.k, ctx.blocksize = x.shape[1], blocksize
+
+
+def _op_backward(ctx, dy):
+    dx = _nf4_matmul_dx_op(dy, *ctx.saved_tensors, ctx.k, ctx.blocksize) if ctx.needs_input_grad[0] else None
+    dbias = dy.sum(0) if ctx.needs_input_grad[6] else None
+    return dx, None, None, None, None, None, dbias, None, None
+
+
+_nf4_matmul_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 def nf4_matmul(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -150,6 +201,10 @@ def nf4_matmul(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> tor
                              or bias.device != x.device):
         raise ValueError(f"bias must be a [{n}] tensor on {x.device}, got "
                          f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+    if torch.compiler.is_compiling():
+        out = _nf4_matmul_op(x.reshape(-1, k), weight.packed, weight.absmax, weight.offset, weight.nested_absmax,
+                             weight.nested_code, bias, n, weight.blocksize)
+        return out.reshape(*x.shape[:-1], n)
     if records_grad(x, bias):
         return NF4MatmulFunction.apply(x, bias, weight)
     return _forward(x, bias, weight)  # nothing to differentiate: no autograd node (host time)
