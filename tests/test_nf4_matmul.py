@@ -1,6 +1,6 @@
 """``nf4_matmul`` and its gradients against ``x.double() @ dequant(W).double().T``, on both CPU
 paths, outputs poisoned; shapes with M = 1, odd sizes and sizes off the kernel's tiles; every
-kernel path (split-K for few rows, tiled, dequantize + matmul for many, the CUDA GEMV on GPU)."""
+kernel path (split-K for few rows, tiled, dequantize + F.linear for many, the CUDA GEMV on GPU)."""
 
 import dataclasses
 import importlib
@@ -110,7 +110,7 @@ def test_packed_codes_starting_mid_word(poison_empty):
 
 @pytest.mark.parametrize("backend", KERNEL_AND_TORCH)
 def test_many_rows_take_the_dense_path(backend, monkeypatch, poison_empty):
-    """From ``DENSE_MIN_M`` rows the weight is dequantized once and multiplied by, forward and dx
+    """From ``DENSE_MIN_M`` rows the weight is dequantized once and F.linear runs, forward and dx
     (the threshold lowered here so that the test stays small)."""
     monkeypatch.setitem(nf4_package.DENSE_MIN_M, "cpu", 8)
     weight, x, bias, gen = _problem(9, 128, 40, 64, torch.bfloat16)
@@ -129,8 +129,8 @@ def test_many_rows_take_the_dense_path(backend, monkeypatch, poison_empty):
 @pytest.mark.parametrize("dense_min_m", [1 << 30, 1], ids=["fused", "dense"])
 def test_output_is_fresh_so_a_delta_can_be_added_in_place(dense_min_m, backend, monkeypatch, poison_empty):
     """QLoRA adds the adapters' delta into the base output in place. With a bias and ``[B, L, K]``
-    inputs the output must not be a view made inside the autograd Function (F.linear's is: autograd
-    then refuses the in-place add), and the gradient must still be right."""
+    inputs the output must not be a view made inside the autograd Function (F.linear's of a 3-D x
+    is: autograd then refuses the in-place add), and the gradient must still be right."""
     monkeypatch.setitem(nf4_package.DENSE_MIN_M, "cpu", dense_min_m)
     weight, x, bias, gen = _problem(6, 128, 40, 64, torch.float32)
     x = x.reshape(2, 3, 128).requires_grad_()

@@ -2,7 +2,7 @@
 
 On CUDA (and CPU under the interpreter) the Triton kernels dequantize weight tiles in registers
 inside the GEMM's K loop (``triton.py``); on CPU otherwise the weight is dequantized once and
-multiplied by (the vectorised torch path). Differentiable in ``x`` and ``bias``; the base
+``F.linear`` runs (the vectorised torch path). Differentiable in ``x`` and ``bias``; the base
 weight is frozen and gets no gradient.
 
 Which kernel, by M (the rows of x after flattening), in ``_path``:
@@ -11,7 +11,7 @@ Which kernel, by M (the rows of x after flattening), in ``_path``:
   available (``bora_kernels._cuda_ext``): CUDA cores below 5 rows, tensor cores (sm_80+) from 5
   (``kNF4GemvMmaMinRows``; the tensor-core kernel multiplies by the weight rounded to x's dtype,
   as dequantize + cuBLAS does, the CUDA-core one by its fp32 value);
-- M >= ``DENSE_MIN_M[device type]``: the weight dequantized once, then a matmul (cuBLAS);
+- M >= ``DENSE_MIN_M[device type]``: the weight dequantized once, then ``F.linear`` (cuBLAS);
 - otherwise Triton: up to 16 rows one 16-row tile with the K reduction split across programs,
   above that the tiled GEMM.
 
@@ -28,6 +28,7 @@ check them compiled.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .._dispatch import backend, records_grad
 
@@ -82,23 +83,21 @@ def _gemv(ext, x2, weight, bias, out_shape, kernel=0):
     return out
 
 
-def _forward(x, bias, weight):
-    """``x @ dequant(W)^T + bias`` by the path ``_path`` picks; a fresh tensor, never a view
-    (callers add adapter deltas into it in place)."""
-    n, k = weight.shape
-    if backend(x.device) == "triton":
-        x2 = x.reshape(-1, k).contiguous()
+def _forward(x2, bias, weight):
+    """``x2 [M, K] @ dequant(W)^T + bias`` -> ``[M, N]`` by the path ``_path`` picks: a fresh
+    tensor, never a view (callers add adapter deltas into it in place, and a view made inside an
+    autograd Function may not be changed in place; ``nf4_matmul`` shapes it outside)."""
+    n = weight.shape[0]
+    if backend(x2.device) == "triton":
+        x2 = x2.contiguous()
         path, ext = _path(x2, weight, bias, forward=True)
         if path == "csrc":
-            return _gemv(ext, x2, weight, bias, (*x.shape[:-1], n))
+            return _gemv(ext, x2, weight, bias, (x2.shape[0], n))
         if path == "triton":
             from .triton import nf4_matmul_forward
 
-            return nf4_matmul_forward(x2, weight, bias, (*x.shape[:-1], n))
-    # not F.linear: with a bias and x of 3 or more dims it returns a view of a 2-D result, and a view
-    # made inside an autograd Function may not be changed in place
-    out = torch.matmul(x, weight.dequantize(x.dtype).T)
-    return out if bias is None else out.add_(bias)
+            return nf4_matmul_forward(x2, weight, bias, (x2.shape[0], n))
+    return F.linear(x2, weight.dequantize(x2.dtype), bias)  # 2-D: one addmm with the bias
 
 
 def _dx(dy2, weight, x_shape):
@@ -201,13 +200,15 @@ def nf4_matmul(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> tor
                              or bias.device != x.device):
         raise ValueError(f"bias must be a [{n}] tensor on {x.device}, got "
                          f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+    x2 = x.reshape(-1, k)
     if torch.compiler.is_compiling():
-        out = _nf4_matmul_op(x.reshape(-1, k), weight.packed, weight.absmax, weight.offset, weight.nested_absmax,
+        out = _nf4_matmul_op(x2, weight.packed, weight.absmax, weight.offset, weight.nested_absmax,
                              weight.nested_code, bias, n, weight.blocksize)
-        return out.reshape(*x.shape[:-1], n)
-    if records_grad(x, bias):
-        return NF4MatmulFunction.apply(x, bias, weight)
-    return _forward(x, bias, weight)  # nothing to differentiate: no autograd node (host time)
+    elif records_grad(x, bias):
+        out = NF4MatmulFunction.apply(x2, bias, weight)
+    else:
+        out = _forward(x2, bias, weight)  # nothing to differentiate: no autograd node (host time)
+    return out.view(*x.shape[:-1], n)
 
 
 __all__ = ["NF4MatmulFunction", "nf4_matmul", "nf4_matmul_csrc"]
