@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import contextvars
 import dataclasses
+import inspect
 import itertools
 import logging
 import math
@@ -177,6 +178,9 @@ class Engine:
         self.layers = adapter_layers(model)
         self.num_slots = next(iter(self.layers.values())).num_adapters
         self.device = next(model.parameters()).device
+        # transformers 5.24 renamed the cache argument and output field ``past_key_values`` to
+        # ``cache`` (the old name warns, and goes in 5.40); older versions know only the old one
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.max_batch, self.max_queue, self.schedule = max_batch, max_queue, schedule
         self.adapters: dict[str, int] = {}          # name -> slot
@@ -372,8 +376,8 @@ class Engine:
             # layer's cache would keep only its window, which the batch's cache cannot pad to
             # the others (the attention masks still apply the window)
             with use_adapters(self.model, torch.tensor([request.slot], device=self.device)):
-                out = self.model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
-            kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+                out = self.model(input_ids=ids, **{self._cache_arg: DynamicCache()}, use_cache=True)
+            kv = [(layer.keys, layer.values) for layer in out[self._cache_arg].layers]
             self._join(seq, kv, len(request.prompt))
         except Exception:  # this request fails alone; the running batch is untouched and goes on
             logger.exception("prefill failed; ending that request")
@@ -391,9 +395,9 @@ class Engine:
 
         cache = DynamicCache(ddp_cache_data=self._kv)
         with use_adapters(self.model, self._route):
-            out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                             use_cache=True)
-        self._kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
+                             **{self._cache_arg: cache}, use_cache=True)
+        self._kv = [(layer.keys, layer.values) for layer in out[self._cache_arg].layers]
         self._mask = mask
         self.stats["steps"] += 1
         self.stats["step_sequences"] += batch
