@@ -22,7 +22,7 @@ CONFIG_FILE, WEIGHTS_FILE, PICKLE_FILE = "adapter_config.json", "adapter_model.s
 PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
 # config fields whose non-default values change the computation in ways this runtime does not do
-_UNSUPPORTED = {"use_dora": False, "lora_bias": False, "modules_to_save": None, "layers_to_transform": None,
+_UNSUPPORTED = {"use_dora": False, "lora_bias": False, "modules_to_save": None,
                 "target_parameters": None, "trainable_token_indices": None}
 
 

@@ -300,6 +300,25 @@ def _folder(tmp_path, **config):
     return tmp_path
 
 
+def test_adapter_on_some_layers_loads_and_saves(tmp_path):
+    """``layers_to_transform``: PEFT saves only the chosen layers' weights, and the layers come
+    from the weights file's keys. The logits equal PEFT's, and the saved folder loads in PEFT."""
+    base = tiny_model("llama")
+    reference = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj", "down_proj"],
+                                                               layers_to_transform=[1], init_lora_weights=False))
+    reference.save_pretrained(tmp_path / "peft")
+    model = bk.load_peft_adapters(copy.deepcopy(base), {"a": tmp_path / "peft"})
+    assert set(bk.model.adapter_layers(model)) == {"model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"}
+    input_ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), bk.use_adapters(model, "a"):
+        logits = model(input_ids=input_ids).logits
+    with torch.no_grad():
+        want = reference(input_ids=input_ids).logits
+        assert_close(logits, want.double(), torch.float32, "layers_to_transform")
+        again = PeftModel.from_pretrained(copy.deepcopy(base), bk.save_peft_adapter(model, "a", tmp_path / "ours"))
+        assert_close(again(input_ids=input_ids).logits, want.double(), torch.float32, "saved back")
+
+
 def test_load_refuses_bad_checkpoints(tmp_path):
     good = _folder(tmp_path / "good", r=4, lora_alpha=8, target_modules=["q_proj"])
     pickled = _folder(tmp_path / "pickled", r=4, lora_alpha=8, target_modules=["q_proj"])
