@@ -102,8 +102,7 @@ def find_targets(model: nn.Module, target_modules, exclude_modules=None) -> list
     named = base_modules(model)
     if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        named = [(name, m) for name, m in named if m is not head and (
-            isinstance(m, _WRAPPERS) or _fan_in_fan_out(m) is not None)]
+        named = [(name, m) for name, m in named if m is not head and linear_features(m) is not None]
         hits = [(name, m) for name, m in named if not matches(name, exclude_modules)]
         if not hits:
             raise ValueError(f"target_modules 'all-linear' (exclude_modules {exclude_modules!r}) found no linear "

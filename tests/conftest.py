@@ -83,6 +83,20 @@ def poison_empty(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "new_empty", _poisoned(torch.Tensor.new_empty))
 
 
+def eager_and_compiled(model, compiled, route, **inputs):
+    """``[(logits, grads)]`` of one forward and backward (loss: the logits' mean square) inside
+    ``route()``, with ``model`` and then with ``compiled`` (``torch.compile`` of it); ``grads``
+    are those of the parameters that require grad."""
+    results = []
+    for fn in (model, compiled):
+        model.zero_grad()
+        with route():
+            logits = fn(**inputs).logits
+            logits.square().mean().backward()
+        results.append((logits.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    return results
+
+
 def capture_cuda_graph(fn):
     """``(graph, outputs)``: ``fn()`` run once on a side stream (Triton compiles, caches fill and
     autograd settles outside the capture), then captured; ``graph.replay()`` reruns it into

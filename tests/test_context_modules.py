@@ -2,6 +2,8 @@
 op references, ``inject(method=...)``, ``use_contexts`` (ids, weights, generate) and
 ``context_ids`` on tiny Hugging Face models built from configs."""
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -10,7 +12,7 @@ import bora_kernels as bk
 from bora_kernels.nn import ContextBitFit, ContextIA3, ContextLoRALinear, ContextRoute
 from bora_kernels.ops.context_lora_delta.reference import context_lora_delta_reference, one_hot_weights
 from bora_kernels.ops.context_vector.reference import context_bias_reference, context_scale_reference
-from tests.conftest import cpu_backends, run_on
+from tests.conftest import cpu_backends, eager_and_compiled, run_on
 from tests.tolerances import assert_close, rel_rms
 
 transformers = pytest.importorskip("transformers")
@@ -204,13 +206,9 @@ def test_generate_needs_a_decode_context(kind, decode_context):
     assert torch.equal(out, seq)
 
 
-@pytest.mark.parametrize("path", cpu_backends())
-@pytest.mark.parametrize("method,kind", [("context_lora", "ids"), ("context_bitfit", "weights"), ("context_ia3", "ids"),
-                                         ("context_ia3", "weights")])
-def test_compiles_without_graph_breaks(method, kind, path):
-    """``torch.compile(fullgraph=True)`` of a Context-PEFT model: the ops run as custom ops (the
-    tracer does not follow a kernel launch), and logits and gradients equal the eager run's.
-    (Context-LoRA with float weights on the Triton path runs its passes eagerly: a graph break.)"""
+def _compile_case(method: str, kind: str, device: str):
+    """A tiny Llama with Context-PEFT layers away from their identity start, input ids and a
+    context (ids or weights), on ``device``."""
     kw = {"feedforward_modules": ["down_proj"]} if method == "context_ia3" else {}
     model = bk.inject(tiny_llama(), LLAMA_ALL, num_adapters=2, method=method, r=2, alpha=4, **kw)
     gen = torch.Generator().manual_seed(6)
@@ -218,17 +216,26 @@ def test_compiles_without_graph_breaks(method, kind, path):
         _perturbed(m, gen)
     input_ids = torch.randint(0, 64, (2, 5), generator=gen)
     context = torch.randint(-1, 2, (2, 5), generator=gen) if kind == "ids" else torch.rand(2, 5, 2, generator=gen)
+    return model.to(device), input_ids.to(device), context.to(device)
 
-    def step(fn):
-        model.zero_grad()
+
+@pytest.mark.parametrize("path", cpu_backends())
+@pytest.mark.parametrize("method,kind", [("context_lora", "ids"), ("context_bitfit", "weights"), ("context_ia3", "ids"),
+                                         ("context_ia3", "weights")])
+def test_compiles_without_graph_breaks(method, kind, path):
+    """``torch.compile(fullgraph=True)`` of a Context-PEFT model: the ops run as custom ops (the
+    tracer does not follow a kernel launch), and logits and gradients equal the eager run's.
+    (Context-LoRA with float weights on the Triton path runs its passes eagerly: a graph break.)"""
+    model, input_ids, context = _compile_case(method, kind, "cpu")
+
+    @contextlib.contextmanager
+    def route():
         with run_on(path), bk.use_contexts(model, context):
-            logits = fn(input_ids).logits
-            logits.square().mean().backward()
-        return logits.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+            yield
 
     torch._dynamo.reset()
-    expected, expected_grads = step(model)
-    got, grads = step(torch.compile(model, backend="aot_eager", fullgraph=True))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    (expected, expected_grads), (got, grads) = eager_and_compiled(model, compiled, route, input_ids=input_ids)
     assert_close(got, expected.double(), torch.float32, "compiled logits")
     for g, e in zip(grads, expected_grads):
         assert_close(g, e.double(), torch.float32, "compiled grads")
@@ -238,23 +245,10 @@ def test_compiles_without_graph_breaks(method, kind, path):
 @pytest.mark.parametrize("method,kind", [("context_lora", "ids"), ("context_bitfit", "weights"), ("context_ia3", "ids")])
 def test_compiles_with_inductor_on_gpu(method, kind):
     """The CUDA version of the test above: inductor, the ops' custom ops on the Triton path."""
-    kw = {"feedforward_modules": ["down_proj"]} if method == "context_ia3" else {}
-    model = bk.inject(tiny_llama(), LLAMA_ALL, num_adapters=2, method=method, r=2, alpha=4, **kw)
-    gen = torch.Generator().manual_seed(6)
-    for m in bk.model.context_layers(model).values():
-        _perturbed(m, gen)
-    model.cuda()
-    input_ids = torch.randint(0, 64, (2, 5), generator=gen).cuda()
-    context = (torch.randint(-1, 2, (2, 5), generator=gen) if kind == "ids" else torch.rand(2, 5, 2, generator=gen)).cuda()
+    model, input_ids, context = _compile_case(method, kind, "cuda")
     torch._dynamo.reset()
-    results = []
-    for fn in (model, torch.compile(model, fullgraph=True)):
-        model.zero_grad()
-        with bk.use_contexts(model, context):
-            logits = fn(input_ids).logits
-            logits.square().mean().backward()
-        results.append((logits.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
-    (expected, expected_grads), (got, grads) = results
+    (expected, expected_grads), (got, grads) = eager_and_compiled(
+        model, torch.compile(model, fullgraph=True), lambda: bk.use_contexts(model, context), input_ids=input_ids)
     # against the eager fp32 run, not a float64 reference: inductor fuses and reorders fp32 sums
     assert rel_rms(got, expected) < 1e-4 and all(rel_rms(g, e) < 1e-4 for g, e in zip(grads, expected_grads))
 

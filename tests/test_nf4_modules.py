@@ -2,6 +2,7 @@
 multi-adapter QLoRA: ``inject(..., quantize="nf4")`` on a tiny Llama trains and serves adapters
 over one 4-bit base."""
 
+import contextlib
 import copy
 
 import pytest
@@ -12,7 +13,7 @@ import bora_kernels as bk
 from bora_kernels.nn import CONTEXT_LAYERS, MultiLoRALinear, NF4Linear, is_bnb_4bit
 from bora_kernels.ops import use_backend
 from bora_kernels.quant import NF4Tensor, quantize_nf4
-from conftest import KERNEL_AND_TORCH
+from conftest import KERNEL_AND_TORCH, eager_and_compiled
 from tolerances import assert_close, rel_rms
 
 
@@ -173,25 +174,16 @@ def test_qlora_compiles_without_graph_breaks(backend):
     """``torch.compile(fullgraph=True)`` of a QLoRA model with per-token adapter ids: ``nf4_matmul``
     runs as the custom ops ``bora_kernels::nf4_matmul`` and ``nf4_matmul_dx``, and logits and
     adapter gradients equal the eager run's, also after the ids change."""
-    with use_backend("torch"):
-        model = bk.inject(tiny_llama(), "all-linear", num_adapters=2, r=4, alpha=8, quantize="nf4")
-    gen = torch.Generator().manual_seed(2)
-    for p in bk.trainable_parameters(model):
-        p.data.copy_(0.1 * torch.randn(p.shape, generator=gen))
-    input_ids = torch.randint(0, 64, (2, 5), generator=gen)
-
-    def step(fn, ids):
-        model.zero_grad()
-        with use_backend(backend), bk.use_adapters(model, ids):
-            logits = fn(input_ids=input_ids).logits
-            logits.square().mean().backward()
-        return logits.detach(), [p.grad.clone() for p in bk.trainable_parameters(model)]
-
+    model, input_ids, gen = _qlora_compile_case("cpu")
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     for ids in (torch.randint(-1, 2, (2, 5), generator=gen), torch.randint(-1, 2, (2, 5), generator=gen)):
-        expected, expected_grads = step(model, ids)
-        got, grads = step(compiled, ids)
+        @contextlib.contextmanager
+        def route(ids=ids):
+            with use_backend(backend), bk.use_adapters(model, ids):
+                yield
+
+        (expected, expected_grads), (got, grads) = eager_and_compiled(model, compiled, route, input_ids=input_ids)
         assert_close(got, expected.double(), torch.float32, "compiled logits")
         for g, e in zip(grads, expected_grads):
             assert_close(g, e.double(), torch.float32, "compiled grads")
@@ -200,23 +192,24 @@ def test_qlora_compiles_without_graph_breaks(backend):
 @pytest.mark.gpu
 def test_qlora_compiles_with_inductor_on_gpu():
     """The CUDA version of the test above: inductor, the ops' custom ops on the GPU paths."""
-    model = bk.inject(tiny_llama(), "all-linear", num_adapters=2, r=4, alpha=8, quantize="nf4").cuda()
+    model, input_ids, gen = _qlora_compile_case("cuda")
+    ids = torch.randint(-1, 2, (2, 5), generator=gen).cuda()
+    torch._dynamo.reset()
+    (expected, expected_grads), (got, grads) = eager_and_compiled(
+        model, torch.compile(model, fullgraph=True), lambda: bk.use_adapters(model, ids), input_ids=input_ids)
+    # against the eager fp32 run, not a float64 reference: inductor fuses and reorders fp32 sums
+    assert rel_rms(got, expected) < 1e-4 and all(rel_rms(g, e) < 1e-4 for g, e in zip(grads, expected_grads))
+
+
+def _qlora_compile_case(device: str):
+    """A tiny Llama with 2 adapters on every linear layer over NF4 bases, adapters away from
+    zero; input ids; the generator to draw adapter ids from."""
+    with use_backend("torch"):
+        model = bk.inject(tiny_llama(), "all-linear", num_adapters=2, r=4, alpha=8, quantize="nf4")
     gen = torch.Generator().manual_seed(2)
     for p in bk.trainable_parameters(model):
         p.data.copy_(0.1 * torch.randn(p.shape, generator=gen))
-    input_ids = torch.randint(0, 64, (2, 5), generator=gen).cuda()
-    ids = torch.randint(-1, 2, (2, 5), generator=gen).cuda()
-    torch._dynamo.reset()
-    results = []
-    for fn in (model, torch.compile(model, fullgraph=True)):
-        model.zero_grad()
-        with bk.use_adapters(model, ids):
-            logits = fn(input_ids=input_ids).logits
-            logits.square().mean().backward()
-        results.append((logits.detach(), [p.grad.clone() for p in bk.trainable_parameters(model)]))
-    (expected, expected_grads), (got, grads) = results
-    # against the eager fp32 run, not a float64 reference: inductor fuses and reorders fp32 sums
-    assert rel_rms(got, expected) < 1e-4 and all(rel_rms(g, e) < 1e-4 for g, e in zip(grads, expected_grads))
+    return model.to(device), torch.randint(0, 64, (2, 5), generator=gen).to(device), gen
 
 
 def bnb_llama(quant_type="nf4"):

@@ -139,7 +139,7 @@ class Server:
         self.context = int(getattr(config, "max_position_embeddings", 0) or 0) or None
         if self.limits.max_prompt_tokens is None:
             self.limits.max_prompt_tokens = self.context or 4096
-        self.vocab = int(config.vocab_size)
+        self.vocab = engine.vocab_size  # the engine's own bound (the embedding's rows), checked again at submit
         self.adapter_paths = dict(adapter_paths or {})
         self.metrics = Metrics()
         eos = getattr(tokenizer, "eos_token_id", None)

@@ -131,14 +131,13 @@ def _context_vector(u, vectors, context_weights, multiply: bool, name: str):
             weights = weights.float()  # a bool mask
     if u2.shape[0] == 0:
         return u * 1.0 if multiply else u + 0.0
+    context = ids if weights is None else weights
     if torch.compiler.is_compiling():
-        context = ids if weights is None else weights
         return _context_vector_op(u2, vectors, context, weights is None, rows_per_id, multiply).reshape(u.shape)
     kernels = _kernels(u.device)
     if records_grad(u, vectors, weights):
         out = ContextVectorFunction.apply(u2, vectors, weights, ids, rows_per_id, multiply, kernels)
     else:
-        context = ids if weights is None else weights
         out = kernels.context_vector_forward(u2, vectors, context, weights is None, rows_per_id, multiply)
     return out.reshape(u.shape)
 

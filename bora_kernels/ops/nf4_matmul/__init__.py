@@ -100,26 +100,26 @@ def _forward(x2, bias, weight):
     return F.linear(x2, weight.dequantize(x2.dtype), bias)  # 2-D: one addmm with the bias
 
 
-def _dx(dy2, weight, x_shape):
-    """``dy2 [M, N] @ dequant(W)`` shaped ``x_shape``."""
+def _dx(dy2, weight):
+    """``dy2 [M, N] @ dequant(W)`` -> ``[M, K]``."""
     if backend(dy2.device) == "triton" and _path(dy2, weight, None, forward=False)[0] == "triton":
         from .triton import nf4_matmul_dx
 
-        return nf4_matmul_dx(dy2.contiguous(), weight, x_shape)
-    return (dy2 @ weight.dequantize(dy2.dtype)).view(x_shape)
+        return nf4_matmul_dx(dy2.contiguous(), weight, (dy2.shape[0], weight.shape[1]))
+    return dy2 @ weight.dequantize(dy2.dtype)
 
 
 class NF4MatmulFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, weight):
-        ctx.weight, ctx.x_shape = weight, x.shape
+        ctx.weight = weight
         return _forward(x, bias, weight)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         dy2 = dy.reshape(-1, ctx.weight.shape[0])
-        dx = _dx(dy2, ctx.weight, ctx.x_shape) if ctx.needs_input_grad[0] else None
+        dx = _dx(dy2, ctx.weight) if ctx.needs_input_grad[0] else None
         dbias = dy2.sum(0) if ctx.needs_input_grad[1] else None
         return dx, dbias, None
 
@@ -153,7 +153,7 @@ def _nf4_matmul_dx_op(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tens
                       nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None, k: int,
                       blocksize: int) -> torch.Tensor:
     weight = _op_weight(packed, absmax, offset, nested_absmax, nested_code, dy.shape[1], k, blocksize, dy.dtype)
-    return _dx(dy, weight, (dy.shape[0], k))
+    return _dx(dy, weight)
 
 
 @_nf4_matmul_dx_op.register_fake
