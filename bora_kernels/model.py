@@ -299,9 +299,11 @@ def use_adapters(model: nn.Module, adapter_ids):
     (``[B, L]``) as an integer tensor or (nested) lists of ints, names and None; ``-1`` or None
     for the base model; None alone runs the base model; or an ``nn.AdapterRoute``, whose
     groupings (one per batch shape) then carry over to later blocks that pass the same route (a
-    server's decode steps). Works for ``model(...)``,
-    ``loss.backward()`` (run it inside the block) and ``model.generate(...)``, where per-sequence
-    ids hold through prefill and every decode step. The grouping of tokens is built once per
+    server's decode steps). Works for ``model(...)``, ``loss.backward()`` (inside the block or
+    after it; under Hugging Face's gradient checkpointing the recomputation sees the ids of its
+    own forward, ``_RouteKeepingCheckpoint``; with ``torch.utils.checkpoint`` calls of your own
+    around routed layers, run it inside) and ``model.generate(...)``, where per-sequence ids hold
+    through prefill and every decode step. The grouping of tokens is built once per
     batch shape and shared by all layers. Nested blocks restore the outer ids on exit, also after
     an exception.
 
@@ -315,6 +317,7 @@ def use_adapters(model: nn.Module, adapter_ids):
         names = adapter_names(model)
         ids = resolve_adapter_ids(names, adapter_ids)
         route = None if ids is None else AdapterRoute(ids, len(names))
+    _keep_routes_through_checkpointing(model)
     with _routed(layers, "adapter_ids", route):
         yield model
 
@@ -323,14 +326,61 @@ def use_adapters(model: nn.Module, adapter_ids):
 def _routed(layers, attribute: str, route):
     """Set ``attribute`` of every layer to ``route`` inside the block; restore the old values on
     exit, also after an exception."""
-    saved = [getattr(m, attribute) for m in layers]
-    for m in layers:
-        setattr(m, attribute, route)
+    with _restored([(m, attribute, route) for m in layers]):
+        yield
+
+
+@contextlib.contextmanager
+def _restored(settings):
+    """Each ``(layer, attribute, value)`` set inside the block, the old values back on exit."""
+    saved = [(m, attribute, getattr(m, attribute)) for m, attribute, _ in settings]
+    for m, attribute, value in settings:
+        setattr(m, attribute, value)
     try:
         yield
     finally:
-        for m, old in zip(layers, saved):
+        for m, attribute, old in saved:
             setattr(m, attribute, old)
+
+
+_ROUTES = {MultiLoRALinear: "adapter_ids", **{cls: "context" for cls in CONTEXT_LAYERS}}  # where a layer keeps its route
+
+
+class _RouteKeepingCheckpoint:
+    """A module's gradient-checkpointing function, as Hugging Face models call it
+    (``module._gradient_checkpointing_func(forward, *args)``), wrapped so that the forward's
+    recomputation during backward sees the routes its first run saw. ``loss.backward()`` may
+    then run after the ``use_adapters``/``use_contexts`` block that routed the forward has ended
+    (as HF's Trainer does, and as it may without checkpointing), and one backward through several
+    forwards with different routes recomputes each with its own."""
+
+    def __init__(self, checkpoint, layers):
+        self.checkpoint, self.layers = checkpoint, layers
+
+    def __call__(self, forward, *args, **kwargs):
+        routes = [(m, _ROUTES[type(m)], getattr(m, _ROUTES[type(m)])) for m in self.layers]
+
+        def rerun(*a, **k):
+            with _restored(routes):
+                return forward(*a, **k)
+
+        return self.checkpoint(rerun, *args, **kwargs)
+
+
+def _keep_routes_through_checkpointing(model: nn.Module):
+    """Wrap the gradient-checkpointing function of every module of ``model`` that has one and
+    holds adapter or context layers (``_RouteKeepingCheckpoint``); once per function set (HF's
+    ``gradient_checkpointing_enable`` sets a new one). Only in training with grad on, where HF's
+    layers checkpoint: inference and serving skip the walk."""
+    if not (model.training and torch.is_grad_enabled()):
+        return
+    for module in model.modules():
+        checkpoint = module.__dict__.get("_gradient_checkpointing_func")
+        if checkpoint is None or isinstance(checkpoint, _RouteKeepingCheckpoint):
+            continue
+        layers = [m for m in module.modules() if type(m) in _ROUTES]
+        if layers:
+            module._gradient_checkpointing_func = _RouteKeepingCheckpoint(checkpoint, layers)
 
 
 def merge_adapter(model: nn.Module, name) -> nn.Module:
@@ -369,8 +419,9 @@ def use_contexts(model: nn.Module, context, decode_context=None):
 
     ``decode_context`` serves ``generate``: decode steps feed inputs shorter than per-token
     contexts and use ``"last"`` (each sequence keeps its last token's context) or this id.
-    Works for forward, ``loss.backward()`` (inside the block) and ``generate``. Nested blocks
-    restore the outer context, also after an exception. Not thread-safe, like ``use_adapters``.
+    Works for forward, ``loss.backward()`` (inside the block or after it, as in ``use_adapters``)
+    and ``generate``. Nested blocks restore the outer context, also after an exception. Not
+    thread-safe, like ``use_adapters``.
     """
     layers = list(context_layers(model).values())
     if not layers:
@@ -386,6 +437,7 @@ def use_contexts(model: nn.Module, context, decode_context=None):
             raise ValueError(f"context must be ids or weights as a tensor or (nested) lists, got "
                              f"{type(context).__name__}: {err}") from None
     route = None if context is None else ContextRoute(context, counts.pop(), decode_context)
+    _keep_routes_through_checkpointing(model)
     with _routed(layers, "context", route):
         yield model
 

@@ -13,7 +13,7 @@ import bora_kernels as bk
 from bora_kernels.nn import CONTEXT_LAYERS, MultiLoRALinear, NF4Linear, is_bnb_4bit
 from bora_kernels.ops import use_backend
 from bora_kernels.quant import NF4Tensor, quantize_nf4
-from conftest import KERNEL_AND_TORCH, eager_and_compiled
+from conftest import KERNEL_AND_TORCH, NEEDS_INTERPRETER, eager_and_compiled
 from tolerances import assert_close, rel_rms
 
 
@@ -135,12 +135,17 @@ def test_multi_adapter_qlora_trains_and_serves(backend):
         bk.inject(tiny_llama(), ["q_proj"], 2, quantize="int8")
 
 
-@pytest.mark.parametrize("backend", KERNEL_AND_TORCH)
-def test_qlora_over_layers_with_biases_trains_like_the_dequantized_model(backend):
+@pytest.mark.parametrize("backend,amp", [pytest.param("triton", None, marks=NEEDS_INTERPRETER, id="triton"),
+                                         pytest.param("torch", None, id="torch"),
+                                         pytest.param("torch", torch.bfloat16, id="torch-autocast-bf16")])
+def test_qlora_over_layers_with_biases_trains_like_the_dequantized_model(backend, amp):
     """OPT: every projection has a bias, and its MLP sees the tokens flattened to ``[B * L, K]``.
     The adapters' gradients over the NF4 base equal those over the dense model whose weights are
     the dequantized ones (the delta is added into the base output in place, which autograd
-    refused when that output was a view)."""
+    refused when that output was a view). Under bf16 autocast too, on the torch path, where the
+    NF4 layer dequantizes to bf16 and multiplies as ``nn.Linear`` does under autocast: the same
+    products, so the same gradients (on the Triton path the fused kernel sums in another order,
+    and a bf16 model amplifies that; test_autocast checks the op there)."""
     config = transformers.OPTConfig(vocab_size=64, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
                                     num_attention_heads=4, word_embed_proj_dim=64, max_position_embeddings=64)
     torch.manual_seed(0)
@@ -161,7 +166,7 @@ def test_qlora_over_layers_with_biases_trains_like_the_dequantized_model(backend
     ids = torch.randint(0, 64, (3, 7), generator=gen)
     with use_backend(backend):
         for model in (quantized, dense):
-            with bk.use_adapters(model, [1, -1, 0]):
+            with bk.use_adapters(model, [1, -1, 0]), torch.autocast("cpu", torch.bfloat16, enabled=amp is not None):
                 model(input_ids=ids, labels=ids).loss.backward()
     for name, layer in layers.items():
         want = dense.get_submodule(name)

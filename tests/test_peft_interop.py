@@ -104,6 +104,11 @@ def peft_logits(reference, name, input_ids):
 ROUTE = ["alpha", "beta", None, "gamma", "delta", "beta"]
 
 
+def autocast(amp):
+    """``torch.autocast`` on the CPU in ``amp`` (None: off)."""
+    return torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None)
+
+
 @pytest.mark.parametrize("path", cpu_backends())
 def test_mixed_batch_equals_peft_per_sequence(saved, path):
     kind, base, folders, reference = saved
@@ -114,6 +119,25 @@ def test_mixed_batch_equals_peft_per_sequence(saved, path):
     for i, name in enumerate(ROUTE):
         assert_close(logits[i:i + 1], peft_logits(reference, name, input_ids[i:i + 1]), torch.float32,
                      f"{kind} sequence {i} ({name})")
+
+
+@pytest.mark.parametrize("path", cpu_backends())
+def test_mixed_batch_under_autocast_is_as_accurate_as_peft(saved, path):
+    """Under ``torch.autocast`` (bf16, as HF's Trainer runs with ``bf16=True``) PEFT's layers and
+    ours multiply in bf16, each rounding differently; a whole model in bf16 drifts ~2% from fp32.
+    Ours must drift no more than PEFT's own bf16 run, per sequence."""
+    kind, base, folders, reference = saved
+    model = bk.load_peft_adapters(copy.deepcopy(base), folders)
+    input_ids = torch.randint(0, VOCAB, (len(ROUTE), 7), generator=torch.Generator().manual_seed(1))
+    with run_on(path), torch.no_grad(), bk.use_adapters(model, ROUTE), autocast(torch.bfloat16):
+        logits = model(input_ids=input_ids).logits
+    assert logits.dtype == torch.bfloat16
+    for i, name in enumerate(ROUTE):
+        exact = peft_logits(reference, name, input_ids[i:i + 1])
+        with autocast(torch.bfloat16):
+            theirs = peft_logits(reference, name, input_ids[i:i + 1])
+        ours_err, peft_err = rel_rms(logits[i:i + 1], exact), rel_rms(theirs, exact)
+        assert ours_err <= 1.25 * peft_err + 1e-3, f"{kind} sequence {i} ({name}): {ours_err:.2e} vs PEFT {peft_err:.2e}"
 
 
 def test_load_builds_layers_per_adapter_targets(saved):
@@ -259,6 +283,54 @@ def test_exception_inside_block_restores_ids():
         with bk.use_adapters(model, [0, 1]):
             raise KeyError("boom")
     assert all(layer.adapter_ids is None for layer in bk.model.adapter_layers(model).values())
+
+
+ROUTED_METHODS = {  # (inject kwargs, the route of each of two forwards, use_adapters or use_contexts)
+    "lora": (dict(target_modules=LLAMA_ALL, r=4), ([0, 2, -1], [1, 1, 0]), bk.use_adapters),
+    "context_lora": (dict(method="context_lora", target_modules=LLAMA_ALL, r=4),
+                     (bk.context_ids([(0, 1), (1, 3), (0, 4)], batch_size=3), [1, 0, -1]), bk.use_contexts),
+    "context_ia3": (dict(method="context_ia3", target_modules=["k_proj", "v_proj", "down_proj"],
+                         feedforward_modules=["down_proj"]), ([0, 1, 1], [1, 0, 0]), bk.use_contexts),
+}
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("method", list(ROUTED_METHODS))
+def test_backward_after_the_blocks_under_gradient_checkpointing(method, reentrant):
+    """HF's Trainer runs ``loss.backward()`` apart from the forward, so after any routing block
+    around the forward has ended; under gradient checkpointing that backward recomputes each
+    layer's forward. Two forwards with different routes, one backward of their summed losses
+    after both blocks: the gradients equal the run without checkpointing. (Before, the
+    recomputation saw no route: no adapter gradients at all with reentrant checkpointing, a
+    ``CheckpointError`` without.)"""
+    kwargs, routes, route_with = ROUTED_METHODS[method]
+    input_ids = torch.randint(0, VOCAB, (2, 3, 8), generator=torch.Generator().manual_seed(4))
+    grads = []
+    for checkpointing in (False, True):
+        model = bk.inject(tiny_model("llama"), num_adapters=3 if method == "lora" else 2, **kwargs)
+        gen = torch.Generator().manual_seed(5)
+        for p in bk.trainable_parameters(model):
+            p.data.add_(0.1 * torch.randn(p.shape, generator=gen))
+        if checkpointing:
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            if enable is not None:  # transformers >= 5.24's name
+                enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.config.use_cache = False
+            if reentrant:
+                model.enable_input_require_grads()  # as HF's Trainer does with reentrant checkpointing
+        model.train()
+        losses = []
+        for batch, route in zip(input_ids, routes):
+            with route_with(model, route):
+                losses.append(model(input_ids=batch, labels=batch).loss)
+        sum(losses).backward()
+        grads.append([p.grad for p in bk.trainable_parameters(model)])
+    assert all(g is not None for g in grads[1]), "parameters without gradients"
+    for i, (got, want) in enumerate(zip(grads[1], grads[0])):
+        assert_close(got, want, torch.float32, f"{method} parameter {i}")
+    assert any(g.abs().sum() > 0 for g in grads[1])
 
 
 def test_inject_matching_rules():

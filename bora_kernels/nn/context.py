@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..ops import context_bias, context_lora_delta, context_scale
+from ..ops._dispatch import autocast_dtype
 from ..ops.context_lora_delta import ContextPlan
 from .multi_lora import (
     ReadsThroughToBase,
@@ -95,7 +96,7 @@ class ContextLoRALinear(_ContextLayer):
             return result
         if self._scaling.device != x.device:
             self._scaling = torch.full((self.num_contexts,), self.scaling_value, device=x.device)
-        x = self.lora_dropout(x).to(self.lora_A.dtype)
+        x = self.lora_dropout(x).to(autocast_dtype(x) or self.lora_A.dtype)  # the op's dtype: no cast in it
         return plus_delta(self.base_layer, result, lambda into: context_lora_delta(
             x, self.lora_A, self.lora_B, context, self._scaling, add_to=into))
 

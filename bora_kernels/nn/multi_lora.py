@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..ops._dispatch import autocast_dtype
 from ..ops.lora_delta import LoRAPlan, lora_delta
 from .nf4_linear import NF4Linear, is_bnb_4bit
 from .routing import AdapterRoute
@@ -218,7 +219,7 @@ class MultiLoRALinear(ReadsThroughToBase, nn.Module):
                                f"weights; call bora_kernels.unmerge_adapter before routing adapters")
         if isinstance(ids, AdapterRoute):
             ids = ids.plan(x.shape[:-1], self.num_adapters, x.device)
-        x = self.lora_dropout(x).to(self.lora_A.dtype)
+        x = self.lora_dropout(x).to(autocast_dtype(x) or self.lora_A.dtype)  # the op's dtype: no cast in it
         # added into the base output in place by the kernel that computes the delta, where the
         # base output is a fresh tensor its backward does not need (``plus_delta``)
         return plus_delta(self.base_layer, result, lambda into: lora_delta(

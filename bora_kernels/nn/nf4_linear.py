@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..ops import nf4_matmul
+from ..ops._dispatch import autocast_dtype
 from ..quant import NF4Tensor, quantize_nf4
 
 _PARTS = ("packed", "absmax", "offset", "nested_absmax", "nested_code")
@@ -23,7 +24,8 @@ class NF4Linear(nn.Module):
     """``y = x @ dequant(W)^T + b`` with W in NF4. The quantized parts are buffers (they move with
     ``.to(device)`` and live in ``state_dict``); the bias, if any, is a frozen parameter. Inputs are
     cast to ``compute_dtype`` (the dtype the weight was quantized from, then the dtype the layer is
-    cast to by ``.to(dtype)``, ``.half()``...) and outputs come back in it."""
+    cast to by ``.to(dtype)``, ``.half()``...) and outputs come back in it; inside ``torch.autocast``,
+    in autocast's dtype instead, as ``nn.Linear``."""
 
     def __init__(self, weight: NF4Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -78,7 +80,7 @@ class NF4Linear(nn.Module):
         return self.nf4_weight().nbytes()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nf4_matmul(x.to(self.compute_dtype), self.nf4_weight(), self.bias)
+        return nf4_matmul(x.to(autocast_dtype(x) or self.compute_dtype), self.nf4_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, blocksize={self.blocksize}, "

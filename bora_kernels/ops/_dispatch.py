@@ -7,6 +7,13 @@
 
 ``use_backend`` overrides the rule inside a ``with`` block (tests use it to check both paths in one
 process; users can use it to debug). The float64 ``reference.py`` of each op is never dispatched to.
+
+Under ``torch.autocast`` the ops that multiply matrices (``lora_delta``, ``context_lora_delta``,
+``nf4_matmul``) do what ``F.linear`` does there: their float inputs are cast to autocast's dtype
+and the product comes out in it (``autocast_dtype``, ``cast_for_autocast``). Inside every op,
+forward and backward, autocast is off (``autocast_off``): each op fixes its own precision (its
+inputs' dtype, fp32 accumulation), which autocast would otherwise change under the torch path's
+products, or break (an in-place product into an fp32 buffer).
 """
 
 from __future__ import annotations
@@ -49,6 +56,54 @@ def triton_interpreted() -> bool:
                       f"{_common.triton.__version__}); CPU tensors use the torch path instead", stacklevel=2)
         return False
     return _common.INTERPRETED
+
+
+_AUTOCAST_SOURCES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _any_autocast() -> bool:
+    """Whether autocast is on for any device: one C call (~0.25 us) that every op pays, where
+    asking per device type costs ~2 us; the public calls where the private one is missing or
+    torch.compile traces (its tracer knows them)."""
+    if torch.compiler.is_compiling() or _IS_ANY_AUTOCAST_ENABLED is None:
+        return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
+    return _IS_ANY_AUTOCAST_ENABLED()
+
+
+_IS_ANY_AUTOCAST_ENABLED = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
+def autocast_dtype(x) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` multiplies matrices in on ``x``'s device inside an enabled
+    region; None outside one (and for anything but a CPU or CUDA tensor)."""
+    if not _any_autocast() or not isinstance(x, torch.Tensor):
+        return None
+    device_type = x.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def cast_for_autocast(dtype: torch.dtype, *tensors) -> tuple:
+    """``tensors`` as autocast hands them to ``F.linear``: fp32, fp16 and bf16 ones cast to
+    ``dtype`` (differentiably); anything else (fp64, integers, None, not a tensor) as it is, for
+    the op's own checks to name."""
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_SOURCES else t
+                 for t in tensors)
+
+
+def autocast_off(fn):
+    """``fn`` run with ``torch.autocast`` off on CPU and CUDA (see the module docstring); outside
+    an autocast region it costs one check."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if not _any_autocast():
+            return fn(*args, **kwargs)
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def records_grad(*tensors) -> bool:

@@ -36,7 +36,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from .._dispatch import backend, recording_graph, records_grad
+from .._dispatch import autocast_dtype, autocast_off, backend, cast_for_autocast, recording_graph, records_grad
 from ..lora_delta import (LoRAPlan, _check_inputs, _kernels, _shape, apply_delta, check_add_to, check_adapter_ids,
                           full_ranks, ids_per_sequence, lora_plan, unit_scaling)
 
@@ -141,6 +141,7 @@ class ContextLoRADeltaFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @autocast_off  # backward may be called inside an autocast region
     def backward(ctx, dy):
         x, lora_a, lora_b, scaling, ranks, *saved_h = ctx.saved_tensors
         d_add_to, dy = dy, dy.reshape(x.shape[0], -1)
@@ -233,7 +234,12 @@ def context_lora_delta(x, lora_a, lora_b, context_weights, scaling=None, add_to=
 
     Returns ``x.shape[:-1] + (N,)`` in x's dtype, accumulated in fp32 (or ``add_to`` plus the
     delta). Differentiable in x, lora_a, lora_b, float context weights and ``add_to``.
+        Inside ``torch.autocast``, x, lora_a and lora_b are cast to its dtype first, as in ``lora_delta``.
     """
+    cast = autocast_dtype(x)
+    if cast is not None:
+        return autocast_off(context_lora_delta)(*cast_for_autocast(cast, x, lora_a, lora_b), context_weights,
+                                                scaling, add_to)
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         raise ValueError(f"x must be a [..., K] tensor with at least one leading dim, got shape {_shape(x)}")
     batch_shape = tuple(x.shape[:-1])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .._dispatch import backend, records_grad
+from .._dispatch import autocast_off, backend, records_grad
 from ..context_lora_delta import _is_ids
 from ..lora_delta import _shape, check_adapter_ids, ids_per_sequence
 
@@ -38,6 +38,7 @@ class ContextVectorFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @autocast_off  # backward may be called inside an autocast region
     def backward(ctx, dy):
         u, vectors, context = ctx.saved_tensors
         is_ids, rows_per_id, multiply, kernels = ctx.layout
@@ -54,6 +55,7 @@ class ContextVectorFunction(torch.autograd.Function):
 
 
 @torch.library.custom_op("bora_kernels::context_vector", mutates_args=())
+@autocast_off  # a compiled graph runs it inside the caller's autocast region
 def _context_vector_op(u: torch.Tensor, vectors: torch.Tensor, context: torch.Tensor, is_ids: bool,
                        rows_per_id: int, multiply: bool) -> torch.Tensor:
     return _kernels(u.device).context_vector_forward(u, vectors, context, is_ids, rows_per_id, multiply)
@@ -65,6 +67,7 @@ def _(u, vectors, context, is_ids, rows_per_id, multiply):
 
 
 @torch.library.custom_op("bora_kernels::context_vector_backward", mutates_args=())
+@autocast_off  # a compiled graph runs it inside the caller's autocast region
 def _context_vector_backward_op(dy: torch.Tensor, u: torch.Tensor, vectors: torch.Tensor, context: torch.Tensor,
                                 is_ids: bool, rows_per_id: int, multiply: bool, needs_du: bool, needs_dvec: bool,
                                 needs_dw: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -97,6 +100,7 @@ def _op_backward(ctx, dy):
 _context_vector_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
+@autocast_off  # an elementwise op: it keeps u's dtype under autocast, computing in fp32 as outside
 def _context_vector(u, vectors, context_weights, multiply: bool, name: str):
     if not isinstance(u, torch.Tensor) or u.dim() < 2 or not u.dtype.is_floating_point:
         raise ValueError(f"u must be a float [..., N] tensor with at least one leading dim, got {_shape(u)}"

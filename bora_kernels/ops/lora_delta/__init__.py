@@ -13,7 +13,14 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from .._dispatch import backend, recording_graph, records_grad
+from .._dispatch import (
+    autocast_dtype,
+    autocast_off,
+    backend,
+    cast_for_autocast,
+    recording_graph,
+    records_grad,
+)
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -187,6 +194,7 @@ class LoRADeltaFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @autocast_off  # backward may be called inside an autocast region
     def backward(ctx, dy):
         x, lora_a, lora_b, h, scaling, ranks = ctx.saved_tensors
         dx, da, db = ctx.kernels.lora_delta_backward(
@@ -218,6 +226,7 @@ def _op_plan(perm, bounds, num_tokens, num_adapters):
 
 
 @torch.library.custom_op("bora_kernels::lora_delta", mutates_args=())
+@autocast_off  # a compiled graph runs it inside the caller's autocast region
 def _lora_delta_op(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, perm: torch.Tensor,
                    bounds: torch.Tensor, scaling: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
     plan = _op_plan(perm, bounds, x.shape[0], lora_a.shape[0])
@@ -230,6 +239,7 @@ def _(x, lora_a, lora_b, perm, bounds, scaling, ranks):
 
 
 @torch.library.custom_op("bora_kernels::lora_delta_backward", mutates_args=())
+@autocast_off  # a compiled graph runs it inside the caller's autocast region
 def _lora_delta_backward_op(dy: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                             perm: torch.Tensor, bounds: torch.Tensor, scaling: torch.Tensor, ranks: torch.Tensor,
                             needs_dx: bool, needs_da: bool, needs_db: bool
@@ -289,7 +299,14 @@ def lora_delta(x, lora_a, lora_b, adapter_ids, scaling=None, ranks=None, add_to=
     Returns ``x.shape[:-1] + (N,)`` in x's dtype, accumulated in fp32; rows with id -1 are exactly
     zero (with ``add_to``: ``add_to`` plus the delta, rounded once). Differentiable in x, lora_a,
     lora_b and ``add_to``.
+    
+    Inside ``torch.autocast`` x, lora_a and lora_b are cast to autocast's dtype first, as
+    ``F.linear``'s are, and the result is in that dtype (``add_to`` keeps its own).
     """
+    cast = autocast_dtype(x)
+    if cast is not None:
+        return autocast_off(lora_delta)(*cast_for_autocast(cast, x, lora_a, lora_b), adapter_ids, scaling, ranks,
+                                        add_to)
     _check_inputs(x, lora_a, lora_b, scaling, ranks)
     num_adapters, max_rank, k = lora_a.shape
     batch_shape = tuple(x.shape[:-1])

@@ -30,7 +30,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._dispatch import backend, records_grad
+from .._dispatch import (
+    autocast_dtype,
+    autocast_off,
+    backend,
+    cast_for_autocast,
+    records_grad,
+)
 
 CSRC_MAX_M = 16  # csrc/nf4_gemv/nf4_gemv.h: kNF4GemvMaxRows; M = 5..16 unmeasured (NOTES.md)
 DENSE_MIN_M = {"cuda": 1, "cpu": 1024}  # by device type; see the module docstring
@@ -117,6 +123,7 @@ class NF4MatmulFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @autocast_off  # backward may be called inside an autocast region
     def backward(ctx, dy):
         dy2 = dy.reshape(-1, ctx.weight.shape[0])
         dx = _dx(dy2, ctx.weight) if ctx.needs_input_grad[0] else None
@@ -136,6 +143,7 @@ def _op_weight(packed, absmax, offset, nested_absmax, nested_code, n: int, k: in
 
 
 @torch.library.custom_op("bora_kernels::nf4_matmul", mutates_args=())
+@autocast_off  # a compiled graph runs it inside the caller's autocast region
 def _nf4_matmul_op(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, offset: torch.Tensor | None,
                    nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None, bias: torch.Tensor | None,
                    n: int, blocksize: int) -> torch.Tensor:
@@ -149,6 +157,7 @@ def _(x, packed, absmax, offset, nested_absmax, nested_code, bias, n, blocksize)
 
 
 @torch.library.custom_op("bora_kernels::nf4_matmul_dx", mutates_args=())
+@autocast_off  # a compiled graph runs it inside the caller's autocast region
 def _nf4_matmul_dx_op(dy: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, offset: torch.Tensor | None,
                       nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None, k: int,
                       blocksize: int) -> torch.Tensor:
@@ -178,8 +187,14 @@ _nf4_matmul_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 def nf4_matmul(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., K] @ dequant(weight)^T + bias`` -> ``[..., N]``; ``weight`` a 2-D ``NF4Tensor``
-    ``[N, K]`` with K a multiple of its blocksize. x is fp32, fp16 or bf16; the result has its dtype."""
+    ``[N, K]`` with K a multiple of its blocksize. x is fp32, fp16 or bf16; the result has its dtype.
+    Inside ``torch.autocast``, x and the bias are cast to its dtype first, as ``F.linear``'s are (the
+    weight is dequantized to it)."""
     from ...quant import NF4Tensor
+
+    cast = autocast_dtype(x)
+    if cast is not None:
+        return autocast_off(nf4_matmul)(*cast_for_autocast(cast, x, weight, bias))
 
     if not isinstance(weight, NF4Tensor):
         raise ValueError(f"weight must be a bora_kernels.quant.NF4Tensor, got {type(weight).__name__}")
