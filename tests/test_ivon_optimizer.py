@@ -120,6 +120,86 @@ def train(opt, loss_fn, steps, samples=1):
         opt.step()
 
 
+def train_scaled(opt, loss_fn, steps, samples, scaler, clip=None, poisoned=()):
+    """``train`` through ``torch.amp.GradScaler`` (fp16 training's loop); the losses of the
+    ``poisoned`` (step, sample) pairs are made infinite; ``clip``: unscale and clip before stepping."""
+    for step in range(steps):
+        for sample in range(samples):
+            with opt.sampled_params(train=True):
+                opt.zero_grad()
+                loss = loss_fn() * (math.inf if (step, sample) in poisoned else 1.0)
+                scaler.scale(loss).backward()
+        if clip is not None:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip)
+        scaler.step(opt)
+        scaler.update()
+
+
+def _state(opt, model):
+    return [opt._mean, opt._momentum, opt._hess, *(p.detach() for p in model.parameters())]
+
+
+@pytest.mark.parametrize("backend", KERNEL_AND_TORCH)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_grad_scaler_unscales_every_sample(config, backend):
+    """Under ``torch.amp.GradScaler`` (a power-of-two scale, no overflow) training is bit for bit
+    the unscaled run: with ``mc_samples > 1`` too, whose earlier samples are folded into the
+    running means still scaled (they were before: NaN parameters)."""
+    runs = []
+    for scaled in (False, True):
+        model, loss_fn = mlp()
+        opt = IVON(model.parameters(), lr=0.05, ess=100.0, hess_init=0.1, **config)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, enabled=scaled)
+        with use_backend(backend):
+            train_scaled(opt, loss_fn, 4, config.get("mc_samples", 1), scaler)
+        runs.append(_state(opt, model))
+    for got, want in zip(*runs):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", KERNEL_AND_TORCH)
+def test_grad_scaler_skips_steps_with_inf_gradients(backend):
+    """A step whose folded sample (step 1) or last sample (step 2, GradScaler's own check) held
+    inf is skipped: the posterior stays as it was, the scale backs off, training goes on finite."""
+    model, loss_fn = mlp()
+    opt = IVON(model.parameters(), lr=0.05, ess=100.0, hess_init=0.1, mc_samples=2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    with use_backend(backend):
+        train_scaled(opt, loss_fn, 1, 2, scaler)
+        before = [t.clone() for t in _state(opt, model)]
+        train_scaled(opt, loss_fn, 2, 2, scaler, poisoned={(0, 0), (1, 1)})
+        assert all(torch.equal(a, b) for a, b in zip(_state(opt, model), before)), "a skipped step changed the state"
+        assert opt.current_step == 1 and scaler.get_scale() == 2.0 ** 10
+        train_scaled(opt, loss_fn, 2, 2, scaler)
+    assert opt.current_step == 3 and all(torch.isfinite(t).all() for t in _state(opt, model))
+
+
+@pytest.mark.parametrize("backend", KERNEL_AND_TORCH)
+def test_grad_scaler_unscale_before_clipping(backend):
+    """``scaler.unscale_(optimizer)`` then clipping, then ``scaler.step``: with one sample per step
+    the same as clipping without a scaler; with more it would leave earlier samples scaled, so it
+    is refused, naming the call. A captured (capturable) optimizer cannot sync: refused too."""
+    runs = []
+    for scaled in (False, True):
+        model, loss_fn = mlp()
+        opt = IVON(model.parameters(), lr=0.05, ess=100.0, hess_init=0.1)
+        with use_backend(backend):
+            train_scaled(opt, loss_fn, 3, 1, torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, enabled=scaled),
+                         clip=0.5)
+        runs.append(_state(opt, model))
+    for got, want in zip(*runs):
+        assert torch.equal(got, want)
+    model, loss_fn = mlp()
+    opt = IVON(model.parameters(), lr=0.05, ess=100.0, mc_samples=2)
+    with pytest.raises(RuntimeError, match=r"unscale_\(optimizer\) unscales only the last"):
+        train_scaled(opt, loss_fn, 1, 2, torch.amp.GradScaler("cpu"), clip=1.0)
+    model, loss_fn = mlp()
+    opt = IVON(model.parameters(), lr=0.05, ess=100.0, capturable=True)
+    with pytest.raises(RuntimeError, match="capturable=False"):
+        train_scaled(opt, loss_fn, 1, 1, torch.amp.GradScaler("cpu"))
+
+
 @pytest.mark.parametrize("backend", KERNEL_AND_TORCH)
 def test_philox_runs_repeat_from_torch_seed(backend):
     runs = []

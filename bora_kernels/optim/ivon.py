@@ -27,6 +27,17 @@ Same constructor, defaults and semantics as ``ivon.IVON`` of ivon-opt 0.1.3. Wha
   accumulates straight into what the kernel reads. A gradient that is not such a view (say after
   ``model.zero_grad()``) is copied in when the sample ends. Changing ``p.grad`` in place between the
   end of a sample and ``step()`` changes the step (ivon-opt copies gradients when the sample ends).
+- **Mixed precision with ``torch.amp.GradScaler``** (fp16): ``scaler.step(optimizer)`` hands the
+  step its scale and inf check (``_step_supports_amp_scaling``), and the step unscales every
+  gradient sample since the last step, ``mc_samples > 1`` included: folded samples were scaled
+  by the same factor, which GradScaler changes only in ``update()``. A step where any sample
+  held inf or NaN is skipped and its samples dropped, as GradScaler skips one; from the second
+  GradScaler step on, an earlier sample's inf is also put into the last sample's ``p.grad`` (one
+  extra pass over the running means per sample), which is all GradScaler checks, so its scale
+  backs off. Calling
+  ``scaler.unscale_(optimizer)`` first (to clip) unscales only the last sample, so it is refused
+  with ``mc_samples > 1``. One host sync per step (GradScaler's own ``.item()`` costs one too);
+  not with ``capturable=True``.
 - **CUDA graphs.** ``capturable=True`` keeps the step count and the Philox draw count in a
   device tensor that the kernel reads, so that a training step (``sampled_params`` block and
   ``step()``) captured in a CUDA graph draws new noise and debiases by the right step at every
@@ -65,6 +76,9 @@ class IVON(torch.optim.Optimizer):
     """
 
     hessian_approx_methods = HESS_APPROX
+    # torch.amp.GradScaler.step then sets ``grad_scale`` and ``found_inf`` on the optimizer and
+    # calls step() without unscaling the gradients itself (see _unscale_for_grad_scaler)
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, lr: float, ess: float, hess_init: float = 1.0, beta1: float = 0.9,
                  beta2: float = 0.99999, weight_decay: float = 1e-4, mc_samples: int = 1, hess_approx: str = "price",
@@ -107,6 +121,7 @@ class IVON(torch.optim.Optimizer):
         self._sample_draw = None  # the draw index (Philox) or buffer (torch noise) of the sample in self._sample
         self._fresh = False      # self._sample holds a sample nobody used yet
         self._count = 0          # gradient samples taken in this step
+        self._grad_scaler = False  # a step came through torch.amp.GradScaler (see _take_gradients)
         self._pending = False    # the latest one is still only in the gradient buffer
         self._inside = False
 
@@ -332,6 +347,11 @@ class IVON(torch.optim.Optimizer):
                     if p.grad is None:
                         v.zero_()
                     p.grad = v
+        if self._grad_scaler and self._count:
+            # GradScaler checks only p.grad (this sample) for inf; an earlier sample's inf, in the
+            # running means, is put into it so the scale backs off (device ops, no sync)
+            finite = torch.isfinite(self._avg_grad).all() & torch.isfinite(self._avg_hess_stat).all()
+            self._grad[:1].add_(torch.where(finite, 0.0, math.inf))
         self._count += 1
         self._pending = True
 
@@ -351,6 +371,9 @@ class IVON(torch.optim.Optimizer):
         if self._count == 0:
             raise RuntimeError("IVON.step() needs a gradient sample: run forward and backward inside "
                                "`with optimizer.sampled_params(train=True):` before calling step()")
+        if hasattr(self, "found_inf") and not self._unscale_for_grad_scaler(getattr(self, "grad_scale", None),
+                                                                            self.found_inf):
+            return loss  # skipped, as GradScaler skips a step with inf or NaN gradients
         self._step += 1  # the device's count (capturable) goes up in the update's _run
         fold = self._pending
         if self.sync and dist.is_available() and dist.is_initialized():
@@ -365,6 +388,39 @@ class IVON(torch.optim.Optimizer):
         self._count = 0
         self._pending = False
         return loss
+
+    def _unscale_for_grad_scaler(self, grad_scale, found_inf) -> bool:
+        """Called by ``step()`` from ``torch.amp.GradScaler.step`` (see the module docstring).
+        ``grad_scale`` (None when ``scaler.unscale_(optimizer)`` already unscaled ``p.grad``)
+        multiplied every gradient sample since the last step: the pending one in the gradient
+        buffer and the folded ones in the running means (the "price" statistic is linear in the
+        gradient, "gradsq" quadratic). Returns False, with the samples dropped, when
+        ``found_inf`` (GradScaler's check of ``p.grad``, the last sample) or a folded sample
+        holds inf or NaN."""
+        if self.capturable:
+            raise RuntimeError("torch.amp.GradScaler needs a host sync per step, which a captured step cannot "
+                               "make: build IVON with capturable=False to use it")
+        self._grad_scaler = True
+        folded = self._count - int(self._pending)
+        if grad_scale is None and folded:
+            raise RuntimeError(
+                "scaler.unscale_(optimizer) unscales only the last gradient sample of the step, and "
+                f"{folded} earlier sample(s) were folded in still scaled: with mc_samples > 1 let "
+                "scaler.step(optimizer) unscale them all (clip the gradients of each sample yourself if needed)")
+        bad = found_inf.float().sum()
+        if grad_scale is not None:
+            inv = grad_scale.double().reciprocal().float()
+            if self._pending:
+                self._grad.mul_(inv)
+            if folded:
+                self._avg_grad.mul_(inv)
+                self._avg_hess_stat.mul_(inv if self.hess_approx == "price" else inv * inv)
+        if folded:
+            bad = bad + (~torch.isfinite(self._avg_grad).all()) + (~torch.isfinite(self._avg_hess_stat).all())
+        if bad.item():
+            self._count, self._pending = 0, False
+            return False
+        return True
 
     def zero_grad(self, set_to_none: bool = True):
         """Zero the flat gradient buffer in place; ``p.grad`` stays a view of it (see the module
