@@ -34,10 +34,9 @@ Same constructor, defaults and semantics as ``ivon.IVON`` of ivon-opt 0.1.3. Wha
   held inf or NaN is skipped and its samples dropped, as GradScaler skips one; from the second
   GradScaler step on, an earlier sample's inf is also put into the last sample's ``p.grad`` (one
   extra pass over the running means per sample), which is all GradScaler checks, so its scale
-  backs off. Calling
-  ``scaler.unscale_(optimizer)`` first (to clip) unscales only the last sample, so it is refused
-  with ``mc_samples > 1``. One host sync per step (GradScaler's own ``.item()`` costs one too);
-  not with ``capturable=True``.
+  backs off. Calling ``scaler.unscale_(optimizer)`` first (to clip) unscales only the last
+  sample, so it is refused with ``mc_samples > 1``. One host sync per step (GradScaler's own
+  ``.item()`` costs one too); not with ``capturable=True``.
 - **CUDA graphs.** ``capturable=True`` keeps the step count and the Philox draw count in a
   device tensor that the kernel reads, so that a training step (``sampled_params`` block and
   ``step()``) captured in a CUDA graph draws new noise and debiases by the right step at every

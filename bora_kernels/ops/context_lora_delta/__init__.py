@@ -233,8 +233,8 @@ def context_lora_delta(x, lora_a, lora_b, context_weights, scaling=None, add_to=
             delta is added into in place, by the kernels themselves on the GPU path; returned.
 
     Returns ``x.shape[:-1] + (N,)`` in x's dtype, accumulated in fp32 (or ``add_to`` plus the
-    delta). Differentiable in x, lora_a, lora_b, float context weights and ``add_to``.
-        Inside ``torch.autocast``, x, lora_a and lora_b are cast to its dtype first, as in ``lora_delta``.
+    delta). Differentiable in x, lora_a, lora_b, float context weights and ``add_to``. Inside
+    ``torch.autocast``, x, lora_a and lora_b are cast to its dtype first, as in ``lora_delta``.
     """
     cast = autocast_dtype(x)
     if cast is not None:

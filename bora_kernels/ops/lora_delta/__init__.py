@@ -299,7 +299,7 @@ def lora_delta(x, lora_a, lora_b, adapter_ids, scaling=None, ranks=None, add_to=
     Returns ``x.shape[:-1] + (N,)`` in x's dtype, accumulated in fp32; rows with id -1 are exactly
     zero (with ``add_to``: ``add_to`` plus the delta, rounded once). Differentiable in x, lora_a,
     lora_b and ``add_to``.
-    
+
     Inside ``torch.autocast`` x, lora_a and lora_b are cast to autocast's dtype first, as
     ``F.linear``'s are, and the result is in that dtype (``add_to`` keeps its own).
     """
