@@ -318,16 +318,14 @@ def use_adapters(model: nn.Module, adapter_ids):
         ids = resolve_adapter_ids(names, adapter_ids)
         route = None if ids is None else AdapterRoute(ids, len(names))
     _keep_routes_through_checkpointing(model)
-    with _routed(layers, "adapter_ids", route):
+    with _routed(layers, route):
         yield model
 
 
-@contextlib.contextmanager
-def _routed(layers, attribute: str, route):
-    """Set ``attribute`` of every layer to ``route`` inside the block; restore the old values on
+def _routed(layers, route):
+    """Every layer's route (``_ROUTES``) set to ``route`` inside the block; the old ones restored on
     exit, also after an exception."""
-    with _restored([(m, attribute, route) for m in layers]):
-        yield
+    return _restored([(m, _ROUTES[type(m)], route) for m in layers])
 
 
 @contextlib.contextmanager
@@ -438,7 +436,7 @@ def use_contexts(model: nn.Module, context, decode_context=None):
                              f"{type(context).__name__}: {err}") from None
     route = None if context is None else ContextRoute(context, counts.pop(), decode_context)
     _keep_routes_through_checkpointing(model)
-    with _routed(layers, "context", route):
+    with _routed(layers, route):
         yield model
 
 

@@ -10,7 +10,7 @@ process; users can use it to debug). The float64 ``reference.py`` of each op is 
 
 Under ``torch.autocast`` the ops that multiply matrices (``lora_delta``, ``context_lora_delta``,
 ``nf4_matmul``) do what ``F.linear`` does there: their float inputs are cast to autocast's dtype
-and the product comes out in it (``autocast_dtype``, ``cast_for_autocast``). Inside every op,
+and the product comes out in it (``follows_autocast``). Inside every op,
 forward and backward, autocast is off (``autocast_off``): each op fixes its own precision (its
 inputs' dtype, fp32 accumulation), which autocast would otherwise change under the torch path's
 products, or break (an in-place product into an fp32 buffer).
@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import inspect
 import os
 import warnings
 
@@ -84,12 +85,39 @@ def autocast_dtype(x) -> torch.dtype | None:
     return None
 
 
-def cast_for_autocast(dtype: torch.dtype, *tensors) -> tuple:
-    """``tensors`` as autocast hands them to ``F.linear``: fp32, fp16 and bf16 ones cast to
-    ``dtype`` (differentiably); anything else (fp64, integers, None, not a tensor) as it is, for
-    the op's own checks to name."""
-    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_SOURCES else t
-                 for t in tensors)
+def _cast_for_autocast(dtype: torch.dtype, t):
+    """``t`` as autocast hands it to ``F.linear``: an fp32, fp16 or bf16 tensor cast to ``dtype``
+    (differentiably); anything else (fp64, integers, None, not a tensor) as it is, for the op's
+    own checks to name."""
+    return t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_SOURCES else t
+
+
+def follows_autocast(*names: str):
+    """Decorator of an op that multiplies matrices (its first argument a tensor): inside an
+    enabled ``torch.autocast`` region the arguments ``names`` are cast to autocast's dtype and the
+    op runs with autocast off (see the module docstring); outside, one check."""
+
+    def wrap(op):
+        params = list(inspect.signature(op).parameters)
+        positions = [(params.index(name), name) for name in names]
+        inner = autocast_off(op)
+
+        @functools.wraps(op)
+        def run(*args, **kwargs):
+            cast = autocast_dtype(args[0] if args else None)
+            if cast is None:
+                return op(*args, **kwargs)
+            args = list(args)
+            for i, name in positions:
+                if i < len(args):
+                    args[i] = _cast_for_autocast(cast, args[i])
+                elif name in kwargs:
+                    kwargs[name] = _cast_for_autocast(cast, kwargs[name])
+            return inner(*args, **kwargs)
+
+        return run
+
+    return wrap
 
 
 def autocast_off(fn):

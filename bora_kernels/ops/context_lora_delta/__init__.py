@@ -36,7 +36,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from .._dispatch import autocast_dtype, autocast_off, backend, cast_for_autocast, recording_graph, records_grad
+from .._dispatch import autocast_off, backend, follows_autocast, recording_graph, records_grad
 from ..lora_delta import (LoRAPlan, _check_inputs, _kernels, _shape, apply_delta, check_add_to, check_adapter_ids,
                           full_ranks, ids_per_sequence, lora_plan, unit_scaling)
 
@@ -217,6 +217,7 @@ def _masked_delta(x2, lora_a, lora_b, weights):
     return (h @ lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], -1).float().T).to(x2.dtype)
 
 
+@follows_autocast("x", "lora_a", "lora_b")
 def context_lora_delta(x, lora_a, lora_b, context_weights, scaling=None, add_to=None):
     """Context-PEFT's LoRA delta: ``sum_c w[..., c] * s_c * (x @ A_c^T) @ B_c^T``.
 
@@ -236,10 +237,6 @@ def context_lora_delta(x, lora_a, lora_b, context_weights, scaling=None, add_to=
     delta). Differentiable in x, lora_a, lora_b, float context weights and ``add_to``. Inside
     ``torch.autocast``, x, lora_a and lora_b are cast to its dtype first, as in ``lora_delta``.
     """
-    cast = autocast_dtype(x)
-    if cast is not None:
-        return autocast_off(context_lora_delta)(*cast_for_autocast(cast, x, lora_a, lora_b), context_weights,
-                                                scaling, add_to)
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         raise ValueError(f"x must be a [..., K] tensor with at least one leading dim, got shape {_shape(x)}")
     batch_shape = tuple(x.shape[:-1])

@@ -14,10 +14,9 @@ from typing import NamedTuple, Sequence
 import torch
 
 from .._dispatch import (
-    autocast_dtype,
     autocast_off,
     backend,
-    cast_for_autocast,
+    follows_autocast,
     recording_graph,
     records_grad,
 )
@@ -278,6 +277,7 @@ def _kernels(device: torch.device):
     return kernels
 
 
+@follows_autocast("x", "lora_a", "lora_b")
 def lora_delta(x, lora_a, lora_b, adapter_ids, scaling=None, ranks=None, add_to=None):
     """Per-token LoRA delta for a batch mixing many adapters.
 
@@ -303,10 +303,6 @@ def lora_delta(x, lora_a, lora_b, adapter_ids, scaling=None, ranks=None, add_to=
     Inside ``torch.autocast`` x, lora_a and lora_b are cast to autocast's dtype first, as
     ``F.linear``'s are, and the result is in that dtype (``add_to`` keeps its own).
     """
-    cast = autocast_dtype(x)
-    if cast is not None:
-        return autocast_off(lora_delta)(*cast_for_autocast(cast, x, lora_a, lora_b), adapter_ids, scaling, ranks,
-                                        add_to)
     _check_inputs(x, lora_a, lora_b, scaling, ranks)
     num_adapters, max_rank, k = lora_a.shape
     batch_shape = tuple(x.shape[:-1])

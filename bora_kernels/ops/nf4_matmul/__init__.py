@@ -30,13 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._dispatch import (
-    autocast_dtype,
-    autocast_off,
-    backend,
-    cast_for_autocast,
-    records_grad,
-)
+from .._dispatch import autocast_off, backend, follows_autocast, records_grad
 
 CSRC_MAX_M = 16  # csrc/nf4_gemv/nf4_gemv.h: kNF4GemvMaxRows; M = 5..16 unmeasured (NOTES.md)
 DENSE_MIN_M = {"cuda": 1, "cpu": 1024}  # by device type; see the module docstring
@@ -185,16 +179,13 @@ def _op_backward(ctx, dy):
 _nf4_matmul_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
+@follows_autocast("x", "bias")
 def nf4_matmul(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., K] @ dequant(weight)^T + bias`` -> ``[..., N]``; ``weight`` a 2-D ``NF4Tensor``
     ``[N, K]`` with K a multiple of its blocksize. x is fp32, fp16 or bf16; the result has its dtype.
     Inside ``torch.autocast``, x and the bias are cast to its dtype first, as ``F.linear``'s are (the
     weight is dequantized to it)."""
     from ...quant import NF4Tensor
-
-    cast = autocast_dtype(x)
-    if cast is not None:
-        return autocast_off(nf4_matmul)(*cast_for_autocast(cast, x, weight, bias))
 
     if not isinstance(weight, NF4Tensor):
         raise ValueError(f"weight must be a bora_kernels.quant.NF4Tensor, got {type(weight).__name__}")
