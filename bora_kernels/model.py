@@ -182,6 +182,9 @@ def inject(model: nn.Module, target_modules: str | Iterable[str], num_adapters: 
         if quantize == "nf4" and not isinstance(module, NF4Linear):  # QLoRA: the frozen base in NF4 (a
             # Conv1D's [in, out] weight transposed); a bitsandbytes NF4 layer comes adopted already
             weight = module.weight.detach()
+            if weight.is_meta:
+                raise ValueError(f"quantize='nf4' quantizes the base weights' values, but {name!r} is on the meta "
+                                 f"device: load the base weights first, then inject")
             module = NF4Linear(quantize_nf4(weight.T.contiguous() if fan else weight), module.bias)
             fan = False
         if method == "lora":
@@ -239,7 +242,7 @@ def summary(model: nn.Module) -> str:
         return f"{len(contexts)} {'/'.join(kinds)} layers x {'/'.join(map(str, sorted(num)))} contexts; {counts}"
     layers = _layers_or_raise(model)
     names = adapter_names(model)
-    ranks = torch.stack([m.ranks.cpu() for m in layers.values()])  # [layers, D]
+    ranks = torch.tensor([m.rank_values for m in layers.values()])  # [layers, D]
     per_adapter = []
     for d, name in enumerate(names):
         present = ranks[:, d][ranks[:, d] > 0]
@@ -392,7 +395,7 @@ def merge_adapter(model: nn.Module, name) -> nn.Module:
         raise RuntimeError(f"adapter {merged[0].adapter_names[merged[0].merged[0]]!r} is already merged; "
                            f"call unmerge_adapter first")
     for m in layers.values():
-        if int(m.ranks[d]):
+        if m.rank_values[d]:
             m.merge(d)
     return model
 

@@ -188,12 +188,12 @@ def save_peft_adapter(model: nn.Module, name, folder) -> Path:
     layers = _layers_or_raise(model)
     slots = adapter_names(model)
     d = _adapter_index(slots, name)
-    present = {m: layer for m, layer in layers.items() if int(layer.ranks[d])}
+    present = {m: layer for m, layer in layers.items() if layer.rank_values[d]}
     if not present:
         raise ValueError(f"adapter {slots[d]!r} has rank 0 in every layer; nothing to save")
     first = next(iter(present.values()))
     use_rslora = first.use_rslora[d]
-    rank0 = int(first.ranks[d])
+    rank0 = first.rank_values[d]
     alpha0 = first.scaling_values[d] * (math.sqrt(rank0) if use_rslora else rank0)
     tensors, rank_pattern, alpha_pattern = {}, {}, {}
     for module, layer in present.items():

@@ -133,6 +133,45 @@ def test_to_dtype_keeps_scaling_exact():
     assert layer.scaling.dtype == torch.float32 and layer.scaling[0] == torch.tensor(16 / 3)
 
 
+def test_state_dict_carries_the_ranks_and_the_scales_follow():
+    """A layer whose ranks changed after it was made (``set_adapter``, PEFT checkpoints of other
+    ranks) loads into a fresh layer with the scales of the loaded ranks (alpha / r)."""
+    trained = make_layer()
+    with torch.no_grad():
+        trained.set_adapter(0, torch.randn(3, K), torch.randn(N, 3), alpha=8)  # rank 4 -> 3
+        trained.set_adapter(2, None, None)  # absent here
+    fresh = make_layer(seed=1)
+    fresh.load_state_dict(trained.state_dict())
+    assert fresh.rank_values == [3, 8, 0] and fresh.scaling_values == trained.scaling_values
+    x, ids = torch.randn(6, K), torch.tensor([0, 1, 2, -1, 0, 2])
+    torch.testing.assert_close(fresh(x, ids), trained(x, ids), rtol=0, atol=0)
+    for ranks in ([3, 9, 0], [3, -1, 0], [3, 8]):  # above the largest rank, negative, wrong length
+        bad = dict(trained.state_dict(), ranks=torch.tensor(ranks, dtype=torch.int32))
+        before = {k: v.clone() for k, v in fresh.state_dict().items()}
+        with pytest.raises(RuntimeError, match=r"ranks must be 3 ints in \[0, 8\]"):
+            fresh.load_state_dict(bad)
+        assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+
+
+@pytest.mark.parametrize("how", ["to_empty", "assign"])
+def test_made_on_the_meta_device_then_loaded(how):
+    """Big-model loading: inject into a model made on the meta device, then load the weights
+    (``to_empty`` then ``load_state_dict``, or ``load_state_dict(assign=True)``)."""
+    trained = nn.Sequential(make_layer())
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(K, N))
+        bk.inject(model, ["0"], num_adapters=3, r=8, alpha=[8, 16, 3])  # the ranks come with the weights
+    assert "r=8" in repr(model)  # no value read from a meta tensor
+    if how == "to_empty":
+        model.to_empty(device="cpu").load_state_dict(trained.state_dict())
+    else:
+        model.load_state_dict(trained.state_dict(), assign=True)
+    layer = model[0]
+    assert layer.rank_values == [4, 8, 2] and layer.scaling.device.type == "cpu"
+    x, ids = torch.randn(6, K), torch.tensor([0, 1, 2, -1, 0, 2])
+    torch.testing.assert_close(layer(x, ids), trained[0](x, ids), rtol=0, atol=0)
+
+
 def test_dropout_only_in_training():
     layer = make_layer(dropout=0.5)
     ref = make_layer()

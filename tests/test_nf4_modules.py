@@ -268,7 +268,8 @@ def test_inject_adopts_a_bitsandbytes_4bit_model(backend, tmp_path):
 
 def test_a_layer_inject_cannot_take_leaves_the_model_as_it_was():
     """bitsandbytes FP4 layers are refused by name; a layer the quantizer refuses (in_features
-    not a multiple of the blocksize) stops ``inject`` before any layer is replaced."""
+    not a multiple of the blocksize, a weight on the meta device) stops ``inject`` before any
+    layer is replaced."""
     fp4 = bnb_llama("fp4")
     trainable = [p.requires_grad for p in fp4.parameters()]
     with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.q_proj' is a bitsandbytes 4-bit layer quantized "
@@ -286,6 +287,11 @@ def test_a_layer_inject_cannot_take_leaves_the_model_as_it_was():
         bk.inject(model, r"\d", 2, quantize="nf4")
     assert all(type(m) is torch.nn.Linear for m in model) and all(p.requires_grad for p in model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.device("meta"):  # no values to quantize yet
+        meta = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    with pytest.raises(ValueError, match="'0' is on the meta device: load the base weights first"):
+        bk.inject(meta, ["0"], 2, quantize="nf4")
+    assert type(meta[0]) is torch.nn.Linear
 
 
 @pytest.mark.parametrize("method", ["context_lora", "context_bitfit", "context_ia3"])

@@ -124,6 +124,10 @@ class MultiLoRALinear(ReadsThroughToBase, nn.Module):
         self.lora_A = nn.Parameter(torch.zeros(num_adapters, max_rank, k, **kw))
         self.lora_B = nn.Parameter(torch.zeros(num_adapters, n, max_rank, **kw))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # ranks and scales live in Python lists too (no device sync to read them, and a module made
+        # on the meta device gets real values back from them after ``to_empty``); the ranks buffer
+        # is what a state dict carries, and loading one refreshes the lists
+        self.rank_values = list(ranks)
         self.register_buffer("ranks", torch.tensor(ranks, dtype=torch.int32, device=weight.device))
         self.alphas, self.use_rslora = [float(a) for a in alphas], [bool(v) for v in rslora]
         self.register_buffer("scaling", torch.zeros(num_adapters, device=weight.device), persistent=False)
@@ -133,9 +137,17 @@ class MultiLoRALinear(ReadsThroughToBase, nn.Module):
         self.reset_lora_parameters()
 
     def _refresh_scaling(self):
-        ranks = self.ranks.tolist()
-        self.scaling_values = [lora_scaling(a, rk, rs) for a, rk, rs in zip(self.alphas, ranks, self.use_rslora)]
-        self.scaling = torch.tensor(self.scaling_values, device=self.scaling.device)
+        """``ranks`` and ``scaling`` (buffers) from ``rank_values``, ``alphas`` and ``use_rslora``."""
+        self.scaling_values = [lora_scaling(a, rk, rs)
+                               for a, rk, rs in zip(self.alphas, self.rank_values, self.use_rslora)]
+        device = self.ranks.device  # a state dict's buffer: real after load_state_dict(assign=True)
+        for name, values, dtype in (("ranks", self.rank_values, torch.int32),
+                                    ("scaling", self.scaling_values, torch.float32)):
+            now, new = getattr(self, name), torch.tensor(values, dtype=dtype)
+            if now.dtype == dtype and now.shape == new.shape and now.device == device and not now.is_meta:
+                now.copy_(new)  # in place: a captured CUDA graph keeps reading this tensor
+            else:  # on the meta device, or model.to(torch.bfloat16) cast the scales
+                setattr(self, name, new.to(device))
 
     @torch.no_grad()
     def reset_lora_parameters(self):
@@ -143,7 +155,7 @@ class MultiLoRALinear(ReadsThroughToBase, nn.Module):
         B zero; padded rank zero."""
         self.lora_A.zero_()
         self.lora_B.zero_()
-        for d, rank in enumerate(self.ranks.tolist()):
+        for d, rank in enumerate(self.rank_values):
             if rank:
                 nn.init.kaiming_uniform_(self.lora_A[d, :rank], a=math.sqrt(5))
 
@@ -166,13 +178,13 @@ class MultiLoRALinear(ReadsThroughToBase, nn.Module):
         if rank:
             self.lora_A[d, :rank].copy_(lora_a)
             self.lora_B[d, :, :rank].copy_(lora_b)
-        self.ranks[d] = rank
+        self.rank_values[d] = rank
         self.alphas[d], self.use_rslora[d] = float(alpha), bool(use_rslora)
         self._refresh_scaling()
 
     def adapter_weights(self, d: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Adapter ``d`` as PEFT stores it: (A ``[r, K]``, B ``[N, r]``), or None when absent."""
-        rank = int(self.ranks[d])
+        rank = self.rank_values[d]
         if rank == 0:
             return None
         return self.lora_A[d, :rank].detach(), self.lora_B[d, :, :rank].detach()
@@ -204,10 +216,26 @@ class MultiLoRALinear(ReadsThroughToBase, nn.Module):
             self.merged = None
 
     def _apply(self, fn, *args, **kwargs):
-        # model.to(torch.bfloat16) must not round alpha / r; keep the scaling exact in fp32
+        # model.to(torch.bfloat16) must not round alpha / r, and to_empty() must not leave the
+        # buffers uninitialised: both are rebuilt from the lists on the buffers' new device
         super()._apply(fn, *args, **kwargs)
-        self.scaling = torch.tensor(self.scaling_values, device=self.scaling.device)
+        self._refresh_scaling()
         return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # the scales follow the loaded ranks (alpha / r, as PEFT computes them from its config)
+        ranks = state_dict.get(prefix + "ranks")
+        if ranks is not None and (ranks.shape != self.ranks.shape or bool((ranks < 0).any())
+                                  or bool((ranks > self.lora_A.shape[1]).any())):
+            error_msgs.append(f"{prefix}ranks must be {self.num_adapters} ints in [0, {self.lora_A.shape[1]}] "
+                              f"(this layer's adapters and largest rank), got {ranks.tolist()}")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if ranks is not None:
+            self.rank_values = [int(v) for v in ranks.tolist()]
+            self._refresh_scaling()
 
     def forward(self, x: torch.Tensor, adapter_ids=None) -> torch.Tensor:
         result = self.base_layer(x)
@@ -226,7 +254,7 @@ class MultiLoRALinear(ReadsThroughToBase, nn.Module):
             x, self.lora_A, self.lora_B, ids, self.scaling, self.ranks, add_to=into))
 
     def extra_repr(self) -> str:
-        ranks = self.ranks.tolist()
+        ranks = self.rank_values
         rank_text = str(ranks[0]) if len(set(ranks)) == 1 else str(ranks)
         return (f"in={self.in_features}, out={self.out_features}, adapters={self.num_adapters}, "
                 f"r={rank_text}, dtype={self.lora_A.dtype}" + (", fan_in_fan_out" if self.fan_in_fan_out else ""))
