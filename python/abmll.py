@@ -62,6 +62,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import bora_kernels as bk
 from bora_kernels import abmll
+from bora_kernels.arguments import NON_NEGATIVE, POSITIVE, POSITIVE_INT, number
 from bora_kernels.bayes import expected_calibration_error, negative_log_likelihood
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
@@ -321,33 +322,23 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default="runs/abmll")
-    parser.add_argument("--beta", type=float, default=1e-5, help="weight of KL(q(φ) || p(φ | θ))")
-    parser.add_argument("--inner-lr", type=float, default=1.0, help="ABMLL's inner-loop SGD step (training and held-out)")
+    parser.add_argument("--beta", type=NON_NEGATIVE, default=1e-5, help="weight of KL(q(φ) || p(φ | θ))")
+    parser.add_argument("--inner-lr", type=POSITIVE, default=1.0, help="ABMLL's inner-loop SGD step (training and held-out)")
     parser.add_argument("--outer", choices=("second-order", "first-order"), default="second-order",
                         help="θ's gradient through the inner steps, or with dφ/dθ = I")
-    parser.add_argument("--lora-adapt-lr", type=float,
+    parser.add_argument("--lora-adapt-lr", type=POSITIVE,
                         help="the LoRA baselines adapt to the held-out task by SGD with this step (default: AdamW 3e-3)")
-    parser.add_argument("--gamma", type=float, default=1e-8, help="weight of -log p(θ)")
-    parser.add_argument("--c", type=float, default=2e-2, help="σ's floor c in σ = B_σ A_σ + c")
-    parser.add_argument("--samples", type=int, default=32,
+    parser.add_argument("--gamma", type=NON_NEGATIVE, default=1e-8, help="weight of -log p(θ)")
+    parser.add_argument("--c", type=POSITIVE, default=2e-2, help="σ's floor c in σ = B_σ A_σ + c")
+    parser.add_argument("--samples", type=number(int, at_least=0), default=32,
                         help="ABMLL is also scored averaged over this many sampled forward passes (0: mean only)")
-    parser.add_argument("--epochs", type=int, help="override the passes over the training tasks")
-    parser.add_argument("--pretrain-steps", type=int, help="override the pre-training steps")
+    parser.add_argument("--epochs", type=POSITIVE_INT, help="override the passes over the training tasks")
+    parser.add_argument("--pretrain-steps", type=POSITIVE_INT, help="override the pre-training steps")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), 4))
     cfg = QUICK if args.quick else FULL
     cfg = dataclasses.replace(cfg, epochs=args.epochs or cfg.epochs,
                               pretrain_steps=args.pretrain_steps or cfg.pretrain_steps)
-    if not args.inner_lr > 0:
-        parser.error(f"--inner-lr must be > 0, got {args.inner_lr}")
-    if args.lora_adapt_lr is not None and not args.lora_adapt_lr > 0:
-        parser.error(f"--lora-adapt-lr must be > 0, got {args.lora_adapt_lr}")
-    if not args.c > 0:
-        parser.error(f"--c must be > 0, got {args.c}")
-    if args.samples < 0:
-        parser.error(f"--samples must be >= 0, got {args.samples}")
-    if args.beta < 0 or args.gamma < 0:
-        parser.error(f"--beta and --gamma must be >= 0, got {args.beta} and {args.gamma}")
     return run(cfg, Path(args.out), args.beta, args.gamma, args.inner_lr, args.outer == "second-order",
                args.lora_adapt_lr, args.c, args.samples)
 

@@ -41,6 +41,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import bora_kernels as bk
+from bora_kernels.arguments import POSITIVE_INT, available_device
 
 COLOURS = ["red", "green", "blue", "yellow", "white", "purple"]
 SHAPES = ["circle", "square", "cross", "stripe", "ring"]
@@ -188,18 +189,14 @@ def train_and_evaluate(name, agnostic, lm, encoder, images, args, device, seed: 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="4x4 patches and fewer steps (CPU, under 3 minutes)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per run")
-    parser.add_argument("--seeds", type=int, default=None,
+    parser.add_argument("--steps", type=POSITIVE_INT, default=None, help="training steps per run")
+    parser.add_argument("--seeds", type=POSITIVE_INT, default=None,
                         help="seeds per method (default 1 with --quick, else 3); each seed draws its own projection, "
                              "adapters and batches, shared by its agnostic and specific runs")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--out", default="runs/context_peft", help="folder for results.json")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    if args.steps is not None and args.steps < 1:
-        parser.error(f"--steps must be at least 1, got {args.steps}")
-    if args.seeds is not None and args.seeds < 1:
-        parser.error(f"--seeds must be at least 1, got {args.seeds}")
     device = torch.device(args.device)
     args.grid = 4 if args.quick else 8  # 8 x 8 = the paper's 64 image embeddings
     args.steps = args.steps or (800 if args.quick else 1500)

@@ -34,6 +34,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import bora_kernels as bk
 from bora_kernels import bayes
+from bora_kernels.arguments import POSITIVE, POSITIVE_INT, available_device, number
 from bora_kernels.optim import IVON
 
 CLASSES, WORDS_PER_CLASS, QUESTION_WORDS = 4, 12, 6
@@ -113,19 +114,19 @@ def metrics(probs, labels) -> str:
             f"  NLL {bayes.negative_log_likelihood(probs, labels):.3f}")
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer steps and samples (CPU, under 3 minutes)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per optimizer")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--train-size", type=int, default=1024, help="training questions")
-    parser.add_argument("--adamw-lr", type=float, default=1e-3)
-    parser.add_argument("--ivon-lr", type=float, default=3.0, help="IVON learning rate (rescaled by hess_init)")
-    parser.add_argument("--ess", type=float, default=2e5, help="IVON's effective sample size")
-    parser.add_argument("--clip", type=float, default=1.0, help="IVON's element-wise clip radius")
-    parser.add_argument("--samples", type=int, default=None, help="posterior samples to average")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+    parser.add_argument("--steps", type=POSITIVE_INT, default=None, help="training steps per optimizer")
+    parser.add_argument("--batch", type=POSITIVE_INT, default=32)
+    parser.add_argument("--train-size", type=POSITIVE_INT, default=1024, help="training questions")
+    parser.add_argument("--adamw-lr", type=POSITIVE, default=1e-3)
+    parser.add_argument("--ivon-lr", type=POSITIVE, default=3.0, help="IVON learning rate (rescaled by hess_init)")
+    parser.add_argument("--ess", type=POSITIVE, default=2e5, help="IVON's effective sample size")
+    parser.add_argument("--clip", type=number(float, above=0, allow_inf=True), default=1.0, help="IVON's element-wise clip radius")
+    parser.add_argument("--samples", type=POSITIVE_INT, default=None, help="posterior samples to average")
+    parser.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
     args.steps = args.steps or (1200 if args.quick else 2000)
     args.samples = args.samples or (6 if args.quick else 10)
     device = torch.device(args.device)

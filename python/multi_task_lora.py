@@ -21,6 +21,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import bora_kernels as bk
+from bora_kernels.arguments import POSITIVE_INT, available_device
 from bora_kernels.bora import sequence_losses
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -43,12 +44,12 @@ def loss_per_sequence(model, tokens: torch.Tensor) -> torch.Tensor:
     return sequence_losses(model(input_ids=tokens).logits, tokens)[0]
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=POSITIVE_INT, default=60)
     parser.add_argument("--quantize", choices=("nf4",), default=None, help="4-bit base weights (QLoRA)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+    parser.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)

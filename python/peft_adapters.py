@@ -35,10 +35,10 @@ ADAPTERS = {
 }
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="folder for the adapters (default: a temporary folder)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     out = Path(args.out or tempfile.mkdtemp(prefix="bora-peft-"))
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -51,6 +51,7 @@ from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import bora_kernels as bk
+from bora_kernels.arguments import POSITIVE_INT, available_device
 from bora_kernels.bora import sequence_losses
 from bora_kernels.nn import MultiLoRALinear, NF4Linear
 from bora_multitask import _shift, sample_chain  # the generated bigram text
@@ -365,10 +366,10 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a 2-layer model, fewer steps (~2 minutes on CPU)")
     parser.add_argument("--out", default="runs/qlora", help="folder for results.json and qlora.png")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seeds", type=int, help="how many seeds (0, 1, ...); default 3")
-    parser.add_argument("--finetune-steps", type=int, help="override the fine-tuning steps")
-    parser.add_argument("--pretrain-steps", type=int, help="override the pre-training steps")
+    parser.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seeds", type=POSITIVE_INT, help="how many seeds (0, 1, ...); default 3")
+    parser.add_argument("--finetune-steps", type=POSITIVE_INT, help="override the fine-tuning steps")
+    parser.add_argument("--pretrain-steps", type=POSITIVE_INT, help="override the pre-training steps")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), 4))
     cfg = QUICK if args.quick else FULL

@@ -1,5 +1,6 @@
 """The README's example runs, and ``bora-bench`` writes the result file and the README table."""
 
+import importlib.util
 import json
 import os
 import re
@@ -299,16 +300,63 @@ def test_abmll_recipe_reproduces_the_accuracy_finding(tmp_path):
     assert averaged_nll < min(summary["regular LoRA"]["nll"], summary["structured LoRA"]["nll"]) - 0.05, summary
 
 
-@pytest.mark.parametrize("flags, message", [(["--inner-lr", "0"], "--inner-lr must be > 0"),
-                                            (["--beta", "-1"], "--beta and --gamma must be >= 0"),
-                                            (["--c", "0"], "--c must be > 0"),
-                                            (["--samples", "-1"], "--samples must be >= 0"),
-                                            (["--beta", "1e-2"], "lower --beta")])
-def test_abmll_recipe_rejects_bad_steps(tmp_path, flags, message):
-    """Bad flags are named; a β too stiff for the inner SGD stops the run with advice, not NaN."""
-    result = run_abmll_recipe(tmp_path, *flags)
-    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+def test_abmll_recipe_stops_a_diverging_run(tmp_path):
+    """A β too stiff for the inner SGD stops the run with advice, not NaN (bad flags are refused
+    before any work: ``test_command_lines_name_a_bad_value``)."""
+    result = run_abmll_recipe(tmp_path, "--beta", "1e-2")
+    assert result.returncode != 0 and "lower --beta" in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "results.json").exists()
+
+
+def _recipe_main(name, monkeypatch):
+    """``main`` of ``python/<name>.py``, imported as its folder's scripts import each other."""
+    monkeypatch.syspath_prepend(str(ROOT / "python"))
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "python" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _serve_main(argv):
+    from bora_kernels.serve.cli import build_server
+
+    return build_server(argv)
+
+
+BAD_FLAGS = [  # (program, flags, what its error says)
+    ("abmll", ["--inner-lr", "0"], "argument --inner-lr: must be > 0, got 0"),
+    ("abmll", ["--beta", "-1"], "argument --beta: must be >= 0, got -1"),
+    ("abmll", ["--samples", "-1"], "argument --samples: must be >= 0, got -1"),
+    ("abmll", ["--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
+    ("bora_multitask", ["--lr", "0"], "argument --lr: must be > 0, got 0"),
+    ("context_peft", ["--seeds", "0"], "argument --seeds: must be >= 1, got 0"),
+    ("context_peft", ["--device", "tpu"], "argument --device: must be cpu, cuda or cuda:N, got 'tpu'"),
+    ("ivon_lora", ["--batch", "0"], "argument --batch: must be >= 1, got 0"),
+    ("ivon_lora", ["--ess", "nan"], "argument --ess: must be finite, got 'nan'"),
+    ("ivon_lora", ["--clip", "wide"], "argument --clip: must be a number, got 'wide'"),
+    ("multi_task_lora", ["--steps", "-1"], "argument --steps: must be >= 1, got -1"),
+    ("qlora", ["--pretrain-steps", "0"], "argument --pretrain-steps: must be >= 1, got 0"),
+    ("qlora", ["--device", "cuda:99"], "argument --device: 'cuda:99' asked, but"),
+    ("bora-bench", ["lora", "--tokens", "0"], "argument --tokens: must be >= 1, got 0"),
+    ("bora-bench", ["context", "--tokens", "200"], "argument --tokens: must be a multiple of 128, got 200"),
+    ("bora-bench", ["ivon", "--params", "100"], "--params: each count must be >= --tensors (256 tensors"),
+    ("bora-bench", ["nf4", "--features", "100", "64"], "--features: K must be a multiple of the NF4 blocksize 64"),
+    ("bora-bench", ["serve", "--time-limit", "0"], "argument --time-limit: must be > 0, got 0"),
+    ("bora-serve", ["--demo", "unused", "--port", "70000"], "argument --port: must be <= 65535, got 70000"),
+    ("bora-serve", ["--demo", "unused", "--max-queue", "0"], "argument --max-queue: must be >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize("program, flags, message", BAD_FLAGS, ids=[f"{p} {' '.join(f)}" for p, f, _ in BAD_FLAGS])
+def test_command_lines_name_a_bad_value(program, flags, message, capsys, monkeypatch):
+    """Every command line refuses a bad value while it parses, naming the flag: exit status 2
+    (argparse's), before any work starts or any file is written."""
+    main = {"bora-bench": bench_main, "bora-serve": _serve_main}.get(program) or _recipe_main(program, monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        main(flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_qlora_recipe_reproduces_the_finding(tmp_path):

@@ -496,7 +496,7 @@ def test_cli_bad_arguments(serve_demo, capsys):
     from bora_kernels.serve.cli import build_server
 
     for argv, message in ((["--demo", str(serve_demo), "--adapters", "oops"], "NAME=DIR"),
-                          (["--demo", str(serve_demo), "--max-batch", "0"], "--max-batch must be >= 1"),
+                          (["--demo", str(serve_demo), "--max-batch", "0"], "argument --max-batch: must be >= 1, got 0"),
                           (["--demo", str(serve_demo), "--max-adapters", "4"], "8 adapters to load but --max-adapters is 4"),
                           (["--demo", str(serve_demo), "--max-lora-rank", "4"], "--max-lora-rank"),
                           (["--demo", str(serve_demo), "--adapter-root", "/nonexistent"], "is not a folder"),

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from ..arguments import POSITIVE, POSITIVE_INT, number
 from ..ops import use_backend
 from . import context, ivon, lora, model, nf4, serve
 from .report import format_table, write_readme_table
@@ -116,48 +117,49 @@ def _parser() -> argparse.ArgumentParser:
 
     p_lora = sub.add_parser("lora", help="lora_delta and MultiLoRALinear against PEFT and F.linear")
     common(p_lora)
-    p_lora.add_argument("--tokens", type=int, nargs="+", help="tokens per batch")
-    p_lora.add_argument("--adapters", type=int, nargs="+", help="adapters in the mix")
-    p_lora.add_argument("--ranks", type=int, nargs="+", help="LoRA ranks")
-    p_lora.add_argument("--features", type=int, nargs=2, metavar=("K", "N"), help="in and out features")
+    p_lora.add_argument("--tokens", type=POSITIVE_INT, nargs="+", help="tokens per batch")
+    p_lora.add_argument("--adapters", type=POSITIVE_INT, nargs="+", help="adapters in the mix")
+    p_lora.add_argument("--ranks", type=POSITIVE_INT, nargs="+", help="LoRA ranks")
+    p_lora.add_argument("--features", type=POSITIVE_INT, nargs=2, metavar=("K", "N"), help="in and out features")
     p_lora.add_argument("--dtype", choices=tuple(lora.DTYPES), help="input and weight dtype")
     p_lora.add_argument("--variants", nargs="+", choices=tuple(lora.VARIANTS), help="subset to time")
     graph_option(p_lora)
 
     p_model = sub.add_parser("model", help="a whole Llama (prefill, generate) against PEFT")
     common(p_model)
-    p_model.add_argument("--adapters", type=int, nargs="+", help="adapters in the mix")
+    p_model.add_argument("--adapters", type=POSITIVE_INT, nargs="+", help="adapters in the mix")
     p_model.add_argument("--variants", nargs="+", choices=tuple(model.VARIANTS), help="subset to time")
 
     p_context = sub.add_parser("context", help="context_lora_delta against the einsum and masked concatenation")
     common(p_context)
-    p_context.add_argument("--tokens", type=int, nargs="+", help="tokens per batch (multiples of 128)")
-    p_context.add_argument("--contexts", type=int, nargs="+", help="numbers of contexts")
+    p_context.add_argument("--tokens", type=number(int, at_least=context.SEQUENCE, multiple_of=context.SEQUENCE),
+                           nargs="+", help=f"tokens per batch (multiples of {context.SEQUENCE})")
+    p_context.add_argument("--contexts", type=POSITIVE_INT, nargs="+", help="numbers of contexts")
     p_context.add_argument("--variants", nargs="+", choices=tuple(context.VARIANTS), help="subset to time")
     graph_option(p_context)
 
     p_ivon = sub.add_parser("ivon", help="the IVON step against ivon-opt, AdamW and a device copy")
     common(p_ivon)
     graph_option(p_ivon)
-    p_ivon.add_argument("--params", type=int, nargs="+", help="parameter counts (elements)")
-    p_ivon.add_argument("--tensors", type=int, help="how many tensors hold them (default 256)")
+    p_ivon.add_argument("--params", type=POSITIVE_INT, nargs="+", help="parameter counts (elements)")
+    p_ivon.add_argument("--tensors", type=POSITIVE_INT, help="how many tensors hold them (default 256)")
     p_ivon.add_argument("--variants", nargs="+", choices=tuple(ivon.VARIANTS), help="subset to time")
 
     p_nf4 = sub.add_parser("nf4", help="nf4_matmul against bitsandbytes and the dense weight")
     common(p_nf4)
-    p_nf4.add_argument("--tokens", type=int, nargs="+", help="rows M of the activations")
-    p_nf4.add_argument("--features", type=int, nargs=2, metavar=("K", "N"), help="in and out features")
+    p_nf4.add_argument("--tokens", type=POSITIVE_INT, nargs="+", help="rows M of the activations")
+    p_nf4.add_argument("--features", type=POSITIVE_INT, nargs=2, metavar=("K", "N"), help="in and out features")
     p_nf4.add_argument("--variants", nargs="+", choices=tuple(nf4.VARIANTS), help="subset to time")
     graph_option(p_nf4)
 
     p_serve = sub.add_parser("serve", help="load test of bora-serve against one adapter per batch")
     common(p_serve)
     p_serve.add_argument("--model", help="a Hugging Face model folder (default: the serving demo's model)")
-    p_serve.add_argument("--requests", type=int, help="requests to send (default 256; --quick 64)")
-    p_serve.add_argument("--concurrency", type=int, help="concurrent clients, also --max-batch (default 32; --quick 16)")
-    p_serve.add_argument("--adapters", type=int, help="adapters the requests spread over (default 16; --quick 8)")
-    p_serve.add_argument("--max-tokens", type=int, help="tokens generated per request (default 32; --quick 16)")
-    p_serve.add_argument("--time-limit", type=float, default=600.0, help="seconds per server before requests count as lost")
+    p_serve.add_argument("--requests", type=POSITIVE_INT, help="requests to send (default 256; --quick 64)")
+    p_serve.add_argument("--concurrency", type=POSITIVE_INT, help="concurrent clients, also --max-batch (default 32; --quick 16)")
+    p_serve.add_argument("--adapters", type=POSITIVE_INT, help="adapters the requests spread over (default 16; --quick 8)")
+    p_serve.add_argument("--max-tokens", type=POSITIVE_INT, help="tokens generated per request (default 32; --quick 16)")
+    p_serve.add_argument("--time-limit", type=POSITIVE, default=600.0, help="seconds per server before requests count as lost")
     p_serve.add_argument("--quantize", choices=("nf4",), default=None,
                          help="both servers keep the base weights in NF4 (bora-serve --quantize nf4)")
 
@@ -194,8 +196,6 @@ def _serve(args, device: torch.device) -> int:
     for name in ("requests", "concurrency", "adapters", "max_tokens", "time_limit"):
         value = getattr(args, name)
         if value is not None:
-            if value <= 0:
-                raise SystemExit(f"bora-bench serve: --{name.replace('_', '-')} must be > 0, got {value}")
             setattr(case, name, value)
     case.quantize = args.quantize
     env = environment(device)
@@ -207,8 +207,19 @@ def _serve(args, device: torch.device) -> int:
     return 0 if all(r["failed"] == 0 and r["lost"] == 0 for r in runs) else 1
 
 
+def _check_together(parser, args) -> None:
+    """What one flag's type cannot check alone."""
+    tensors = getattr(args, "tensors", None) or ivon.IVONCase.tensors
+    if args.command == "ivon" and any(n < tensors for n in args.params or ()):
+        parser.error(f"--params: each count must be >= --tensors ({tensors} tensors hold it), got {args.params}")
+    if args.command == "nf4" and args.features and args.features[0] % nf4.BLOCKSIZE:
+        parser.error(f"--features: K must be a multiple of the NF4 blocksize {nf4.BLOCKSIZE}, got {args.features[0]}")
+
+
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_together(parser, args)
     if args.command == "table":
         if args.readme:
             write_readme_table(Path(args.results), Path(args.readme))
@@ -242,7 +253,8 @@ def main(argv=None) -> int:
     elif args.command == "ivon":
         cases = ivon.default_cases(device, args.quick)
         if args.params or args.tensors:
-            cases = [ivon.IVONCase(n, args.tensors or 256) for n in (args.params or [c.params for c in cases])]
+            tensors = args.tensors or ivon.IVONCase.tensors
+            cases = [ivon.IVONCase(n, tensors) for n in (args.params or [c.params for c in cases])]
         plan = {"ivon": (cases, args.variants)}
     elif args.command == "nf4":
         cases = nf4.default_cases(device, args.quick)

@@ -37,6 +37,7 @@ VARIANTS = {
     "dense": "F.linear on the dequantized weight (cuBLAS on GPU)",
 }
 MODES = ("fwd",)
+BLOCKSIZE = 64  # the weights' quantization blocks, bitsandbytes' default; K must be a multiple
 COMPARISONS = (
     ("ours", "dense", "speed-up over the dense weight"),
     ("ours", "bnb", "speed-up over bitsandbytes matmul_4bit"),
@@ -72,7 +73,7 @@ def build(case: NF4Case, device: torch.device, variants=tuple(VARIANTS)) -> dict
     dtype = DTYPES[case.dtype]
     gen = torch.Generator().manual_seed(0)
     w = (torch.randn(case.out_features, case.in_features, generator=gen) * 0.02).to(device=device, dtype=dtype)
-    weight = quantize_nf4(w, 64, double_quant=True)
+    weight = quantize_nf4(w, BLOCKSIZE, double_quant=True)
     x = torch.randn(case.m, case.in_features, generator=gen).to(device=device, dtype=dtype)
     fns = {}
     if "ours" in variants:

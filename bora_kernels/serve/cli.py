@@ -21,6 +21,8 @@ import sys
 import threading
 from pathlib import Path
 
+from ..arguments import POSITIVE, POSITIVE_INT, available_device, number
+
 DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
@@ -37,37 +39,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter-root", metavar="DIR",
                    help="load every adapter sub-folder of DIR, and allow run-time loads from inside it (only)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--port", type=number(int, at_least=0, at_most=65535), default=8000)
+    p.add_argument("--device", type=available_device, default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=list(DTYPES), default="auto")
     p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
                    help="the ops' implementation (auto: the dispatch rule of ARCHITECTURE.md)")
     p.add_argument("--quantize", choices=("nf4",), default=None,
                    help="store the frozen base weights of the adapted layers (every linear layer but the "
                         "output head) in NF4 (4-bit) under the adapters")
-    p.add_argument("--max-adapters", type=int, default=16, help="adapter slots (loaded at once)")
-    p.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank a slot holds")
-    p.add_argument("--max-batch", type=int, default=32, help="sequences in one decode step")
-    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
-    p.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the model's context")
-    p.add_argument("--max-tokens-limit", type=int, default=1024, help="the largest max_tokens a request may ask")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (413 past it)")
-    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request ends with 504")
+    p.add_argument("--max-adapters", type=POSITIVE_INT, default=16, help="adapter slots (loaded at once)")
+    p.add_argument("--max-lora-rank", type=POSITIVE_INT, default=16, help="the largest adapter rank a slot holds")
+    p.add_argument("--max-batch", type=POSITIVE_INT, default=32, help="sequences in one decode step")
+    p.add_argument("--max-queue", type=POSITIVE_INT, default=256, help="waiting requests before 429")
+    p.add_argument("--max-prompt-tokens", type=POSITIVE_INT, default=None, help="default: the model's context")
+    p.add_argument("--max-tokens-limit", type=POSITIVE_INT, default=1024, help="the largest max_tokens a request may ask")
+    p.add_argument("--max-body-bytes", type=POSITIVE_INT, default=1 << 20, help="request body limit (413 past it)")
+    p.add_argument("--request-timeout", type=POSITIVE, default=600.0, help="seconds before a request ends with 504")
     p.add_argument("--schedule", choices=SCHEDULES, default="mixed",
                    help="per-adapter: one adapter per batch (the baseline bora-bench serve compares with)")
     p.add_argument("--no-access-log", action="store_true")
     p.add_argument("--log-level", default="info")
     return p
-
-
-def _positive(parser, args) -> None:
-    for name in ("max_adapters", "max_lora_rank", "max_batch", "max_queue", "max_tokens_limit", "max_body_bytes"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
-        parser.error(f"--max-prompt-tokens must be >= 1, got {args.max_prompt_tokens}")
-    if not args.request_timeout > 0:
-        parser.error(f"--request-timeout must be > 0, got {args.request_timeout}")
 
 
 def _adapter_folders(parser, args, root: Path | None, defaults: dict) -> dict[str, Path]:
@@ -98,7 +90,6 @@ def build_server(argv=None):
 
     parser = _parser()
     args = parser.parse_args(argv)
-    _positive(parser, args)
     defaults = {}
     if args.demo is not None:
         folder = demo.ensure(args.demo)
