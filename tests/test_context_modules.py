@@ -3,6 +3,7 @@ op references, ``inject(method=...)``, ``use_contexts`` (ids, weights, generate)
 ``context_ids`` on tiny Hugging Face models built from configs."""
 
 import contextlib
+import importlib
 
 import pytest
 import torch
@@ -88,6 +89,26 @@ def test_fresh_layer_equals_base_and_trains_only_adapters(make):
     assert layer.weight is base.weight and layer.bias is base.bias  # read through, as PEFT's layers
 
 
+@pytest.mark.parametrize("path", cpu_backends())
+def test_evaluated_in_inference_mode_after_a_move_then_trains(path):
+    """A layer moved to its device (here from the meta device, as ``.cuda()`` moves one), run
+    first under ``torch.inference_mode()`` (an evaluation before training), then trained: no
+    tensor made in inference mode is saved for backward."""
+    with torch.device("meta"):
+        layer = ContextLoRALinear(nn.Linear(12, 10), 3, r=4)
+    layer.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()
+    ids = torch.tensor([0, 1, 2, 1])
+    with run_on(path):
+        with torch.inference_mode():
+            evaluated = layer(torch.randn(4, 12), context=ids)
+        x = torch.randn(4, 12, requires_grad=True)
+        layer(x, context=ids).sum().backward()
+    assert evaluated.isfinite().all() and layer.lora_A.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
+
+
 def tiny_llama():
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -145,6 +166,24 @@ def test_injected_llama_trains_per_context(kwargs):
     assert torch.allclose(by_weights, specific, atol=1e-5)
     assert not torch.allclose(agnostic, specific, atol=1e-3)
     assert not torch.allclose(base, specific, atol=1e-3)
+
+
+@pytest.mark.parametrize("path", cpu_backends())
+@pytest.mark.parametrize("kwargs", METHODS)
+def test_inference_mode_forward_then_training_in_one_block(kwargs, path, monkeypatch):
+    """An evaluation under ``torch.inference_mode()`` and a training step inside one
+    ``use_contexts`` block: what the first call caches (the ops' constants, the route's plans) is
+    not an inference tensor the second must save for backward."""
+    ops = importlib.import_module("bora_kernels.ops.lora_delta")  # the module, not the op it exports
+    monkeypatch.setattr(ops, "_CONSTANTS", {})  # as in a fresh process: made by the first call
+    torch.manual_seed(0)
+    model = bk.inject(tiny_llama(), num_adapters=3, **kwargs)
+    ids = torch.randint(0, 64, (2, 6))
+    with run_on(path), bk.use_contexts(model, torch.randint(0, 3, (2, 6))):
+        with torch.inference_mode():
+            model(ids)
+        model(ids).logits.sum().backward()
+    assert all(p.grad is not None for p in bk.trainable_parameters(model))
 
 
 def test_context_lora_agrees_with_multi_adapter_lora():

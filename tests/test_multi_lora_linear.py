@@ -172,6 +172,19 @@ def test_made_on_the_meta_device_then_loaded(how):
     torch.testing.assert_close(layer(x, ids), trained[0](x, ids), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_adapter_set_in_inference_mode_then_trains(backend):
+    """``set_adapter`` inside ``torch.inference_mode()`` (a server loading an adapter, an
+    evaluation script) leaves no inference tensor that training would save for backward."""
+    layer = make_layer()
+    with torch.inference_mode():
+        layer.set_adapter(0, torch.randn(2, K), torch.randn(N, 2), alpha=4)
+    x = torch.randn(5, K, requires_grad=True)
+    with run_on(backend):
+        layer(x, torch.tensor([0, 1, 2, 0, -1])).sum().backward()
+    assert layer.lora_A.grad[0, :2].abs().sum() > 0 and x.grad.abs().sum() > 0
+
+
 def test_dropout_only_in_training():
     layer = make_layer(dropout=0.5)
     ref = make_layer()

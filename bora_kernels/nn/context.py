@@ -78,10 +78,21 @@ class ContextLoRALinear(_ContextLayer):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.r, self.alpha = r, float(alpha)
         self.scaling_value = lora_scaling(alpha, r, use_rslora)
-        # every context scales alike; an fp32 tensor kept off the module's buffers, so that
-        # model.to(dtype) cannot round it, and rebuilt only when the layer moves
-        self._scaling = torch.full((num_contexts,), self.scaling_value, device=kw["device"])
+        # every context scales alike; a buffer (it moves with the layer, out of state dicts)
+        # rebuilt in fp32 whenever the layer is moved or cast (``_apply``)
+        self.register_buffer("_scaling", torch.empty(num_contexts, device=kw["device"]), persistent=False)
+        self._refresh_scaling()
         self.reset_lora_parameters()
+
+    @torch.inference_mode(False)  # a normal tensor even when made in inference mode: training may follow
+    def _refresh_scaling(self):
+        self._scaling = torch.full((self.num_contexts,), self.scaling_value, device=self._scaling.device)
+
+    def _apply(self, fn, *args, **kwargs):
+        # model.to(torch.bfloat16) must not round alpha / r, nor to_empty() leave the scales unset
+        super()._apply(fn, *args, **kwargs)
+        self._refresh_scaling()
+        return self
 
     @torch.no_grad()
     def reset_lora_parameters(self):
@@ -94,8 +105,6 @@ class ContextLoRALinear(_ContextLayer):
         context = self._context(x, context, grouped=True)
         if context is None:
             return result
-        if self._scaling.device != x.device:
-            self._scaling = torch.full((self.num_contexts,), self.scaling_value, device=x.device)
         x = self.lora_dropout(x).to(autocast_dtype(x) or self.lora_A.dtype)  # the op's dtype: no cast in it
         return plus_delta(self.base_layer, result, lambda into: context_lora_delta(
             x, self.lora_A, self.lora_B, context, self._scaling, add_to=into))

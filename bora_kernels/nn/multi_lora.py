@@ -136,6 +136,7 @@ class MultiLoRALinear(ReadsThroughToBase, nn.Module):
         self.merged: tuple[int, torch.Tensor] | None = None  # (adapter, base weight before the merge)
         self.reset_lora_parameters()
 
+    @torch.inference_mode(False)  # normal tensors even when set in inference mode: training may follow
     def _refresh_scaling(self):
         """``ranks`` and ``scaling`` (buffers) from ``rank_values``, ``alphas`` and ``use_rslora``."""
         self.scaling_values = [lora_scaling(a, rk, rs)

@@ -110,11 +110,13 @@ _CONSTANTS: dict = {}
 def _constant(key: tuple, device: torch.device, make) -> torch.Tensor:
     """A small constant tensor, ``make()`` once per ``key`` and device rather than one launch per
     call; made afresh while a CUDA graph is captured or torch.compile traces (a tensor made then
-    belongs to the graph). Callers never write to it."""
+    belongs to the graph). Callers never write to it. Made outside inference mode: a tensor made
+    in it could not be saved for backward by the later calls that share it."""
     key = (*key, device)
     value = _CONSTANTS.get(key)
     if value is None:
-        value = make()
+        with torch.inference_mode(False):
+            value = make()
         if not recording_graph(device):
             _CONSTANTS[key] = value
     return value
