@@ -22,8 +22,12 @@ CONFIG_FILE, WEIGHTS_FILE, PICKLE_FILE = "adapter_config.json", "adapter_model.s
 PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
 # config fields whose non-default values change the computation in ways this runtime does not do
+# (a replicated layer stack, adapters active only after invocation tokens, pooled inputs, sampled
+# or routed adapters, a changed base weight...); VeLoRA changes only the backward pass, so loads
 _UNSUPPORTED = {"use_dora": False, "lora_bias": False, "modules_to_save": None,
-                "target_parameters": None, "trainable_token_indices": None}
+                "target_parameters": None, "trainable_token_indices": None, "layer_replication": None,
+                "alora_invocation_tokens": None, "use_qalora": False, "monteclora_config": None,
+                "kasa_config": None, "use_bdlora": None, "arrow_config": None}
 
 
 def _pattern_value(patterns: dict, module: str, default):

@@ -415,7 +415,10 @@ def test_load_refuses_bad_checkpoints(tmp_path):
     config = json.loads((good / "adapter_config.json").read_text())
     for field, value, match in [("use_dora", True, "use_dora=True is not supported"),
                                 ("bias", "all", "bias='all' is not supported"),
-                                ("peft_type", "IA3", "only LORA adapters load")]:
+                                ("peft_type", "IA3", "only LORA adapters load"),
+                                ("layer_replication", [[0, 2], [1, 2]], r"layer_replication=\[\[0, 2\], \[1, 2\]\] is not"),
+                                ("alora_invocation_tokens", [5, 7], "alora_invocation_tokens=.* is not supported"),
+                                ("use_qalora", True, "use_qalora=True is not supported")]:
         folder = tmp_path / field
         folder.mkdir()
         (folder / "adapter_config.json").write_text(json.dumps({**config, field: value}))
