@@ -28,6 +28,8 @@ def test_readme_example_runs():
     assert namespace["tokens"].shape == (3, 14) and namespace["logits"].shape == (3, 10, 128)
     trained_layers = namespace["bk"].model.adapter_layers(namespace["multi"]).values()  # B starts at zero
     assert namespace["trained"].global_step == 2 and all(m.lora_B.abs().sum() > 0 for m in trained_layers)
+    ivon_layers = namespace["bk"].model.adapter_layers(namespace["bayesian"]).values()
+    assert namespace["ivon_trained"].global_step == 2 and all(m.lora_B.abs().sum() > 0 for m in ivon_layers)
     assert namespace["agnostic"].shape == (2, 24, 64) and namespace["delta"].shape == (4, 10, 32)
     assert namespace["scaled"].shape == (4, 10, 32)
     assert namespace["averaged"].shape == (64, 3) and 0 <= namespace["ece"] <= 1 and namespace["nll"] > 0
