@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+from pathlib import Path
 
 
 def number(kind: type = int, *, above: float | None = None, at_least: float | None = None,
@@ -59,3 +61,32 @@ def available_device(text: str) -> str:
             raise argparse.ArgumentTypeError(f"{text!r} asked, but this machine has "
                                              f"{torch.cuda.device_count()} CUDA device(s)")
     return text
+
+
+
+def _check_writable(path: Path, what: str) -> Path:
+    """``path`` can be written, or made: its nearest existing ancestor is a folder we may write."""
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if existing != path and not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"{what} {str(path)!r} cannot be made: {str(existing)!r} is a file")
+    if not os.access(existing, os.W_OK | (os.X_OK if existing.is_dir() else 0)):
+        raise argparse.ArgumentTypeError(f"{what} {str(path)!r} cannot be written: {str(existing)!r} is read-only")
+    return path
+
+
+def output_folder(text: str) -> Path:
+    """A ``type=`` for the folder a program writes its results into when it ends, checked when it
+    starts (a folder, or one that can be made, that we may write), so that a long run cannot end
+    unable to save what it measured."""
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file, not a folder")
+    return _check_writable(Path(text), "folder")
+
+
+def output_file(text: str) -> Path:
+    """A ``type=`` for a file a program writes when it ends, checked as ``output_folder``."""
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder, not a file")
+    return _check_writable(Path(text), "file")

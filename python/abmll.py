@@ -62,7 +62,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import bora_kernels as bk
 from bora_kernels import abmll
-from bora_kernels.arguments import NON_NEGATIVE, POSITIVE, POSITIVE_INT, number
+from bora_kernels.arguments import (
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    number,
+    output_folder,
+)
 from bora_kernels.bayes import expected_calibration_error, negative_log_likelihood
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
@@ -321,7 +327,7 @@ def _plot(summary: dict, out_dir: Path) -> None:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default="runs/abmll")
+    parser.add_argument("--out", type=output_folder, default="runs/abmll")
     parser.add_argument("--beta", type=NON_NEGATIVE, default=1e-5, help="weight of KL(q(φ) || p(φ | θ))")
     parser.add_argument("--inner-lr", type=POSITIVE, default=1.0, help="ABMLL's inner-loop SGD step (training and held-out)")
     parser.add_argument("--outer", choices=("second-order", "first-order"), default="second-order",

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import bora_kernels as bk
-from bora_kernels.arguments import POSITIVE
+from bora_kernels.arguments import POSITIVE, output_folder
 from bora_kernels.bora import BoRA, TaskSampler, learning_rate_for_tau, sequence_losses
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
@@ -254,7 +254,7 @@ def _plots(results: dict, out_dir: Path, taus: list[str]) -> None:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="12 tasks, fewer steps (~30 s on CPU)")
-    parser.add_argument("--out", default="runs/bora_multitask", help="folder for results.json and the plots")
+    parser.add_argument("--out", type=output_folder, default="runs/bora_multitask", help="folder for results.json and the plots")
     parser.add_argument("--lr", type=POSITIVE, default=3e-3, help="learning rate (at tau = 0 for --lr-rule paper)")
     parser.add_argument("--lr-rule", choices=("constant", "paper"), default="constant",
                         help="paper: lr proportional to tau (lr / 100 per unit of tau, as Table 1 from tau = 1)")

@@ -41,7 +41,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import bora_kernels as bk
-from bora_kernels.arguments import POSITIVE_INT, available_device
+from bora_kernels.arguments import POSITIVE_INT, available_device, output_folder
 
 COLOURS = ["red", "green", "blue", "yellow", "white", "purple"]
 SHAPES = ["circle", "square", "cross", "stripe", "ring"]
@@ -194,7 +194,7 @@ def main(argv=None) -> dict:
                         help="seeds per method (default 1 with --quick, else 3); each seed draws its own projection, "
                              "adapters and batches, shared by its agnostic and specific runs")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    parser.add_argument("--out", default="runs/context_peft", help="folder for results.json")
+    parser.add_argument("--out", type=output_folder, default="runs/context_peft", help="folder for results.json")
     parser.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     device = torch.device(args.device)

@@ -25,6 +25,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import bora_kernels as bk
+from bora_kernels.arguments import output_folder
 
 ADAPTERS = {
     "summarize": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
@@ -37,7 +38,7 @@ ADAPTERS = {
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", help="folder for the adapters (default: a temporary folder)")
+    parser.add_argument("--out", type=output_folder, help="folder for the adapters (default: a temporary folder)")
     args = parser.parse_args(argv)
     out = Path(args.out or tempfile.mkdtemp(prefix="bora-peft-"))
     torch.manual_seed(0)

@@ -51,7 +51,7 @@ from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import bora_kernels as bk
-from bora_kernels.arguments import POSITIVE_INT, available_device
+from bora_kernels.arguments import POSITIVE_INT, available_device, output_folder
 from bora_kernels.bora import sequence_losses
 from bora_kernels.nn import MultiLoRALinear, NF4Linear
 from bora_multitask import _shift, sample_chain  # the generated bigram text
@@ -365,7 +365,7 @@ def _plot(summary: dict, out_dir: Path) -> None:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a 2-layer model, fewer steps (~2 minutes on CPU)")
-    parser.add_argument("--out", default="runs/qlora", help="folder for results.json and qlora.png")
+    parser.add_argument("--out", type=output_folder, default="runs/qlora", help="folder for results.json and qlora.png")
     parser.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seeds", type=POSITIVE_INT, help="how many seeds (0, 1, ...); default 3")
     parser.add_argument("--finetune-steps", type=POSITIVE_INT, help="override the fine-tuning steps")

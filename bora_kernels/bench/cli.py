@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from ..arguments import POSITIVE, POSITIVE_INT, number
+from ..arguments import POSITIVE, POSITIVE_INT, number, output_file
 from ..ops import use_backend
 from . import context, ivon, lora, model, nf4, serve
 from .report import format_table, write_readme_table
@@ -108,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--device", choices=("cpu", "cuda"),
                        default="cuda" if torch.cuda.is_available() else "cpu")
         p.add_argument("--quick", action="store_true", help="headline cases only, short timing")
-        p.add_argument("--json", metavar="FILE", help="write the results file (see ARCHITECTURE.md)")
+        p.add_argument("--json", type=output_file, metavar="FILE", help="write the results file (see ARCHITECTURE.md)")
 
     def graph_option(p):
         p.add_argument("--graph", action="store_true",
