@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from bora_kernels.arguments import POSITIVE_INT
 from bora_kernels.ops import _common, lora_delta, lora_plan
 
 
@@ -44,10 +45,10 @@ def device_us(fn, calls=20):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tokens", type=int, nargs="+", default=[16, 4096])
-    parser.add_argument("--adapters", type=int, default=32)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--features", type=int, default=4096)
+    parser.add_argument("--tokens", type=POSITIVE_INT, nargs="+", default=[16, 4096])
+    parser.add_argument("--adapters", type=POSITIVE_INT, default=32)
+    parser.add_argument("--rank", type=POSITIVE_INT, default=16)
+    parser.add_argument("--features", type=POSITIVE_INT, default=4096)
     parser.add_argument("--cprofile", action="store_true", help="also print the host's top functions")
     args = parser.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16

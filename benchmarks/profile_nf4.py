@@ -17,14 +17,15 @@ import torch.nn.functional as F
 from profile_lora import device_us
 from triton.testing import do_bench
 
+from bora_kernels.arguments import POSITIVE_INT
 from bora_kernels.ops.nf4_matmul import _csrc_gemv, nf4_matmul_csrc
 from bora_kernels.quant import quantize_nf4
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 5, 8, 9, 16])
-    parser.add_argument("--features", type=int, nargs=2, default=[4096, 4096], metavar=("K", "N"))
+    parser.add_argument("--rows", type=POSITIVE_INT, nargs="+", default=[1, 4, 5, 8, 9, 16])
+    parser.add_argument("--features", type=POSITIVE_INT, nargs=2, default=[4096, 4096], metavar=("K", "N"))
     args = parser.parse_args()
     k, n = args.features
     gen = torch.Generator().manual_seed(0)

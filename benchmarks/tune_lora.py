@@ -14,6 +14,7 @@ import json
 import torch
 from triton.testing import do_bench
 
+from bora_kernels.arguments import POSITIVE, POSITIVE_INT, output_file
 from bora_kernels.ops import lora_plan
 from bora_kernels.ops.lora_delta import LoRADeltaFunction
 from bora_kernels.ops.lora_delta import triton as kernels
@@ -25,12 +26,12 @@ def bench(fn):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16])
-    parser.add_argument("--adapters", type=int, default=32)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--features", type=int, default=4096)
-    parser.add_argument("--copy-GBps", type=float, default=3000.0)
-    parser.add_argument("--json")
+    parser.add_argument("--tokens", type=POSITIVE_INT, nargs="+", default=[4096, 16])
+    parser.add_argument("--adapters", type=POSITIVE_INT, default=32)
+    parser.add_argument("--rank", type=POSITIVE_INT, default=16)
+    parser.add_argument("--features", type=POSITIVE_INT, default=4096)
+    parser.add_argument("--copy-GBps", type=POSITIVE, default=3000.0)
+    parser.add_argument("--json", type=output_file)
     args = parser.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
     k = n = args.features
