@@ -75,6 +75,9 @@ def context_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 def _layers_or_raise(model: nn.Module) -> dict[str, MultiLoRALinear]:
     layers = adapter_layers(model)
+    if not layers and context_layers(model):
+        raise ValueError(f"{type(model).__name__} has Context-PEFT layers, not LoRA adapter layers: route "
+                         f"its tokens with bora_kernels.use_contexts")
     if not layers:
         raise ValueError(f"{type(model).__name__} has no adapter layers; call bora_kernels.inject "
                          f"or bora_kernels.load_peft_adapters first")
@@ -425,6 +428,9 @@ def use_contexts(model: nn.Module, context, decode_context=None):
     thread-safe, like ``use_adapters``.
     """
     layers = list(context_layers(model).values())
+    if not layers and adapter_layers(model):
+        raise ValueError(f"{type(model).__name__} has LoRA adapter layers, not Context-PEFT layers: route "
+                         f"its sequences or tokens with bora_kernels.use_adapters")
     if not layers:
         raise ValueError(f"{type(model).__name__} has no Context-PEFT layers; call bora_kernels.inject with "
                          f"method='context_lora', 'context_bitfit' or 'context_ia3' first")

@@ -305,13 +305,17 @@ def test_context_ids_layout():
      "feedforward_modules applies"),
     (lambda: bk.inject(tiny_llama(), ["q_proj"], 0, method="context_bitfit"), "num_adapters"),
     (lambda: bk.use_contexts(tiny_llama(), 0).__enter__(), "no Context-PEFT layers"),
+    (lambda: bk.use_contexts(bk.inject(tiny_llama(), ["q_proj"], 2), 0).__enter__(),
+     "has LoRA adapter layers, not Context-PEFT layers: route .* with bora_kernels.use_adapters"),
+    (lambda: bk.use_adapters(bk.inject(tiny_llama(), ["q_proj"], 2, method="context_ia3"), 0).__enter__(),
+     "has Context-PEFT layers, not LoRA adapter layers: route .* with bora_kernels.use_contexts"),
     (lambda: bk.context_ids([(0, 1), ("image", 4)]), "layout must list"),
     (lambda: ContextRoute(torch.zeros(2, 3), 2), r"context weights must be float or bool \[..., 2\]"),
     (lambda: ContextRoute(torch.tensor([0, 5]), 2), "context must lie in"),
     (lambda: ContextRoute(torch.tensor([0, 1]), 2, decode_context="first"), "decode_context must be"),
     (lambda: ContextIA3(nn.Linear(3, 4), 2, on="middle"), "on must be"),
     (lambda: ContextLoRALinear(nn.Conv1d(3, 4, 1), 2), "base_layer must be an nn.Linear"),
-], ids=["method", "ff-modules", "num-contexts", "no-layers", "layout", "weights-shape", "ids-range",
+], ids=["method", "ff-modules", "num-contexts", "no-layers", "lora-layers", "context-layers", "layout", "weights-shape", "ids-range",
         "decode-context", "ia3-on", "not-linear"])
 def test_errors_name_the_argument(call, message):
     with pytest.raises(ValueError, match=message):
