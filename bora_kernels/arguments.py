@@ -63,7 +63,6 @@ def available_device(text: str) -> str:
     return text
 
 
-
 def _check_writable(path: Path, what: str) -> Path:
     """``path`` can be written, or made: its nearest existing ancestor is a folder we may write."""
     existing = path

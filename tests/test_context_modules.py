@@ -89,6 +89,22 @@ def test_fresh_layer_equals_base_and_trains_only_adapters(make):
     assert layer.weight is base.weight and layer.bias is base.bias  # read through, as PEFT's layers
 
 
+@pytest.mark.parametrize("how", ["to_empty", "assign"])
+def test_made_on_the_meta_device_then_loaded(how):
+    """Big-model loading (see ``test_multi_lora_linear.py``): a layer made on the meta device
+    gives the trained layer's output after ``to_empty`` + ``load_state_dict``, or after
+    ``load_state_dict(assign=True)``; its scales (no state-dict entry) come back either way."""
+    trained = _perturbed(ContextLoRALinear(nn.Linear(12, 10), 3, r=4), torch.Generator().manual_seed(0))
+    with torch.device("meta"):
+        layer = ContextLoRALinear(nn.Linear(12, 10), 3, r=4)
+    if how == "to_empty":
+        layer.to_empty(device="cpu").load_state_dict(trained.state_dict())
+    else:
+        layer.load_state_dict(trained.state_dict(), assign=True)
+    x, ids = torch.randn(4, 12), torch.tensor([0, 1, 2, 1])
+    torch.testing.assert_close(layer(x, context=ids), trained(x, context=ids), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("path", cpu_backends())
 def test_evaluated_in_inference_mode_after_a_move_then_trains(path):
     """A layer moved to its device (here from the meta device, as ``.cuda()`` moves one), run

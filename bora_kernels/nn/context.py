@@ -16,6 +16,7 @@ from ..ops import context_bias, context_lora_delta, context_scale
 from ..ops._dispatch import autocast_dtype
 from ..ops.context_lora_delta import ContextPlan
 from .multi_lora import (
+    DerivedBuffers,
     ReadsThroughToBase,
     linear_shape,
     lora_scaling,
@@ -56,7 +57,7 @@ class _ContextLayer(ReadsThroughToBase, nn.Module):
                 + (", fan_in_fan_out" if self.fan_in_fan_out else ""))
 
 
-class ContextLoRALinear(_ContextLayer):
+class ContextLoRALinear(DerivedBuffers, _ContextLayer):
     """``base_layer(x) + (alpha / r) * sum_c w_c B_c A_c x``, contexts chosen per token.
 
     ``lora_A`` is ``[C, r, K]`` and ``lora_B`` ``[C, N, r]``, initialised as PEFT's LoRA (A
@@ -78,21 +79,13 @@ class ContextLoRALinear(_ContextLayer):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.r, self.alpha = r, float(alpha)
         self.scaling_value = lora_scaling(alpha, r, use_rslora)
-        # every context scales alike; a buffer (it moves with the layer, out of state dicts)
-        # rebuilt in fp32 whenever the layer is moved or cast (``_apply``)
+        # every context scales alike: an fp32 buffer out of state dicts (``DerivedBuffers``)
         self.register_buffer("_scaling", torch.empty(num_contexts, device=kw["device"]), persistent=False)
-        self._refresh_scaling()
+        self._write_buffers()
         self.reset_lora_parameters()
 
-    @torch.inference_mode(False)  # a normal tensor even when made in inference mode: training may follow
-    def _refresh_scaling(self):
-        self._scaling = torch.full((self.num_contexts,), self.scaling_value, device=self._scaling.device)
-
-    def _apply(self, fn, *args, **kwargs):
-        # model.to(torch.bfloat16) must not round alpha / r, nor to_empty() leave the scales unset
-        super()._apply(fn, *args, **kwargs)
-        self._refresh_scaling()
-        return self
+    def _buffer_values(self) -> dict:
+        return {"_scaling": ([self.scaling_value] * self.num_contexts, torch.float32)}
 
     @torch.no_grad()
     def reset_lora_parameters(self):

@@ -80,7 +80,39 @@ def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
-class MultiLoRALinear(ReadsThroughToBase, nn.Module):
+class DerivedBuffers:
+    """Mixin of adapter layers whose buffers hold values the layer keeps in Python
+    (``_buffer_values()``: ``{name: (values, dtype)}``), such as the fp32 scales. They are written
+    again, on the device of ``lora_A``, whenever the layer is moved or cast (``model.to(bf16)``
+    must not round the scales; ``to_empty()`` leaves buffers unset) and after a state dict is
+    loaded (``assign=True`` moves the parameters off the meta device). In place where the buffer
+    fits, so that a captured CUDA graph keeps reading the same tensor; never as an inference
+    tensor, which training could not save for backward."""
+
+    def _buffer_values(self) -> dict:
+        raise NotImplementedError
+
+    @torch.inference_mode(False)
+    def _write_buffers(self):
+        device = self.lora_A.device
+        for name, (values, dtype) in self._buffer_values().items():
+            now, new = getattr(self, name), torch.tensor(values, dtype=dtype)
+            if now.dtype == dtype and now.shape == new.shape and now.device == device and not now.is_meta:
+                now.copy_(new)
+            else:
+                setattr(self, name, new.to(device))
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        self._write_buffers()
+        return self
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._write_buffers()
+
+
+class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
     """``base_layer(x) + scaling[d] * B_d A_d x`` with ``d`` chosen per sequence or token.
 
     Adapters are stacked: ``lora_A`` is ``[D, R, K]`` and ``lora_B`` is ``[D, N, R]`` with R the
@@ -124,31 +156,24 @@ class MultiLoRALinear(ReadsThroughToBase, nn.Module):
         self.lora_A = nn.Parameter(torch.zeros(num_adapters, max_rank, k, **kw))
         self.lora_B = nn.Parameter(torch.zeros(num_adapters, n, max_rank, **kw))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # ranks and scales live in Python lists too (no device sync to read them, and a module made
-        # on the meta device gets real values back from them after ``to_empty``); the ranks buffer
-        # is what a state dict carries, and loading one refreshes the lists
+        # the ranks live in a Python list (read without a device sync; a layer made on the meta
+        # device gets them back after ``to_empty``) and in the buffer a state dict carries
         self.rank_values = list(ranks)
-        self.register_buffer("ranks", torch.tensor(ranks, dtype=torch.int32, device=weight.device))
         self.alphas, self.use_rslora = [float(a) for a in alphas], [bool(v) for v in rslora]
-        self.register_buffer("scaling", torch.zeros(num_adapters, device=weight.device), persistent=False)
-        self._refresh_scaling()
+        self.register_buffer("ranks", torch.empty(num_adapters, dtype=torch.int32, device=weight.device))
+        self.register_buffer("scaling", torch.empty(num_adapters, device=weight.device), persistent=False)
+        self._write_buffers()
         self.adapter_ids: AdapterRoute | torch.Tensor | LoRAPlan | None = None
         self.merged: tuple[int, torch.Tensor] | None = None  # (adapter, base weight before the merge)
         self.reset_lora_parameters()
 
-    @torch.inference_mode(False)  # normal tensors even when set in inference mode: training may follow
-    def _refresh_scaling(self):
-        """``ranks`` and ``scaling`` (buffers) from ``rank_values``, ``alphas`` and ``use_rslora``."""
-        self.scaling_values = [lora_scaling(a, rk, rs)
-                               for a, rk, rs in zip(self.alphas, self.rank_values, self.use_rslora)]
-        device = self.ranks.device  # a state dict's buffer: real after load_state_dict(assign=True)
-        for name, values, dtype in (("ranks", self.rank_values, torch.int32),
-                                    ("scaling", self.scaling_values, torch.float32)):
-            now, new = getattr(self, name), torch.tensor(values, dtype=dtype)
-            if now.dtype == dtype and now.shape == new.shape and now.device == device and not now.is_meta:
-                now.copy_(new)  # in place: a captured CUDA graph keeps reading this tensor
-            else:  # on the meta device, or model.to(torch.bfloat16) cast the scales
-                setattr(self, name, new.to(device))
+    @property
+    def scaling_values(self) -> list[float]:
+        """Each adapter's scale of ``B A`` (``lora_scaling`` of its alpha and rank)."""
+        return [lora_scaling(a, rk, rs) for a, rk, rs in zip(self.alphas, self.rank_values, self.use_rslora)]
+
+    def _buffer_values(self) -> dict:
+        return {"ranks": (self.rank_values, torch.int32), "scaling": (self.scaling_values, torch.float32)}
 
     @torch.no_grad()
     def reset_lora_parameters(self):
@@ -181,7 +206,7 @@ class MultiLoRALinear(ReadsThroughToBase, nn.Module):
             self.lora_B[d, :, :rank].copy_(lora_b)
         self.rank_values[d] = rank
         self.alphas[d], self.use_rslora[d] = float(alpha), bool(use_rslora)
-        self._refresh_scaling()
+        self._write_buffers()
 
     def adapter_weights(self, d: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Adapter ``d`` as PEFT stores it: (A ``[r, K]``, B ``[N, r]``), or None when absent."""
@@ -216,27 +241,20 @@ class MultiLoRALinear(ReadsThroughToBase, nn.Module):
             self.base_layer.weight.data.copy_(self.merged[1])
             self.merged = None
 
-    def _apply(self, fn, *args, **kwargs):
-        # model.to(torch.bfloat16) must not round alpha / r, and to_empty() must not leave the
-        # buffers uninitialised: both are rebuilt from the lists on the buffers' new device
-        super()._apply(fn, *args, **kwargs)
-        self._refresh_scaling()
-        return self
-
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # the scales follow the loaded ranks (alpha / r, as PEFT computes them from its config)
+        # the loaded ranks become the layer's, and its scales follow them (alpha / r, as PEFT
+        # computes them from its config); ranks this layer cannot hold load nothing of it
         ranks = state_dict.get(prefix + "ranks")
-        if ranks is not None and (ranks.shape != self.ranks.shape or bool((ranks < 0).any())
-                                  or bool((ranks > self.lora_A.shape[1]).any())):
-            error_msgs.append(f"{prefix}ranks must be {self.num_adapters} ints in [0, {self.lora_A.shape[1]}] "
-                              f"(this layer's adapters and largest rank), got {ranks.tolist()}")
-            return
+        if ranks is not None:
+            if (ranks.shape != self.ranks.shape or bool((ranks < 0).any())
+                    or bool((ranks > self.lora_A.shape[1]).any())):
+                error_msgs.append(f"{prefix}ranks must be {self.num_adapters} ints in [0, {self.lora_A.shape[1]}] "
+                                  f"(this layer's adapters and largest rank), got {ranks.tolist()}")
+                return
+            self.rank_values = [int(v) for v in ranks.tolist()]
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        if ranks is not None:
-            self.rank_values = [int(v) for v in ranks.tolist()]
-            self._refresh_scaling()
 
     def forward(self, x: torch.Tensor, adapter_ids=None) -> torch.Tensor:
         result = self.base_layer(x)
