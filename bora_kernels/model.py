@@ -36,8 +36,9 @@ def matches(name: str, patterns) -> bool:
 
 
 def _fan_in_fan_out(module: nn.Module) -> bool | None:
-    """False for an ``nn.Linear``, True for GPT-2's ``Conv1D`` (weight [in, out]), None otherwise."""
-    if isinstance(module, nn.Linear):
+    """False for an ``nn.Linear`` (or an ``NF4Linear``), True for GPT-2's ``Conv1D`` (weight [in,
+    out]), None otherwise."""
+    if isinstance(module, (nn.Linear, NF4Linear)):
         return False
     if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None \
             and getattr(module, "nf", None) == module.weight.shape[1]:
@@ -47,7 +48,7 @@ def _fan_in_fan_out(module: nn.Module) -> bool | None:
 
 def linear_features(module: nn.Module) -> tuple[int, int] | None:
     """``(in, out)`` of a layer that can hold adapters (wrapped already or not), else None."""
-    if isinstance(module, _WRAPPERS) or is_bnb_4bit(module):  # (a 4-bit weight holds packed codes)
+    if isinstance(module, (*_WRAPPERS, NF4Linear)) or is_bnb_4bit(module):  # (a 4-bit weight holds packed codes)
         return module.in_features, module.out_features
     fan = _fan_in_fan_out(module)
     if fan is None:

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 from bora_kernels.bench import report
 from bora_kernels.bench.cli import main as bench_main
@@ -39,6 +41,9 @@ def test_readme_example_runs():
     assert namespace["bora"].layers()[0].lora_A.grad is not None
     assert namespace["y4"].shape == (5, 64) and isinstance(namespace["qlora"].model.layers[0].self_attn.q_proj.base_layer,
                                                              namespace["bk"].nn.NF4Linear)
+    base4 = namespace["base4"].model.layers[0].self_attn
+    assert isinstance(base4.q_proj, namespace["bk"].nn.NF4Linear) and isinstance(base4.k_proj, nn.Linear)
+    assert torch.equal(base4.q_proj.packed, namespace["qlora"].model.layers[0].self_attn.q_proj.base_layer.packed)
 
 
 def test_context_recipe_runs(tmp_path):

@@ -470,9 +470,10 @@ def test_cli_quantize_nf4_serves_the_adapters_over_a_4bit_base(serve_demo, capsy
     assert "--quantize: invalid choice: 'int8'" in capsys.readouterr().err
 
 
-def test_cli_serves_a_checkpoint_bitsandbytes_saved_in_4bit(serve_demo, tmp_path):
-    """A model folder saved by bitsandbytes in NF4 loads as ``Linear4bit`` layers, which the
-    engine adopts as ``NF4Linear`` (the same bytes) under the adapter slots."""
+def test_cli_serves_a_checkpoint_bitsandbytes_saved_in_4bit(serve_demo, tmp_path, monkeypatch):
+    """A model folder saved by bitsandbytes in NF4 loads without bitsandbytes
+    (``from_pretrained_4bit``): ``NF4Linear`` layers holding the same bytes under the adapter
+    slots."""
     pytest.importorskip("bitsandbytes")
     from bora_kernels.serve.cli import _quantized, build_server
 
@@ -482,6 +483,7 @@ def test_cli_serves_a_checkpoint_bitsandbytes_saved_in_4bit(serve_demo, tmp_path
                                                               device_map="cpu")
     model.save_pretrained(tmp_path)
     transformers.AutoTokenizer.from_pretrained(serve_demo / "base").save_pretrained(tmp_path)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes fails
     server, _ = build_server(["--model", str(tmp_path), "--device", "cpu", "--adapter-root",
                               str(serve_demo / "adapters")])
     layers = bk.model.adapter_layers(server.engine.model)

@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
+from collections.abc import Mapping
+from types import SimpleNamespace
 
 import torch
 
@@ -180,10 +183,19 @@ class NF4Tensor:
                              f"{(math.prod(shape) + 1) // 2}")
         if getattr(quant_state, "packing_format_for_cpu", False):
             return cls._from_bnb_cpu_layout(packed, quant_state)
+        if quant_state.blocksize not in BLOCKSIZES:
+            raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {quant_state.blocksize}")
+        blocks = -(-math.prod(shape) // quant_state.blocksize)
+        if quant_state.absmax.numel() != blocks:
+            raise ValueError(f"absmax holds {quant_state.absmax.numel()} values, but shape {tuple(shape)} in blocks of "
+                             f"{quant_state.blocksize} needs {blocks}")
         if quant_state.nested:
             s2 = quant_state.state2
             if s2.blocksize != NESTED_BLOCKSIZE:
                 raise ValueError(f"nested blocksize {s2.blocksize} is not {NESTED_BLOCKSIZE}")
+            if s2.absmax.numel() != -(-blocks // NESTED_BLOCKSIZE) or s2.code.numel() != 256:
+                raise ValueError(f"the nested statistics of {blocks} blocks need {-(-blocks // NESTED_BLOCKSIZE)} "
+                                 f"absmax and a 256-value map, got {s2.absmax.numel()} and {s2.code.numel()}")
             return cls(packed.reshape(-1, 1), quant_state.absmax, shape, quant_state.dtype, quant_state.blocksize,
                        offset=torch.as_tensor(quant_state.offset, dtype=torch.float32, device=packed.device),
                        nested_absmax=s2.absmax, nested_code=s2.code)
@@ -209,6 +221,79 @@ class NF4Tensor:
         absmax = quant_state.absmax.float().T.reshape(-1)  # [k / blocksize, n] -> blocks in order
         dtype = getattr(quant_state, "original_dtype", quant_state.dtype)
         return cls(standard.reshape(-1, 1), absmax, torch.Size((n, k)), dtype, quant_state.blocksize)
+
+    @classmethod
+    def from_bnb_state_dict(cls, state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> "NF4Tensor":
+        """The weight a bitsandbytes 4-bit layer saved under ``prefix`` (say
+        ``"model.layers.0.mlp.up_proj."``), read without bitsandbytes: ``weight`` (the packed
+        codes), ``weight.absmax``, ``weight.quant_map`` (the 16 code values), with double
+        quantization ``weight.nested_absmax`` and ``weight.nested_quant_map``, and
+        ``weight.quant_state.bitsandbytes__nf4``, a uint8 tensor holding the JSON of the rest
+        (``quant_type``, ``blocksize``, ``dtype``, ``shape``; ``nested_blocksize``, ``nested_dtype``,
+        ``nested_offset``). A ``ValueError`` names the key of anything that is not NF4 or does
+        not fit."""
+        key = prefix + "weight"
+        packed_key = f"{key}.quant_state.bitsandbytes__nf4"
+        if packed_key not in state_dict:
+            other = [k for k in state_dict if k.startswith(f"{key}.quant_state.")]
+            raise ValueError(f"{other[0]!r}: only NF4 4-bit weights are supported (bnb_4bit_quant_type='nf4')"
+                             if other else f"no bitsandbytes 4-bit weight under {key!r}: {packed_key!r} is missing")
+
+        def tensor(suffix: str, dtype: torch.dtype) -> torch.Tensor:
+            name = key + suffix
+            if name not in state_dict:
+                raise ValueError(f"{name!r} is missing: {packed_key!r} says the weight needs it")
+            value = state_dict[name]
+            if not isinstance(value, torch.Tensor) or value.dtype != dtype:
+                raise ValueError(f"{name!r} must be a {dtype} tensor, got "
+                                 f"{value.dtype if isinstance(value, torch.Tensor) else type(value).__name__}")
+            return value
+
+        try:
+            info = json.loads(tensor(".quant_state.bitsandbytes__nf4", torch.uint8).cpu().numpy().tobytes())
+            nested = "nested_offset" in info
+            fields = {"quant_type": info["quant_type"], "blocksize": int(info["blocksize"]),
+                      "dtype": getattr(torch, info["dtype"]), "shape": torch.Size(int(d) for d in info["shape"])}
+            if nested:
+                fields.update(nested_blocksize=int(info["nested_blocksize"]), nested_dtype=info["nested_dtype"],
+                              offset=float(info["nested_offset"]))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{packed_key!r} does not hold bitsandbytes' quant state ({type(err).__name__}: {err})") from None
+        if fields["dtype"] not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"{packed_key!r}: dtype must be float32, float16 or bfloat16, got {info['dtype']!r}")
+        if nested and fields["nested_dtype"] != "float32":
+            raise ValueError(f"{packed_key!r}: nested_dtype must be float32, got {fields['nested_dtype']!r}")
+        if not torch.equal(tensor(".quant_map", torch.float32).cpu(), _table(NF4_CODE, "cpu")):
+            raise ValueError(f"{key + '.quant_map'!r} is not the NF4 code")
+        packed = state_dict.get(key)
+        if not isinstance(packed, torch.Tensor):  # of any dtype: bnb_4bit_quant_storage holds the bytes in another
+            raise ValueError(f"{key!r} must be a tensor of packed codes, got {type(packed).__name__}")
+        state2 = None
+        if nested:
+            state2 = SimpleNamespace(blocksize=fields["nested_blocksize"], absmax=tensor(".nested_absmax", torch.float32),
+                                     code=tensor(".nested_quant_map", torch.float32))
+        state = SimpleNamespace(quant_type=fields["quant_type"], shape=fields["shape"], dtype=fields["dtype"],
+                                blocksize=fields["blocksize"], nested=nested, state2=state2,
+                                offset=fields.get("offset"),
+                                absmax=tensor(".absmax", torch.uint8 if nested else torch.float32))
+        try:
+            return cls.from_bnb(packed, state)
+        except ValueError as err:
+            raise ValueError(f"{key!r}: {err}") from None
+
+    def bnb_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """This weight as bitsandbytes' ``Linear4bit`` saves it under ``prefix`` (the keys
+        ``from_bnb_state_dict`` reads), key for key and byte for byte."""
+        key = prefix + "weight"
+        info = {"quant_type": "nf4", "blocksize": self.blocksize, "dtype": str(self.dtype).removeprefix("torch."),
+                "shape": list(self.shape)}
+        out = {key: self.packed, f"{key}.absmax": self.absmax, f"{key}.quant_map": code_table(self.device).clone()}
+        if self.double_quant:
+            out[f"{key}.nested_absmax"] = self.nested_absmax
+            out[f"{key}.nested_quant_map"] = self.nested_code.clone()
+            info.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=float(self.offset))
+        out[f"{key}.quant_state.bitsandbytes__nf4"] = torch.tensor(list(json.dumps(info).encode()), dtype=torch.uint8)
+        return out
 
     def to_bnb(self):
         """``(packed, QuantState)`` for bitsandbytes (needs bitsandbytes installed)."""

@@ -5,6 +5,7 @@
     bora-serve --model DIR --adapter-root ROOT         # every sub-folder of ROOT is an adapter,
                                                        # and POST /v1/load_lora_adapter may load more from it
     bora-serve --model DIR --adapters ... --quantize nf4   # the adapters over a 4-bit NF4 base (QLoRA)
+    bora-serve --model DIR-bnb-4bit --adapters ...     # a bitsandbytes 4-bit checkpoint, read without bitsandbytes
 
 Then ``curl localhost:8000/v1/completions -d '{"model": "skip2", "prompt": "abc", "max_tokens": 8}'``
 (``model`` is the adapter; the base model's name means none). SIGTERM or Ctrl-C stops taking
@@ -84,6 +85,7 @@ def build_server(argv=None):
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..bnb_io import from_pretrained_4bit, is_nf4_checkpoint
     from . import demo
     from .app import Limits, Server
     from .engine import Engine
@@ -108,7 +110,10 @@ def build_server(argv=None):
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     dtype_key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
     kwargs = {dtype_key: getattr(torch, DTYPES[args.dtype])} if DTYPES[args.dtype] else {}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
+    if is_nf4_checkpoint(transformers.AutoConfig.from_pretrained(path)):  # a *-bnb-4bit model, without bitsandbytes
+        model = from_pretrained_4bit(path, dtype=kwargs.get(dtype_key)).to(device)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
     engine = Engine(model, max_adapters=args.max_adapters, max_lora_rank=args.max_lora_rank, max_batch=args.max_batch,
                     max_queue=args.max_queue, schedule=args.schedule, quantize=args.quantize)

@@ -1,0 +1,288 @@
+"""bitsandbytes 4-bit checkpoints read and written without bitsandbytes.
+
+What ``save_pretrained`` writes for a model loaded with ``load_in_4bit`` (the ``*-bnb-4bit``
+models on the Hub) keeps each quantized linear layer ``p`` as ``p.weight`` (the packed NF4 codes)
+plus its statistics and ``p.weight.quant_state.bitsandbytes__nf4`` (see
+``NF4Tensor.from_bnb_state_dict``); every other tensor is stored as it is. ``load_bnb_4bit`` puts
+such a checkpoint into a model of the dense architecture, each quantized layer becoming an
+``NF4Linear`` that holds the checkpoint's bytes (nothing is quantized again), and
+``from_pretrained_4bit`` does it for a Hugging Face folder without building the dense weights.
+``bnb_4bit_state_dict`` and ``save_pretrained_4bit`` write a model's ``NF4Linear`` layers back in
+that form, which transformers with bitsandbytes loads as its own. PEFT adapters are read and
+written by ``peft_io.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .model import _WRAPPERS, _fan_in_fan_out, _replace
+from .nn import NF4Linear
+from .quant import NF4Tensor
+
+QUANT_STATE = ".weight.quant_state.bitsandbytes__"
+_NONE = object()
+WEIGHTS, INDEX, PICKLE = "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"
+
+
+def read_checkpoint(checkpoint) -> dict[str, torch.Tensor]:
+    """The tensors of ``checkpoint``: a state dict, a ``.safetensors`` file, a ``.bin``/``.pt``
+    file (read with ``weights_only=True``), or a folder holding ``model.safetensors``, a sharded
+    ``model.safetensors.index.json`` or ``pytorch_model.bin``."""
+    if isinstance(checkpoint, Mapping):
+        return dict(checkpoint)
+    path = Path(checkpoint)
+    if path.is_dir():
+        for name in (WEIGHTS, INDEX, PICKLE):
+            if (path / name).is_file():
+                return read_checkpoint(path / name)
+        raise ValueError(f"checkpoint: {path} holds none of {WEIGHTS}, {INDEX}, {PICKLE}")
+    if not path.is_file():
+        raise ValueError(f"checkpoint: {path} does not exist")
+    if path.name.endswith(".index.json"):
+        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        tensors = {}
+        for shard in shards:
+            tensors.update(read_checkpoint(path.parent / shard))
+        return tensors
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def quantized_layers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """``{layer name: quant type}`` of every bitsandbytes 4-bit layer a state dict holds."""
+    return {key[:key.index(QUANT_STATE)]: key.rpartition("__")[2] for key in state_dict if QUANT_STATE in key}
+
+
+def _tied_groups(model: nn.Module) -> list[list[str]]:
+    """Names of parameters that are one tensor (an output head tied to the embedding), groups of 2+."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def load_bnb_4bit(model: nn.Module, checkpoint, strict: bool = True) -> nn.Module:
+    """Load a bitsandbytes 4-bit checkpoint (see ``read_checkpoint``) into ``model``, a model of
+    the dense architecture whose parameters may be on the meta device (built without memory).
+
+    Each ``nn.Linear`` the checkpoint holds quantized becomes an ``NF4Linear`` holding its bytes,
+    computing in the dtype it was quantized from; every other tensor is loaded as
+    ``load_state_dict(..., assign=True)`` does, in the checkpoint's dtype. Tied parameters stay
+    tied (a checkpoint holds one of them). With ``strict``, a tensor the model lacks or a
+    parameter or buffer the checkpoint lacks is an error. Everything is checked before anything
+    changes: on a ``ValueError`` (naming the layer or key) the model is as it was. Inject adapters
+    after loading. Returns ``model``."""
+    tensors = read_checkpoint(checkpoint)
+    if any(isinstance(m, _WRAPPERS) for m in model.modules()):
+        raise ValueError(f"{type(model).__name__} has adapter layers: load the base checkpoint first, then inject")
+    layers = {}
+    for name, quant_type in quantized_layers(tensors).items():
+        if quant_type != "nf4":
+            raise ValueError(f"layer {name!r} is quantized as {quant_type!r}; only NF4 is supported "
+                             f"(bnb_4bit_quant_type='nf4')")
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the checkpoint's 4-bit layer {name!r} is not a module of {type(model).__name__}") from None
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"the checkpoint's 4-bit layer {name!r} is a {type(module).__name__} in the model, "
+                             f"not an nn.Linear")
+        weight = NF4Tensor.from_bnb_state_dict(tensors, name + ".")
+        if tuple(weight.shape) != tuple(module.weight.shape):
+            raise ValueError(f"layer {name!r}: the checkpoint's weight is {tuple(weight.shape)}, the model's "
+                             f"{tuple(module.weight.shape)}")
+        bias = tensors.get(name + ".bias")
+        if (bias is None) != (module.bias is None) or bias is not None and bias.shape != module.bias.shape:
+            raise ValueError(f"layer {name!r}: the checkpoint's bias {None if bias is None else tuple(bias.shape)} "
+                             f"does not fit the model's {None if module.bias is None else tuple(module.bias.shape)}")
+        layers[name] = NF4Linear(weight, bias)
+    used = {k for name in layers for k in tensors if k.startswith(name + ".weight") or k == name + ".bias"}
+    rest = {k: v for k, v in tensors.items() if k not in used}
+
+    inside = tuple(name + "." for name in layers)
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.startswith(inside)}
+    for key, value in rest.items():
+        if key in expected and tuple(value.shape) != tuple(expected[key].shape):
+            raise ValueError(f"{key!r}: the checkpoint's tensor is {tuple(value.shape)}, the model's "
+                             f"{tuple(expected[key].shape)}")
+    tied = [group for group in _tied_groups(model) if not group[0].startswith(inside)]
+    covered = {name for group in tied if any(n in rest for n in group) for name in group}
+    missing = sorted(set(expected) - set(rest) - covered)
+    unexpected = sorted(set(rest) - set(expected))
+    if strict and (missing or unexpected):
+        raise ValueError(f"checkpoint does not fit {type(model).__name__}: missing {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+                         f"{' ...' if len(unexpected) > 8 else ''}")
+
+    for name, layer in layers.items():
+        _replace(model, name, layer)
+    model.load_state_dict({k: v for k, v in rest.items() if k in expected}, strict=False, assign=True)
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    for group in tied:  # the loaded one stands for the group
+        source = next((n for n in group if n in rest), None)
+        for name in group if source is not None else ():
+            if name != source:
+                _replace(model, name, parameters[source])
+    return model
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Modules made inside build their parameters on the meta device and their buffers (rotary
+    tables, made in ``__init__`` and not saved) where they are, as accelerate's
+    ``init_empty_weights(include_buffers=False)``."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _quantization(config) -> dict | None:
+    """The ``quantization_config`` of a transformers config (or its dict) as a dict, or None."""
+    q = config.get("quantization_config") if isinstance(config, dict) else getattr(config, "quantization_config", None)
+    return q.to_dict() if hasattr(q, "to_dict") else q if isinstance(q, dict) else None
+
+
+def _nf4_problem(q: dict | None) -> str | None:
+    """Why a ``quantization_config`` is not bitsandbytes' 4-bit NF4, or None when it is."""
+    if q is None:
+        return "its config has no quantization_config (load it with from_pretrained)"
+    if q.get("quant_method") != "bitsandbytes" or not q.get("load_in_4bit", q.get("_load_in_4bit")):
+        return (f"its quantization_config is not bitsandbytes' 4-bit (quant_method {q.get('quant_method')!r}, "
+                f"load_in_4bit {q.get('load_in_4bit', q.get('_load_in_4bit'))!r})")
+    if q.get("bnb_4bit_quant_type", "fp4") != "nf4":
+        return f"its bnb_4bit_quant_type is {q.get('bnb_4bit_quant_type', 'fp4')!r}; only 'nf4' is supported"
+    return None
+
+
+def is_nf4_checkpoint(config) -> bool:
+    """Whether a transformers config (or its dict) describes a bitsandbytes 4-bit NF4 checkpoint,
+    which ``from_pretrained_4bit`` loads."""
+    return _nf4_problem(_quantization(config)) is None
+
+
+def from_pretrained_4bit(name_or_folder, model_class=None, dtype: torch.dtype | None = None) -> nn.Module:
+    """A Hugging Face model from a bitsandbytes 4-bit NF4 checkpoint (a folder, or a Hub id such
+    as a ``*-bnb-4bit`` model: its ``config.json`` says ``quant_method: bitsandbytes``,
+    ``load_in_4bit``), built without bitsandbytes and without making the dense weights: its
+    quantized layers are ``NF4Linear`` (our kernels run them, on CPU or GPU), the rest in the
+    checkpoint's dtype, or ``dtype`` (then the NF4 layers compute in it too). ``model_class``
+    defaults to ``AutoModelForCausalLM``. The model's config holds no ``quantization_config``:
+    write the model back with ``save_pretrained_4bit``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(name_or_folder)
+    problem = _nf4_problem(_quantization(config))
+    if problem is not None:
+        raise ValueError(f"{name_or_folder} is not a bitsandbytes 4-bit NF4 checkpoint: {problem}")
+    folder = Path(name_or_folder)
+    if not folder.is_dir():  # a Hub id: its weights, as from_pretrained would fetch them
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(str(name_or_folder), allow_patterns=["*.json", "*.safetensors"]))
+    del config.quantization_config
+    with _parameters_on_meta():
+        model = (model_class or AutoModelForCausalLM).from_config(config)
+    load_bnb_4bit(model, folder)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+def _base_name(name: str, wrappers) -> str | None:
+    """The base model's name of a module or tensor named ``name`` in an injected model (an adapter
+    layer's ``base_layer`` goes by the adapter layer's name), or None for an adapter's own part."""
+    owner = next((w for w in wrappers if name.startswith(w + ".")), None)
+    if owner is None:
+        return name
+    inner = name[len(owner) + 1:]
+    if inner == "base_layer" or inner.startswith("base_layer."):
+        return owner + inner[len("base_layer"):]
+    return None
+
+
+def bnb_4bit_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s base weights as bitsandbytes 4-bit checkpoints hold them: each ``NF4Linear``
+    as ``Linear4bit`` saves it, every other tensor as ``state_dict()`` has it, under the base
+    model's names (an adapter layer's base by the adapter layer's name). Adapters are left out
+    (``save_peft_adapter`` writes them); a tensor tied to an earlier one (an output head tied to
+    the embedding) is left out too, as ``save_pretrained`` does."""
+    wrappers = [name for name, m in model.named_modules() if isinstance(m, _WRAPPERS)]
+    if any(getattr(m, "merged", None) is not None for m in model.modules()):
+        raise ValueError("an adapter is merged into the base weights; call bora_kernels.unmerge_adapter first")
+    nf4 = {name: m for name, m in model.named_modules() if isinstance(m, NF4Linear)}
+    out, written, stored = {}, set(), set()
+    for key, value in model.state_dict().items():
+        module = next((n for n in nf4 if key.startswith(n + ".")), None)
+        if module is not None and module not in written:
+            written.add(module)
+            out.update(nf4[module].nf4_weight().bnb_state_dict(_base_name(module, wrappers) + "."))
+        name = _base_name(key, wrappers)
+        if name is None or module is not None and key != module + ".bias":
+            continue
+        storage = (value.data_ptr(), tuple(value.shape), value.dtype)
+        if value.is_meta:
+            raise ValueError(f"{key!r} is on the meta device: load the weights before saving them")
+        if storage not in stored or not value.numel():
+            stored.add(storage)
+            out[name] = value
+    return out
+
+
+def save_pretrained_4bit(model: nn.Module, folder) -> Path:
+    """Write a Hugging Face model whose base holds ``NF4Linear`` layers (``inject(...,
+    quantize="nf4")``, ``from_pretrained_4bit``) as a bitsandbytes 4-bit checkpoint:
+    ``config.json`` with bitsandbytes' ``quantization_config`` (the linear layers left dense
+    named in ``llm_int8_skip_modules``) and ``model.safetensors`` (``bnb_4bit_state_dict``).
+    transformers with bitsandbytes loads it as a model it quantized itself; ``from_pretrained_4bit``
+    loads it without. Adapters are not written. Returns the folder."""
+    from safetensors.torch import save_file
+
+    layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no NF4 layers; save it with save_pretrained, or quantize "
+                         f"it first (inject(..., quantize='nf4'))")
+    if not hasattr(model, "config") or not hasattr(model.config, "to_dict"):
+        raise ValueError(f"{type(model).__name__} is not a Hugging Face model (no config); save "
+                         f"bnb_4bit_state_dict(model) yourself")
+    wrappers = [name for name, m in model.named_modules() if isinstance(m, _WRAPPERS)]
+    dense = sorted(_base_name(name, wrappers) for name, m in model.named_modules()
+                   if _fan_in_fan_out(m) is not None and not isinstance(m, NF4Linear)
+                   and _base_name(name, wrappers) is not None)
+    dtypes = {m.compute_dtype for m in layers}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in bnb_4bit_state_dict(model).items()}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, folder / WEIGHTS, metadata={"format": "pt"})
+    had = model.config.__dict__.get("quantization_config", _NONE)
+    model.config.quantization_config = {
+        "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+        "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": all(m.offset is not None for m in layers),
+        "bnb_4bit_compute_dtype": str(dtypes.pop() if len(dtypes) == 1 else torch.float32).removeprefix("torch."),
+        "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": dense or None}
+    try:
+        model.config.save_pretrained(folder)
+    finally:
+        if had is _NONE:
+            del model.config.quantization_config
+        else:
+            model.config.quantization_config = had
+    return folder

@@ -1,0 +1,268 @@
+"""bitsandbytes 4-bit checkpoints both ways, without bitsandbytes on our side (``bnb_io.py``):
+the saved form of one weight key for key and byte for byte, checkpoints transformers saved with
+bitsandbytes loaded by ``from_pretrained_4bit``, and ours loaded by transformers with
+bitsandbytes."""
+
+import contextlib
+import copy
+import sys
+
+import pytest
+import torch
+import transformers
+
+import bora_kernels as bk
+from bora_kernels.nn import NF4Linear
+from bora_kernels.ops import use_backend
+from bora_kernels.quant import NF4Tensor, quantize_nf4
+from tolerances import assert_close
+
+bnb = pytest.importorskip("bitsandbytes")
+F = bnb.functional
+
+
+@contextlib.contextmanager
+def without_bitsandbytes():
+    """``import bitsandbytes`` fails inside (modules imported before keep their reference)."""
+    saved = {name: sys.modules[name] for name in list(sys.modules) if name.split(".")[0] == "bitsandbytes"}
+    for name in saved:
+        sys.modules[name] = None
+    sys.modules["bitsandbytes"] = None
+    try:
+        yield
+    finally:
+        del sys.modules["bitsandbytes"]
+        sys.modules.update(saved)
+
+
+def bnb_saved(w, blocksize, double_quant, storage=torch.uint8, prefix=""):
+    """What bitsandbytes' ``Params4bit`` saves for ``w`` (its ``_save_to_state_dict``)."""
+    packed, state = F.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4",
+                                    quant_storage=storage)
+    return {prefix + "weight": packed, **{f"{prefix}weight.{k}": v for k, v in state.as_dict(packed=True).items()}}, \
+        (packed, state)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("double_quant", [False, True], ids=["single", "double"])
+@pytest.mark.parametrize("blocksize", [32, 64, 256])
+def test_one_weight_saves_as_bitsandbytes_saves_it(blocksize, double_quant, dtype):
+    """``bnb_state_dict`` equals what bitsandbytes saves, key for key (in its order) and byte for
+    byte, the quant state's JSON included (for our own quantization too, but for the near-ties
+    of the 8-bit absmax codes that ``test_nf4_format.py`` allows); ``from_bnb_state_dict`` reads
+    back the tensors bitsandbytes made, also when the codes are stored in another dtype
+    (``bnb_4bit_quant_storage``). Blocks span rows here (320 columns): bitsandbytes 0.50.2's
+    CPU ``dequantize_4bit`` is wrong for such weights, so the dequantized weight is compared
+    with ours of bitsandbytes' tensors (checked against the formula in ``test_nf4_format.py``)."""
+    with use_backend("torch"):  # the format is the same on every path (the kernels: test_nf4_format.py)
+        w = torch.randn(48, 320, generator=torch.Generator().manual_seed(blocksize)).to(dtype)
+        w[3, :40] = 0  # an all-zero block
+        w[7, 5] = 30.0  # an outlier
+        theirs, (packed, state) = bnb_saved(w, blocksize, double_quant)
+        adopted = NF4Tensor.from_bnb(packed, state).bnb_state_dict()
+        quantized = quantize_nf4(w, blocksize, double_quant).bnb_state_dict()
+        assert list(adopted) == list(quantized) == list(theirs)
+        for key in theirs:
+            assert adopted[key].dtype == theirs[key].dtype and torch.equal(adopted[key], theirs[key]), key
+            if key != "weight.absmax" or not double_quant:  # (8-bit absmax codes: near-ties, see test_nf4_format)
+                assert torch.equal(quantized[key], theirs[key]), key
+        want = NF4Tensor.from_bnb(packed, state)
+        for storage in (torch.uint8, torch.bfloat16):
+            saved, _ = bnb_saved(w, blocksize, double_quant, storage, prefix="layer.")
+            read = NF4Tensor.from_bnb_state_dict(saved, "layer.")
+            assert (read.shape, read.dtype, read.blocksize, read.double_quant) == (w.shape, dtype, blocksize, double_quant)
+            for part in ("packed", "absmax", "offset", "nested_absmax", "nested_code"):
+                assert torch.equal(getattr(read, part), getattr(want, part)) if double_quant or part in (
+                    "packed", "absmax") else getattr(read, part) is None, part
+            assert torch.equal(read.dequantize(), want.dequantize())
+
+
+def test_bad_saved_weights_are_refused_by_key():
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(0))
+    good, _ = bnb_saved(w, 64, True, prefix="p.")
+    fp4, _ = F.quantize_4bit(w, blocksize=64, quant_type="fp4")
+
+    def changed(**kw):
+        sd = dict(good)
+        for key, value in kw.items():
+            key = "p.weight" + key.replace("__", ".").replace("qs", "quant_state.bitsandbytes__nf4")
+            if value is None:
+                del sd[key]
+            else:
+                sd[key] = value
+        return sd
+
+    def packed_json(text):
+        return torch.tensor(list(text.encode()), dtype=torch.uint8)
+
+    cases = [
+        ({}, "q.", "no bitsandbytes 4-bit weight under 'q.weight'"),
+        ({k.replace("nf4", "fp4"): v for k, v in good.items()}, "p.", "only NF4"),
+        (changed(__absmax=None), "p.", "'p.weight.absmax' is missing"),
+        (changed(__absmax=good["p.weight.absmax"].float()), "p.", "'p.weight.absmax' must be a torch.uint8"),
+        (changed(__absmax=good["p.weight.absmax"][:-1]), "p.", "absmax holds 31 values"),
+        (changed(__quant_map=torch.linspace(-1, 1, 16)), "p.", "'p.weight.quant_map' is not the NF4 code"),
+        (changed(__nested_quant_map=torch.zeros(128)), "p.", "256-value map"),
+        (changed(__qs=packed_json("{not json")), "p.", "does not hold bitsandbytes' quant state"),
+        (changed(__qs=packed_json('{"quant_type": "nf4", "blocksize": 64, "dtype": "float32"}')), "p.",
+         "KeyError: 'shape'"),
+        (changed(__qs=packed_json('{"quant_type": "nf4", "blocksize": 48, "dtype": "float32", "shape": [16, 128], '
+                                  '"nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.1}')),
+         "p.", "blocksize must be one of"),
+        (changed(__qs=packed_json('{"quant_type": "nf4", "blocksize": 64, "dtype": "int8", "shape": [16, 128], '
+                                  '"nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.1}')),
+         "p.", "dtype must be float32, float16 or bfloat16"),
+        (changed(**{"": fp4[:-1]}), "p.", "packed holds 1023 bytes"),
+    ]
+    for state_dict, prefix, message in cases:
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+            NF4Tensor.from_bnb_state_dict(state_dict, prefix)
+
+
+def tiny_llama(tie: bool, seed: int = 0):
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      tie_word_embeddings=tie)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def dense_copy(model):
+    """``model`` with each ``Linear4bit`` or ``NF4Linear`` made an ``nn.Linear`` of its dequantized weight."""
+    dense = copy.deepcopy(model)
+    for name, m in list(dense.named_modules()):
+        if type(m).__name__ == "Linear4bit":
+            weight = F.dequantize_4bit(m.weight.data, m.weight.quant_state)
+        elif isinstance(m, NF4Linear):
+            weight = m.nf4_weight().dequantize()
+        else:
+            continue
+        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=m.bias is not None, dtype=weight.dtype)
+        linear.weight.data.copy_(weight)
+        if m.bias is not None:
+            linear.bias.data.copy_(m.bias.data)
+        parent, _, child = name.rpartition(".")
+        setattr(dense.get_submodule(parent), child, linear)
+    return dense
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_a_checkpoint_transformers_saved_in_4bit_loads_without_bitsandbytes(tie, tmp_path):
+    """transformers quantizes with bitsandbytes and saves (here in shards); ``from_pretrained_4bit``
+    builds the model without bitsandbytes: every quantized layer an ``NF4Linear`` with
+    bitsandbytes' own dequantized weight, nothing left on the meta device (the rotary table is
+    made, not loaded), a tied head still tied. Its logits are the dense model's of the same
+    weights; adapters injected over it train, and a PEFT adapter loads onto it."""
+    tiny_llama(tie).save_pretrained(tmp_path / "dense")
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=config,
+                                                               device_map="cpu")
+    theirs.save_pretrained(tmp_path / "4bit", max_shard_size="30KB")
+    assert (tmp_path / "4bit" / "model.safetensors.index.json").is_file()
+    quantized = {n: m for n, m in theirs.named_modules() if type(m).__name__ == "Linear4bit"}
+    with without_bitsandbytes():
+        ours = bk.from_pretrained_4bit(tmp_path / "4bit")
+        assert set(quantized) == {n for n, m in ours.named_modules() if isinstance(m, NF4Linear)}
+        for name, m in quantized.items():
+            want = F.dequantize_4bit(m.weight.data, m.weight.quant_state)
+            assert torch.equal(ours.get_submodule(name).nf4_weight().dequantize(), want), name
+        assert not any(t.is_meta for t in [*ours.parameters(), *ours.buffers()])
+        assert torch.equal(ours.model.rotary_emb.inv_freq, theirs.model.rotary_emb.inv_freq)
+        assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == tie
+        ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            assert_close(ours(input_ids=ids).logits, dense_copy(theirs)(input_ids=ids).logits, torch.float32,
+                         "logits")
+        bk.inject(ours, "all-linear", 2, r=4, alpha=8)
+        for layer in bk.model.adapter_layers(ours).values():
+            torch.nn.init.normal_(layer.lora_B, std=0.1)
+        with bk.use_adapters(ours, [0, 1]):
+            ours(input_ids=ids, labels=ids).loss.backward()
+        assert all(layer.lora_A.grad.abs().sum() > 0 for layer in bk.model.adapter_layers(ours).values())
+        bk.save_peft_adapter(ours, "1", tmp_path / "adapter")
+        loaded = bk.load_peft_adapters(bk.from_pretrained_4bit(tmp_path / "4bit"), {"task": tmp_path / "adapter"})
+        with torch.no_grad(), bk.use_adapters(loaded, 0), bk.use_adapters(ours, 1):
+            torch.testing.assert_close(loaded(input_ids=ids).logits, ours(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_our_4bit_checkpoint_loads_in_transformers_with_bitsandbytes(tie, tmp_path):
+    """A QLoRA model (some layers in NF4 under adapters, the rest dense) saved by
+    ``save_pretrained_4bit`` loads in transformers with bitsandbytes: ``Linear4bit`` exactly where
+    ours are NF4 (the same dequantized weights), dense layers where ours are dense, and the base
+    model's logits (bitsandbytes' CPU kernel rounds its absmax to bf16: the tolerance). It loads
+    back with ``from_pretrained_4bit`` to the same bytes and logits, without bitsandbytes."""
+    model = bk.inject(tiny_llama(tie), ["q_proj", "v_proj", "up_proj"], 2, r=4, alpha=8, quantize="nf4")
+    for layer in bk.model.adapter_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B, std=0.1)
+    with without_bitsandbytes():
+        bk.save_pretrained_4bit(model, tmp_path)
+    nf4 = {n: m.base_layer for n, m in bk.model.adapter_layers(model).items()}
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), bk.use_adapters(model, -1):
+        want = model(input_ids=ids).logits
+
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu")
+    assert {n for n, m in theirs.named_modules() if type(m).__name__ == "Linear4bit"} == set(nf4)
+    for name, layer in nf4.items():
+        m = theirs.get_submodule(name)
+        assert torch.equal(F.dequantize_4bit(m.weight.data, m.weight.quant_state), layer.nf4_weight().dequantize())
+    dense = {n: m for n, m in tiny_llama(tie).named_modules() if isinstance(m, torch.nn.Linear) and n not in nf4}
+    assert all(torch.equal(theirs.get_submodule(n).weight, m.weight) for n, m in dense.items())
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=ids).logits, want, rtol=0, atol=2e-2)
+
+    with without_bitsandbytes():
+        back = bk.from_pretrained_4bit(tmp_path)
+        assert {n for n, m in back.named_modules() if isinstance(m, NF4Linear)} == set(nf4)
+        for name, layer in nf4.items():
+            for part in ("packed", "absmax", "offset", "nested_absmax", "nested_code"):
+                assert torch.equal(getattr(back.get_submodule(name), part), getattr(layer, part)), (name, part)
+        with torch.no_grad():
+            assert torch.equal(back(input_ids=ids).logits, want)
+        assert (back.lm_head.weight is back.model.embed_tokens.weight) == tie
+
+
+def test_load_refuses_what_does_not_fit_and_leaves_the_model_as_it_was(tmp_path):
+    source = bk.inject(tiny_llama(False), ["q_proj"], 1, quantize="nf4")
+    state = bk.bnb_4bit_state_dict(source)
+    assert not any("lora" in k or "base_layer" in k for k in state)
+    assert "model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4" in state
+    fp4 = {k.replace("bitsandbytes__nf4", "bitsandbytes__fp4"): v for k, v in state.items()}
+    other = tiny_llama(False, seed=1)
+    cases = [
+        ({k: v for k, v in state.items() if k != "model.norm.weight"}, other, r"missing \['model.norm.weight'\]"),
+        ({**state, "extra.weight": torch.zeros(1)}, other, r"unexpected \['extra.weight'\]"),
+        ({**state, "model.norm.weight": torch.zeros(3)}, other, "'model.norm.weight': the checkpoint's tensor is"),
+        (fp4, other, "quantized as 'fp4'"),
+        (state, tiny_llama(False, seed=1).model, "is not a module of LlamaModel"),
+        (state, bk.inject(tiny_llama(False, seed=1), ["k_proj"], 1), "has adapter layers"),
+        ({k: v for k, v in state.items() if k != "model.layers.0.self_attn.q_proj.weight.absmax"}, other,
+         "'model.layers.0.self_attn.q_proj.weight.absmax' is missing"),
+    ]
+    small = tiny_llama(False, seed=1)
+    small.model.layers[0].self_attn.q_proj = torch.nn.Linear(64, 32, bias=False)
+    cases.append((state, small, r"layer 'model.layers.0.self_attn.q_proj': the checkpoint's weight is \(64, 64\)"))
+    biased = tiny_llama(False, seed=1)
+    biased.model.layers[0].self_attn.q_proj = torch.nn.Linear(64, 64, bias=True)
+    cases.append((state, biased, "the checkpoint's bias None does not fit the model's \\(64,\\)"))
+    for checkpoint, model, message in cases:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        modules = dict(model.named_modules())
+        with pytest.raises(ValueError, match=message):
+            bk.load_bnb_4bit(model, checkpoint)
+        assert dict(model.named_modules()) == modules
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    loose = bk.load_bnb_4bit(tiny_llama(False, seed=1), {k: v for k, v in state.items() if k != "model.norm.weight"},
+                             strict=False)
+    assert isinstance(loose.model.layers[0].self_attn.q_proj, NF4Linear)
+    with pytest.raises(ValueError, match="no NF4 layers"):
+        bk.save_pretrained_4bit(tiny_llama(False), tmp_path)
+    with pytest.raises(ValueError, match="not a bitsandbytes 4-bit NF4 checkpoint: its config has no quantization"):
+        tiny_llama(False).save_pretrained(tmp_path / "dense")
+        bk.from_pretrained_4bit(tmp_path / "dense")
+    merged = bk.inject(tiny_llama(False), ["k_proj"], 1, quantize=None)
+    bk.merge_adapter(merged, "0")
+    with pytest.raises(ValueError, match="unmerge_adapter"):
+        bk.bnb_4bit_state_dict(merged)
