@@ -1,4 +1,5 @@
-"""bitsandbytes 4-bit checkpoints read and written without bitsandbytes.
+"""4-bit models from checkpoints: bitsandbytes' 4-bit checkpoints read and written without
+bitsandbytes, and dense checkpoints quantized to NF4 while they load.
 
 What ``save_pretrained`` writes for a model loaded with ``load_in_4bit`` (the ``*-bnb-4bit``
 models on the Hub) keeps each quantized linear layer ``p`` as ``p.weight`` (the packed NF4 codes)
@@ -8,13 +9,15 @@ such a checkpoint into a model of the dense architecture, each quantized layer b
 ``NF4Linear`` that holds the checkpoint's bytes (nothing is quantized again), and
 ``from_pretrained_4bit`` does it for a Hugging Face folder without building the dense weights.
 ``bnb_4bit_state_dict`` and ``save_pretrained_4bit`` write a model's ``NF4Linear`` layers back in
-that form, which transformers with bitsandbytes loads as its own. PEFT adapters are read and
+that form, which transformers with bitsandbytes loads as its own. ``from_pretrained_nf4``
+quantizes a dense checkpoint while it loads, one shard at a time. PEFT adapters are read and
 written by ``peft_io.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,26 +25,28 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .model import _WRAPPERS, _fan_in_fan_out, _replace
+from .model import _WRAPPERS, _fan_in_fan_out, _replace, find_targets, linear_features
 from .nn import NF4Linear
-from .quant import NF4Tensor
+from .quant import NF4Tensor, quantize_nf4
 
 QUANT_STATE = ".weight.quant_state.bitsandbytes__"
 _NONE = object()
 WEIGHTS, INDEX, PICKLE = "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"
 
 
-def read_checkpoint(checkpoint) -> dict[str, torch.Tensor]:
+def read_checkpoint(checkpoint, device=None) -> dict[str, torch.Tensor]:
     """The tensors of ``checkpoint``: a state dict, a ``.safetensors`` file, a ``.bin``/``.pt``
     file (read with ``weights_only=True``), or a folder holding ``model.safetensors``, a sharded
-    ``model.safetensors.index.json`` or ``pytorch_model.bin``."""
+    ``model.safetensors.index.json`` or ``pytorch_model.bin``. Files are read onto ``device``
+    (default: the CPU)."""
     if isinstance(checkpoint, Mapping):
         return dict(checkpoint)
+    device = torch.device(device or "cpu")
     path = Path(checkpoint)
     if path.is_dir():
         for name in (WEIGHTS, INDEX, PICKLE):
             if (path / name).is_file():
-                return read_checkpoint(path / name)
+                return read_checkpoint(path / name, device)
         raise ValueError(f"checkpoint: {path} holds none of {WEIGHTS}, {INDEX}, {PICKLE}")
     if not path.is_file():
         raise ValueError(f"checkpoint: {path} does not exist")
@@ -49,13 +54,17 @@ def read_checkpoint(checkpoint) -> dict[str, torch.Tensor]:
         shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
         tensors = {}
         for shard in shards:
-            tensors.update(read_checkpoint(path.parent / shard))
+            tensors.update(read_checkpoint(path.parent / shard, device))
         return tensors
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+        try:  # into memory of its own: a tensor kept must not hold the file's mapping (a whole shard) resident
+            return load_file(path, device=str(device), backend="pread")
+        except TypeError:  # safetensors before 0.8 maps the file: copy what comes out of it
+            tensors = load_file(path, device=str(device))
+            return {k: v.clone() for k, v in tensors.items()} if device.type == "cpu" else tensors
+    return torch.load(path, map_location=device, weights_only=True)
 
 
 def quantized_layers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, str]:
@@ -71,18 +80,23 @@ def _tied_groups(model: nn.Module) -> list[list[str]]:
     return [names for names in groups.values() if len(names) > 1]
 
 
-def load_bnb_4bit(model: nn.Module, checkpoint, strict: bool = True) -> nn.Module:
-    """Load a bitsandbytes 4-bit checkpoint (see ``read_checkpoint``) into ``model``, a model of
-    the dense architecture whose parameters may be on the meta device (built without memory).
+def load_bnb_4bit(model: nn.Module, checkpoint, strict: bool = True, device=None,
+                  dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a bitsandbytes 4-bit checkpoint (see ``read_checkpoint``; files are read onto
+    ``device``) into ``model``, a model of the dense architecture whose parameters may be on the
+    meta device (built without memory). ``dtype``: the checkpoint's floating tensors are cast to
+    it and the NF4 layers compute in it (their statistics stay fp32); the model's own buffers
+    (rotary tables) are left as they are.
 
-    Each ``nn.Linear`` the checkpoint holds quantized becomes an ``NF4Linear`` holding its bytes,
-    computing in the dtype it was quantized from; every other tensor is loaded as
-    ``load_state_dict(..., assign=True)`` does, in the checkpoint's dtype. Tied parameters stay
+    Each ``nn.Linear`` the checkpoint holds quantized (or GPT-2's ``Conv1D``, whose weight
+    bitsandbytes quantizes transposed, or an ``NF4Linear``, loaded anew) becomes an ``NF4Linear``
+    holding its bytes, computing in the dtype it was quantized from; every other tensor is loaded
+    as ``load_state_dict(..., assign=True)`` does, in the checkpoint's dtype. Tied parameters stay
     tied (a checkpoint holds one of them). With ``strict``, a tensor the model lacks or a
     parameter or buffer the checkpoint lacks is an error. Everything is checked before anything
     changes: on a ``ValueError`` (naming the layer or key) the model is as it was. Inject adapters
     after loading. Returns ``model``."""
-    tensors = read_checkpoint(checkpoint)
+    tensors = read_checkpoint(checkpoint, device)
     if any(isinstance(m, _WRAPPERS) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} has adapter layers: load the base checkpoint first, then inject")
     layers = {}
@@ -94,20 +108,22 @@ def load_bnb_4bit(model: nn.Module, checkpoint, strict: bool = True) -> nn.Modul
             module = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"the checkpoint's 4-bit layer {name!r} is not a module of {type(model).__name__}") from None
-        if not isinstance(module, nn.Linear):
+        if _fan_in_fan_out(module) is None:  # (an NF4Linear is loaded anew)
             raise ValueError(f"the checkpoint's 4-bit layer {name!r} is a {type(module).__name__} in the model, "
-                             f"not an nn.Linear")
+                             f"not an nn.Linear or GPT-2's Conv1D")
         weight = NF4Tensor.from_bnb_state_dict(tensors, name + ".")
-        if tuple(weight.shape) != tuple(module.weight.shape):
+        k, n = linear_features(module)  # a Conv1D's [in, out] weight was quantized transposed, as [out, in]
+        if tuple(weight.shape) != (n, k):
             raise ValueError(f"layer {name!r}: the checkpoint's weight is {tuple(weight.shape)}, the model's "
-                             f"{tuple(module.weight.shape)}")
+                             f"{(n, k)} (out, in)")
         bias = tensors.get(name + ".bias")
         if (bias is None) != (module.bias is None) or bias is not None and bias.shape != module.bias.shape:
             raise ValueError(f"layer {name!r}: the checkpoint's bias {None if bias is None else tuple(bias.shape)} "
                              f"does not fit the model's {None if module.bias is None else tuple(module.bias.shape)}")
-        layers[name] = NF4Linear(weight, bias)
+        layers[name] = NF4Linear(weight, bias) if dtype is None else NF4Linear(weight, bias).to(dtype)
     used = {k for name in layers for k in tensors if k.startswith(name + ".weight") or k == name + ".bias"}
-    rest = {k: v for k, v in tensors.items() if k not in used}
+    rest = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+            for k, v in tensors.items() if k not in used}
 
     inside = tuple(name + "." for name in layers)
     expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.startswith(inside)}
@@ -127,13 +143,19 @@ def load_bnb_4bit(model: nn.Module, checkpoint, strict: bool = True) -> nn.Modul
     for name, layer in layers.items():
         _replace(model, name, layer)
     model.load_state_dict({k: v for k, v in rest.items() if k in expected}, strict=False, assign=True)
+    _retie(model, tied, rest)
+    return model
+
+
+def _retie(model: nn.Module, tied: list[list[str]], loaded) -> None:
+    """Make each group of tied parameter names one parameter again: the one ``loaded`` holds
+    (``load_state_dict(..., assign=True)`` put a new tensor under that name only)."""
     parameters = dict(model.named_parameters(remove_duplicate=False))
-    for group in tied:  # the loaded one stands for the group
-        source = next((n for n in group if n in rest), None)
+    for group in tied:
+        source = next((n for n in group if n in loaded), None)
         for name in group if source is not None else ():
             if name != source:
                 _replace(model, name, parameters[source])
-    return model
 
 
 @contextlib.contextmanager
@@ -179,32 +201,123 @@ def is_nf4_checkpoint(config) -> bool:
     return _nf4_problem(_quantization(config)) is None
 
 
-def from_pretrained_4bit(name_or_folder, model_class=None, dtype: torch.dtype | None = None) -> nn.Module:
+def from_pretrained_4bit(name_or_folder, model_class=None, dtype: torch.dtype | None = None,
+                         device=None) -> nn.Module:
     """A Hugging Face model from a bitsandbytes 4-bit NF4 checkpoint (a folder, or a Hub id such
     as a ``*-bnb-4bit`` model: its ``config.json`` says ``quant_method: bitsandbytes``,
     ``load_in_4bit``), built without bitsandbytes and without making the dense weights: its
     quantized layers are ``NF4Linear`` (our kernels run them, on CPU or GPU), the rest in the
-    checkpoint's dtype, or ``dtype`` (then the NF4 layers compute in it too). ``model_class``
+    checkpoint's dtype, or ``dtype`` (then the NF4 layers compute in it too), on ``device``
+    (default: the CPU; the weights are read straight onto it). ``model_class``
     defaults to ``AutoModelForCausalLM``. The model's config holds no ``quantization_config``:
     write the model back with ``save_pretrained_4bit``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(name_or_folder)
     problem = _nf4_problem(_quantization(config))
     if problem is not None:
         raise ValueError(f"{name_or_folder} is not a bitsandbytes 4-bit NF4 checkpoint: {problem}")
-    folder = Path(name_or_folder)
-    if not folder.is_dir():  # a Hub id: its weights, as from_pretrained would fetch them
-        from huggingface_hub import snapshot_download
-
-        folder = Path(snapshot_download(str(name_or_folder), allow_patterns=["*.json", "*.safetensors"]))
+    folder = _local_folder(name_or_folder)
     del config.quantization_config
+    model = _empty_model(config, model_class)
+    load_bnb_4bit(model, folder, device=device, dtype=dtype)
+    return model.to(device or "cpu").eval()  # (the buffers made on the CPU)
+
+
+def _local_folder(name_or_folder) -> Path:
+    """A local folder, or a Hub id's files (its configs and safetensors weights, as
+    ``from_pretrained`` would fetch them)."""
+    folder = Path(name_or_folder)
+    if folder.is_dir():
+        return folder
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(name_or_folder), allow_patterns=["*.json", "*.safetensors"]))
+
+
+def _empty_model(config, model_class=None) -> nn.Module:
+    """The model of ``config`` (``model_class``, default ``AutoModelForCausalLM``) with its
+    parameters on the meta device and its buffers made."""
+    if model_class is None:
+        from transformers import AutoModelForCausalLM as model_class
     with _parameters_on_meta():
-        model = (model_class or AutoModelForCausalLM).from_config(config)
-    load_bnb_4bit(model, folder)
-    if dtype is not None:
-        model.to(dtype)
-    return model.eval()
+        return model_class.from_config(config)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The files a Hugging Face folder keeps its weights in: ``model.safetensors``, the shards of
+    ``model.safetensors.index.json``, or ``pytorch_model.bin``."""
+    if (folder / INDEX).is_file():
+        return [folder / f for f in sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))]
+    for name in (WEIGHTS, PICKLE):
+        if (folder / name).is_file():
+            return [folder / name]
+    raise ValueError(f"checkpoint: {folder} holds none of {WEIGHTS}, {INDEX}, {PICKLE}")
+
+
+def _trim_heap() -> None:
+    """Hand the memory freed so far back to the system (glibc's ``malloc_trim``; elsewhere
+    nothing). Without it a shard's dense weights, freed once quantized, stay in the process's
+    heap, and the next shard's land beside them rather than in their place."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def from_pretrained_nf4(name_or_folder, target_modules="all-linear", exclude_modules=None, blocksize: int = 64,
+                        double_quant: bool = True, model_class=None, dtype: torch.dtype | None = None,
+                        device=None) -> nn.Module:
+    """A Hugging Face model from a dense checkpoint (a folder or a Hub id) with the base weights
+    of ``target_modules`` quantized to NF4 while they load, one weight file (shard) at a time: the
+    dense model is never held whole. Peak memory is the quantized model plus a shard, where
+    ``from_pretrained`` then ``inject(..., quantize="nf4")`` (which gives the same bytes) peaks at
+    the dense model. ``target_modules`` and ``exclude_modules`` match as ``inject``'s (default
+    ``"all-linear"``: every linear layer but the output head); ``dtype`` (default: the
+    checkpoint's) is the dtype the weights are quantized from and the model computes in;
+    ``device`` is where the weights are read and quantized (a GPU quantizes with the Triton
+    kernels). Then ``inject`` puts adapters over the NF4 layers. A bitsandbytes 4-bit checkpoint
+    is refused: ``from_pretrained_4bit`` reads it."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name_or_folder)
+    if _quantization(config) is not None:
+        raise ValueError(f"{name_or_folder} is quantized already (quantization_config "
+                         f"{_quantization(config).get('quant_method')!r}); from_pretrained_4bit reads bitsandbytes' "
+                         f"4-bit checkpoints")
+    folder = _local_folder(name_or_folder)
+    model = _empty_model(config, model_class)
+    targets = {name: fan for name, _, fan in find_targets(model, target_modules, exclude_modules)}
+    tied, expected = _tied_groups(model), set(model.state_dict())
+    loaded, biases = set(), {}
+    for path in _weight_files(folder):
+        dense = {}
+        for key, value in read_checkpoint(path, device).items():
+            if dtype is not None and value.is_floating_point():
+                value = value.to(dtype)
+            module, _, leaf = key.rpartition(".")
+            if module in targets and leaf == "weight":  # quantized now, the dense weight dropped
+                weight = value.T.contiguous() if targets[module] else value  # (a Conv1D's is [in, out])
+                _replace(model, module, NF4Linear(quantize_nf4(weight, blocksize, double_quant)))
+            elif module in targets and leaf == "bias":
+                biases[module] = value
+            else:
+                dense[key] = value
+            loaded.add(key)
+        unexpected = sorted(set(dense) - expected)
+        if unexpected:
+            raise ValueError(f"checkpoint does not fit {type(model).__name__}: unexpected {unexpected[:8]}")
+        model.load_state_dict(dense, strict=False, assign=True)
+        del dense
+        _trim_heap()
+    covered = {name for group in tied if any(n in loaded for n in group) for name in group}
+    missing = sorted(expected - loaded - covered)
+    if missing:
+        raise ValueError(f"checkpoint does not fit {type(model).__name__}: missing {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}")
+    for module, bias in biases.items():
+        layer = model.get_submodule(module)
+        layer.bias = nn.Parameter(bias.to(layer.compute_dtype), requires_grad=False)
+    _retie(model, tied, loaded)
+    return model.to(device or "cpu").eval()
 
 
 def _base_name(name: str, wrappers) -> str | None:

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 
 import bora_kernels as bk
 from bora_kernels.nn import NF4Linear
@@ -33,6 +34,14 @@ def without_bitsandbytes():
     finally:
         del sys.modules["bitsandbytes"]
         sys.modules.update(saved)
+
+
+@pytest.fixture
+def torch_path():
+    """The ops' CPU torch path: what these tests check does not depend on it, and the kernels'
+    bytes and products are checked against it in ``test_nf4_format.py`` and ``test_nf4_matmul.py``."""
+    with use_backend("torch"):
+        yield
 
 
 def bnb_saved(w, blocksize, double_quant, storage=torch.uint8, prefix=""):
@@ -152,7 +161,8 @@ def test_a_checkpoint_transformers_saved_in_4bit_loads_without_bitsandbytes(tie,
     builds the model without bitsandbytes: every quantized layer an ``NF4Linear`` with
     bitsandbytes' own dequantized weight, nothing left on the meta device (the rotary table is
     made, not loaded), a tied head still tied. Its logits are the dense model's of the same
-    weights; adapters injected over it train, and a PEFT adapter loads onto it."""
+    weights (in bf16 with ``dtype``); adapters injected over it train, and a PEFT adapter loads
+    onto it."""
     tiny_llama(tie).save_pretrained(tmp_path / "dense")
     config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
@@ -180,6 +190,13 @@ def test_a_checkpoint_transformers_saved_in_4bit_loads_without_bitsandbytes(tie,
         with bk.use_adapters(ours, [0, 1]):
             ours(input_ids=ids, labels=ids).loss.backward()
         assert all(layer.lora_A.grad.abs().sum() > 0 for layer in bk.model.adapter_layers(ours).values())
+        half = bk.from_pretrained_4bit(tmp_path / "4bit", dtype=torch.bfloat16)
+        assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+        assert half.model.rotary_emb.inv_freq.dtype == torch.float32  # made by the model, as from_pretrained's
+        assert {m.compute_dtype for m in half.modules() if isinstance(m, NF4Linear)} == {torch.bfloat16}
+        with torch.no_grad():
+            assert_close(half(input_ids=ids).logits.float(), dense_copy(theirs)(input_ids=ids).logits, torch.bfloat16,
+                         "bf16 logits")
         bk.save_peft_adapter(ours, "1", tmp_path / "adapter")
         loaded = bk.load_peft_adapters(bk.from_pretrained_4bit(tmp_path / "4bit"), {"task": tmp_path / "adapter"})
         with torch.no_grad(), bk.use_adapters(loaded, 0), bk.use_adapters(ours, 1):
@@ -257,6 +274,10 @@ def test_load_refuses_what_does_not_fit_and_leaves_the_model_as_it_was(tmp_path)
     loose = bk.load_bnb_4bit(tiny_llama(False, seed=1), {k: v for k, v in state.items() if k != "model.norm.weight"},
                              strict=False)
     assert isinstance(loose.model.layers[0].self_attn.q_proj, NF4Linear)
+    second = bk.inject(tiny_llama(False, seed=2), ["q_proj"], 1, quantize="nf4")
+    reloaded = bk.load_bnb_4bit(bk.load_bnb_4bit(tiny_llama(False, seed=1), state), bk.bnb_4bit_state_dict(second))
+    assert torch.equal(reloaded.model.layers[1].self_attn.q_proj.packed,  # NF4 layers load anew
+                       second.model.layers[1].self_attn.q_proj.base_layer.packed)
     with pytest.raises(ValueError, match="no NF4 layers"):
         bk.save_pretrained_4bit(tiny_llama(False), tmp_path)
     with pytest.raises(ValueError, match="not a bitsandbytes 4-bit NF4 checkpoint: its config has no quantization"):
@@ -266,3 +287,112 @@ def test_load_refuses_what_does_not_fit_and_leaves_the_model_as_it_was(tmp_path)
     bk.merge_adapter(merged, "0")
     with pytest.raises(ValueError, match="unmerge_adapter"):
         bk.bnb_4bit_state_dict(merged)
+
+
+def test_gpt2_conv1d_layers_both_ways(tmp_path):
+    """GPT-2's ``Conv1D`` layers ([in, out] weights), which bitsandbytes quantizes transposed: read
+    into ``NF4Linear`` layers of bitsandbytes' weights, logits the dense model's; adapters over
+    them, saved back, load in transformers with bitsandbytes with the same weights."""
+    config = transformers.GPT2Config(vocab_size=96, n_embd=64, n_layer=1, n_head=4, n_positions=32,
+                                     bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "dense")
+    quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                   bnb_4bit_compute_dtype=torch.float32)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=quantization,
+                                                               device_map="cpu").eval()
+    theirs.save_pretrained(tmp_path / "4bit")
+    quantized = {n: F.dequantize_4bit(m.weight.data, m.weight.quant_state)
+                 for n, m in theirs.named_modules() if type(m).__name__ == "Linear4bit"}
+    assert len(quantized) == 4
+    with without_bitsandbytes():
+        ours = bk.from_pretrained_4bit(tmp_path / "4bit")
+    assert all(torch.equal(ours.get_submodule(n).nf4_weight().dequantize(), w) for n, w in quantized.items())
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_close(ours(input_ids=ids).logits, dense_copy(theirs)(input_ids=ids).logits, torch.float32, "logits")
+    bk.inject(ours, "all-linear", 2, r=4, alpha=8)
+    with without_bitsandbytes():
+        bk.save_pretrained_4bit(ours, tmp_path / "ours")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", device_map="cpu")
+    for name, weight in quantized.items():
+        m = back.get_submodule(name)
+        assert type(m).__name__ == "Linear4bit" and torch.equal(F.dequantize_4bit(m.weight.data, m.weight.quant_state),
+                                                                 weight), name
+
+
+@pytest.mark.gpu
+def test_loads_straight_onto_the_gpu(tmp_path):
+    """``device="cuda"``: every tensor on the GPU (the checkpoint read onto it), the logits of
+    the CPU model, and the NF4 layers run by the GPU kernels."""
+    model = bk.inject(tiny_llama(False), ["q_proj", "v_proj"], 1, quantize="nf4")
+    bk.save_pretrained_4bit(model, tmp_path)
+    gpu = bk.from_pretrained_4bit(tmp_path, device="cuda", dtype=torch.bfloat16)
+    cpu = bk.from_pretrained_4bit(tmp_path, dtype=torch.bfloat16)
+    assert all(t.is_cuda for t in [*gpu.parameters(), *gpu.buffers()])
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_close(gpu(input_ids=ids.cuda()).logits.float().cpu(), cpu(input_ids=ids).logits.float(), torch.bfloat16,
+                     "logits")
+
+
+def dense_checkpoint(family: str, folder):
+    """A tiny dense model saved in shards: a Llama with biased projections and a tied head, or a
+    GPT-2 (``Conv1D`` layers)."""
+    torch.manual_seed(0)
+    if family == "llama":
+        config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                          attention_bias=True)
+        model = transformers.LlamaForCausalLM(config)
+    else:
+        config = transformers.GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=32, bos_token_id=0,
+                                         eos_token_id=0)
+        model = transformers.GPT2LMHeadModel(config)
+    model.save_pretrained(folder, max_shard_size="30KB")
+    return type(model)
+
+
+@pytest.mark.parametrize(("family", "dtype"), [("llama", None), ("llama", torch.bfloat16), ("gpt2", None)])
+def test_a_dense_checkpoint_quantizes_while_it_loads(family, dtype, tmp_path, monkeypatch, torch_path):
+    """``from_pretrained_nf4`` reads a dense checkpoint one shard at a time and gives the bytes
+    ``inject(..., quantize="nf4")`` gives the loaded model (biases, a tied head, GPT-2's
+    transposed ``Conv1D`` weights), so the same logits; it refuses a checkpoint that does not fit,
+    and a 4-bit one goes to ``from_pretrained_4bit``."""
+    cls = dense_checkpoint(family, tmp_path / "dense")
+    shards = len(list((tmp_path / "dense").glob("*.safetensors")))
+    read = []
+    original = bk.bnb_io.read_checkpoint
+    monkeypatch.setattr(bk.bnb_io, "read_checkpoint", lambda path, device=None: read.append(path) or original(path, device))
+    ours = bk.from_pretrained_nf4(tmp_path / "dense", dtype=dtype)
+    assert shards > 3 and len(read) == shards and all(path.is_file() for path in read)
+    want = bk.inject(cls.from_pretrained(tmp_path / "dense", **({"dtype": dtype} if dtype else {})).eval(),
+                     "all-linear", 1, quantize="nf4")
+    layers = bk.model.adapter_layers(want)
+    assert {n for n, m in ours.named_modules() if isinstance(m, NF4Linear)} == set(layers)
+    for name, layer in layers.items():
+        got = ours.get_submodule(name)
+        for part in ("packed", "absmax", "offset", "nested_absmax", "nested_code", "bias"):
+            mine, theirs = getattr(got, part), getattr(layer.base_layer, part)
+            assert mine is None and theirs is None or torch.equal(mine, theirs), (name, part)
+        assert (got.bias is not None) == (family == "gpt2" or name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")))
+        assert got.compute_dtype == layer.base_layer.compute_dtype == (dtype or torch.float32)
+    assert not any(t.is_meta for t in [*ours.parameters(), *ours.buffers()])
+    head, embedding = ours.get_output_embeddings().weight, ours.get_input_embeddings().weight
+    assert head is embedding
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), bk.use_adapters(want, -1):
+        assert torch.equal(ours(input_ids=ids).logits, want(input_ids=ids).logits)
+
+    monkeypatch.undo()
+    last = max((tmp_path / "dense").glob("*.safetensors"))  # (the final norm's)
+    tensors = load_file(last)
+    save_file({**tensors, "extra.weight": torch.zeros(2)}, last)
+    with pytest.raises(ValueError, match=r"unexpected \['extra.weight'\]"):
+        bk.from_pretrained_nf4(tmp_path / "dense")
+    save_file(dict(list(tensors.items())[1:]), last)
+    with pytest.raises(ValueError, match=rf"missing \['{next(iter(tensors))}'\]"):
+        bk.from_pretrained_nf4(tmp_path / "dense")
+    with pytest.raises(ValueError, match="quantized already .*from_pretrained_4bit"):
+        bk.save_pretrained_4bit(ours, tmp_path / "4bit")
+        bk.from_pretrained_nf4(tmp_path / "4bit")

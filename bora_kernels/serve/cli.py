@@ -85,10 +85,10 @@ def build_server(argv=None):
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..bnb_io import from_pretrained_4bit, is_nf4_checkpoint
+    from ..bnb_io import from_pretrained_4bit, from_pretrained_nf4, is_nf4_checkpoint
     from . import demo
     from .app import Limits, Server
-    from .engine import Engine
+    from .engine import DEFAULT_TARGETS, Engine
 
     parser = _parser()
     args = parser.parse_args(argv)
@@ -110,8 +110,11 @@ def build_server(argv=None):
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     dtype_key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
     kwargs = {dtype_key: getattr(torch, DTYPES[args.dtype])} if DTYPES[args.dtype] else {}
-    if is_nf4_checkpoint(transformers.AutoConfig.from_pretrained(path)):  # a *-bnb-4bit model, without bitsandbytes
-        model = from_pretrained_4bit(path, dtype=kwargs.get(dtype_key)).to(device)
+    config = transformers.AutoConfig.from_pretrained(path)
+    if is_nf4_checkpoint(config):  # a *-bnb-4bit model, without bitsandbytes
+        model = from_pretrained_4bit(path, dtype=kwargs.get(dtype_key), device=device)
+    elif args.quantize == "nf4" and getattr(config, "quantization_config", None) is None:  # never the dense model whole
+        model = from_pretrained_nf4(path, DEFAULT_TARGETS, dtype=kwargs.get(dtype_key), device=device)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
     tokenizer = AutoTokenizer.from_pretrained(path)
