@@ -286,11 +286,13 @@ def from_pretrained_nf4(name_or_folder, target_modules="all-linear", exclude_mod
     folder = _local_folder(name_or_folder)
     model = _empty_model(config, model_class)
     targets = {name: fan for name, _, fan in find_targets(model, target_modules, exclude_modules)}
-    tied, expected = _tied_groups(model), set(model.state_dict())
-    loaded, biases = set(), {}
+    tied, shapes = _tied_groups(model), {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected, loaded, biases = set(shapes), set(), {}
     for path in _weight_files(folder):
         dense = {}
         for key, value in read_checkpoint(path, device).items():
+            if key in shapes and tuple(value.shape) != shapes[key]:
+                raise ValueError(f"{key!r}: the checkpoint's tensor is {tuple(value.shape)}, the model's {shapes[key]}")
             if dtype is not None and value.is_floating_point():
                 value = value.to(dtype)
             module, _, leaf = key.rpartition(".")

@@ -390,8 +390,12 @@ def test_a_dense_checkpoint_quantizes_while_it_loads(family, dtype, tmp_path, mo
     save_file({**tensors, "extra.weight": torch.zeros(2)}, last)
     with pytest.raises(ValueError, match=r"unexpected \['extra.weight'\]"):
         bk.from_pretrained_nf4(tmp_path / "dense")
+    first = next(iter(tensors))
+    save_file({**tensors, first: torch.zeros(3)}, last)
+    with pytest.raises(ValueError, match=rf"'{first}': the checkpoint's tensor is \(3,\)"):
+        bk.from_pretrained_nf4(tmp_path / "dense")
     save_file(dict(list(tensors.items())[1:]), last)
-    with pytest.raises(ValueError, match=rf"missing \['{next(iter(tensors))}'\]"):
+    with pytest.raises(ValueError, match=rf"missing \['{first}'\]"):
         bk.from_pretrained_nf4(tmp_path / "dense")
     with pytest.raises(ValueError, match="quantized already .*from_pretrained_4bit"):
         bk.save_pretrained_4bit(ours, tmp_path / "4bit")
