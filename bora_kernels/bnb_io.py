@@ -28,6 +28,7 @@ from torch import nn
 from .model import _WRAPPERS, _fan_in_fan_out, _replace, find_targets, linear_features
 from .nn import NF4Linear
 from .quant import NF4Tensor, quantize_nf4
+from .quant.nf4 import BNB_WEIGHT_KEYS
 
 QUANT_STATE = ".weight.quant_state.bitsandbytes__"
 _NONE = object()
@@ -35,36 +36,41 @@ WEIGHTS, INDEX, PICKLE = "model.safetensors", "model.safetensors.index.json", "p
 
 
 def read_checkpoint(checkpoint, device=None) -> dict[str, torch.Tensor]:
-    """The tensors of ``checkpoint``: a state dict, a ``.safetensors`` file, a ``.bin``/``.pt``
-    file (read with ``weights_only=True``), or a folder holding ``model.safetensors``, a sharded
-    ``model.safetensors.index.json`` or ``pytorch_model.bin``. Files are read onto ``device``
-    (default: the CPU)."""
+    """The tensors of ``checkpoint``: a state dict, or the files ``_weight_files`` finds for a
+    path, read onto ``device`` (default: the CPU). ``.bin``/``.pt`` files are read with
+    ``weights_only=True``."""
     if isinstance(checkpoint, Mapping):
         return dict(checkpoint)
     device = torch.device(device or "cpu")
-    path = Path(checkpoint)
+    tensors = {}
+    for path in _weight_files(Path(checkpoint)):
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            try:  # into memory of its own: a tensor kept must not hold the file's mapping (a whole shard) resident
+                tensors.update(load_file(path, device=str(device), backend="pread"))
+            except TypeError:  # safetensors before 0.8 maps the file: copy what comes out of it
+                read = load_file(path, device=str(device))
+                tensors.update({k: v.clone() for k, v in read.items()} if device.type == "cpu" else read)
+        else:
+            tensors.update(torch.load(path, map_location=device, weights_only=True))
+    return tensors
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The files weights are kept in: ``path`` itself, the shards a ``*.index.json`` names, or for
+    a folder (a Hugging Face one) its ``model.safetensors``, the shards of its
+    ``model.safetensors.index.json``, or its ``pytorch_model.bin``."""
     if path.is_dir():
-        for name in (WEIGHTS, INDEX, PICKLE):
-            if (path / name).is_file():
-                return read_checkpoint(path / name, device)
-        raise ValueError(f"checkpoint: {path} holds none of {WEIGHTS}, {INDEX}, {PICKLE}")
+        found = next((path / name for name in (WEIGHTS, INDEX, PICKLE) if (path / name).is_file()), None)
+        if found is None:
+            raise ValueError(f"checkpoint: {path} holds none of {WEIGHTS}, {INDEX}, {PICKLE}")
+        path = found
     if not path.is_file():
         raise ValueError(f"checkpoint: {path} does not exist")
     if path.name.endswith(".index.json"):
-        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-        tensors = {}
-        for shard in shards:
-            tensors.update(read_checkpoint(path.parent / shard, device))
-        return tensors
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:  # into memory of its own: a tensor kept must not hold the file's mapping (a whole shard) resident
-            return load_file(path, device=str(device), backend="pread")
-        except TypeError:  # safetensors before 0.8 maps the file: copy what comes out of it
-            tensors = load_file(path, device=str(device))
-            return {k: v.clone() for k, v in tensors.items()} if device.type == "cpu" else tensors
-    return torch.load(path, map_location=device, weights_only=True)
+        return [path.parent / f for f in sorted(set(json.loads(path.read_text())["weight_map"].values()))]
+    return [path]
 
 
 def quantized_layers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, str]:
@@ -108,11 +114,12 @@ def load_bnb_4bit(model: nn.Module, checkpoint, strict: bool = True, device=None
             module = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"the checkpoint's 4-bit layer {name!r} is not a module of {type(model).__name__}") from None
-        if _fan_in_fan_out(module) is None:  # (an NF4Linear is loaded anew)
+        features = linear_features(module)  # (an NF4Linear is loaded anew)
+        if features is None:
             raise ValueError(f"the checkpoint's 4-bit layer {name!r} is a {type(module).__name__} in the model, "
                              f"not an nn.Linear or GPT-2's Conv1D")
         weight = NF4Tensor.from_bnb_state_dict(tensors, name + ".")
-        k, n = linear_features(module)  # a Conv1D's [in, out] weight was quantized transposed, as [out, in]
+        k, n = features  # a Conv1D's [in, out] weight was quantized transposed, as [out, in]
         if tuple(weight.shape) != (n, k):
             raise ValueError(f"layer {name!r}: the checkpoint's weight is {tuple(weight.shape)}, the model's "
                              f"{(n, k)} (out, in)")
@@ -120,31 +127,45 @@ def load_bnb_4bit(model: nn.Module, checkpoint, strict: bool = True, device=None
         if (bias is None) != (module.bias is None) or bias is not None and bias.shape != module.bias.shape:
             raise ValueError(f"layer {name!r}: the checkpoint's bias {None if bias is None else tuple(bias.shape)} "
                              f"does not fit the model's {None if module.bias is None else tuple(module.bias.shape)}")
-        layers[name] = NF4Linear(weight, bias) if dtype is None else NF4Linear(weight, bias).to(dtype)
-    used = {k for name in layers for k in tensors if k.startswith(name + ".weight") or k == name + ".bias"}
+        layer = NF4Linear(weight, bias)
+        layers[name] = layer if dtype is None else layer.to(dtype)
+    used = {f"{name}.weight{part}" for name in layers for part in BNB_WEIGHT_KEYS} | {f"{name}.bias" for name in layers}
     rest = {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
             for k, v in tensors.items() if k not in used}
 
     inside = tuple(name + "." for name in layers)
-    expected = {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.startswith(inside)}
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items() if not k.startswith(inside)}
     for key, value in rest.items():
-        if key in expected and tuple(value.shape) != tuple(expected[key].shape):
-            raise ValueError(f"{key!r}: the checkpoint's tensor is {tuple(value.shape)}, the model's "
-                             f"{tuple(expected[key].shape)}")
+        _check_shape(key, value, shapes)
     tied = [group for group in _tied_groups(model) if not group[0].startswith(inside)]
-    covered = {name for group in tied if any(n in rest for n in group) for name in group}
-    missing = sorted(set(expected) - set(rest) - covered)
-    unexpected = sorted(set(rest) - set(expected))
+    missing, unexpected = _unfilled(shapes, rest, tied), sorted(set(rest) - set(shapes))
     if strict and (missing or unexpected):
-        raise ValueError(f"checkpoint does not fit {type(model).__name__}: missing {missing[:8]}"
-                         f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
-                         f"{' ...' if len(unexpected) > 8 else ''}")
+        raise _does_not_fit(model, missing, unexpected)
 
     for name, layer in layers.items():
         _replace(model, name, layer)
-    model.load_state_dict({k: v for k, v in rest.items() if k in expected}, strict=False, assign=True)
+    model.load_state_dict({k: v for k, v in rest.items() if k in shapes}, strict=False, assign=True)
     _retie(model, tied, rest)
     return model
+
+
+def _check_shape(key: str, value: torch.Tensor, shapes: dict) -> None:
+    if key in shapes and tuple(value.shape) != shapes[key]:
+        raise ValueError(f"{key!r}: the checkpoint's tensor is {tuple(value.shape)}, the model's {shapes[key]}")
+
+
+def _unfilled(expected, loaded, tied: list[list[str]]) -> list[str]:
+    """The expected keys ``loaded`` lacks, a tied group counting as filled by any of its names."""
+    covered = {name for group in tied if any(n in loaded for n in group) for name in group}
+    return sorted(set(expected) - set(loaded) - covered)
+
+
+def _does_not_fit(model: nn.Module, missing=(), unexpected=()) -> ValueError:
+    def some(keys):
+        return f"{list(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+
+    return ValueError(f"checkpoint does not fit {type(model).__name__}: missing {some(missing)}, "
+                      f"unexpected {some(unexpected)}")
 
 
 def _retie(model: nn.Module, tied: list[list[str]], loaded) -> None:
@@ -244,17 +265,6 @@ def _empty_model(config, model_class=None) -> nn.Module:
         return model_class.from_config(config)
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    """The files a Hugging Face folder keeps its weights in: ``model.safetensors``, the shards of
-    ``model.safetensors.index.json``, or ``pytorch_model.bin``."""
-    if (folder / INDEX).is_file():
-        return [folder / f for f in sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))]
-    for name in (WEIGHTS, PICKLE):
-        if (folder / name).is_file():
-            return [folder / name]
-    raise ValueError(f"checkpoint: {folder} holds none of {WEIGHTS}, {INDEX}, {PICKLE}")
-
-
 def _trim_heap() -> None:
     """Hand the memory freed so far back to the system (glibc's ``malloc_trim``; elsewhere
     nothing). Without it a shard's dense weights, freed once quantized, stay in the process's
@@ -287,12 +297,11 @@ def from_pretrained_nf4(name_or_folder, target_modules="all-linear", exclude_mod
     model = _empty_model(config, model_class)
     targets = {name: fan for name, _, fan in find_targets(model, target_modules, exclude_modules)}
     tied, shapes = _tied_groups(model), {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    expected, loaded, biases = set(shapes), set(), {}
+    loaded, biases = set(), {}
     for path in _weight_files(folder):
         dense = {}
         for key, value in read_checkpoint(path, device).items():
-            if key in shapes and tuple(value.shape) != shapes[key]:
-                raise ValueError(f"{key!r}: the checkpoint's tensor is {tuple(value.shape)}, the model's {shapes[key]}")
+            _check_shape(key, value, shapes)
             if dtype is not None and value.is_floating_point():
                 value = value.to(dtype)
             module, _, leaf = key.rpartition(".")
@@ -304,17 +313,15 @@ def from_pretrained_nf4(name_or_folder, target_modules="all-linear", exclude_mod
             else:
                 dense[key] = value
             loaded.add(key)
-        unexpected = sorted(set(dense) - expected)
+        unexpected = sorted(set(dense) - set(shapes))
         if unexpected:
-            raise ValueError(f"checkpoint does not fit {type(model).__name__}: unexpected {unexpected[:8]}")
+            raise _does_not_fit(model, unexpected=unexpected)
         model.load_state_dict(dense, strict=False, assign=True)
         del dense
         _trim_heap()
-    covered = {name for group in tied if any(n in loaded for n in group) for name in group}
-    missing = sorted(expected - loaded - covered)
+    missing = _unfilled(shapes, loaded, tied)
     if missing:
-        raise ValueError(f"checkpoint does not fit {type(model).__name__}: missing {missing[:8]}"
-                         f"{' ...' if len(missing) > 8 else ''}")
+        raise _does_not_fit(model, missing)
     for module, bias in biases.items():
         layer = model.get_submodule(module)
         layer.bias = nn.Parameter(bias.to(layer.compute_dtype), requires_grad=False)
@@ -346,7 +353,8 @@ def bnb_4bit_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     nf4 = {name: m for name, m in model.named_modules() if isinstance(m, NF4Linear)}
     out, written, stored = {}, set(), set()
     for key, value in model.state_dict().items():
-        module = next((n for n in nf4 if key.startswith(n + ".")), None)
+        module = key.rpartition(".")[0]  # (an NF4Linear's tensors are its own, no submodule's)
+        module = module if module in nf4 else None
         if module is not None and module not in written:
             written.add(module)
             out.update(nf4[module].nf4_weight().bnb_state_dict(_base_name(module, wrappers) + "."))

@@ -37,6 +37,8 @@ NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453
             0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
             0.7229568362236023, 1.0)
 BLOCKSIZES = tuple(2 ** k for k in range(5, 13))
+# the keys, after the layer's ``weight``, that bitsandbytes saves a 4-bit weight under (``bnb_state_dict``)
+BNB_WEIGHT_KEYS = ("", ".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4")
 NESTED_BLOCKSIZE = 256
 
 
@@ -193,9 +195,10 @@ class NF4Tensor:
             s2 = quant_state.state2
             if s2.blocksize != NESTED_BLOCKSIZE:
                 raise ValueError(f"nested blocksize {s2.blocksize} is not {NESTED_BLOCKSIZE}")
-            if s2.absmax.numel() != -(-blocks // NESTED_BLOCKSIZE) or s2.code.numel() != 256:
-                raise ValueError(f"the nested statistics of {blocks} blocks need {-(-blocks // NESTED_BLOCKSIZE)} "
-                                 f"absmax and a 256-value map, got {s2.absmax.numel()} and {s2.code.numel()}")
+            nested_blocks = -(-blocks // NESTED_BLOCKSIZE)
+            if s2.absmax.numel() != nested_blocks or s2.code.numel() != 256:
+                raise ValueError(f"the nested statistics of {blocks} blocks need {nested_blocks} absmax and a "
+                                 f"256-value map, got {s2.absmax.numel()} and {s2.code.numel()}")
             return cls(packed.reshape(-1, 1), quant_state.absmax, shape, quant_state.dtype, quant_state.blocksize,
                        offset=torch.as_tensor(quant_state.offset, dtype=torch.float32, device=packed.device),
                        nested_absmax=s2.absmax, nested_code=s2.code)
@@ -249,33 +252,30 @@ class NF4Tensor:
                                  f"{value.dtype if isinstance(value, torch.Tensor) else type(value).__name__}")
             return value
 
-        try:
+        try:  # the JSON's fields, in the shape of bitsandbytes' QuantState that from_bnb reads
             info = json.loads(tensor(".quant_state.bitsandbytes__nf4", torch.uint8).cpu().numpy().tobytes())
             nested = "nested_offset" in info
-            fields = {"quant_type": info["quant_type"], "blocksize": int(info["blocksize"]),
-                      "dtype": getattr(torch, info["dtype"]), "shape": torch.Size(int(d) for d in info["shape"])}
-            if nested:
-                fields.update(nested_blocksize=int(info["nested_blocksize"]), nested_dtype=info["nested_dtype"],
-                              offset=float(info["nested_offset"]))
+            state = SimpleNamespace(
+                quant_type=info["quant_type"], blocksize=int(info["blocksize"]), dtype=getattr(torch, info["dtype"]),
+                shape=torch.Size(int(d) for d in info["shape"]), nested=nested,
+                offset=float(info["nested_offset"]) if nested else None,
+                state2=SimpleNamespace(blocksize=int(info["nested_blocksize"])) if nested else None)
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"{packed_key!r} does not hold bitsandbytes' quant state ({type(err).__name__}: {err})") from None
-        if fields["dtype"] not in (torch.float32, torch.float16, torch.bfloat16):
+        if state.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"{packed_key!r}: dtype must be float32, float16 or bfloat16, got {info['dtype']!r}")
-        if nested and fields["nested_dtype"] != "float32":
-            raise ValueError(f"{packed_key!r}: nested_dtype must be float32, got {fields['nested_dtype']!r}")
-        if not torch.equal(tensor(".quant_map", torch.float32).cpu(), _table(NF4_CODE, "cpu")):
+        if nested and info.get("nested_dtype") != "float32":
+            raise ValueError(f"{packed_key!r}: nested_dtype must be float32, got {info.get('nested_dtype')!r}")
+        quant_map = tensor(".quant_map", torch.float32)
+        if not torch.equal(quant_map, code_table(quant_map.device)):
             raise ValueError(f"{key + '.quant_map'!r} is not the NF4 code")
         packed = state_dict.get(key)
         if not isinstance(packed, torch.Tensor):  # of any dtype: bnb_4bit_quant_storage holds the bytes in another
             raise ValueError(f"{key!r} must be a tensor of packed codes, got {type(packed).__name__}")
-        state2 = None
+        state.absmax = tensor(".absmax", torch.uint8 if nested else torch.float32)
         if nested:
-            state2 = SimpleNamespace(blocksize=fields["nested_blocksize"], absmax=tensor(".nested_absmax", torch.float32),
-                                     code=tensor(".nested_quant_map", torch.float32))
-        state = SimpleNamespace(quant_type=fields["quant_type"], shape=fields["shape"], dtype=fields["dtype"],
-                                blocksize=fields["blocksize"], nested=nested, state2=state2,
-                                offset=fields.get("offset"),
-                                absmax=tensor(".absmax", torch.uint8 if nested else torch.float32))
+            state.state2.absmax = tensor(".nested_absmax", torch.float32)
+            state.state2.code = tensor(".nested_quant_map", torch.float32)
         try:
             return cls.from_bnb(packed, state)
         except ValueError as err:
