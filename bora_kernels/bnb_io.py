@@ -29,47 +29,44 @@ from .model import _WRAPPERS, _fan_in_fan_out, _replace, find_targets, linear_fe
 from .nn import NF4Linear
 from .quant import NF4Tensor, quantize_nf4
 from .quant.nf4 import BNB_WEIGHT_KEYS
+from .tensor_files import read_tensor_file
 
 QUANT_STATE = ".weight.quant_state.bitsandbytes__"
 _NONE = object()
-WEIGHTS, INDEX, PICKLE = "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"
+# what a Hugging Face folder keeps its weights in, in the order from_pretrained looks for them
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 def read_checkpoint(checkpoint, device=None) -> dict[str, torch.Tensor]:
     """The tensors of ``checkpoint``: a state dict, or the files ``_weight_files`` finds for a
-    path, read onto ``device`` (default: the CPU). ``.bin``/``.pt`` files are read with
-    ``weights_only=True``."""
+    path, read onto ``device`` (default: the CPU) by ``read_tensor_file`` (safetensors, or
+    PyTorch pickles read with ``weights_only=True``)."""
     if isinstance(checkpoint, Mapping):
         return dict(checkpoint)
-    device = torch.device(device or "cpu")
     tensors = {}
     for path in _weight_files(Path(checkpoint)):
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            try:  # into memory of its own: a tensor kept must not hold the file's mapping (a whole shard) resident
-                tensors.update(load_file(path, device=str(device), backend="pread"))
-            except TypeError:  # safetensors before 0.8 maps the file: copy what comes out of it
-                read = load_file(path, device=str(device))
-                tensors.update({k: v.clone() for k, v in read.items()} if device.type == "cpu" else read)
-        else:
-            tensors.update(torch.load(path, map_location=device, weights_only=True))
+        tensors.update(read_tensor_file(path, device, "checkpoint: "))
     return tensors
 
 
 def _weight_files(path: Path) -> list[Path]:
     """The files weights are kept in: ``path`` itself, the shards a ``*.index.json`` names, or for
-    a folder (a Hugging Face one) its ``model.safetensors``, the shards of its
-    ``model.safetensors.index.json``, or its ``pytorch_model.bin``."""
+    a folder (a Hugging Face one) the first of ``WEIGHT_FILES`` it holds (an index: its shards)."""
     if path.is_dir():
-        found = next((path / name for name in (WEIGHTS, INDEX, PICKLE) if (path / name).is_file()), None)
+        found = next((path / name for name in WEIGHT_FILES if (path / name).is_file()), None)
         if found is None:
-            raise ValueError(f"checkpoint: {path} holds none of {WEIGHTS}, {INDEX}, {PICKLE}")
+            raise ValueError(f"checkpoint: {path} holds none of {', '.join(WEIGHT_FILES)}")
         path = found
     if not path.is_file():
         raise ValueError(f"checkpoint: {path} does not exist")
     if path.name.endswith(".index.json"):
-        return [path.parent / f for f in sorted(set(json.loads(path.read_text())["weight_map"].values()))]
+        try:
+            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"checkpoint: {path} is not a weights index (a JSON object whose weight_map maps "
+                             f"names to files): {type(err).__name__}: {err}") from None
+        return [path.parent / f for f in shards]
     return [path]
 
 
@@ -246,14 +243,17 @@ def from_pretrained_4bit(name_or_folder, model_class=None, dtype: torch.dtype | 
 
 
 def _local_folder(name_or_folder) -> Path:
-    """A local folder, or a Hub id's files (its configs and safetensors weights, as
-    ``from_pretrained`` would fetch them)."""
+    """A local folder, or a Hub id's files as ``from_pretrained`` would fetch them: its JSON files
+    and safetensors weights, or its PyTorch pickle weights where it has no safetensors."""
     folder = Path(name_or_folder)
     if folder.is_dir():
         return folder
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(name_or_folder), allow_patterns=["*.json", "*.safetensors"]))
+    folder = Path(snapshot_download(str(name_or_folder), allow_patterns=["*.json", "*.safetensors"]))
+    if not any(folder.glob("*.safetensors")):  # (a pickle index, a JSON file, may have come)
+        folder = Path(snapshot_download(str(name_or_folder), allow_patterns=["*.json", "pytorch_model*.bin"]))
+    return folder
 
 
 def _empty_model(config, model_class=None) -> nn.Module:
@@ -394,7 +394,7 @@ def save_pretrained_4bit(model: nn.Module, folder) -> Path:
     tensors = {k: v.detach().contiguous().cpu() for k, v in bnb_4bit_state_dict(model).items()}
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, folder / WEIGHTS, metadata={"format": "pt"})
+    save_file(tensors, folder / WEIGHT_FILES[0], metadata={"format": "pt"})
     had = model.config.__dict__.get("quantization_config", _NONE)
     model.config.quantization_config = {
         "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,

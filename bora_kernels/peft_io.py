@@ -1,6 +1,6 @@
 """PEFT LoRA checkpoints, both ways: ``save_pretrained`` folders (``adapter_config.json`` and
-``adapter_model.safetensors``) are stacked into a model's adapter slots, and one slot is written
-back as a folder that ``PeftModel.from_pretrained`` loads."""
+``adapter_model.safetensors``, or an older ``adapter_model.bin``) are stacked into a model's
+adapter slots, and one slot is written back as a folder that ``PeftModel.from_pretrained`` loads."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from torch import nn
 from .model import (_adapter_index, _fan_in_fan_out, _inject_targets, _layers_or_raise, adapter_layers,
                     adapter_names, base_modules, linear_features)
 from .nn import MultiLoRALinear
+from .tensor_files import read_tensor_file
 
 CONFIG_FILE, WEIGHTS_FILE, PICKLE_FILE = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 PREFIX = "base_model.model."
@@ -44,13 +45,9 @@ def _read(name: str, folder) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ValueError(f"adapter {name!r}: {str(folder)!r} is not a folder (expected a PEFT save_pretrained folder)")
     if not (folder / CONFIG_FILE).is_file():
         raise ValueError(f"adapter {name!r}: {folder} has no {CONFIG_FILE}")
-    if not (folder / WEIGHTS_FILE).is_file():
-        if (folder / PICKLE_FILE).is_file():
-            raise ValueError(
-                f"adapter {name!r}: {folder} holds pickle weights ({PICKLE_FILE}); only {WEIGHTS_FILE} is "
-                f"read, because unpickling can run arbitrary code. Re-save it with PEFT's "
-                f"save_pretrained(..., safe_serialization=True)")
-        raise ValueError(f"adapter {name!r}: {folder} has no {WEIGHTS_FILE}")
+    weights = next((folder / f for f in (WEIGHTS_FILE, PICKLE_FILE) if (folder / f).is_file()), None)
+    if weights is None:
+        raise ValueError(f"adapter {name!r}: {folder} has no {WEIGHTS_FILE} (or {PICKLE_FILE})")
     try:
         config = json.loads((folder / CONFIG_FILE).read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -66,13 +63,7 @@ def _read(name: str, folder) -> tuple[dict, dict[str, torch.Tensor]]:
     if config.get("bias", "none") != "none":
         raise ValueError(f"adapter {name!r}: bias={config['bias']!r} is not supported (trained biases); "
                          f"only bias='none' loads")
-    from safetensors.torch import load_file
-
-    try:
-        return config, load_file(str(folder / WEIGHTS_FILE))
-    except Exception as err:  # safetensors raises its own error type for a corrupt file
-        raise ValueError(f"adapter {name!r}: {folder / WEIGHTS_FILE} is not a readable safetensors file "
-                         f"({err})") from None
+    return config, read_tensor_file(weights, what=f"adapter {name!r}: ")
 
 
 def _module_weights(name: str, config: dict, tensors: dict, model: nn.Module, modules: dict) -> dict:
@@ -157,8 +148,9 @@ def load_peft_adapters(model: nn.Module, adapters: Mapping[str, str | Path], dty
     ``MultiLoRALinear`` whose slots are these adapters (rank 0, contributing nothing, where an
     adapter does not target the module). A model that already has adapter layers (from
     ``inject(..., adapter_names=...)``) has the named slots filled; their ranks must fit.
-    Adapters may differ in rank, alpha, ``use_rslora``, patterns and target modules. Only
-    safetensors weights are read; every tensor's shape is checked against its module. ``dtype``:
+    Adapters may differ in rank, alpha, ``use_rslora``, patterns and target modules. Weights are
+    read from ``adapter_model.safetensors``, else ``adapter_model.bin`` (``weights_only=True``,
+    torch >= 2.6); every tensor's shape is checked against its module. ``dtype``:
     the adapters' dtype on injection (default: each base weight's). Returns ``model``.
     """
     if not isinstance(adapters, Mapping) or not adapters:

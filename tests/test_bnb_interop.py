@@ -5,6 +5,9 @@ bitsandbytes."""
 
 import contextlib
 import copy
+import fnmatch
+import json
+import shutil
 import sys
 
 import pytest
@@ -400,3 +403,76 @@ def test_a_dense_checkpoint_quantizes_while_it_loads(family, dtype, tmp_path, mo
     with pytest.raises(ValueError, match="quantized already .*from_pretrained_4bit"):
         bk.save_pretrained_4bit(ours, tmp_path / "4bit")
         bk.from_pretrained_nf4(tmp_path / "4bit")
+
+
+def as_pickles(folder, out):
+    """``folder``'s checkpoint as older transformers saved it: ``pytorch_model.bin``, or
+    ``pytorch_model-*.bin`` shards named by ``pytorch_model.bin.index.json``."""
+    out.mkdir()
+    renamed = {}
+    for path in folder.glob("*.safetensors"):
+        renamed[path.name] = "pytorch_" + path.name.replace(".safetensors", ".bin")
+        torch.save(load_file(path), out / renamed[path.name])
+    for path in folder.glob("*.json"):
+        if path.name == "model.safetensors.index.json":
+            index = json.loads(path.read_text())
+            index["weight_map"] = {k: renamed[v] for k, v in index["weight_map"].items()}
+            (out / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+        else:
+            shutil.copy(path, out)
+    return out
+
+
+def test_pickle_checkpoints_load_as_safetensors_ones(tmp_path, torch_path):
+    """Checkpoints in PyTorch's pickle format (``pytorch_model.bin``, sharded or not), read with
+    ``weights_only=True``, load to the same bytes and logits as their safetensors form, dense
+    (``from_pretrained_nf4``) and 4-bit (``from_pretrained_4bit``); a broken index is refused by
+    name."""
+    dense_checkpoint("llama", tmp_path / "dense")
+    shards = len(list((tmp_path / "dense").glob("*.safetensors")))
+    as_pickles(tmp_path / "dense", tmp_path / "dense_bin")
+    assert len(list((tmp_path / "dense_bin").glob("pytorch_model-*.bin"))) == shards > 3
+    bk.save_pretrained_4bit(bk.inject(tiny_llama(True), ["q_proj", "v_proj"], 1, quantize="nf4"), tmp_path / "4bit")
+    as_pickles(tmp_path / "4bit", tmp_path / "4bit_bin")
+    assert (tmp_path / "4bit_bin" / "pytorch_model.bin").is_file()
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(1))
+    for load, name in ((bk.from_pretrained_nf4, "dense"), (bk.from_pretrained_4bit, "4bit")):
+        want, got = load(tmp_path / name), load(tmp_path / f"{name}_bin")
+        assert want.state_dict().keys() == got.state_dict().keys()
+        assert all(torch.equal(v, got.state_dict()[k]) for k, v in want.state_dict().items()), name
+        assert sum(isinstance(m, NF4Linear) for m in got.modules()) == (14 if name == "dense" else 4)
+        with torch.no_grad():
+            assert torch.equal(got(input_ids=ids).logits, want(input_ids=ids).logits), name
+
+    (tmp_path / "dense_bin" / "pytorch_model.bin.index.json").write_text('{"weight_map": ["not", "a", "map"]}')
+    with pytest.raises(ValueError, match=r"pytorch_model.bin.index.json is not a weights index"):
+        bk.from_pretrained_nf4(tmp_path / "dense_bin")
+
+
+def test_hub_models_fetch_pickle_weights_only_without_safetensors(tmp_path, monkeypatch):
+    """A Hub id fetches its JSON files and safetensors weights; a repository with only
+    ``pytorch_model*.bin`` weights gets those fetched instead (the Hub mocked by a folder)."""
+    import huggingface_hub
+
+    dense_checkpoint("llama", tmp_path / "safetensors_repo")
+    as_pickles(tmp_path / "safetensors_repo", tmp_path / "bin_repo")
+    (tmp_path / "bin_repo" / "training_args.bin").write_bytes(b"not weights")
+    asked = []
+
+    def snapshot_download(repo_id, allow_patterns):
+        asked.append((repo_id, allow_patterns))
+        out = tmp_path / "cache" / repo_id / str(len(asked))
+        out.mkdir(parents=True)
+        for path in (tmp_path / repo_id.split("/")[1]).iterdir():
+            if any(fnmatch.fnmatch(path.name, pattern) for pattern in allow_patterns):
+                shutil.copy(path, out)
+        return str(out)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    folder = bk.bnb_io._local_folder("org/safetensors_repo")
+    assert asked == [("org/safetensors_repo", ["*.json", "*.safetensors"])]
+    assert (folder / "model.safetensors.index.json").is_file() and not list(folder.glob("*.bin"))
+    asked.clear()
+    folder = bk.bnb_io._local_folder("org/bin_repo")
+    assert [patterns for _, patterns in asked] == [["*.json", "*.safetensors"], ["*.json", "pytorch_model*.bin"]]
+    assert sorted(p.name for p in folder.glob("*.bin")) == sorted(p.name for p in (tmp_path / "bin_repo").glob("pytorch_model*.bin"))

@@ -391,11 +391,35 @@ def test_adapter_on_some_layers_loads_and_saves(tmp_path):
         assert_close(again(input_ids=input_ids).logits, want.double(), torch.float32, "saved back")
 
 
+def test_pickle_adapters_load_as_safetensors_ones(tmp_path):
+    """PEFT's older format, ``adapter_model.bin`` (``safe_serialization=False``), loads to the
+    same weights as ``adapter_model.safetensors``: the logits are PEFT's, bit for bit the same
+    either way."""
+    base = tiny_model("llama")
+    reference = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                               init_lora_weights=False))
+    reference.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    reference.save_pretrained(tmp_path / "safetensors")
+    assert {p.name for p in (tmp_path / "bin").iterdir()} == {"adapter_config.json", "adapter_model.bin", "README.md"}
+    input_ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(5))
+    logits = {}
+    for form in ("bin", "safetensors"):
+        model = bk.load_peft_adapters(copy.deepcopy(base), {"a": tmp_path / form})
+        with torch.no_grad(), bk.use_adapters(model, "a"):
+            logits[form] = model(input_ids=input_ids).logits
+    assert torch.equal(logits["bin"], logits["safetensors"])
+    with torch.no_grad():
+        assert_close(logits["bin"], reference(input_ids=input_ids).logits.double(), torch.float32, "pickle adapter")
+
+
 def test_load_refuses_bad_checkpoints(tmp_path):
     good = _folder(tmp_path / "good", r=4, lora_alpha=8, target_modules=["q_proj"])
     pickled = _folder(tmp_path / "pickled", r=4, lora_alpha=8, target_modules=["q_proj"])
     (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
-    with pytest.raises(ValueError, match=r"pickle weights \(adapter_model.bin\); only adapter_model.safetensors"):
+    with pytest.raises(ValueError, match=r"adapter 'p': .*adapter_model.bin is not a readable weights file"):
+        bk.load_peft_adapters(tiny_model("llama"), {"p": pickled})
+    (pickled / "adapter_model.bin").unlink()
+    with pytest.raises(ValueError, match=r"adapter 'p': .* has no adapter_model.safetensors \(or adapter_model.bin\)"):
         bk.load_peft_adapters(tiny_model("llama"), {"p": pickled})
 
     from safetensors.torch import load_file, save_file

@@ -1,0 +1,45 @@
+"""Reading one file of named tensors: safetensors, or PyTorch's pickle format (``.bin``, ``.pt``)
+read with ``torch.load(weights_only=True)``, which rebuilds tensors and plain containers only and
+runs no code the file names. Before torch 2.6 that restriction could be bypassed (CVE-2025-32434),
+so there pickle files are refused. Used for model checkpoints (``bnb_io.py``) and PEFT adapters
+(``peft_io.py``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+SAFE_PICKLE_TORCH = "2.6"
+
+
+def read_tensor_file(path, device=None, what: str = "") -> dict[str, torch.Tensor]:
+    """``{name: tensor}`` of the file at ``path``, read onto ``device`` (default: the CPU), each
+    tensor in memory of its own (none holds the file mapped). ``what`` opens every error message
+    (say ``"adapter 'x': "``); a file that cannot be read, or that holds anything but a flat
+    mapping of names to tensors, is a ``ValueError`` naming it."""
+    path, device = Path(path), torch.device(device or "cpu")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            try:  # into memory of its own: a tensor kept must not hold the file's mapping (a whole shard) resident
+                return load_file(path, device=str(device), backend="pread")
+            except TypeError:  # safetensors before 0.8 maps the file: copy what comes out of it
+                tensors = load_file(path, device=str(device))
+                return {k: v.clone() for k, v in tensors.items()} if device.type == "cpu" else tensors
+        except Exception as err:  # safetensors raises its own error type for a corrupt file
+            raise ValueError(f"{what}{path} is not a readable safetensors file ({err})") from None
+    if torch.torch_version.TorchVersion(torch.__version__) < SAFE_PICKLE_TORCH:
+        raise ValueError(f"{what}{path} is a pickle file; reading one safely needs torch >= {SAFE_PICKLE_TORCH} "
+                         f"(this is {torch.__version__}). Upgrade torch, or convert the file to safetensors")
+    try:
+        tensors = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # a corrupt file, or one naming a class outside weights_only's allowed set
+        raise ValueError(f"{what}{path} is not a readable weights file ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in tensors.items()):
+        raise ValueError(f"{what}{path} holds a {type(tensors).__name__}, not a mapping of names to tensors "
+                         f"(a state dict)")
+    return tensors
