@@ -29,7 +29,7 @@ from .model import _WRAPPERS, _fan_in_fan_out, _replace, find_targets, linear_fe
 from .nn import NF4Linear
 from .quant import NF4Tensor, quantize_nf4
 from .quant.nf4 import BNB_WEIGHT_KEYS
-from .tensor_files import read_tensor_file
+from .tensor_files import hub_snapshot, read_tensor_file
 
 QUANT_STATE = ".weight.quant_state.bitsandbytes__"
 _NONE = object()
@@ -248,12 +248,7 @@ def _local_folder(name_or_folder) -> Path:
     folder = Path(name_or_folder)
     if folder.is_dir():
         return folder
-    from huggingface_hub import snapshot_download
-
-    folder = Path(snapshot_download(str(name_or_folder), allow_patterns=["*.json", "*.safetensors"]))
-    if not any(folder.glob("*.safetensors")):  # (a pickle index, a JSON file, may have come)
-        folder = Path(snapshot_download(str(name_or_folder), allow_patterns=["*.json", "pytorch_model*.bin"]))
-    return folder
+    return hub_snapshot(str(name_or_folder), ["*.json", "*.safetensors"], ["*.json", "pytorch_model*.bin"])
 
 
 def _empty_model(config, model_class=None) -> nn.Module:

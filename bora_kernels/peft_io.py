@@ -17,10 +17,11 @@ from torch import nn
 from .model import (_adapter_index, _fan_in_fan_out, _inject_targets, _layers_or_raise, adapter_layers,
                     adapter_names, base_modules, linear_features)
 from .nn import MultiLoRALinear
-from .tensor_files import read_tensor_file
+from .tensor_files import hub_snapshot, read_tensor_file
 
 CONFIG_FILE, WEIGHTS_FILE, PICKLE_FILE = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 PREFIX = "base_model.model."
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/repo, as the Hugging Face Hub names repositories
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
 # config fields whose non-default values change the computation in ways this runtime does not do
 # (a replicated layer stack, adapters active only after invocation tokens, pooled inputs, sampled
@@ -39,10 +40,26 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
+def adapter_folder(name: str, folder) -> Path:
+    """``folder`` if it is a local path; else, for a Hugging Face Hub id (``"owner/repo"``), the
+    folder of its adapter files fetched from the Hub (``adapter_config.json`` and the safetensors
+    weights, or the pickle ones where it has none), as ``PeftModel.from_pretrained`` takes."""
+    path = Path(folder)
+    if path.exists() or not HUB_ID.match(str(folder)):
+        return path
+    try:
+        return hub_snapshot(str(folder), [CONFIG_FILE, WEIGHTS_FILE], [CONFIG_FILE, PICKLE_FILE])
+    except Exception as err:  # no network, no such repository, no access: huggingface_hub's own errors
+        raise ValueError(f"adapter {name!r}: {str(folder)!r} is not a folder here, and fetching it as a Hugging Face "
+                         f"Hub repository failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+                         ) from None
+
+
 def _read(name: str, folder) -> tuple[dict, dict[str, torch.Tensor]]:
-    folder = Path(folder)
+    folder = adapter_folder(name, folder)
     if not folder.is_dir():
-        raise ValueError(f"adapter {name!r}: {str(folder)!r} is not a folder (expected a PEFT save_pretrained folder)")
+        raise ValueError(f"adapter {name!r}: {str(folder)!r} is not a folder (expected a PEFT save_pretrained folder "
+                         f"or a Hugging Face Hub id)")
     if not (folder / CONFIG_FILE).is_file():
         raise ValueError(f"adapter {name!r}: {folder} has no {CONFIG_FILE}")
     weights = next((folder / f for f in (WEIGHTS_FILE, PICKLE_FILE) if (folder / f).is_file()), None)
@@ -106,7 +123,7 @@ def _linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
 
 
 def read_peft_adapter(model: nn.Module, name: str, folder) -> tuple[dict, dict]:
-    """Read one PEFT adapter folder and check every tensor's shape against ``model``'s linear
+    """Read one PEFT adapter (a folder or a Hub id) and check every tensor's shape against ``model``'s linear
     layers; changes nothing. Returns ``(config, {module: (A, B, rank, alpha)})`` for
     ``set_peft_adapter``. Raises ``ValueError`` naming the adapter and what is wrong."""
     config, tensors = _read(name, folder)
@@ -142,7 +159,8 @@ def set_peft_adapter(model: nn.Module, slot, adapter: tuple[dict, dict], name: s
 
 
 def load_peft_adapters(model: nn.Module, adapters: Mapping[str, str | Path], dtype: torch.dtype | None = None):
-    """Load PEFT LoRA adapters, stacked in the given order: ``{"name": "folder", ...}``.
+    """Load PEFT LoRA adapters, stacked in the given order: ``{"name": folder, ...}``, each a
+    ``save_pretrained`` folder or a Hugging Face Hub id (``"owner/repo"``, fetched).
 
     A model without adapter layers is injected first: every module some adapter targets gets a
     ``MultiLoRALinear`` whose slots are these adapters (rank 0, contributing nothing, where an

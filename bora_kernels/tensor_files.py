@@ -2,7 +2,7 @@
 read with ``torch.load(weights_only=True)``, which rebuilds tensors and plain containers only and
 runs no code the file names. Before torch 2.6 that restriction could be bypassed (CVE-2025-32434),
 so there pickle files are refused. Used for model checkpoints (``bnb_io.py``) and PEFT adapters
-(``peft_io.py``)."""
+(``peft_io.py``), with ``hub_snapshot`` to fetch either from the Hugging Face Hub."""
 
 from __future__ import annotations
 
@@ -43,3 +43,15 @@ def read_tensor_file(path, device=None, what: str = "") -> dict[str, torch.Tenso
         raise ValueError(f"{what}{path} holds a {type(tensors).__name__}, not a mapping of names to tensors "
                          f"(a state dict)")
     return tensors
+
+
+def hub_snapshot(repo_id: str, patterns: list[str], pickle_patterns: list[str]) -> Path:
+    """The local folder of the Hub repository ``repo_id`` with the files ``patterns`` match (its
+    configs and safetensors weights), or, where that brings no safetensors file, those
+    ``pickle_patterns`` match (its configs and PyTorch pickle weights): never both formats."""
+    from huggingface_hub import snapshot_download
+
+    folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
+    if not any(folder.glob("*.safetensors")):  # (a pickle index, a JSON file, may have come)
+        folder = Path(snapshot_download(repo_id, allow_patterns=pickle_patterns))
+    return folder

@@ -119,3 +119,34 @@ def serve_demo(tmp_path_factory):
     from bora_kernels.serve import demo
 
     return demo.build(tmp_path_factory.mktemp("serve_demo"), steps=80)
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """The Hugging Face Hub stood in for by a folder: ``fake_hub.repos / "owner/name"`` is a
+    repository, and ``huggingface_hub.snapshot_download(repo_id, allow_patterns)`` copies the files
+    the patterns match into a cache folder of its own per call (a missing repository raises as
+    the Hub's 404 does). ``fake_hub.asked`` lists ``(repo_id, allow_patterns)`` per call."""
+    import fnmatch
+    import shutil
+    import tempfile
+    import types
+    from pathlib import Path
+
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    hub = types.SimpleNamespace(repos=tmp_path / "hub", asked=[])
+
+    def snapshot_download(repo_id, allow_patterns=None, **_):
+        hub.asked.append((repo_id, allow_patterns))
+        repo = hub.repos / repo_id
+        if not repo.is_dir():
+            raise FileNotFoundError(f"404 Client Error. Repository Not Found for url: https://huggingface.co/{repo_id}")
+        (tmp_path / "hub_cache").mkdir(exist_ok=True)
+        out = Path(tempfile.mkdtemp(dir=tmp_path / "hub_cache"))
+        for path in repo.iterdir():
+            if allow_patterns is None or any(fnmatch.fnmatch(path.name, p) for p in allow_patterns):
+                shutil.copy(path, out)
+        return str(out)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return hub

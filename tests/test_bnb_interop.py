@@ -5,7 +5,6 @@ bitsandbytes."""
 
 import contextlib
 import copy
-import fnmatch
 import json
 import shutil
 import sys
@@ -449,30 +448,18 @@ def test_pickle_checkpoints_load_as_safetensors_ones(tmp_path, torch_path):
         bk.from_pretrained_nf4(tmp_path / "dense_bin")
 
 
-def test_hub_models_fetch_pickle_weights_only_without_safetensors(tmp_path, monkeypatch):
+def test_hub_models_fetch_pickle_weights_only_without_safetensors(fake_hub):
     """A Hub id fetches its JSON files and safetensors weights; a repository with only
-    ``pytorch_model*.bin`` weights gets those fetched instead (the Hub mocked by a folder)."""
-    import huggingface_hub
-
-    dense_checkpoint("llama", tmp_path / "safetensors_repo")
-    as_pickles(tmp_path / "safetensors_repo", tmp_path / "bin_repo")
-    (tmp_path / "bin_repo" / "training_args.bin").write_bytes(b"not weights")
-    asked = []
-
-    def snapshot_download(repo_id, allow_patterns):
-        asked.append((repo_id, allow_patterns))
-        out = tmp_path / "cache" / repo_id / str(len(asked))
-        out.mkdir(parents=True)
-        for path in (tmp_path / repo_id.split("/")[1]).iterdir():
-            if any(fnmatch.fnmatch(path.name, pattern) for pattern in allow_patterns):
-                shutil.copy(path, out)
-        return str(out)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    ``pytorch_model*.bin`` weights gets those fetched instead, and nothing else."""
+    dense_checkpoint("llama", fake_hub.repos / "org" / "safetensors_repo")
+    as_pickles(fake_hub.repos / "org" / "safetensors_repo", fake_hub.repos / "org" / "bin_repo")
+    (fake_hub.repos / "org" / "bin_repo" / "training_args.bin").write_bytes(b"not weights")
     folder = bk.bnb_io._local_folder("org/safetensors_repo")
-    assert asked == [("org/safetensors_repo", ["*.json", "*.safetensors"])]
+    assert fake_hub.asked == [("org/safetensors_repo", ["*.json", "*.safetensors"])]
     assert (folder / "model.safetensors.index.json").is_file() and not list(folder.glob("*.bin"))
-    asked.clear()
+    fake_hub.asked.clear()
     folder = bk.bnb_io._local_folder("org/bin_repo")
-    assert [patterns for _, patterns in asked] == [["*.json", "*.safetensors"], ["*.json", "pytorch_model*.bin"]]
-    assert sorted(p.name for p in folder.glob("*.bin")) == sorted(p.name for p in (tmp_path / "bin_repo").glob("pytorch_model*.bin"))
+    assert [patterns for _, patterns in fake_hub.asked] == [["*.json", "*.safetensors"],
+                                                           ["*.json", "pytorch_model*.bin"]]
+    want = sorted(p.name for p in (fake_hub.repos / "org" / "bin_repo").glob("pytorch_model*.bin"))
+    assert sorted(p.name for p in folder.glob("*.bin")) == want

@@ -412,6 +412,40 @@ def test_pickle_adapters_load_as_safetensors_ones(tmp_path):
         assert_close(logits["bin"], reference(input_ids=input_ids).logits.double(), torch.float32, "pickle adapter")
 
 
+def test_adapters_load_from_hub_ids(fake_hub, tmp_path, monkeypatch):
+    """An ``"owner/repo"`` that is not a local path is fetched from the Hub as PEFT does: its
+    config and safetensors weights, or its ``adapter_model.bin`` where it has none; the logits
+    are PEFT's. A path that exists is never fetched, and a failed fetch names the adapter."""
+    base = tiny_model("llama")
+    references = {}
+    for name, safe in (("st", True), ("bin", False)):
+        references[name] = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                           init_lora_weights=False))
+        references[name].save_pretrained(fake_hub.repos / "org" / name, safe_serialization=safe)
+        (fake_hub.repos / "org" / name / "training_args.bin").write_bytes(b"not fetched")
+    monkeypatch.chdir(tmp_path)  # (where no org/ folder is)
+    model = bk.load_peft_adapters(copy.deepcopy(base), {"st": "org/st", "bin": "org/bin"})
+    assert fake_hub.asked == [("org/st", ["adapter_config.json", "adapter_model.safetensors"]),
+                              ("org/bin", ["adapter_config.json", "adapter_model.safetensors"]),
+                              ("org/bin", ["adapter_config.json", "adapter_model.bin"])]
+    input_ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        for name, reference in references.items():
+            with bk.use_adapters(model, name):
+                assert_close(model(input_ids=input_ids).logits, reference(input_ids=input_ids).logits.double(),
+                             torch.float32, name)
+
+    fake_hub.asked.clear()
+    with pytest.raises(ValueError, match=r"adapter 'x': 'org/missing' is not a folder here, and fetching it as a "
+                                         r"Hugging Face Hub repository failed \(FileNotFoundError: 404"):
+        bk.load_peft_adapters(copy.deepcopy(base), {"x": "org/missing"})
+    (tmp_path / "org" / "st").mkdir(parents=True)  # a local folder of that name wins, and lacks a config
+    for missing in ("org/st", "no/such/folder", "/no/such"):
+        with pytest.raises(ValueError, match="adapter 'x': .* has no adapter_config.json|is not a folder"):
+            bk.load_peft_adapters(copy.deepcopy(base), {"x": missing})
+    assert fake_hub.asked == [("org/missing", ["adapter_config.json", "adapter_model.safetensors"])]
+
+
 def test_load_refuses_bad_checkpoints(tmp_path):
     good = _folder(tmp_path / "good", r=4, lora_alpha=8, target_modules=["q_proj"])
     pickled = _folder(tmp_path / "pickled", r=4, lora_alpha=8, target_modules=["q_proj"])

@@ -494,6 +494,24 @@ def test_cli_serves_a_checkpoint_bitsandbytes_saved_in_4bit(serve_demo, tmp_path
     assert len(server.engine.adapter_names()) == 8 and "base in NF4" in _quantized(server.engine.model)
 
 
+def test_cli_loads_adapters_by_hub_id(serve_demo, fake_hub, tmp_path, monkeypatch):
+    """``--adapters NAME=owner/repo`` fetches the adapter from the Hub (stood in for here); the
+    model list gives the id as its root, and it answers as the same adapter from a folder."""
+    from bora_kernels.serve.cli import build_server
+
+    shutil.copytree(serve_demo / "adapters" / "skip2", fake_hub.repos / "org" / "skip2")
+    monkeypatch.chdir(tmp_path)
+    server, _ = build_server(["--demo", str(serve_demo), "--adapters", "hubbed=org/skip2"])
+    assert [repo for repo, _ in fake_hub.asked] == ["org/skip2"]
+    cards = {card["id"]: card["root"] for card in json.loads(server.models().body)["data"]}
+    assert cards["hubbed"] == "org/skip2" and cards["skip2"] == str((serve_demo / "adapters" / "skip2").resolve())
+    layers = bk.model.adapter_layers(server.engine.model)
+    slots = {name: server.engine.adapters[name] for name in ("hubbed", "skip2")}
+    for layer in layers.values():
+        assert torch.equal(layer.lora_A[slots["hubbed"]], layer.lora_A[slots["skip2"]])
+        assert torch.equal(layer.lora_B[slots["hubbed"]], layer.lora_B[slots["skip2"]])
+
+
 def test_cli_bad_arguments(serve_demo, capsys):
     from bora_kernels.serve.cli import build_server
 

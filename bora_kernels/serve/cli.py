@@ -1,7 +1,8 @@
 """``bora-serve``: many adapters over one model behind an OpenAI-compatible HTTP API.
 
     bora-serve --demo                                  # the tiny demo model and its 8 adapters
-    bora-serve --model DIR --adapters a=DIR_A b=DIR_B  # a Hugging Face model and PEFT adapters
+    bora-serve --model DIR --adapters a=DIR_A b=DIR_B  # a Hugging Face model and PEFT adapters (folders
+                                                       # or Hub ids: --model owner/model --adapters a=owner/lora)
     bora-serve --model DIR --adapter-root ROOT         # every sub-folder of ROOT is an adapter,
                                                        # and POST /v1/load_lora_adapter may load more from it
     bora-serve --model DIR --adapters ... --quantize nf4   # the adapters over a 4-bit NF4 base (QLoRA)
@@ -36,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--demo", nargs="?", const="runs/serve_demo", metavar="DIR",
                         help="the tiny demo model and its adapters (built in DIR first if missing; default %(const)s)")
     p.add_argument("--served-model-name", help="the base model's name in requests (default: the folder's name)")
-    p.add_argument("--adapters", nargs="+", default=[], metavar="NAME=DIR", help="PEFT adapter folders to load")
+    p.add_argument("--adapters", nargs="+", default=[], metavar="NAME=DIR",
+                   help="PEFT adapters to load: folders, or Hugging Face Hub ids (owner/repo)")
     p.add_argument("--adapter-root", metavar="DIR",
                    help="load every adapter sub-folder of DIR, and allow run-time loads from inside it (only)")
     p.add_argument("--host", default="127.0.0.1")
@@ -128,7 +130,7 @@ def build_server(argv=None):
     limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit,
                     max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout)
     server = Server(engine, tokenizer, name, adapter_root=root, limits=limits,
-                    adapter_paths={a: f.resolve() for a, f in folders.items()})
+                    adapter_paths={a: f.resolve() if f.exists() else f for a, f in folders.items()})
     return server, args
 
 

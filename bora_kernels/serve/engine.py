@@ -199,7 +199,7 @@ class Engine:
 
     # ------------------------------------------------------------------ adapters
     def load_adapter(self, name: str, folder) -> None:
-        """Read and check a PEFT folder here, then write it into a free slot between steps.
+        """Read and check a PEFT folder (or Hub id) here, then write it into a free slot between steps.
         Raises ``ValueError`` (bad folder, name taken, no free slot) and changes nothing then."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"adapter name must be a non-empty str, got {name!r}")
