@@ -391,7 +391,10 @@ def _keep_routes_through_checkpointing(model: nn.Module):
 def merge_adapter(model: nn.Module, name) -> nn.Module:
     """Fold adapter ``name`` into the base weights of every layer it touches, for serving that
     one adapter at base-model cost. Each merged layer keeps a copy of its base weight, so
-    ``unmerge_adapter`` restores it bit for bit. Routing adapters while merged is an error."""
+    ``unmerge_adapter`` restores it bit for bit. Routing adapters while merged is an error. An
+    NF4 base is merged as PEFT merges into 4-bit layers: dequantized, the delta added, quantized
+    again (outputs move by that rounding; a warning says so); bitsandbytes' 8-bit codes are
+    refused."""
     layers = _layers_or_raise(model)
     d = _adapter_index(adapter_names(model), name)
     merged = [m for m in layers.values() if m.merged is not None]

@@ -129,10 +129,86 @@ def test_multi_adapter_qlora_trains_and_serves(backend):
         want = dense(input_ids=ids).logits
     err = ((base_logits - want).norm() / want.norm()).item()
     assert err < 0.2, f"the 4-bit base drifts {err:.2f} from the dense model"
-    with pytest.raises(ValueError, match="4-bit"):
-        layers[0].merge(0)
     with pytest.raises(ValueError, match="quantize must be None or 'nf4'"):
         bk.inject(tiny_llama(), ["q_proj"], 2, quantize="int8")
+
+
+@pytest.mark.parametrize("double_quant", [True, False], ids=["double", "single"])
+def test_merging_into_the_nf4_base_quantizes_again_and_unmerging_restores_it(double_quant):
+    """``merge_adapter`` over an NF4 base (PEFT's merge into 4-bit layers): each layer's codes
+    become those of ``quantize_nf4(dequant(W) + delta)``, exactly, with a warning that outputs
+    move by 4-bit rounding; the merged model's logits are within that of the routed adapter's,
+    and ``unmerge_adapter`` puts back the original codes bit for bit."""
+    with use_backend("torch"):  # (the kernels' bytes and products are checked in test_nf4_format, test_nf4_matmul)
+        _merge_and_unmerge(double_quant)
+
+
+def _merge_and_unmerge(double_quant):
+    model = tiny_llama()
+    for name, m in list(model.model.layers.named_modules(prefix="model.layers")):
+        if isinstance(m, torch.nn.Linear):
+            bk.model._replace(model, name, NF4Linear.from_linear(m, 64, double_quant))
+    bk.inject(model, "all-linear", 2, r=4, alpha=8)
+    layers = bk.model.adapter_layers(model)
+    torch.manual_seed(1)
+    for layer in layers.values():
+        torch.nn.init.normal_(layer.lora_B, std=0.05)
+    original = {n: {p: getattr(m.base_layer, p) for p in ("packed", "absmax", "offset", "nested_absmax")}
+                for n, m in layers.items()}
+    want = {n: quantize_nf4(m.base_layer.nf4_weight().dequantize().float() + m.delta_weight(1), 64, double_quant)
+            for n, m in layers.items()}
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        with bk.use_adapters(model, 1):
+            routed = model(input_ids=ids).logits
+        base = model(input_ids=ids).logits
+        with pytest.warns(UserWarning, match="quantizes the sum again"):
+            bk.merge_adapter(model, 1)
+        for name, layer in layers.items():
+            got = layer.base_layer
+            assert got.compute_dtype == torch.float32 and (got.offset is not None) == double_quant
+            assert all(torch.equal(getattr(got, p), getattr(want[name], p))
+                       for p in ("packed", "absmax", "nested_absmax") if getattr(got, p) is not None), name
+        merged = model(input_ids=ids).logits
+        with pytest.raises(RuntimeError, match="merged into the base weights"), bk.use_adapters(model, 0):
+            model(input_ids=ids)
+        with pytest.raises(ValueError, match="merged into the base weights; call bora_kernels.unmerge_adapter"):
+            bk.bnb_4bit_state_dict(model)
+        # 4-bit rounding of the sum (0.15 here; the NF4 base itself is 0.2 from the dense model) against
+        # the adapter's whole effect (0.9)
+        assert 0 < rel_rms(merged, routed) < 0.25 and rel_rms(merged, base) > 3 * rel_rms(merged, routed)
+        bk.unmerge_adapter(model)
+        assert all(getattr(m.base_layer, p) is original[n][p] for n, m in layers.items() for p in original[n])
+        assert torch.equal(model(input_ids=ids).logits, base)
+    with pytest.raises(ValueError, match=r"this layer holds \(64, 64\) in blocks of 64"):
+        layers["model.layers.0.self_attn.q_proj"].base_layer.set_nf4_weight(quantize_nf4(torch.randn(64, 64), 32))
+
+
+def test_merge_into_a_bitsandbytes_4bit_model_equals_peft_merge_and_unload(tmp_path):
+    """A PEFT adapter over a model bitsandbytes loaded in 4-bit: PEFT's ``merge_and_unload`` and
+    our ``merge_adapter`` (over the adopted layers) give the same dequantized weights, exactly."""
+    F = pytest.importorskip("bitsandbytes").functional
+    peft = pytest.importorskip("peft")
+    tiny_llama().save_pretrained(tmp_path / "dense")
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                             bnb_4bit_compute_dtype=torch.float32)
+
+    def load():
+        return transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=config,
+                                                                 device_map="cpu")
+
+    theirs = peft.get_peft_model(load(), peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                         target_modules=["q_proj", "v_proj", "down_proj"]))
+    theirs.save_pretrained(tmp_path / "adapter")
+    theirs = theirs.merge_and_unload()
+    ours = bk.load_peft_adapters(load(), {"a": tmp_path / "adapter"})
+    with use_backend("torch"), pytest.warns(UserWarning, match="quantizes the sum again"):
+        bk.merge_adapter(ours, "a")
+    layers = bk.model.adapter_layers(ours)
+    assert len(layers) == 6
+    for name, layer in layers.items():
+        weight = theirs.get_submodule(name).weight
+        assert torch.equal(layer.base_layer.nf4_weight().dequantize(), F.dequantize_4bit(weight.data, weight.quant_state))
 
 
 @pytest.mark.parametrize("backend,amp", [pytest.param("triton", None, marks=NEEDS_INTERPRETER, id="triton"),

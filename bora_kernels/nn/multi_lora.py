@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Sequence
 
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 
 from ..ops._dispatch import autocast_dtype
 from ..ops.lora_delta import LoRAPlan, lora_delta
+from ..quant import NF4Tensor, quantize_nf4
 from .nf4_linear import NF4Linear, is_bnb_4bit
 from .routing import AdapterRoute
 
@@ -164,7 +166,8 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
         self.register_buffer("scaling", torch.empty(num_adapters, device=weight.device), persistent=False)
         self._write_buffers()
         self.adapter_ids: AdapterRoute | torch.Tensor | LoRAPlan | None = None
-        self.merged: tuple[int, torch.Tensor] | None = None  # (adapter, base weight before the merge)
+        # (adapter, base weight before the merge: a tensor, or an NF4 base's NF4Tensor)
+        self.merged: tuple[int, torch.Tensor | NF4Tensor] | None = None
         self.reset_lora_parameters()
 
     @property
@@ -223,11 +226,22 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
 
     @torch.no_grad()
     def merge(self, d: int):
-        """Fold adapter ``d`` into the base weight; ``unmerge`` puts back the saved weight."""
+        """Fold adapter ``d`` into the base weight; ``unmerge`` puts back the saved weight. An NF4
+        base is dequantized, the delta added and the sum quantized again (as PEFT merges into
+        4-bit layers): its outputs then differ from the unmerged adapter's by 4-bit rounding
+        (a ``UserWarning`` says so); the original codes are kept, so ``unmerge`` is exact."""
         if self.merged is not None:
             raise RuntimeError(f"adapter {self.adapter_names[self.merged[0]]!r} is already merged; unmerge first")
         if isinstance(self.base_layer, NF4Linear):
-            raise ValueError("cannot merge an adapter into a 4-bit NF4 base weight; serve it unmerged")
+            base = self.base_layer
+            saved = base.nf4_weight()
+            weight = saved.dequantize().float() + self.delta_weight(d).to(base.packed.device)
+            base.set_nf4_weight(quantize_nf4(weight.to(base.compute_dtype), base.blocksize, saved.double_quant))
+            warnings.warn("merging an adapter into an NF4 base weight quantizes the sum again: outputs differ from "
+                          "the unmerged adapter's by 4-bit rounding (unmerge_adapter restores the base exactly)",
+                          stacklevel=2)
+            self.merged = (d, saved)
+            return
         weight = self.base_layer.weight
         if not weight.dtype.is_floating_point:  # bitsandbytes' int8 codes: adding a float delta corrupts them
             raise ValueError(f"cannot merge an adapter into a quantized {weight.dtype} base weight; serve it unmerged")
@@ -238,7 +252,11 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
     @torch.no_grad()
     def unmerge(self):
         if self.merged is not None:
-            self.base_layer.weight.data.copy_(self.merged[1])
+            saved = self.merged[1]
+            if isinstance(saved, NF4Tensor):
+                self.base_layer.set_nf4_weight(saved)
+            else:
+                self.base_layer.weight.data.copy_(saved)
             self.merged = None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,

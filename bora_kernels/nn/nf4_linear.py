@@ -69,6 +69,19 @@ class NF4Linear(nn.Module):
         return NF4Tensor(self.packed, self.absmax, self.shape, self.compute_dtype, self.blocksize, self.offset,
                          self.nested_absmax, self.nested_code)
 
+    def set_nf4_weight(self, weight: NF4Tensor) -> None:
+        """Hold ``weight`` (quantized as this layer's: shape, blocksize, double quantization) in
+        place of the current codes, on the layer's device; the compute dtype and bias stay."""
+        double_quant = self.offset is not None
+        if tuple(weight.shape) != tuple(self.shape) or weight.blocksize != self.blocksize \
+                or weight.double_quant != double_quant:
+            raise ValueError(f"weight is {tuple(weight.shape)} in blocks of {weight.blocksize} (double_quant="
+                             f"{weight.double_quant}); this layer holds {tuple(self.shape)} in blocks of "
+                             f"{self.blocksize} (double_quant={double_quant})")
+        for part in _PARTS:
+            value = getattr(weight, part)
+            self._buffers[part] = None if value is None else value.to(self.packed.device)
+
     @property
     def weight(self) -> NF4Tensor:
         """The quantized weight (not a ``torch.Tensor``; its ``dtype`` is the compute dtype), for
