@@ -33,6 +33,7 @@ from .tensor_files import hub_snapshot, read_tensor_file
 
 QUANT_STATE = ".weight.quant_state.bitsandbytes__"
 _NONE = object()
+GENERATION_CONFIG = "generation_config.json"
 # what a Hugging Face folder keeps its weights in, in the order from_pretrained looks for them
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -237,7 +238,7 @@ def from_pretrained_4bit(name_or_folder, model_class=None, dtype: torch.dtype | 
         raise ValueError(f"{name_or_folder} is not a bitsandbytes 4-bit NF4 checkpoint: {problem}")
     folder = _local_folder(name_or_folder)
     del config.quantization_config
-    model = _empty_model(config, model_class)
+    model = _empty_model(config, model_class, folder)
     load_bnb_4bit(model, folder, device=device, dtype=dtype)
     return model.to(device or "cpu").eval()  # (the buffers made on the CPU)
 
@@ -251,13 +252,21 @@ def _local_folder(name_or_folder) -> Path:
     return hub_snapshot(str(name_or_folder), ["*.json", "*.safetensors"], ["*.json", "pytorch_model*.bin"])
 
 
-def _empty_model(config, model_class=None) -> nn.Module:
+def _empty_model(config, model_class=None, folder: Path | None = None) -> nn.Module:
     """The model of ``config`` (``model_class``, default ``AutoModelForCausalLM``) with its
-    parameters on the meta device and its buffers made."""
+    parameters on the meta device and its buffers made; its generation config read from
+    ``folder``'s ``generation_config.json`` where there is one, as ``from_pretrained`` reads it
+    (stop tokens, sampling defaults)."""
     if model_class is None:
         from transformers import AutoModelForCausalLM as model_class
     with _parameters_on_meta():
-        return model_class.from_config(config)
+        model = model_class.from_config(config)
+    if folder is not None and (folder / GENERATION_CONFIG).is_file() \
+            and getattr(model, "generation_config", None) is not None:
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    return model
 
 
 def _trim_heap() -> None:
@@ -289,7 +298,7 @@ def from_pretrained_nf4(name_or_folder, target_modules="all-linear", exclude_mod
                          f"{_quantization(config).get('quant_method')!r}); from_pretrained_4bit reads bitsandbytes' "
                          f"4-bit checkpoints")
     folder = _local_folder(name_or_folder)
-    model = _empty_model(config, model_class)
+    model = _empty_model(config, model_class, folder)
     targets = {name: fan for name, _, fan in find_targets(model, target_modules, exclude_modules)}
     tied, shapes = _tied_groups(model), {k: tuple(v.shape) for k, v in model.state_dict().items()}
     loaded, biases = set(), {}
@@ -398,6 +407,8 @@ def save_pretrained_4bit(model: nn.Module, folder) -> Path:
         "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": dense or None}
     try:
         model.config.save_pretrained(folder)
+        if getattr(model, "generation_config", None) is not None:  # (as save_pretrained writes it)
+            model.generation_config.save_pretrained(folder)
     finally:
         if had is _NONE:
             del model.config.quantization_config

@@ -463,3 +463,18 @@ def test_hub_models_fetch_pickle_weights_only_without_safetensors(fake_hub):
                                                            ["*.json", "pytorch_model*.bin"]]
     want = sorted(p.name for p in (fake_hub.repos / "org" / "bin_repo").glob("pytorch_model*.bin"))
     assert sorted(p.name for p in folder.glob("*.bin")) == want
+
+
+def test_the_generation_config_travels_with_the_checkpoint(tmp_path, torch_path):
+    """``generation_config.json`` (a chat model's several stop tokens, its sampling defaults) is
+    read by both loaders, as ``from_pretrained`` reads it, and written by ``save_pretrained_4bit``."""
+    model = tiny_llama(False)
+    model.generation_config.update(eos_token_id=[2, 7], do_sample=True, top_p=0.9)
+    model.save_pretrained(tmp_path / "dense")
+    dense = bk.from_pretrained_nf4(tmp_path / "dense")
+    bk.save_pretrained_4bit(dense, tmp_path / "4bit")
+    assert (tmp_path / "4bit" / "generation_config.json").is_file()
+    for loaded in (dense, bk.from_pretrained_4bit(tmp_path / "4bit")):
+        assert loaded.generation_config.eos_token_id == [2, 7] and loaded.generation_config.top_p == 0.9
+    (tmp_path / "4bit" / "generation_config.json").unlink()  # then it comes from the model's config, as before
+    assert bk.from_pretrained_4bit(tmp_path / "4bit").generation_config.eos_token_id == model.config.eos_token_id

@@ -450,7 +450,7 @@ def test_cli_sigterm_finishes_in_flight_work_and_exits_0(serve_demo, tmp_path):
         if proc.poll() is None:
             proc.kill()
         log = proc.communicate()[0]
-    assert "with 8 adapters" in log, log
+    assert "with 8 adapters" in log and "stop tokens [2])" in log, log
 
 
 def test_cli_quantize_nf4_serves_the_adapters_over_a_4bit_base(serve_demo, capsys):
@@ -492,6 +492,37 @@ def test_cli_serves_a_checkpoint_bitsandbytes_saved_in_4bit(serve_demo, tmp_path
     assert set(saved) == set(layers)
     assert all(torch.equal(layers[n].base_layer.packed.flatten(), saved[n].flatten()) for n in saved)
     assert len(server.engine.adapter_names()) == 8 and "base in NF4" in _quantized(server.engine.model)
+
+
+def test_the_generation_config_gives_stop_tokens_and_sampling_defaults(served, tokenizer, monkeypatch):
+    """The tokenizer's eos and each one of the model's ``generation_config.eos_token_id`` (one id
+    or a list, as Llama 3 Instruct's ``<|eot_id|>`` beside ``<|end_of_text|>``) end a completion;
+    its ``temperature`` and ``top_p`` are the defaults of a request that leaves them out (as
+    vLLM takes them), and a value the request gives wins, 0 included."""
+    from types import SimpleNamespace as Namespace
+
+    from bora_kernels.serve.app import sampling_defaults, stop_tokens
+
+    def model(eos=None, temperature=1.0, top_p=1.0):
+        return Namespace(generation_config=Namespace(eos_token_id=eos, temperature=temperature, top_p=top_p))
+
+    eos = Namespace(eos_token_id=2)
+    assert stop_tokens(eos, model([2, 7])) == (2, 7)
+    assert stop_tokens(eos, model(9)) == (2, 9)
+    assert stop_tokens(eos, model(None)) == (2,) == stop_tokens(eos, Namespace())
+    assert stop_tokens(Namespace(eos_token_id=None), model((7, 8))) == (7, 8)
+    assert sampling_defaults(model(temperature=0.6, top_p=0.9)) == {"temperature": 0.6, "top_p": 0.9}
+    assert sampling_defaults(model()) == sampling_defaults(Namespace()) == {}
+    assert sampling_defaults(model(temperature=5.0, top_p=0.0)) == sampling_defaults(model(temperature=None)) == {}
+
+    _, server = served
+    assert server.eos == (tokenizer.eos_token_id,) and server.defaults == {}
+    monkeypatch.setattr(server, "eos", (2, 7))
+    monkeypatch.setattr(server, "defaults", {"temperature": 0.6, "top_p": 0.9})
+    params, _ = server.sampling({"max_tokens": 4}, 3, None)
+    assert (params.temperature, params.top_p, params.stop_token_ids) == (0.6, 0.9, (2, 7))
+    params, _ = server.sampling({"max_tokens": 4, "temperature": 0, "top_p": None, "ignore_eos": True}, 3, None)
+    assert (params.temperature, params.top_p, params.stop_token_ids) == (0, 0.9, ())
 
 
 def test_cli_loads_adapters_by_hub_id(serve_demo, fake_hub, tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from .engine import Engine, InvalidParams, QueueFull, Request, SamplingParams, UnknownAdapter
+from .engine import Engine, InvalidParams, QueueFull, Request, SamplingParams, UnknownAdapter, _is_number
 from .metrics import Metrics
 
 
@@ -127,6 +127,27 @@ class _Job:
     finish: str | None = None
 
 
+def stop_tokens(tokenizer, model) -> tuple[int, ...]:
+    """The ids that end a completion: the tokenizer's end-of-sequence token and every one the
+    model's generation config names (``generation_config.json``: chat models such as Llama 3
+    Instruct end a turn with a token the tokenizer does not call its eos), as ``generate`` stops."""
+    generation = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [getattr(tokenizer, "eos_token_id", None),
+           *(generation if isinstance(generation, (list, tuple)) else [generation])]
+    return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def sampling_defaults(model) -> dict[str, float]:
+    """The ``temperature`` and ``top_p`` of the model's generation config that differ from 1.0
+    (``generation_config.json``: Llama 3 Instruct says 0.6 and 0.9), for requests that leave
+    them out, as vLLM takes them; values outside the API's ranges are left out."""
+    generation = getattr(model, "generation_config", None)
+    temperature, top_p = getattr(generation, "temperature", None), getattr(generation, "top_p", None)
+    found = {"temperature": temperature if _is_number(temperature) and 0 <= temperature <= 2 else None,
+             "top_p": top_p if _is_number(top_p) and 0 < top_p <= 1 else None}
+    return {name: float(value) for name, value in found.items() if value is not None and value != 1.0}
+
+
 class Server:
     """The state behind the routes; ``create_app`` builds the FastAPI app around one."""
 
@@ -142,8 +163,7 @@ class Server:
         self.vocab = engine.vocab_size  # the engine's own bound (the embedding's rows), checked again at submit
         self.adapter_paths = dict(adapter_paths or {})
         self.metrics = Metrics()
-        eos = getattr(tokenizer, "eos_token_id", None)
-        self.eos = () if eos is None else (eos,)
+        self.eos, self.defaults = stop_tokens(tokenizer, engine.model), sampling_defaults(engine.model)
         self.created = int(time.time())
 
     # ------------------------------------------------------------------ requests in
@@ -200,8 +220,8 @@ class Server:
         if not isinstance(ignore_eos, bool):
             raise _bad("ignore_eos", "must be true or false")
         given = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        values = {"max_tokens": body.get(given), "temperature": body.get("temperature"), "top_p": body.get("top_p"),
-                  "seed": body.get("seed")}
+        values = {"max_tokens": body.get(given), "seed": body.get("seed"),
+                  **{k: body[k] if body.get(k) is not None else self.defaults.get(k) for k in ("temperature", "top_p")}}
         if values["max_tokens"] is None:  # the default is within the room
             values["max_tokens"] = min(default_max or room, room)
         try:  # the fields' own domains are SamplingParams' to check

@@ -177,7 +177,8 @@ def main(argv=None) -> int:
         server.engine.start()  # the engine thread keeps the backend chosen here
     adapters = server.engine.adapter_names()
     print(f"bora-serve: {server.model_name} with {len(adapters)} adapters {adapters} on "
-          f"http://{args.host}:{args.port} (schedule {args.schedule}{_quantized(server.engine.model)})",
+          f"http://{args.host}:{args.port} (schedule {args.schedule}{_quantized(server.engine.model)}; stop tokens "
+          f"{list(server.eos)}" + "".join(f", default {k} {v:g}" for k, v in server.defaults.items()) + ")",
           file=sys.stderr, flush=True)
     config = uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
                             access_log=not args.no_access_log)
