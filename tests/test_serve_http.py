@@ -34,7 +34,7 @@ from bora_kernels.bench.serve import free_port, wait_healthy  # noqa: E402
 from bora_kernels.nn import NF4Linear, nf4_storage  # noqa: E402
 from bora_kernels.ops import use_backend  # noqa: E402
 from bora_kernels.serve import Engine, QueueFull, demo  # noqa: E402
-from bora_kernels.serve.app import Limits, Server, create_app  # noqa: E402
+from bora_kernels.serve.app import APIError, Limits, Server, create_app  # noqa: E402
 
 ADAPTERS = demo.ADAPTERS
 BASE = demo.MODEL_NAME
@@ -523,6 +523,25 @@ def test_the_generation_config_gives_stop_tokens_and_sampling_defaults(served, t
     assert (params.temperature, params.top_p, params.stop_token_ids) == (0.6, 0.9, (2, 7))
     params, _ = server.sampling({"max_tokens": 4, "temperature": 0, "top_p": None, "ignore_eos": True}, 3, None)
     assert (params.temperature, params.top_p, params.stop_token_ids) == (0, 0.9, ())
+
+
+def test_completion_prompts_get_the_tokenizers_special_tokens(served, monkeypatch):
+    """A text prompt of ``/v1/completions`` is tokenized with the tokenizer's special tokens (a
+    Llama tokenizer's BOS), as vLLM does, unless ``add_special_tokens`` is false; token-id
+    prompts are taken as they are."""
+    from tokenizers import processors
+
+    _, server = served
+    tokenizer = demo.char_tokenizer()
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                                               special_tokens=[("<s>", 1)])
+    monkeypatch.setattr(server, "tokenizer", tokenizer)
+    abc = tokenizer("abc", add_special_tokens=False).input_ids
+    assert server.completion_prompt({"prompt": "abc"}) == [1, *abc]
+    assert server.completion_prompt({"prompt": "abc", "add_special_tokens": False}) == abc
+    assert server.completion_prompt({"prompt": abc}) == abc
+    with pytest.raises(APIError, match="add_special_tokens: must be true or false"):
+        server.completion_prompt({"prompt": "abc", "add_special_tokens": "yes"})
 
 
 def test_cli_loads_adapters_by_hub_id(serve_demo, fake_hub, tmp_path, monkeypatch):

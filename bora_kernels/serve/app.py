@@ -250,8 +250,11 @@ class Server:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # a batch of one
+        special = body.get("add_special_tokens", True)  # the tokenizer's BOS, as vLLM adds it to completions
+        if not isinstance(special, bool):
+            raise _bad("add_special_tokens", f"must be true or false, got {json.dumps(special)}")
         if isinstance(prompt, str):
-            ids = self.tokenizer(prompt, add_special_tokens=False).input_ids if prompt else []
+            ids = self.tokenizer(prompt, add_special_tokens=special).input_ids if prompt else []
         elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             if any(not 0 <= t < self.vocab for t in prompt):
                 raise _bad("prompt", f"token ids must lie in [0, {self.vocab})")
