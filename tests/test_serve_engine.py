@@ -248,7 +248,33 @@ def test_stop_tokens_and_sampling(adapters, reference):
             for seed in (1, None)]
     assert all(out["done"].wait(60) for out in outs)
     assert all(out["tokens"] == offline(reference, prompt, names[1], 8) for out in outs)
+    # so are top_k=1 and min_p=1
+    outs = [collect(engine, prompt, names[1], SamplingParams(max_tokens=8, temperature=1.5, **cut))[1]
+            for cut in ({"top_k": 1}, {"min_p": 1.0, "seed": 3})]
+    assert all(out["done"].wait(60) for out in outs)
+    assert all(out["tokens"] == offline(reference, prompt, names[1], 8) for out in outs)
     engine.shutdown(10)
+
+
+def test_top_k_top_p_and_min_p_cut_the_distribution():
+    """``truncated``: each row keeps its ``top_k`` most likely tokens, of those the fewest whose
+    share of their mass reaches ``top_p``, of those the ones at least ``min_p`` times as likely as
+    the first; the kept ones keep their probabilities."""
+    from bora_kernels.serve.engine import truncated
+
+    probs = torch.tensor([0.1, 0.5, 0.05, 0.2, 0.15])
+    cases = [((0, 1.0, 0.0), [0.1, 0.5, 0.05, 0.2, 0.15]), ((-1, 1.0, 0.0), [0.1, 0.5, 0.05, 0.2, 0.15]),
+             ((2, 1.0, 0.0), [0, 0.5, 0, 0.2, 0]), ((0, 0.6, 0.0), [0, 0.5, 0, 0.2, 0]),
+             ((0, 0.75, 0.0), [0, 0.5, 0, 0.2, 0.15]),
+             ((3, 0.8, 0.0), [0, 0.5, 0, 0.2, 0]),  # 0.8 of the top 3's 0.85: the third starts past it
+             ((0, 1.0, 0.3), [0, 0.5, 0, 0.2, 0.15]), ((0, 1e-9, 0.0), [0, 0.5, 0, 0, 0]),
+             ((4, 0.9, 0.35), [0, 0.5, 0, 0.2, 0])]
+    rows = len(cases)
+    column = lambda values, dtype: torch.tensor(values, dtype=dtype)[:, None]  # noqa: E731
+    got = truncated(probs.repeat(rows, 1), column([c[0][0] for c in cases], torch.long),
+                    column([c[0][1] for c in cases], torch.float), column([c[0][2] for c in cases], torch.float))
+    for row, (cut, want) in enumerate(cases):
+        assert torch.equal(got[row], torch.tensor(want)), cut
 
 
 def test_cancel_leaves_the_batch_and_others_continue(adapters, reference):
@@ -326,7 +352,9 @@ def test_queue_limit_and_shutdown_finishes_work(adapters):
 def test_bad_arguments():
     for kw, match in (({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 2.5}, "max_tokens"),
                       ({"temperature": -1}, "temperature"), ({"temperature": float("nan")}, "temperature"),
-                      ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"seed": "x"}, "seed")):
+                      ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"seed": "x"}, "seed"),
+                      ({"top_k": -2}, "top_k"), ({"top_k": 2.5}, "top_k"), ({"min_p": 1.5}, "min_p"),
+                      ({"min_p": float("nan")}, "min_p")):
         with pytest.raises(ValueError, match=match):
             SamplingParams(**kw)
     with pytest.raises(ValueError, match="max_batch must be a positive int"):

@@ -22,7 +22,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from .engine import Engine, InvalidParams, QueueFull, Request, SamplingParams, UnknownAdapter, _is_number
+from .engine import Engine, InvalidParams, QueueFull, Request, SamplingParams, UnknownAdapter, _is_int, _is_number
 from .metrics import Metrics
 
 
@@ -137,15 +137,22 @@ def stop_tokens(tokenizer, model) -> tuple[int, ...]:
     return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
+# what a request may leave to the model's generation config, with the values taken as "not set"
+# there (GenerationConfig's own defaults, as vLLM reads the config) and the API's ranges
+SAMPLING_DEFAULTS = {"temperature": (1.0, lambda v: _is_number(v) and 0 <= v <= 2),
+                     "top_p": (1.0, lambda v: _is_number(v) and 0 < v <= 1),
+                     "top_k": (50, lambda v: _is_int(v) and v >= 1),
+                     "min_p": (None, lambda v: _is_number(v) and 0 < v <= 1)}
+
+
 def sampling_defaults(model) -> dict[str, float]:
-    """The ``temperature`` and ``top_p`` of the model's generation config that differ from 1.0
-    (``generation_config.json``: Llama 3 Instruct says 0.6 and 0.9), for requests that leave
-    them out, as vLLM takes them; values outside the API's ranges are left out."""
+    """The ``temperature``, ``top_p``, ``top_k`` and ``min_p`` the model's generation config sets
+    (``generation_config.json``: Llama 3 Instruct says temperature 0.6, top_p 0.9), for requests
+    that leave them out, as vLLM takes them; values outside the API's ranges are left out."""
     generation = getattr(model, "generation_config", None)
-    temperature, top_p = getattr(generation, "temperature", None), getattr(generation, "top_p", None)
-    found = {"temperature": temperature if _is_number(temperature) and 0 <= temperature <= 2 else None,
-             "top_p": top_p if _is_number(top_p) and 0 < top_p <= 1 else None}
-    return {name: float(value) for name, value in found.items() if value is not None and value != 1.0}
+    found = {name: getattr(generation, name, None) for name in SAMPLING_DEFAULTS}
+    return {name: value for name, value in found.items()
+            if value is not None and value != SAMPLING_DEFAULTS[name][0] and SAMPLING_DEFAULTS[name][1](value)}
 
 
 class Server:
@@ -204,7 +211,8 @@ class Server:
         for name, allowed in (("n", (None, 1)), ("best_of", (None, 1)), ("echo", (None, False)),
                               ("logprobs", (None, False)), ("top_logprobs", (None,)), ("suffix", (None,)),
                               ("presence_penalty", (None, 0)), ("frequency_penalty", (None, 0)),
-                              ("logit_bias", (None, {}))):
+                              ("logit_bias", (None, {})), ("repetition_penalty", (None, 1)),
+                              ("min_tokens", (None, 0)), ("use_beam_search", (None, False))):
             if name in body and body[name] not in allowed:
                 raise _bad(name, f"{json.dumps(body[name])} is not supported by this server")
         room = self.limits.max_tokens
@@ -219,14 +227,17 @@ class Server:
         ignore_eos = body.get("ignore_eos", False)
         if not isinstance(ignore_eos, bool):
             raise _bad("ignore_eos", "must be true or false")
+        extra = [] if body.get("stop_token_ids") is None else body["stop_token_ids"]  # (vLLM's; kept with ignore_eos)
+        if not isinstance(extra, list) or not all(_is_int(t) and 0 <= t < self.vocab for t in extra):
+            raise _bad("stop_token_ids", f"must be a list of token ids in [0, {self.vocab})")
         given = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         values = {"max_tokens": body.get(given), "seed": body.get("seed"),
-                  **{k: body[k] if body.get(k) is not None else self.defaults.get(k) for k in ("temperature", "top_p")}}
+                  **{k: body[k] if body.get(k) is not None else self.defaults.get(k) for k in SAMPLING_DEFAULTS}}
         if values["max_tokens"] is None:  # the default is within the room
             values["max_tokens"] = min(default_max or room, room)
         try:  # the fields' own domains are SamplingParams' to check
             params = SamplingParams(**{k: v for k, v in values.items() if v is not None},
-                                    stop_token_ids=() if ignore_eos else self.eos)
+                                    stop_token_ids=tuple(dict.fromkeys([*(() if ignore_eos else self.eos), *extra])))
         except InvalidParams as err:
             param = given if err.param == "max_tokens" else err.param
             raise APIError(400, f"{param}{str(err)[len(err.param):]}", param=param) from None

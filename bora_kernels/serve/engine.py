@@ -89,15 +89,36 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def truncated(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """``probs`` ``[rows, vocab]`` with every token outside each row's cut set to 0 (the rest
+    left as they are: ``multinomial`` scales): its ``top_k`` most likely tokens (``[rows, 1]``;
+    0 or -1: all), of those the fewest whose share of their mass reaches ``top_p``, of those the
+    ones at least ``min_p`` times as likely as the most likely token. The most likely token is
+    always kept."""
+    ordered, order = probs.sort(-1, descending=True)
+    rank = torch.arange(probs.shape[-1], device=probs.device)
+    keep = (top_k <= 0) | (rank < top_k)
+    ordered = ordered.masked_fill(~keep, 0.0)
+    keep &= ordered.cumsum(-1) - ordered < top_p * ordered.sum(-1, keepdim=True)
+    keep &= ordered >= min_p * ordered[:, :1]
+    keep[:, 0] = True
+    return probs.scatter(-1, order, ordered.masked_fill(~keep, 0.0))
+
+
 @dataclasses.dataclass
 class SamplingParams:
-    """``temperature == 0`` is greedy. ``seed`` makes sampling repeatable per request. Bad values
+    """``temperature == 0`` is greedy. A sampled token is drawn from the temperature-scaled
+    distribution cut to its ``top_k`` most likely tokens (0 or -1: all), then to the fewest of
+    those whose share of their mass reaches ``top_p``, then to those at least ``min_p`` times as
+    likely as the most likely one. ``seed`` makes sampling repeatable per request. Bad values
     raise ``InvalidParams`` naming the field."""
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
+    top_k: int = 0
+    min_p: float = 0.0
 
     def __post_init__(self):
         if not _is_int(self.max_tokens):
@@ -110,6 +131,10 @@ class SamplingParams:
             raise InvalidParams("temperature", f"must be a finite number >= 0, got {self.temperature!r}")
         if not (_is_number(self.top_p) and 0 < self.top_p <= 1):
             raise InvalidParams("top_p", f"must lie in (0, 1], got {self.top_p!r}")
+        if not (_is_int(self.top_k) and self.top_k >= -1):
+            raise InvalidParams("top_k", f"must be an integer >= 1, or 0 or -1 for no limit, got {self.top_k!r}")
+        if not (_is_number(self.min_p) and 0 <= self.min_p <= 1):
+            raise InvalidParams("min_p", f"must lie in [0, 1], got {self.min_p!r}")
         self.stop_token_ids = tuple(self.stop_token_ids)
 
 
@@ -425,13 +450,11 @@ class Engine:
         sampled = [i for i, s in enumerate(seqs) if s.request.params.temperature > 0]
         if not sampled:
             return tokens
-        temps = torch.tensor([seqs[i].request.params.temperature for i in sampled], device=logits.device)
-        top_p = torch.tensor([seqs[i].request.params.top_p for i in sampled], device=logits.device)
-        probs = (logits[sampled].float() / temps[:, None]).softmax(-1)
-        # top-p: keep the smallest set of most likely tokens whose mass reaches top_p
-        sorted_probs, order = probs.sort(-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p[:, None]
-        probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+        params = [seqs[i].request.params for i in sampled]
+        column = lambda values: torch.tensor(values, device=logits.device)[:, None]  # noqa: E731
+        probs = (logits[sampled].float() / column([p.temperature for p in params])).softmax(-1)
+        probs = truncated(probs, column([p.top_k for p in params]), column([p.top_p for p in params]),
+                          column([p.min_p for p in params]))
         shared = [row for row, i in enumerate(sampled) if seqs[i].generator is None]
         if shared:  # one draw for every request without a seed
             where = torch.tensor([sampled[row] for row in shared], device=logits.device)
