@@ -528,11 +528,15 @@ def test_the_generation_config_gives_stop_tokens_and_sampling_defaults(served, t
     assert (params.temperature, params.top_p, params.stop_token_ids) == (0, 0.9, ())
     params, _ = server.sampling({"top_k": 5, "min_p": 0.1, "stop_token_ids": [9, 2]}, 3, None)
     assert (params.top_k, params.min_p, params.stop_token_ids) == (5, 0.1, (2, 7, 9))
-    params, _ = server.sampling({"stop_token_ids": [9], "ignore_eos": True}, 3, None)
+    params, _ = server.sampling({"stop_token_ids": [9], "ignore_eos": True, "tools": [],
+                                 "response_format": {"type": "text"}}, 3, None)
     assert (params.top_k, params.min_p, params.stop_token_ids) == (0, 0.0, (9,))
     for body, param in (({"top_k": 2.5}, "top_k"), ({"min_p": -1}, "min_p"), ({"stop_token_ids": [10**6]}, "stop_token_ids"),
                         ({"stop_token_ids": 3}, "stop_token_ids"), ({"repetition_penalty": 1.2}, "repetition_penalty"),
-                        ({"min_tokens": 2}, "min_tokens"), ({"use_beam_search": True}, "use_beam_search")):
+                        ({"min_tokens": 2}, "min_tokens"), ({"use_beam_search": True}, "use_beam_search"),
+                        ({"response_format": {"type": "json_object"}}, "response_format"),
+                        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                        ({"guided_choice": ["a", "b"]}, "guided_choice")):
         with pytest.raises(APIError, match=f"^{param}"):
             server.sampling(body, 3, None)
 

@@ -212,7 +212,11 @@ class Server:
                               ("logprobs", (None, False)), ("top_logprobs", (None,)), ("suffix", (None,)),
                               ("presence_penalty", (None, 0)), ("frequency_penalty", (None, 0)),
                               ("logit_bias", (None, {})), ("repetition_penalty", (None, 1)),
-                              ("min_tokens", (None, 0)), ("use_beam_search", (None, False))):
+                              ("min_tokens", (None, 0)), ("use_beam_search", (None, False)),
+                              # constrained output: a client asking for it must not get free text
+                              ("tools", (None, [])), ("functions", (None, [])),
+                              ("response_format", (None, {"type": "text"})), ("guided_json", (None,)),
+                              ("guided_regex", (None,)), ("guided_choice", (None,)), ("guided_grammar", (None,))):
             if name in body and body[name] not in allowed:
                 raise _bad(name, f"{json.dumps(body[name])} is not supported by this server")
         room = self.limits.max_tokens
