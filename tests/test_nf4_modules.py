@@ -133,6 +133,30 @@ def test_multi_adapter_qlora_trains_and_serves(backend):
         bk.inject(tiny_llama(), ["q_proj"], 2, quantize="int8")
 
 
+@pytest.mark.gpu
+def test_merging_into_the_nf4_base_on_the_gpu_gives_the_cpu_bytes():
+    """On the GPU the merge dequantizes and quantizes with the Triton kernels: the CPU's merged
+    weights (a code may flip where the GPU's fused multiply-add rounds a sum on a boundary), and
+    unmerging restores the original codes."""
+    model = tiny_llama()
+    bk.inject(model, ["q_proj", "down_proj"], 1, r=4, alpha=8, quantize="nf4")
+    torch.manual_seed(1)
+    for layer in bk.model.adapter_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B, std=0.05)
+    gpu = copy.deepcopy(model).cuda()
+    original = {n: m.base_layer.packed.clone() for n, m in bk.model.adapter_layers(gpu).items()}
+    with pytest.warns(UserWarning, match="quantizes the sum again"):
+        with use_backend("torch"):
+            bk.merge_adapter(model, 0)
+        bk.merge_adapter(gpu, 0)
+    for name, layer in bk.model.adapter_layers(gpu).items():
+        got = layer.base_layer.nf4_weight().dequantize().cpu()
+        want = model.get_submodule(name).base_layer.nf4_weight().dequantize()
+        assert (got != want).float().mean() < 1e-3 and rel_rms(got, want) < 1e-3, name
+    bk.unmerge_adapter(gpu)
+    assert all(torch.equal(m.base_layer.packed, original[n]) for n, m in bk.model.adapter_layers(gpu).items())
+
+
 @pytest.mark.parametrize("double_quant", [True, False], ids=["double", "single"])
 def test_merging_into_the_nf4_base_quantizes_again_and_unmerging_restores_it(double_quant):
     """``merge_adapter`` over an NF4 base (PEFT's merge into 4-bit layers): each layer's codes
