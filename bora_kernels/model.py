@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import re
+import warnings
 from typing import Iterable, Sequence
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 
 from .nn import (CONTEXT_LAYERS, AdapterRoute, ContextBitFit, ContextIA3, ContextLoRALinear, ContextRoute, MultiLoRALinear,
                  NF4Linear, is_bnb_4bit)
+from .nn.multi_lora import NF4_MERGE_WARNING
 from .quant import quantize_nf4
 
 METHODS = ("lora", "context_lora", "context_bitfit", "context_ia3")
@@ -401,9 +403,13 @@ def merge_adapter(model: nn.Module, name) -> nn.Module:
     if merged:
         raise RuntimeError(f"adapter {merged[0].adapter_names[merged[0].merged[0]]!r} is already merged; "
                            f"call unmerge_adapter first")
+    requantized = False
     for m in layers.values():
         if m.rank_values[d]:
-            m.merge(d)
+            m.merge(d, warn=False)
+            requantized |= isinstance(m.base_layer, NF4Linear)
+    if requantized:  # once for the model
+        warnings.warn(NF4_MERGE_WARNING, stacklevel=2)
     return model
 
 

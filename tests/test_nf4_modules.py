@@ -186,8 +186,9 @@ def _merge_and_unmerge(double_quant):
         with bk.use_adapters(model, 1):
             routed = model(input_ids=ids).logits
         base = model(input_ids=ids).logits
-        with pytest.warns(UserWarning, match="quantizes the sum again"):
+        with pytest.warns(UserWarning, match="quantizes the sum again") as warned:
             bk.merge_adapter(model, 1)
+        assert len(warned) == 1, "one warning for the model, not one per layer"
         for name, layer in layers.items():
             got = layer.base_layer
             assert got.compute_dtype == torch.float32 and (got.offset is not None) == double_quant
