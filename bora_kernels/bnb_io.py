@@ -245,11 +245,12 @@ def from_pretrained_4bit(name_or_folder, model_class=None, dtype: torch.dtype | 
 
 def _local_folder(name_or_folder) -> Path:
     """A local folder, or a Hub id's files as ``from_pretrained`` would fetch them: its JSON files
-    and safetensors weights, or its PyTorch pickle weights where it has no safetensors."""
+    and one set of weights, safetensors before PyTorch pickles (``hub_snapshot``)."""
     folder = Path(name_or_folder)
     if folder.is_dir():
         return folder
-    return hub_snapshot(str(name_or_folder), ["*.json", "*.safetensors"], ["*.json", "pytorch_model*.bin"])
+    safetensors, safetensors_index, pickle, pickle_index = WEIGHT_FILES
+    return hub_snapshot(str(name_or_folder), ["*.json"], [safetensors_index, safetensors, pickle_index, pickle])
 
 
 def _empty_model(config, model_class=None, folder: Path | None = None) -> nn.Module:

@@ -48,7 +48,7 @@ def adapter_folder(name: str, folder) -> Path:
     if path.exists() or not HUB_ID.match(str(folder)):
         return path
     try:
-        return hub_snapshot(str(folder), [CONFIG_FILE, WEIGHTS_FILE], [CONFIG_FILE, PICKLE_FILE])
+        return hub_snapshot(str(folder), [CONFIG_FILE], [WEIGHTS_FILE, PICKLE_FILE])
     except Exception as err:  # no network, no such repository, no access: huggingface_hub's own errors
         raise ValueError(f"adapter {name!r}: {str(folder)!r} is not a folder here, and fetching it as a Hugging Face "
                          f"Hub repository failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"

@@ -6,6 +6,7 @@ so there pickle files are refused. Used for model checkpoints (``bnb_io.py``) an
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -45,13 +46,26 @@ def read_tensor_file(path, device=None, what: str = "") -> dict[str, torch.Tenso
     return tensors
 
 
-def hub_snapshot(repo_id: str, patterns: list[str], pickle_patterns: list[str]) -> Path:
-    """The local folder of the Hub repository ``repo_id`` with the files ``patterns`` match (its
-    configs and safetensors weights), or, where that brings no safetensors file, those
-    ``pickle_patterns`` match (its configs and PyTorch pickle weights): never both formats."""
+def hub_snapshot(repo_id: str, configs: list[str], weights: list[str]) -> Path:
+    """The local folder of the Hub repository ``repo_id`` holding the files ``configs`` match and
+    one set of weights: the first of ``weights`` (file names, in order of preference) it has,
+    where an ``*.index.json`` stands for the shards it names. Nothing else is fetched: a
+    repository that also keeps its weights in another form (a ``consolidated.safetensors`` beside
+    the shards, pickles beside safetensors) costs one download, not two. Works offline from the
+    cache as ``snapshot_download`` does."""
     from huggingface_hub import snapshot_download
 
-    folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
-    if not any(folder.glob("*.safetensors")):  # (a pickle index, a JSON file, may have come)
-        folder = Path(snapshot_download(repo_id, allow_patterns=pickle_patterns))
+    folder = Path(snapshot_download(repo_id, allow_patterns=configs))
+    for name in weights:
+        if name.endswith(".index.json"):  # (fetched with the configs, or not there)
+            if (folder / name).is_file():
+                try:
+                    shards = sorted(set(json.loads((folder / name).read_text())["weight_map"].values()))
+                except (ValueError, KeyError, TypeError, AttributeError):  # (the reader names a bad index)
+                    return folder
+                return Path(snapshot_download(repo_id, allow_patterns=[*configs, name, *shards]))
+        else:
+            found = Path(snapshot_download(repo_id, allow_patterns=[*configs, name]))
+            if (found / name).is_file():
+                return found
     return folder

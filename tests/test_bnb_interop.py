@@ -448,21 +448,30 @@ def test_pickle_checkpoints_load_as_safetensors_ones(tmp_path, torch_path):
         bk.from_pretrained_nf4(tmp_path / "dense_bin")
 
 
-def test_hub_models_fetch_pickle_weights_only_without_safetensors(fake_hub):
-    """A Hub id fetches its JSON files and safetensors weights; a repository with only
-    ``pytorch_model*.bin`` weights gets those fetched instead, and nothing else."""
-    dense_checkpoint("llama", fake_hub.repos / "org" / "safetensors_repo")
-    as_pickles(fake_hub.repos / "org" / "safetensors_repo", fake_hub.repos / "org" / "bin_repo")
-    (fake_hub.repos / "org" / "bin_repo" / "training_args.bin").write_bytes(b"not weights")
-    folder = bk.bnb_io._local_folder("org/safetensors_repo")
-    assert fake_hub.asked == [("org/safetensors_repo", ["*.json", "*.safetensors"])]
-    assert (folder / "model.safetensors.index.json").is_file() and not list(folder.glob("*.bin"))
-    fake_hub.asked.clear()
-    folder = bk.bnb_io._local_folder("org/bin_repo")
-    assert [patterns for _, patterns in fake_hub.asked] == [["*.json", "*.safetensors"],
-                                                           ["*.json", "pytorch_model*.bin"]]
-    want = sorted(p.name for p in (fake_hub.repos / "org" / "bin_repo").glob("pytorch_model*.bin"))
-    assert sorted(p.name for p in folder.glob("*.bin")) == want
+def test_hub_models_fetch_one_set_of_weights(fake_hub):
+    """A Hub id fetches its JSON files, then the shards its safetensors index names (not a
+    ``consolidated.safetensors`` beside them), or, with no safetensors, its pickle shards; a
+    repository with one weights file gets that file."""
+    repos = fake_hub.repos / "org"
+    dense_checkpoint("llama", repos / "sharded")
+    as_pickles(repos / "sharded", repos / "pickled")
+    (repos / "sharded" / "consolidated.safetensors").write_bytes(b"the same weights again")
+    (repos / "pickled" / "training_args.bin").write_bytes(b"not weights")
+    tiny_llama(False).save_pretrained(repos / "single")
+    shards = sorted(json.loads((repos / "sharded" / "model.safetensors.index.json").read_text())["weight_map"].values())
+    index = "model.safetensors.index.json"
+    wanted = {"sharded": [["*.json"], ["*.json", index, *sorted(set(shards))]],
+              "pickled": [["*.json"], ["*.json", "model.safetensors"],
+                          ["*.json", "pytorch_model.bin.index.json", *sorted({"pytorch_" + f.replace(".safetensors", ".bin")
+                                                                              for f in shards})]],
+              "single": [["*.json"], ["*.json", "model.safetensors"]]}
+    for repo, calls in wanted.items():
+        fake_hub.asked.clear()
+        folder = bk.bnb_io._local_folder(f"org/{repo}")
+        assert [patterns for _, patterns in fake_hub.asked] == calls, repo
+        weights = {p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")}
+        assert weights == set(calls[-1][1:]) - {index, "pytorch_model.bin.index.json"}, repo
+        assert bk.bnb_io._weight_files(folder), repo
 
 
 def test_the_generation_config_travels_with_the_checkpoint(tmp_path, torch_path):

@@ -425,9 +425,9 @@ def test_adapters_load_from_hub_ids(fake_hub, tmp_path, monkeypatch):
         (fake_hub.repos / "org" / name / "training_args.bin").write_bytes(b"not fetched")
     monkeypatch.chdir(tmp_path)  # (where no org/ folder is)
     model = bk.load_peft_adapters(copy.deepcopy(base), {"st": "org/st", "bin": "org/bin"})
-    assert fake_hub.asked == [("org/st", ["adapter_config.json", "adapter_model.safetensors"]),
-                              ("org/bin", ["adapter_config.json", "adapter_model.safetensors"]),
-                              ("org/bin", ["adapter_config.json", "adapter_model.bin"])]
+    config, safetensors, pickle = ["adapter_config.json"], "adapter_model.safetensors", "adapter_model.bin"
+    assert fake_hub.asked == [("org/st", config), ("org/st", [*config, safetensors]),
+                              ("org/bin", config), ("org/bin", [*config, safetensors]), ("org/bin", [*config, pickle])]
     input_ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         for name, reference in references.items():
@@ -443,7 +443,7 @@ def test_adapters_load_from_hub_ids(fake_hub, tmp_path, monkeypatch):
     for missing in ("org/st", "no/such/folder", "/no/such"):
         with pytest.raises(ValueError, match="adapter 'x': .* has no adapter_config.json|is not a folder"):
             bk.load_peft_adapters(copy.deepcopy(base), {"x": missing})
-    assert fake_hub.asked == [("org/missing", ["adapter_config.json", "adapter_model.safetensors"])]
+    assert fake_hub.asked == [("org/missing", ["adapter_config.json"])]
 
 
 def test_load_refuses_bad_checkpoints(tmp_path):
