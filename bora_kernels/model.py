@@ -413,6 +413,17 @@ def merge_adapter(model: nn.Module, name) -> nn.Module:
     return model
 
 
+def merge_and_unload(model: nn.Module, name) -> nn.Module:
+    """``merge_adapter(model, name)``, then every adapter layer replaced by its base layer, which
+    now holds the merged weight: the plain model with that adapter built in, as PEFT's
+    ``merge_and_unload`` gives, to save (``save_pretrained``, or ``save_pretrained_4bit`` for an
+    NF4 base) or serve alone. The other adapters are dropped; there is no unmerging."""
+    merge_adapter(model, name)
+    for layer_name, layer in adapter_layers(model).items():
+        _replace(model, layer_name, layer.base_layer)
+    return model
+
+
 def unmerge_adapter(model: nn.Module) -> nn.Module:
     """Put back the base weights saved by ``merge_adapter``."""
     for m in _layers_or_raise(model).values():

@@ -158,16 +158,16 @@ def test_merging_into_the_nf4_base_on_the_gpu_gives_the_cpu_bytes():
 
 
 @pytest.mark.parametrize("double_quant", [True, False], ids=["double", "single"])
-def test_merging_into_the_nf4_base_quantizes_again_and_unmerging_restores_it(double_quant):
+def test_merging_into_the_nf4_base_quantizes_again_and_unmerging_restores_it(double_quant, tmp_path):
     """``merge_adapter`` over an NF4 base (PEFT's merge into 4-bit layers): each layer's codes
     become those of ``quantize_nf4(dequant(W) + delta)``, exactly, with a warning that outputs
     move by 4-bit rounding; the merged model's logits are within that of the routed adapter's,
     and ``unmerge_adapter`` puts back the original codes bit for bit."""
     with use_backend("torch"):  # (the kernels' bytes and products are checked in test_nf4_format, test_nf4_matmul)
-        _merge_and_unmerge(double_quant)
+        _merge_and_unmerge(double_quant, tmp_path)
 
 
-def _merge_and_unmerge(double_quant):
+def _merge_and_unmerge(double_quant, folder):
     model = tiny_llama()
     for name, m in list(model.model.layers.named_modules(prefix="model.layers")):
         if isinstance(m, torch.nn.Linear):
@@ -205,6 +205,12 @@ def _merge_and_unmerge(double_quant):
         bk.unmerge_adapter(model)
         assert all(getattr(m.base_layer, p) is original[n][p] for n, m in layers.items() for p in original[n])
         assert torch.equal(model(input_ids=ids).logits, base)
+        # merged and unloaded, the model saves as a 4-bit checkpoint that loads to the same logits
+        with pytest.warns(UserWarning, match="quantizes the sum again"):
+            plain = bk.merge_and_unload(model, 1)
+        assert not bk.model.adapter_layers(plain)
+        bk.save_pretrained_4bit(plain, folder)
+        assert torch.equal(bk.from_pretrained_4bit(folder)(input_ids=ids).logits, merged)
     with pytest.raises(ValueError, match=r"this layer holds \(64, 64\) in blocks of 64"):
         layers["model.layers.0.self_attn.q_proj"].base_layer.set_nf4_weight(quantize_nf4(torch.randn(64, 64), 32))
 

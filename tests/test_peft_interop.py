@@ -243,6 +243,18 @@ def test_merge_and_unmerge(saved):
     bk.unmerge_adapter(model)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), "unmerge must restore exactly"
 
+    # merge_and_unload: the plain model (the base's keys and layer types) holding PEFT's merged weights
+    plain = bk.merge_and_unload(model, "beta")
+    assert not bk.model.adapter_layers(plain) and plain.state_dict().keys() == base.state_dict().keys()
+    assert all(type(plain.get_submodule(n)) is type(m) for n, m in base.named_modules())
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=input_ids).logits, merged)
+    theirs = copy.deepcopy(reference)
+    theirs.set_adapter("beta")
+    theirs = theirs.merge_and_unload()
+    for key, tensor in theirs.state_dict().items():
+        assert_close(plain.state_dict()[key], tensor.double(), torch.float32, key)
+
 
 def test_per_token_ids_and_names():
     model = bk.inject(tiny_model("llama"), ["q_proj", "o_proj"], num_adapters=3, r=4,
