@@ -354,7 +354,8 @@ def bnb_4bit_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     the embedding) is left out too, as ``save_pretrained`` does."""
     wrappers = [name for name, m in model.named_modules() if isinstance(m, _WRAPPERS)]
     if any(getattr(m, "merged", None) is not None for m in model.modules()):
-        raise ValueError("an adapter is merged into the base weights; call bora_kernels.unmerge_adapter first")
+        raise ValueError("an adapter is merged into the base weights; call bora_kernels.unmerge_adapter first, or "
+                         "bora_kernels.merge_and_unload to save the merged model")
     nf4 = {name: m for name, m in model.named_modules() if isinstance(m, NF4Linear)}
     out, written, stored = {}, set(), set()
     for key, value in model.state_dict().items():
