@@ -62,11 +62,11 @@ def collect(engine: Engine, prompt, adapter, params) -> tuple[Request, dict]:
     return engine.submit(Request(list(prompt), adapter, params, on_token)), out
 
 
-def offline(reference, prompt, adapter, max_tokens) -> list[int]:
+def offline(reference, prompt, adapter, max_tokens, **generate) -> list[int]:
     ids = torch.tensor([prompt])
     with bk.use_adapters(reference, [adapter]), use_backend("torch"):
         out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                                 do_sample=False, min_new_tokens=max_tokens)
+                                 do_sample=False, min_new_tokens=max_tokens, **generate)
     return out[0, len(prompt):].tolist()
 
 
@@ -256,6 +256,60 @@ def test_stop_tokens_and_sampling(adapters, reference):
     engine.shutdown(10)
 
 
+class _OutputPenalties(transformers.LogitsProcessor):
+    """OpenAI's presence and frequency penalties over the tokens generated after ``start``."""
+
+    def __init__(self, start, presence, frequency):
+        self.start, self.presence, self.frequency = start, presence, frequency
+
+    def __call__(self, input_ids, scores):
+        counts = torch.zeros_like(scores)
+        counts.scatter_add_(1, input_ids[:, self.start:], torch.ones_like(input_ids[:, self.start:], dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0)
+
+
+def test_penalties_equal_generate_with_the_same_logits_processors(adapters, reference):
+    """Greedy with penalties, in one batch with a request without them: ``repetition_penalty``
+    as ``generate``'s own, presence and frequency penalties as OpenAI defines them (a logits
+    processor here), token for token."""
+    root, names = adapters
+    engine = start(served(adapters))
+    prompt = [5, 9, 17, 3, 9]
+    cases = [({"repetition_penalty": 1.8}, {"repetition_penalty": 1.8}),
+             ({"presence_penalty": 1.5, "frequency_penalty": 0.7},
+              {"logits_processor": transformers.LogitsProcessorList([_OutputPenalties(len(prompt), 1.5, 0.7)])}),
+             ({"repetition_penalty": 0.6, "frequency_penalty": -0.4},
+              {"repetition_penalty": 0.6,
+               "logits_processor": transformers.LogitsProcessorList([_OutputPenalties(len(prompt), 0.0, -0.4)])}),
+             ({}, {})]
+    runs = [collect(engine, prompt, names[1], SamplingParams(max_tokens=12, temperature=0, **ours))[1]
+            for ours, _ in cases]
+    assert all(out["done"].wait(60) for out in runs)
+    plain = offline(reference, prompt, names[1], 12)
+    for (ours, theirs), out in zip(cases, runs):
+        want = offline(reference, prompt, names[1], 12, **theirs)
+        assert out["tokens"] == want and (want != plain) == bool(ours), ours
+    engine.shutdown(10)
+
+
+def test_penalized_logits_equal_the_definitions():
+    """``penalized`` row by row against transformers' repetition penalty (over prompt and output)
+    and OpenAI's presence and frequency penalties (over the output), exactly."""
+    from bora_kernels.serve.engine import penalized
+
+    logits = torch.randn(3, 10, generator=torch.Generator().manual_seed(0))
+    prompts, outputs = [[1, 2], [3], []], [[2, 2, 5], [], [7]]
+    repetition, presence, frequency = [1.3, 1.0, 0.7], [0.5, 0.0, -1.0], [0.2, 1.0, 0.0]
+    column = lambda values: torch.tensor(values)[:, None]  # noqa: E731
+    got = penalized(logits, prompts, outputs, column(repetition), column(presence), column(frequency))
+    for row in range(3):
+        ids = torch.tensor([prompts[row] + outputs[row]])
+        want = transformers.RepetitionPenaltyLogitsProcessor(repetition[row])(ids, logits[row:row + 1].clone())
+        counts = torch.bincount(torch.tensor(outputs[row], dtype=torch.long), minlength=10).float()
+        want = want[0] - frequency[row] * counts - presence[row] * (counts > 0)
+        assert torch.equal(got[row], want), row
+
+
 def test_top_k_top_p_and_min_p_cut_the_distribution():
     """``truncated``: each row keeps its ``top_k`` most likely tokens, of those the fewest whose
     share of their mass reaches ``top_p``, of those the ones at least ``min_p`` times as likely as
@@ -354,7 +408,8 @@ def test_bad_arguments():
                       ({"temperature": -1}, "temperature"), ({"temperature": float("nan")}, "temperature"),
                       ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"seed": "x"}, "seed"),
                       ({"top_k": -2}, "top_k"), ({"top_k": 2.5}, "top_k"), ({"min_p": 1.5}, "min_p"),
-                      ({"min_p": float("nan")}, "min_p")):
+                      ({"min_p": float("nan")}, "min_p"), ({"repetition_penalty": 0}, "repetition_penalty"),
+                      ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": "x"}, "frequency_penalty")):
         with pytest.raises(ValueError, match=match):
             SamplingParams(**kw)
     with pytest.raises(ValueError, match="max_batch must be a positive int"):

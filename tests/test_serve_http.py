@@ -503,9 +503,9 @@ def test_the_generation_config_gives_stop_tokens_and_sampling_defaults(served, t
 
     from bora_kernels.serve.app import sampling_defaults, stop_tokens
 
-    def model(eos=None, temperature=1.0, top_p=1.0, top_k=50, min_p=None):
+    def model(eos=None, temperature=1.0, top_p=1.0, top_k=50, min_p=None, repetition_penalty=1.0):
         return Namespace(generation_config=Namespace(eos_token_id=eos, temperature=temperature, top_p=top_p,
-                                                     top_k=top_k, min_p=min_p))
+                                                     top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty))
 
     eos = Namespace(eos_token_id=2)
     assert stop_tokens(eos, model([2, 7])) == (2, 7)
@@ -516,7 +516,9 @@ def test_the_generation_config_gives_stop_tokens_and_sampling_defaults(served, t
     assert sampling_defaults(model()) == sampling_defaults(Namespace()) == {}
     assert sampling_defaults(model(temperature=5.0, top_p=0.0, top_k=0, min_p=2)) == {}
     assert sampling_defaults(model(temperature=None, top_k=None)) == {}
-    assert sampling_defaults(model(top_k=40, min_p=0.05)) == {"top_k": 40, "min_p": 0.05}
+    assert sampling_defaults(model(top_k=40, min_p=0.05, repetition_penalty=1.1)) == {
+        "top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1}
+    assert sampling_defaults(model(repetition_penalty=0)) == {}
 
     _, server = served
     assert server.eos == (tokenizer.eos_token_id,) and server.defaults == {}
@@ -528,11 +530,14 @@ def test_the_generation_config_gives_stop_tokens_and_sampling_defaults(served, t
     assert (params.temperature, params.top_p, params.stop_token_ids) == (0, 0.9, ())
     params, _ = server.sampling({"top_k": 5, "min_p": 0.1, "stop_token_ids": [9, 2]}, 3, None)
     assert (params.top_k, params.min_p, params.stop_token_ids) == (5, 0.1, (2, 7, 9))
+    params, _ = server.sampling({"presence_penalty": 0.5, "frequency_penalty": -0.5, "repetition_penalty": 1.1}, 3, None)
+    assert (params.presence_penalty, params.frequency_penalty, params.repetition_penalty) == (0.5, -0.5, 1.1)
     params, _ = server.sampling({"stop_token_ids": [9], "ignore_eos": True, "tools": [],
                                  "response_format": {"type": "text"}}, 3, None)
     assert (params.top_k, params.min_p, params.stop_token_ids) == (0, 0.0, (9,))
     for body, param in (({"top_k": 2.5}, "top_k"), ({"min_p": -1}, "min_p"), ({"stop_token_ids": [10**6]}, "stop_token_ids"),
-                        ({"stop_token_ids": 3}, "stop_token_ids"), ({"repetition_penalty": 1.2}, "repetition_penalty"),
+                        ({"stop_token_ids": 3}, "stop_token_ids"), ({"repetition_penalty": 0}, "repetition_penalty"),
+                        ({"presence_penalty": 3}, "presence_penalty"), ({"logit_bias": {"5": 1}}, "logit_bias"),
                         ({"min_tokens": 2}, "min_tokens"), ({"use_beam_search": True}, "use_beam_search"),
                         ({"response_format": {"type": "json_object"}}, "response_format"),
                         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),

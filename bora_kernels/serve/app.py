@@ -142,13 +142,15 @@ def stop_tokens(tokenizer, model) -> tuple[int, ...]:
 SAMPLING_DEFAULTS = {"temperature": (1.0, lambda v: _is_number(v) and 0 <= v <= 2),
                      "top_p": (1.0, lambda v: _is_number(v) and 0 < v <= 1),
                      "top_k": (50, lambda v: _is_int(v) and v >= 1),
-                     "min_p": (None, lambda v: _is_number(v) and 0 < v <= 1)}
+                     "min_p": (None, lambda v: _is_number(v) and 0 < v <= 1),
+                     "repetition_penalty": (1.0, lambda v: _is_number(v) and v > 0)}
 
 
 def sampling_defaults(model) -> dict[str, float]:
-    """The ``temperature``, ``top_p``, ``top_k`` and ``min_p`` the model's generation config sets
-    (``generation_config.json``: Llama 3 Instruct says temperature 0.6, top_p 0.9), for requests
-    that leave them out, as vLLM takes them; values outside the API's ranges are left out."""
+    """The ``temperature``, ``top_p``, ``top_k``, ``min_p`` and ``repetition_penalty`` the model's
+    generation config sets (``generation_config.json``: Llama 3 Instruct says temperature 0.6,
+    top_p 0.9), for requests that leave them out, as vLLM takes them; values outside the API's
+    ranges are left out."""
     generation = getattr(model, "generation_config", None)
     found = {name: getattr(generation, name, None) for name in SAMPLING_DEFAULTS}
     return {name: value for name, value in found.items()
@@ -210,9 +212,7 @@ class Server:
     def sampling(self, body: dict, prompt_tokens: int, default_max: int | None) -> tuple[SamplingParams, list[str]]:
         for name, allowed in (("n", (None, 1)), ("best_of", (None, 1)), ("echo", (None, False)),
                               ("logprobs", (None, False)), ("top_logprobs", (None,)), ("suffix", (None,)),
-                              ("presence_penalty", (None, 0)), ("frequency_penalty", (None, 0)),
-                              ("logit_bias", (None, {})), ("repetition_penalty", (None, 1)),
-                              ("min_tokens", (None, 0)), ("use_beam_search", (None, False)),
+                              ("logit_bias", (None, {})), ("min_tokens", (None, 0)), ("use_beam_search", (None, False)),
                               # constrained output: a client asking for it must not get free text
                               ("tools", (None, [])), ("functions", (None, [])),
                               ("response_format", (None, {"type": "text"})), ("guided_json", (None,)),
@@ -236,6 +236,7 @@ class Server:
             raise _bad("stop_token_ids", f"must be a list of token ids in [0, {self.vocab})")
         given = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         values = {"max_tokens": body.get(given), "seed": body.get("seed"),
+                  "presence_penalty": body.get("presence_penalty"), "frequency_penalty": body.get("frequency_penalty"),
                   **{k: body[k] if body.get(k) is not None else self.defaults.get(k) for k in SAMPLING_DEFAULTS}}
         if values["max_tokens"] is None:  # the default is within the room
             values["max_tokens"] = min(default_max or room, room)

@@ -89,6 +89,24 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def penalized(logits: torch.Tensor, prompts: list[list[int]], outputs: list[list[int]], repetition: torch.Tensor,
+              presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
+    """``logits`` ``[rows, vocab]`` with each row's penalties applied (``SamplingParams``; the
+    penalties are ``[rows, 1]``), given its prompt's and output's token ids."""
+    vocab = logits.shape[-1]
+
+    def counts(lists):  # [rows, vocab]: how often each token occurs in each row's list
+        width = max(map(len, lists), default=0) or 1
+        ids = torch.tensor([row + [vocab] * (width - len(row)) for row in lists], device=logits.device)
+        return torch.zeros(len(lists), vocab + 1, device=logits.device).scatter_add_(
+            1, ids, torch.ones(ids.shape, device=logits.device))[:, :vocab]  # (the padding's column dropped)
+
+    output = counts(outputs)
+    seen = (counts(prompts) + output) > 0
+    logits = torch.where(seen, torch.where(logits > 0, logits / repetition, logits * repetition), logits)
+    return logits - frequency * output - presence * (output > 0)
+
+
 def truncated(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """``probs`` ``[rows, vocab]`` with every token outside each row's cut set to 0 (the rest
     left as they are: ``multinomial`` scales): its ``top_k`` most likely tokens (``[rows, 1]``;
@@ -107,7 +125,11 @@ def truncated(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min
 
 @dataclasses.dataclass
 class SamplingParams:
-    """``temperature == 0`` is greedy. A sampled token is drawn from the temperature-scaled
+    """``temperature == 0`` is greedy. Penalties change the logits first, greedy or not, as
+    vLLM applies them: ``repetition_penalty`` divides the positive logits (multiplies the
+    negative ones) of every token in the prompt or the output so far, then each token's logit
+    loses ``frequency_penalty`` times its count in the output and ``presence_penalty`` once if
+    it is there. A sampled token is drawn from the temperature-scaled
     distribution cut to its ``top_k`` most likely tokens (0 or -1: all), then to the fewest of
     those whose share of their mass reaches ``top_p``, then to those at least ``min_p`` times as
     likely as the most likely one. ``seed`` makes sampling repeatable per request. Bad values
@@ -119,6 +141,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     top_k: int = 0
     min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self):
         if not _is_int(self.max_tokens):
@@ -135,6 +160,15 @@ class SamplingParams:
             raise InvalidParams("top_k", f"must be an integer >= 1, or 0 or -1 for no limit, got {self.top_k!r}")
         if not (_is_number(self.min_p) and 0 <= self.min_p <= 1):
             raise InvalidParams("min_p", f"must lie in [0, 1], got {self.min_p!r}")
+        if not (_is_number(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise InvalidParams("repetition_penalty", f"must be a number > 0, got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not (_is_number(getattr(self, name)) and -2 <= getattr(self, name) <= 2):
+                raise InvalidParams(name, f"must lie in [-2, 2], got {getattr(self, name)!r}")
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
         self.stop_token_ids = tuple(self.stop_token_ids)
 
 
@@ -156,10 +190,11 @@ class Request:
 
 class _Seq:
     """A running request: ``last`` is the token to feed next."""
-    __slots__ = ("request", "last", "generated", "generator")
+    __slots__ = ("request", "last", "generated", "generator", "output")
 
     def __init__(self, request: Request, device: torch.device):
         self.request, self.last, self.generated = request, -1, 0
+        self.output: list[int] = []  # the tokens handed out (kept for penalties only)
         self.generator = None
         if request.params.seed is not None and request.params.temperature > 0:
             self.generator = torch.Generator(device).manual_seed(request.params.seed)
@@ -440,18 +475,28 @@ class Engine:
             seq.request.on_token(token, None)
             seq.generated += 1
             seq.last = token
+            if params.penalized:
+                seq.output.append(token)
             self.stats["tokens"] += 1
             if seq.generated >= params.max_tokens:
                 done.append((seq, "length"))
         self._leave(done)
 
     def _choose(self, seqs: list[_Seq], logits: torch.Tensor) -> torch.Tensor:
+        column = lambda values: torch.tensor(values, device=logits.device)[:, None]  # noqa: E731  a [rows, 1] tensor
+        rows = [i for i, s in enumerate(seqs) if s.request.params.penalized]
+        if rows:
+            params = [seqs[i].request.params for i in rows]
+            logits = logits.float().clone()
+            logits[rows] = penalized(logits[rows], [seqs[i].request.prompt for i in rows],
+                                     [seqs[i].output for i in rows], column([p.repetition_penalty for p in params]),
+                                     column([p.presence_penalty for p in params]),
+                                     column([p.frequency_penalty for p in params]))
         tokens = logits.argmax(-1)
         sampled = [i for i, s in enumerate(seqs) if s.request.params.temperature > 0]
         if not sampled:
             return tokens
         params = [seqs[i].request.params for i in sampled]
-        column = lambda values: torch.tensor(values, device=logits.device)[:, None]  # noqa: E731
         probs = (logits[sampled].float() / column([p.temperature for p in params])).softmax(-1)
         probs = truncated(probs, column([p.top_k for p in params]), column([p.top_p for p in params]),
                           column([p.min_p for p in params]))
