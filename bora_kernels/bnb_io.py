@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from .model import _WRAPPERS, _fan_in_fan_out, _replace, find_targets, linear_fe
 from .nn import NF4Linear
 from .quant import NF4Tensor, quantize_nf4
 from .quant.nf4 import BNB_WEIGHT_KEYS
-from .tensor_files import hub_snapshot, read_tensor_file
+from .tensor_files import hub_snapshot, index_shards, read_tensor_file
 
 QUANT_STATE = ".weight.quant_state.bitsandbytes__"
 _NONE = object()
@@ -62,12 +61,7 @@ def _weight_files(path: Path) -> list[Path]:
     if not path.is_file():
         raise ValueError(f"checkpoint: {path} does not exist")
     if path.name.endswith(".index.json"):
-        try:
-            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise ValueError(f"checkpoint: {path} is not a weights index (a JSON object whose weight_map maps "
-                             f"names to files): {type(err).__name__}: {err}") from None
-        return [path.parent / f for f in shards]
+        return [path.parent / f for f in index_shards(path)]
     return [path]
 
 

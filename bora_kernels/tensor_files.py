@@ -46,6 +46,16 @@ def read_tensor_file(path, device=None, what: str = "") -> dict[str, torch.Tenso
     return tensors
 
 
+def index_shards(path: Path) -> list[str]:
+    """The weight files a sharded checkpoint's ``*.index.json`` names (its ``weight_map``'s
+    values), sorted; an index that is not one is a ``ValueError`` naming it."""
+    try:
+        return sorted(set(json.loads(Path(path).read_text())["weight_map"].values()))
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"checkpoint: {path} is not a weights index (a JSON object whose weight_map maps "
+                         f"names to files): {type(err).__name__}: {err}") from None
+
+
 def hub_snapshot(repo_id: str, configs: list[str], weights: list[str]) -> Path:
     """The local folder of the Hub repository ``repo_id`` holding the files ``configs`` match and
     one set of weights: the first of ``weights`` (file names, in order of preference) it has,
@@ -60,8 +70,8 @@ def hub_snapshot(repo_id: str, configs: list[str], weights: list[str]) -> Path:
         if name.endswith(".index.json"):  # (fetched with the configs, or not there)
             if (folder / name).is_file():
                 try:
-                    shards = sorted(set(json.loads((folder / name).read_text())["weight_map"].values()))
-                except (ValueError, KeyError, TypeError, AttributeError):  # (the reader names a bad index)
+                    shards = index_shards(folder / name)
+                except ValueError:  # (reading the folder names the bad index)
                     return folder
                 return Path(snapshot_download(repo_id, allow_patterns=[*configs, name, *shards]))
         else:

@@ -294,14 +294,17 @@ def test_penalties_equal_generate_with_the_same_logits_processors(adapters, refe
 
 def test_penalized_logits_equal_the_definitions():
     """``penalized`` row by row against transformers' repetition penalty (over prompt and output)
-    and OpenAI's presence and frequency penalties (over the output), exactly."""
+    and OpenAI's presence and frequency penalties (over the output), exactly; the engine's
+    counting across steps is checked against ``generate`` above."""
     from bora_kernels.serve.engine import penalized
 
     logits = torch.randn(3, 10, generator=torch.Generator().manual_seed(0))
     prompts, outputs = [[1, 2], [3], []], [[2, 2, 5], [], [7]]
     repetition, presence, frequency = [1.3, 1.0, 0.7], [0.5, 0.0, -1.0], [0.2, 1.0, 0.0]
     column = lambda values: torch.tensor(values)[:, None]  # noqa: E731
-    got = penalized(logits, prompts, outputs, column(repetition), column(presence), column(frequency))
+    bincount = lambda ids: torch.bincount(torch.tensor(ids, dtype=torch.long), minlength=10).float()  # noqa: E731
+    counts = torch.stack([torch.stack([(bincount(p) > 0).float(), bincount(o)]) for p, o in zip(prompts, outputs)])
+    got = penalized(logits, counts, column(repetition), column(presence), column(frequency))
     for row in range(3):
         ids = torch.tensor([prompts[row] + outputs[row]])
         want = transformers.RepetitionPenaltyLogitsProcessor(repetition[row])(ids, logits[row:row + 1].clone())

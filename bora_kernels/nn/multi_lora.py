@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Sequence
 
 import torch
@@ -14,9 +13,6 @@ from ..ops.lora_delta import LoRAPlan, lora_delta
 from ..quant import NF4Tensor, quantize_nf4
 from .nf4_linear import NF4Linear, is_bnb_4bit
 from .routing import AdapterRoute
-
-NF4_MERGE_WARNING = ("merging an adapter into an NF4 base weight quantizes the sum again: outputs differ from the "
-                     "unmerged adapter's by 4-bit rounding (unmerge_adapter restores the base exactly)")
 
 
 def _per_adapter(value, num_adapters: int, name: str) -> list:
@@ -228,12 +224,11 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
         return delta.T if self.fan_in_fan_out else delta
 
     @torch.no_grad()
-    def merge(self, d: int, warn: bool = True):
+    def merge(self, d: int):
         """Fold adapter ``d`` into the base weight; ``unmerge`` puts back the saved weight. An NF4
         base is dequantized, the delta added and the sum quantized again (as PEFT merges into
         4-bit layers): its outputs then differ from the unmerged adapter's by 4-bit rounding
-        (a ``UserWarning`` says so unless ``warn`` is false); the original codes are kept, so
-        ``unmerge`` is exact."""
+        (``merge_adapter`` warns); the original codes are kept, so ``unmerge`` is exact."""
         if self.merged is not None:
             raise RuntimeError(f"adapter {self.adapter_names[self.merged[0]]!r} is already merged; unmerge first")
         if isinstance(self.base_layer, NF4Linear):
@@ -241,8 +236,6 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
             saved = base.nf4_weight()
             weight = saved.dequantize().float() + self.delta_weight(d).to(base.packed.device)
             base.set_nf4_weight(quantize_nf4(weight.to(base.compute_dtype), base.blocksize, saved.double_quant))
-            if warn:
-                warnings.warn(NF4_MERGE_WARNING, stacklevel=2)
             self.merged = (d, saved)
             return
         weight = self.base_layer.weight

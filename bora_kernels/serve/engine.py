@@ -89,20 +89,21 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def penalized(logits: torch.Tensor, prompts: list[list[int]], outputs: list[list[int]], repetition: torch.Tensor,
-              presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
+PENALTIES = ("repetition_penalty", "presence_penalty", "frequency_penalty")  # penalized()'s order
+
+
+def _column(values: list, device: torch.device) -> torch.Tensor:
+    """Per-row values as a ``[rows, 1]`` tensor."""
+    return torch.tensor(values, device=device)[:, None]
+
+
+def penalized(logits: torch.Tensor, counts: torch.Tensor, repetition: torch.Tensor, presence: torch.Tensor,
+              frequency: torch.Tensor) -> torch.Tensor:
     """``logits`` ``[rows, vocab]`` with each row's penalties applied (``SamplingParams``; the
-    penalties are ``[rows, 1]``), given its prompt's and output's token ids."""
-    vocab = logits.shape[-1]
-
-    def counts(lists):  # [rows, vocab]: how often each token occurs in each row's list
-        width = max(map(len, lists), default=0) or 1
-        ids = torch.tensor([row + [vocab] * (width - len(row)) for row in lists], device=logits.device)
-        return torch.zeros(len(lists), vocab + 1, device=logits.device).scatter_add_(
-            1, ids, torch.ones(ids.shape, device=logits.device))[:, :vocab]  # (the padding's column dropped)
-
-    output = counts(outputs)
-    seen = (counts(prompts) + output) > 0
+    penalties are ``[rows, 1]``), given ``counts`` ``[rows, 2, vocab]``: which tokens the prompt
+    holds (row 0, 0 or 1) and how often each is in the output so far (row 1)."""
+    output = counts[:, 1]
+    seen = (counts[:, 0] + output) > 0
     logits = torch.where(seen, torch.where(logits > 0, logits / repetition, logits * repetition), logits)
     return logits - frequency * output - presence * (output > 0)
 
@@ -165,11 +166,11 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not (_is_number(getattr(self, name)) and -2 <= getattr(self, name) <= 2):
                 raise InvalidParams(name, f"must lie in [-2, 2], got {getattr(self, name)!r}")
+        self.stop_token_ids = tuple(self.stop_token_ids)
 
     @property
     def penalized(self) -> bool:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
-        self.stop_token_ids = tuple(self.stop_token_ids)
 
 
 @dataclasses.dataclass(eq=False)
@@ -190,14 +191,21 @@ class Request:
 
 class _Seq:
     """A running request: ``last`` is the token to feed next."""
-    __slots__ = ("request", "last", "generated", "generator", "output")
+    __slots__ = ("request", "last", "generated", "generator", "counts")
 
     def __init__(self, request: Request, device: torch.device):
         self.request, self.last, self.generated = request, -1, 0
-        self.output: list[int] = []  # the tokens handed out (kept for penalties only)
+        self.counts: torch.Tensor | None = None  # for penalties: ``penalized``'s counts, on the device
         self.generator = None
         if request.params.seed is not None and request.params.temperature > 0:
             self.generator = torch.Generator(device).manual_seed(request.params.seed)
+
+    def penalty_counts(self, vocab: int, device: torch.device) -> torch.Tensor:
+        """``[2, vocab]``: the prompt's tokens, then the output's counts (made at the first token)."""
+        if self.counts is None:
+            self.counts = torch.zeros(2, vocab, device=device)
+            self.counts[0, torch.tensor(self.request.prompt, device=device)] = 1
+        return self.counts
 
 
 class Engine:
@@ -475,31 +483,36 @@ class Engine:
             seq.request.on_token(token, None)
             seq.generated += 1
             seq.last = token
-            if params.penalized:
-                seq.output.append(token)
             self.stats["tokens"] += 1
             if seq.generated >= params.max_tokens:
                 done.append((seq, "length"))
         self._leave(done)
 
     def _choose(self, seqs: list[_Seq], logits: torch.Tensor) -> torch.Tensor:
-        column = lambda values: torch.tensor(values, device=logits.device)[:, None]  # noqa: E731  a [rows, 1] tensor
         rows = [i for i, s in enumerate(seqs) if s.request.params.penalized]
         if rows:
             params = [seqs[i].request.params for i in rows]
+            counts = torch.stack([seqs[i].penalty_counts(logits.shape[-1], logits.device) for i in rows])
             logits = logits.float().clone()
-            logits[rows] = penalized(logits[rows], [seqs[i].request.prompt for i in rows],
-                                     [seqs[i].output for i in rows], column([p.repetition_penalty for p in params]),
-                                     column([p.presence_penalty for p in params]),
-                                     column([p.frequency_penalty for p in params]))
+            logits[rows] = penalized(logits[rows], counts, *(_column([getattr(p, name) for p in params], logits.device)
+                                                             for name in PENALTIES))
+        tokens = self._draw(seqs, logits)
+        if rows:  # each row's token counted in its output, one launch; the rows keep views of ``counts``
+            counts[:, 1].scatter_add_(1, tokens[rows][:, None], torch.ones(len(rows), 1, device=logits.device))
+            for row, i in enumerate(rows):
+                seqs[i].counts = counts[row]
+        return tokens
+
+    def _draw(self, seqs: list[_Seq], logits: torch.Tensor) -> torch.Tensor:
+        """The greedy token of each row, or one drawn from its cut distribution where it samples."""
         tokens = logits.argmax(-1)
         sampled = [i for i, s in enumerate(seqs) if s.request.params.temperature > 0]
         if not sampled:
             return tokens
         params = [seqs[i].request.params for i in sampled]
-        probs = (logits[sampled].float() / column([p.temperature for p in params])).softmax(-1)
-        probs = truncated(probs, column([p.top_k for p in params]), column([p.top_p for p in params]),
-                          column([p.min_p for p in params]))
+        temperature, *cut = (_column([getattr(p, name) for p in params], logits.device)
+                             for name in ("temperature", "top_k", "top_p", "min_p"))
+        probs = truncated((logits[sampled].float() / temperature).softmax(-1), *cut)
         shared = [row for row, i in enumerate(sampled) if seqs[i].generator is None]
         if shared:  # one draw for every request without a seed
             where = torch.tensor([sampled[row] for row in shared], device=logits.device)
