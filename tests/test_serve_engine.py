@@ -334,6 +334,53 @@ def test_top_k_top_p_and_min_p_cut_the_distribution():
         assert torch.equal(got[row], torch.tensor(want)), cut
 
 
+def test_logprobs_are_the_models_log_softmax(adapters, reference, monkeypatch):
+    """Requests asking for log-probabilities (of the output, of the prompt, with 0 to 5
+    alternatives, one scoring its prompt only) in a batch with requests that do not: each
+    recorded entry is the adapter's log-softmax at that position (one forward over prompt and
+    output, in float64), its alternatives are the most likely tokens in order, and the tokens are
+    the greedy ones. Prefills that score nothing ask the model for the last position's logits only."""
+    _, names = adapters
+    engine = served(adapters, max_batch=4)
+    keeps = []
+    forward = engine.model.forward
+    monkeypatch.setattr(engine.model, "forward", lambda *a, **kw: keeps.append(kw.get("logits_to_keep")) or forward(*a, **kw))
+    start(engine)
+    asks = [{"logprobs": 3}, {}, {"logprobs": 0, "prompt_logprobs": 2}, {"prompt_logprobs": 5, "max_tokens": 0},
+            {"logprobs": 5}, {}]
+    jobs = []
+    for i, ask in enumerate(asks):
+        prompt, adapter = [1 + i, 9, 4 + 2 * i, 7][: 2 + i % 3], [names[i], None][i % 2]
+        jobs.append((prompt, adapter, ask, *collect(engine, prompt, adapter, SamplingParams(**{
+            "max_tokens": 6, "temperature": 0, **ask}))))
+    for prompt, adapter, ask, request, out in jobs:
+        assert out["done"].wait(60)
+        assert out["finish"] == "length"
+        assert len(out["tokens"]) == ask.get("max_tokens", 6)
+        if out["tokens"]:
+            assert out["tokens"] == offline(reference, prompt, adapter, 6)
+        ids = torch.tensor([prompt + out["tokens"]])
+        with bk.use_adapters(reference, [adapter]), use_backend("torch"), torch.no_grad():
+            want = reference(ids).logits[0].double().log_softmax(-1)
+        entries = [(len(prompt) - 1 + j, e) for j, e in enumerate(request.logprobs)]
+        assert len(request.logprobs) == (len(out["tokens"]) if "logprobs" in ask else 0)
+        if "prompt_logprobs" in ask:
+            assert request.prompt_logprobs[0] is None and len(request.prompt_logprobs) == len(prompt)
+            entries += [(j, e) for j, e in enumerate(request.prompt_logprobs[1:])]
+        else:
+            assert request.prompt_logprobs is None
+        for position, entry in entries:
+            k = ask["logprobs"] if position >= len(prompt) - 1 else ask["prompt_logprobs"]
+            assert entry.token == ids[0, position + 1]
+            assert entry.logprob == pytest.approx(float(want[position, entry.token]), abs=1e-4)
+            top = want[position].topk(k)
+            assert [t for t, _ in entry.top] == top.indices.tolist()
+            assert [lp for _, lp in entry.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+    assert keeps.count(1) == sum("prompt_logprobs" not in ask for ask in asks)  # one per such prefill
+    assert keeps.count(None) == len(keeps) - keeps.count(1)
+    engine.shutdown(30)
+
+
 def test_cancel_leaves_the_batch_and_others_continue(adapters, reference):
     """Stepped by hand, on the Triton kernels: the cancelled sequence leaves, the other one's
     output is unchanged."""
@@ -412,7 +459,10 @@ def test_bad_arguments():
                       ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"seed": "x"}, "seed"),
                       ({"top_k": -2}, "top_k"), ({"top_k": 2.5}, "top_k"), ({"min_p": 1.5}, "min_p"),
                       ({"min_p": float("nan")}, "min_p"), ({"repetition_penalty": 0}, "repetition_penalty"),
-                      ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": "x"}, "frequency_penalty")):
+                      ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": "x"}, "frequency_penalty"),
+                      ({"logprobs": 21}, "logprobs"), ({"logprobs": True}, "logprobs"),
+                      ({"prompt_logprobs": -1}, "prompt_logprobs"),
+                      ({"max_tokens": 0, "logprobs": 1}, r"max_tokens: must be >= 1 \(0 only with prompt_logprobs\)")):
         with pytest.raises(ValueError, match=match):
             SamplingParams(**kw)
     with pytest.raises(ValueError, match="max_batch must be a positive int"):

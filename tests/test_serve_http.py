@@ -9,6 +9,7 @@ test, which starts ``python -m bora_kernels.serve`` as users do."""
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import json
 import os
@@ -228,10 +229,139 @@ def test_openai_client(served, reference, tokenizer):
     chunks = client.chat.completions.create(model="skip6", messages=[{"role": "user", "content": "xyz"}],
                                             max_tokens=6, temperature=0, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == offline(reference, tokenizer, "xyz", "skip6", 6)
+    scored = client.completions.create(model="skip2", prompt=["hello", "abc"], max_tokens=3, temperature=0, n=2,
+                                       logprobs=2, echo=True)
+    assert [c.index for c in scored.choices] == [0, 1, 2, 3]
+    assert scored.choices[2].text == "abc" + offline(reference, tokenizer, "abc", "skip2", 3)
+    assert scored.choices[2].logprobs.token_logprobs[0] is None and len(scored.choices[2].logprobs.tokens) == 6
+    chat = client.chat.completions.create(model="skip6", messages=[{"role": "user", "content": "xyz"}], max_tokens=4,
+                                          temperature=0, logprobs=True, top_logprobs=1)
+    content = chat.choices[0].logprobs.content
+    assert "".join(c.token for c in content) == chat.choices[0].message.content
+    assert [c.top_logprobs[0].token for c in content] == [c.token for c in content]  # greedy
     with pytest.raises(openai.NotFoundError, match="available: .*skip8"):
         client.completions.create(model="skip9", prompt="abc")
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.completions.create(model="skip1", prompt="abc", max_tokens=100000)
+
+
+def scored(reference, ids: list[int], adapter: str | None) -> torch.Tensor:
+    """The adapter's log-softmax at every position of ``ids``, in float64."""
+    with bk.use_adapters(reference, [adapter]), use_backend("torch"), torch.no_grad():
+        return reference(torch.tensor([ids])).logits[0].double().log_softmax(-1)
+
+
+def test_echo_and_logprobs_score_prompts_as_lm_eval_asks(served, reference, tokenizer):
+    """lm-eval's loglikelihood request (a batch of tokenized prompts, ``echo``, ``max_tokens`` 1,
+    ``logprobs`` 1, greedy): one choice per prompt in order, the prompt's text then the output's,
+    a log-probability per token (None for the first) equal to the adapter's log-softmax, and each
+    ``top_logprobs`` holding the most likely token and the token itself; ``max_tokens`` 0 scores
+    the prompt alone. Output tokens' log-probabilities and ``text_offset`` agree with the text."""
+    url, _ = served
+    prompts = [tokenizer("the cat", add_special_tokens=False).input_ids, tokenizer("xyz", add_special_tokens=False).input_ids]
+    for max_tokens in (1, 0, 4):
+        r = post(url, "/v1/completions", {"model": "skip3", "prompt": prompts, "echo": True, "max_tokens": max_tokens,
+                                          "logprobs": 1, "temperature": 0, "seed": 1234})
+        assert r.status_code == 200, r.text
+        choices = r.json()["choices"]
+        assert [c["index"] for c in choices] == [0, 1]
+        for prompt, choice in zip(prompts, choices):
+            logprobs = choice["logprobs"]
+            ids = prompt + tokenizer(choice["text"][len(tokenizer.decode(prompt)):], add_special_tokens=False).input_ids
+            assert choice["text"].startswith(tokenizer.decode(prompt))
+            assert len(ids) == len(prompt) + max_tokens == len(logprobs["token_logprobs"])
+            want = scored(reference, ids, "skip3")
+            assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+            assert logprobs["token_logprobs"][1:] == pytest.approx([float(want[i, t]) for i, t in enumerate(ids[1:])],
+                                                                   abs=1e-4)
+            assert logprobs["tokens"] == [tokenizer.decode([t]) for t in ids]
+            assert logprobs["text_offset"] == [len("".join(logprobs["tokens"][:i])) for i in range(len(ids))]
+            for i, top in enumerate(logprobs["top_logprobs"][1:]):
+                best = int(want[i].argmax())
+                assert top[tokenizer.decode([best])] == pytest.approx(float(want[i, best]), abs=1e-4)
+                assert top[logprobs["tokens"][i + 1]] == logprobs["token_logprobs"][i + 1]
+            for i in range(len(prompt), len(ids)):  # greedy output: each its position's most likely token
+                assert logprobs["token_logprobs"][i] == pytest.approx(max(logprobs["top_logprobs"][i].values()))
+    # without echo, the output's tokens alone; streamed, the same pieces
+    body = {"model": "skip5", "prompt": "abc", "max_tokens": 5, "logprobs": 2, "temperature": 0}
+    whole = post(url, "/v1/completions", body).json()["choices"][0]
+    assert len(whole["logprobs"]["tokens"]) == 5 and "".join(whole["logprobs"]["tokens"]) == whole["text"]
+    assert all(len(top) in (2, 3) for top in whole["logprobs"]["top_logprobs"])
+    events = stream_events(url, "/v1/completions", {**body, "echo": True})
+    assert events[0]["choices"][0]["text"] == "abc" and events[0]["choices"][0]["logprobs"]["token_logprobs"][0] is None
+    pieces = [e["choices"][0] for e in events[1:]]
+    assert "".join(p["text"] for p in pieces) == whole["text"]
+    assert [lp for p in pieces for lp in p["logprobs"]["token_logprobs"]] == whole["logprobs"]["token_logprobs"]
+    assert [p["finish_reason"] for p in pieces][-1] == "length" and not any(p["finish_reason"] for p in pieces[:-1])
+
+
+def stream_events(url, path, body) -> list[dict]:
+    with httpx.stream("POST", url + path, json={**body, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200
+        lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_n_choices_and_prompt_batches(served, reference, tokenizer):
+    """``n`` choices per prompt and several prompts per request, each its own sequence: index
+    ``prompt * n + j``, greedy ones equal to ``generate``, seeded ones repeatable and choice ``j``
+    equal to a lone request with ``seed + j``; streamed, each choice's pieces add up to the
+    whole text and it finishes once; usage counts every prompt and choice."""
+    url, _ = served
+    body = {"model": "skip2", "prompt": ["ab", "klm"], "n": 3, "max_tokens": 6, "temperature": 1.0, "seed": 7,
+            "ignore_eos": True}
+    first, again = (post(url, "/v1/completions", body).json() for _ in range(2))
+    texts = [c["text"] for c in first["choices"]]
+    assert [c["index"] for c in first["choices"]] == list(range(6)) and texts == [c["text"] for c in again["choices"]]
+    assert len(set(texts)) > 2  # the samples differ
+    for j in range(3):
+        alone = post(url, "/v1/completions", {**body, "prompt": "klm", "n": 1, "seed": 7 + j}).json()["choices"][0]
+        assert alone["text"] == texts[3 + j]
+    assert first["usage"] == {"prompt_tokens": 5, "completion_tokens": 36, "total_tokens": 41}
+    greedy = {**body, "temperature": 0, "n": 2}
+    choices = post(url, "/v1/completions", greedy).json()["choices"]
+    assert [c["text"] for c in choices] == [offline(reference, tokenizer, p, "skip2", 6) for p in ("ab", "ab", "klm", "klm")]
+    for path, extra in (("/v1/completions", {}), ("/v1/chat/completions", {"messages": [{"role": "user", "content": "ab"}]})):
+        request = {**body, **extra, "stream_options": {"include_usage": True}}
+        if extra:
+            del request["prompt"]
+        whole = post(url, path, request).json()
+        events = stream_events(url, path, request)
+        texts, finishes = collections.defaultdict(str), collections.Counter()
+        for event in events[:-1]:
+            for choice in event["choices"]:
+                texts[choice["index"]] += (choice["delta"].get("content") or "") if extra else choice["text"]
+                finishes[choice["index"]] += choice["finish_reason"] is not None
+        want = {c["index"]: c["message"]["content"] if extra else c["text"] for c in whole["choices"]}
+        assert dict(texts) == want and set(finishes.values()) == {1}
+        assert events[-1]["usage"] == whole["usage"]
+
+
+def test_chat_logprobs(served, reference, tokenizer):
+    """Chat's ``logprobs`` and ``top_logprobs``: an entry per output token with its text, bytes
+    and log-probability under the adapter, and the ``top_logprobs`` most likely tokens, the
+    greedy token first; streamed, the chunks' entries add up to the whole response's."""
+    url, server = served
+    body = {"model": "skip6", "messages": [{"role": "user", "content": "xyz"}], "max_tokens": 5, "temperature": 0,
+            "logprobs": True, "top_logprobs": 2}
+    choice = post(url, "/v1/chat/completions", body).json()["choices"][0]
+    content = choice["logprobs"]["content"]
+    prompt = server.chat_prompt(body)
+    output = tokenizer(choice["message"]["content"], add_special_tokens=False).input_ids
+    want = scored(reference, prompt + output, "skip6")
+    assert [c["token"] for c in content] == [tokenizer.decode([t]) for t in output]
+    for i, (entry, token) in enumerate(zip(content, output)):
+        position = len(prompt) - 1 + i
+        assert entry["logprob"] == pytest.approx(float(want[position, token]), abs=1e-4)
+        assert entry["bytes"] == list(entry["token"].encode())
+        assert [t["token"] for t in entry["top_logprobs"]] == [tokenizer.decode([t]) for t in want[position].topk(2).indices]
+        assert entry["top_logprobs"][0]["logprob"] == entry["logprob"]
+    streamed = [entry for e in stream_events(url, "/v1/chat/completions", body)
+                if e["choices"] and e["choices"][0]["logprobs"] for entry in e["choices"][0]["logprobs"]["content"]]
+    assert streamed == content
+    plain = post(url, "/v1/chat/completions", {**body, "logprobs": False, "top_logprobs": None}).json()["choices"][0]
+    assert plain["logprobs"] is None and plain["message"] == choice["message"]
 
 
 def post(url, path, body=None, content=None, headers=None):
@@ -250,11 +380,12 @@ def test_bad_input_gets_its_status_and_the_server_keeps_serving(served, referenc
         ({**ok, "prompt": ""}, None, 400, "prompt: must not be empty"),
         ({**ok, "prompt": []}, None, 400, "prompt: must not be empty"),
         ({**ok, "prompt": 5}, None, 400, "prompt: must be a string"),
-        ({**ok, "prompt": ["a", "b"]}, None, 400, "one prompt per request"),
+        ({**ok, "prompt": ["a", 5]}, None, 400, "prompt: must be a string, a list of token ids, or a list of either"),
+        ({**ok, "prompt": ["a", [1, 10 ** 6]]}, None, 400, "prompt[1]: token ids must lie in"),
         ({**ok, "prompt": [1, 10 ** 6]}, None, 400, "token ids must lie in"),
         ({**ok, "prompt": "a" * 65}, None, 400, "more than the limit of 64"),
         ({**ok, "max_tokens": -3}, None, 400, "max_tokens: must be >= 1"),
-        ({**ok, "max_tokens": 0}, None, 400, "max_tokens: must be >= 1"),
+        ({**ok, "max_tokens": 0}, None, 400, "max_tokens: must be >= 1 (0 only with echo)"),
         ({**ok, "max_tokens": "9"}, None, 400, "max_tokens: must be an integer"),
         ({**ok, "max_tokens": 1.5}, None, 400, "max_tokens: must be an integer"),
         ({**ok, "max_tokens": 10 ** 9}, None, 400, "exceeds the server's limit of 300"),
@@ -265,8 +396,21 @@ def test_bad_input_gets_its_status_and_the_server_keeps_serving(served, referenc
         ({**ok, "stop": 3}, None, 400, "stop"),
         ({**ok, "stop": ["a", "b", "c", "d", "e"]}, None, 400, "stop"),
         ({**ok, "stream": "yes"}, None, 400, "stream"),
-        ({**ok, "n": 2}, None, 400, "n: 2 is not supported"),
-        ({**ok, "logprobs": 3}, None, 400, "logprobs"),
+        ({**ok, "n": 0}, None, 400, "n: must be an integer >= 1"),
+        ({**ok, "n": "2"}, None, 400, "n: must be an integer >= 1"),
+        ({**ok, "n": 65}, None, 400, "n = 65 exceeds the server's limit of 64 choices"),
+        ({**ok, "prompt": ["a"] * 33, "n": 2}, None, 400, "33 prompt(s) times n = 2 exceeds"),
+        ({**ok, "best_of": 3}, None, 400, "best_of: 3 is not supported"),
+        ({**ok, "logprobs": 21}, None, 400, "logprobs: must be an integer in [0, 20]"),
+        ({**ok, "logprobs": True}, None, 400, "logprobs: must be an integer in [0, 20]"),
+        ({**ok, "top_logprobs": 2}, None, 400, "top_logprobs: is chat's"),
+        ({"model": "skip4", "messages": [{"role": "user", "content": "hi"}], "logprobs": 2}, None, 400,
+         "logprobs: must be true or false"),
+        ({"model": "skip4", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, None, 400,
+         "top_logprobs: needs logprobs: true"),
+        ({"model": "skip4", "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 30},
+         None, 400, "top_logprobs: must be an integer in [0, 20]"),
+        ({"model": "skip4", "messages": [{"role": "user", "content": "hi"}], "echo": True}, None, 400, "echo"),
         ({"model": "skip4", "messages": []}, None, 400, "messages"),
         ({"model": "skip4", "messages": [{"role": "user", "content": 3}]}, None, 400, "messages[0].content"),
         ({"model": "skip4", "messages": [{"content": "hi"}]}, None, 400, "messages[0]"),
@@ -367,6 +511,13 @@ def test_queue_full_timeout_and_disconnects(served, monkeypatch):
         m.setattr(engine, "submit", full)
         r = post(url, "/v1/completions", {"model": "skip1", "prompt": "abc"})
     assert r.status_code == 429 and r.headers["retry-after"] == "1" and "max_queue" in r.json()["error"]["message"]
+    # full after two of a request's five choices: 429, and the two leave the engine
+    submit, taken = engine.submit, []
+    with monkeypatch.context() as m:
+        m.setattr(engine, "submit", lambda request: full(request) if len(taken) == 2 else taken.append(submit(request)))
+        r = post(url, "/v1/completions", {"model": "skip1", "prompt": "abc", "n": 5, "max_tokens": 300, "ignore_eos": True})
+    assert r.status_code == 429 and len(taken) == 2
+    wait_for(lambda: engine.batch_size() == 0 and engine._in_use[engine.adapters["skip1"]] == 0)
 
     # past the request timeout: 504 (or an error event once streaming), and the sequence leaves
     monkeypatch.setattr(server.limits, "request_timeout", 0.3)
@@ -391,6 +542,11 @@ def test_queue_full_timeout_and_disconnects(served, monkeypatch):
                       json={"model": "skip2", "prompt": "abc", "max_tokens": 300, "stream": True}) as r:
         next(r.iter_lines())
     wait_for(lambda: cancelled() == before + 1 and engine.batch_size() == 0)
+    # every choice of a request with n = 3
+    with httpx.stream("POST", url + "/v1/completions", timeout=60,
+                      json={"model": "skip2", "prompt": "abc", "max_tokens": 300, "stream": True, "n": 3}) as r:
+        next(r.iter_lines())
+    wait_for(lambda: cancelled() == before + 4 and engine.batch_size() == 0)
     # and one waiting for a whole response
     host, port = url[7:].split(":")
     body = json.dumps({"model": "skip2", "prompt": "abc", "max_tokens": 300}).encode()
@@ -398,7 +554,7 @@ def test_queue_full_timeout_and_disconnects(served, monkeypatch):
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         wait_for(lambda: engine.batch_size() == 1)
-    wait_for(lambda: cancelled() == before + 2 and engine.batch_size() == 0)
+    wait_for(lambda: cancelled() == before + 5 and engine.batch_size() == 0)
     monkeypatch.undo()
     assert complete(url, "skip2", "abc", 3)[1] == "length"
 
@@ -558,11 +714,12 @@ def test_completion_prompts_get_the_tokenizers_special_tokens(served, monkeypatc
                                                                                special_tokens=[("<s>", 1)])
     monkeypatch.setattr(server, "tokenizer", tokenizer)
     abc = tokenizer("abc", add_special_tokens=False).input_ids
-    assert server.completion_prompt({"prompt": "abc"}) == [1, *abc]
-    assert server.completion_prompt({"prompt": "abc", "add_special_tokens": False}) == abc
-    assert server.completion_prompt({"prompt": abc}) == abc
+    assert server.completion_prompts({"prompt": "abc"}) == [([1, *abc], "abc")]
+    assert server.completion_prompts({"prompt": "abc", "add_special_tokens": False}) == [(abc, "abc")]
+    assert server.completion_prompts({"prompt": abc}) == [(abc, "abc")]
+    assert server.completion_prompts({"prompt": ["abc", abc]}) == [([1, *abc], "abc"), (abc, "abc")]
     with pytest.raises(APIError, match="add_special_tokens: must be true or false"):
-        server.completion_prompt({"prompt": "abc", "add_special_tokens": "yes"})
+        server.completion_prompts({"prompt": "abc", "add_special_tokens": "yes"})
 
 
 def test_cli_loads_adapters_by_hub_id(serve_demo, fake_hub, tmp_path, monkeypatch):

@@ -7,6 +7,7 @@
 - ``ray.py``: the engine as a Ray Serve deployment with model multiplexing (extra ``[ray]``).
 """
 
-from .engine import Engine, InvalidParams, QueueFull, Request, SamplingParams, UnknownAdapter
+from .engine import Engine, InvalidParams, QueueFull, Request, SamplingParams, TokenLogprobs, UnknownAdapter
 
-__all__ = ["Engine", "InvalidParams", "QueueFull", "Request", "SamplingParams", "UnknownAdapter"]
+__all__ = ["Engine", "InvalidParams", "QueueFull", "Request", "SamplingParams", "TokenLogprobs",
+           "UnknownAdapter"]

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -22,17 +23,22 @@ from pathlib import Path
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from .engine import Engine, InvalidParams, QueueFull, Request, SamplingParams, UnknownAdapter, _is_int, _is_number
+from .engine import (MAX_LOGPROBS, Engine, InvalidParams, QueueFull, Request, SamplingParams, TokenLogprobs,
+                     UnknownAdapter, _is_int, _is_number)
 from .metrics import Metrics
 
+
+logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.1  # how often a waiting request checks for its timeout and its client
 
 
 @dataclasses.dataclass
 class Limits:
-    """What one request may ask for. ``max_prompt_tokens`` defaults to the model's context."""
+    """What one request may ask for. ``max_prompt_tokens`` defaults to the model's context;
+    ``max_choices`` bounds a request's prompts times ``n``."""
     max_prompt_tokens: int | None = None
+    max_choices: int = 64
     max_tokens: int = 1024
     max_body_bytes: int = 1 << 20
     request_timeout: float = 600.0
@@ -116,11 +122,14 @@ class _Detokenizer:
 
 @dataclasses.dataclass
 class _Job:
-    """One request's way through the engine: tokens arrive on ``queue`` from the engine thread."""
+    """One choice's way through the engine: tokens arrive on ``queue`` from the engine thread.
+    ``echo``: the prompt's text, put before the output."""
     prompt: list[int]
     adapter: str | None
     params: SamplingParams
     stops: list[str]
+    index: int = 0
+    echo: str | None = None
     queue: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
     request: Request | None = None
     tokens: int = 0
@@ -157,6 +166,16 @@ def sampling_defaults(model) -> dict[str, float]:
             if value is not None and value != SAMPLING_DEFAULTS[name][0] and SAMPLING_DEFAULTS[name][1](value)}
 
 
+async def _all(coroutines) -> list:
+    """Their results, in order; the first failure cancels the rest and is raised."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
 class Server:
     """The state behind the routes; ``create_app`` builds the FastAPI app around one."""
 
@@ -174,6 +193,7 @@ class Server:
         self.metrics = Metrics()
         self.eos, self.defaults = stop_tokens(tokenizer, engine.model), sampling_defaults(engine.model)
         self.created = int(time.time())
+        self._token_texts: dict[int, str] = {}  # each token's own text, for log-probabilities
 
     # ------------------------------------------------------------------ requests in
     async def read_json(self, http: HTTPRequest) -> dict:
@@ -209,9 +229,41 @@ class Server:
                            param="model", code="model_not_found")
         return model
 
-    def sampling(self, body: dict, prompt_tokens: int, default_max: int | None) -> tuple[SamplingParams, list[str]]:
-        for name, allowed in (("n", (None, 1)), ("best_of", (None, 1)), ("echo", (None, False)),
-                              ("logprobs", (None, False)), ("top_logprobs", (None,)), ("suffix", (None,)),
+    def choices(self, body: dict, prompts: int) -> int:
+        """``n``, the choices per prompt, checked against ``best_of`` and ``max_choices``."""
+        n = 1 if body.get("n") is None else body["n"]
+        if not (_is_int(n) and n >= 1):
+            raise _bad("n", f"must be an integer >= 1, got {json.dumps(n)}")
+        if body.get("best_of") not in (None, n):  # ranking more samples than are returned: not done here
+            raise _bad("best_of", f"{json.dumps(body['best_of'])} is not supported by this server (only best_of = n)")
+        if n * prompts > self.limits.max_choices:
+            raise _bad("n", f"{prompts} prompt(s) times n = {n} exceeds the server's limit of "
+                            f"{self.limits.max_choices} choices per request")
+        return n
+
+    def logprobs(self, body: dict, chat: bool) -> int | None:
+        """How many alternatives per token the response lists (None: no log-probabilities): the
+        completions API's ``logprobs`` count, or chat's ``logprobs`` flag and ``top_logprobs``."""
+        top = body.get("top_logprobs")
+        if chat:
+            wanted = body.get("logprobs")
+            if wanted not in (None, True, False):
+                raise _bad("logprobs", f"must be true or false, got {json.dumps(wanted)}")
+            if top is not None and not wanted:
+                raise _bad("top_logprobs", "needs logprobs: true")
+            count = (0 if top is None else top) if wanted else None
+            name = "top_logprobs"
+        else:
+            if top is not None:
+                raise _bad("top_logprobs", "is chat's; the completions API takes logprobs: <count>")
+            count, name = body.get("logprobs"), "logprobs"
+        if count is not None and not (_is_int(count) and 0 <= count <= MAX_LOGPROBS):
+            raise _bad(name, f"must be an integer in [0, {MAX_LOGPROBS}], got {json.dumps(count)}")
+        return count
+
+    def sampling(self, body: dict, prompt_tokens: int, default_max: int | None,
+                 chat: bool = False) -> tuple[SamplingParams, list[str]]:
+        for name, allowed in (("suffix", (None,)), ("echo", (None, False) if chat else (None, False, True)),
                               ("logit_bias", (None, {})), ("min_tokens", (None, 0)), ("use_beam_search", (None, False)),
                               # constrained output: a client asking for it must not get free text
                               ("tools", (None, [])), ("functions", (None, [])),
@@ -235,7 +287,13 @@ class Server:
         if not isinstance(extra, list) or not all(_is_int(t) and 0 <= t < self.vocab for t in extra):
             raise _bad("stop_token_ids", f"must be a list of token ids in [0, {self.vocab})")
         given = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        values = {"max_tokens": body.get(given), "seed": body.get("seed"),
+        echo, logprobs = body.get("echo") is True, self.logprobs(body, chat)
+        if body.get(given) == 0 and not echo:
+            raise _bad(given, "must be >= 1 (0 only with echo), got 0")
+        values = {"max_tokens": body.get(given), "seed": body.get("seed"), "logprobs": logprobs,
+                  # echo scores the prompt when log-probabilities are asked for, or when nothing is generated
+                  "prompt_logprobs": logprobs if echo and logprobs is not None else
+                  0 if echo and body.get(given) == 0 else None,
                   "presence_penalty": body.get("presence_penalty"), "frequency_penalty": body.get("frequency_penalty"),
                   **{k: body[k] if body.get(k) is not None else self.defaults.get(k) for k in SAMPLING_DEFAULTS}}
         if values["max_tokens"] is None:  # the default is within the room
@@ -262,24 +320,29 @@ class Server:
             raise _bad(param, f"has {len(ids)} tokens, which leaves no room in the model's context of {self.context}")
         return ids
 
-    def completion_prompt(self, body: dict) -> list[int]:
+    def completion_prompts(self, body: dict) -> list[tuple[list[int], str]]:
+        """Each prompt's token ids and text: ``prompt`` is a string, a list of token ids, or a list
+        of either (a batch; ``prompt[i]`` names the bad one)."""
         prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            prompt = prompt[0]  # a batch of one
         special = body.get("add_special_tokens", True)  # the tokenizer's BOS, as vLLM adds it to completions
         if not isinstance(special, bool):
             raise _bad("add_special_tokens", f"must be true or false, got {json.dumps(special)}")
-        if isinstance(prompt, str):
-            ids = self.tokenizer(prompt, add_special_tokens=special).input_ids if prompt else []
-        elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            if any(not 0 <= t < self.vocab for t in prompt):
-                raise _bad("prompt", f"token ids must lie in [0, {self.vocab})")
-            ids = list(prompt)
-        elif isinstance(prompt, list):
-            raise _bad("prompt", "one prompt per request: a string or a list of token ids")
-        else:
-            raise _bad("prompt", f"must be a string or a list of token ids, got {json.dumps(prompt)}")
-        return self.check_prompt(ids, "prompt")
+
+        def one(prompt, param: str) -> tuple[list[int], str]:
+            if isinstance(prompt, str):
+                ids = self.tokenizer(prompt, add_special_tokens=special).input_ids if prompt else []
+                return self.check_prompt(ids, param), prompt
+            if isinstance(prompt, list) and all(_is_int(t) for t in prompt):
+                if any(not 0 <= t < self.vocab for t in prompt):
+                    raise _bad(param, f"token ids must lie in [0, {self.vocab})")
+                return self.check_prompt(list(prompt), param), self.tokenizer.decode(prompt, skip_special_tokens=True)
+            raise _bad(param, f"must be a string or a list of token ids, got {json.dumps(prompt):.80}")
+
+        if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+            return [one(p, f"prompt[{i}]") for i, p in enumerate(prompt)]
+        if isinstance(prompt, list) and not all(_is_int(t) for t in prompt):
+            raise _bad("prompt", "must be a string, a list of token ids, or a list of either")
+        return [one(prompt, "prompt")]
 
     def chat_prompt(self, body: dict) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
@@ -321,15 +384,17 @@ class Server:
             raise APIError(404, str(err), param="model", code="model_not_found") from None
 
     async def pieces(self, job: _Job, http: HTTPRequest | None):
-        """Yield text pieces until the request finishes (``job.finish`` says how). ``http`` given:
-        poll it and cancel when the client has gone (a streamed response is cancelled by its
-        server instead). Raises 504 past the request timeout."""
+        """Yield ``(text, logprobs)`` pieces until the request finishes (``job.finish`` says how):
+        ``logprobs``, the ``TokenLogprobs`` of the tokens since the last piece (none unless the
+        request asks for them). ``http`` given: poll it and cancel when the client has gone (a
+        streamed response is cancelled by its server instead). Raises 504 past the request timeout."""
         loop = asyncio.get_running_loop()
         arrival = job.request.arrival
         deadline = loop.time() + self.limits.request_timeout
         detok = _Detokenizer(self.tokenizer, job.prompt, job.stops)
         label = job.adapter or self.model_name
         engine_done = False
+        given = 0  # tokens whose log-probabilities went out with a piece
         next_poll = loop.time() + POLL_SECONDS
         try:
             while job.finish is None:
@@ -358,8 +423,9 @@ class Server:
                     piece, stopped = detok.add(token)
                     if stopped:
                         job.finish = "stop"
-                if piece:
-                    yield piece
+                if piece or (job.finish is not None and job.tokens > given):
+                    entries, given = job.request.logprobs[given:job.tokens], job.tokens  # (the engine's appends come first)
+                    yield piece, entries
         finally:
             if not engine_done:  # a stop string, the timeout, or the client gone: leave the batch
                 self.engine.cancel(job.request)
@@ -415,40 +481,114 @@ class Server:
                   "bora_adapters_loaded": len(engine.adapters)}
         return PlainTextResponse(self.metrics.render(counters, gauges), media_type="text/plain; version=0.0.4")
 
+    def token_text(self, token: int) -> str:
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = self.tokenizer.decode([token])
+        return text
+
+    def completion_logprobs(self, entries: list[tuple[int, TokenLogprobs | None]], offset: int) -> dict:
+        """The completions API's ``logprobs`` of these tokens (each with its entry; None for a
+        prompt's first token), the text before them ``offset`` characters long. Each token's
+        ``top_logprobs`` lists the most likely tokens and the token itself, as OpenAI's does."""
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token, entry in entries:
+            text = self.token_text(token)
+            out["tokens"].append(text)
+            out["text_offset"].append(offset)
+            offset += len(text)
+            out["token_logprobs"].append(None if entry is None else entry.logprob)
+            top = None
+            if entry is not None:
+                top = {self.token_text(t): lp for t, lp in entry.top}
+                top.setdefault(text, entry.logprob)
+            out["top_logprobs"].append(top)
+        return out
+
+    def chat_logprobs(self, entries: list[TokenLogprobs]) -> dict:
+        """Chat's ``logprobs``: each token's text, log-probability and UTF-8 bytes, and its
+        ``top_logprobs`` (the most likely tokens, as many as asked for)."""
+        def item(token, logprob):
+            text = self.token_text(token)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+                            for e in entries]}
+
     async def generate(self, http: HTTPRequest, chat: bool, body: dict | None = None):
-        """``/v1/completions`` (or ``/v1/chat/completions``): the whole response, or its events."""
+        """``/v1/completions`` (or ``/v1/chat/completions``): the whole response, or its events.
+        Every prompt gets ``n`` choices (index ``prompt * n + j``; with a ``seed``, choice ``j``
+        samples with ``seed + j``), each its own sequence in the engine's batch."""
         body = body if body is not None else await self.read_json(http)
         adapter = self.adapter_for(body)
-        prompt = self.chat_prompt(body) if chat else self.completion_prompt(body)
-        params, stops = self.sampling(body, len(prompt), None if chat else 16)
+        prompts = [(self.chat_prompt(body), None)] if chat else self.completion_prompts(body)
+        n = self.choices(body, len(prompts))
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise _bad("stream", "must be true or false")
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
             raise _bad("stream_options", "must be an object")
-        job = _Job(prompt, adapter, params, stops)
-        self.submit(job)
+        jobs = []
+        for i, (prompt, text) in enumerate(prompts):
+            params, stops = self.sampling(body, len(prompt), None if chat else 16, chat)
+            for j in range(n):
+                seeded = params if params.seed is None else dataclasses.replace(params, seed=params.seed + j)
+                jobs.append(_Job(prompt, adapter, seeded, stops, index=i * n + j, echo=text if body.get("echo") else None))
+        try:
+            for job in jobs:
+                self.submit(job)
+        except APIError:
+            for job in jobs:
+                if job.request is not None:
+                    self.engine.cancel(job.request)
+            raise
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": body["model"]}
+        scored = jobs[0].params.logprobs is not None
 
         def usage():
-            return {"prompt_tokens": len(prompt), "completion_tokens": job.tokens, "total_tokens": len(prompt) + job.tokens}
+            prompt_tokens = sum(len(prompt) for prompt, _ in prompts)
+            completion_tokens = sum(job.tokens for job in jobs)
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens}
 
-        def choice(text, finish, delta=None):
-            if not chat:
-                return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-            if delta is None:
-                return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-            return {"index": 0, "delta": delta, "finish_reason": finish}
+        def reason(job):
+            return None if job.finish is None else "stop" if job.finish == "stop" else "length"
+
+        def echoed(job) -> tuple[str, dict | None]:
+            """The prompt's text and log-probabilities, before a completion's output."""
+            if job.echo is None:
+                return "", None
+            entries = list(zip(job.prompt, job.request.prompt_logprobs or [None] * len(job.prompt)))
+            return job.echo, self.completion_logprobs(entries, 0) if scored else None
+
+        def completion_choice(job, text, entries, offset, finish):
+            logprobs = self.completion_logprobs([(e.token, e) for e in entries], offset) if scored else None
+            return {"index": job.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+        def chat_choice(job, text, entries, finish, delta: bool):
+            out = {"index": job.index, "logprobs": self.chat_logprobs(entries) if scored else None,
+                   "finish_reason": finish}
+            return {**out, "delta": {"content": text} if finish is None else {}} if delta else \
+                {**out, "message": {"role": "assistant", "content": text}}
 
         if not stream:
-            text = "".join([piece async for piece in self.pieces(job, http)])
-            if job.finish == "cancelled":  # the client has gone; nobody reads this
+            async def run(job):
+                pieces = [(piece, entries) async for piece, entries in self.pieces(job, http)]
+                text, entries = "".join(p for p, _ in pieces), [e for _, es in pieces for e in es]
+                if chat:
+                    return chat_choice(job, text, entries, reason(job), delta=False)
+                prefix, prompt_logprobs = echoed(job)
+                choice = completion_choice(job, prefix + text, entries, len(prefix), reason(job))
+                if prompt_logprobs is not None:
+                    choice["logprobs"] = {k: prompt_logprobs[k] + choice["logprobs"][k] for k in prompt_logprobs}
+                return choice
+
+            choices = await _all([run(job) for job in jobs])
+            if any(job.finish == "cancelled" for job in jobs):  # the client has gone; nobody reads this
                 return JSONResponse({}, status_code=499)
-            reason = "stop" if job.finish == "stop" else "length"
             return JSONResponse({**head, "object": "chat.completion" if chat else "text_completion",
-                                 "choices": [choice(text, reason)], "usage": usage()})
+                                 "choices": choices, "usage": usage()})
 
         kind = "chat.completion.chunk" if chat else "text_completion"
 
@@ -456,17 +596,52 @@ class Server:
             return f"data: {json.dumps({**head, 'object': kind, 'choices': choices, **extra})}\n\n"
 
         async def events():
+            out: asyncio.Queue = asyncio.Queue()
+
+            async def run(job):
+                try:
+                    async for piece, entries in self.pieces(job, None):
+                        out.put_nowait((job, piece, entries))
+                    out.put_nowait((job, None, None))
+                except APIError as err:  # the timeout, after the status line was sent
+                    out.put_nowait((job, err, None))
+                except Exception:  # never leave the stream waiting
+                    logger.exception("streaming a choice failed")
+                    out.put_nowait((job, APIError(500, "the server failed on this request"), None))
+
+            tasks = [asyncio.ensure_future(run(job)) for job in jobs]
+            sent = {}  # characters of each choice's text sent, from its first event
             try:
                 if chat:
-                    yield event([choice("", None, {"role": "assistant", "content": ""})])
-                async for piece in self.pieces(job, None):
-                    yield event([choice(piece, None, {"content": piece})])
-                yield event([choice("", "stop" if job.finish == "stop" else "length", {})])
-                if options.get("include_usage"):
-                    yield event([], usage=usage())
-            except APIError as err:  # the timeout, after the status line was sent
-                yield f"data: {json.dumps(err.body())}\n\n"
-            yield "data: [DONE]\n\n"
+                    for job in jobs:
+                        yield event([{"index": job.index, "delta": {"role": "assistant", "content": ""},
+                                      "logprobs": None, "finish_reason": None}])
+                ended = 0
+                while ended < len(jobs):
+                    job, piece, entries = await out.get()
+                    if isinstance(piece, APIError):
+                        yield f"data: {json.dumps(piece.body())}\n\n"
+                        break
+                    if job.index not in sent:  # a completion's echo first: the engine has scored the prompt by now
+                        prefix, prompt_logprobs = echoed(job)
+                        sent[job.index] = len(prefix)
+                        if job.echo is not None:
+                            yield event([{"index": job.index, "text": prefix, "logprobs": prompt_logprobs,
+                                          "finish_reason": None}])
+                    finish = None if piece is not None else reason(job)
+                    ended += finish is not None
+                    piece = piece or ""
+                    if piece or finish is not None:
+                        yield event([chat_choice(job, piece, entries or [], finish, delta=True) if chat else
+                                     completion_choice(job, piece, entries or [], sent[job.index], finish)])
+                    sent[job.index] += len(piece)
+                else:
+                    if options.get("include_usage"):
+                        yield event([], usage=usage())
+                yield "data: [DONE]\n\n"
+            finally:  # the client gone, or done: every choice leaves the batch
+                for task in tasks:
+                    task.cancel()
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

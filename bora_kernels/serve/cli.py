@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=POSITIVE_INT, default=256, help="waiting requests before 429")
     p.add_argument("--max-prompt-tokens", type=POSITIVE_INT, default=None, help="default: the model's context")
     p.add_argument("--max-tokens-limit", type=POSITIVE_INT, default=1024, help="the largest max_tokens a request may ask")
+    p.add_argument("--max-choices", type=POSITIVE_INT, default=64,
+                   help="the most choices one request may ask for (its prompts times n)")
     p.add_argument("--max-body-bytes", type=POSITIVE_INT, default=1 << 20, help="request body limit (413 past it)")
     p.add_argument("--request-timeout", type=POSITIVE, default=600.0, help="seconds before a request ends with 504")
     p.add_argument("--schedule", choices=SCHEDULES, default="mixed",
@@ -128,7 +130,8 @@ def build_server(argv=None):
         except ValueError as err:
             parser.error(f"{err} (--max-lora-rank raises the slots' rank)" if "rank" in str(err) else str(err))
     limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit,
-                    max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout)
+                    max_choices=args.max_choices, max_body_bytes=args.max_body_bytes,
+                    request_timeout=args.request_timeout)
     server = Server(engine, tokenizer, name, adapter_root=root, limits=limits,
                     adapter_paths={a: f.resolve() if f.exists() else f for a, f in folders.items()})
     return server, args

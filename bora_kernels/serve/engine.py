@@ -91,6 +91,26 @@ def _is_number(value) -> bool:
 
 PENALTIES = ("repetition_penalty", "presence_penalty", "frequency_penalty")  # penalized()'s order
 
+MAX_LOGPROBS = 20  # the most alternatives a request may ask for per token (vLLM's default limit)
+
+PROMPT_LOGPROB_ROWS = 1024  # prompt positions turned into log-probabilities at once (bounds the fp32 copy)
+
+
+class TokenLogprobs(collections.namedtuple("TokenLogprobs", "token logprob top")):
+    """A token's log-probability under the model, and ``top``: the ``k`` most likely tokens at its
+    position as ``(token, logprob)`` pairs, most likely first."""
+    __slots__ = ()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[TokenLogprobs]:
+    """Each row's token (``tokens`` ``[rows]``) with its log-probability under that row of
+    ``logits`` (``[rows, vocab]``, the model's own: before temperature, penalties or cuts, as
+    vLLM reports them by default) and the row's ``k`` most likely tokens."""
+    logprobs = logits.float().log_softmax(-1)
+    chosen = logprobs.gather(-1, tokens[:, None]).squeeze(1).tolist()
+    top, ids = logprobs.topk(k, -1) if k else (logprobs[:, :0], tokens[:, None][:, :0])
+    return [TokenLogprobs(t, lp, tuple(zip(i, v))) for t, lp, i, v in zip(tokens.tolist(), chosen, ids.tolist(), top.tolist())]
+
 
 def _column(values: list, device: torch.device) -> torch.Tensor:
     """Per-row values as a ``[rows, 1]`` tensor."""
@@ -134,7 +154,14 @@ class SamplingParams:
     distribution cut to its ``top_k`` most likely tokens (0 or -1: all), then to the fewest of
     those whose share of their mass reaches ``top_p``, then to those at least ``min_p`` times as
     likely as the most likely one. ``seed`` makes sampling repeatable per request. Bad values
-    raise ``InvalidParams`` naming the field."""
+    raise ``InvalidParams`` naming the field.
+
+    ``logprobs`` (0 to ``MAX_LOGPROBS``; None: off) has the engine record each output token's
+    log-probability under the model and that many most likely tokens at its position
+    (``Request.logprobs``); ``prompt_logprobs`` the same for each prompt token after the first
+    (``Request.prompt_logprobs``). The log-probabilities are the model's own, before temperature,
+    penalties and cuts (as vLLM's by default). ``max_tokens=0`` is allowed with ``prompt_logprobs``:
+    the prompt is scored and nothing generated."""
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
@@ -145,14 +172,20 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         if not _is_int(self.max_tokens):
             raise InvalidParams("max_tokens", f"must be an integer, got {self.max_tokens!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise InvalidParams("seed", f"must be an integer, got {self.seed!r}")
-        if self.max_tokens < 1:
-            raise InvalidParams("max_tokens", f"must be >= 1, got {self.max_tokens}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not (_is_int(value) and 0 <= value <= MAX_LOGPROBS):
+                raise InvalidParams(name, f"must be an integer in [0, {MAX_LOGPROBS}] or None, got {value!r}")
+        if self.max_tokens < (0 if self.prompt_logprobs is not None else 1):
+            raise InvalidParams("max_tokens", f"must be >= 1 (0 only with prompt_logprobs), got {self.max_tokens}")
         if not (_is_number(self.temperature) and self.temperature >= 0):
             raise InvalidParams("temperature", f"must be a finite number >= 0, got {self.temperature!r}")
         if not (_is_number(self.top_p) and 0 < self.top_p <= 1):
@@ -178,7 +211,11 @@ class Request:
     """A prompt (token ids) for ``adapter`` (None: the base model). ``on_token(token, finish)``
     is called from the engine thread with each new token (``finish`` None), and once more with
     ``token`` None and ``finish`` one of ``"stop"`` (a stop token), ``"length"`` (``max_tokens``)
-    or ``"cancelled"`` (``"error"`` if the model failed); it must not block."""
+    or ``"cancelled"`` (``"error"`` if the model failed); it must not block.
+
+    With ``params.logprobs`` set, the engine appends each output token's ``TokenLogprobs`` to
+    ``logprobs`` before handing the token out; with ``params.prompt_logprobs``, it sets
+    ``prompt_logprobs`` (None for the first token, which has no context) before the first call."""
     prompt: list[int]
     adapter: str | None
     params: SamplingParams
@@ -187,6 +224,8 @@ class Request:
     cancelled: bool = False
     arrival: float = dataclasses.field(default_factory=time.perf_counter)
     slot: int = dataclasses.field(default=-1, init=False, repr=False)  # set by Engine.submit
+    logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list, init=False, repr=False)
+    prompt_logprobs: list[TokenLogprobs | None] | None = dataclasses.field(default=None, init=False, repr=False)
 
 
 class _Seq:
@@ -248,7 +287,11 @@ class Engine:
         self.device = next(model.parameters()).device
         # transformers 5.24 renamed the cache argument and output field ``past_key_values`` to
         # ``cache`` (the old name warns, and goes in 5.40); older versions know only the old one
-        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        arguments = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in arguments else "past_key_values"
+        # a prefill needs the last position's logits only (a [prompt, vocab] product less), unless
+        # its request scores the prompt; transformers before 4.50 called the argument num_logits_to_keep
+        self._keep_arg = next((a for a in ("logits_to_keep", "num_logits_to_keep") if a in arguments), None)
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.max_batch, self.max_queue, self.schedule = max_batch, max_queue, schedule
         self.adapters: dict[str, int] = {}          # name -> slot
@@ -443,8 +486,18 @@ class Engine:
             # a cache without the model's config keeps every layer's keys whole: a sliding-window
             # layer's cache would keep only its window, which the batch's cache cannot pad to
             # the others (the attention masks still apply the window)
+            scored = request.params.prompt_logprobs is not None
+            keep = {self._keep_arg: 1} if self._keep_arg and not scored else {}
             with use_adapters(self.model, torch.tensor([request.slot], device=self.device)):
-                out = self.model(input_ids=ids, **{self._cache_arg: DynamicCache()}, use_cache=True)
+                out = self.model(input_ids=ids, **{self._cache_arg: DynamicCache()}, use_cache=True, **keep)
+            if scored:
+                request.prompt_logprobs = [None] + [
+                    entry for i in range(0, len(request.prompt) - 1, PROMPT_LOGPROB_ROWS)
+                    for entry in token_logprobs(out.logits[0, i:i + PROMPT_LOGPROB_ROWS][:len(request.prompt) - 1 - i],
+                                                ids[0, i + 1:i + 1 + PROMPT_LOGPROB_ROWS], request.params.prompt_logprobs)]
+            if request.params.max_tokens == 0:  # the prompt scored, nothing to generate
+                self._finish(request, "length")
+                return
             kv = [(layer.keys, layer.values) for layer in out[self._cache_arg].layers]
             self._join(seq, kv, len(request.prompt))
         except Exception:  # this request fails alone; the running batch is untouched and goes on
@@ -473,13 +526,21 @@ class Engine:
 
     def _emit(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
         """Choose each sequence's next token, hand it out, and retire finished sequences."""
-        chosen = self._choose(seqs, logits).tolist()
+        chosen = self._choose(seqs, logits)
+        scored = [i for i, s in enumerate(seqs) if s.request.params.logprobs is not None]
+        if scored:
+            where = torch.tensor(scored, device=logits.device)
+            entries = dict(zip(scored, token_logprobs(logits[where], chosen[where],
+                                                      max(seqs[i].request.params.logprobs for i in scored))))
         done = []
-        for seq, token in zip(seqs, chosen):
+        for i, (seq, token) in enumerate(zip(seqs, chosen.tolist())):
             params = seq.request.params
             if token in params.stop_token_ids:
                 done.append((seq, "stop"))
                 continue
+            if params.logprobs is not None:  # each row's own k of the batch's most likely
+                entry = entries[i]
+                seq.request.logprobs.append(entry._replace(top=entry.top[:params.logprobs]))
             seq.request.on_token(token, None)
             seq.generated += 1
             seq.last = token
