@@ -215,36 +215,49 @@ def is_nf4_checkpoint(config) -> bool:
 
 
 def from_pretrained_4bit(name_or_folder, model_class=None, dtype: torch.dtype | None = None,
-                         device=None) -> nn.Module:
+                         device=None, revision: str | None = None) -> nn.Module:
     """A Hugging Face model from a bitsandbytes 4-bit NF4 checkpoint (a folder, or a Hub id such
     as a ``*-bnb-4bit`` model: its ``config.json`` says ``quant_method: bitsandbytes``,
     ``load_in_4bit``), built without bitsandbytes and without making the dense weights: its
     quantized layers are ``NF4Linear`` (our kernels run them, on CPU or GPU), the rest in the
     checkpoint's dtype, or ``dtype`` (then the NF4 layers compute in it too), on ``device``
     (default: the CPU; the weights are read straight onto it). ``model_class``
-    defaults to ``AutoModelForCausalLM``. The model's config holds no ``quantization_config``:
-    write the model back with ``save_pretrained_4bit``."""
-    from transformers import AutoConfig
+    defaults to ``AutoModelForCausalLM``. ``revision``: a Hub id's branch, tag or commit. The
+    model's config holds no ``quantization_config``: write the model back with ``save_pretrained_4bit``."""
+    def check(config):
+        problem = _nf4_problem(_quantization(config))
+        if problem is not None:
+            raise ValueError(f"{name_or_folder} is not a bitsandbytes 4-bit NF4 checkpoint: {problem}")
 
-    config = AutoConfig.from_pretrained(name_or_folder)
-    problem = _nf4_problem(_quantization(config))
-    if problem is not None:
-        raise ValueError(f"{name_or_folder} is not a bitsandbytes 4-bit NF4 checkpoint: {problem}")
-    folder = _local_folder(name_or_folder)
+    config, folder = _checkpoint(name_or_folder, revision, check)
     del config.quantization_config
     model = _empty_model(config, model_class, folder)
     load_bnb_4bit(model, folder, device=device, dtype=dtype)
     return model.to(device or "cpu").eval()  # (the buffers made on the CPU)
 
 
-def _local_folder(name_or_folder) -> Path:
-    """A local folder, or a Hub id's files as ``from_pretrained`` would fetch them: its JSON files
-    and one set of weights, safetensors before PyTorch pickles (``hub_snapshot``)."""
+def _checkpoint(name_or_folder, revision: str | None = None, check=None) -> tuple:
+    """``(config, folder)`` of a checkpoint: a local folder, or a Hub id's files (at
+    ``revision``) as ``from_pretrained`` would fetch them: its JSON files, then, once
+    ``check(config)`` has passed (it raises to refuse the checkpoint), one set of weights,
+    safetensors before PyTorch pickles, of the same commit (``hub_snapshot``)."""
+    from transformers import AutoConfig
+
+    read = {}
+
+    def config_of(folder: Path) -> None:
+        read["config"] = AutoConfig.from_pretrained(folder)
+        if check is not None:
+            check(read["config"])
+
     folder = Path(name_or_folder)
     if folder.is_dir():
-        return folder
+        config_of(folder)
+        return read["config"], folder
     safetensors, safetensors_index, pickle, pickle_index = WEIGHT_FILES
-    return hub_snapshot(str(name_or_folder), ["*.json"], [safetensors_index, safetensors, pickle_index, pickle])
+    folder = hub_snapshot(str(name_or_folder), ["*.json"], [safetensors_index, safetensors, pickle_index, pickle],
+                          revision, before_weights=config_of)
+    return read["config"], folder
 
 
 def _empty_model(config, model_class=None, folder: Path | None = None) -> nn.Module:
@@ -274,7 +287,7 @@ def _trim_heap() -> None:
 
 def from_pretrained_nf4(name_or_folder, target_modules="all-linear", exclude_modules=None, blocksize: int = 64,
                         double_quant: bool = True, model_class=None, dtype: torch.dtype | None = None,
-                        device=None) -> nn.Module:
+                        device=None, revision: str | None = None) -> nn.Module:
     """A Hugging Face model from a dense checkpoint (a folder or a Hub id) with the base weights
     of ``target_modules`` quantized to NF4 while they load, one weight file (shard) at a time: the
     dense model is never held whole. Peak memory is the quantized model plus a shard, where
@@ -283,16 +296,15 @@ def from_pretrained_nf4(name_or_folder, target_modules="all-linear", exclude_mod
     ``"all-linear"``: every linear layer but the output head); ``dtype`` (default: the
     checkpoint's) is the dtype the weights are quantized from and the model computes in;
     ``device`` is where the weights are read and quantized (a GPU quantizes with the Triton
-    kernels). Then ``inject`` puts adapters over the NF4 layers. A bitsandbytes 4-bit checkpoint
-    is refused: ``from_pretrained_4bit`` reads it."""
-    from transformers import AutoConfig
+    kernels). ``revision``: a Hub id's branch, tag or commit. Then ``inject`` puts adapters over
+    the NF4 layers. A bitsandbytes 4-bit checkpoint is refused: ``from_pretrained_4bit`` reads it."""
+    def check(config):
+        if _quantization(config) is not None:
+            raise ValueError(f"{name_or_folder} is quantized already (quantization_config "
+                             f"{_quantization(config).get('quant_method')!r}); from_pretrained_4bit reads bitsandbytes' "
+                             f"4-bit checkpoints")
 
-    config = AutoConfig.from_pretrained(name_or_folder)
-    if _quantization(config) is not None:
-        raise ValueError(f"{name_or_folder} is quantized already (quantization_config "
-                         f"{_quantization(config).get('quant_method')!r}); from_pretrained_4bit reads bitsandbytes' "
-                         f"4-bit checkpoints")
-    folder = _local_folder(name_or_folder)
+    config, folder = _checkpoint(name_or_folder, revision, check)
     model = _empty_model(config, model_class, folder)
     targets = {name: fan for name, _, fan in find_targets(model, target_modules, exclude_modules)}
     tied, shapes = _tied_groups(model), {k: tuple(v.shape) for k, v in model.state_dict().items()}

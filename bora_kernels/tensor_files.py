@@ -7,11 +7,14 @@ so there pickle files are refused. Used for model checkpoints (``bnb_io.py``) an
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 
 SAFE_PICKLE_TORCH = "2.6"
+
+COMMIT = re.compile(r"[0-9a-f]{40}")  # a Hub snapshot's folder name in the cache: its commit
 
 
 def read_tensor_file(path, device=None, what: str = "") -> dict[str, torch.Tensor]:
@@ -56,16 +59,24 @@ def index_shards(path: Path) -> list[str]:
                          f"names to files): {type(err).__name__}: {err}") from None
 
 
-def hub_snapshot(repo_id: str, configs: list[str], weights: list[str]) -> Path:
+def hub_snapshot(repo_id: str, configs: list[str], weights: list[str], revision: str | None = None,
+                 before_weights=None) -> Path:
     """The local folder of the Hub repository ``repo_id`` holding the files ``configs`` match and
     one set of weights: the first of ``weights`` (file names, in order of preference) it has,
     where an ``*.index.json`` stands for the shards it names. Nothing else is fetched: a
     repository that also keeps its weights in another form (a ``consolidated.safetensors`` beside
     the shards, pickles beside safetensors) costs one download, not two. Works offline from the
-    cache as ``snapshot_download`` does."""
+    cache as ``snapshot_download`` does. ``revision``: a branch, tag or commit (default the main
+    branch); the fetches after the first take the commit it resolved to, so a push in between
+    cannot mix files of two versions. ``before_weights(folder)`` is called with the folder of the
+    config files before any weights are fetched (it raises to stop there)."""
     from huggingface_hub import snapshot_download
 
-    folder = Path(snapshot_download(repo_id, allow_patterns=configs))
+    folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=configs))
+    if COMMIT.fullmatch(folder.name):
+        revision = folder.name
+    if before_weights is not None:
+        before_weights(folder)
     for name in weights:
         if name.endswith(".index.json"):  # (fetched with the configs, or not there)
             if (folder / name).is_file():
@@ -73,9 +84,9 @@ def hub_snapshot(repo_id: str, configs: list[str], weights: list[str]) -> Path:
                     shards = index_shards(folder / name)
                 except ValueError:  # (reading the folder names the bad index)
                     return folder
-                return Path(snapshot_download(repo_id, allow_patterns=[*configs, name, *shards]))
+                return Path(snapshot_download(repo_id, revision=revision, allow_patterns=[*configs, name, *shards]))
         else:
-            found = Path(snapshot_download(repo_id, allow_patterns=[*configs, name]))
+            found = Path(snapshot_download(repo_id, revision=revision, allow_patterns=[*configs, name]))
             if (found / name).is_file():
                 return found
     return folder

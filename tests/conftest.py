@@ -124,25 +124,40 @@ def serve_demo(tmp_path_factory):
 @pytest.fixture
 def fake_hub(tmp_path, monkeypatch):
     """The Hugging Face Hub stood in for by a folder: ``fake_hub.repos / "owner/name"`` is a
-    repository, and ``huggingface_hub.snapshot_download(repo_id, allow_patterns)`` copies the files
-    the patterns match into a cache folder of its own per call (a missing repository raises as
-    the Hub's 404 does). ``fake_hub.asked`` lists ``(repo_id, allow_patterns)`` per call."""
+    repository's main branch, ``fake_hub.revisions[("owner/name", "v1")]`` a folder holding its
+    revision ``v1``, and ``huggingface_hub.snapshot_download(repo_id, revision, allow_patterns)``
+    copies the files the patterns match into a cache folder of its own per call, named (as the
+    Hub's cache names snapshots) by the revision's commit, which ``revision`` may also name (a
+    missing repository or revision raises as the Hub's 404 does). ``fake_hub.asked`` lists
+    ``(repo_id, allow_patterns)`` per call, ``fake_hub.asked_revisions`` the revisions."""
     import fnmatch
+    import hashlib
     import shutil
     import tempfile
     import types
     from pathlib import Path
 
     huggingface_hub = pytest.importorskip("huggingface_hub")
-    hub = types.SimpleNamespace(repos=tmp_path / "hub", asked=[])
+    hub = types.SimpleNamespace(repos=tmp_path / "hub", asked=[], revisions={}, asked_revisions=[])
 
-    def snapshot_download(repo_id, allow_patterns=None, **_):
+    def commit(folder: Path) -> str:
+        return hashlib.sha1(str(folder).encode()).hexdigest()
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, **_):
         hub.asked.append((repo_id, allow_patterns))
-        repo = hub.repos / repo_id
-        if not repo.is_dir():
+        hub.asked_revisions.append(revision)
+        if not (hub.repos / repo_id).is_dir():
             raise FileNotFoundError(f"404 Client Error. Repository Not Found for url: https://huggingface.co/{repo_id}")
+        versions = {None: hub.repos / repo_id, "main": hub.repos / repo_id,
+                    **{rev: folder for (repo, rev), folder in hub.revisions.items() if repo == repo_id}}
+        versions.update({commit(folder): folder for folder in list(versions.values())})
+        if revision not in versions:
+            raise FileNotFoundError(f"404 Client Error. Revision Not Found for url: "
+                                    f"https://huggingface.co/api/models/{repo_id}/revision/{revision}")
+        repo = versions[revision]
         (tmp_path / "hub_cache").mkdir(exist_ok=True)
-        out = Path(tempfile.mkdtemp(dir=tmp_path / "hub_cache"))
+        out = Path(tempfile.mkdtemp(dir=tmp_path / "hub_cache")) / commit(repo)
+        out.mkdir()
         for path in repo.iterdir():
             if allow_patterns is None or any(fnmatch.fnmatch(path.name, p) for p in allow_patterns):
                 shutil.copy(path, out)

@@ -467,11 +467,36 @@ def test_hub_models_fetch_one_set_of_weights(fake_hub):
               "single": [["*.json"], ["*.json", "model.safetensors"]]}
     for repo, calls in wanted.items():
         fake_hub.asked.clear()
-        folder = bk.bnb_io._local_folder(f"org/{repo}")
+        folder = bk.bnb_io._checkpoint(f"org/{repo}")[1]
         assert [patterns for _, patterns in fake_hub.asked] == calls, repo
         weights = {p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")}
         assert weights == set(calls[-1][1:]) - {index, "pytorch_model.bin.index.json"}, repo
         assert bk.bnb_io._weight_files(folder), repo
+
+
+def test_hub_revisions_load_that_commit_alone(fake_hub, tmp_path, torch_path):
+    """``revision`` loads that branch, tag or commit of a Hub model: its config first, then its
+    weights of the same commit (the later fetches name the commit the first resolved to); the
+    main branch otherwise. A checkpoint the loader refuses is refused before any weights are
+    fetched, and a revision that does not exist is the Hub's error."""
+    main, v1 = fake_hub.repos / "org" / "m", tmp_path / "v1"
+    tiny_llama(False, seed=0).save_pretrained(main)
+    tiny_llama(False, seed=1).save_pretrained(v1)
+    fake_hub.revisions[("org/m", "v1")] = v1
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    for revision, folder in ((None, main), ("v1", v1)):
+        fake_hub.asked_revisions.clear()
+        got = bk.from_pretrained_nf4("org/m", revision=revision)
+        assert torch.equal(got(ids).logits, bk.from_pretrained_nf4(folder)(ids).logits), revision
+        first, *later = fake_hub.asked_revisions  # the config files, then the weights
+        assert first == revision and len(set(later)) == 1 and len(later[0]) == 40, fake_hub.asked_revisions
+    assert not torch.equal(bk.from_pretrained_nf4("org/m")(ids).logits, got(ids).logits)  # the two differ
+    fake_hub.asked.clear()
+    with pytest.raises(ValueError, match="is not a bitsandbytes 4-bit NF4 checkpoint"):
+        bk.from_pretrained_4bit("org/m", revision="v1")
+    assert [patterns for _, patterns in fake_hub.asked] == [["*.json"]]  # no weights fetched
+    with pytest.raises(FileNotFoundError, match="Revision Not Found"):
+        bk.from_pretrained_nf4("org/m", revision="v2")
 
 
 def test_the_generation_config_travels_with_the_checkpoint(tmp_path, torch_path):

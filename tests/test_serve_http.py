@@ -740,6 +740,34 @@ def test_cli_loads_adapters_by_hub_id(serve_demo, fake_hub, tmp_path, monkeypatc
         assert torch.equal(layer.lora_B[slots["hubbed"]], layer.lora_B[slots["skip2"]])
 
 
+def test_cli_revision_reaches_every_loader(serve_demo, monkeypatch):
+    """``--revision`` is passed to everything that reads a Hub ``--model``: its config, its
+    weights (transformers', or ours with ``--quantize nf4``) and its tokenizer (the Hub is stood
+    in for by the demo's folder, whatever the id)."""
+    from bora_kernels import bnb_io
+    from bora_kernels.serve.cli import build_server
+
+    asked = []
+
+    def local(label, load):
+        def from_pretrained(name, *args, revision=None, **kwargs):
+            if name == "org/m":  # (not the loaders' own reads of the folder)
+                asked.append((label, revision))
+                name = serve_demo / "base"
+            return load(name, *args, **kwargs)
+        return from_pretrained
+
+    for cls in (transformers.AutoConfig, transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        monkeypatch.setattr(cls, "from_pretrained", local(cls.__name__, cls.from_pretrained))
+    monkeypatch.setattr(bnb_io, "from_pretrained_nf4", local("from_pretrained_nf4", bnb_io.from_pretrained_nf4))
+    for extra, loaders in (([], ["AutoConfig", "AutoModelForCausalLM", "AutoTokenizer"]),
+                           (["--quantize", "nf4"], ["AutoConfig", "from_pretrained_nf4", "AutoTokenizer"])):
+        asked.clear()
+        build_server(["--model", "org/m", "--revision", "v1", "--adapters", f"skip1={serve_demo / 'adapters' / 'skip1'}",
+                      *extra])
+        assert asked == [(loader, "v1") for loader in loaders], asked
+
+
 def test_cli_bad_arguments(serve_demo, capsys):
     from bora_kernels.serve.cli import build_server
 
@@ -748,7 +776,8 @@ def test_cli_bad_arguments(serve_demo, capsys):
                           (["--demo", str(serve_demo), "--max-adapters", "4"], "8 adapters to load but --max-adapters is 4"),
                           (["--demo", str(serve_demo), "--max-lora-rank", "4"], "--max-lora-rank"),
                           (["--demo", str(serve_demo), "--adapter-root", "/nonexistent"], "is not a folder"),
-                          (["--demo", str(serve_demo), "--adapters", f"skip1={serve_demo}"], "has no adapter_config.json")):
+                          (["--demo", str(serve_demo), "--adapters", f"skip1={serve_demo}"], "has no adapter_config.json"),
+                          (["--demo", str(serve_demo), "--revision", "v1"], "--revision names a version of a Hub --model")):
         with pytest.raises(SystemExit) as exit_info:
             build_server(argv)
         assert exit_info.value.code == 2

@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--model", help="a Hugging Face model folder (or hub id) with its tokenizer")
     source.add_argument("--demo", nargs="?", const="runs/serve_demo", metavar="DIR",
                         help="the tiny demo model and its adapters (built in DIR first if missing; default %(const)s)")
+    p.add_argument("--revision", help="the branch, tag or commit of a Hub --model (and its tokenizer)")
     p.add_argument("--served-model-name", help="the base model's name in requests (default: the folder's name)")
     p.add_argument("--adapters", nargs="+", default=[], metavar="NAME=DIR",
                    help="PEFT adapters to load: folders, or Hugging Face Hub ids (owner/repo)")
@@ -103,6 +104,8 @@ def build_server(argv=None):
         defaults = {n: folder / "adapters" / n for n in demo.ADAPTERS}
     else:
         path, name = args.model, args.served_model_name or Path(args.model.rstrip("/")).name
+    if args.revision is not None and args.demo is not None:
+        parser.error("--revision names a version of a Hub --model, not of --demo")
     root = Path(args.adapter_root) if args.adapter_root else None
     folders = _adapter_folders(parser, args, root, defaults)
     if name in folders:
@@ -114,14 +117,15 @@ def build_server(argv=None):
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     dtype_key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
     kwargs = {dtype_key: getattr(torch, DTYPES[args.dtype])} if DTYPES[args.dtype] else {}
-    config = transformers.AutoConfig.from_pretrained(path)
+    revision = {"revision": args.revision} if args.revision is not None else {}
+    config = transformers.AutoConfig.from_pretrained(path, **revision)
     if is_nf4_checkpoint(config):  # a *-bnb-4bit model, without bitsandbytes
-        model = from_pretrained_4bit(path, dtype=kwargs.get(dtype_key), device=device)
+        model = from_pretrained_4bit(path, dtype=kwargs.get(dtype_key), device=device, **revision)
     elif args.quantize == "nf4" and getattr(config, "quantization_config", None) is None:  # never the dense model whole
-        model = from_pretrained_nf4(path, DEFAULT_TARGETS, dtype=kwargs.get(dtype_key), device=device)
+        model = from_pretrained_nf4(path, DEFAULT_TARGETS, dtype=kwargs.get(dtype_key), device=device, **revision)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs, **revision).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path, **revision)
     engine = Engine(model, max_adapters=args.max_adapters, max_lora_rank=args.max_lora_rank, max_batch=args.max_batch,
                     max_queue=args.max_queue, schedule=args.schedule, quantize=args.quantize)
     for adapter, folder in folders.items():
