@@ -196,6 +196,51 @@ def test_a_failed_prefill_ends_that_request_alone(adapters, reference, monkeypat
         assert jobs[name]["tokens"] == offline(reference, prompts[name], name, 5), name
 
 
+def test_requests_with_one_prompt_share_its_prefill(adapters, reference, monkeypatch):
+    """Requests queued together with the same prompt and adapter (an HTTP request's ``n``
+    choices) are prefilled by one forward, as far as the batch has room; each then generates what
+    it would alone: greedy ones ``generate``'s tokens, seeded ones the tokens of a lone request
+    with that seed. A different adapter, prompt or prompt scoring gets its own prefill."""
+    names = adapters[1]
+    engine = served(adapters, max_batch=5)
+    prefills = []
+    forward = engine.model.forward
+
+    def counted(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] > 1:
+            prefills.append(kwargs["input_ids"][0].tolist())
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", counted)
+    joined = []
+    join = engine._join
+    monkeypatch.setattr(engine, "_join", lambda seqs, *a: joined.append(len(seqs)) or join(seqs, *a))
+    prompt = [5, 6, 7, 8]
+    asks = [(names[0], prompt, {})] * 3 + [(names[0], prompt, {"prompt_logprobs": 1}), (names[1], prompt, {}),
+                                            (names[0], prompt[:3], {})] + [(names[0], prompt, {})] * 2
+    jobs = [collect(engine, p, name, SamplingParams(max_tokens=4, temperature=0, **ask)) for name, p, ask in asks]
+    sampled = [collect(engine, prompt, names[2], SamplingParams(max_tokens=6, temperature=1.0, seed=s))
+               for s in range(4)]
+    with use_backend("torch"):
+        while not all(out["done"].is_set() for _, out in jobs + sampled):
+            engine.step()
+    # the first 3 share one; the scored one, the other adapter's alone; the batch (5) is full
+    # until they finish together; then the shorter prompt, the 2 alike together, and 2 of the 4
+    # seeded ones (room for 2), then the other 2
+    assert prefills == [prompt, prompt, prompt, prompt[:3], prompt, prompt, prompt], prefills
+    assert joined == [3, 1, 1, 1, 2, 2, 2]
+    for (name, p, _), (_, out) in zip(asks, jobs):
+        assert out["tokens"] == offline(reference, p, name, 4)
+    assert jobs[3][0].prompt_logprobs is not None and jobs[0][0].prompt_logprobs is None
+    engine.shutdown()
+    alone = start(served(adapters))
+    for s, (_, out) in enumerate(sampled):
+        _, lone = collect(alone, prompt, names[2], SamplingParams(max_tokens=6, temperature=1.0, seed=s))
+        assert lone["done"].wait(30) and lone["tokens"] == out["tokens"]
+    assert len({tuple(out["tokens"]) for _, out in sampled}) > 1
+    alone.shutdown()
+
+
 def test_sliding_window_model_serves_what_generate_gives(tmp_path):
     """Mistral with a 4-token sliding window, prompts and outputs longer than the window, in one
     batch: the batch's cache keeps every key (a sliding layer's own cache keeps only its window,

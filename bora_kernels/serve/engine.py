@@ -1,8 +1,9 @@
 """The serving engine: many adapters over one model, continuous batching at the iteration level.
 
 One thread owns the model. Each iteration it runs queued commands (adapter loads and unloads),
-admits waiting requests up to ``max_batch`` (each prefilled alone, so a prompt never waits for
-another's padding), then runs one decode forward over every running sequence with per-sequence
+admits waiting requests up to ``max_batch`` (each prompt prefilled alone, so a prompt never waits
+for another's padding; requests queued together with one prompt and adapter, as an HTTP
+request's ``n`` choices are, share its prefill and each get a copy of its cache), then runs one decode forward over every running sequence with per-sequence
 adapter ids, whichever adapters they use. Finished and cancelled sequences leave the batch after
 the step that finished them; new ones join before the next.
 
@@ -247,6 +248,11 @@ class _Seq:
         return self.counts
 
 
+def _same_prefill(a: Request, b: Request) -> bool:
+    """Whether one prefill serves both requests: the same prompt, adapter and prompt scoring."""
+    return a.slot == b.slot and a.params.prompt_logprobs == b.params.prompt_logprobs and a.prompt == b.prompt
+
+
 class Engine:
     """Serve ``model`` (a Hugging Face causal LM) with up to ``max_adapters`` adapters at once.
 
@@ -455,56 +461,79 @@ class Engine:
         self._leave([(s, "cancelled") for s in self._running if s.request.cancelled])
         while len(self._running) < self.max_batch:
             with self._lock:
-                request = self._next_waiting()
-            if request is None:
+                group = self._next_group()
+            if not group:
                 break
-            if request.cancelled:
-                self._finish(request, "cancelled")
-                continue
-            self._prefill(request)
+            for request in group:
+                if request.cancelled:
+                    self._finish(request, "cancelled")
+            if any(not request.cancelled for request in group):
+                self._prefill([request for request in group if not request.cancelled])
         if self._running:
             self._decode()
 
-    def _next_waiting(self) -> Request | None:
+    def _next_waiting(self) -> int | None:
+        """Where in the queue the next request to admit waits (None: none may join now)."""
         if not self._waiting:
             return None
         if self.schedule == "mixed" or not self._running:
-            return self._waiting.popleft()
+            return 0
         slot = self._running[0].request.slot
-        for i, request in enumerate(self._waiting):
-            if request.slot == slot or request.cancelled:
-                del self._waiting[i]
-                return request
-        return None
+        return next((i for i, request in enumerate(self._waiting) if request.slot == slot or request.cancelled), None)
 
-    def _prefill(self, request: Request) -> None:
+    def _next_group(self) -> list[Request]:
+        """The next request to admit, with the requests queued right behind it that have its
+        prompt, adapter and prompt scoring (an HTTP request's ``n`` choices): one prefill serves
+        them all, as far as the batch has room."""
+        i = self._next_waiting()
+        if i is None:
+            return []
+        first = self._waiting[i]
+        end = i + 1
+        room = self.max_batch - len(self._running)
+        while end < len(self._waiting) and end - i < room and _same_prefill(self._waiting[end], first):
+            end += 1
+        group = [self._waiting[j] for j in range(i, end)]
+        for _ in group:
+            del self._waiting[i]
+        return group
+
+    def _prefill(self, requests: list[Request]) -> None:
+        """One forward over the prompt ``requests`` share; each joins the batch with its own
+        copy of the cache (those with ``max_tokens=0`` end once their prompt is scored)."""
         from transformers import DynamicCache
 
-        seq = _Seq(request, self.device)
-        ids = torch.tensor([request.prompt], device=self.device)
+        first = requests[0]
+        ids = torch.tensor([first.prompt], device=self.device)
+        seqs = [_Seq(request, self.device) for request in requests if request.params.max_tokens > 0]
         try:
             # a cache without the model's config keeps every layer's keys whole: a sliding-window
             # layer's cache would keep only its window, which the batch's cache cannot pad to
             # the others (the attention masks still apply the window)
-            scored = request.params.prompt_logprobs is not None
+            scored = first.params.prompt_logprobs is not None
             keep = {self._keep_arg: 1} if self._keep_arg and not scored else {}
-            with use_adapters(self.model, torch.tensor([request.slot], device=self.device)):
+            with use_adapters(self.model, torch.tensor([first.slot], device=self.device)):
                 out = self.model(input_ids=ids, **{self._cache_arg: DynamicCache()}, use_cache=True, **keep)
             if scored:
-                request.prompt_logprobs = [None] + [
-                    entry for i in range(0, len(request.prompt) - 1, PROMPT_LOGPROB_ROWS)
-                    for entry in token_logprobs(out.logits[0, i:i + PROMPT_LOGPROB_ROWS][:len(request.prompt) - 1 - i],
-                                                ids[0, i + 1:i + 1 + PROMPT_LOGPROB_ROWS], request.params.prompt_logprobs)]
+                entries = [None] + [
+                    entry for i in range(0, len(first.prompt) - 1, PROMPT_LOGPROB_ROWS)
+                    for entry in token_logprobs(out.logits[0, i:i + PROMPT_LOGPROB_ROWS][:len(first.prompt) - 1 - i],
+                                                ids[0, i + 1:i + 1 + PROMPT_LOGPROB_ROWS], first.params.prompt_logprobs)]
+                for request in requests:
+                    request.prompt_logprobs = list(entries)
+            if seqs:
+                self._join(seqs, [(layer.keys, layer.values) for layer in out[self._cache_arg].layers],
+                           len(first.prompt))
+        except Exception:  # these requests fail alone; the running batch is untouched and goes on
+            logger.exception("prefill failed; ending its request(s)")
+            for request in requests:
+                self._finish(request, "error")
+            return
+        for request in requests:
             if request.params.max_tokens == 0:  # the prompt scored, nothing to generate
                 self._finish(request, "length")
-                return
-            kv = [(layer.keys, layer.values) for layer in out[self._cache_arg].layers]
-            self._join(seq, kv, len(request.prompt))
-        except Exception:  # this request fails alone; the running batch is untouched and goes on
-            logger.exception("prefill failed; ending that request")
-            self._finish(request, "error")
-            return
-        self._emit([seq], out.logits[:, -1])
+        if seqs:
+            self._emit(seqs, out.logits[:, -1].expand(len(seqs), -1))
 
     def _decode(self) -> None:
         seqs = self._running
@@ -584,10 +613,13 @@ class Engine:
         return tokens
 
     # ------------------------------------------------------------------ the batch's KV cache
-    def _join(self, seq: _Seq, kv: list, length: int) -> None:
-        mask = torch.ones(1, length, dtype=torch.long, device=self.device)
+    def _join(self, seqs: list[_Seq], kv: list, length: int) -> None:
+        """``seqs`` join the batch, each with ``kv`` (one prompt's cache, ``[1, H, length, D]`` per layer)."""
+        mask = torch.ones(len(seqs), length, dtype=torch.long, device=self.device)
+        if len(seqs) > 1:
+            kv = [(k.expand(len(seqs), -1, -1, -1), v.expand(len(seqs), -1, -1, -1)) for k, v in kv]
         if not self._running:
-            self._kv, self._mask = kv, mask
+            self._kv, self._mask = [(k.contiguous(), v.contiguous()) for k, v in kv], mask
         else:
             width = max(self._mask.shape[1], length)
             pad = lambda t, n: torch.nn.functional.pad(t, (0, 0, n, 0)) if n else t  # noqa: E731  left, dim -2
@@ -596,7 +628,7 @@ class Engine:
                         for (k0, v0), (k1, v1) in zip(self._kv, kv)]
             self._mask = torch.cat([torch.nn.functional.pad(self._mask, (grow, 0)),
                                     torch.nn.functional.pad(mask, (new, 0))])
-        self._running.append(seq)
+        self._running.extend(seqs)
         self._reroute()
 
     def _reroute(self) -> None:
