@@ -338,6 +338,30 @@ def test_n_choices_and_prompt_batches(served, reference, tokenizer):
         assert events[-1]["usage"] == whole["usage"]
 
 
+def test_tokenizer_endpoints(served, tokenizer, monkeypatch):
+    """vLLM's ``/tokenize``, ``/detokenize`` and ``/tokenizer_info`` (what lm-eval's remote
+    tokenizer calls): a prompt's or a chat's token ids as the server's tokenizer makes them, text
+    back from ids, and the special tokens and chat template; bad input gets 400 naming the field."""
+    url, server = served
+    r = post(url, "/tokenize", {"prompt": "hello", "add_special_tokens": False}).json()
+    assert r == {"count": 5, "max_model_len": server.context, "tokens": tokenizer("hello", add_special_tokens=False).input_ids}
+    monkeypatch.setattr(server.tokenizer, "chat_template", "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                                                           "{% if add_generation_prompt %}ab{% endif %}")
+    messages = [{"role": "user", "content": "xyz"}]
+    for opened, text in ((True, "xyzab"), (False, "xyz")):
+        ids = post(url, "/tokenize", {"messages": messages, "add_generation_prompt": opened}).json()["tokens"]
+        assert ids == tokenizer(text, add_special_tokens=False).input_ids
+    assert post(url, "/tokenize", {"messages": messages}).json()["tokens"] == server.chat_prompt({"messages": messages})
+    assert post(url, "/detokenize", {"tokens": r["tokens"]}).json() == {"prompt": "hello"}
+    info = httpx.get(url + "/tokenizer_info").json()
+    assert info["eos_token"] == tokenizer.eos_token and info["chat_template"] == tokenizer.chat_template
+    for path, body, message in (("/tokenize", {"prompt": 5}, "prompt: must be a string"),
+                                ("/tokenize", {"prompt": "a", "add_special_tokens": 1}, "add_special_tokens"),
+                                ("/detokenize", {"tokens": [1, 10 ** 6]}, "tokens: must be a list of token ids")):
+        r = post(url, path, body)
+        assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+
+
 def test_chat_logprobs(served, reference, tokenizer):
     """Chat's ``logprobs`` and ``top_logprobs``: an entry per output token with its text, bytes
     and log-probability under the adapter, and the ``top_logprobs`` most likely tokens, the

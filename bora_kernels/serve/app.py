@@ -1,5 +1,5 @@
 """The HTTP API over the engine: OpenAI's completions and chat completions, model list, health,
-Prometheus metrics, and adapter hot load/unload (vLLM's endpoints).
+Prometheus metrics, and vLLM's adapter hot load/unload and tokenizer endpoints.
 
 ``model`` in a request is an adapter name, or the base model's name for no adapter. Every error
 is OpenAI's JSON shape ``{"error": {"message", "type", "param", "code"}}`` with the status that
@@ -345,6 +345,10 @@ class Server:
         return [one(prompt, "prompt")]
 
     def chat_prompt(self, body: dict) -> list[int]:
+        return self.check_prompt(self.chat_tokens(body), "messages")
+
+    def chat_tokens(self, body: dict, generation_prompt: bool = True) -> list[int]:
+        """The token ids of ``messages`` in the chat template (with the assistant's turn opened)."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, f"{self.model_name}'s tokenizer has no chat template; use /v1/completions")
         messages = body.get("messages")
@@ -363,8 +367,8 @@ class Server:
             if not isinstance(content, str):
                 raise _bad(f"messages[{i}].content", "must be a string")
             clean.append({"role": message["role"], "content": content})
-        text = self.tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
-        return self.check_prompt(self.tokenizer(text, add_special_tokens=False).input_ids, "messages")
+        text = self.tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=generation_prompt)
+        return self.tokenizer(text, add_special_tokens=False).input_ids
 
     # ------------------------------------------------------------------ generation
     def submit(self, job: _Job) -> None:
@@ -651,6 +655,39 @@ class Server:
     async def chat_completions(self, http: HTTPRequest):
         return await self.generate(http, chat=True)
 
+    async def tokenize(self, http: HTTPRequest) -> JSONResponse:
+        """vLLM's ``/tokenize``: a ``prompt`` (with the tokenizer's special tokens unless
+        ``add_special_tokens`` is false) or chat ``messages`` (``add_generation_prompt``, default
+        true) to token ids; no length limit applies."""
+        body = await self.read_json(http)
+        flags = {}
+        for name in ("add_special_tokens", "add_generation_prompt"):
+            flags[name] = body.get(name, True)
+            if not isinstance(flags[name], bool):
+                raise _bad(name, f"must be true or false, got {json.dumps(flags[name])}")
+        if "messages" in body:
+            ids = self.chat_tokens(body, flags["add_generation_prompt"])
+        elif isinstance(body.get("prompt"), str):
+            ids = self.tokenizer(body["prompt"], add_special_tokens=flags["add_special_tokens"]).input_ids
+        else:
+            raise _bad("prompt", f"must be a string (or give chat messages), got {json.dumps(body.get('prompt')):.80}")
+        return JSONResponse({"count": len(ids), "max_model_len": self.context, "tokens": ids})
+
+    async def detokenize(self, http: HTTPRequest) -> JSONResponse:
+        """vLLM's ``/detokenize``: ``tokens`` to their text (special tokens included)."""
+        tokens = (await self.read_json(http)).get("tokens")
+        if not (isinstance(tokens, list) and all(_is_int(t) and 0 <= t < self.vocab for t in tokens)):
+            raise _bad("tokens", f"must be a list of token ids in [0, {self.vocab})")
+        return JSONResponse({"prompt": self.tokenizer.decode(tokens)})
+
+    def tokenizer_info(self) -> JSONResponse:
+        """The tokenizer's special tokens, chat template and context (what a client needs to
+        tokenize through ``/tokenize`` alone, as lm-eval's remote tokenizer does)."""
+        tok = self.tokenizer
+        return JSONResponse({"tokenizer_class": type(tok).__name__, "eos_token": tok.eos_token, "bos_token": tok.bos_token,
+                             "pad_token": tok.pad_token, "unk_token": tok.unk_token,
+                             "chat_template": getattr(tok, "chat_template", None), "model_max_length": self.context})
+
     async def load(self, http: HTTPRequest) -> JSONResponse:
         body = await self.read_json(http)
         name = body.get("lora_name")
@@ -697,6 +734,9 @@ def create_app(server: Server) -> FastAPI:
     app.add_api_route("/metrics", server.prometheus, methods=["GET"])
     app.add_api_route("/v1/completions", server.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
+    app.add_api_route("/tokenize", server.tokenize, methods=["POST"])
+    app.add_api_route("/detokenize", server.detokenize, methods=["POST"])
+    app.add_api_route("/tokenizer_info", server.tokenizer_info, methods=["GET"])
     app.add_api_route("/v1/load_lora_adapter", server.load, methods=["POST"])
     app.add_api_route("/v1/unload_lora_adapter", server.unload, methods=["POST"])
     return app
