@@ -337,6 +337,35 @@ def test_penalties_equal_generate_with_the_same_logits_processors(adapters, refe
     engine.shutdown(10)
 
 
+def test_logit_bias_and_min_tokens_equal_generate(adapters, reference):
+    """Greedy, in one batch: ``logit_bias`` as ``generate``'s ``sequence_bias`` of single
+    tokens, and ``min_tokens`` as its ``min_new_tokens`` with the stop token as its eos, token for
+    token; the same stop token without ``min_tokens`` ends the output at its first place."""
+    _, names = adapters
+    engine = start(served(adapters))
+    prompt = [5, 9, 17, 3, 9]
+    plain = offline(reference, prompt, names[1], 12)
+    bias, stop = {plain[0]: -3.0, plain[2]: -1.5, 7: 2.0}, plain[3]
+    runs = [collect(engine, prompt, names[1], SamplingParams(max_tokens=12, temperature=0, **ours))[1]
+            for ours in ({"logit_bias": bias}, {"stop_token_ids": (stop,), "min_tokens": 6}, {"stop_token_ids": (stop,)})]
+    assert all(out["done"].wait(60) for out in runs)
+    ids = torch.tensor([prompt])
+
+    def generate(**kw):
+        with bk.use_adapters(reference, [names[1]]), use_backend("torch"):
+            out = reference.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12, **kw)
+        return out[0, len(prompt):].tolist()
+
+    want = generate(sequence_bias={(t,): b for t, b in bias.items()}, min_new_tokens=12)
+    assert runs[0]["tokens"] == want != plain
+    held = generate(eos_token_id=stop, min_new_tokens=6)  # (ends with the stop token where it stopped)
+    stopped = stop in held[6:]
+    assert runs[1]["tokens"] == (held[:6 + held[6:].index(stop)] if stopped else held)
+    assert runs[1]["finish"] == ("stop" if stopped else "length") and len(runs[1]["tokens"]) >= 6
+    assert runs[2]["tokens"] == plain[:plain.index(stop)] and runs[2]["finish"] == "stop"
+    engine.shutdown(10)
+
+
 def test_penalized_logits_equal_the_definitions():
     """``penalized`` row by row against transformers' repetition penalty (over prompt and output)
     and OpenAI's presence and frequency penalties (over the output), exactly; the engine's
@@ -507,7 +536,10 @@ def test_bad_arguments():
                       ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": "x"}, "frequency_penalty"),
                       ({"logprobs": 21}, "logprobs"), ({"logprobs": True}, "logprobs"),
                       ({"prompt_logprobs": -1}, "prompt_logprobs"),
-                      ({"max_tokens": 0, "logprobs": 1}, r"max_tokens: must be >= 1 \(0 only with prompt_logprobs\)")):
+                      ({"max_tokens": 0, "logprobs": 1}, r"max_tokens: must be >= 1 \(0 only with prompt_logprobs\)"),
+                      ({"min_tokens": 17}, r"min_tokens: must be an integer in \[0, max_tokens = 16\]"),
+                      ({"min_tokens": -1}, "min_tokens"), ({"logit_bias": {3: 101}}, "logit_bias"),
+                      ({"logit_bias": {"3": 1}}, "logit_bias"), ({"logit_bias": [3]}, "logit_bias")):
         with pytest.raises(ValueError, match=match):
             SamplingParams(**kw)
     with pytest.raises(ValueError, match="max_batch must be a positive int"):
@@ -524,6 +556,8 @@ def test_bad_arguments():
                           ([1, 2.0], "prompt: token ids")):
         with pytest.raises(ValueError, match=match):
             engine.submit(Request(prompt, None, SamplingParams(), lambda token, finish: None))
+    with pytest.raises(ValueError, match=r"logit_bias: token ids must be in \[0, 64\)"):
+        engine.submit(Request([1], None, SamplingParams(logit_bias={VOCAB: 1.0}), lambda token, finish: None))
     assert engine.queue_depth() == 0
     with pytest.raises(ValueError, match="adapter name must be a non-empty str"):
         engine.load_adapter("", "x")

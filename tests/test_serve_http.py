@@ -183,6 +183,23 @@ def test_stop_strings(served, reference, tokenizer):
         text, finish, usage = complete(url, "skip1", "abc", 10, stream=stream, stop=[stop, "#"])
         assert (text, finish) == (want[:3], "stop")
         assert usage["completion_tokens"] == 5  # the tokens generated, the stop string's included
+    # min_tokens: a stop string counts only where it ends after the first min_tokens tokens' text
+    # (the demo's tokens are letters: the stop ends with the 5th)
+    for min_tokens, (text, finish) in ((4, (want[:3], "stop")), (5, (want[:3], "stop")), (6, (want, "length"))):
+        assert complete(url, "skip1", "abc", 10, stop=[stop], min_tokens=min_tokens)[:2] == (text, finish), min_tokens
+
+
+def test_logit_bias(served, tokenizer):
+    """``logit_bias`` (token ids as JSON's string keys): +100 makes a token the only choice;
+    bad keys and values get 400 naming the field."""
+    url, _ = served
+    z = tokenizer("z", add_special_tokens=False).input_ids[0]
+    assert complete(url, "skip3", "abc", 6, logit_bias={str(z): 100})[0] == "zzzzzz"
+    for bias, message in (({"x": 1}, "token ids (as strings)"), ({str(z): 101}, "numbers in [-100, 100]"),
+                          ({"100000": 1}, "token ids must lie in"), ([z], "token ids (as strings)")):
+        r = post(url, "/v1/completions", {"model": "skip3", "prompt": "abc", "logit_bias": bias})
+        assert r.status_code == 400 and "logit_bias" in r.json()["error"]["message"], r.text
+        assert message in r.json()["error"]["message"], r.text
 
 
 def test_detokenizer_pieces_equal_the_whole_decode(monkeypatch):
@@ -717,8 +734,8 @@ def test_the_generation_config_gives_stop_tokens_and_sampling_defaults(served, t
     assert (params.top_k, params.min_p, params.stop_token_ids) == (0, 0.0, (9,))
     for body, param in (({"top_k": 2.5}, "top_k"), ({"min_p": -1}, "min_p"), ({"stop_token_ids": [10**6]}, "stop_token_ids"),
                         ({"stop_token_ids": 3}, "stop_token_ids"), ({"repetition_penalty": 0}, "repetition_penalty"),
-                        ({"presence_penalty": 3}, "presence_penalty"), ({"logit_bias": {"5": 1}}, "logit_bias"),
-                        ({"min_tokens": 2}, "min_tokens"), ({"use_beam_search": True}, "use_beam_search"),
+                        ({"presence_penalty": 3}, "presence_penalty"), ({"logit_bias": {"5": 101}}, "logit_bias"),
+                        ({"min_tokens": 2000}, "min_tokens"), ({"use_beam_search": True}, "use_beam_search"),
                         ({"response_format": {"type": "json_object"}}, "response_format"),
                         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
                         ({"guided_choice": ["a", "b"]}, "guided_choice")):

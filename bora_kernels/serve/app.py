@@ -82,6 +82,7 @@ class _Detokenizer:
         self.settled = ""                 # text of the tokens before the window
         self._start_window(prompt[-self.CONTEXT:])
         self.sent = 0
+        self.unchecked = 0  # characters of text a stop string must end after (min_tokens)
 
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -95,14 +96,17 @@ class _Detokenizer:
             return self.settled + full[len(self.context_text):]
         return self.settled + self._decode(self.window)
 
-    def add(self, token: int) -> tuple[str, bool]:
-        """The next piece of text and whether a stop string ended the output."""
+    def add(self, token: int, check: bool = True) -> tuple[str, bool]:
+        """The next piece of text and whether a stop string ended the output. ``check`` false
+        (the output is shorter than ``min_tokens``): no stop string may end in the text so far."""
         self.window.append(token)
         text = self.text()
         if len(self.window) >= self.WINDOW and not text.endswith("\ufffd"):
             self.settled = text
             self._start_window((self.context + self.window)[-self.CONTEXT:])
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if not check:
+            self.unchecked = len(text)
+        hits = [i for i in (text.find(s, max(0, self.unchecked - len(s) + 1)) for s in self.stops) if i >= 0] if check else []
         if hits:
             return self._take(text, min(hits)), True
         safe = len(text) - self.hold
@@ -264,7 +268,7 @@ class Server:
     def sampling(self, body: dict, prompt_tokens: int, default_max: int | None,
                  chat: bool = False) -> tuple[SamplingParams, list[str]]:
         for name, allowed in (("suffix", (None,)), ("echo", (None, False) if chat else (None, False, True)),
-                              ("logit_bias", (None, {})), ("min_tokens", (None, 0)), ("use_beam_search", (None, False)),
+                              ("use_beam_search", (None, False)),
                               # constrained output: a client asking for it must not get free text
                               ("tools", (None, [])), ("functions", (None, [])),
                               ("response_format", (None, {"type": "text"})), ("guided_json", (None,)),
@@ -290,7 +294,15 @@ class Server:
         echo, logprobs = body.get("echo") is True, self.logprobs(body, chat)
         if body.get(given) == 0 and not echo:
             raise _bad(given, "must be >= 1 (0 only with echo), got 0")
+        bias = body.get("logit_bias")
+        if bias is not None:  # JSON keys are strings: token ids written as such
+            if not (isinstance(bias, dict) and all(isinstance(k, str) and k.isdigit() for k in bias)):
+                raise _bad("logit_bias", "must map token ids (as strings) to numbers in [-100, 100]")
+            bias = {int(k): v for k, v in bias.items()}
+            if any(t >= self.vocab for t in bias):
+                raise _bad("logit_bias", f"token ids must lie in [0, {self.vocab})")
         values = {"max_tokens": body.get(given), "seed": body.get("seed"), "logprobs": logprobs,
+                  "min_tokens": body.get("min_tokens"), "logit_bias": bias,
                   # echo scores the prompt when log-probabilities are asked for, or when nothing is generated
                   "prompt_logprobs": logprobs if echo and logprobs is not None else
                   0 if echo and body.get(given) == 0 else None,
@@ -424,7 +436,7 @@ class Server:
                     if job.tokens == 0:
                         self.metrics.observe("bora_time_to_first_token_seconds", time.perf_counter() - arrival)
                     job.tokens += 1
-                    piece, stopped = detok.add(token)
+                    piece, stopped = detok.add(token, check=job.tokens >= job.params.min_tokens)
                     if stopped:
                         job.finish = "stop"
                 if piece or (job.finish is not None and job.tokens > given):

@@ -162,7 +162,11 @@ class SamplingParams:
     (``Request.logprobs``); ``prompt_logprobs`` the same for each prompt token after the first
     (``Request.prompt_logprobs``). The log-probabilities are the model's own, before temperature,
     penalties and cuts (as vLLM's by default). ``max_tokens=0`` is allowed with ``prompt_logprobs``:
-    the prompt is scored and nothing generated."""
+    the prompt is scored and nothing generated.
+
+    ``logit_bias`` (``{token: bias}``, biases in [-100, 100]) is added to those tokens' logits
+    after the penalties; ``min_tokens`` keeps the ``stop_token_ids`` from being chosen until that
+    many tokens have been generated (both as vLLM applies them)."""
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
@@ -175,6 +179,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    min_tokens: int = 0
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self):
         if not _is_int(self.max_tokens):
@@ -200,6 +206,14 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not (_is_number(getattr(self, name)) and -2 <= getattr(self, name) <= 2):
                 raise InvalidParams(name, f"must lie in [-2, 2], got {getattr(self, name)!r}")
+        if not (_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens):
+            raise InvalidParams("min_tokens", f"must be an integer in [0, max_tokens = {self.max_tokens}], "
+                                              f"got {self.min_tokens!r}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict) or not all(
+                    _is_int(t) and t >= 0 and _is_number(b) and -100 <= b <= 100 for t, b in self.logit_bias.items()):
+                raise InvalidParams("logit_bias", "must map token ids to numbers in [-100, 100]")
+            self.logit_bias = {t: float(b) for t, b in self.logit_bias.items()} or None
         self.stop_token_ids = tuple(self.stop_token_ids)
 
     @property
@@ -383,6 +397,8 @@ class Engine:
             raise InvalidParams("prompt", f"must be a non-empty list of token ids, got {prompt!r:.80}")
         if not all(_is_int(t) and 0 <= t < self.vocab_size for t in prompt):
             raise InvalidParams("prompt", f"token ids must be ints in [0, {self.vocab_size})")
+        if any(t >= self.vocab_size for t in request.params.logit_bias or ()):
+            raise InvalidParams("logit_bias", f"token ids must be in [0, {self.vocab_size})")
         with self._lock:
             slot = -1
             if request.adapter is not None:
@@ -580,12 +596,23 @@ class Engine:
 
     def _choose(self, seqs: list[_Seq], logits: torch.Tensor) -> torch.Tensor:
         rows = [i for i, s in enumerate(seqs) if s.request.params.penalized]
+        # (row, token, value) to add (logit_bias), and (row, token) to rule out (min_tokens' stop tokens)
+        bias = [(i, t, b) for i, s in enumerate(seqs) for t, b in (s.request.params.logit_bias or {}).items()]
+        held = [(i, t) for i, s in enumerate(seqs) if s.generated < s.request.params.min_tokens
+                for t in s.request.params.stop_token_ids if t < logits.shape[-1]]
+        if rows or bias or held:
+            logits = logits.float().clone()
         if rows:
             params = [seqs[i].request.params for i in rows]
             counts = torch.stack([seqs[i].penalty_counts(logits.shape[-1], logits.device) for i in rows])
-            logits = logits.float().clone()
             logits[rows] = penalized(logits[rows], counts, *(_column([getattr(p, name) for p in params], logits.device)
                                                              for name in PENALTIES))
+        if bias:
+            row, token, value = zip(*bias)
+            logits.index_put_((torch.tensor(row, device=logits.device), torch.tensor(token, device=logits.device)),
+                              torch.tensor(value, device=logits.device), accumulate=True)
+        if held:
+            logits[tuple(torch.tensor(column, device=logits.device) for column in zip(*held))] = -math.inf
         tokens = self._draw(seqs, logits)
         if rows:  # each row's token counted in its output, one launch; the rows keep views of ``counts``
             counts[:, 1].scatter_add_(1, tokens[rows][:, None], torch.ones(len(rows), 1, device=logits.device))
