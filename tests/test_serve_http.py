@@ -564,6 +564,9 @@ def test_queue_full_timeout_and_disconnects(served, monkeypatch):
     monkeypatch.setattr(server.limits, "request_timeout", 0.3)
     r = post(url, "/v1/completions", {"model": "skip1", "prompt": "abc", "max_tokens": 300, "ignore_eos": True})
     assert r.status_code == 504 and "timed out after 0.3 s" in r.json()["error"]["message"]
+    r = post(url, "/v1/completions", {"model": "skip1", "prompt": "abc", "max_tokens": 300, "ignore_eos": True, "n": 3})
+    assert r.status_code == 504 and "timed out" in r.json()["error"]["message"]
+    wait_for(lambda: engine.batch_size() == 0)  # every choice left
     with httpx.stream("POST", url + "/v1/completions", timeout=60,
                       json={"model": "skip1", "prompt": "abc", "max_tokens": 300, "stream": True}) as r:
         lines = [line for line in r.iter_lines() if line.startswith("data: ")]
