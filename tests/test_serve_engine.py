@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import threading
 
 import pytest
@@ -406,6 +407,19 @@ def test_top_k_top_p_and_min_p_cut_the_distribution():
                     column([c[0][1] for c in cases], torch.float), column([c[0][2] for c in cases], torch.float))
     for row, (cut, want) in enumerate(cases):
         assert torch.equal(got[row], torch.tensor(want)), cut
+
+
+def test_token_logprobs_of_ruled_out_tokens_fit_in_json():
+    """A token the model rules out (-inf logit) gets -9999.0 (as vLLM reports it), so a response
+    holding it is valid JSON; the others are the exact log-softmax."""
+    from bora_kernels.serve.engine import token_logprobs
+
+    logits = torch.tensor([[0.0, -math.inf, 1.0], [2.0, 0.5, -math.inf]])
+    entries = token_logprobs(logits, torch.tensor([1, 0]), 3)
+    assert entries[0].logprob == -9999.0 and entries[0].top[-1] == (1, -9999.0)
+    assert entries[1].logprob == pytest.approx(float(logits[1].log_softmax(-1)[0]))
+    assert [t for t, _ in entries[1].top] == [0, 1, 2]
+    json.dumps([e._asdict() for e in entries], allow_nan=False)
 
 
 def test_logprobs_are_the_models_log_softmax(adapters, reference, monkeypatch):

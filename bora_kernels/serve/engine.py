@@ -3,8 +3,9 @@
 One thread owns the model. Each iteration it runs queued commands (adapter loads and unloads),
 admits waiting requests up to ``max_batch`` (each prompt prefilled alone, so a prompt never waits
 for another's padding; requests queued together with one prompt and adapter, as an HTTP
-request's ``n`` choices are, share its prefill and each get a copy of its cache), then runs one decode forward over every running sequence with per-sequence
-adapter ids, whichever adapters they use. Finished and cancelled sequences leave the batch after
+request's ``n`` choices are, share its prefill and each get a copy of its cache), then runs one
+decode forward over every running sequence with per-sequence adapter ids, whichever adapters
+they use. Finished and cancelled sequences leave the batch after
 the step that finished them; new ones join before the next.
 
 The KV cache is our own, not transformers' continuous-batching manager: that manager packs the
@@ -106,8 +107,9 @@ class TokenLogprobs(collections.namedtuple("TokenLogprobs", "token logprob top")
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[TokenLogprobs]:
     """Each row's token (``tokens`` ``[rows]``) with its log-probability under that row of
     ``logits`` (``[rows, vocab]``, the model's own: before temperature, penalties or cuts, as
-    vLLM reports them by default) and the row's ``k`` most likely tokens."""
-    logprobs = logits.float().log_softmax(-1)
+    vLLM reports them by default) and the row's ``k`` most likely tokens. A token the model rules
+    out (-inf) gets -9999.0, as vLLM reports it, which JSON can carry."""
+    logprobs = logits.float().log_softmax(-1).clamp_min(-9999.0)
     chosen = logprobs.gather(-1, tokens[:, None]).squeeze(1).tolist()
     top, ids = logprobs.topk(k, -1) if k else (logprobs[:, :0], tokens[:, None][:, :0])
     return [TokenLogprobs(t, lp, tuple(zip(i, v))) for t, lp, i, v in zip(tokens.tolist(), chosen, ids.tolist(), top.tolist())]
