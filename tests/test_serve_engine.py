@@ -242,11 +242,54 @@ def test_requests_with_one_prompt_share_its_prefill(adapters, reference, monkeyp
     alone.shutdown()
 
 
-def test_sliding_window_model_serves_what_generate_gives(tmp_path):
+def test_prefix_cache_reuses_prompt_blocks_per_adapter(adapters, reference, monkeypatch, tmp_path):
+    """With a prefix cache (blocks of 4 tokens), prompts that share a 10-token system prompt are
+    prefilled from the last cached whole block, each adapter from its own blocks: every output
+    equals ``generate`` with its adapter alone. The same prompt for another adapter, a prompt
+    scored (which needs every position) and an adapter loaded anew into a slot compute it whole;
+    the cache never holds more than its budget."""
+    root, names = adapters
+    engine = served(adapters, max_batch=2, prefix_cache_tokens=24, prefix_block=4)
+    fed = []
+    forward = engine.model.forward
+
+    def counted(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] > 1 or kwargs[engine._cache_arg].get_seq_length() == 0:
+            fed.append(kwargs["input_ids"].shape[1])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", counted)
+    system = [7, 3, 9, 1, 4, 4, 8, 2, 6, 5]
+    asks = [(names[0], system + [11, 12]), (names[0], system + [13]), (names[1], system + [13]),
+            (names[0], system + [21, 22, 23, 24, 25]), (names[0], system + [13], {"prompt_logprobs": 0}),
+            (names[0], system[:6])]
+    # the 2nd reuses 2 of the 1st's 3 blocks (one token must be left); the 3rd's are another
+    # adapter's; the 4th reuses 2 (its 3rd block differs); the scored one none; the 6th 1
+    want_fed = [12, 3, 11, 7, 11, 2]
+    with use_backend("torch"):
+        for i, (name, prompt, *extra) in enumerate(asks):
+            request, out = collect(engine, prompt, name, SamplingParams(max_tokens=5, temperature=0,
+                                                                        **(extra[0] if extra else {})))
+            while not out["done"].is_set():
+                engine.step()
+            assert out["tokens"] == offline(reference, prompt, name, 5), i
+            assert fed[-1] == want_fed[i] and engine.prefix_cache.tokens <= 24, (i, fed)
+        assert engine.stats["cached_prompt_tokens"] == 8 + 8 + 4
+        # task0's slot gets another adapter: its blocks go, and the prompt is computed whole
+        engine.unload_adapter(names[0])
+        engine.load_adapter("again", root / names[3])
+        request, out = collect(engine, system + [13], "again", SamplingParams(max_tokens=5, temperature=0))
+        while not out["done"].is_set():
+            engine.step()
+        assert fed[-1] == 11 and out["tokens"] == offline(reference, system + [13], names[3], 5)
+
+
+@pytest.mark.parametrize("prefix_cache_tokens", [0, 64])
+def test_sliding_window_model_serves_what_generate_gives(tmp_path, prefix_cache_tokens):
     """Mistral with a 4-token sliding window, prompts and outputs longer than the window, in one
     batch: the batch's cache keeps every key (a sliding layer's own cache keeps only its window,
     which could not be padded to the others) and each request generates what ``generate`` gives
-    with its adapter alone."""
+    with its adapter alone; with a prefix cache too (the prompts share 9 tokens)."""
     torch.manual_seed(0)
     config = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -257,18 +300,20 @@ def test_sliding_window_model_serves_what_generate_gives(tmp_path):
     gen = torch.Generator().manual_seed(1)
     for layer in bk.model.adapter_layers(reference).values():
         layer.lora_B.data.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.3)
-    engine = Engine(base, max_adapters=2, max_lora_rank=4)
+    engine = Engine(base, max_adapters=2, max_lora_rank=4, prefix_cache_tokens=prefix_cache_tokens, prefix_block=4)
     for name in names:
         engine.load_adapter(name, bk.save_peft_adapter(reference, name, tmp_path / name))
     jobs = []
+    shared = torch.randint(1, VOCAB, (9,), generator=gen).tolist()
     for i in range(6):
-        prompt = torch.randint(1, VOCAB, (2 + 2 * i,), generator=gen).tolist()
+        prompt = shared + torch.randint(1, VOCAB, (1 + 2 * i,), generator=gen).tolist()
         adapter = [*names, None][i % 3]
         jobs.append((prompt, adapter, collect(engine, prompt, adapter, SamplingParams(max_tokens=8, temperature=0))[1]))
     with use_backend("torch"):
         while not all(out["done"].is_set() for *_, out in jobs):
             engine.step()
     assert engine.stats["step_sequences"] > engine.stats["steps"]  # batched
+    assert (engine.stats["cached_prompt_tokens"] > 0) == bool(prefix_cache_tokens)
     for prompt, adapter, out in jobs:
         assert out["finish"] == "length" and out["tokens"] == offline(reference, prompt, adapter, 8), (adapter, prompt)
 

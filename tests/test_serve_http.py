@@ -618,6 +618,8 @@ def test_metrics(served):
     assert samples['bora_http_errors_total{status="404"}'] >= 1
     assert samples["bora_adapters_loaded"] == 8 and samples["bora_queue_depth"] == 0
     assert samples["bora_engine_step_sequences_total"] >= samples["bora_engine_steps_total"] > 0
+    assert samples["bora_engine_prefilled_tokens_total"] >= 3
+    assert samples["bora_engine_prefix_cache_hit_tokens_total"] == samples["bora_prefix_cache_tokens"] == 0  # (off)
     for histogram in ("bora_request_latency_seconds", "bora_time_to_first_token_seconds"):
         buckets = [v for k, v in samples.items() if k.startswith(histogram + "_bucket")]
         assert buckets == sorted(buckets) and buckets[-1] == samples[histogram + "_count"] > 0
@@ -821,8 +823,12 @@ def test_cli_bad_arguments(serve_demo, capsys):
                           (["--demo", str(serve_demo), "--max-lora-rank", "4"], "--max-lora-rank"),
                           (["--demo", str(serve_demo), "--adapter-root", "/nonexistent"], "is not a folder"),
                           (["--demo", str(serve_demo), "--adapters", f"skip1={serve_demo}"], "has no adapter_config.json"),
-                          (["--demo", str(serve_demo), "--revision", "v1"], "--revision names a version of a Hub --model")):
+                          (["--demo", str(serve_demo), "--revision", "v1"], "--revision names a version of a Hub --model"),
+                          (["--demo", str(serve_demo), "--prefix-cache-tokens", "-1"], "--prefix-cache-tokens: must be >= 0")):
         with pytest.raises(SystemExit) as exit_info:
             build_server(argv)
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
+    # and the good ones reach the engine
+    server, _ = build_server(["--demo", str(serve_demo), "--prefix-cache-tokens", "256", "--max-choices", "8"])
+    assert server.engine.prefix_cache.max_tokens == 256 and server.limits.max_choices == 8

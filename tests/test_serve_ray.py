@@ -55,6 +55,10 @@ def test_ray_serve_multiplexes_adapters(serve_demo):
         assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
         models = httpx.get(url + "/v1/models", timeout=30).json()["data"]
         assert len(models) == 3 and models[0]["id"] == "base"  # the base and the two adapters held
+        ids = httpx.post(url + "/tokenize", json={"prompt": "abc", "add_special_tokens": False}, timeout=30).json()["tokens"]
+        assert ids == tokenizer("abc", add_special_tokens=False).input_ids
+        assert httpx.post(url + "/detokenize", json={"tokens": ids}, timeout=30).json()["prompt"] == "abc"
+        assert httpx.get(url + "/tokenizer_info", timeout=30).json()["eos_token"] == tokenizer.eos_token
         assert ask("skip9").status_code == 404
         assert ask("../outside").status_code == 403
         r = httpx.post(url + "/v1/completions", json={"model": "skip1", "prompt": "abc"}, headers={HEADER: "skip2"},

@@ -1,6 +1,7 @@
 """Serving many adapters over one model.
 
 - ``engine.py``: the continuous-batching engine (one model thread, adapter slots, own KV cache);
+- ``prefix_cache.py``: prompt prefixes' keys and values kept between requests, per adapter;
 - ``app.py``: the OpenAI-compatible HTTP API over it (FastAPI; extra ``[serve]``);
 - ``cli.py``: ``bora-serve`` / ``python -m bora_kernels.serve``;
 - ``demo.py``: the tiny model and adapters ``bora-serve --demo`` serves;

@@ -492,9 +492,12 @@ class Server:
     def prometheus(self) -> PlainTextResponse:
         engine = self.engine
         counters = {"bora_engine_steps_total": engine.stats["steps"],
-                    "bora_engine_step_sequences_total": engine.stats["step_sequences"]}
+                    "bora_engine_step_sequences_total": engine.stats["step_sequences"],
+                    "bora_engine_prefilled_tokens_total": engine.stats["prompt_tokens"],
+                    "bora_engine_prefix_cache_hit_tokens_total": engine.stats["cached_prompt_tokens"]}
         gauges = {"bora_queue_depth": engine.queue_depth(), "bora_batch_size": engine.batch_size(),
-                  "bora_adapters_loaded": len(engine.adapters)}
+                  "bora_adapters_loaded": len(engine.adapters),
+                  "bora_prefix_cache_tokens": engine.prefix_cache.tokens if engine.prefix_cache else 0}
         return PlainTextResponse(self.metrics.render(counters, gauges), media_type="text/plain; version=0.0.4")
 
     def token_text(self, token: int) -> str:

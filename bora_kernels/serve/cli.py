@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-adapters", type=POSITIVE_INT, default=16, help="adapter slots (loaded at once)")
     p.add_argument("--max-lora-rank", type=POSITIVE_INT, default=16, help="the largest adapter rank a slot holds")
     p.add_argument("--max-batch", type=POSITIVE_INT, default=32, help="sequences in one decode step")
+    p.add_argument("--prefix-cache-tokens", type=number(int, at_least=0), default=0,
+                   help="prompt tokens whose keys and values are kept between requests, per adapter (0: off)")
     p.add_argument("--max-queue", type=POSITIVE_INT, default=256, help="waiting requests before 429")
     p.add_argument("--max-prompt-tokens", type=POSITIVE_INT, default=None, help="default: the model's context")
     p.add_argument("--max-tokens-limit", type=POSITIVE_INT, default=1024, help="the largest max_tokens a request may ask")
@@ -127,7 +129,8 @@ def build_server(argv=None):
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs, **revision).to(device)
     tokenizer = AutoTokenizer.from_pretrained(path, **revision)
     engine = Engine(model, max_adapters=args.max_adapters, max_lora_rank=args.max_lora_rank, max_batch=args.max_batch,
-                    max_queue=args.max_queue, schedule=args.schedule, quantize=args.quantize)
+                    max_queue=args.max_queue, schedule=args.schedule, quantize=args.quantize,
+                    prefix_cache_tokens=args.prefix_cache_tokens)
     for adapter, folder in folders.items():
         try:
             engine.load_adapter(adapter, folder)

@@ -44,6 +44,7 @@ from torch import nn
 from ..model import adapter_layers, inject, use_adapters
 from ..nn import AdapterRoute, NF4Linear
 from ..peft_io import read_peft_adapter, set_peft_adapter
+from .prefix_cache import PrefixCache
 
 logger = logging.getLogger(__name__)
 
@@ -282,10 +283,16 @@ class Engine:
     4-bit base (multi-adapter QLoRA). It applies when the engine injects the adapter layers;
     a model that has them already is served as it is, and with ``quantize="nf4"`` its adapter
     layers must sit on NF4 bases already. A model that bitsandbytes loaded in 4-bit is served
-    over its own NF4 bytes either way (``inject`` adopts them)."""
+    over its own NF4 bytes either way (``inject`` adopts them).
+
+    ``prefix_cache_tokens`` > 0 keeps that many prompt tokens' keys and values between requests,
+    per adapter, in blocks of ``prefix_block`` tokens (``PrefixCache``): a prompt that begins
+    with a cached prefix for its adapter (a shared system prompt, few-shot examples) is
+    prefilled from the end of it. Requests that score their prompt compute it whole."""
 
     def __init__(self, model: nn.Module, max_adapters: int = 16, max_lora_rank: int = 16, max_batch: int = 32,
-                 max_queue: int = 256, target_modules=DEFAULT_TARGETS, schedule: str = "mixed", quantize=None):
+                 max_queue: int = 256, target_modules=DEFAULT_TARGETS, schedule: str = "mixed", quantize=None,
+                 prefix_cache_tokens: int = 0, prefix_block: int = 16):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if quantize not in (None, "nf4"):
@@ -294,6 +301,7 @@ class Engine:
                             ("max_batch", max_batch), ("max_queue", max_queue)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.prefix_cache = PrefixCache(prefix_cache_tokens, prefix_block) if prefix_cache_tokens else None
         if not adapter_layers(model):
             inject(model, target_modules, max_adapters, r=max_lora_rank, alpha=max_lora_rank, quantize=quantize)
             for layer in adapter_layers(model).values():
@@ -328,7 +336,7 @@ class Engine:
         self._route: AdapterRoute | None = None    # the running batch's adapter ids, per membership
         self._thread: threading.Thread | None = None
         self._stop = False
-        self.stats = collections.Counter()          # requests, tokens, steps, step_sequences
+        self.stats = collections.Counter()  # requests, tokens, steps, step_sequences, prompt_tokens, cached_prompt_tokens
 
     # ------------------------------------------------------------------ adapters
     def load_adapter(self, name: str, folder) -> None:
@@ -347,6 +355,8 @@ class Engine:
                 if not free:
                     raise ValueError(f"all {self.num_slots} adapter slots are in use; unload one first")
             set_peft_adapter(self.model, free[0], adapter, name)
+            if self.prefix_cache is not None:
+                self.prefix_cache.drop(free[0])
             with self._lock:
                 self.adapters[name] = free[0]
 
@@ -369,6 +379,8 @@ class Engine:
         def clear():
             for layer in self.layers.values():
                 layer.set_adapter(slot, None, None)
+            if self.prefix_cache is not None:
+                self.prefix_cache.drop(slot)
             with self._lock:
                 del self.adapters[name]
                 self._draining.discard(name)
@@ -530,8 +542,17 @@ class Engine:
             # the others (the attention masks still apply the window)
             scored = first.params.prompt_logprobs is not None
             keep = {self._keep_arg: 1} if self._keep_arg and not scored else {}
+            cached, prefix = 0, None
+            if self.prefix_cache is not None and not scored:  # (a scored prompt needs every position's logits)
+                cached, prefix = self.prefix_cache.match(first.slot, first.prompt)
+            cache = DynamicCache(ddp_cache_data=prefix) if prefix else DynamicCache()
             with use_adapters(self.model, torch.tensor([first.slot], device=self.device)):
-                out = self.model(input_ids=ids, **{self._cache_arg: DynamicCache()}, use_cache=True, **keep)
+                out = self.model(input_ids=ids[:, cached:], **{self._cache_arg: cache}, use_cache=True, **keep)
+            kv = [(layer.keys, layer.values) for layer in out[self._cache_arg].layers]
+            if self.prefix_cache is not None:
+                self.prefix_cache.add(first.slot, first.prompt, kv)
+            self.stats["prompt_tokens"] += len(first.prompt)
+            self.stats["cached_prompt_tokens"] += cached
             if scored:
                 entries = [None] + [
                     entry for i in range(0, len(first.prompt) - 1, PROMPT_LOGPROB_ROWS)
@@ -540,8 +561,7 @@ class Engine:
                 for request in requests:
                     request.prompt_logprobs = list(entries)
             if seqs:
-                self._join(seqs, [(layer.keys, layer.values) for layer in out[self._cache_arg].layers],
-                           len(first.prompt))
+                self._join(seqs, kv, len(first.prompt))
         except Exception:  # these requests fail alone; the running batch is untouched and goes on
             logger.exception("prefill failed; ending its request(s)")
             for request in requests:

@@ -19,7 +19,8 @@ requests of all its adapters share each decode step, as in ``bora-serve``.
 
 Needs ``pip install 'bora_kernels[ray]'``. Routes: ``POST /v1/completions``,
 ``POST /v1/chat/completions`` (streamed or not), ``GET /v1/models`` (this replica's adapters),
-``GET /health``.
+``GET /health``, and the tokenizer's ``POST /tokenize``, ``POST /detokenize`` and
+``GET /tokenizer_info``.
 """
 
 from __future__ import annotations
@@ -94,6 +95,12 @@ def bora_app(model: str, adapter_root: str, *, max_adapters: int = 16, max_lora_
                     return server.health()
                 if http.method == "GET" and path.endswith("/v1/models"):
                     return server.models()
+                if http.method == "GET" and path.endswith("/tokenizer_info"):
+                    return server.tokenizer_info()
+                if http.method == "POST" and path.endswith("/tokenize"):
+                    return await server.tokenize(http)
+                if http.method == "POST" and path.endswith("/detokenize"):
+                    return await server.detokenize(http)
                 chat = path.endswith("/v1/chat/completions")
                 if http.method != "POST" or not (chat or path.endswith("/v1/completions")):
                     raise APIError(404, f"no route {http.method} {path}")
