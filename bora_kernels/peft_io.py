@@ -40,23 +40,24 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
-def adapter_folder(name: str, folder) -> Path:
+def adapter_folder(name: str, folder, revision: str | None = None) -> Path:
     """``folder`` if it is a local path; else, for a Hugging Face Hub id (``"owner/repo"``), the
     folder of its adapter files fetched from the Hub (``adapter_config.json`` and the safetensors
-    weights, or the pickle ones where it has none), as ``PeftModel.from_pretrained`` takes."""
+    weights, or the pickle ones where it has none) at ``revision`` (a branch, tag or commit;
+    default the main branch), as ``PeftModel.from_pretrained`` takes."""
     path = Path(folder)
     if path.exists() or not HUB_ID.match(str(folder)):
         return path
     try:
-        return hub_snapshot(str(folder), [CONFIG_FILE], [WEIGHTS_FILE, PICKLE_FILE])
+        return hub_snapshot(str(folder), [CONFIG_FILE], [WEIGHTS_FILE, PICKLE_FILE], revision)
     except Exception as err:  # no network, no such repository, no access: huggingface_hub's own errors
         raise ValueError(f"adapter {name!r}: {str(folder)!r} is not a folder here, and fetching it as a Hugging Face "
                          f"Hub repository failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
                          ) from None
 
 
-def _read(name: str, folder) -> tuple[dict, dict[str, torch.Tensor]]:
-    folder = adapter_folder(name, folder)
+def _read(name: str, folder, revision: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    folder = adapter_folder(name, folder, revision)
     if not folder.is_dir():
         raise ValueError(f"adapter {name!r}: {str(folder)!r} is not a folder (expected a PEFT save_pretrained folder "
                          f"or a Hugging Face Hub id)")
@@ -122,11 +123,11 @@ def _linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     return {name: shape for name, m in base_modules(model) if (shape := linear_features(m)) is not None}
 
 
-def read_peft_adapter(model: nn.Module, name: str, folder) -> tuple[dict, dict]:
+def read_peft_adapter(model: nn.Module, name: str, folder, revision: str | None = None) -> tuple[dict, dict]:
     """Read one PEFT adapter (a folder or a Hub id) and check every tensor's shape against ``model``'s linear
     layers; changes nothing. Returns ``(config, {module: (A, B, rank, alpha)})`` for
     ``set_peft_adapter``. Raises ``ValueError`` naming the adapter and what is wrong."""
-    config, tensors = _read(name, folder)
+    config, tensors = _read(name, folder, revision)
     return config, _module_weights(name, config, tensors, model, _linear_shapes(model))
 
 
@@ -158,7 +159,8 @@ def set_peft_adapter(model: nn.Module, slot, adapter: tuple[dict, dict], name: s
     _write(layers, d, config, weights)
 
 
-def load_peft_adapters(model: nn.Module, adapters: Mapping[str, str | Path], dtype: torch.dtype | None = None):
+def load_peft_adapters(model: nn.Module, adapters: Mapping[str, str | Path], dtype: torch.dtype | None = None,
+                       revision: str | Mapping[str, str] | None = None):
     """Load PEFT LoRA adapters, stacked in the given order: ``{"name": folder, ...}``, each a
     ``save_pretrained`` folder or a Hugging Face Hub id (``"owner/repo"``, fetched).
 
@@ -169,11 +171,15 @@ def load_peft_adapters(model: nn.Module, adapters: Mapping[str, str | Path], dty
     Adapters may differ in rank, alpha, ``use_rslora``, patterns and target modules. Weights are
     read from ``adapter_model.safetensors``, else ``adapter_model.bin`` (``weights_only=True``,
     torch >= 2.6); every tensor's shape is checked against its module. ``dtype``:
-    the adapters' dtype on injection (default: each base weight's). Returns ``model``.
+    the adapters' dtype on injection (default: each base weight's). ``revision``: the branch,
+    tag or commit of the Hub ids, one for all or ``{name: revision}``. Returns ``model``.
     """
     if not isinstance(adapters, Mapping) or not adapters:
         raise ValueError("adapters must be a non-empty {name: folder} mapping")
-    loaded = {name: read_peft_adapter(model, name, folder) for name, folder in adapters.items()}
+    revisions = revision if isinstance(revision, Mapping) else dict.fromkeys(adapters, revision)
+    if set(revisions) - set(adapters):
+        raise ValueError(f"revision names adapters that are not loaded here: {sorted(set(revisions) - set(adapters))}")
+    loaded = {name: read_peft_adapter(model, name, folder, revisions.get(name)) for name, folder in adapters.items()}
 
     layers = adapter_layers(model)
     if not layers:

@@ -456,6 +456,16 @@ def test_adapters_load_from_hub_ids(fake_hub, tmp_path, monkeypatch):
         with pytest.raises(ValueError, match="adapter 'x': .* has no adapter_config.json|is not a folder"):
             bk.load_peft_adapters(copy.deepcopy(base), {"x": missing})
     assert fake_hub.asked == [("org/missing", ["adapter_config.json"])]
+    # a revision of the Hub id (one for all, or per adapter): that version's weights
+    v2 = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    v2.save_pretrained(tmp_path / "v2")
+    fake_hub.revisions[("org/bin", "v2")] = tmp_path / "v2"
+    for revision in ("v2", {"hubbed": "v2"}):
+        model = bk.load_peft_adapters(copy.deepcopy(base), {"hubbed": "org/bin"}, revision=revision)
+        with torch.no_grad(), bk.use_adapters(model, "hubbed"):
+            assert_close(model(input_ids=input_ids).logits, v2(input_ids=input_ids).logits.double(), torch.float32, "v2")
+    with pytest.raises(ValueError, match=r"revision names adapters that are not loaded here: \['other'\]"):
+        bk.load_peft_adapters(copy.deepcopy(base), {"hubbed": "org/bin"}, revision={"other": "v2"})
 
 
 def test_load_refuses_bad_checkpoints(tmp_path):

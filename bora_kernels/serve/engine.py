@@ -339,12 +339,13 @@ class Engine:
         self.stats = collections.Counter()  # requests, tokens, steps, step_sequences, prompt_tokens, cached_prompt_tokens
 
     # ------------------------------------------------------------------ adapters
-    def load_adapter(self, name: str, folder) -> None:
-        """Read and check a PEFT folder (or Hub id) here, then write it into a free slot between steps.
-        Raises ``ValueError`` (bad folder, name taken, no free slot) and changes nothing then."""
+    def load_adapter(self, name: str, folder, revision: str | None = None) -> None:
+        """Read and check a PEFT folder (or Hub id, at ``revision``) here, then write it into a free
+        slot between steps. Raises ``ValueError`` (bad folder, name taken, no free slot) and
+        changes nothing then."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"adapter name must be a non-empty str, got {name!r}")
-        adapter = read_peft_adapter(self.model, name, folder)
+        adapter = read_peft_adapter(self.model, name, folder, revision)
 
         def write():
             with self._lock:
