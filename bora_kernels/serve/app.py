@@ -23,7 +23,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from .engine import (MAX_LOGPROBS, Engine, InvalidParams, QueueFull, Request, SamplingParams, TokenLogprobs,
+from .engine import (Engine, InvalidParams, QueueFull, Request, SamplingParams, TokenLogprobs,
                      UnknownAdapter, _is_int, _is_number)
 from .metrics import Metrics
 
@@ -255,15 +255,10 @@ class Server:
                 raise _bad("logprobs", f"must be true or false, got {json.dumps(wanted)}")
             if top is not None and not wanted:
                 raise _bad("top_logprobs", "needs logprobs: true")
-            count = (0 if top is None else top) if wanted else None
-            name = "top_logprobs"
-        else:
-            if top is not None:
-                raise _bad("top_logprobs", "is chat's; the completions API takes logprobs: <count>")
-            count, name = body.get("logprobs"), "logprobs"
-        if count is not None and not (_is_int(count) and 0 <= count <= MAX_LOGPROBS):
-            raise _bad(name, f"must be an integer in [0, {MAX_LOGPROBS}], got {json.dumps(count)}")
-        return count
+            return (0 if top is None else top) if wanted else None
+        if top is not None:
+            raise _bad("top_logprobs", "is chat's; the completions API takes logprobs: <count>")
+        return body.get("logprobs")  # (its range is SamplingParams' to check)
 
     def sampling(self, body: dict, prompt_tokens: int, default_max: int | None,
                  chat: bool = False) -> tuple[SamplingParams, list[str]]:
@@ -314,7 +309,7 @@ class Server:
             params = SamplingParams(**{k: v for k, v in values.items() if v is not None},
                                     stop_token_ids=tuple(dict.fromkeys([*(() if ignore_eos else self.eos), *extra])))
         except InvalidParams as err:
-            param = given if err.param == "max_tokens" else err.param
+            param = {"max_tokens": given, "logprobs": "top_logprobs" if chat else "logprobs"}.get(err.param, err.param)
             raise APIError(400, f"{param}{str(err)[len(err.param):]}", param=param) from None
         if params.max_tokens > room:
             raise _bad(given, f"{params.max_tokens} exceeds {why}")

@@ -111,9 +111,11 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[T
     vLLM reports them by default) and the row's ``k`` most likely tokens. A token the model rules
     out (-inf) gets -9999.0, as vLLM reports it, which JSON can carry."""
     logprobs = logits.float().log_softmax(-1).clamp_min(-9999.0)
-    chosen = logprobs.gather(-1, tokens[:, None]).squeeze(1).tolist()
-    top, ids = logprobs.topk(k, -1) if k else (logprobs[:, :0], tokens[:, None][:, :0])
-    return [TokenLogprobs(t, lp, tuple(zip(i, v))) for t, lp, i, v in zip(tokens.tolist(), chosen, ids.tolist(), top.tolist())]
+    top, ids = logprobs.topk(k, -1)
+    # one host copy for the ids, one for the values: [token, top ids...] and [its logprob, top values...]
+    ids = torch.cat([tokens[:, None], ids], 1).tolist()
+    values = torch.cat([logprobs.gather(-1, tokens[:, None]), top], 1).tolist()
+    return [TokenLogprobs(i[0], v[0], tuple(zip(i[1:], v[1:]))) for i, v in zip(ids, values)]
 
 
 def _column(values: list, device: torch.device) -> torch.Tensor:
@@ -248,11 +250,12 @@ class Request:
 
 class _Seq:
     """A running request: ``last`` is the token to feed next."""
-    __slots__ = ("request", "last", "generated", "generator", "counts")
+    __slots__ = ("request", "last", "generated", "generator", "counts", "bias")
 
     def __init__(self, request: Request, device: torch.device):
         self.request, self.last, self.generated = request, -1, 0
         self.counts: torch.Tensor | None = None  # for penalties: ``penalized``'s counts, on the device
+        self.bias: torch.Tensor | None = None    # for logit_bias: ``[vocab]``, on the device
         self.generator = None
         if request.params.seed is not None and request.params.temperature > 0:
             self.generator = torch.Generator(device).manual_seed(request.params.seed)
@@ -263,6 +266,14 @@ class _Seq:
             self.counts = torch.zeros(2, vocab, device=device)
             self.counts[0, torch.tensor(self.request.prompt, device=device)] = 1
         return self.counts
+
+    def bias_row(self, vocab: int, device: torch.device) -> torch.Tensor:
+        """``[vocab]``: the request's ``logit_bias``, 0 elsewhere (made at the first token)."""
+        if self.bias is None:
+            bias = self.request.params.logit_bias
+            self.bias = torch.zeros(vocab, device=device)
+            self.bias[torch.tensor(list(bias), device=device)] = torch.tensor(list(bias.values()), device=device)
+        return self.bias
 
 
 def _same_prefill(a: Request, b: Request) -> bool:
@@ -555,10 +566,11 @@ class Engine:
             self.stats["prompt_tokens"] += len(first.prompt)
             self.stats["cached_prompt_tokens"] += cached
             if scored:
-                entries = [None] + [
-                    entry for i in range(0, len(first.prompt) - 1, PROMPT_LOGPROB_ROWS)
-                    for entry in token_logprobs(out.logits[0, i:i + PROMPT_LOGPROB_ROWS][:len(first.prompt) - 1 - i],
-                                                ids[0, i + 1:i + 1 + PROMPT_LOGPROB_ROWS], first.params.prompt_logprobs)]
+                logits, targets = out.logits[0, :-1], ids[0, 1:]  # position i predicts token i + 1
+                entries = [None] + [entry for i in range(0, len(targets), PROMPT_LOGPROB_ROWS)
+                                    for entry in token_logprobs(logits[i:i + PROMPT_LOGPROB_ROWS],
+                                                               targets[i:i + PROMPT_LOGPROB_ROWS],
+                                                               first.params.prompt_logprobs)]
                 for request in requests:
                     request.prompt_logprobs = list(entries)
             if seqs:
@@ -619,8 +631,8 @@ class Engine:
 
     def _choose(self, seqs: list[_Seq], logits: torch.Tensor) -> torch.Tensor:
         rows = [i for i, s in enumerate(seqs) if s.request.params.penalized]
-        # (row, token, value) to add (logit_bias), and (row, token) to rule out (min_tokens' stop tokens)
-        bias = [(i, t, b) for i, s in enumerate(seqs) for t, b in (s.request.params.logit_bias or {}).items()]
+        bias = [i for i, s in enumerate(seqs) if s.request.params.logit_bias]
+        # (row, token) to rule out: min_tokens' stop tokens
         held = [(i, t) for i, s in enumerate(seqs) if s.generated < s.request.params.min_tokens
                 for t in s.request.params.stop_token_ids if t < logits.shape[-1]]
         if rows or bias or held:
@@ -631,9 +643,7 @@ class Engine:
             logits[rows] = penalized(logits[rows], counts, *(_column([getattr(p, name) for p in params], logits.device)
                                                              for name in PENALTIES))
         if bias:
-            row, token, value = zip(*bias)
-            logits.index_put_((torch.tensor(row, device=logits.device), torch.tensor(token, device=logits.device)),
-                              torch.tensor(value, device=logits.device), accumulate=True)
+            logits[bias] += torch.stack([seqs[i].bias_row(logits.shape[-1], logits.device) for i in bias])
         if held:
             logits[tuple(torch.tensor(column, device=logits.device) for column in zip(*held))] = -math.inf
         tokens = self._draw(seqs, logits)
