@@ -20,8 +20,7 @@ METRICS = {
     "bora_engine_steps_total": ("counter", "Decode steps the engine ran (one forward over the running batch each)."),
     "bora_engine_step_sequences_total": ("counter", "Sequences summed over decode steps (divided by steps: the mean batch)."),
     "bora_engine_prefilled_tokens_total": ("counter", "Prompt tokens the engine prefilled (once per shared prefill)."),
-    "bora_engine_prefix_cache_hit_tokens_total": ("counter", "Of those, tokens whose keys and values came from the "
-                                                             "prefix cache."),
+    "bora_engine_prefix_cache_hit_tokens_total": ("counter", "Of those, tokens reused from the prefix cache."),
     "bora_prefix_cache_tokens": ("gauge", "Prompt tokens the prefix cache holds."),
     "bora_queue_depth": ("gauge", "Requests waiting to join the batch."),
     "bora_batch_size": ("gauge", "Sequences in the running batch."),
