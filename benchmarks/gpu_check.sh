@@ -124,6 +124,8 @@ if want serve; then
   else
     echo "fastapi/uvicorn/httpx missing (carry their wheels in .whl/); skipped"
   fi
+  # the engine's prefix cache, off against on: a shared system prompt, lm-eval's multiple choice
+  python benchmarks/prefix_cache.py --device cuda --json "$results/$stamp-prefix-cache.json" || status=1
 fi
 
 if want tiles; then

@@ -245,9 +245,11 @@ def test_requests_with_one_prompt_share_its_prefill(adapters, reference, monkeyp
 def test_prefix_cache_reuses_prompt_blocks_per_adapter(adapters, reference, monkeypatch, tmp_path):
     """With a prefix cache (blocks of 4 tokens), prompts that share a 10-token system prompt are
     prefilled from the last cached whole block, each adapter from its own blocks: every output
-    equals ``generate`` with its adapter alone. The same prompt for another adapter, a prompt
-    scored (which needs every position) and an adapter loaded anew into a slot compute it whole;
-    the cache never holds more than its budget."""
+    equals ``generate`` with its adapter alone. The same prompt for another adapter and an adapter
+    loaded anew into a slot compute it whole; the cache never holds more than its budget. A
+    scored prompt reuses only blocks a scored prompt left with at least its count of alternatives
+    (from the token before them, whose logits score the first new token); its log-probabilities
+    are the model's either way."""
     root, names = adapters
     engine = served(adapters, max_batch=2, prefix_cache_tokens=24, prefix_block=4)
     fed = []
@@ -262,19 +264,24 @@ def test_prefix_cache_reuses_prompt_blocks_per_adapter(adapters, reference, monk
     system = [7, 3, 9, 1, 4, 4, 8, 2, 6, 5]
     asks = [(names[0], system + [11, 12]), (names[0], system + [13]), (names[1], system + [13]),
             (names[0], system + [21, 22, 23, 24, 25]), (names[0], system + [13], {"prompt_logprobs": 0}),
-            (names[0], system[:6])]
+            (names[0], system[:6]), (names[0], system + [13, 14], {"prompt_logprobs": 0}),
+            (names[0], system + [13, 14], {"prompt_logprobs": 2}), (names[0], system + [15], {"prompt_logprobs": 1})]
     # the 2nd reuses 2 of the 1st's 3 blocks (one token must be left); the 3rd's are another
-    # adapter's; the 4th reuses 2 (its 3rd block differs); the scored one none; the 6th 1
-    want_fed = [12, 3, 11, 7, 11, 2]
+    # adapter's; the 4th reuses 2 (its 3rd block differs); the first scored one none (no block
+    # kept scores), the 6th 1; the next scored one 2 blocks less their last token; the one with 2
+    # alternatives none (the blocks kept 0); the last 2 blocks less a token again
+    want_fed = [12, 3, 11, 7, 11, 2, 5, 12, 4]
     with use_backend("torch"):
         for i, (name, prompt, *extra) in enumerate(asks):
-            request, out = collect(engine, prompt, name, SamplingParams(max_tokens=5, temperature=0,
-                                                                        **(extra[0] if extra else {})))
+            extra = extra[0] if extra else {}
+            request, out = collect(engine, prompt, name, SamplingParams(max_tokens=5, temperature=0, **extra))
             while not out["done"].is_set():
                 engine.step()
             assert out["tokens"] == offline(reference, prompt, name, 5), i
             assert fed[-1] == want_fed[i] and engine.prefix_cache.tokens <= 24, (i, fed)
-        assert engine.stats["cached_prompt_tokens"] == 8 + 8 + 4
+            if extra:
+                assert_prompt_logprobs(reference, name, prompt, request.prompt_logprobs, extra["prompt_logprobs"])
+        assert engine.stats["cached_prompt_tokens"] == 8 + 8 + 4 + 7 + 7
         # task0's slot gets another adapter: its blocks go, and the prompt is computed whole
         engine.unload_adapter(names[0])
         engine.load_adapter("again", root / names[3])
@@ -467,6 +474,25 @@ def test_token_logprobs_of_ruled_out_tokens_fit_in_json():
     json.dumps([e._asdict() for e in entries], allow_nan=False)
 
 
+def assert_entry(entry, token: int, want: torch.Tensor, k: int) -> None:
+    """``entry`` is ``token``'s log-probability under ``want`` (a position's float64 log-softmax)
+    with the ``k`` most likely tokens in order."""
+    assert entry.token == token
+    assert entry.logprob == pytest.approx(float(want[token]), abs=1e-4)
+    top = want.topk(k)
+    assert [t for t, _ in entry.top] == top.indices.tolist()
+    assert [lp for _, lp in entry.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+
+
+def assert_prompt_logprobs(reference, adapter, prompt: list[int], entries: list, k: int) -> None:
+    """``entries`` are ``prompt``'s log-probabilities under ``adapter`` (the first None)."""
+    with bk.use_adapters(reference, [adapter]), use_backend("torch"), torch.no_grad():
+        want = reference(torch.tensor([prompt])).logits[0].double().log_softmax(-1)
+    assert entries[0] is None and len(entries) == len(prompt)
+    for position, entry in enumerate(entries[1:]):
+        assert_entry(entry, prompt[position + 1], want[position], k)
+
+
 def test_logprobs_are_the_models_log_softmax(adapters, reference, monkeypatch):
     """Requests asking for log-probabilities (of the output, of the prompt, with 0 to 5
     alternatives, one scoring its prompt only) in a batch with requests that do not: each
@@ -504,11 +530,7 @@ def test_logprobs_are_the_models_log_softmax(adapters, reference, monkeypatch):
             assert request.prompt_logprobs is None
         for position, entry in entries:
             k = ask["logprobs"] if position >= len(prompt) - 1 else ask["prompt_logprobs"]
-            assert entry.token == ids[0, position + 1]
-            assert entry.logprob == pytest.approx(float(want[position, entry.token]), abs=1e-4)
-            top = want[position].topk(k)
-            assert [t for t, _ in entry.top] == top.indices.tolist()
-            assert [lp for _, lp in entry.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+            assert_entry(entry, int(ids[0, position + 1]), want[position], k)
     assert keeps.count(1) == sum("prompt_logprobs" not in ask for ask in asks)  # one per such prefill
     assert keeps.count(None) == len(keeps) - keeps.count(1)
     engine.shutdown(30)

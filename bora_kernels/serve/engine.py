@@ -299,7 +299,8 @@ class Engine:
     ``prefix_cache_tokens`` > 0 keeps that many prompt tokens' keys and values between requests,
     per adapter, in blocks of ``prefix_block`` tokens (``PrefixCache``): a prompt that begins
     with a cached prefix for its adapter (a shared system prompt, few-shot examples) is
-    prefilled from the end of it. Requests that score their prompt compute it whole."""
+    prefilled from the end of it. A prompt scored with ``k`` alternatives reuses the blocks a
+    prompt scored with at least ``k`` left (they keep their tokens' log-probabilities)."""
 
     def __init__(self, model: nn.Module, max_adapters: int = 16, max_lora_rank: int = 16, max_batch: int = 32,
                  max_queue: int = 256, target_modules=DEFAULT_TARGETS, schedule: str = "mixed", quantize=None,
@@ -552,27 +553,31 @@ class Engine:
             # a cache without the model's config keeps every layer's keys whole: a sliding-window
             # layer's cache would keep only its window, which the batch's cache cannot pad to
             # the others (the attention masks still apply the window)
-            scored = first.params.prompt_logprobs is not None
+            k = first.params.prompt_logprobs
+            scored = k is not None
             keep = {self._keep_arg: 1} if self._keep_arg and not scored else {}
-            cached, prefix = 0, None
-            if self.prefix_cache is not None and not scored:  # (a scored prompt needs every position's logits)
-                cached, prefix = self.prefix_cache.match(first.slot, first.prompt)
+            cached, prefix, known = 0, None, None
+            if self.prefix_cache is not None:  # a scored prompt reuses only blocks that kept their scores
+                cached, prefix, known = self.prefix_cache.match(first.slot, first.prompt, k)
+            if scored and cached:  # the first new token's score needs the last cached token's logits
+                cached -= 1
+                prefix = [(keys[:, :, :cached], values[:, :, :cached]) for keys, values in prefix] if cached else None
             cache = DynamicCache(ddp_cache_data=prefix) if prefix else DynamicCache()
             with use_adapters(self.model, torch.tensor([first.slot], device=self.device)):
                 out = self.model(input_ids=ids[:, cached:], **{self._cache_arg: cache}, use_cache=True, **keep)
             kv = [(layer.keys, layer.values) for layer in out[self._cache_arg].layers]
-            if self.prefix_cache is not None:
-                self.prefix_cache.add(first.slot, first.prompt, kv)
-            self.stats["prompt_tokens"] += len(first.prompt)
-            self.stats["cached_prompt_tokens"] += cached
             if scored:
-                logits, targets = out.logits[0, :-1], ids[0, 1:]  # position i predicts token i + 1
-                entries = [None] + [entry for i in range(0, len(targets), PROMPT_LOGPROB_ROWS)
-                                    for entry in token_logprobs(logits[i:i + PROMPT_LOGPROB_ROWS],
-                                                               targets[i:i + PROMPT_LOGPROB_ROWS],
-                                                               first.params.prompt_logprobs)]
+                # logits row i predicts token cached + i + 1; tokens 0..cached have their entries
+                logits, targets = out.logits[0, :-1], ids[0, cached + 1:]
+                entries = (known or [None]) + [entry for i in range(0, len(targets), PROMPT_LOGPROB_ROWS)
+                                               for entry in token_logprobs(logits[i:i + PROMPT_LOGPROB_ROWS],
+                                                                          targets[i:i + PROMPT_LOGPROB_ROWS], k)]
                 for request in requests:
                     request.prompt_logprobs = list(entries)
+            if self.prefix_cache is not None:
+                self.prefix_cache.add(first.slot, first.prompt, kv, entries if scored else None, k)
+            self.stats["prompt_tokens"] += len(first.prompt)
+            self.stats["cached_prompt_tokens"] += cached
             if seqs:
                 self._join(seqs, kv, len(first.prompt))
         except Exception:  # these requests fail alone; the running batch is untouched and goes on
