@@ -50,7 +50,7 @@ def adapters(tmp_path_factory):
     return root, names
 
 
-def collect(engine: Engine, prompt, adapter, params) -> tuple[Request, dict]:
+def collect(engine: Engine, prompt, adapter, params, guide=None) -> tuple[Request, dict]:
     out = {"tokens": [], "finish": None, "done": threading.Event()}
 
     def on_token(token, finish):
@@ -60,7 +60,7 @@ def collect(engine: Engine, prompt, adapter, params) -> tuple[Request, dict]:
             out["finish"] = finish
             out["done"].set()
 
-    return engine.submit(Request(list(prompt), adapter, params, on_token)), out
+    return engine.submit(Request(list(prompt), adapter, params, on_token, guide=guide)), out
 
 
 def offline(reference, prompt, adapter, max_tokens, **generate) -> list[int]:
@@ -533,6 +533,53 @@ def test_logprobs_are_the_models_log_softmax(adapters, reference, monkeypatch):
             assert_entry(entry, int(ids[0, position + 1]), want[position], k)
     assert keeps.count(1) == sum("prompt_logprobs" not in ask for ask in asks)  # one per such prefill
     assert keeps.count(None) == len(keeps) - keeps.count(1)
+    engine.shutdown(30)
+
+
+class StepGuide:
+    """A guide that allows ``steps[i]`` as output token ``i`` and calls the output complete after
+    ``len(steps)`` tokens; ``taken`` records what the engine told it."""
+
+    def __init__(self, steps: list[list[int]]):
+        self.steps, self.taken = steps, []
+
+    def allowed(self) -> list[int]:
+        return self.steps[len(self.taken)]
+
+    def advance(self, token: int) -> bool:
+        self.taken.append(token)
+        return len(self.taken) == len(self.steps)
+
+
+def test_guided_requests_choose_only_allowed_tokens(adapters, reference):
+    """In one batch with an unguided request: a guided greedy request gives ``generate``'s tokens
+    under the same allowed sets (``prefix_allowed_tokens_fn``) and ends with ``"stop"`` when its
+    guide says it is complete; a guided sampled one draws only allowed tokens; a stop token the
+    guide allows ends the output without reaching the guide; the unguided one is unchanged."""
+    names = adapters[1]
+    engine = start(served(adapters, max_batch=4))
+    steps = [[5, 9, 30], [2, 3], [40, 41, 42, 43], [7], [11, 12, 13]]
+    prompt = [4, 8, 15, 16]
+    jobs = {}
+    for key, adapter, guide, params in (("greedy", names[0], StepGuide(steps), {"temperature": 0}),
+                                        ("free", names[1], None, {"temperature": 0}),
+                                        ("sampled", names[2], StepGuide(steps), {"temperature": 1.5, "seed": 3}),
+                                        ("stopped", names[3], StepGuide([[6, 7], [63], [1]]),
+                                         {"temperature": 0, "stop_token_ids": (63,)})):
+        jobs[key] = (guide, collect(engine, prompt, adapter, SamplingParams(max_tokens=8, **params), guide)[1])
+    for _, out in jobs.values():
+        assert out["done"].wait(60)
+    guide, out = jobs["greedy"]
+    want = offline(reference, prompt, names[0], len(steps),
+                   prefix_allowed_tokens_fn=lambda batch, ids: steps[len(ids) - len(prompt)])
+    assert out["tokens"] == want == guide.taken and out["finish"] == "stop"
+    assert want != offline(reference, prompt, names[0], len(steps))  # the guide changed the output
+    assert jobs["free"][1]["tokens"] == offline(reference, prompt, names[1], 8)
+    guide, out = jobs["sampled"]
+    assert out["finish"] == "stop" and all(t in allowed for t, allowed in zip(out["tokens"], steps))
+    assert len(out["tokens"]) == len(steps) and guide.taken == out["tokens"]
+    guide, out = jobs["stopped"]
+    assert out["finish"] == "stop" and len(out["tokens"]) == 1 and guide.taken == out["tokens"]
     engine.shutdown(30)
 
 

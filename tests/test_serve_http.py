@@ -202,6 +202,55 @@ def test_logit_bias(served, tokenizer):
         assert message in r.json()["error"]["message"], r.text
 
 
+def test_guided_choice(served, reference, tokenizer):
+    """``guided_choice`` (or ``structured_outputs: {"choice": [...]}``): the text is one of the
+    strings and ends with ``"stop"``. Greedy, it is what ``generate`` writes when each step allows
+    the guide's tokens; sampled (``n`` choices), streamed, or in chat, always one of them. Bad
+    lists, unwritable strings, ``min_tokens`` and other structured outputs get 400 naming the
+    field."""
+    from bora_kernels.serve.guided import ChoiceGuide, TokenTexts
+
+    url, server = served
+    choices = ["yes", "no", "maybe so", "maybe", "abba"]
+    texts = TokenTexts(tokenizer, server.vocab)
+    answers = set()
+    for adapter, prompt in (("skip1", "abc"), ("skip2", "mmm"), ("skip4", "yes or no? "), (BASE, "ab")):
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+
+        def allowed(batch, sofar, start=ids.shape[1]):  # a fresh guide walked along the output so far
+            guide = ChoiceGuide(texts, choices, server.eos)
+            for token in sofar[start:].tolist():
+                guide.advance(token)
+            return guide.allowed()
+
+        with bk.use_adapters(reference, [None if adapter == BASE else adapter]), use_backend("torch"):
+            out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                                     prefix_allowed_tokens_fn=allowed)
+        want = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        text, finish, _ = complete(url, adapter, prompt, 10, guided_choice=choices)
+        assert text == want and text in choices and finish == "stop", (adapter, text, want)
+        assert complete(url, adapter, prompt, 10, stream=True, structured_outputs={"choice": choices})[:2] == (text, "stop")
+        answers.add(text)
+    assert len(answers) > 1  # the adapters choose differently
+    r = post(url, "/v1/completions", {"model": "skip3", "prompt": "abc", "n": 6, "temperature": 1.5, "seed": 5,
+                                      "max_tokens": 10, "guided_choice": choices})
+    assert r.status_code == 200 and all(c["text"] in choices and c["finish_reason"] == "stop" for c in r.json()["choices"])
+    text, finish, _ = complete(url, "skip3", "pick one", 10, chat=True, guided_choice=["left", "right"])
+    assert text in ("left", "right") and finish == "stop"
+    for extra, param, message in (({"guided_choice": []}, "guided_choice", "non-empty strings"),
+                                  ({"guided_choice": ["ok", 3]}, "guided_choice", "non-empty strings"),
+                                  ({"guided_choice": ["ok", "\u20ac"]}, "guided_choice", "cannot be written"),
+                                  ({"structured_outputs": {"json": {}}}, "structured_outputs", "not supported"),
+                                  ({"guided_choice": ["a"], "structured_outputs": {"choice": ["a"]}},
+                                   "structured_outputs", "not both"),
+                                  ({"guided_choice": ["ok"], "min_tokens": 1}, "min_tokens", "guided choice"),
+                                  ({"guided_json": {}}, "guided_json", "not supported"),
+                                  ({"response_format": {"type": "json_object"}}, "response_format", "not supported")):
+        r = post(url, "/v1/completions", {"model": "skip3", "prompt": "abc", **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        assert message in r.json()["error"]["message"], r.text
+
+
 def test_detokenizer_pieces_equal_the_whole_decode(monkeypatch):
     """With a byte-level BPE (leading spaces folded into tokens, characters split over byte
     tokens) and a window of 3 tokens, so the settled text rolls over many times: the streamed
@@ -746,7 +795,7 @@ def test_the_generation_config_gives_stop_tokens_and_sampling_defaults(served, t
                         ({"min_tokens": 2000}, "min_tokens"), ({"use_beam_search": True}, "use_beam_search"),
                         ({"response_format": {"type": "json_object"}}, "response_format"),
                         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-                        ({"guided_choice": ["a", "b"]}, "guided_choice")):
+                        ({"guided_regex": "a|b"}, "guided_regex")):
         with pytest.raises(APIError, match=f"^{param}"):
             server.sampling(body, 3, None)
 
@@ -772,21 +821,30 @@ def test_completion_prompts_get_the_tokenizers_special_tokens(served, monkeypatc
 
 
 def test_cli_loads_adapters_by_hub_id(serve_demo, fake_hub, tmp_path, monkeypatch):
-    """``--adapters NAME=owner/repo`` fetches the adapter from the Hub (stood in for here); the
-    model list gives the id as its root, and it answers as the same adapter from a folder."""
+    """``--adapters NAME=owner/repo`` fetches the adapter from the Hub (stood in for here), and
+    ``NAME=owner/repo@v2`` that revision; the model list gives the id (and revision) as its root,
+    and each answers as the same adapter from a folder. A local folder with ``@`` in its name
+    stays a folder."""
     from bora_kernels.serve.cli import build_server
 
     shutil.copytree(serve_demo / "adapters" / "skip2", fake_hub.repos / "org" / "skip2")
+    fake_hub.revisions[("org/skip2", "v2")] = serve_demo / "adapters" / "skip5"  # v2 holds another adapter
+    shutil.copytree(serve_demo / "adapters" / "skip3", tmp_path / "at@home")
     monkeypatch.chdir(tmp_path)
-    server, _ = build_server(["--demo", str(serve_demo), "--adapters", "hubbed=org/skip2"])
+    server, _ = build_server(["--model", str(serve_demo / "base"), "--adapters", "hubbed=org/skip2", "older=org/skip2@v2",
+                              f"skip2={serve_demo / 'adapters' / 'skip2'}", f"skip5={serve_demo / 'adapters' / 'skip5'}",
+                              "local=at@home", f"skip3={serve_demo / 'adapters' / 'skip3'}"])
+    # (each later fetch names the commit its first resolved to)
     assert {repo for repo, _ in fake_hub.asked} == {"org/skip2"}
+    assert {rev for rev in fake_hub.asked_revisions if rev is None or len(rev) != 40} == {None, "v2"}
     cards = {card["id"]: card["root"] for card in json.loads(server.models().body)["data"]}
     assert cards["hubbed"] == "org/skip2" and cards["skip2"] == str((serve_demo / "adapters" / "skip2").resolve())
+    assert cards["older"] == "org/skip2@v2" and cards["local"] == str((tmp_path / "at@home").resolve())
     layers = bk.model.adapter_layers(server.engine.model)
-    slots = {name: server.engine.adapters[name] for name in ("hubbed", "skip2")}
-    for layer in layers.values():
-        assert torch.equal(layer.lora_A[slots["hubbed"]], layer.lora_A[slots["skip2"]])
-        assert torch.equal(layer.lora_B[slots["hubbed"]], layer.lora_B[slots["skip2"]])
+    for ours, same in (("hubbed", "skip2"), ("older", "skip5"), ("local", "skip3")):
+        a, b = server.engine.adapters[ours], server.engine.adapters[same]
+        for layer in layers.values():
+            assert torch.equal(layer.lora_A[a], layer.lora_A[b]) and torch.equal(layer.lora_B[a], layer.lora_B[b])
 
 
 def test_cli_revision_reaches_every_loader(serve_demo, monkeypatch):
@@ -828,6 +886,7 @@ def test_cli_bad_arguments(serve_demo, capsys):
                           (["--demo", str(serve_demo), "--adapter-root", "/nonexistent"], "is not a folder"),
                           (["--demo", str(serve_demo), "--adapters", f"skip1={serve_demo}"], "has no adapter_config.json"),
                           (["--demo", str(serve_demo), "--revision", "v1"], "--revision names a version of a Hub --model"),
+                          (["--demo", str(serve_demo), "--adapters", "x=org/lora@"], "NAME=OWNER/REPO@REVISION"),
                           (["--demo", str(serve_demo), "--prefix-cache-tokens", "-1"], "--prefix-cache-tokens: must be >= 0")):
         with pytest.raises(SystemExit) as exit_info:
             build_server(argv)

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from .engine import (Engine, InvalidParams, QueueFull, Request, SamplingParams, TokenLogprobs,
                      UnknownAdapter, _is_int, _is_number)
+from .guided import ChoiceGuide, TokenTexts, check_choices
 from .metrics import Metrics
 
 
@@ -135,6 +136,7 @@ class _Job:
     index: int = 0
     echo: str | None = None
     queue: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
+    guide: ChoiceGuide | None = None
     request: Request | None = None
     tokens: int = 0
     finish: str | None = None
@@ -198,6 +200,7 @@ class Server:
         self.eos, self.defaults = stop_tokens(tokenizer, engine.model), sampling_defaults(engine.model)
         self.created = int(time.time())
         self._token_texts: dict[int, str] = {}  # each token's own text, for log-probabilities
+        self._guide_texts: TokenTexts | None = None  # every token's text after others, for guided choices
 
     # ------------------------------------------------------------------ requests in
     async def read_json(self, http: HTTPRequest) -> dict:
@@ -267,7 +270,7 @@ class Server:
                               # constrained output: a client asking for it must not get free text
                               ("tools", (None, [])), ("functions", (None, [])),
                               ("response_format", (None, {"type": "text"})), ("guided_json", (None,)),
-                              ("guided_regex", (None,)), ("guided_choice", (None,)), ("guided_grammar", (None,))):
+                              ("guided_regex", (None,)), ("guided_grammar", (None,))):
             if name in body and body[name] not in allowed:
                 raise _bad(name, f"{json.dumps(body[name])} is not supported by this server")
         room = self.limits.max_tokens
@@ -316,6 +319,46 @@ class Server:
         if params.temperature > 2:  # OpenAI's range
             raise _bad("temperature", f"must lie in [0, 2], got {params.temperature:g}")
         return params, stops
+
+    @staticmethod
+    def guided_choices(body: dict) -> tuple[str, list[str]] | None:
+        """The strings a request's output must be one of, and the field that gave them: vLLM's
+        ``guided_choice``, or ``structured_outputs: {"choice": [...]}`` (None: free text). Other
+        kinds of structured output are refused, never ignored."""
+        given = [name for name in ("guided_choice", "structured_outputs") if body.get(name) is not None]
+        if not given:
+            return None
+        if len(given) > 1:
+            raise _bad("structured_outputs", "give either guided_choice or structured_outputs, not both")
+        param = given[0]
+        choices = body[param]
+        if param == "structured_outputs":
+            if not (isinstance(choices, dict) and set(choices) == {"choice"}):
+                raise _bad(param, f"{json.dumps(choices)} is not supported by this server "
+                                  "(only {\"choice\": [strings]})")
+            choices = choices["choice"]
+        try:
+            return param, check_choices(choices, param)
+        except ValueError as err:
+            raise APIError(400, str(err), param=param) from None
+
+    def guide(self, guided: tuple[str, list[str]], params: SamplingParams) -> ChoiceGuide:
+        """A fresh guide to ``guided``'s choices for one choice of a request (after
+        ``token_texts``)."""
+        param, choices = guided
+        if params.min_tokens:
+            raise _bad("min_tokens", "cannot be combined with a guided choice (the choice sets the length)")
+        try:
+            return ChoiceGuide(self._guide_texts, choices, params.stop_token_ids)
+        except ValueError as err:
+            raise _bad(param, str(err)) from None
+
+    async def token_texts(self) -> TokenTexts:
+        """Every token's text, for guides: decoded once, at the first guided request, off the
+        event loop (a large vocabulary takes a moment)."""
+        if self._guide_texts is None:
+            self._guide_texts = await asyncio.to_thread(TokenTexts, self.tokenizer, self.vocab)
+        return self._guide_texts
 
     def check_prompt(self, ids: list[int], param: str) -> list[int]:
         if not ids:
@@ -385,7 +428,7 @@ class Server:
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
                 loop.call_soon_threadsafe(job.queue.put_nowait, (token, finish))
 
-        job.request = Request(job.prompt, job.adapter, job.params, on_token)
+        job.request = Request(job.prompt, job.adapter, job.params, on_token, guide=job.guide)
         try:
             self.engine.submit(job.request)
         except QueueFull as err:
@@ -542,12 +585,16 @@ class Server:
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
             raise _bad("stream_options", "must be an object")
+        guided = self.guided_choices(body)
+        if guided:
+            await self.token_texts()
         jobs = []
         for i, (prompt, text) in enumerate(prompts):
             params, stops = self.sampling(body, len(prompt), None if chat else 16, chat)
             for j in range(n):
                 seeded = params if params.seed is None else dataclasses.replace(params, seed=params.seed + j)
-                jobs.append(_Job(prompt, adapter, seeded, stops, index=i * n + j, echo=text if body.get("echo") else None))
+                jobs.append(_Job(prompt, adapter, seeded, stops, index=i * n + j, echo=text if body.get("echo") else None,
+                                 guide=self.guide(guided, params) if guided else None))
         try:
             for job in jobs:
                 self.submit(job)

@@ -2,7 +2,8 @@
 
     bora-serve --demo                                  # the tiny demo model and its 8 adapters
     bora-serve --model DIR --adapters a=DIR_A b=DIR_B  # a Hugging Face model and PEFT adapters (folders
-                                                       # or Hub ids: --model owner/model --adapters a=owner/lora)
+                                                       # or Hub ids: --model owner/model --adapters a=owner/lora,
+                                                       # at a revision: a=owner/lora@v2)
     bora-serve --model DIR --adapter-root ROOT         # every sub-folder of ROOT is an adapter,
                                                        # and POST /v1/load_lora_adapter may load more from it
     bora-serve --model DIR --adapters ... --quantize nf4   # the adapters over a 4-bit NF4 base (QLoRA)
@@ -39,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="the branch, tag or commit of a Hub --model (and its tokenizer)")
     p.add_argument("--served-model-name", help="the base model's name in requests (default: the folder's name)")
     p.add_argument("--adapters", nargs="+", default=[], metavar="NAME=DIR",
-                   help="PEFT adapters to load: folders, or Hugging Face Hub ids (owner/repo)")
+                   help="PEFT adapters to load: folders, or Hugging Face Hub ids (owner/repo, or owner/repo@revision "
+                        "for a branch, tag or commit)")
     p.add_argument("--adapter-root", metavar="DIR",
                    help="load every adapter sub-folder of DIR, and allow run-time loads from inside it (only)")
     p.add_argument("--host", default="127.0.0.1")
@@ -70,12 +72,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _adapter_folders(parser, args, root: Path | None, defaults: dict) -> dict[str, Path]:
-    folders = dict(defaults)
+def _adapter_folders(parser, args, root: Path | None, defaults: dict) -> tuple[dict[str, Path], dict[str, str]]:
+    """Each adapter's folder (or Hub id), and the revisions asked of Hub ids (``owner/repo@v2``;
+    a folder that exists is a folder, ``@`` and all)."""
+    folders, revisions = dict(defaults), {}
     for item in args.adapters:
         name, sep, folder = item.partition("=")
         if not sep or not name or not folder:
             parser.error(f"--adapters takes NAME=DIR items, got {item!r}")
+        if "@" in folder and not Path(folder).exists():
+            folder, _, revision = folder.rpartition("@")
+            if not folder or not revision:
+                parser.error(f"--adapters takes NAME=OWNER/REPO@REVISION for a Hub revision, got {item!r}")
+            revisions[name] = revision
         folders[name] = Path(folder)
     if root is not None:
         if not root.is_dir():
@@ -83,7 +92,7 @@ def _adapter_folders(parser, args, root: Path | None, defaults: dict) -> dict[st
         for sub in sorted(root.iterdir()):
             if (sub / "adapter_config.json").is_file():
                 folders.setdefault(sub.name, sub)
-    return folders
+    return folders, revisions
 
 
 def build_server(argv=None):
@@ -109,7 +118,7 @@ def build_server(argv=None):
     if args.revision is not None and args.demo is not None:
         parser.error("--revision names a version of a Hub --model, not of --demo")
     root = Path(args.adapter_root) if args.adapter_root else None
-    folders = _adapter_folders(parser, args, root, defaults)
+    folders, revisions = _adapter_folders(parser, args, root, defaults)
     if name in folders:
         parser.error(f"adapter {name!r} has the base model's name; rename it or pass --served-model-name")
     if len(folders) > args.max_adapters:
@@ -133,14 +142,15 @@ def build_server(argv=None):
                     prefix_cache_tokens=args.prefix_cache_tokens)
     for adapter, folder in folders.items():
         try:
-            engine.load_adapter(adapter, folder)
+            engine.load_adapter(adapter, folder, revisions.get(adapter))
         except ValueError as err:
             parser.error(f"{err} (--max-lora-rank raises the slots' rank)" if "rank" in str(err) else str(err))
     limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit,
                     max_choices=args.max_choices, max_body_bytes=args.max_body_bytes,
                     request_timeout=args.request_timeout)
     server = Server(engine, tokenizer, name, adapter_root=root, limits=limits,
-                    adapter_paths={a: f.resolve() if f.exists() else f for a, f in folders.items()})
+                    adapter_paths={a: f.resolve() if f.exists() else f"{f}@{revisions[a]}" if a in revisions else f
+                                   for a, f in folders.items()})
     return server, args
 
 

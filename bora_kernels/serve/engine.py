@@ -235,7 +235,12 @@ class Request:
 
     With ``params.logprobs`` set, the engine appends each output token's ``TokenLogprobs`` to
     ``logprobs`` before handing the token out; with ``params.prompt_logprobs``, it sets
-    ``prompt_logprobs`` (None for the first token, which has no context) before the first call."""
+    ``prompt_logprobs`` (None for the first token, which has no context) before the first call.
+
+    ``guide`` (``serve.guided.ChoiceGuide``, or any object with its two methods) restricts the
+    output: before each token the engine rules out every token but ``guide.allowed()`` (a
+    non-empty list of ids), after penalties and biases; it hands each chosen token that is not a
+    stop token to ``guide.advance(token)``, and a true answer ends the output (``"stop"``)."""
     prompt: list[int]
     adapter: str | None
     params: SamplingParams
@@ -243,6 +248,7 @@ class Request:
     id: int = dataclasses.field(default_factory=itertools.count().__next__)
     cancelled: bool = False
     arrival: float = dataclasses.field(default_factory=time.perf_counter)
+    guide: object | None = None
     slot: int = dataclasses.field(default=-1, init=False, repr=False)  # set by Engine.submit
     logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list, init=False, repr=False)
     prompt_logprobs: list[TokenLogprobs | None] | None = dataclasses.field(default=None, init=False, repr=False)
@@ -630,7 +636,9 @@ class Engine:
             seq.generated += 1
             seq.last = token
             self.stats["tokens"] += 1
-            if seq.generated >= params.max_tokens:
+            if seq.request.guide is not None and seq.request.guide.advance(token):
+                done.append((seq, "stop"))
+            elif seq.generated >= params.max_tokens:
                 done.append((seq, "length"))
         self._leave(done)
 
@@ -640,7 +648,10 @@ class Engine:
         # (row, token) to rule out: min_tokens' stop tokens
         held = [(i, t) for i, s in enumerate(seqs) if s.generated < s.request.params.min_tokens
                 for t in s.request.params.stop_token_ids if t < logits.shape[-1]]
-        if rows or bias or held:
+        # (row, token) that a guide allows; its row's other tokens are ruled out
+        guided = [(i, t) for i, s in enumerate(seqs) if s.request.guide is not None
+                  for t in s.request.guide.allowed() if t < logits.shape[-1]]
+        if rows or bias or held or guided:
             logits = logits.float().clone()
         if rows:
             params = [seqs[i].request.params for i in rows]
@@ -651,6 +662,13 @@ class Engine:
             logits[bias] += torch.stack([seqs[i].bias_row(logits.shape[-1], logits.device) for i in bias])
         if held:
             logits[tuple(torch.tensor(column, device=logits.device) for column in zip(*held))] = -math.inf
+        if guided:
+            where = sorted({i for i, _ in guided})
+            keep = torch.zeros(len(where), logits.shape[-1], dtype=torch.bool, device=logits.device)
+            row = {i: r for r, i in enumerate(where)}
+            keep[torch.tensor([row[i] for i, _ in guided], device=logits.device),
+                 torch.tensor([t for _, t in guided], device=logits.device)] = True
+            logits[where] = logits[where].masked_fill(~keep, -math.inf)
         tokens = self._draw(seqs, logits)
         if rows:  # each row's token counted in its output, one launch; the rows keep views of ``counts``
             counts[:, 1].scatter_add_(1, tokens[rows][:, None], torch.ones(len(rows), 1, device=logits.device))

@@ -1,0 +1,107 @@
+"""Guided output: a request's text restricted to one of a list of strings (vLLM's
+``guided_choice``, or ``structured_outputs: {"choice": [...]}``), for classification adapters.
+
+The engine asks a request's guide which tokens may come next and rules out the others before it
+chooses (greedy or sampled), then tells the guide the token it chose (``Engine``'s ``guide``
+hook: ``allowed()`` and ``advance(token)``). ``ChoiceGuide`` allows a token only where the text
+so far plus the token's text begins one of the choices *and* the rest of that choice can still be
+written with the tokenizer's tokens, so a request never reaches a dead end; once the text is a
+choice that no other choice extends, the output is complete (finish reason ``"stop"``). Where
+one choice extends another, the stop tokens are allowed at the shorter one too.
+
+A token's text is the text it adds after other text (``TokenTexts``): a leading space that a
+tokenizer folds into a token (SentencePiece's "▁") is kept, as the server's decoded output keeps
+it. Tokens whose text is empty (special tokens) or part of a character (byte-fallback pieces)
+are never allowed inside a choice.
+"""
+
+from __future__ import annotations
+
+MAX_CHOICES = 256  # strings a request may offer
+MAX_CHOICE_CHARS = 1024  # characters of one string
+
+
+class TokenTexts:
+    """Each token's text as it reads after other text, and the tokens of each such text (made
+    once per tokenizer: one batched decode of the vocabulary)."""
+
+    def __init__(self, tokenizer, vocab: int):
+        size = min(len(tokenizer), vocab)
+        anchor, before = self._anchor(tokenizer, size)
+        pairs = tokenizer.batch_decode([[anchor, t] for t in range(size)], skip_special_tokens=True)
+        self.text = [pair[len(before):] if pair.startswith(before) else tokenizer.decode([t], skip_special_tokens=True)
+                     for t, pair in enumerate(pairs)]
+        self.ids: dict[str, list[int]] = {}
+        for t, text in enumerate(self.text):
+            if text and "\ufffd" not in text:
+                self.ids.setdefault(text, []).append(t)
+        self.longest = max(map(len, self.ids), default=0)
+
+    @staticmethod
+    def _anchor(tokenizer, size: int) -> tuple[int, str]:
+        """A token to decode the others after, and its text: "a"'s token, or else the first
+        ordinary token with text of its own."""
+        special = set(tokenizer.all_special_ids)
+        for t in [*tokenizer.encode("a", add_special_tokens=False), *range(size)]:
+            text = tokenizer.decode([t], skip_special_tokens=True)
+            if t not in special and text and "\ufffd" not in text:
+                return t, text
+        raise ValueError("the tokenizer has no token with text of its own")
+
+
+def check_choices(choices, param: str) -> list[str]:
+    """``choices`` as a list of distinct strings, or ``ValueError`` naming ``param``."""
+    if not (isinstance(choices, list) and 1 <= len(choices) <= MAX_CHOICES
+            and all(isinstance(c, str) and 0 < len(c) <= MAX_CHOICE_CHARS for c in choices)):
+        raise ValueError(f"{param}: must be a list of 1 to {MAX_CHOICES} non-empty strings of at most "
+                         f"{MAX_CHOICE_CHARS} characters")
+    return list(dict.fromkeys(choices))
+
+
+class ChoiceGuide:
+    """One request's guide to one of ``choices`` (see the module's docstring). ``stop_ids``: the
+    request's stop tokens, never used inside a choice. Raises ``ValueError`` when a choice cannot
+    be written with the tokenizer's tokens."""
+
+    def __init__(self, texts: TokenTexts, choices: list[str], stop_ids=()):
+        self.texts, self.choices, self.stops = texts, set(choices), sorted(set(stop_ids))
+        self.text = ""
+        self._allowed: dict[str, list[int]] = {}
+        # ends[c][i]: c[i:] can be written with tokens (so a token may end at i)
+        self.ends = {c: self._writable(c) for c in choices}
+        for c in choices:
+            if not self.ends[c][0]:
+                raise ValueError(f"the choice {c!r} cannot be written with this tokenizer's tokens")
+
+    def _pieces(self, text: str) -> list[int]:
+        return [t for t in self.texts.ids.get(text, ()) if t not in self.stops]
+
+    def _writable(self, choice: str) -> list[bool]:
+        ends = [False] * len(choice) + [True]
+        for i in range(len(choice) - 1, -1, -1):
+            ends[i] = any(ends[j] and self._pieces(choice[i:j])
+                          for j in range(i + 1, min(len(choice), i + self.texts.longest) + 1))
+        return ends
+
+    def _longer(self) -> list[str]:
+        """The choices the text so far can still grow into (longer than it)."""
+        i = len(self.text)
+        return [c for c in self.choices if len(c) > i and c.startswith(self.text) and self.ends[c][i]]
+
+    def allowed(self) -> list[int]:
+        """The tokens that may come next."""
+        if self.text not in self._allowed:
+            i, ids = len(self.text), set()
+            for c in self._longer():
+                for j in range(i + 1, min(len(c), i + self.texts.longest) + 1):
+                    if self.ends[c][j]:
+                        ids.update(self._pieces(c[i:j]))
+            if self.text in self.choices:
+                ids.update(self.stops)
+            self._allowed[self.text] = sorted(ids)
+        return self._allowed[self.text]
+
+    def advance(self, token: int) -> bool:
+        """Take the chosen ``token``; True once the text is a choice that nothing extends."""
+        self.text += self.texts.text[token]
+        return self.text in self.choices and not self._longer()
