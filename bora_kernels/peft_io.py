@@ -125,10 +125,15 @@ def _linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
 
 def read_peft_adapter(model: nn.Module, name: str, folder, revision: str | None = None) -> tuple[dict, dict]:
     """Read one PEFT adapter (a folder or a Hub id) and check every tensor's shape against ``model``'s linear
-    layers; changes nothing. Returns ``(config, {module: (A, B, rank, alpha)})`` for
-    ``set_peft_adapter``. Raises ``ValueError`` naming the adapter and what is wrong."""
+    layers, and (a model with adapter layers) that it fits their slots' rank; changes nothing.
+    Returns ``(config, {module: (A, B, rank, alpha)})`` for ``set_peft_adapter``. Raises
+    ``ValueError`` naming the adapter and what is wrong."""
     config, tensors = _read(name, folder, revision)
-    return config, _module_weights(name, config, tensors, model, _linear_shapes(model))
+    weights = _module_weights(name, config, tensors, model, _linear_shapes(model))
+    layers = adapter_layers(model)
+    if layers:
+        _check_fits(name, weights, layers)
+    return config, weights
 
 
 def _check_fits(name: str, weights: dict, layers: dict) -> None:

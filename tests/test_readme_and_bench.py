@@ -217,16 +217,17 @@ def test_prefix_cache_script(tmp_path):
     assert bad.returncode == 2 and "--rounds" in bad.stderr
 
 
-@pytest.mark.parametrize("quantize", [None, "nf4"])
-def test_bench_serve(serve_demo, tmp_path, capsys, quantize):
+@pytest.mark.parametrize("quantize, slots", [(None, None), ("nf4", 2)])
+def test_bench_serve(serve_demo, tmp_path, capsys, quantize, slots):
     """The load test runs both servers and counts every request (a small run: its ratio is not
     asserted, the benchmark's figures are quoted from full runs); with ``--quantize nf4`` both
-    servers say they keep the base in NF4."""
+    servers say they keep the base in NF4, and with ``--slots 2`` that they load the third
+    adapter on demand (which every request still finds)."""
     pytest.importorskip("httpx")
     out = tmp_path / "serve.json"
     assert bench_main(["serve", "--device", "cpu", "--model", str(serve_demo / "base"), "--requests", "12",
                        "--concurrency", "4", "--adapters", "3", "--max-tokens", "5", "--json", str(out)]
-                      + (["--quantize", quantize] if quantize else [])) == 0
+                      + (["--quantize", quantize] if quantize else []) + (["--slots", str(slots)] if slots else [])) == 0
     result = json.loads(out.read_text())["serve"]
     assert list(result["runs"]) == ["bora (mixed adapters per step)", "baseline (one adapter per step)"]
     for run in result["runs"].values():
@@ -234,7 +235,8 @@ def test_bench_serve(serve_demo, tmp_path, capsys, quantize):
         assert run["wrong_token_counts"] == 0 and run["ttft_p50_s"] <= run["latency_p50_s"]
         assert run["server"].startswith("bora-serve: base with 3 adapters")
         assert ("base in NF4:" in run["server"]) == (quantize == "nf4")
-    assert result["case"]["quantize"] == quantize and result["throughput_ratio"] > 0
+        assert ("(2 in slots, the others loaded on demand)" in run["server"]) == (slots == 2)
+    assert result["case"]["quantize"] == quantize and result["case"]["slots"] == slots and result["throughput_ratio"] > 0
     printed = capsys.readouterr().out
     assert "throughput ratio (bora / baseline)" in printed and ("base in NF4" in printed) == (quantize == "nf4")
 

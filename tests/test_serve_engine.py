@@ -21,7 +21,7 @@ pytest.importorskip("safetensors")
 import bora_kernels as bk  # noqa: E402
 from bora_kernels.nn import NF4Linear  # noqa: E402
 from bora_kernels.ops import use_backend  # noqa: E402
-from bora_kernels.serve import Engine, QueueFull, Request, SamplingParams, UnknownAdapter  # noqa: E402
+from bora_kernels.serve import Engine, QueueFull, Request, SamplingParams, SlotsBusy, UnknownAdapter  # noqa: E402
 
 VOCAB = 64
 
@@ -79,7 +79,7 @@ def reference(adapters):
 
 def served(adapters, **kw) -> Engine:
     root, names = adapters
-    engine = Engine(tiny_llama(), max_adapters=10, max_lora_rank=8, **kw)
+    engine = Engine(tiny_llama(), **{"max_adapters": 10, "max_lora_rank": 8, **kw})
     for name in names:
         engine.load_adapter(name, root / name)
     return engine
@@ -640,6 +640,42 @@ def test_hot_load_unload_and_bad_adapters(adapters, reference, tmp_path):
     _, out = collect(engine, [3, 1, 4], "d", SamplingParams(max_tokens=5, temperature=0))
     assert out["done"].wait(60) and out["tokens"] == offline(reference, [3, 1, 4], names[4], 5)
     engine.shutdown(10)
+
+
+def test_evictable_adapters_give_up_their_slot(adapters, reference):
+    """Stepped by hand, 2 slots: a load with ``evictable`` names takes the slot of the least
+    recently used of them with no request queued or running (never one with requests, never
+    one not named); ``SlotsBusy`` when each has requests. The new adapter and the one that kept
+    its slot answer as ``generate`` does, and an evicted one loaded again does too."""
+    root, names = adapters
+    engine = served((root, names[:2]), max_adapters=2)  # names[0] in slot 0, names[1] in slot 1
+    prompt = [3, 1, 4]
+
+    def run(adapter, want):
+        _, out = collect(engine, prompt, adapter, SamplingParams(max_tokens=5, temperature=0))
+        with use_backend("torch"):
+            while not out["done"].is_set():
+                engine.step()
+        assert out["tokens"] == offline(reference, prompt, want, 5), adapter
+
+    run(names[1], names[1])
+    run(names[0], names[0])  # names[1] is now the least recently used
+    with pytest.raises(ValueError, match="all 2 adapter slots are in use"):
+        engine.load_adapter(names[2], root / names[2])  # nothing evictable
+    busy, _ = collect(engine, prompt, names[1], SamplingParams(max_tokens=5, temperature=0))  # queued
+    engine.load_adapter(names[2], root / names[2], evictable={names[0], names[1]})
+    assert sorted(engine.adapter_names()) == sorted([names[1], names[2]])  # names[0] went: names[1] has a request
+    with pytest.raises(SlotsBusy, match="requests in flight"):
+        engine.load_adapter(names[3], root / names[3], evictable={names[1]})
+    engine.cancel(busy)
+    with use_backend("torch"):
+        engine.step()
+    run(names[2], names[2])
+    engine.load_adapter(names[0], root / names[0], evictable={names[1], names[2]})  # names[1] is older
+    assert sorted(engine.adapter_names()) == sorted([names[0], names[2]])
+    run(names[0], names[0])
+    run(names[2], names[2])
+    assert (engine.stats["adapter_loads"], engine.stats["adapter_evictions"]) == (4, 2)
 
 
 def test_queue_limit_and_shutdown_finishes_work(adapters):

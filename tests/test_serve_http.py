@@ -175,6 +175,47 @@ def test_greedy_equals_offline_generate_over_http(served, reference, tokenizer):
     assert len({text for text, _, _ in results}) > 12  # the adapters answered differently
 
 
+def test_more_adapters_than_slots_load_on_demand(serve_demo, reference, tokenizer):
+    """3 slots and 6 registered adapters (the demo's skip1 to skip6, the first 3 loaded): 18
+    concurrent requests over all 6 each equal ``generate`` with its adapter alone, while the
+    slots take the adapters in turn (``/metrics`` counts the loads and evictions; an adapter
+    with requests in flight keeps its slot). ``/v1/models`` lists all 6. A run-time load joins
+    them; an unload of one that holds no slot forgets it, and its name then gets 404."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(serve_demo / "base")
+    engine = Engine(model, max_adapters=3, max_lora_rank=8, max_batch=4)
+    names = ADAPTERS[:6]
+    for name in names[:3]:
+        engine.load_adapter(name, serve_demo / "adapters" / name)
+    server = Server(engine, tokenizer, BASE, adapter_root=serve_demo / "adapters",
+                    registry={n: (serve_demo / "adapters" / n, None) for n in names},
+                    limits=Limits(max_prompt_tokens=64, max_tokens=64))
+    with use_backend("torch"):
+        engine.start()
+    uv, thread, url = start_uvicorn(create_app(server))
+    try:
+        jobs = [(names[(i * 5) % 6], "".join(demo.LETTERS[(i * 7 + j) % 26] for j in range(3 + i % 4)), 6 + i % 5)
+                for i in range(18)]
+        with concurrent.futures.ThreadPoolExecutor(18) as pool:
+            results = list(pool.map(lambda j: complete(url, j[0], j[1], j[2], stream=j[2] % 2 == 0), jobs))
+        for (adapter, prompt, max_tokens), (text, finish, _) in zip(jobs, results):
+            assert (text, finish) == (offline(reference, tokenizer, prompt, adapter, max_tokens), "length"), adapter
+        samples = dict(line.rsplit(" ", 1) for line in httpx.get(url + "/metrics").text.splitlines()
+                       if not line.startswith("#"))
+        loads, evictions = float(samples["bora_adapter_loads_total"]), float(samples["bora_adapter_evictions_total"])
+        assert loads - 3 == evictions >= 3 and float(samples["bora_adapters_loaded"]) == 3
+        listed = {card["id"] for card in httpx.get(url + "/v1/models").json()["data"]}
+        assert listed == {BASE, *names}
+        assert post(url, "/v1/load_lora_adapter", {"lora_name": "seven", "lora_path": "skip7"}).status_code == 200
+        assert complete(url, "seven", "abc", 5)[0] == offline(reference, tokenizer, "abc", "skip7", 5)
+        idle = next(n for n in names if n not in engine.adapters)
+        assert post(url, "/v1/unload_lora_adapter", {"lora_name": idle}).status_code == 200
+        r = post(url, "/v1/completions", {"model": idle, "prompt": "abc"})
+        assert r.status_code == 404 and idle not in {c["id"] for c in httpx.get(url + "/v1/models").json()["data"]}
+    finally:
+        uv.should_exit = True
+        thread.join(30)
+
+
 def test_stop_strings(served, reference, tokenizer):
     url, _ = served
     want = offline(reference, tokenizer, "abc", "skip1", 10)
@@ -553,10 +594,13 @@ def test_hot_load_only_from_inside_the_root(served, reference, tokenizer, root, 
     # a good one loads (by relative or absolute path) and serves exactly
     assert load("late3", "late3").json() == {"status": "ok", "lora_name": "late3"}
     assert load("late5", str(root / "late5")).status_code == 200
-    r = load("one-too-many", "late3")
-    assert r.status_code == 400 and "all 10 adapter slots are in use" in r.json()["error"]["message"]
-    assert complete(url, "late3", "mno", 6)[0] == offline(reference, tokenizer, "mno", "skip3", 6)
+    # every slot is full: the least recently used run-time load (late3) gives up its slot, stays
+    # listed, and is loaded again when a request names it (the 8 loaded by hand are never evicted)
+    assert load("one-too-many", "late3").status_code == 200
+    assert "late3" not in server.engine.adapter_names() and "one-too-many" in server.engine.adapter_names()
     assert "late3" in [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
+    assert complete(url, "late3", "mno", 6)[0] == offline(reference, tokenizer, "mno", "skip3", 6)
+    assert post(url, "/v1/unload_lora_adapter", {"lora_name": "one-too-many"}).status_code == 200
 
     # unload waits for the request in flight on it, which finishes in full
     results, started = {}, threading.Event()
@@ -881,7 +925,6 @@ def test_cli_bad_arguments(serve_demo, capsys):
 
     for argv, message in ((["--demo", str(serve_demo), "--adapters", "oops"], "NAME=DIR"),
                           (["--demo", str(serve_demo), "--max-batch", "0"], "argument --max-batch: must be >= 1, got 0"),
-                          (["--demo", str(serve_demo), "--max-adapters", "4"], "8 adapters to load but --max-adapters is 4"),
                           (["--demo", str(serve_demo), "--max-lora-rank", "4"], "--max-lora-rank"),
                           (["--demo", str(serve_demo), "--adapter-root", "/nonexistent"], "is not a folder"),
                           (["--demo", str(serve_demo), "--adapters", f"skip1={serve_demo}"], "has no adapter_config.json"),
@@ -895,3 +938,7 @@ def test_cli_bad_arguments(serve_demo, capsys):
     # and the good ones reach the engine
     server, _ = build_server(["--demo", str(serve_demo), "--prefix-cache-tokens", "256", "--max-choices", "8"])
     assert server.engine.prefix_cache.max_tokens == 256 and server.limits.max_choices == 8
+    # more adapters than slots: the first fill the slots, the others load when a request names them
+    server, _ = build_server(["--demo", str(serve_demo), "--max-adapters", "3"])
+    assert server.engine.adapter_names() == list(ADAPTERS[:3]) and server.adapter_names() == list(ADAPTERS)
+    assert server.registry["skip8"] == (serve_demo / "adapters" / "skip8", None)

@@ -11,7 +11,7 @@
     bora-bench nf4  [--device cpu|cuda] [--quick] [--json FILE] [--tokens ...] [--features K N]
                     nf4_matmul against bitsandbytes matmul_4bit and the dense weight
     bora-bench serve [--device cpu|cuda] [--quick] [--json FILE] [--model DIR] [--requests N]
-                    [--concurrency C] [--adapters A] [--max-tokens T] [--time-limit S] [--quantize nf4]
+                    [--concurrency C] [--adapters A] [--slots S] [--max-tokens T] [--time-limit S] [--quantize nf4]
                     a load test of bora-serve on loopback against one-adapter-per-batch serving
     bora-bench all  [--device ...] [--quick] [--json FILE]       every op and model suite
     bora-bench table [--results DIR] [--readme README.md]         README table from result files
@@ -159,6 +159,8 @@ def _parser() -> argparse.ArgumentParser:
     p_serve.add_argument("--concurrency", type=POSITIVE_INT, help="concurrent clients, also --max-batch (default 32; --quick 16)")
     p_serve.add_argument("--adapters", type=POSITIVE_INT, help="adapters the requests spread over (default 16; --quick 8)")
     p_serve.add_argument("--max-tokens", type=POSITIVE_INT, help="tokens generated per request (default 32; --quick 16)")
+    p_serve.add_argument("--slots", type=POSITIVE_INT,
+                         help="adapter slots of both servers (default: one per adapter; fewer: loaded on demand)")
     p_serve.add_argument("--time-limit", type=POSITIVE, default=600.0, help="seconds per server before requests count as lost")
     p_serve.add_argument("--quantize", choices=("nf4",), default=None,
                          help="both servers keep the base weights in NF4 (bora-serve --quantize nf4)")
@@ -193,7 +195,7 @@ def _write_json(file: str | None, result: dict) -> None:
 
 def _serve(args, device: torch.device) -> int:
     case = dataclasses.replace(serve.QUICK) if args.quick else serve.LoadCase()
-    for name in ("requests", "concurrency", "adapters", "max_tokens", "time_limit"):
+    for name in ("requests", "concurrency", "adapters", "max_tokens", "time_limit", "slots"):
         value = getattr(args, name)
         if value is not None:
             setattr(case, name, value)

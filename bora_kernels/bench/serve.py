@@ -46,6 +46,7 @@ class LoadCase:
     rank: int = 8
     time_limit: float = 600.0
     quantize: str | None = None  # "nf4": both servers keep the base in NF4 (bora-serve --quantize)
+    slots: int | None = None  # adapter slots of both servers (--max-adapters; default: one per adapter)
 
 
 QUICK = LoadCase(requests=64, concurrency=16, adapters=8, max_tokens=16)
@@ -104,7 +105,7 @@ def start_server(model_dir: Path, root: Path, case: LoadCase, schedule: str,
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # CPU figures are for the torch path, never the interpreter
     command = [sys.executable, "-m", "bora_kernels.serve", "--model", str(model_dir), "--adapter-root", str(root),
-               "--port", str(port), "--device", device, "--max-adapters", str(case.adapters),
+               "--port", str(port), "--device", device, "--max-adapters", str(case.slots or case.adapters),
                "--max-lora-rank", str(case.rank), "--max-batch", str(case.concurrency),
                "--max-queue", str(case.requests + case.adapters), "--schedule", schedule,
                "--served-model-name", "base", "--no-access-log", "--log-level", "warning"]
@@ -242,7 +243,8 @@ def format_result(result: dict, device_name: str) -> str:
     case = result["case"]
     lines = [f"bora-bench serve on {device_name}: {case['requests']} requests from {case['concurrency']} clients "
              f"over {case['adapters']} adapters, {case['max_tokens']} tokens each"
-             + (f", base in {case['quantize'].upper()}" if case.get("quantize") else ""),
+             + (f", base in {case['quantize'].upper()}" if case.get("quantize") else "")
+             + (f", {case['slots']} adapter slots (the others loaded on demand)" if case.get("slots") else ""),
              "| server | tokens/s | latency p50 / p99 (s) | TTFT p50 / p99 (s) | failed | lost |",
              "|---|---|---|---|---|---|"]
     for label, r in result["runs"].items():

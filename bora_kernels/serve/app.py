@@ -12,6 +12,7 @@ sequence leaves the batch at the next step.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
@@ -23,7 +24,8 @@ from pathlib import Path
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from .engine import (Engine, InvalidParams, QueueFull, Request, SamplingParams, TokenLogprobs,
+from ..peft_io import read_peft_adapter
+from .engine import (Engine, InvalidParams, QueueFull, Request, SamplingParams, SlotsBusy, TokenLogprobs,
                      UnknownAdapter, _is_int, _is_number)
 from .guided import ChoiceGuide, TokenTexts, check_choices
 from .metrics import Metrics
@@ -182,11 +184,28 @@ async def _all(coroutines) -> list:
             task.cancel()
 
 
+class _Evictable:
+    """The adapters a load may take the slot of (``Engine.install_adapter``'s ``evictable``, asked
+    on the engine thread at the moment it chooses): registered ones (loaded again on demand) with
+    no request between its load and its submit (a request already queued holds its slot anyway)."""
+
+    def __init__(self, server: Server):
+        self.server = server
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.server.registry and not self.server._pending[name]
+
+
 class Server:
-    """The state behind the routes; ``create_app`` builds the FastAPI app around one."""
+    """The state behind the routes; ``create_app`` builds the FastAPI app around one.
+
+    ``registry`` (``{name: (folder or Hub id, revision)}``): the adapters that may be loaded into
+    a slot when a request names them, giving it the slot of the least recently used one of them
+    that has no request in flight (so a server holds more adapters than it has slots, as vLLM's
+    ``--max-loras`` does); run-time loads join it."""
 
     def __init__(self, engine: Engine, tokenizer, model_name: str, adapter_root=None, limits: Limits | None = None,
-                 adapter_paths: dict | None = None):
+                 adapter_paths: dict | None = None, registry: dict | None = None):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.adapter_root = Path(adapter_root).resolve() if adapter_root is not None else None
         self.limits = limits or Limits()
@@ -201,6 +220,9 @@ class Server:
         self.created = int(time.time())
         self._token_texts: dict[int, str] = {}  # each token's own text, for log-probabilities
         self._guide_texts: TokenTexts | None = None  # every token's text after others, for guided choices
+        self.registry: dict[str, tuple] = dict(registry or {})
+        self._loading: dict[str, asyncio.Lock] = {}  # one load at a time per adapter
+        self._pending = collections.Counter()  # adapter -> requests between their load and their submit
 
     # ------------------------------------------------------------------ requests in
     async def read_json(self, http: HTTPRequest) -> dict:
@@ -230,11 +252,42 @@ class Server:
             raise _bad("model", f"must be the base model's name or an adapter's, got {json.dumps(model)}")
         if model == self.model_name:
             return None
-        available = self.engine.adapter_names()
+        available = self.adapter_names()
         if model not in available:
             raise APIError(404, f"The model {model!r} does not exist; available: {[self.model_name] + available}",
                            param="model", code="model_not_found")
         return model
+
+    def adapter_names(self) -> list[str]:
+        """The adapters requests may name: those in slots and those loaded on demand."""
+        return list(dict.fromkeys([*self.engine.adapter_names(), *self.registry]))
+
+    async def ensure_loaded(self, name: str | None) -> None:
+        """Give a registered adapter that holds no slot the slot of the least recently used
+        registered one with no request in flight (waiting, up to the request timeout, while every
+        one has requests: then 503)."""
+        if name is None or name in self.engine.adapters or name not in self.registry:
+            return
+        async with self._loading.setdefault(name, asyncio.Lock()):
+            if name in self.engine.adapters or name not in self.registry:
+                return
+            folder, revision = self.registry[name]
+            try:
+                adapter = await asyncio.to_thread(read_peft_adapter, self.engine.model, name, folder, revision)
+            except Exception as err:  # noqa: BLE001 (a file that changed since it was registered: the server's fault)
+                raise APIError(500, f"adapter {name!r} could not be loaded from {folder}: {err}", param="model") from None
+            deadline = time.monotonic() + self.limits.request_timeout
+            while True:
+                try:
+                    await asyncio.to_thread(self.engine.install_adapter, name, adapter, _Evictable(self))
+                    if name not in self.registry:  # unloaded while it loaded
+                        await asyncio.to_thread(self.engine.unload_adapter, name)
+                    return
+                except SlotsBusy as err:
+                    if time.monotonic() > deadline:
+                        raise APIError(503, f"adapter {name!r} found no free slot: {err}; retry later",
+                                       headers={"Retry-After": str(self.limits.retry_after)}) from None
+                    await asyncio.sleep(0.02)
 
     def choices(self, body: dict, prompts: int) -> int:
         """``n``, the choices per prompt, checked against ``best_of`` and ``max_choices``."""
@@ -428,9 +481,9 @@ class Server:
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
                 loop.call_soon_threadsafe(job.queue.put_nowait, (token, finish))
 
-        job.request = Request(job.prompt, job.adapter, job.params, on_token, guide=job.guide)
+        request = Request(job.prompt, job.adapter, job.params, on_token, guide=job.guide)
         try:
-            self.engine.submit(job.request)
+            job.request = self.engine.submit(request)  # (set once queued: only queued requests are cancelled)
         except QueueFull as err:
             raise APIError(429, f"the server is busy: {err}; retry later",
                            headers={"Retry-After": str(self.limits.retry_after)}) from None
@@ -524,12 +577,14 @@ class Server:
         card = {"object": "model", "created": self.created, "owned_by": "bora_kernels"}
         data = [{"id": self.model_name, **card, "root": self.model_name, "parent": None}]
         data += [{"id": name, **card, "root": str(self.adapter_paths.get(name, name)), "parent": self.model_name}
-                 for name in self.engine.adapter_names()]
+                 for name in self.adapter_names()]
         return JSONResponse({"object": "list", "data": data})
 
     def prometheus(self) -> PlainTextResponse:
         engine = self.engine
         counters = {"bora_engine_steps_total": engine.stats["steps"],
+                    "bora_adapter_loads_total": engine.stats["adapter_loads"],
+                    "bora_adapter_evictions_total": engine.stats["adapter_evictions"],
                     "bora_engine_step_sequences_total": engine.stats["step_sequences"],
                     "bora_engine_prefilled_tokens_total": engine.stats["prompt_tokens"],
                     "bora_engine_prefix_cache_hit_tokens_total": engine.stats["cached_prompt_tokens"]}
@@ -595,14 +650,24 @@ class Server:
                 seeded = params if params.seed is None else dataclasses.replace(params, seed=params.seed + j)
                 jobs.append(_Job(prompt, adapter, seeded, stops, index=i * n + j, echo=text if body.get("echo") else None,
                                  guide=self.guide(guided, params) if guided else None))
+        self._pending[adapter] += 1  # its slot is not given away until these are queued (then they hold it)
         try:
-            for job in jobs:
-                self.submit(job)
-        except APIError:
-            for job in jobs:
-                if job.request is not None:
-                    self.engine.cancel(job.request)
-            raise
+            for attempt in (0, 1):
+                try:
+                    await self.ensure_loaded(adapter)
+                    for job in jobs:
+                        self.submit(job)
+                    break
+                except APIError as err:
+                    for job in jobs:
+                        if job.request is not None:
+                            self.engine.cancel(job.request)
+                    # (a load that chose its slot just before this request was counted: load it again)
+                    if attempt or err.code != "model_not_found" or adapter not in self.registry or \
+                            any(job.request is not None for job in jobs):
+                        raise
+        finally:
+            self._pending[adapter] -= 1
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": body["model"]}
         scored = jobs[0].params.logprobs is not None
@@ -751,10 +816,16 @@ class Server:
         if not isinstance(name, str) or not name or name == self.model_name:
             raise _bad("lora_name", f"must be a non-empty string other than the base model's name, got {json.dumps(name)}")
         folder = self.inside_root(body.get("lora_path"))
+        if name in self.adapter_names():
+            raise _bad("lora_name", f"adapter {name!r} is already loaded; unload it first")
         try:
-            await asyncio.to_thread(self.engine.load_adapter, name, folder)
+            adapter = await asyncio.to_thread(read_peft_adapter, self.engine.model, name, folder)
+            await asyncio.to_thread(self.engine.install_adapter, name, adapter, _Evictable(self))
+        except SlotsBusy:  # every slot's adapter is busy: it takes a slot at its first request
+            pass
         except ValueError as err:
             raise APIError(400, str(err), param="lora_path") from None
+        self.registry[name] = (folder, None)
         self.adapter_paths[name] = folder
         return JSONResponse({"status": "ok", "lora_name": name})
 
@@ -763,11 +834,15 @@ class Server:
         name = body.get("lora_name")
         if not isinstance(name, str) or not name:
             raise _bad("lora_name", f"must be a non-empty string, got {json.dumps(name)}")
+        registered = self.registry.pop(name, None)  # no request loads it from now on
         try:
             await asyncio.to_thread(self.engine.unload_adapter, name, self.limits.request_timeout)
         except UnknownAdapter as err:
-            raise APIError(404, str(err), param="lora_name", code="model_not_found") from None
+            if registered is None:
+                raise APIError(404, str(err), param="lora_name", code="model_not_found") from None
         except TimeoutError as err:
+            if registered is not None:
+                self.registry[name] = registered
             raise APIError(504, str(err)) from None
         self.adapter_paths.pop(name, None)
         return JSONResponse({"status": "ok", "lora_name": name})

@@ -53,7 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=("nf4",), default=None,
                    help="store the frozen base weights of the adapted layers (every linear layer but the "
                         "output head) in NF4 (4-bit) under the adapters")
-    p.add_argument("--max-adapters", type=POSITIVE_INT, default=16, help="adapter slots (loaded at once)")
+    p.add_argument("--max-adapters", type=POSITIVE_INT, default=16,
+                   help="adapter slots (loaded at once); more adapters than slots are loaded when a request "
+                        "names them, in the slot of the least recently used idle one")
     p.add_argument("--max-lora-rank", type=POSITIVE_INT, default=16, help="the largest adapter rank a slot holds")
     p.add_argument("--max-batch", type=POSITIVE_INT, default=32, help="sequences in one decode step")
     p.add_argument("--prefix-cache-tokens", type=number(int, at_least=0), default=0,
@@ -121,8 +123,6 @@ def build_server(argv=None):
     folders, revisions = _adapter_folders(parser, args, root, defaults)
     if name in folders:
         parser.error(f"adapter {name!r} has the base model's name; rename it or pass --served-model-name")
-    if len(folders) > args.max_adapters:
-        parser.error(f"{len(folders)} adapters to load but --max-adapters is {args.max_adapters}")
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
@@ -140,9 +140,13 @@ def build_server(argv=None):
     engine = Engine(model, max_adapters=args.max_adapters, max_lora_rank=args.max_lora_rank, max_batch=args.max_batch,
                     max_queue=args.max_queue, schedule=args.schedule, quantize=args.quantize,
                     prefix_cache_tokens=args.prefix_cache_tokens)
-    for adapter, folder in folders.items():
+    from ..peft_io import read_peft_adapter
+
+    for i, (adapter, folder) in enumerate(folders.items()):  # each is checked; the first fill the slots
         try:
-            engine.load_adapter(adapter, folder, revisions.get(adapter))
+            read = read_peft_adapter(engine.model, adapter, folder, revisions.get(adapter))
+            if i < args.max_adapters:
+                engine.install_adapter(adapter, read)
         except ValueError as err:
             parser.error(f"{err} (--max-lora-rank raises the slots' rank)" if "rank" in str(err) else str(err))
     limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit,
@@ -150,7 +154,8 @@ def build_server(argv=None):
                     request_timeout=args.request_timeout)
     server = Server(engine, tokenizer, name, adapter_root=root, limits=limits,
                     adapter_paths={a: f.resolve() if f.exists() else f"{f}@{revisions[a]}" if a in revisions else f
-                                   for a, f in folders.items()})
+                                   for a, f in folders.items()},
+                    registry={a: (f, revisions.get(a)) for a, f in folders.items()})
     return server, args
 
 
@@ -195,8 +200,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with use_backend(None if args.backend == "auto" else args.backend):
         server.engine.start()  # the engine thread keeps the backend chosen here
-    adapters = server.engine.adapter_names()
-    print(f"bora-serve: {server.model_name} with {len(adapters)} adapters {adapters} on "
+    adapters = server.adapter_names()
+    slots = len(server.engine.adapter_names())
+    on_demand = f" ({slots} in slots, the others loaded on demand)" if slots < len(adapters) else ""
+    print(f"bora-serve: {server.model_name} with {len(adapters)} adapters {adapters}{on_demand} on "
           f"http://{args.host}:{args.port} (schedule {args.schedule}{_quantized(server.engine.model)}; stop tokens "
           f"{list(server.eos)}" + "".join(f", default {k} {v:g}" for k, v in server.defaults.items()) + ")",
           file=sys.stderr, flush=True)

@@ -64,6 +64,10 @@ class QueueFull(RuntimeError):
     """``max_queue`` requests are waiting already."""
 
 
+class SlotsBusy(ValueError):
+    """No adapter slot is free and every loaded adapter has requests queued or running."""
+
+
 class UnknownAdapter(KeyError):
     """The request names an adapter that is not loaded (or is being unloaded)."""
 
@@ -344,6 +348,7 @@ class Engine:
         self.max_batch, self.max_queue, self.schedule = max_batch, max_queue, schedule
         self.adapters: dict[str, int] = {}          # name -> slot
         self._in_use = collections.Counter()        # slot -> requests waiting or running
+        self._used: dict[str, float] = {}           # adapter -> when a request last named it (eviction order)
         self._draining: set[str] = set()
         self._lock = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
@@ -354,16 +359,24 @@ class Engine:
         self._route: AdapterRoute | None = None    # the running batch's adapter ids, per membership
         self._thread: threading.Thread | None = None
         self._stop = False
-        self.stats = collections.Counter()  # requests, tokens, steps, step_sequences, prompt_tokens, cached_prompt_tokens
+        # requests, tokens, steps, step_sequences, prompt_tokens, cached_prompt_tokens, adapter_loads, adapter_evictions
+        self.stats = collections.Counter()
 
     # ------------------------------------------------------------------ adapters
-    def load_adapter(self, name: str, folder, revision: str | None = None) -> None:
+    def load_adapter(self, name: str, folder, revision: str | None = None, evictable=()) -> None:
         """Read and check a PEFT folder (or Hub id, at ``revision``) here, then write it into a free
-        slot between steps. Raises ``ValueError`` (bad folder, name taken, no free slot) and
-        changes nothing then."""
+        slot between steps (``install_adapter``, which says what ``evictable`` does). Raises
+        ``ValueError`` (bad folder, name taken, no free slot) and changes nothing then."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"adapter name must be a non-empty str, got {name!r}")
-        adapter = read_peft_adapter(self.model, name, folder, revision)
+        self.install_adapter(name, read_peft_adapter(self.model, name, folder, revision), evictable)
+
+    def install_adapter(self, name: str, adapter, evictable=()) -> None:
+        """Write an adapter ``read_peft_adapter`` read into a free slot between steps. When no
+        slot is free, the least recently used of the loaded adapters named in ``evictable`` (those
+        its caller can load again) that has no request queued or running gives up its slot: it is
+        unloaded (``stats["adapter_evictions"]``); ``SlotsBusy`` when each of them has requests.
+        Raises ``ValueError`` (name taken, no free slot) and changes nothing then."""
 
         def write():
             with self._lock:
@@ -371,13 +384,31 @@ class Engine:
                     raise ValueError(f"adapter {name!r} is already loaded; unload it first")
                 used = set(self.adapters.values())
                 free = [d for d in range(self.num_slots) if d not in used]
+                victim = None
+                candidates = [n for n in self.adapters if n in evictable and n not in self._draining]
+                if not free and candidates:
+                    idle = [n for n in candidates if self._in_use[self.adapters[n]] == 0]
+                    if not idle:
+                        raise SlotsBusy(f"all {self.num_slots} adapter slots hold adapters with requests in flight")
+                    victim = min(idle, key=lambda n: self._used.get(n, 0.0))
+                    free = [self.adapters.pop(victim)]  # (under the lock: no request can name it now)
+                    self._used.pop(victim, None)
                 if not free:
                     raise ValueError(f"all {self.num_slots} adapter slots are in use; unload one first")
-            set_peft_adapter(self.model, free[0], adapter, name)
-            if self.prefix_cache is not None:
-                self.prefix_cache.drop(free[0])
+            try:
+                set_peft_adapter(self.model, free[0], adapter, name)
+            except BaseException:  # (read_peft_adapter checked it: not expected) the slot is left empty
+                for layer in self.layers.values():
+                    layer.set_adapter(free[0], None, None)
+                raise
+            finally:
+                if self.prefix_cache is not None:
+                    self.prefix_cache.drop(free[0])
             with self._lock:
                 self.adapters[name] = free[0]
+                self._used[name] = time.monotonic()
+                self.stats["adapter_loads"] += 1
+                self.stats["adapter_evictions"] += victim is not None
 
         self._call(write)
 
@@ -402,6 +433,7 @@ class Engine:
                 self.prefix_cache.drop(slot)
             with self._lock:
                 del self.adapters[name]
+                self._used.pop(name, None)
                 self._draining.discard(name)
 
         self._call(clear)
@@ -438,6 +470,7 @@ class Engine:
                 if request.adapter not in self.adapters or request.adapter in self._draining:
                     raise UnknownAdapter(request.adapter, self.adapter_names())
                 slot = self.adapters[request.adapter]
+                self._used[request.adapter] = time.monotonic()
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting (max_queue={self.max_queue})")
             if self._stop:

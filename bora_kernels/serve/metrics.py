@@ -25,6 +25,8 @@ METRICS = {
     "bora_queue_depth": ("gauge", "Requests waiting to join the batch."),
     "bora_batch_size": ("gauge", "Sequences in the running batch."),
     "bora_adapters_loaded": ("gauge", "Adapters loaded (serving or draining)."),
+    "bora_adapter_loads_total": ("counter", "Adapters written into a slot (at start, by a load, or on demand)."),
+    "bora_adapter_evictions_total": ("counter", "Adapters that gave up their slot to one a request named."),
     "bora_request_latency_seconds": ("histogram", "Time from arrival to the last token."),
     "bora_time_to_first_token_seconds": ("histogram", "Time from arrival to the first token."),
 }
