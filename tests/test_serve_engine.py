@@ -644,8 +644,8 @@ def test_hot_load_unload_and_bad_adapters(adapters, reference, tmp_path):
 
 def test_evictable_adapters_give_up_their_slot(adapters, reference):
     """Stepped by hand, 2 slots: a load with ``evictable`` names takes the slot of the least
-    recently used of them with no request queued or running (never one with requests, never
-    one not named); ``SlotsBusy`` when each has requests. The new adapter and the one that kept
+    recently used of them with no request queued or running and not ``held`` (never one with
+    requests, never one not named); ``SlotsBusy`` when each has requests or is held. The new adapter and the one that kept
     its slot answer as ``generate`` does, and an evicted one loaded again does too."""
     root, names = adapters
     engine = served((root, names[:2]), max_adapters=2)  # names[0] in slot 0, names[1] in slot 1
@@ -671,10 +671,13 @@ def test_evictable_adapters_give_up_their_slot(adapters, reference):
     with use_backend("torch"):
         engine.step()
     run(names[2], names[2])
-    engine.load_adapter(names[0], root / names[0], evictable={names[1], names[2]})  # names[1] is older
-    assert sorted(engine.adapter_names()) == sorted([names[0], names[2]])
+    both = {names[1], names[2]}
+    with pytest.raises(SlotsBusy):  # ``held``: requests on their way to both
+        engine.load_adapter(names[0], root / names[0], evictable=both, held=both)
+    engine.load_adapter(names[0], root / names[0], evictable=both, held={names[1]})  # names[1] is older, but held
+    assert sorted(engine.adapter_names()) == sorted([names[0], names[1]])
     run(names[0], names[0])
-    run(names[2], names[2])
+    run(names[1], names[1])
     assert (engine.stats["adapter_loads"], engine.stats["adapter_evictions"]) == (4, 2)
 
 

@@ -216,6 +216,50 @@ def test_more_adapters_than_slots_load_on_demand(serve_demo, reference, tokenize
         thread.join(30)
 
 
+def test_steady_traffic_cannot_starve_an_adapter_without_a_slot(serve_demo, reference, tokenizer, monkeypatch):
+    """2 slots, both adapters busy without a pause (3 clients each, back to back): a request for
+    a third adapter claims the least recently used one, which takes no new requests until its
+    last one ends and gives up its slot; the third answers well within the request timeout (it
+    would wait for ever otherwise), and every request of the steady traffic still succeeds."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(serve_demo / "base")
+    engine = Engine(model, max_adapters=2, max_lora_rank=8, max_batch=8)
+    names = ADAPTERS[:3]
+    for name in names[:2]:
+        engine.load_adapter(name, serve_demo / "adapters" / name)
+    server = Server(engine, tokenizer, BASE, registry={n: (serve_demo / "adapters" / n, None) for n in names},
+                    limits=Limits(max_prompt_tokens=64, max_tokens=64, request_timeout=20))
+    decode = engine._decode  # slowed down: each request lasts far longer than a client's gap between two
+    monkeypatch.setattr(engine, "_decode", lambda: (time.sleep(0.004), decode()))
+    with use_backend("torch"):
+        engine.start()
+    uv, thread, url = start_uvicorn(create_app(server))
+    stop, statuses = threading.Event(), collections.Counter()
+
+    def traffic(adapter, max_tokens):
+        while not stop.is_set():
+            statuses[post(url, "/v1/completions", {"model": adapter, "prompt": "abc", "max_tokens": max_tokens,
+                                                   "temperature": 0}).status_code] += 1
+    clients = [threading.Thread(target=traffic, args=(name, 40 + 7 * k)) for name in names[:2] for k in range(3)]
+    try:
+        for client in clients:
+            client.start()
+        wait_for(lambda: sum(statuses.values()) >= 6)
+        started = time.monotonic()
+        text, finish, _ = complete(url, names[2], "abc", 6)
+        waited = time.monotonic() - started
+        assert (text, finish) == (offline(reference, tokenizer, "abc", names[2], 6), "length")
+        assert waited < 10 and engine.stats["adapter_evictions"] >= 1
+        served_before = statuses[200]
+        wait_for(lambda: statuses[200] >= served_before + 6)  # and the traffic goes on
+    finally:
+        stop.set()
+        for client in clients:
+            client.join(60)
+        uv.should_exit = True
+        thread.join(30)
+    assert set(statuses) == {200}, statuses
+
+
 def test_stop_strings(served, reference, tokenizer):
     url, _ = served
     want = offline(reference, tokenizer, "abc", "skip1", 10)

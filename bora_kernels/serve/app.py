@@ -184,18 +184,6 @@ async def _all(coroutines) -> list:
             task.cancel()
 
 
-class _Evictable:
-    """The adapters a load may take the slot of (``Engine.install_adapter``'s ``evictable``, asked
-    on the engine thread at the moment it chooses): registered ones (loaded again on demand) with
-    no request between its load and its submit (a request already queued holds its slot anyway)."""
-
-    def __init__(self, server: Server):
-        self.server = server
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.server.registry and not self.server._pending[name]
-
-
 class Server:
     """The state behind the routes; ``create_app`` builds the FastAPI app around one.
 
@@ -222,7 +210,8 @@ class Server:
         self._guide_texts: TokenTexts | None = None  # every token's text after others, for guided choices
         self.registry: dict[str, tuple] = dict(registry or {})
         self._loading: dict[str, asyncio.Lock] = {}  # one load at a time per adapter
-        self._pending = collections.Counter()  # adapter -> requests between their load and their submit
+        self._pending = collections.Counter()  # adapter -> requests between their load and their submit (> 0)
+        self._reclaimed: dict[str, str] = {}  # adapter that gives up its slot -> the adapter waiting for it
 
     # ------------------------------------------------------------------ requests in
     async def read_json(self, http: HTTPRequest) -> dict:
@@ -262,10 +251,25 @@ class Server:
         """The adapters requests may name: those in slots and those loaded on demand."""
         return list(dict.fromkeys([*self.engine.adapter_names(), *self.registry]))
 
+    def _no_slot(self, name: str, why: str) -> APIError:
+        return APIError(503, f"adapter {name!r} found no free slot within the request timeout ({why}); retry later",
+                        headers={"Retry-After": str(self.limits.retry_after)})
+
+    async def wait_reclaimed(self, name: str | None) -> None:
+        """A request for an adapter that gives up its slot to a waiting one is not queued on it:
+        it waits for the adapter to leave its slot (then loads it again), so that steady traffic
+        on the loaded adapters cannot keep another waiting for ever."""
+        deadline = time.monotonic() + self.limits.request_timeout
+        while name in self._reclaimed and name in self.engine.adapters:
+            if time.monotonic() > deadline:
+                raise self._no_slot(name, f"it gives up its slot to {self._reclaimed[name]!r}")
+            await asyncio.sleep(0.02)
+
     async def ensure_loaded(self, name: str | None) -> None:
         """Give a registered adapter that holds no slot the slot of the least recently used
-        registered one with no request in flight (waiting, up to the request timeout, while every
-        one has requests: then 503)."""
+        registered one with no request in flight. While every one has requests, it waits, and
+        claims the least recently used one: that one takes no new requests until its last one
+        ends and its slot is free (``wait_reclaimed``). 503 after the request timeout."""
         if name is None or name in self.engine.adapters or name not in self.registry:
             return
         async with self._loading.setdefault(name, asyncio.Lock()):
@@ -277,17 +281,27 @@ class Server:
             except Exception as err:  # noqa: BLE001 (a file that changed since it was registered: the server's fault)
                 raise APIError(500, f"adapter {name!r} could not be loaded from {folder}: {err}", param="model") from None
             deadline = time.monotonic() + self.limits.request_timeout
-            while True:
-                try:
-                    await asyncio.to_thread(self.engine.install_adapter, name, adapter, _Evictable(self))
-                    if name not in self.registry:  # unloaded while it loaded
-                        await asyncio.to_thread(self.engine.unload_adapter, name)
-                    return
-                except SlotsBusy as err:
-                    if time.monotonic() > deadline:
-                        raise APIError(503, f"adapter {name!r} found no free slot: {err}; retry later",
-                                       headers={"Retry-After": str(self.limits.retry_after)}) from None
+            claimed = None
+            try:
+                while True:
+                    try:
+                        await asyncio.to_thread(self.engine.install_adapter, name, adapter, self.registry, self._pending)
+                        if name not in self.registry:  # unloaded while it loaded
+                            await asyncio.to_thread(self.engine.unload_adapter, name)
+                        return
+                    except SlotsBusy as err:
+                        if time.monotonic() > deadline:
+                            raise self._no_slot(name, str(err)) from None
+                    if claimed is None or claimed not in self.engine.adapters:  # (claim one; again once it went)
+                        self._reclaimed.pop(claimed, None)
+                        claimed = self.engine.least_recently_used(
+                            [n for n in self.registry if n not in self._reclaimed])
+                        if claimed is not None:
+                            self._reclaimed[claimed] = name
                     await asyncio.sleep(0.02)
+            finally:
+                if claimed is not None and self._reclaimed.get(claimed) == name:
+                    del self._reclaimed[claimed]
 
     def choices(self, body: dict, prompts: int) -> int:
         """``n``, the choices per prompt, checked against ``best_of`` and ``max_choices``."""
@@ -650,6 +664,7 @@ class Server:
                 seeded = params if params.seed is None else dataclasses.replace(params, seed=params.seed + j)
                 jobs.append(_Job(prompt, adapter, seeded, stops, index=i * n + j, echo=text if body.get("echo") else None,
                                  guide=self.guide(guided, params) if guided else None))
+        await self.wait_reclaimed(adapter)
         self._pending[adapter] += 1  # its slot is not given away until these are queued (then they hold it)
         try:
             for attempt in (0, 1):
@@ -668,6 +683,8 @@ class Server:
                         raise
         finally:
             self._pending[adapter] -= 1
+            if not self._pending[adapter]:  # (so that ``in`` means some)
+                del self._pending[adapter]
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": body["model"]}
         scored = jobs[0].params.logprobs is not None
@@ -820,7 +837,7 @@ class Server:
             raise _bad("lora_name", f"adapter {name!r} is already loaded; unload it first")
         try:
             adapter = await asyncio.to_thread(read_peft_adapter, self.engine.model, name, folder)
-            await asyncio.to_thread(self.engine.install_adapter, name, adapter, _Evictable(self))
+            await asyncio.to_thread(self.engine.install_adapter, name, adapter, self.registry, self._pending)
         except SlotsBusy:  # every slot's adapter is busy: it takes a slot at its first request
             pass
         except ValueError as err:

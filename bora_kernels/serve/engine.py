@@ -363,20 +363,22 @@ class Engine:
         self.stats = collections.Counter()
 
     # ------------------------------------------------------------------ adapters
-    def load_adapter(self, name: str, folder, revision: str | None = None, evictable=()) -> None:
+    def load_adapter(self, name: str, folder, revision: str | None = None, evictable=(), held=()) -> None:
         """Read and check a PEFT folder (or Hub id, at ``revision``) here, then write it into a free
-        slot between steps (``install_adapter``, which says what ``evictable`` does). Raises
-        ``ValueError`` (bad folder, name taken, no free slot) and changes nothing then."""
+        slot between steps (``install_adapter``, which says what ``evictable`` and ``held`` do).
+        Raises ``ValueError`` (bad folder, name taken, no free slot) and changes nothing then."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"adapter name must be a non-empty str, got {name!r}")
-        self.install_adapter(name, read_peft_adapter(self.model, name, folder, revision), evictable)
+        self.install_adapter(name, read_peft_adapter(self.model, name, folder, revision), evictable, held)
 
-    def install_adapter(self, name: str, adapter, evictable=()) -> None:
+    def install_adapter(self, name: str, adapter, evictable=(), held=()) -> None:
         """Write an adapter ``read_peft_adapter`` read into a free slot between steps. When no
         slot is free, the least recently used of the loaded adapters named in ``evictable`` (those
-        its caller can load again) that has no request queued or running gives up its slot: it is
-        unloaded (``stats["adapter_evictions"]``); ``SlotsBusy`` when each of them has requests.
-        Raises ``ValueError`` (name taken, no free slot) and changes nothing then."""
+        its caller can load again) that has no request queued or running and is not in ``held``
+        (requests on their way) gives up its slot: it is unloaded (``stats["adapter_evictions"]``);
+        ``SlotsBusy`` when each of them has requests. Both containers are asked on the engine
+        thread as it chooses. Raises ``ValueError`` (name taken, no free slot, none evictable) and
+        changes nothing then."""
 
         def write():
             with self._lock:
@@ -387,7 +389,7 @@ class Engine:
                 victim = None
                 candidates = [n for n in self.adapters if n in evictable and n not in self._draining]
                 if not free and candidates:
-                    idle = [n for n in candidates if self._in_use[self.adapters[n]] == 0]
+                    idle = [n for n in candidates if self._in_use[self.adapters[n]] == 0 and n not in held]
                     if not idle:
                         raise SlotsBusy(f"all {self.num_slots} adapter slots hold adapters with requests in flight")
                     victim = min(idle, key=lambda n: self._used.get(n, 0.0))
@@ -411,6 +413,12 @@ class Engine:
                 self.stats["adapter_evictions"] += victim is not None
 
         self._call(write)
+
+    def least_recently_used(self, names) -> str | None:
+        """Of the loaded adapters in ``names``, the one a request named longest ago (None: none)."""
+        with self._lock:
+            loaded = [n for n in self.adapters if n in names and n not in self._draining]
+            return min(loaded, key=lambda n: self._used.get(n, 0.0), default=None)
 
     def unload_adapter(self, name: str, timeout: float | None = None) -> None:
         """Refuse new requests for ``name``, wait for those in flight to finish, free its slot."""
