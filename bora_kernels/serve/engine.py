@@ -297,7 +297,9 @@ class Engine:
     A model without adapter layers gets ``MultiLoRALinear`` layers of rank ``max_lora_rank`` on
     ``target_modules`` (default ``"all-linear"``: every linear layer but the output head), all
     slots empty. ``start()`` runs the engine thread; ``submit`` queues a request;
-    ``load_adapter`` / ``unload_adapter`` change the adapters while it serves. ``schedule``: one of ``SCHEDULES`` (default ``"mixed"``,
+    ``load_adapter`` / ``unload_adapter`` change the adapters while it serves, and a load may
+    take the slot of an idle adapter its caller can load again (``install_adapter``'s
+    ``evictable``: how ``bora-serve`` holds more adapters than slots). ``schedule``: one of ``SCHEDULES`` (default ``"mixed"``,
     the point of this engine; ``"per-adapter"`` is the baseline it is measured against).
     ``quantize="nf4"`` stores the frozen base weights of ``target_modules`` in NF4 (4-bit, as
     ``inject(..., quantize="nf4")``) under the adapter slots: many adapters served over one
