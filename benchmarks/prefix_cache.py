@@ -38,11 +38,10 @@ VOCAB = 32000
 def config(quick: bool = False):
     import transformers
 
-    if quick:
-        return transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048)
-    return transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
-                                    num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048)
+    hidden, intermediate, layers, heads = (64, 128, 2, 4) if quick else (512, 1376, 4, 8)
+    return transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate,
+                                    num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                                    max_position_embeddings=2048)
 
 
 def workloads(seed: int = 0) -> dict[str, list[tuple[str, list[int], dict]]]:

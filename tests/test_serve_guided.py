@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from bora_kernels.serve.guided import ChoiceGuide, TokenTexts, check_choices  # noqa: E402
+from bora_kernels.serve.guided import ChoiceSet, TokenTexts, check_choices  # noqa: E402
 
 # a SentencePiece-like vocabulary ("▁" is a space folded into the token): "abc" can be written
 # "ab" + "c" but "a" leads nowhere (no "b" or "bc"); " yes" as one token or as "▁" "y" "es"
@@ -62,7 +62,7 @@ def test_guide_allows_exactly_the_tokens_that_can_end_in_a_choice(texts, choices
     prefixes = {w[:i] for w in full for i in range(len(w) + 1)}
     assert () in prefixes and len(full) >= len(choices)
     for prefix in prefixes:
-        guide = ChoiceGuide(texts, check_choices(choices, "choices"), [STOP])
+        guide = ChoiceSet(texts, check_choices(choices, "choices"), [STOP]).guide()
         complete = [guide.advance(t) for t in prefix]
         follow = {w[len(prefix)] for w in full if w[:len(prefix)] == prefix and len(w) > len(prefix)}
         ends_here = prefix in full
@@ -73,9 +73,9 @@ def test_guide_allows_exactly_the_tokens_that_can_end_in_a_choice(texts, choices
 
 def test_choices_that_cannot_be_written_are_refused(texts):
     with pytest.raises(ValueError, match="'zz' cannot be written"):
-        ChoiceGuide(texts, ["ab", "zz"], [STOP])
+        ChoiceSet(texts, ["ab", "zz"], [STOP])
     c = PIECES.index("c")  # a stop token is never written inside a choice: "abc" needs "c" or "abc"
-    assert ChoiceGuide(texts, ["abc"], [STOP, c]).allowed() == [PIECES.index("abc")]
+    assert ChoiceSet(texts, ["abc"], [STOP, c]).guide().allowed() == [PIECES.index("abc")]
     for bad in ([], ["ok", ""], ["ok", 3], "yes", ["x" * 1025]):
         with pytest.raises(ValueError, match="choices: must be a list of 1 to 256 non-empty strings"):
             check_choices(bad, "choices")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import json
 import os
 import shutil
@@ -175,24 +176,41 @@ def test_greedy_equals_offline_generate_over_http(served, reference, tokenizer):
     assert len({text for text, _, _ in results}) > 12  # the adapters answered differently
 
 
+def on_demand_server(serve_demo, tokenizer, names: list[str], slots: int, **limits) -> Server:
+    """A server of ``slots`` slots over the demo adapters ``names`` (registered; the first ones
+    loaded), not started."""
+    engine = Engine(transformers.AutoModelForCausalLM.from_pretrained(serve_demo / "base"), max_adapters=slots,
+                    max_lora_rank=8, max_batch=8)
+    for name in names[:slots]:
+        engine.load_adapter(name, serve_demo / "adapters" / name)
+    return Server(engine, tokenizer, BASE, adapter_root=serve_demo / "adapters",
+                  registry={n: (serve_demo / "adapters" / n, None) for n in names},
+                  limits=Limits(max_prompt_tokens=64, max_tokens=64, **limits))
+
+
+@contextlib.contextmanager
+def serving(server: Server):
+    """``server``'s engine and HTTP app running (torch path); yields the base URL."""
+    with use_backend("torch"):
+        server.engine.start()
+    uv, thread, url = start_uvicorn(create_app(server))
+    try:
+        yield url
+    finally:
+        uv.should_exit = True
+        thread.join(30)
+
+
 def test_more_adapters_than_slots_load_on_demand(serve_demo, reference, tokenizer):
     """3 slots and 6 registered adapters (the demo's skip1 to skip6, the first 3 loaded): 18
     concurrent requests over all 6 each equal ``generate`` with its adapter alone, while the
     slots take the adapters in turn (``/metrics`` counts the loads and evictions; an adapter
     with requests in flight keeps its slot). ``/v1/models`` lists all 6. A run-time load joins
     them; an unload of one that holds no slot forgets it, and its name then gets 404."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(serve_demo / "base")
-    engine = Engine(model, max_adapters=3, max_lora_rank=8, max_batch=4)
     names = ADAPTERS[:6]
-    for name in names[:3]:
-        engine.load_adapter(name, serve_demo / "adapters" / name)
-    server = Server(engine, tokenizer, BASE, adapter_root=serve_demo / "adapters",
-                    registry={n: (serve_demo / "adapters" / n, None) for n in names},
-                    limits=Limits(max_prompt_tokens=64, max_tokens=64))
-    with use_backend("torch"):
-        engine.start()
-    uv, thread, url = start_uvicorn(create_app(server))
-    try:
+    server = on_demand_server(serve_demo, tokenizer, names, slots=3)
+    engine = server.engine
+    with serving(server) as url:
         jobs = [(names[(i * 5) % 6], "".join(demo.LETTERS[(i * 7 + j) % 26] for j in range(3 + i % 4)), 6 + i % 5)
                 for i in range(18)]
         with concurrent.futures.ThreadPoolExecutor(18) as pool:
@@ -211,9 +229,6 @@ def test_more_adapters_than_slots_load_on_demand(serve_demo, reference, tokenize
         assert post(url, "/v1/unload_lora_adapter", {"lora_name": idle}).status_code == 200
         r = post(url, "/v1/completions", {"model": idle, "prompt": "abc"})
         assert r.status_code == 404 and idle not in {c["id"] for c in httpx.get(url + "/v1/models").json()["data"]}
-    finally:
-        uv.should_exit = True
-        thread.join(30)
 
 
 def test_steady_traffic_cannot_starve_an_adapter_without_a_slot(serve_demo, reference, tokenizer, monkeypatch):
@@ -221,26 +236,20 @@ def test_steady_traffic_cannot_starve_an_adapter_without_a_slot(serve_demo, refe
     a third adapter claims the least recently used one, which takes no new requests until its
     last one ends and gives up its slot; the third answers well within the request timeout (it
     would wait for ever otherwise), and every request of the steady traffic still succeeds."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(serve_demo / "base")
-    engine = Engine(model, max_adapters=2, max_lora_rank=8, max_batch=8)
     names = ADAPTERS[:3]
-    for name in names[:2]:
-        engine.load_adapter(name, serve_demo / "adapters" / name)
-    server = Server(engine, tokenizer, BASE, registry={n: (serve_demo / "adapters" / n, None) for n in names},
-                    limits=Limits(max_prompt_tokens=64, max_tokens=64, request_timeout=20))
+    server = on_demand_server(serve_demo, tokenizer, names, slots=2, request_timeout=20)
+    engine = server.engine
     decode = engine._decode  # slowed down: each request lasts far longer than a client's gap between two
     monkeypatch.setattr(engine, "_decode", lambda: (time.sleep(0.004), decode()))
-    with use_backend("torch"):
-        engine.start()
-    uv, thread, url = start_uvicorn(create_app(server))
     stop, statuses = threading.Event(), collections.Counter()
 
-    def traffic(adapter, max_tokens):
+    def traffic(url, adapter, max_tokens):
         while not stop.is_set():
             statuses[post(url, "/v1/completions", {"model": adapter, "prompt": "abc", "max_tokens": max_tokens,
                                                    "temperature": 0}).status_code] += 1
-    clients = [threading.Thread(target=traffic, args=(name, 40 + 7 * k)) for name in names[:2] for k in range(3)]
-    try:
+    with serving(server) as url, contextlib.ExitStack() as clients_stop:
+        clients = [threading.Thread(target=traffic, args=(url, name, 40 + 7 * k)) for name in names[:2] for k in range(3)]
+        clients_stop.callback(lambda: (stop.set(), [client.join(60) for client in clients]))
         for client in clients:
             client.start()
         wait_for(lambda: sum(statuses.values()) >= 6)
@@ -251,12 +260,6 @@ def test_steady_traffic_cannot_starve_an_adapter_without_a_slot(serve_demo, refe
         assert waited < 10 and engine.stats["adapter_evictions"] >= 1
         served_before = statuses[200]
         wait_for(lambda: statuses[200] >= served_before + 6)  # and the traffic goes on
-    finally:
-        stop.set()
-        for client in clients:
-            client.join(60)
-        uv.should_exit = True
-        thread.join(30)
     assert set(statuses) == {200}, statuses
 
 
@@ -293,7 +296,7 @@ def test_guided_choice(served, reference, tokenizer):
     the guide's tokens; sampled (``n`` choices), streamed, or in chat, always one of them. Bad
     lists, unwritable strings, ``min_tokens`` and other structured outputs get 400 naming the
     field."""
-    from bora_kernels.serve.guided import ChoiceGuide, TokenTexts
+    from bora_kernels.serve.guided import ChoiceSet, TokenTexts
 
     url, server = served
     choices = ["yes", "no", "maybe so", "maybe", "abba"]
@@ -303,7 +306,7 @@ def test_guided_choice(served, reference, tokenizer):
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
 
         def allowed(batch, sofar, start=ids.shape[1]):  # a fresh guide walked along the output so far
-            guide = ChoiceGuide(texts, choices, server.eos)
+            guide = ChoiceSet(texts, choices, server.eos).guide()
             for token in sofar[start:].tolist():
                 guide.advance(token)
             return guide.allowed()

@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ..peft_io import read_peft_adapter
 from .engine import (Engine, InvalidParams, QueueFull, Request, SamplingParams, SlotsBusy, TokenLogprobs,
                      UnknownAdapter, _is_int, _is_number)
-from .guided import ChoiceGuide, TokenTexts, check_choices
+from .guided import ChoiceGuide, ChoiceSet, TokenTexts, check_choices
 from .metrics import Metrics
 
 
@@ -247,6 +247,16 @@ class Server:
                            param="model", code="model_not_found")
         return model
 
+    def adapter_root_of(self, name: str) -> str:
+        """Where an adapter came from, for its model card: its folder, or its Hub id (at its
+        revision); ``adapter_paths`` for one loaded otherwise (Ray's)."""
+        if name not in self.registry:
+            return str(self.adapter_paths.get(name, name))
+        folder, revision = self.registry[name]
+        if Path(folder).exists():
+            return str(Path(folder).resolve())
+        return f"{folder}@{revision}" if revision else str(folder)
+
     def adapter_names(self) -> list[str]:
         """The adapters requests may name: those in slots and those loaded on demand."""
         return list(dict.fromkeys([*self.engine.adapter_names(), *self.registry]))
@@ -409,23 +419,18 @@ class Server:
         except ValueError as err:
             raise APIError(400, str(err), param=param) from None
 
-    def guide(self, guided: tuple[str, list[str]], params: SamplingParams) -> ChoiceGuide:
-        """A fresh guide to ``guided``'s choices for one choice of a request (after
-        ``token_texts``)."""
+    async def choice_set(self, guided: tuple[str, list[str]], params: SamplingParams) -> ChoiceSet:
+        """``guided``'s choices made ready once per request, off the event loop (as every
+        token's text, decoded at the first guided request: both take a moment when large)."""
         param, choices = guided
         if params.min_tokens:
             raise _bad("min_tokens", "cannot be combined with a guided choice (the choice sets the length)")
-        try:
-            return ChoiceGuide(self._guide_texts, choices, params.stop_token_ids)
-        except ValueError as err:
-            raise _bad(param, str(err)) from None
-
-    async def token_texts(self) -> TokenTexts:
-        """Every token's text, for guides: decoded once, at the first guided request, off the
-        event loop (a large vocabulary takes a moment)."""
         if self._guide_texts is None:
             self._guide_texts = await asyncio.to_thread(TokenTexts, self.tokenizer, self.vocab)
-        return self._guide_texts
+        try:
+            return await asyncio.to_thread(ChoiceSet, self._guide_texts, choices, params.stop_token_ids)
+        except ValueError as err:
+            raise _bad(param, str(err)) from None
 
     def check_prompt(self, ids: list[int], param: str) -> list[int]:
         if not ids:
@@ -590,7 +595,7 @@ class Server:
     def models(self) -> JSONResponse:
         card = {"object": "model", "created": self.created, "owned_by": "bora_kernels"}
         data = [{"id": self.model_name, **card, "root": self.model_name, "parent": None}]
-        data += [{"id": name, **card, "root": str(self.adapter_paths.get(name, name)), "parent": self.model_name}
+        data += [{"id": name, **card, "root": self.adapter_root_of(name), "parent": self.model_name}
                  for name in self.adapter_names()]
         return JSONResponse({"object": "list", "data": data})
 
@@ -654,16 +659,16 @@ class Server:
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
             raise _bad("stream_options", "must be an object")
-        guided = self.guided_choices(body)
-        if guided:
-            await self.token_texts()
+        guided, choices = self.guided_choices(body), None
         jobs = []
         for i, (prompt, text) in enumerate(prompts):
             params, stops = self.sampling(body, len(prompt), None if chat else 16, chat)
+            if guided and choices is None:  # (the stop tokens it depends on are the same for every prompt)
+                choices = await self.choice_set(guided, params)
             for j in range(n):
                 seeded = params if params.seed is None else dataclasses.replace(params, seed=params.seed + j)
                 jobs.append(_Job(prompt, adapter, seeded, stops, index=i * n + j, echo=text if body.get("echo") else None,
-                                 guide=self.guide(guided, params) if guided else None))
+                                 guide=choices.guide() if choices else None))
         await self.wait_reclaimed(adapter)
         self._pending[adapter] += 1  # its slot is not given away until these are queued (then they hold it)
         try:
@@ -836,14 +841,12 @@ class Server:
         if name in self.adapter_names():
             raise _bad("lora_name", f"adapter {name!r} is already loaded; unload it first")
         try:
-            adapter = await asyncio.to_thread(read_peft_adapter, self.engine.model, name, folder)
-            await asyncio.to_thread(self.engine.install_adapter, name, adapter, self.registry, self._pending)
+            await asyncio.to_thread(self.engine.load_adapter, name, folder, None, self.registry, self._pending)
         except SlotsBusy:  # every slot's adapter is busy: it takes a slot at its first request
             pass
         except ValueError as err:
             raise APIError(400, str(err), param="lora_path") from None
         self.registry[name] = (folder, None)
-        self.adapter_paths[name] = folder
         return JSONResponse({"status": "ok", "lora_name": name})
 
     async def unload(self, http: HTTPRequest) -> JSONResponse:

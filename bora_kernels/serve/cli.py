@@ -104,6 +104,7 @@ def build_server(argv=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..bnb_io import from_pretrained_4bit, from_pretrained_nf4, is_nf4_checkpoint
+    from ..peft_io import read_peft_adapter
     from . import demo
     from .app import Limits, Server
     from .engine import DEFAULT_TARGETS, Engine
@@ -140,8 +141,6 @@ def build_server(argv=None):
     engine = Engine(model, max_adapters=args.max_adapters, max_lora_rank=args.max_lora_rank, max_batch=args.max_batch,
                     max_queue=args.max_queue, schedule=args.schedule, quantize=args.quantize,
                     prefix_cache_tokens=args.prefix_cache_tokens)
-    from ..peft_io import read_peft_adapter
-
     for i, (adapter, folder) in enumerate(folders.items()):  # each is checked; the first fill the slots
         try:
             read = read_peft_adapter(engine.model, adapter, folder, revisions.get(adapter))
@@ -153,8 +152,6 @@ def build_server(argv=None):
                     max_choices=args.max_choices, max_body_bytes=args.max_body_bytes,
                     request_timeout=args.request_timeout)
     server = Server(engine, tokenizer, name, adapter_root=root, limits=limits,
-                    adapter_paths={a: f.resolve() if f.exists() else f"{f}@{revisions[a]}" if a in revisions else f
-                                   for a, f in folders.items()},
                     registry={a: (f, revisions.get(a)) for a, f in folders.items()})
     return server, args
 

@@ -394,20 +394,14 @@ class Engine:
                     idle = [n for n in candidates if self._in_use[self.adapters[n]] == 0 and n not in held]
                     if not idle:
                         raise SlotsBusy(f"all {self.num_slots} adapter slots hold adapters with requests in flight")
-                    victim = min(idle, key=lambda n: self._used.get(n, 0.0))
+                    victim = self._oldest(idle)
                     free = [self.adapters.pop(victim)]  # (under the lock: no request can name it now)
                     self._used.pop(victim, None)
                 if not free:
                     raise ValueError(f"all {self.num_slots} adapter slots are in use; unload one first")
-            try:
-                set_peft_adapter(self.model, free[0], adapter, name)
-            except BaseException:  # (read_peft_adapter checked it: not expected) the slot is left empty
-                for layer in self.layers.values():
-                    layer.set_adapter(free[0], None, None)
-                raise
-            finally:
-                if self.prefix_cache is not None:
-                    self.prefix_cache.drop(free[0])
+            set_peft_adapter(self.model, free[0], adapter, name)
+            if self.prefix_cache is not None:
+                self.prefix_cache.drop(free[0])
             with self._lock:
                 self.adapters[name] = free[0]
                 self._used[name] = time.monotonic()
@@ -416,11 +410,14 @@ class Engine:
 
         self._call(write)
 
+    def _oldest(self, names: list[str]) -> str | None:
+        """Of ``names``, the adapter a request named longest ago (eviction order)."""
+        return min(names, key=lambda n: self._used.get(n, 0.0), default=None)
+
     def least_recently_used(self, names) -> str | None:
         """Of the loaded adapters in ``names``, the one a request named longest ago (None: none)."""
         with self._lock:
-            loaded = [n for n in self.adapters if n in names and n not in self._draining]
-            return min(loaded, key=lambda n: self._used.get(n, 0.0), default=None)
+            return self._oldest([n for n in self.adapters if n in names and n not in self._draining])
 
     def unload_adapter(self, name: str, timeout: float | None = None) -> None:
         """Refuse new requests for ``name``, wait for those in flight to finish, free its slot."""
@@ -691,9 +688,8 @@ class Engine:
         # (row, token) to rule out: min_tokens' stop tokens
         held = [(i, t) for i, s in enumerate(seqs) if s.generated < s.request.params.min_tokens
                 for t in s.request.params.stop_token_ids if t < logits.shape[-1]]
-        # (row, token) that a guide allows; its row's other tokens are ruled out
-        guided = [(i, t) for i, s in enumerate(seqs) if s.request.guide is not None
-                  for t in s.request.guide.allowed() if t < logits.shape[-1]]
+        # (row, the tokens its guide allows); the row's other tokens are ruled out
+        guided = [(i, s.request.guide.allowed()) for i, s in enumerate(seqs) if s.request.guide is not None]
         if rows or bias or held or guided:
             logits = logits.float().clone()
         if rows:
@@ -706,11 +702,11 @@ class Engine:
         if held:
             logits[tuple(torch.tensor(column, device=logits.device) for column in zip(*held))] = -math.inf
         if guided:
-            where = sorted({i for i, _ in guided})
-            keep = torch.zeros(len(where), logits.shape[-1], dtype=torch.bool, device=logits.device)
-            row = {i: r for r, i in enumerate(where)}
-            keep[torch.tensor([row[i] for i, _ in guided], device=logits.device),
-                 torch.tensor([t for _, t in guided], device=logits.device)] = True
+            vocab = logits.shape[-1]
+            keep = torch.zeros(len(guided), vocab, dtype=torch.bool, device=logits.device)
+            pairs = [(r, t) for r, (_, allowed) in enumerate(guided) for t in allowed if t < vocab]
+            keep[tuple(torch.tensor(column, device=logits.device) for column in zip(*pairs))] = True
+            where = [i for i, _ in guided]
             logits[where] = logits[where].masked_fill(~keep, -math.inf)
         tokens = self._draw(seqs, logits)
         if rows:  # each row's token counted in its output, one launch; the rows keep views of ``counts``

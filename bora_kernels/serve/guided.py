@@ -58,20 +58,25 @@ def check_choices(choices, param: str) -> list[str]:
     return list(dict.fromkeys(choices))
 
 
-class ChoiceGuide:
-    """One request's guide to one of ``choices`` (see the module's docstring). ``stop_ids``: the
+class ChoiceSet:
+    """A request's ``choices``, ready to guide its outputs (see the module's docstring): which
+    ends of each choice its tokens can reach, and the tokens allowed after each text, found once
+    and shared by the request's outputs (``guide()`` gives each its own). ``stop_ids``: the
     request's stop tokens, never used inside a choice. Raises ``ValueError`` when a choice cannot
     be written with the tokenizer's tokens."""
 
     def __init__(self, texts: TokenTexts, choices: list[str], stop_ids=()):
         self.texts, self.choices, self.stops = texts, set(choices), sorted(set(stop_ids))
-        self.text = ""
         self._allowed: dict[str, list[int]] = {}
         # ends[c][i]: c[i:] can be written with tokens (so a token may end at i)
         self.ends = {c: self._writable(c) for c in choices}
         for c in choices:
             if not self.ends[c][0]:
                 raise ValueError(f"the choice {c!r} cannot be written with this tokenizer's tokens")
+
+    def guide(self) -> ChoiceGuide:
+        """A guide for one output, at its start."""
+        return ChoiceGuide(self)
 
     def _pieces(self, text: str) -> list[int]:
         return [t for t in self.texts.ids.get(text, ()) if t not in self.stops]
@@ -83,25 +88,36 @@ class ChoiceGuide:
                           for j in range(i + 1, min(len(choice), i + self.texts.longest) + 1))
         return ends
 
-    def _longer(self) -> list[str]:
-        """The choices the text so far can still grow into (longer than it)."""
-        i = len(self.text)
-        return [c for c in self.choices if len(c) > i and c.startswith(self.text) and self.ends[c][i]]
+    def longer(self, text: str) -> list[str]:
+        """The choices ``text`` can still grow into (longer than it)."""
+        i = len(text)
+        return [c for c in self.choices if len(c) > i and c.startswith(text) and self.ends[c][i]]
 
-    def allowed(self) -> list[int]:
-        """The tokens that may come next."""
-        if self.text not in self._allowed:
-            i, ids = len(self.text), set()
-            for c in self._longer():
+    def allowed(self, text: str) -> list[int]:
+        """The tokens that may follow ``text``."""
+        if text not in self._allowed:
+            i, ids = len(text), set()
+            for c in self.longer(text):
                 for j in range(i + 1, min(len(c), i + self.texts.longest) + 1):
                     if self.ends[c][j]:
                         ids.update(self._pieces(c[i:j]))
-            if self.text in self.choices:
+            if text in self.choices:
                 ids.update(self.stops)
-            self._allowed[self.text] = sorted(ids)
-        return self._allowed[self.text]
+            self._allowed[text] = sorted(ids)
+        return self._allowed[text]
+
+
+class ChoiceGuide:
+    """One output's guide to one of a ``ChoiceSet``'s choices: the text so far."""
+
+    def __init__(self, choices: ChoiceSet):
+        self.choices, self.text = choices, ""
+
+    def allowed(self) -> list[int]:
+        """The tokens that may come next."""
+        return self.choices.allowed(self.text)
 
     def advance(self, token: int) -> bool:
         """Take the chosen ``token``; True once the text is a choice that nothing extends."""
-        self.text += self.texts.text[token]
-        return self.text in self.choices and not self._longer()
+        self.text += self.choices.texts.text[token]
+        return self.text in self.choices.choices and not self.choices.longer(self.text)
