@@ -9,15 +9,37 @@
 # takes minutes at 64 adapters). Carried wheels in .whl/ (bitsandbytes, ivon-opt, the serving
 # stack) are installed into .site/ first. QUICK=1 runs every suite's --quick grid (a lent GPU's
 # 15 device-minutes do not hold the full grids): QUICK=1 bash benchmarks/gpu_check.sh DIR ext tests nf4
+# BUDGET_S=N ends the whole run within N seconds: each command gets what is left (less 20 s for
+# writing results) and is skipped when under 15 s are left, so that a lease's time limit never
+# kills the run and its files (benchmarks/gpu_lease.sh uses it). PYTHON picks the interpreter
+# (default python3: a lent machine's python3 is the one with torch); PYTEST_WORKERS=N runs the GPU
+# tests in N processes (pytest-xdist).
 set -uo pipefail
 results=${1:-benchmarks/results}
 shift || true
 steps=" ${*:-ceilings ext tests sanitizer profile ivon nf4 context lora model graphs serve tiles table} "
 want() { [[ "$steps" == *" $1 "* ]]; }
 mkdir -p "$results"
+py=${PYTHON:-python3}
+budget=${BUDGET_S:-0}
+python() { "$py" "$@"; }
+# limited SECONDS CMD...: CMD under the lesser of SECONDS and what BUDGET_S leaves (none without
+# BUDGET_S); a skipped or timed-out command fails the run
+limited() {
+  local secs=$1; shift
+  [[ $1 == python ]] && set -- "$py" "${@:2}"  # timeout runs programs, not shell functions
+  if (( budget <= 0 )); then "$@"; return; fi
+  local left=$(( budget - SECONDS - 20 ))
+  if (( left < 15 )); then echo "skipped, ${left} s of BUDGET_S left: $*"; return 1; fi
+  (( secs > left )) && secs=$left
+  timeout -k 5 "$secs" "$@"
+  local rc=$?
+  (( rc == 124 || rc == 137 )) && echo "stopped after ${secs} s (BUDGET_S): $*"
+  return $rc
+}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if compgen -G ".whl/*.whl" >/dev/null; then
-  pip install -q --no-index --no-deps --target .site .whl/*.whl && export PYTHONPATH="$PWD/.site:$PYTHONPATH"
+  python -m pip install -q --no-index --no-deps --target .site .whl/*.whl && export PYTHONPATH="$PWD/.site:$PYTHONPATH"
 fi
 stamp=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")-$(date -u +%Y-%m-%d)
 status=0
@@ -25,13 +47,13 @@ step() { echo; echo "=== $* ==="; }
 
 if want ceilings; then
   step "ceilings"
-  python benchmarks/ceilings.py | tee "$results/$stamp-ceilings.json"
+  limited 60 python benchmarks/ceilings.py | tee "$results/$stamp-ceilings.json"
 fi
 copy=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['copy_GBps'])" "$results/$stamp-ceilings.json" 2>/dev/null || echo 3000)
 
 if want ext; then
   step "CUDA extension (csrc/): built at install, or JIT-built now"
-  python - <<'PY' || status=1
+  limited 240 python - <<'PY' || status=1
 import logging, time
 logging.basicConfig(level=logging.INFO)
 from bora_kernels._cuda_ext import extension
@@ -44,14 +66,18 @@ fi
 
 if want tests; then
   step "GPU tests (pytest -m gpu)"
-  python -m pytest -q -m gpu tests -p no:cacheprovider || status=1
+  workers=()
+  if [[ -n ${PYTEST_WORKERS:-} ]]; then
+    if python -c "import xdist" 2>/dev/null; then workers=(-n "$PYTEST_WORKERS"); else echo "pytest-xdist missing: one process"; fi
+  fi
+  limited 900 python -m pytest -q -m gpu tests -p no:cacheprovider "${workers[@]}" || status=1
 fi
 
 if want sanitizer && ! command -v compute-sanitizer >/dev/null; then
   echo "compute-sanitizer not found; skipped"
 elif want sanitizer; then
   step "compute-sanitizer (memcheck) on one small run of each kernel"
-  compute-sanitizer --tool memcheck --error-exitcode 9 python - <<'PY' || status=1
+  limited 300 compute-sanitizer --tool memcheck --error-exitcode 9 "$py" - <<'PY' || status=1
 import torch
 from bora_kernels.ops import lora_delta
 x = torch.randn(3, 70, 96, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -90,26 +116,26 @@ PY
 fi
 
 if want profile; then
-  step "lora_delta: host against device time per call (benchmarks/profile_lora.py)"
-  python benchmarks/profile_lora.py --tokens 16 64 4096 || status=1
-  python benchmarks/profile_lora.py --tokens 64 --adapters 1 || status=1  # decode at one adapter (NOTES: D=1)
-  python benchmarks/profile_nf4.py --rows 1 2 4 5 8 9 12 16 || status=1  # NF4 GEMV kernels by M: do_bench, device time
+  step "host against device time per call: the NF4 GEMV kernels by M, lora_delta (benchmarks/profile_*.py)"
+  limited 120 python benchmarks/profile_nf4.py --rows 1 2 4 5 8 9 12 16 || status=1  # NF4 GEMV kernels by M: do_bench, device time
+  limited 120 python benchmarks/profile_lora.py --tokens 16 64 4096 || status=1
+  limited 60 python benchmarks/profile_lora.py --tokens 64 --adapters 1 || status=1  # decode at one adapter (NOTES: D=1)
 fi
 
 for suite in ivon nf4 context lora model; do
   want $suite || continue
   step "benchmarks: bora-bench $suite"
   quick=""; [[ $suite == model || ${QUICK:-0} == 1 ]] && quick="--quick"
-  python -m bora_kernels.bench $suite --device cuda $quick --json "$results/$stamp-$suite.json" || status=1
+  limited 900 python -m bora_kernels.bench $suite --device cuda $quick --json "$results/$stamp-$suite.json" || status=1
 done
 
 if want graphs; then
   step "device time alone: the op suites replayed from CUDA graphs (bora-bench --graph, quick grids)"
   for suite in context lora nf4; do
-    python -m bora_kernels.bench $suite --device cuda --quick --graph --json "$results/$stamp-$suite-graph.json" || status=1
+    limited 120 python -m bora_kernels.bench $suite --device cuda --quick --graph --json "$results/$stamp-$suite-graph.json" || status=1
   done
   # IVON at the sizes where the eager step is host-bound (1M, 16M)
-  python -m bora_kernels.bench ivon --device cuda --quick --graph --params 1048576 16777216 \
+  limited 120 python -m bora_kernels.bench ivon --device cuda --quick --graph --params 1048576 16777216 \
     --json "$results/$stamp-ivon-graph.json" || status=1
 fi
 
@@ -117,24 +143,24 @@ if want serve; then
   step "serving load test (bora-bench serve; needs fastapi, uvicorn, httpx)"
   if python -c "import fastapi, uvicorn, httpx" 2>/dev/null; then
     quick=""; [[ ${QUICK:-0} == 1 ]] && quick="--quick"
-    python -m bora_kernels.bench serve --device cuda $quick --json "$results/$stamp-serve.json" || status=1
+    limited 600 python -m bora_kernels.bench serve --device cuda $quick --json "$results/$stamp-serve.json" || status=1
     # the same over an NF4 base: decode steps through the CUDA GEMV (M <= 16) and dequantize + cuBLAS
-    python -m bora_kernels.bench serve --device cuda $quick --quantize nf4 \
+    limited 600 python -m bora_kernels.bench serve --device cuda $quick --quantize nf4 \
       --json "$results/$stamp-serve-nf4.json" || status=1
   else
     echo "fastapi/uvicorn/httpx missing (carry their wheels in .whl/); skipped"
   fi
   # the engine's prefix cache, off against on: a shared system prompt, lm-eval's multiple choice
-  python benchmarks/prefix_cache.py --device cuda --json "$results/$stamp-prefix-cache.json" || status=1
+  limited 300 python benchmarks/prefix_cache.py --device cuda --json "$results/$stamp-prefix-cache.json" || status=1
 fi
 
 if want tiles; then
   step "lora_delta tile sweep"
-  python benchmarks/tune_lora.py --copy-GBps "$copy" --json "$results/$stamp-lora-tiles.json" || status=1
+  limited 900 python benchmarks/tune_lora.py --copy-GBps "$copy" --json "$results/$stamp-lora-tiles.json" || status=1
 fi
 
 if want table; then
   step "table"
-  python -m bora_kernels.bench table --results "$results"
+  limited 60 python -m bora_kernels.bench table --results "$results"
 fi
 exit $status

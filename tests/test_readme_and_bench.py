@@ -6,6 +6,8 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -215,6 +217,32 @@ def test_prefix_cache_script(tmp_path):
     bad = subprocess.run([sys.executable, script, "--rounds", "0"], capture_output=True, text=True, timeout=600,
                          env=env, check=False)
     assert bad.returncode == 2 and "--rounds" in bad.stderr
+
+
+def test_gpu_lease_ends_inside_its_budget(tmp_path):
+    """``benchmarks/gpu_lease.sh`` must end before a lent GPU's call limit kills it (which returns
+    none of its files): a step that runs too long is stopped at what ``BUDGET_S`` leaves, the steps
+    after it are skipped, and the results come back packed. Run with a stand-in interpreter that
+    answers as a CUDA machine would and hangs in ``ceilings.py``."""
+    stub = tmp_path / "python"
+    stub.write_text("#!/bin/sh\n"
+                    'case "$*" in *get_device_name*) echo Stub-GPU;; *ceilings.py*) sleep 300;; '
+                    '*pytest*) echo "1 passed in 0.01s";; esac\n')
+    stub.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(stub), "OUT": str(tmp_path / "out"), "TMPDIR": str(tmp_path),
+           "BUDGET_S": "70", "STEPS": "ceilings ext"}
+    start = time.monotonic()
+    result = subprocess.run(["bash", "benchmarks/gpu_lease.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=200, check=False)
+    elapsed = time.monotonic() - start
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert elapsed < 70, elapsed
+    # suites' share 42 s: ceilings gets 42 - 20 (kept for writing) = 22 s; ext is skipped
+    assert re.search(r"stopped after 2[0-2] s \(BUDGET_S\): \S+ benchmarks/ceilings.py", result.stdout), result.stdout
+    assert "skipped," in result.stdout and "1 passed" in result.stdout and "gpu_check (tests) rc=0" in result.stdout
+    with tarfile.open(tmp_path / "out" / "results.tgz") as packed:
+        log = packed.extractfile("gpu-lease-results/gpu_check.log").read().decode()
+    assert "gpu_check (tests) rc=0" in log
 
 
 @pytest.mark.parametrize("quantize, slots", [(None, None), ("nf4", 2)])
