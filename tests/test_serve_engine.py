@@ -555,9 +555,10 @@ def test_guided_requests_choose_only_allowed_tokens(adapters, reference):
     """In one batch with an unguided request: a guided greedy request gives ``generate``'s tokens
     under the same allowed sets (``prefix_allowed_tokens_fn``) and ends with ``"stop"`` when its
     guide says it is complete; a guided sampled one draws only allowed tokens; a stop token the
-    guide allows ends the output without reaching the guide; the unguided one is unchanged."""
+    guide allows ends the output without reaching the guide; one whose guide allows nothing ends
+    there as cut short (``"length"``); the unguided one is unchanged."""
     names = adapters[1]
-    engine = start(served(adapters, max_batch=4))
+    engine = start(served(adapters, max_batch=5))
     steps = [[5, 9, 30], [2, 3], [40, 41, 42, 43], [7], [11, 12, 13]]
     prompt = [4, 8, 15, 16]
     jobs = {}
@@ -565,7 +566,9 @@ def test_guided_requests_choose_only_allowed_tokens(adapters, reference):
                                         ("free", names[1], None, {"temperature": 0}),
                                         ("sampled", names[2], StepGuide(steps), {"temperature": 1.5, "seed": 3}),
                                         ("stopped", names[3], StepGuide([[6, 7], [63], [1]]),
-                                         {"temperature": 0, "stop_token_ids": (63,)})):
+                                         {"temperature": 0, "stop_token_ids": (63,)}),
+                                        ("stuck", names[0], StepGuide([[6, 7], torch.tensor([], dtype=torch.long)]),
+                                         {"temperature": 0})):
         jobs[key] = (guide, collect(engine, prompt, adapter, SamplingParams(max_tokens=8, **params), guide)[1])
     for _, out in jobs.values():
         assert out["done"].wait(60)
@@ -580,6 +583,9 @@ def test_guided_requests_choose_only_allowed_tokens(adapters, reference):
     assert len(out["tokens"]) == len(steps) and guide.taken == out["tokens"]
     guide, out = jobs["stopped"]
     assert out["finish"] == "stop" and len(out["tokens"]) == 1 and guide.taken == out["tokens"]
+    guide, out = jobs["stuck"]
+    first = offline(reference, prompt, names[0], 1, prefix_allowed_tokens_fn=lambda batch, ids: [6, 7])
+    assert out["finish"] == "length" and out["tokens"] == guide.taken == first
     engine.shutdown(30)
 
 

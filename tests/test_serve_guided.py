@@ -1,6 +1,7 @@
-"""Guided choices (``bora_kernels/serve/guided.py``) on their own: each token's text after other
-text, and a guide that allows exactly the tokens that can still end in one of the choices,
-checked against every token sequence that writes a choice. (``test_serve_engine.py`` checks the
+"""Guided output (``bora_kernels/serve/guided.py``) on its own: each token's text after other
+text; a guide that allows exactly the tokens that can still end in one of the choices, checked
+against every token sequence that writes a choice; and one that allows exactly the tokens that
+can still end in a match of a pattern, checked with Python's ``re``. (``test_serve_engine.py`` checks the
 engine's masking, ``test_serve_http.py`` the API's ``guided_choice``.)"""
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ import pytest
 pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from bora_kernels.serve.guided import ChoiceSet, TokenTexts, check_choices  # noqa: E402
+import itertools  # noqa: E402
+import re  # noqa: E402
+
+from bora_kernels.serve.guided import ChoiceSet, RegexSet, TokenTexts, check_choices  # noqa: E402
 
 # a SentencePiece-like vocabulary ("▁" is a space folded into the token): "abc" can be written
 # "ab" + "c" but "a" leads nowhere (no "b" or "bc"); " yes" as one token or as "▁" "y" "es"
@@ -80,3 +84,53 @@ def test_choices_that_cannot_be_written_are_refused(texts):
         with pytest.raises(ValueError, match="choices: must be a list of 1 to 256 non-empty strings"):
             check_choices(bad, "choices")
     assert check_choices(["b", "a", "b"], "choices") == ["b", "a"]
+
+
+@pytest.mark.parametrize("regex", [r" ?(yes|no)", r"(ab)+c?", r"[a-c]{2,3}x?", r"may(be)?", r"[^a]*"])
+def test_regex_guide_allows_exactly_the_tokens_that_can_end_in_a_match(texts, regex):
+    """Along every output of up to 3 tokens that the guide allows: it allows a token exactly when
+    the text with it is a match for ``re.fullmatch``, or becomes one with some characters after
+    it (up to 3 of the vocabulary's, enough for these patterns), and the stop token exactly where
+    the text is a match; it says the output is complete exactly where the text is a match that
+    no longer text matches."""
+    pieces = [t for t, text in enumerate(texts.text) if text and "\ufffd" not in text and t != STOP]
+    alphabet = sorted(set("".join(texts.text[t] for t in pieces)))
+    growths = ["".join(more) for n in (1, 2, 3) for more in itertools.product(alphabet, repeat=n)]
+    python = re.compile(regex)
+
+    def grows(text: str) -> bool:
+        return any(python.fullmatch(text + more) for more in growths)
+
+    regexes = RegexSet(texts, regex, [STOP])
+    todo = [()]
+    while todo:
+        prefix = todo.pop()
+        guide = regexes.guide()
+        complete = [guide.advance(t) for t in prefix]
+        text = "".join(texts.text[t] for t in prefix)
+        matched = bool(python.fullmatch(text))
+        want = {t for t in pieces if python.fullmatch(text + texts.text[t]) or grows(text + texts.text[t])}
+        allowed = guide.allowed().tolist()
+        assert sorted(allowed) == sorted(want | ({STOP} if matched else set())), (regex, text)
+        if prefix:
+            assert complete[-1] == (matched and not grows(text)), (regex, text)
+        if len(prefix) < 3:
+            todo.extend(prefix + (t,) for t in want)
+
+
+def test_patterns_no_token_can_write_are_refused_or_cut_short(texts):
+    """A pattern whose matches no token begins is refused; one that needs a character no token
+    writes alone leaves a guide with nothing to allow there (the engine ends such an output as
+    ``"length"``); a stop token is never written inside a match."""
+    for regex in ("zz", r"[^\s\S]"):
+        with pytest.raises(ValueError, match="can be written with this tokenizer's tokens"):
+            RegexSet(texts, regex, [STOP])
+    guide = RegexSet(texts, "xq", [STOP]).guide()
+    assert guide.allowed().tolist() == [PIECES.index("x")]
+    assert not guide.advance(PIECES.index("x")) and guide.allowed().tolist() == []
+    c = PIECES.index("c")
+    # "a" may start "abc" though "bc" has no tokens (a text is followed character by character)
+    want = [PIECES.index("a"), PIECES.index("ab"), PIECES.index("abc")]
+    assert RegexSet(texts, "abc", [STOP, c]).guide().allowed().tolist() == want
+    with pytest.raises(ValueError, match="missing"):
+        RegexSet(texts, "(ab", [STOP])

@@ -14,6 +14,7 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -330,10 +331,60 @@ def test_guided_choice(served, reference, tokenizer):
                                   ({"guided_choice": ["ok", "\u20ac"]}, "guided_choice", "cannot be written"),
                                   ({"structured_outputs": {"json": {}}}, "structured_outputs", "not supported"),
                                   ({"guided_choice": ["a"], "structured_outputs": {"choice": ["a"]}},
-                                   "structured_outputs", "not both"),
+                                   "structured_outputs", "not several"),
                                   ({"guided_choice": ["ok"], "min_tokens": 1}, "min_tokens", "guided choice"),
                                   ({"guided_json": {}}, "guided_json", "not supported"),
                                   ({"response_format": {"type": "json_object"}}, "response_format", "not supported")):
+        r = post(url, "/v1/completions", {"model": "skip3", "prompt": "abc", **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        assert message in r.json()["error"]["message"], r.text
+
+
+def test_guided_regex(served, reference, tokenizer):
+    """``guided_regex`` (or ``structured_outputs: {"regex": ...}``): the text is a whole match of
+    the pattern. Greedy, it is what ``generate`` writes when each step allows the guide's tokens,
+    ending with ``"stop"`` where no longer text matches and at the model's end-of-text where one
+    could; sampled (``n`` outputs), streamed, or in chat, always a match. A pattern it cannot
+    read, or cannot write, and ``min_tokens`` get 400 naming the field."""
+    from bora_kernels.serve.guided import RegexSet, TokenTexts
+
+    url, server = served
+    texts = TokenTexts(tokenizer, server.vocab)
+    for regex, limit in ((r"(yes|no), [a-c]{2}\.", 12), (r"[a-e]{2,4}( [a-e]{2})?", 12), (r"\d{1,3}", 6)):
+        python, answers = re.compile(regex), set()
+        for adapter, prompt in (("skip1", "abc"), ("skip2", "mmm"), ("skip4", "yes or no? "), (BASE, "ab")):
+            ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+
+            def allowed(batch, sofar, start=ids.shape[1]):  # a fresh guide walked along the output so far
+                guide = RegexSet(texts, regex, server.eos).guide()
+                for token in sofar[start:].tolist():
+                    guide.advance(token)
+                return guide.allowed().tolist()
+
+            with bk.use_adapters(reference, [None if adapter == BASE else adapter]), use_backend("torch"):
+                out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=limit,
+                                         do_sample=False, prefix_allowed_tokens_fn=allowed)
+            want = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            text, finish, _ = complete(url, adapter, prompt, limit, guided_regex=regex)
+            assert text == want and python.fullmatch(text) and finish == "stop", (regex, adapter, text, want)
+            streamed = complete(url, adapter, prompt, limit, stream=True, structured_outputs={"regex": regex})
+            assert streamed[:2] == (text, "stop")
+            answers.add(text)
+        assert len(answers) > 1, (regex, answers)  # the adapters write different matches
+        r = post(url, "/v1/completions", {"model": "skip3", "prompt": "abc", "n": 6, "temperature": 1.5, "seed": 5,
+                                          "max_tokens": limit, "guided_regex": regex})
+        assert r.status_code == 200 and all(python.fullmatch(c["text"]) and c["finish_reason"] == "stop"
+                                            for c in r.json()["choices"]), r.text
+    text, finish, _ = complete(url, "skip3", "pick", 10, chat=True, guided_regex="(left|right)!")
+    assert text in ("left!", "right!") and finish == "stop"
+    for extra, param, message in (({"guided_regex": "(ab"}, "guided_regex", "missing ')'"),
+                                  ({"guided_regex": 3}, "guided_regex", "non-empty string"),
+                                  ({"guided_regex": "\u20ac+"}, "guided_regex", "can be written"),
+                                  ({"structured_outputs": {"regex": "a(?=b)"}}, "structured_outputs", "look-arounds"),
+                                  ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs",
+                                   "not supported"),
+                                  ({"guided_regex": "a+", "guided_choice": ["a"]}, "guided_regex", "not several"),
+                                  ({"guided_regex": "a+", "min_tokens": 2}, "min_tokens", "guided regex")):
         r = post(url, "/v1/completions", {"model": "skip3", "prompt": "abc", **extra})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
         assert message in r.json()["error"]["message"], r.text
@@ -886,7 +937,7 @@ def test_the_generation_config_gives_stop_tokens_and_sampling_defaults(served, t
                         ({"min_tokens": 2000}, "min_tokens"), ({"use_beam_search": True}, "use_beam_search"),
                         ({"response_format": {"type": "json_object"}}, "response_format"),
                         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-                        ({"guided_regex": "a|b"}, "guided_regex")):
+                        ({"guided_grammar": "root ::= \"a\""}, "guided_grammar")):
         with pytest.raises(APIError, match=f"^{param}"):
             server.sampling(body, 3, None)
 

@@ -27,13 +27,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ..peft_io import read_peft_adapter
 from .engine import (Engine, InvalidParams, QueueFull, Request, SamplingParams, SlotsBusy, TokenLogprobs,
                      UnknownAdapter, _is_int, _is_number)
-from .guided import ChoiceGuide, ChoiceSet, TokenTexts, check_choices
+from .guided import ChoiceGuide, ChoiceSet, RegexGuide, RegexSet, TokenTexts, check_choices
 from .metrics import Metrics
 
 
 logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.1  # how often a waiting request checks for its timeout and its client
+MAX_PATTERNS = 32  # guided patterns kept ready for later requests (each with its automaton and allowed tokens)
 
 
 @dataclasses.dataclass
@@ -138,7 +139,7 @@ class _Job:
     index: int = 0
     echo: str | None = None
     queue: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
-    guide: ChoiceGuide | None = None
+    guide: ChoiceGuide | RegexGuide | None = None
     request: Request | None = None
     tokens: int = 0
     finish: str | None = None
@@ -207,7 +208,8 @@ class Server:
         self.eos, self.defaults = stop_tokens(tokenizer, engine.model), sampling_defaults(engine.model)
         self.created = int(time.time())
         self._token_texts: dict[int, str] = {}  # each token's own text, for log-probabilities
-        self._guide_texts: TokenTexts | None = None  # every token's text after others, for guided choices
+        self._guide_texts: TokenTexts | None = None  # every token's text after others, for guided output
+        self._patterns: collections.OrderedDict = collections.OrderedDict()  # recent RegexSets, by (pattern, stops)
         self.registry: dict[str, tuple] = dict(registry or {})
         self._loading: dict[str, asyncio.Lock] = {}  # one load at a time per adapter
         self._pending = collections.Counter()  # adapter -> requests between their load and their submit (> 0)
@@ -347,7 +349,7 @@ class Server:
                               # constrained output: a client asking for it must not get free text
                               ("tools", (None, [])), ("functions", (None, [])),
                               ("response_format", (None, {"type": "text"})), ("guided_json", (None,)),
-                              ("guided_regex", (None,)), ("guided_grammar", (None,))):
+                              ("guided_grammar", (None,))):
             if name in body and body[name] not in allowed:
                 raise _bad(name, f"{json.dumps(body[name])} is not supported by this server")
         room = self.limits.max_tokens
@@ -398,37 +400,49 @@ class Server:
         return params, stops
 
     @staticmethod
-    def guided_choices(body: dict) -> tuple[str, list[str]] | None:
-        """The strings a request's output must be one of, and the field that gave them: vLLM's
-        ``guided_choice``, or ``structured_outputs: {"choice": [...]}`` (None: free text). Other
-        kinds of structured output are refused, never ignored."""
-        given = [name for name in ("guided_choice", "structured_outputs") if body.get(name) is not None]
+    def guided_output(body: dict) -> tuple[str, str, list[str] | str] | None:
+        """What a request's output must be, and the field that said so: ``(param, "choice",
+        strings)`` from vLLM's ``guided_choice`` or ``structured_outputs: {"choice": [...]}``,
+        ``(param, "regex", pattern)`` from ``guided_regex`` or ``structured_outputs: {"regex":
+        ...}``; None: free text. Other kinds of structured output are refused, never ignored."""
+        given = [name for name in ("guided_choice", "guided_regex", "structured_outputs") if body.get(name) is not None]
         if not given:
             return None
         if len(given) > 1:
-            raise _bad("structured_outputs", "give either guided_choice or structured_outputs, not both")
+            raise _bad(given[1], f"give one of {', '.join(given)}, not several")
         param = given[0]
-        choices = body[param]
+        kind, value = {"guided_choice": "choice", "guided_regex": "regex"}.get(param), body[param]
         if param == "structured_outputs":
-            if not (isinstance(choices, dict) and set(choices) == {"choice"}):
-                raise _bad(param, f"{json.dumps(choices)} is not supported by this server "
-                                  "(only {\"choice\": [strings]})")
-            choices = choices["choice"]
+            if not (isinstance(value, dict) and len(value) == 1 and set(value) <= {"choice", "regex"}):
+                raise _bad(param, f"{json.dumps(value)} is not supported by this server "
+                                  "(only {\"choice\": [strings]} or {\"regex\": pattern})")
+            (kind, value), = value.items()
+        if kind == "regex":
+            return param, kind, value
         try:
-            return param, check_choices(choices, param)
+            return param, kind, check_choices(value, param)
         except ValueError as err:
             raise APIError(400, str(err), param=param) from None
 
-    async def choice_set(self, guided: tuple[str, list[str]], params: SamplingParams) -> ChoiceSet:
-        """``guided``'s choices made ready once per request, off the event loop (as every
-        token's text, decoded at the first guided request: both take a moment when large)."""
-        param, choices = guided
+    async def guide_set(self, guided: tuple[str, str, list[str] | str], params: SamplingParams) -> ChoiceSet | RegexSet:
+        """``guided``'s choices or pattern made ready once per request, off the event loop (as
+        every token's text, decoded at the first guided request: both take a moment when large).
+        A pattern's set is kept for later requests with it (the last ``MAX_PATTERNS``)."""
+        param, kind, value = guided
         if params.min_tokens:
-            raise _bad("min_tokens", "cannot be combined with a guided choice (the choice sets the length)")
+            raise _bad("min_tokens", f"cannot be combined with a guided {kind} (it sets where the output ends)")
         if self._guide_texts is None:
             self._guide_texts = await asyncio.to_thread(TokenTexts, self.tokenizer, self.vocab)
         try:
-            return await asyncio.to_thread(ChoiceSet, self._guide_texts, choices, params.stop_token_ids)
+            if kind == "choice":
+                return await asyncio.to_thread(ChoiceSet, self._guide_texts, value, params.stop_token_ids)
+            key = (value, params.stop_token_ids)
+            if key not in self._patterns:
+                self._patterns[key] = await asyncio.to_thread(RegexSet, self._guide_texts, value, params.stop_token_ids)
+                while len(self._patterns) > MAX_PATTERNS:
+                    self._patterns.popitem(last=False)
+            self._patterns.move_to_end(key)
+            return self._patterns[key]
         except ValueError as err:
             raise _bad(param, str(err)) from None
 
@@ -659,12 +673,12 @@ class Server:
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
             raise _bad("stream_options", "must be an object")
-        guided, choices = self.guided_choices(body), None
+        guided, choices = self.guided_output(body), None
         jobs = []
         for i, (prompt, text) in enumerate(prompts):
             params, stops = self.sampling(body, len(prompt), None if chat else 16, chat)
             if guided and choices is None:  # (the stop tokens it depends on are the same for every prompt)
-                choices = await self.choice_set(guided, params)
+                choices = await self.guide_set(guided, params)
             for j in range(n):
                 seeded = params if params.seed is None else dataclasses.replace(params, seed=params.seed + j)
                 jobs.append(_Job(prompt, adapter, seeded, stops, index=i * n + j, echo=text if body.get("echo") else None,

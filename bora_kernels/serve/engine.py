@@ -241,10 +241,12 @@ class Request:
     ``logprobs`` before handing the token out; with ``params.prompt_logprobs``, it sets
     ``prompt_logprobs`` (None for the first token, which has no context) before the first call.
 
-    ``guide`` (``serve.guided.ChoiceGuide``, or any object with its two methods) restricts the
-    output: before each token the engine rules out every token but ``guide.allowed()`` (a
-    non-empty list of ids), after penalties and biases; it hands each chosen token that is not a
-    stop token to ``guide.advance(token)``, and a true answer ends the output (``"stop"``)."""
+    ``guide`` (``serve.guided.ChoiceGuide`` or ``RegexGuide``, or any object with their two
+    methods) restricts the output: before each token the engine rules out every token but
+    ``guide.allowed()`` (a list or int64 tensor of ids), after penalties and biases; it hands each
+    chosen token that is not a stop token to ``guide.advance(token)``, and a true answer ends the
+    output (``"stop"``). An empty ``allowed()`` (the guide cannot go on) ends it as cut short
+    (``"length"``)."""
     prompt: list[int]
     adapter: str | None
     params: SamplingParams
@@ -657,13 +659,22 @@ class Engine:
 
     def _emit(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
         """Choose each sequence's next token, hand it out, and retire finished sequences."""
-        chosen = self._choose(seqs, logits)
+        # (row, the tokens its guide allows); an output whose guide allows none ends here
+        guided = [(i, torch.as_tensor(s.request.guide.allowed(), dtype=torch.long))
+                  for i, s in enumerate(seqs) if s.request.guide is not None]
+        stuck = [seqs[i] for i, allowed in guided if not len(allowed)]
+        if stuck:
+            keep = [i for i, s in enumerate(seqs) if s not in stuck]
+            seqs, logits = [seqs[i] for i in keep], logits[keep]
+            rows = {old: new for new, old in enumerate(keep)}
+            guided = [(rows[i], allowed) for i, allowed in guided if len(allowed)]
+        chosen = self._choose(seqs, logits, guided) if seqs else torch.empty(0, dtype=torch.long)
         scored = [i for i, s in enumerate(seqs) if s.request.params.logprobs is not None]
         if scored:
             where = torch.tensor(scored, device=logits.device)
             entries = dict(zip(scored, token_logprobs(logits[where], chosen[where],
                                                       max(seqs[i].request.params.logprobs for i in scored))))
-        done = []
+        done = [(seq, "length") for seq in stuck]
         for i, (seq, token) in enumerate(zip(seqs, chosen.tolist())):
             params = seq.request.params
             if token in params.stop_token_ids:
@@ -682,14 +693,12 @@ class Engine:
                 done.append((seq, "length"))
         self._leave(done)
 
-    def _choose(self, seqs: list[_Seq], logits: torch.Tensor) -> torch.Tensor:
+    def _choose(self, seqs: list[_Seq], logits: torch.Tensor, guided: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
         rows = [i for i, s in enumerate(seqs) if s.request.params.penalized]
         bias = [i for i, s in enumerate(seqs) if s.request.params.logit_bias]
         # (row, token) to rule out: min_tokens' stop tokens
         held = [(i, t) for i, s in enumerate(seqs) if s.generated < s.request.params.min_tokens
                 for t in s.request.params.stop_token_ids if t < logits.shape[-1]]
-        # (row, the tokens its guide allows); the row's other tokens are ruled out
-        guided = [(i, s.request.guide.allowed()) for i, s in enumerate(seqs) if s.request.guide is not None]
         if rows or bias or held or guided:
             logits = logits.float().clone()
         if rows:
@@ -701,13 +710,13 @@ class Engine:
             logits[bias] += torch.stack([seqs[i].bias_row(logits.shape[-1], logits.device) for i in bias])
         if held:
             logits[tuple(torch.tensor(column, device=logits.device) for column in zip(*held))] = -math.inf
-        if guided:
+        if guided:  # (row, the tokens its guide allows): the row's other tokens are ruled out
             vocab = logits.shape[-1]
-            keep = torch.zeros(len(guided), vocab, dtype=torch.bool, device=logits.device)
-            pairs = [(r, t) for r, (_, allowed) in enumerate(guided) for t in allowed if t < vocab]
-            keep[tuple(torch.tensor(column, device=logits.device) for column in zip(*pairs))] = True
+            keep = torch.zeros(len(guided), vocab, dtype=torch.bool)  # made on the host, sent once
+            for r, (_, allowed) in enumerate(guided):
+                keep[r, allowed[allowed < vocab]] = True
             where = [i for i, _ in guided]
-            logits[where] = logits[where].masked_fill(~keep, -math.inf)
+            logits[where] = logits[where].masked_fill(~keep.to(logits.device), -math.inf)
         tokens = self._draw(seqs, logits)
         if rows:  # each row's token counted in its output, one launch; the rows keep views of ``counts``
             counts[:, 1].scatter_add_(1, tokens[rows][:, None], torch.ones(len(rows), 1, device=logits.device))

@@ -1,5 +1,7 @@
 """Guided output: a request's text restricted to one of a list of strings (vLLM's
-``guided_choice``, or ``structured_outputs: {"choice": [...]}``), for classification adapters.
+``guided_choice``, or ``structured_outputs: {"choice": [...]}``), for classification adapters,
+or to a match of a regular expression (``guided_regex``, ``structured_outputs: {"regex": ...}``),
+for extraction adapters.
 
 The engine asks a request's guide which tokens may come next and rules out the others before it
 chooses (greedy or sampled), then tells the guide the token it chose (``Engine``'s ``guide``
@@ -13,9 +15,23 @@ A token's text is the text it adds after other text (``TokenTexts``): a leading 
 tokenizer folds into a token (SentencePiece's "▁") is kept, as the server's decoded output keeps
 it. Tokens whose text is empty (special tokens) or part of a character (byte-fallback pieces)
 are never allowed inside a choice.
+
+``RegexSet`` allows a token where the text so far plus the token's text can still grow into a
+whole match of the pattern (``serve.pattern``), and the stop tokens where the text is a match;
+the output is complete once no longer text would match. Its allowed tokens are found by walking
+the tokens' texts as a tree of characters alongside the pattern's automaton (a branch is left
+at the first character no match can take), once per automaton state and request pattern, and
+kept for later requests with the same pattern. Unlike a choice, a pattern can need a character
+that no token writes alone (one byte-fallback pieces would spell): where the text can still match
+but no token continues it, ``allowed()`` is empty and the engine ends the output as cut short
+(``"length"``).
 """
 
 from __future__ import annotations
+
+import torch
+
+from .pattern import DEAD, Pattern
 
 MAX_CHOICES = 256  # strings a request may offer
 MAX_CHOICE_CHARS = 1024  # characters of one string
@@ -36,6 +52,20 @@ class TokenTexts:
             if text and "\ufffd" not in text:
                 self.ids.setdefault(text, []).append(t)
         self.longest = max(map(len, self.ids), default=0)
+        self._tree = None
+
+    def tree(self) -> list:
+        """The texts as a tree of characters: a node is ``[{char: node}, [tokens whose text ends
+        here]]`` (built at the first use)."""
+        if self._tree is None:
+            root: list = [{}, []]
+            for text, ids in self.ids.items():
+                node = root
+                for ch in text:
+                    node = node[0].setdefault(ch, [{}, []])
+                node[1].extend(ids)
+            self._tree = root
+        return self._tree
 
     @staticmethod
     def _anchor(tokenizer, size: int) -> tuple[int, str]:
@@ -121,3 +151,56 @@ class ChoiceGuide:
         """Take the chosen ``token``; True once the text is a choice that nothing extends."""
         self.text += self.choices.texts.text[token]
         return self.text in self.choices.choices and not self.choices.longer(self.text)
+
+
+class RegexSet:
+    """A request's pattern, ready to guide its outputs (see the module's docstring): the tokens
+    allowed in each automaton state, found when first needed and kept (the set is shared by
+    requests with the same pattern and stop tokens). Raises ``ValueError`` for a pattern that
+    ``Pattern`` cannot read, or whose matches no token can begin."""
+
+    def __init__(self, texts: TokenTexts, regex: str, stop_ids=()):
+        self.texts, self.pattern = texts, Pattern(regex)
+        self.stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
+        self._allowed: dict[int, torch.Tensor] = {}
+        if not len(self.allowed(self.pattern.start)):
+            raise ValueError(f"no match of {regex!r} can be written with this tokenizer's tokens")
+
+    def guide(self) -> RegexGuide:
+        return RegexGuide(self)
+
+    def allowed(self, state: int) -> torch.Tensor:
+        """The tokens that may come in ``state``: an int64 tensor of ids."""
+        if state not in self._allowed:
+            ids: list[int] = []
+            todo = [(self.texts.tree(), state)]
+            while todo:
+                node, at = todo.pop()
+                for ch, child in node[0].items():
+                    after = self.pattern.step(at, ch)
+                    if after != DEAD:
+                        ids.extend(child[1])
+                        todo.append((child, after))
+            allowed = torch.tensor(ids, dtype=torch.long)
+            if len(self.stops):
+                allowed = allowed[~torch.isin(allowed, self.stops)]
+                if self.pattern.accepts(state):
+                    allowed = torch.cat([allowed, self.stops])
+            self._allowed[state] = allowed
+        return self._allowed[state]
+
+
+class RegexGuide:
+    """One output's guide to a match of a ``RegexSet``'s pattern: the automaton's state."""
+
+    def __init__(self, regex: RegexSet):
+        self.regex, self.state = regex, regex.pattern.start
+
+    def allowed(self) -> torch.Tensor:
+        """The tokens that may come next (empty: none can continue the text)."""
+        return self.regex.allowed(self.state)
+
+    def advance(self, token: int) -> bool:
+        """Take the chosen ``token``; True once the text is a match that nothing extends."""
+        self.state = self.regex.pattern.walk(self.state, self.regex.texts.text[token])
+        return self.regex.pattern.complete(self.state)

@@ -1,0 +1,349 @@
+"""Regular expressions as automata over characters, for guided output (``guided_regex``).
+
+``Pattern(regex)`` reads a regular expression in Python's syntax, less what needs more than an
+automaton (back-references, look-arounds, possessive quantifiers, flags), and answers, for the
+text generated so far, whether the whole of it can still grow into a match: ``step`` walks one
+character from a state, ``walk`` a string. A match is of the whole output (as ``re.fullmatch``);
+``^`` and ``$`` are accepted at the pattern's ends only, where they change nothing.
+
+How: the expression is parsed into a tree, the tree into a nondeterministic automaton (one start,
+one accepting end, empty moves and character moves), and its sets of states into deterministic
+states as the text meets them, each step cached. States from which the end cannot be reached
+are dropped from every set, so a state exists only while a match is still possible (unless the
+pattern needs a character from an empty set, such as ``[^\\s\\S]``): ``step`` returns ``DEAD``
+otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+DEAD = -1
+MAX_STATES = 20000  # automaton states a pattern may need (a bound on {n,m} repeats)
+MAX_PATTERN_CHARS = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class Chars:
+    """A set of characters: inclusive code-point ranges, or everything outside them."""
+
+    ranges: tuple[tuple[int, int], ...]
+    negated: bool = False
+
+    def __contains__(self, ch: str) -> bool:
+        code = ord(ch)
+        return any(lo <= code <= hi for lo, hi in self.ranges) != self.negated
+
+
+def _ranges(chars: str) -> tuple[tuple[int, int], ...]:
+    return tuple((ord(c), ord(c)) for c in chars)
+
+
+DIGITS = ((ord("0"), ord("9")),)
+WORD = ((ord("0"), ord("9")), (ord("A"), ord("Z")), (ord("_"), ord("_")), (ord("a"), ord("z")))
+SPACE = _ranges(" \t\n\r\f\v")
+CLASSES = {"d": Chars(DIGITS), "D": Chars(DIGITS, True), "w": Chars(WORD), "W": Chars(WORD, True),
+           "s": Chars(SPACE), "S": Chars(SPACE, True)}
+ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v", "0": "\0"}
+ANY = Chars(_ranges("\n"), True)  # "." as Python reads it: anything but a newline
+
+
+class _Parser:
+    """Recursive descent over the pattern: alternation, concatenation, repeats, atoms. Its tree:
+    ``("chars", Chars)``, ``("cat", [...])``, ``("alt", [...])``, ``("rep", node, lo, hi or None)``."""
+
+    def __init__(self, text: str):
+        self.text, self.i = text, 0
+
+    def error(self, what: str) -> ValueError:
+        return ValueError(f"{what} at position {self.i} of {self.text!r}")
+
+    def peek(self) -> str | None:
+        return self.text[self.i] if self.i < len(self.text) else None
+
+    def take(self) -> str:
+        ch = self.peek()
+        if ch is None:
+            raise self.error("unexpected end")
+        self.i += 1
+        return ch
+
+    def parse(self):
+        if self.text.startswith("^"):
+            self.i = 1
+        node = self.alternation()
+        if self.peek() is not None:
+            raise self.error("unbalanced ')'")
+        return node
+
+    def alternation(self):
+        options = [self.concatenation()]
+        while self.peek() == "|":
+            self.i += 1
+            options.append(self.concatenation())
+        return options[0] if len(options) == 1 else ("alt", options)
+
+    def concatenation(self):
+        parts = []
+        while self.peek() not in (None, "|", ")"):
+            if self.text[self.i:] == "$":  # the pattern's end: a whole-output match anyway
+                self.i += 1
+                break
+            parts.append(self.repeat(self.atom()))
+        return ("cat", parts)
+
+    def repeat(self, node):
+        while self.peek() in ("*", "+", "?", "{"):
+            ch, start = self.take(), self.i
+            if ch == "{":
+                bounds = self.bounds()
+                if bounds is None:  # a literal "{", as Python reads one that starts no repeat
+                    self.i = start
+                    return ("cat", [node, ("chars", Chars(_ranges("{")))])
+                lo, hi = bounds
+            else:
+                lo, hi = {"*": (0, None), "+": (1, None), "?": (0, 1)}[ch]
+            if self.peek() == "?":  # lazy: the same set of matches
+                self.i += 1
+            elif self.peek() == "+":
+                raise self.error("possessive repeats are not supported")
+            node = ("rep", node, lo, hi)
+        return node
+
+    def bounds(self) -> tuple[int, int | None] | None:
+        end = self.text.find("}", self.i)
+        if end < 0:
+            return None
+        lo, comma, hi = self.text[self.i:end].partition(",")
+        if not (lo.isdigit() or (comma and not lo)) or not (hi.isdigit() or not hi) or not (lo or hi):
+            return None
+        self.i = end + 1
+        lo_n, hi_n = int(lo or 0), (int(hi) if hi else None if comma else int(lo))
+        if hi_n is not None and hi_n < lo_n:
+            raise self.error(f"the repeat {{{lo},{hi}}} has its bounds the wrong way round")
+        return lo_n, hi_n
+
+    def atom(self):
+        ch = self.take()
+        if ch == "(":
+            if self.peek() == "?":
+                self.i += 1
+                kind = self.take()
+                if kind == "P" and self.peek() == "<":
+                    end = self.text.find(">", self.i)
+                    if end < 0:
+                        raise self.error("unterminated group name")
+                    self.i = end + 1
+                elif kind != ":":
+                    raise self.error(f"'(?{kind}' (look-arounds, flags, references) is not supported")
+            node = self.alternation()
+            if self.peek() != ")":
+                raise self.error("missing ')'")
+            self.i += 1
+            return node
+        if ch == "[":
+            return ("chars", self.char_class())
+        if ch == ".":
+            return ("chars", ANY)
+        if ch == "\\":
+            return ("chars", self.escape(in_class=False))
+        if ch in "*+?":
+            raise self.error(f"nothing to repeat before '{ch}'")
+        if ch in "^$":
+            raise self.error(f"'{ch}' is supported only at the pattern's {'start' if ch == '^' else 'end'}")
+        return ("chars", Chars(_ranges(ch)))
+
+    def escape(self, in_class: bool) -> Chars:
+        ch = self.take()
+        if ch in CLASSES:
+            return CLASSES[ch]
+        if ch in ESCAPES:
+            return Chars(_ranges(ESCAPES[ch]))
+        if ch == "x" or ch == "u":
+            digits = self.text[self.i:self.i + (2 if ch == "x" else 4)]
+            if len(digits) != (2 if ch == "x" else 4) or not all(c in "0123456789abcdefABCDEF" for c in digits):
+                raise self.error(f"bad '\\{ch}' escape")
+            self.i += len(digits)
+            return Chars(((int(digits, 16),) * 2,))
+        if ch.isalnum():
+            raise self.error(f"'\\{ch}' is not supported" + ("" if in_class else " (back-references and "
+                                                                                   "anchors need more than an automaton)"))
+        return Chars(_ranges(ch))
+
+    def char_class(self) -> Chars:
+        negated = self.peek() == "^"
+        if negated:
+            self.i += 1
+        ranges: list[tuple[int, int]] = []
+        first = True
+        while True:
+            ch = self.take()
+            if ch == "]" and not first:
+                break
+            first = False
+            if ch == "\\":
+                item = self.escape(in_class=True)
+                if item.negated or len(item.ranges) != 1 or item.ranges[0][0] != item.ranges[0][1]:
+                    if item.negated:  # \D, \W, \S inside a class: the complement's gaps as ranges
+                        ranges.extend(_complement(item.ranges))
+                    else:
+                        ranges.extend(item.ranges)
+                    continue
+                lo = item.ranges[0][0]
+            else:
+                lo = ord(ch)
+            if self.peek() == "-" and self.i + 1 < len(self.text) and self.text[self.i + 1] != "]":
+                self.i += 1
+                end = self.take()
+                hi = self.escape(in_class=True).ranges[0][0] if end == "\\" else ord(end)
+                if hi < lo:
+                    raise self.error("a character range with its ends the wrong way round")
+                ranges.append((lo, hi))
+            else:
+                ranges.append((lo, lo))
+        return Chars(tuple(ranges), negated)
+
+
+def _complement(ranges) -> list[tuple[int, int]]:
+    out, start = [], 0
+    for lo, hi in sorted(ranges):
+        if lo > start:
+            out.append((start, lo - 1))
+        start = max(start, hi + 1)
+    return [*out, (start, 0x10FFFF)]
+
+
+class Pattern:
+    """A regular expression as an automaton over characters (see the module's docstring).
+    States are ints from ``start``; raises ``ValueError`` for a pattern it cannot read."""
+
+    def __init__(self, regex: str):
+        if not isinstance(regex, str) or not 0 < len(regex) <= MAX_PATTERN_CHARS:
+            raise ValueError(f"must be a non-empty string of at most {MAX_PATTERN_CHARS} characters")
+        self.regex = regex
+        self._empty: list[list[int]] = []  # per automaton state: empty moves
+        self._moves: list[list[tuple[Chars, int]]] = []  # and character moves
+        begin, self._end = self._build(_Parser(regex).parse())
+        live = self._reaching_end()
+        self._live = live
+        self._sets: list[frozenset[int]] = []
+        self._ids: dict[frozenset[int], int] = {}
+        self._steps: list[dict[str, int]] = []
+        first = self._closure({begin})
+        if not first:
+            raise ValueError(f"{regex!r} matches nothing")
+        self.start = self._state(first)
+
+    # the nondeterministic automaton
+
+    def _new(self) -> int:
+        if len(self._empty) >= MAX_STATES:
+            raise ValueError(f"{self.regex!r} needs more than {MAX_STATES} automaton states (large {{n,m}} repeats)")
+        self._empty.append([])
+        self._moves.append([])
+        return len(self._empty) - 1
+
+    def _build(self, node) -> tuple[int, int]:
+        kind = node[0]
+        if kind == "chars":
+            a, b = self._new(), self._new()
+            self._moves[a].append((node[1], b))
+            return a, b
+        if kind == "cat":
+            a = b = self._new()
+            for part in node[1]:
+                s, e = self._build(part)
+                self._empty[b].append(s)
+                b = e
+            return a, b
+        if kind == "alt":
+            a, b = self._new(), self._new()
+            for option in node[1]:
+                s, e = self._build(option)
+                self._empty[a].append(s)
+                self._empty[e].append(b)
+            return a, b
+        _, inner, lo, hi = node  # "rep": lo copies, then (hi - lo) optional ones or a loop
+        a = b = self._new()
+        for _ in range(lo):
+            s, e = self._build(inner)
+            self._empty[b].append(s)
+            b = e
+        if hi is None:
+            s, e = self._build(inner)
+            self._empty[b].append(s)
+            self._empty[e].append(s)
+            end = self._new()
+            self._empty[b].append(end)
+            self._empty[e].append(end)
+            return a, end
+        end = self._new()
+        for _ in range(hi - lo):
+            self._empty[b].append(end)
+            s, e = self._build(inner)
+            self._empty[b].append(s)
+            b = e
+        self._empty[b].append(end)
+        return a, end
+
+    def _reaching_end(self) -> set[int]:
+        """The automaton states from which the end can be reached."""
+        back: list[list[int]] = [[] for _ in self._empty]
+        for s, targets in enumerate(self._empty):
+            for t in targets:
+                back[t].append(s)
+        for s, moves in enumerate(self._moves):
+            for _, t in moves:
+                back[t].append(s)
+        live, todo = {self._end}, [self._end]
+        while todo:
+            for s in back[todo.pop()]:
+                if s not in live:
+                    live.add(s)
+                    todo.append(s)
+        return live
+
+    def _closure(self, states) -> frozenset[int]:
+        seen, todo = set(states), list(states)
+        while todo:
+            for t in self._empty[todo.pop()]:
+                if t not in seen:
+                    seen.add(t)
+                    todo.append(t)
+        return frozenset(seen & self._live)
+
+    # the deterministic states, made as the text meets them
+
+    def _state(self, states: frozenset[int]) -> int:
+        if states not in self._ids:
+            self._ids[states] = len(self._sets)
+            self._sets.append(states)
+            self._steps.append({})
+        return self._ids[states]
+
+    def step(self, state: int, ch: str) -> int:
+        """The state after ``ch``, or ``DEAD`` when no match begins with the text so far and ``ch``."""
+        steps = self._steps[state]
+        if ch not in steps:
+            targets = {t for s in self._sets[state] for chars, t in self._moves[s] if ch in chars}
+            after = self._closure(targets)
+            steps[ch] = self._state(after) if after else DEAD
+        return steps[ch]
+
+    def walk(self, state: int, text: str) -> int:
+        for ch in text:
+            if state == DEAD:
+                break
+            state = self.step(state, ch)
+        return state
+
+    def accepts(self, state: int) -> bool:
+        """The text so far is a match."""
+        return state != DEAD and self._end in self._sets[state]
+
+    def complete(self, state: int) -> bool:
+        """The text so far is a match, and no longer text would be one."""
+        return self.accepts(state) and not any(self._moves[s] for s in self._sets[state])
+
+    def fullmatch(self, text: str) -> bool:
+        return self.accepts(self.walk(self.start, text))
