@@ -28,6 +28,7 @@ from ..peft_io import read_peft_adapter
 from .engine import (Engine, InvalidParams, QueueFull, Request, SamplingParams, SlotsBusy, TokenLogprobs,
                      UnknownAdapter, _is_int, _is_number)
 from .guided import ChoiceGuide, ChoiceSet, RegexGuide, RegexSet, TokenTexts, check_choices
+from .json_schema import schema_regex
 from .metrics import Metrics
 
 
@@ -348,7 +349,6 @@ class Server:
                               ("use_beam_search", (None, False)),
                               # constrained output: a client asking for it must not get free text
                               ("tools", (None, [])), ("functions", (None, [])),
-                              ("response_format", (None, {"type": "text"})), ("guided_json", (None,)),
                               ("guided_grammar", (None,))):
             if name in body and body[name] not in allowed:
                 raise _bad(name, f"{json.dumps(body[name])} is not supported by this server")
@@ -402,22 +402,41 @@ class Server:
     @staticmethod
     def guided_output(body: dict) -> tuple[str, str, list[str] | str] | None:
         """What a request's output must be, and the field that said so: ``(param, "choice",
-        strings)`` from vLLM's ``guided_choice`` or ``structured_outputs: {"choice": [...]}``,
+        strings)`` from vLLM's ``guided_choice`` or ``structured_outputs: {"choice": [...]}``;
         ``(param, "regex", pattern)`` from ``guided_regex`` or ``structured_outputs: {"regex":
-        ...}``; None: free text. Other kinds of structured output are refused, never ignored."""
-        given = [name for name in ("guided_choice", "guided_regex", "structured_outputs") if body.get(name) is not None]
+        ...}``; ``(param, "json", the schema's pattern)`` from ``guided_json``,
+        ``structured_outputs: {"json": schema}`` or OpenAI's ``response_format: {"type":
+        "json_schema", "json_schema": {"schema": ...}}``; None: free text. Other kinds of structured
+        output are refused, never ignored."""
+        fields = {"guided_choice": "choice", "guided_regex": "regex", "guided_json": "json",
+                  "structured_outputs": None, "response_format": None}
+        given = [name for name in fields if body.get(name) is not None
+                 and not (name == "response_format" and body[name] == {"type": "text"})]
         if not given:
             return None
         if len(given) > 1:
             raise _bad(given[1], f"give one of {', '.join(given)}, not several")
         param = given[0]
-        kind, value = {"guided_choice": "choice", "guided_regex": "regex"}.get(param), body[param]
+        kind, value = fields[param], body[param]
         if param == "structured_outputs":
-            if not (isinstance(value, dict) and len(value) == 1 and set(value) <= {"choice", "regex"}):
+            if not (isinstance(value, dict) and len(value) == 1 and set(value) <= {"choice", "regex", "json"}):
                 raise _bad(param, f"{json.dumps(value)} is not supported by this server "
-                                  "(only {\"choice\": [strings]} or {\"regex\": pattern})")
+                                  "(only {\"choice\": [strings]}, {\"regex\": pattern} or {\"json\": schema})")
             (kind, value), = value.items()
+        if param == "response_format":
+            spec = value.get("json_schema") if isinstance(value, dict) and value.get("type") == "json_schema" else None
+            if not (isinstance(spec, dict) and "schema" in spec):
+                raise _bad(param, f"{json.dumps(value)} is not supported by this server (only {{\"type\": \"text\"}} "
+                                  "or {\"type\": \"json_schema\", \"json_schema\": {\"schema\": ...}})")
+            kind, value = "json", spec["schema"]
+        if kind == "json":
+            try:
+                return param, kind, schema_regex(value)
+            except ValueError as err:
+                raise _bad(param, str(err)) from None
         if kind == "regex":
+            if not isinstance(value, str):
+                raise _bad(param, f"must be a pattern (a string), got {json.dumps(value)}")
             return param, kind, value
         try:
             return param, kind, check_choices(value, param)

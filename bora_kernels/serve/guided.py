@@ -1,7 +1,7 @@
 """Guided output: a request's text restricted to one of a list of strings (vLLM's
 ``guided_choice``, or ``structured_outputs: {"choice": [...]}``), for classification adapters,
-or to a match of a regular expression (``guided_regex``, ``structured_outputs: {"regex": ...}``),
-for extraction adapters.
+or to a match of a regular expression (``guided_regex``, ``structured_outputs: {"regex": ...}``,
+and JSON schemas turned into one by ``json_schema.py``), for extraction adapters.
 
 The engine asks a request's guide which tokens may come next and rules out the others before it
 chooses (greedy or sampled), then tells the guide the token it chose (``Engine``'s ``guide``
