@@ -2,9 +2,10 @@
 # Everything that needs CUDA, in one go (see GPU.md): the ceilings, the GPU tests, a
 # compute-sanitizer run of each kernel, the benchmark suites, the tile sweep, then the table.
 # Run from the repository root on a CUDA machine:  bash benchmarks/gpu_check.sh [results dir] [step...]
-# Steps (default: all, in this order): ceilings ext tests sanitizer profile ivon nf4 context lora model
-# graphs serve tiles table (graphs: the op suites timed from CUDA graph replays, device work
-# alone). Each suite writes its own results file as soon as it finishes, so a run cut off by a
+# Steps (default: all, in this order): ceilings ext tests sanitizer gemv ivon nf4 context lora model
+# graphs profile serve tiles table (gemv: the NF4 GEMV kernels by M, host against device time;
+# graphs: the op suites timed from CUDA graph replays, device work alone; profile: the same split
+# for lora_delta). Each suite writes its own results file as soon as it finishes, so a run cut off by a
 # time limit keeps what it measured; `model` runs its --quick grid (PEFT's mixed batch alone
 # takes minutes at 64 adapters). Carried wheels in .whl/ (bitsandbytes, ivon-opt, the serving
 # stack) are installed into .site/ first. QUICK=1 runs every suite's --quick grid (a lent GPU's
@@ -17,7 +18,7 @@
 set -uo pipefail
 results=${1:-benchmarks/results}
 shift || true
-steps=" ${*:-ceilings ext tests sanitizer profile ivon nf4 context lora model graphs serve tiles table} "
+steps=" ${*:-ceilings ext tests sanitizer gemv ivon nf4 context lora model graphs profile serve tiles table} "
 want() { [[ "$steps" == *" $1 "* ]]; }
 mkdir -p "$results"
 py=${PYTHON:-python3}
@@ -115,11 +116,9 @@ print("memcheck run finished: nf4_matmul (CUDA GEMV on CUDA and tensor cores, sp
 PY
 fi
 
-if want profile; then
-  step "host against device time per call: the NF4 GEMV kernels by M, lora_delta (benchmarks/profile_*.py)"
-  limited 120 python benchmarks/profile_nf4.py --rows 1 2 4 5 8 9 12 16 || status=1  # NF4 GEMV kernels by M: do_bench, device time
-  limited 120 python benchmarks/profile_lora.py --tokens 16 64 4096 || status=1
-  limited 60 python benchmarks/profile_lora.py --tokens 64 --adapters 1 || status=1  # decode at one adapter (NOTES: D=1)
+if want gemv; then  # sets kNF4GemvMmaMinRows (csrc/nf4_gemv/nf4_gemv.h)
+  step "the NF4 GEMV kernels by M: host against device time (benchmarks/profile_nf4.py)"
+  limited 120 python benchmarks/profile_nf4.py --rows 1 2 4 5 8 9 12 16 || status=1
 fi
 
 for suite in ivon nf4 context lora model; do
@@ -137,6 +136,12 @@ if want graphs; then
   # IVON at the sizes where the eager step is host-bound (1M, 16M)
   limited 120 python -m bora_kernels.bench ivon --device cuda --quick --graph --params 1048576 16777216 \
     --json "$results/$stamp-ivon-graph.json" || status=1
+fi
+
+if want profile; then
+  step "lora_delta: host against device time per call (benchmarks/profile_lora.py)"
+  limited 120 python benchmarks/profile_lora.py --tokens 16 64 4096 || status=1
+  limited 60 python benchmarks/profile_lora.py --tokens 64 --adapters 1 || status=1  # decode at one adapter (NOTES: D=1)
 fi
 
 if want serve; then

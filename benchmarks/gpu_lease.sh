@@ -4,8 +4,9 @@
 # the results packed into $OUT/results.tgz every 5 s (a call returns at most 8 files, and none
 # when its limit kills it). Run from the repository root, carrying .whl (bitsandbytes, ivon-opt):
 #   device run: bash benchmarks/gpu_lease.sh      with timeout_s at least BUDGET_S + 60
-# BUDGET_S (default 420) is the whole run; STEPS (default: the op suites, their CUDA-graph
-# timings and the NF4 GEMV profile) run first, then the GPU tests with what is left. QUICK
+# BUDGET_S (default 420) is the whole run; STEPS (default: the NF4 GEMV profile, the op suites,
+# their CUDA-graph timings, lora_delta's profile) run first with 3/5 of it, then the GPU tests
+# with what is left. QUICK
 # (default 1) picks the suites' quick grids; PYTEST_WORKERS (default 4) the test processes.
 set -uo pipefail
 out=${OUT:-/tmp/gpu-lease}
@@ -14,7 +15,7 @@ work=${TMPDIR:-/tmp}
 results=$work/gpu-lease-results
 rm -rf "$results"; mkdir -p "$out" "$results"
 log=$results/gpu_check.log
-steps=${STEPS:-ceilings ext nf4 context ivon graphs profile}
+steps=${STEPS:-ceilings ext gemv nf4 context ivon graphs profile}
 export QUICK=${QUICK:-1} PYTEST_WORKERS=${PYTEST_WORKERS:-4} PYTEST_ADDOPTS="${PYTEST_ADDOPTS:-} -rfE --tb=short"
 {
   # shellcheck disable=SC2086 # the steps are words

@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from bora_kernels.serve.json_schema import schema_regex
+from bora_kernels.serve.json_schema import integer_range, schema_regex
 from bora_kernels.serve.pattern import Pattern
 
 PERSON = {"type": "object", "properties": {
@@ -39,7 +39,24 @@ CASES = [  # (schema, values it accepts, values it refuses)
     ({"anyOf": [{"type": "string", "maxLength": 2}, {"type": "integer"}]}, ["", "ab", 12], ["abc", 1.5, None]),
     ({"enum": ["x", 1, None, True, [1, 2], {"k": "v"}]}, ["x", 1, None, True, [1, 2], {"k": "v"}], ["y", 2, False]),
     ({"type": "array", "items": {"type": "string"}, "maxItems": 0}, [[]], [["a"]]),
+    ({"type": "object", "properties": {"age": {"type": "integer", "minimum": 0, "exclusiveMaximum": 130},
+                                       "delta": {"type": ["integer", "null"], "minimum": -5.5, "maximum": 5}},
+      "required": ["age", "delta"]},
+     [{"age": 0, "delta": None}, {"age": 129, "delta": -5}, {"age": 42, "delta": 5}],
+     [{"age": -1, "delta": 0}, {"age": 130, "delta": 0}, {"age": 5, "delta": -6}, {"age": 5, "delta": 6}]),
 ]
+
+
+@pytest.mark.parametrize("low, high", [(0, 100), (1, 9), (5, 5), (-5, 5), (-120, -7), (None, -3), (None, 12), (7, None),
+                                       (0, None), (None, None), (-1, 0), (13, 987), (199, 2001), (-1000, None)])
+def test_integer_ranges_match_exactly_their_integers(low, high):
+    """Every integer from -2500 to 2500 and some large ones match exactly when within the bounds;
+    leading zeros, "-0" and "+" never do (JSON writes none of them)."""
+    python, pattern = re.compile(integer_range(low, high)), Pattern(integer_range(low, high))
+    for x in [*range(-2500, 2501), 10**9, -10**9, 10**12 + 7]:
+        inside = (low is None or x >= low) and (high is None or x <= high)
+        assert bool(python.fullmatch(str(x))) == inside == pattern.fullmatch(str(x)), x
+    assert not any(python.fullmatch(t) for t in ("-0", "00", "01", "-01", "+1", ""))
 
 
 @pytest.mark.parametrize("schema, good, bad", CASES, ids=range(len(CASES)))
@@ -57,7 +74,11 @@ def test_schema_patterns_match_exactly_the_values_the_schema_accepts(schema, goo
 
 
 @pytest.mark.parametrize("schema, message", [
-    ({"type": "integer", "minimum": 0}, "schema: 'minimum' not supported"),
+    ({"type": "number", "minimum": 0}, "schema: bounds on a number are not supported"),
+    ({"enum": [1, 20], "maximum": 10}, "bounds are supported on an integer type only"),
+    ({"type": "integer", "exclusiveMinimum": 3, "exclusiveMaximum": 4}, "no integer lies within its bounds"),
+    ({"type": "integer", "minimum": True}, "minimum: must be a number"),
+    ({"type": "integer", "multipleOf": 2}, "'multipleOf' not supported"),
     ({"type": "object", "properties": {"d": {"type": "string", "format": "date"}}}, "schema.properties.d: 'format'"),
     ({"type": "string", "pattern": "a+"}, "'pattern' not supported"),
     ({"allOf": [{"type": "integer"}]}, "'allOf' not supported"),

@@ -7,8 +7,9 @@ schema's order.
 What it covers: ``type`` (one or a list), ``enum``, ``const``, ``anyOf`` / ``oneOf`` (as
 alternatives), local ``$ref`` (``#/$defs/...``, ``#/definitions/...``; not recursive), objects
 with ``properties`` and ``required`` (a property not required may be left out), arrays with
-``items``, ``minItems`` and ``maxItems``, strings with ``minLength`` and ``maxLength``, integers,
-numbers, booleans and null. Keywords that only describe (``title``, ``description``, ``default``,
+``items``, ``minItems`` and ``maxItems``, strings with ``minLength`` and ``maxLength``, integers
+with ``minimum``, ``maximum``, ``exclusiveMinimum`` and ``exclusiveMaximum``, numbers (without
+bounds), booleans and null. Keywords that only describe (``title``, ``description``, ``default``,
 ``examples``...) are ignored, and so is ``additionalProperties`` (the output holds the listed
 properties only, which every value of it allows). Any other keyword (``minimum``, ``pattern``,
 ``format``, ``allOf``...) is refused with a ``ValueError`` naming it and where it is, since
@@ -19,12 +20,14 @@ ignoring it could give JSON the schema does not accept; so is an object without 
 from __future__ import annotations
 
 import json
+import math
 import re
 
 DESCRIPTIVE = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
                "readOnly", "writeOnly", "additionalProperties", "$defs", "definitions", "strict"}
+BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 KEYWORDS = {"type", "enum", "const", "anyOf", "oneOf", "$ref", "properties", "required", "items", "minItems",
-            "maxItems", "minLength", "maxLength"}
+            "maxItems", "minLength", "maxLength", *BOUNDS}
 MAX_REF_DEPTH = 16
 
 # a character of a JSON string (anything but a quote, a backslash or a control character, or an escape)
@@ -55,6 +58,58 @@ def _repeat(unit: str, lo: int, hi: int | None) -> str:
     return f"(?:{unit}){{{lo},{'' if hi is None else hi}}}"
 
 
+def _digits_between(low: str, high: str) -> str:
+    """A pattern for the digit strings of one length from ``low`` to ``high`` (as numbers)."""
+    n = len(low)
+    if low == high:
+        return low
+    if n == 1:
+        return f"[{low}-{high}]"
+    if low[0] == high[0]:
+        return low[0] + _digits_between(low[1:], high[1:])
+    parts, first, last = [], int(low[0]), int(high[0])
+    if low[1:] != "0" * (n - 1):  # low's first digit, the rest from low's rest up
+        parts.append(low[0] + _digits_between(low[1:], "9" * (n - 1)))
+        first += 1
+    tail = None
+    if high[1:] != "9" * (n - 1):  # high's first digit, the rest up to high's rest
+        tail = high[0] + _digits_between("0" * (n - 1), high[1:])
+        last -= 1
+    if first <= last:
+        parts.append(f"[{first}-{last}][0-9]{{{n - 1}}}")
+    if tail:
+        parts.append(tail)
+    return "(?:" + "|".join(parts) + ")"
+
+
+def _naturals(low: int, high: int | None) -> list[str]:
+    """Patterns for the integers from ``low >= 0`` to ``high`` (None: no end), as JSON writes them."""
+    parts, length = [], len(str(low))
+    while high is None or length <= len(str(high)):
+        start = max(low, 10 ** (length - 1) if length > 1 else 0)
+        if high is None and start == 10 ** (length - 1) and length > 1:  # every longer number too
+            parts.append(f"[1-9][0-9]{{{length - 1},}}")
+            break
+        end = 10 ** length - 1 if high is None else min(high, 10 ** length - 1)
+        if start <= end:
+            parts.append(_digits_between(str(start), str(end)))
+        length += 1
+    return parts
+
+
+def integer_range(low: int | None, high: int | None) -> str:
+    """A pattern for the integers from ``low`` to ``high`` (inclusive; None: no bound), as JSON
+    writes them (no leading zeros, no "-0")."""
+    parts = []
+    if low is None or low < 0:  # the negative ones: "-" and a natural in [max(1, -high), -low]
+        top = None if low is None else -low
+        bottom = 1 if high is None or high >= 0 else -high
+        parts += ["-" + p for p in _naturals(bottom, top)]
+    if high is None or high >= 0:
+        parts += _naturals(max(low or 0, 0), high)
+    return "(?:" + "|".join(f"(?:{p})" for p in parts) + ")"
+
+
 class _Converter:
     def __init__(self, root: dict):
         self.root = root
@@ -67,6 +122,8 @@ class _Converter:
         unknown = sorted(set(schema) - KEYWORDS - DESCRIPTIVE)
         if unknown:
             raise ValueError(f"{where}: {', '.join(map(repr, unknown))} not supported (the output could break it)")
+        if any(b in schema for b in BOUNDS) and ("type" not in schema or set(schema) & {"$ref", "const", "enum", "anyOf", "oneOf"}):
+            raise ValueError(f"{where}: bounds are supported on an integer type only")
         if "$ref" in schema:
             return self.ref(schema, where, depth)
         if "const" in schema:
@@ -101,6 +158,10 @@ class _Converter:
         return self.regex(target, ref, depth + 1)
 
     def typed(self, schema: dict, kind, where: str, depth: int) -> str:
+        if kind == "integer" and any(b in schema for b in BOUNDS):
+            return self.integers(schema, where)
+        if kind == "number" and any(b in schema for b in BOUNDS):
+            raise ValueError(f"{where}: bounds on a number are not supported (on an integer they are)")
         if kind in SCALARS:
             return SCALARS[kind]
         if kind == "string":
@@ -119,6 +180,26 @@ class _Converter:
         if kind == "object":
             return self.object(schema, where, depth)
         raise ValueError(f"{where}.type: {json.dumps(kind)} is not a JSON schema type")
+
+    @staticmethod
+    def integers(schema: dict, where: str) -> str:
+        low = high = None
+        for name in BOUNDS:
+            if name not in schema:
+                continue
+            value = schema[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{where}.{name}: must be a number, got {json.dumps(value)}")  # noqa: TRY004
+            exclusive = name.startswith("exclusive")
+            if name.endswith("inimum"):
+                bound = math.floor(value) + 1 if exclusive else math.ceil(value)
+                low = bound if low is None else max(low, bound)
+            else:
+                bound = math.ceil(value) - 1 if exclusive else math.floor(value)
+                high = bound if high is None else min(high, bound)
+        if low is not None and high is not None and high < low:
+            raise ValueError(f"{where}: no integer lies within its bounds")
+        return integer_range(low, high)
 
     @staticmethod
     def bounds(schema: dict, low: str, high: str, where: str) -> tuple[int, int | None]:
