@@ -291,6 +291,23 @@ def test_logit_bias(served, tokenizer):
         assert message in r.json()["error"]["message"], r.text
 
 
+def guided_generate(reference, tokenizer, adapter, prompt, guides, max_new_tokens) -> str:
+    """``generate``'s greedy text when each step allows what a fresh guide of ``guides`` (a
+    ``ChoiceSet`` or ``RegexSet``), walked along the output so far, allows."""
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+
+    def allowed(batch, sofar):
+        guide = guides.guide()
+        for token in sofar[ids.shape[1]:].tolist():
+            guide.advance(token)
+        return torch.as_tensor(guide.allowed()).tolist()
+
+    with bk.use_adapters(reference, [None if adapter == BASE else adapter]), use_backend("torch"):
+        out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, prefix_allowed_tokens_fn=allowed)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
 def test_guided_choice(served, reference, tokenizer):
     """``guided_choice`` (or ``structured_outputs: {"choice": [...]}``): the text is one of the
     strings and ends with ``"stop"``. Greedy, it is what ``generate`` writes when each step allows
@@ -302,20 +319,9 @@ def test_guided_choice(served, reference, tokenizer):
     url, server = served
     choices = ["yes", "no", "maybe so", "maybe", "abba"]
     texts = TokenTexts(tokenizer, server.vocab)
-    answers = set()
+    answers, guides = set(), ChoiceSet(texts, choices, server.eos)
     for adapter, prompt in (("skip1", "abc"), ("skip2", "mmm"), ("skip4", "yes or no? "), (BASE, "ab")):
-        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
-
-        def allowed(batch, sofar, start=ids.shape[1]):  # a fresh guide walked along the output so far
-            guide = ChoiceSet(texts, choices, server.eos).guide()
-            for token in sofar[start:].tolist():
-                guide.advance(token)
-            return guide.allowed()
-
-        with bk.use_adapters(reference, [None if adapter == BASE else adapter]), use_backend("torch"):
-            out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
-                                     prefix_allowed_tokens_fn=allowed)
-        want = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        want = guided_generate(reference, tokenizer, adapter, prompt, guides, 10)
         text, finish, _ = complete(url, adapter, prompt, 10, guided_choice=choices)
         assert text == want and text in choices and finish == "stop", (adapter, text, want)
         assert complete(url, adapter, prompt, 10, stream=True, structured_outputs={"choice": choices})[:2] == (text, "stop")
@@ -351,20 +357,9 @@ def test_guided_regex(served, reference, tokenizer):
     url, server = served
     texts = TokenTexts(tokenizer, server.vocab)
     for regex, limit in ((r"(yes|no), [a-c]{2}\.", 12), (r"[a-e]{2,4}( [a-e]{2})?", 12), (r"\d{1,3}", 6)):
-        python, answers = re.compile(regex), set()
+        python, answers, guides = re.compile(regex), set(), RegexSet(texts, regex, server.eos)
         for adapter, prompt in (("skip1", "abc"), ("skip2", "mmm"), ("skip4", "yes or no? "), (BASE, "ab")):
-            ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
-
-            def allowed(batch, sofar, start=ids.shape[1]):  # a fresh guide walked along the output so far
-                guide = RegexSet(texts, regex, server.eos).guide()
-                for token in sofar[start:].tolist():
-                    guide.advance(token)
-                return guide.allowed().tolist()
-
-            with bk.use_adapters(reference, [None if adapter == BASE else adapter]), use_backend("torch"):
-                out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=limit,
-                                         do_sample=False, prefix_allowed_tokens_fn=allowed)
-            want = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            want = guided_generate(reference, tokenizer, adapter, prompt, guides, limit)
             text, finish, _ = complete(url, adapter, prompt, limit, guided_regex=regex)
             assert text == want and python.fullmatch(text) and finish == "stop", (regex, adapter, text, want)
             streamed = complete(url, adapter, prompt, limit, stream=True, structured_outputs={"regex": regex})

@@ -659,24 +659,23 @@ class Engine:
 
     def _emit(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
         """Choose each sequence's next token, hand it out, and retire finished sequences."""
-        # (row, the tokens its guide allows); an output whose guide allows none ends here
+        # (row, the tokens its guide allows); a row whose guide allows none ends here (its row
+        # chooses unmasked, and the token is dropped)
         guided = [(i, torch.as_tensor(s.request.guide.allowed(), dtype=torch.long))
                   for i, s in enumerate(seqs) if s.request.guide is not None]
-        stuck = [seqs[i] for i, allowed in guided if not len(allowed)]
-        if stuck:
-            keep = [i for i, s in enumerate(seqs) if s not in stuck]
-            seqs, logits = [seqs[i] for i in keep], logits[keep]
-            rows = {old: new for new, old in enumerate(keep)}
-            guided = [(rows[i], allowed) for i, allowed in guided if len(allowed)]
-        chosen = self._choose(seqs, logits, guided) if seqs else torch.empty(0, dtype=torch.long)
+        stuck = {i for i, allowed in guided if not len(allowed)}
+        chosen = self._choose(seqs, logits, [(i, allowed) for i, allowed in guided if i not in stuck])
         scored = [i for i, s in enumerate(seqs) if s.request.params.logprobs is not None]
         if scored:
             where = torch.tensor(scored, device=logits.device)
             entries = dict(zip(scored, token_logprobs(logits[where], chosen[where],
                                                       max(seqs[i].request.params.logprobs for i in scored))))
-        done = [(seq, "length") for seq in stuck]
+        done = []
         for i, (seq, token) in enumerate(zip(seqs, chosen.tolist())):
             params = seq.request.params
+            if i in stuck:
+                done.append((seq, "length"))
+                continue
             if token in params.stop_token_ids:
                 done.append((seq, "stop"))
                 continue

@@ -224,8 +224,7 @@ class Pattern:
         self._empty: list[list[int]] = []  # per automaton state: empty moves
         self._moves: list[list[tuple[Chars, int]]] = []  # and character moves
         begin, self._end = self._build(_Parser(regex).parse())
-        live = self._reaching_end()
-        self._live = live
+        self._live = self._reaching_end()
         self._sets: list[frozenset[int]] = []
         self._ids: dict[frozenset[int], int] = {}
         self._steps: list[dict[str, int]] = []
