@@ -6,7 +6,8 @@
 #               scale; IVON-LoRA against AdamW at small scale; the serving demo's model and adapters
 #               (runs/serve_demo/, what `bora-serve --demo` serves) and a load test of bora-serve
 #               against one-adapter-per-batch serving; then the model benchmark
-#   make test   the whole test suite (Triton kernels run under the interpreter without a GPU)
+#   make test   the whole test suite (Triton kernels run under the interpreter without a GPU), in
+#               TEST_WORKERS pytest-xdist workers
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -15,6 +16,8 @@ TORCH_SPEC ?= torch==2.13.0
 # the GPU machine's Triton (../shared/GPU.md), beside the venv's own: the kernels are also compiled
 # for sm_90 with it in the tests (compile-only, no GPU needed)
 GPU_TRITON ?= triton-3.6.0
+# pytest-xdist workers for `make test`: one a core, at most 8 (each holds torch and the models)
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 8 ] && n=8; echo $$n)
 
 .PHONY: setup demo test bench clean
 
@@ -42,7 +45,7 @@ demo: setup
 	$(VENV)/bin/bora-bench model --quick
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 	$(PY) -m pytest -q benchmarks --benchmark-disable
 
 bench: setup
