@@ -395,12 +395,14 @@ def test_guided_json(served):
     keyword, and a free-form ``json_object`` 400 too. (The demo's tokenizer has no braces or
     brackets, so the schema is of a scalar; test_serve_json_schema.py checks objects and arrays.)"""
     url, _ = served
-    schema = {"anyOf": [{"type": "string", "maxLength": 4}, {"$ref": "#/$defs/digit"}, {"type": "boolean"}],
+    schema = {"anyOf": [{"type": "string", "maxLength": 4}, {"$ref": "#/$defs/digit"}, {"type": "boolean"},
+                        {"type": "number", "minimum": 5, "exclusiveMaximum": 7}],
               "$defs": {"digit": {"enum": [0, 1, 2]}}}
 
     def check(text):
         value = json.loads(text)
-        assert (isinstance(value, str) and len(value) <= 4) or value in (0, 1, 2, True, False), text
+        assert (isinstance(value, str) and len(value) <= 4) or value in (0, 1, 2, True, False) \
+            or (type(value) in (int, float) and 5 <= value < 7), text
 
     texts = set()
     for adapter in ("skip1", "skip2", "skip4", BASE):
@@ -419,10 +421,11 @@ def test_guided_json(served):
     for choice in r.json()["choices"]:
         check(choice["text"])
     for extra, param, message in (
-            ({"guided_json": {"type": "number", "minimum": 3}}, "guided_json", "bounds on a number"),
+            ({"guided_json": {"type": "number", "minimum": 0.5}}, "guided_json", "whole-number bounds"),
             ({"guided_json": {"type": "object"}}, "guided_json", "needs its properties"),
             ({"guided_json": "{not json"}, "guided_json", "not valid JSON"),
-            ({"structured_outputs": {"json": {"type": "string", "format": "date"}}}, "structured_outputs", "'format'"),
+            ({"structured_outputs": {"json": {"type": "string", "format": "ipv6"}}}, "structured_outputs", "format"),
+            ({"guided_json": {"oneOf": [{"type": "integer"}, {"type": "number"}]}}, "guided_json", "oneOf"),
             ({"response_format": {"type": "json_object"}}, "response_format", "not supported"),
             ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format",
              "not supported"),

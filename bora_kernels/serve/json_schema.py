@@ -4,17 +4,32 @@ match is a JSON text that the schema accepts, written as ``json.dumps`` writes i
 between items, ``": "`` after keys, no other white space), with an object's properties in the
 schema's order.
 
-What it covers: ``type`` (one or a list), ``enum``, ``const``, ``anyOf`` / ``oneOf`` (as
-alternatives), local ``$ref`` (``#/$defs/...``, ``#/definitions/...``; not recursive), objects
-with ``properties`` and ``required`` (a property not required may be left out), arrays with
-``items``, ``minItems`` and ``maxItems``, strings with ``minLength`` and ``maxLength``, integers
-with ``minimum``, ``maximum``, ``exclusiveMinimum`` and ``exclusiveMaximum``, numbers (without
-bounds), booleans and null. Keywords that only describe (``title``, ``description``, ``default``,
-``examples``...) are ignored, and so is ``additionalProperties`` (the output holds the listed
-properties only, which every value of it allows). Any other keyword (``minimum``, ``pattern``,
-``format``, ``allOf``...) is refused with a ``ValueError`` naming it and where it is, since
-ignoring it could give JSON the schema does not accept; so is an object without ``properties``
-(a free-form object needs more than a regular expression).
+What it covers (what Pydantic's ``model_json_schema()`` writes for the usual field types):
+
+- ``type`` (one or a list), ``enum``, ``const``, local ``$ref`` (``#/$defs/...``,
+  ``#/definitions/...``; not recursive), ``allOf`` of one schema;
+- ``anyOf`` as alternatives, leaving out those it cannot express while one is left (so Pydantic's
+  ``Decimal``, a number or a string with a look-ahead pattern, is written as a number);
+  ``oneOf`` the same when no two of its alternatives can match one text (else refused: the output
+  could match two);
+- objects with ``properties`` and ``required`` (a property not required may be left out; the
+  output holds the listed properties only, which every ``additionalProperties`` allows), or
+  without ``properties`` but with ``additionalProperties`` a schema (a map from any string to its
+  values; ``minProperties``, ``maxProperties``);
+- arrays with ``items`` and/or ``prefixItems``, ``minItems``, ``maxItems``;
+- strings with ``minLength``/``maxLength``, or a ``pattern`` (a search within the value, as the
+  schema means it; see ``pattern.json_string_pattern``), or a ``format``: ``date``, ``time``,
+  ``date-time`` (RFC 3339), ``uuid``, ``ipv4``, ``email``, ``uri`` (each a strict subset of what
+  validators accept, for example ``http(s)`` URIs only);
+- integers and numbers with ``minimum``, ``maximum``, ``exclusiveMinimum`` and
+  ``exclusiveMaximum`` (whole-number bounds on a ``number``; it is then written without an
+  exponent), booleans and null.
+
+Keywords that only describe (``title``, ``description``, ``default``, ``examples``,
+``discriminator``...) are ignored. Any other keyword (``multipleOf``, ``uniqueItems``...) is
+refused with a ``ValueError`` naming it and where it is, since ignoring it could give JSON the
+schema does not accept; so is an object with neither ``properties`` nor an
+``additionalProperties`` schema (a free-form object needs more than a regular expression).
 """
 
 from __future__ import annotations
@@ -23,18 +38,55 @@ import json
 import math
 import re
 
+from .pattern import Pattern, json_string_pattern
+
 DESCRIPTIVE = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
-               "readOnly", "writeOnly", "additionalProperties", "$defs", "definitions", "strict"}
+               "readOnly", "writeOnly", "$defs", "definitions", "strict", "discriminator"}
 BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
-KEYWORDS = {"type", "enum", "const", "anyOf", "oneOf", "$ref", "properties", "required", "items", "minItems",
-            "maxItems", "minLength", "maxLength", *BOUNDS}
+KEYWORDS = {"type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "properties", "required",
+            "additionalProperties", "minProperties", "maxProperties", "items", "prefixItems", "minItems", "maxItems",
+            "minLength", "maxLength", "pattern", "format", *BOUNDS}
+COMBINERS = ("allOf", "$ref", "const", "enum", "anyOf", "oneOf")  # each stands alone (a type beside const, enum)
 MAX_REF_DEPTH = 16
 
 # a character of a JSON string (anything but a quote, a backslash or a control character, or an escape)
 STRING_CHAR = r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})'
-INTEGER = r"-?(?:0|[1-9][0-9]*)"
-SCALARS = {"integer": INTEGER, "number": INTEGER + r"(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?",
+INTEGER = r"(?:0|-?[1-9][0-9]*)"  # as json.dumps writes integers: no "-0"
+# numbers: at most 16 digits before the point and a two-digit exponent, so that every one is a
+# finite double (a reader such as Pydantic's refuses "1e400", which is inf)
+NUMBER_DIGITS = 16
+SCALARS = {"integer": INTEGER,
+           "number": rf"-?(?:0|[1-9][0-9]{{0,{NUMBER_DIGITS - 1}}})(?:\.[0-9]+)?(?:[eE][+-]?[0-9]{{1,2}})?",
            "boolean": "(?:true|false)", "null": "null"}
+FRACTION = r"(?:\.[0-9]+)?"
+
+# string formats: strict subsets of what validators accept (Python's date/time parsing, RFC 3339,
+# RFC 4122 in lower case, dotted quads, plain addresses and http(s) URIs), with their lengths
+_YEAR = r"(?:[1-9][0-9]{3}|0[1-9][0-9]{2}|00[1-9][0-9]|000[1-9])"
+_MONTH_DAY = r"(?:(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-8])|(?:0[13-9]|1[0-2])-(?:29|30)|(?:0[13578]|1[02])-31)"
+_LEAP_DAY = r"(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)-02-29"
+_DATE = rf"(?:{_YEAR}-{_MONTH_DAY}|{_LEAP_DAY})"
+_TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,6})?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_URI_CHARS = r"[A-Za-z0-9._~!$&'()*+,;=:@/-]"
+FORMATS = {  # name: (pattern, shortest, longest or None)
+    "date": (_DATE, 10, 10),
+    "time": (_TIME, 9, 21),
+    "date-time": (rf"{_DATE}T{_TIME}", 20, 32),
+    "uuid": (r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", 36, 36),
+    "ipv4": (rf"{_OCTET}(?:\.{_OCTET}){{3}}", 7, 15),
+    "email": (rf"[A-Za-z0-9_+-]{{1,32}}(?:\.[A-Za-z0-9_+-]{{1,32}}){{0,3}}@(?:{_LABEL}\.){{1,3}}[A-Za-z]{{2,12}}",
+              6, 32 + 3 * 33 + 1 + 3 * 64 + 12),
+    "uri": ((rf"https?://(?:{_LABEL}\.){{0,3}}{_LABEL}(?::[1-9][0-9]{{0,3}})?(?:/{_URI_CHARS}{{0,64}})?"
+             rf"(?:\?(?:{_URI_CHARS}|\?){{0,64}})?(?:#(?:{_URI_CHARS}|\?){{0,32}})?"),
+            8, 8 + 3 * 64 + 63 + 5 + 65 + 65 + 33),
+}
+
+
+class Unsupported(ValueError):
+    """A part of a schema it cannot express (rather than one that is malformed): ``anyOf`` leaves
+    such alternatives out."""
 
 
 def schema_regex(schema) -> str:
@@ -48,6 +100,17 @@ def schema_regex(schema) -> str:
     if not isinstance(schema, dict):
         raise ValueError("must be a JSON schema (an object)")  # noqa: TRY004 - a bad request, as every error here
     return _Converter(schema).regex(schema, "schema", 0)
+
+
+def _json_types(value) -> set[str]:
+    """The JSON schema types a value is of."""
+    if value is None:
+        return {"null"}
+    if isinstance(value, bool):
+        return {"boolean"}
+    if isinstance(value, (int, float)):
+        return {"number", "integer"} if float(value).is_integer() else {"number"}
+    return {"string" if isinstance(value, str) else "array" if isinstance(value, list) else "object"}
 
 
 def _literal(value) -> str:
@@ -97,6 +160,21 @@ def _naturals(low: int, high: int | None) -> list[str]:
     return parts
 
 
+def _decimals(low: int, low_in: bool, high: int, high_in: bool) -> list[str]:
+    """Patterns for the decimals (no exponent, no sign) from ``low >= 0`` to ``high``, each bound
+    inclusive or not."""
+    if high < low or (high == low and not (low_in and high_in)):
+        return []
+    if high == low:
+        return [f"{low}(?:\\.0+)?"]
+    parts = [f"{low}" + (FRACTION if low_in else r"\.[0-9]*[1-9][0-9]*")]  # low's whole part
+    if low + 1 <= high - 1:  # whole parts strictly between: any fraction
+        parts.append(integer_range(low + 1, high - 1) + FRACTION)
+    if high_in:
+        parts.append(f"{high}(?:\\.0+)?")
+    return parts
+
+
 def integer_range(low: int | None, high: int | None) -> str:
     """A pattern for the integers from ``low`` to ``high`` (inclusive; None: no bound), as JSON
     writes them (no leading zeros, no "-0")."""
@@ -116,33 +194,68 @@ class _Converter:
 
     def regex(self, schema, where: str, depth: int) -> str:
         if schema is True or schema == {}:
-            raise ValueError(f"{where}: a schema that allows any JSON value cannot be guided (give its type)")
+            raise Unsupported(f"{where}: a schema that allows any JSON value cannot be guided (give its type)")
         if not isinstance(schema, dict):
             raise ValueError(f"{where}: must be a schema (an object), got {json.dumps(schema)}")  # noqa: TRY004
         unknown = sorted(set(schema) - KEYWORDS - DESCRIPTIVE)
         if unknown:
-            raise ValueError(f"{where}: {', '.join(map(repr, unknown))} not supported (the output could break it)")
-        if any(b in schema for b in BOUNDS) and ("type" not in schema or set(schema) & {"$ref", "const", "enum", "anyOf", "oneOf"}):
-            raise ValueError(f"{where}: bounds are supported on an integer type only")
-        if "$ref" in schema:
+            raise Unsupported(f"{where}: {', '.join(map(repr, unknown))} not supported (the output could break it)")
+        if any(b in schema for b in BOUNDS) and "type" not in schema:
+            raise Unsupported(f"{where}: bounds are supported beside an integer or number type only")
+        combiner = next((key for key in COMBINERS if key in schema), None)
+        if combiner is not None:
+            beside = set(schema) - DESCRIPTIVE - {combiner} - ({"type"} if combiner in ("const", "enum") else set())
+            if beside:
+                raise Unsupported(f"{where}: {', '.join(map(repr, sorted(beside)))} beside {combiner!r} not supported")
+        if combiner == "allOf":
+            options = schema["allOf"]
+            if not isinstance(options, list) or len(options) != 1:
+                raise Unsupported(f"{where}.allOf: only one schema is supported (several need their intersection)")
+            return self.regex(options[0], f"{where}.allOf[0]", depth)
+        if combiner == "$ref":
             return self.ref(schema, where, depth)
-        if "const" in schema:
-            return _literal(schema["const"])
-        if "enum" in schema:
-            if not isinstance(schema["enum"], list) or not schema["enum"]:
+        if combiner in ("const", "enum"):
+            values = [schema["const"]] if combiner == "const" else schema["enum"]
+            if not isinstance(values, list) or not values:
                 raise ValueError(f"{where}.enum: must be a non-empty list")
-            return "(?:" + "|".join(_literal(v) for v in schema["enum"]) + ")"
-        for key in ("anyOf", "oneOf"):
-            if key in schema:
-                options = schema[key]
-                if not isinstance(options, list) or not options:
-                    raise ValueError(f"{where}.{key}: must be a non-empty list of schemas")
-                return "(?:" + "|".join(self.regex(o, f"{where}.{key}[{i}]", depth) for i, o in enumerate(options)) + ")"
+            if "type" in schema:  # the values of that type only
+                kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+                values = [v for v in values if _json_types(v) & set(kinds)]
+                if not values:
+                    raise ValueError(f"{where}: no value of its {combiner} is of its type")
+            return "(?:" + "|".join(_literal(v) for v in values) + ")"
+        if combiner in ("anyOf", "oneOf"):
+            return self.alternatives(schema[combiner], f"{where}.{combiner}", depth, combiner == "oneOf")
         kind = schema.get("type")
         if kind is None:
             raise ValueError(f"{where}: needs a type (or enum, const, anyOf, $ref)")
         kinds = kind if isinstance(kind, list) else [kind]
         return "(?:" + "|".join(self.typed(schema, k, where, depth) for k in kinds) + ")"
+
+    def alternatives(self, options, where: str, depth: int, only_one: bool) -> str:
+        """anyOf / oneOf: the alternatives it can express (an error only when none is left); for
+        oneOf they must not overlap, since a text that two of them match is refused."""
+        if not isinstance(options, list) or not options:
+            raise ValueError(f"{where}: must be a non-empty list of schemas")
+        kept, errors = [], []
+        for i, option in enumerate(options):
+            try:
+                kept.append((i, self.regex(option, f"{where}[{i}]", depth)))
+            except Unsupported as err:
+                errors.append(err)
+        if not kept:
+            raise errors[0]
+        if only_one and len(kept) > 1:
+            patterns = [(i, Pattern(regex)) for i, regex in kept]
+            for n, (i, first) in enumerate(patterns):
+                for j, second in patterns[n + 1:]:
+                    try:
+                        overlap = first.intersects(second)
+                    except ValueError as err:
+                        raise Unsupported(f"{where}: [{i}] and [{j}] are {err}") from None
+                    if overlap:
+                        raise Unsupported(f"{where}: [{i}] and [{j}] can match the same text, which oneOf refuses")
+        return "(?:" + "|".join(regex for _, regex in kept) + ")"
 
     def ref(self, schema, where: str, depth: int) -> str:
         ref = schema["$ref"]
@@ -151,71 +264,138 @@ class _Converter:
                              "a regular expression)")
         parts = ref.split("/") if isinstance(ref, str) else []
         if len(parts) != 3 or parts[0] != "#" or parts[1] not in ("$defs", "definitions"):
-            raise ValueError(f"{where}.$ref: only '#/$defs/NAME' or '#/definitions/NAME' is supported, got {ref!r}")
+            raise Unsupported(f"{where}.$ref: only '#/$defs/NAME' or '#/definitions/NAME' is supported, got {ref!r}")
         target = self.root.get(parts[1], {}).get(parts[2])
         if target is None:
             raise ValueError(f"{where}.$ref: {ref!r} is not in the schema")
         return self.regex(target, ref, depth + 1)
 
     def typed(self, schema: dict, kind, where: str, depth: int) -> str:
-        if kind == "integer" and any(b in schema for b in BOUNDS):
-            return self.integers(schema, where)
-        if kind == "number" and any(b in schema for b in BOUNDS):
-            raise ValueError(f"{where}: bounds on a number are not supported (on an integer they are)")
+        if kind in ("integer", "number") and any(b in schema for b in BOUNDS):
+            return self.numbers(schema, kind, where)
         if kind in SCALARS:
             return SCALARS[kind]
         if kind == "string":
-            lo, hi = self.bounds(schema, "minLength", "maxLength", where)
-            return '"' + (f"{STRING_CHAR}*" if (lo, hi) == (0, None) else _repeat(STRING_CHAR, lo, hi)) + '"'
+            return self.string(schema, where)
         if kind == "array":
-            if "items" not in schema:
-                raise ValueError(f"{where}: an array needs its items' schema")
-            item = self.regex(schema["items"], f"{where}.items", depth)
-            lo, hi = self.bounds(schema, "minItems", "maxItems", where)
-            if hi == 0:
-                return r"\[\]"
-            rest = _repeat(", " + item, max(lo - 1, 0), None if hi is None else hi - 1)
-            items = f"{item}{rest}"
-            return rf"\[(?:{items})?\]" if lo == 0 else rf"\[{items}\]"
+            return self.array(schema, where, depth)
         if kind == "object":
             return self.object(schema, where, depth)
         raise ValueError(f"{where}.type: {json.dumps(kind)} is not a JSON schema type")
 
     @staticmethod
-    def integers(schema: dict, where: str) -> str:
-        low = high = None
+    def numbers(schema: dict, kind: str, where: str) -> str:
+        """Integers from the bounds' integers within; numbers (whole-number bounds) as decimals."""
+        low = high = None  # (bound, inclusive)
         for name in BOUNDS:
             if name not in schema:
                 continue
             value = schema[name]
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{where}.{name}: must be a number, got {json.dumps(value)}")  # noqa: TRY004
-            exclusive = name.startswith("exclusive")
-            if name.endswith("inimum"):
-                bound = math.floor(value) + 1 if exclusive else math.ceil(value)
-                low = bound if low is None else max(low, bound)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{where}.{name}: must be a number, got {json.dumps(value)}")
+            inclusive = not name.startswith("exclusive")
+            if kind == "integer":  # the integers within, inclusive
+                value = (math.ceil(value) if inclusive else math.floor(value) + 1) if name.endswith("inimum") \
+                    else (math.floor(value) if inclusive else math.ceil(value) - 1)
+                inclusive = True
+            elif value != int(value):
+                raise Unsupported(f"{where}.{name}: only whole-number bounds are supported on a number, got {value}")
+            bound = (int(value), inclusive)
+            if name.endswith("inimum"):  # the tighter of minimum and exclusiveMinimum
+                low = bound if low is None or (bound[0], not bound[1]) > (low[0], not low[1]) else low
             else:
-                bound = math.ceil(value) - 1 if exclusive else math.floor(value)
-                high = bound if high is None else min(high, bound)
-        if low is not None and high is not None and high < low:
-            raise ValueError(f"{where}: no integer lies within its bounds")
-        return integer_range(low, high)
+                high = bound if high is None or (bound[0], bound[1]) < (high[0], high[1]) else high
+        if kind == "integer":
+            if low is not None and high is not None and high[0] < low[0]:
+                raise ValueError(f"{where}: no integer lies within its bounds")
+            return integer_range(low and low[0], high and high[0])
+        largest = (10 ** NUMBER_DIGITS - 1, True)  # where a side has no bound (see SCALARS)
+        low, high = low or (-largest[0], True), high or largest
+        parts = []
+        if high[0] > 0 or high == (0, True):  # 0 and up: "0", "0.5", "12.0"...
+            parts += _decimals(*((0, True) if low[0] < 0 else low), *high)
+        if low[0] < 0:  # below 0: "-" and a magnitude over 0
+            parts += ["-" + p for p in _decimals(*((0, False) if high[0] >= 0 else (-high[0], high[1])), -low[0], low[1])]
+        if not parts:
+            raise ValueError(f"{where}: no number lies within its bounds")
+        return "(?:" + "|".join(f"(?:{p})" for p in parts) + ")"
+
+    def string(self, schema: dict, where: str) -> str:
+        if "pattern" in schema and "format" in schema:
+            raise Unsupported(f"{where}: pattern and format together are not supported")
+        if "format" in schema:
+            name = schema["format"]
+            if name not in FORMATS:
+                raise Unsupported(f"{where}.format: {json.dumps(name)} not supported (supported: {', '.join(FORMATS)})")
+            regex, shortest, longest = FORMATS[name]
+            lo, hi = self.bounds(schema, "minLength", "maxLength", where, most=None)  # not repeats: any size
+            if lo > shortest or (hi is not None and hi < longest):
+                raise Unsupported(f"{where}: minLength/maxLength that cut into format {name!r} are not supported")
+            return f'"{regex}"'
+        lo, hi = self.bounds(schema, "minLength", "maxLength", where)
+        if "pattern" in schema:
+            if (lo, hi) != (0, None):
+                raise Unsupported(f"{where}: pattern with minLength/maxLength is not supported")
+            try:
+                regex, at_start, at_end = json_string_pattern(schema["pattern"])
+            except ValueError as err:
+                raise Unsupported(f"{where}.pattern: {err}") from None
+            free = f"{STRING_CHAR}*"
+            return '"' + ("" if at_start else free) + f"(?:{regex})" + ("" if at_end else free) + '"'
+        return '"' + (f"{STRING_CHAR}*" if (lo, hi) == (0, None) else _repeat(STRING_CHAR, lo, hi)) + '"'
+
+    def array(self, schema: dict, where: str, depth: int) -> str:
+        prefix = schema.get("prefixItems", [])
+        if not isinstance(prefix, list):
+            raise ValueError(f"{where}.prefixItems: must be a list of schemas")  # noqa: TRY004 - a bad request
+        firsts = [self.regex(s, f"{where}.prefixItems[{i}]", depth) for i, s in enumerate(prefix)]
+        more = schema.get("items", False if prefix else None)
+        if more is None:
+            raise Unsupported(f"{where}: an array needs its items' schema")
+        item = None if more is False else self.regex(more, f"{where}.items", depth)
+        lo, hi = self.bounds(schema, "minItems", "maxItems", where)
+        if item is None and lo > len(firsts):
+            raise Unsupported(f"{where}: minItems {lo} is more than its {len(firsts)} prefixItems, with no items schema")
+        # the lengths up to the prefix's, then the prefix and as many more items as allowed
+        options = [", ".join(firsts[:n]) for n in range(lo, len(firsts) + 1) if hi is None or n <= hi]
+        if item is not None and (hi is None or hi > len(firsts)):
+            extra = _repeat(", " + item, max(lo - len(firsts), 1) - (0 if firsts else 1),
+                            None if hi is None else hi - len(firsts) - (0 if firsts else 1))
+            options.append(", ".join(firsts) + ("" if firsts else item) + extra)
+        return r"\[(?:" + "|".join(f"(?:{o})" for o in options) + r")\]"
 
     @staticmethod
-    def bounds(schema: dict, low: str, high: str, where: str) -> tuple[int, int | None]:
+    def bounds(schema: dict, low: str, high: str, where: str, most: int | None = 1000) -> tuple[int, int | None]:
+        """A count's bounds (``most``: the largest allowed, as they become repeats of a pattern)."""
         lo, hi = schema.get(low, 0), schema.get(high)
         for name, value in ((low, lo), (high, hi)):
-            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 1000):
-                raise ValueError(f"{where}.{name}: must be an integer in [0, 1000], got {json.dumps(value)}")
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value
+                                          and (most is None or value <= most)):
+                raise ValueError(f"{where}.{name}: must be an integer in [0, {most or 'any'}], got {json.dumps(value)}")
         if hi is not None and hi < lo:
             raise ValueError(f"{where}: {high} {hi} is below {low} {lo}")
         return lo, hi
 
     def object(self, schema: dict, where: str, depth: int) -> str:
         properties = schema.get("properties")
+        values = schema.get("additionalProperties")
+        if not properties and isinstance(values, dict) and values:  # a map: any keys, values of one schema
+            if "required" in schema:
+                raise Unsupported(f"{where}.required: needs properties")
+            value = self.regex(values, f"{where}.additionalProperties", depth)
+            lo, hi = self.bounds(schema, "minProperties", "maxProperties", where)
+            if lo > 1:  # a key written twice counts once
+                raise Unsupported(f"{where}.minProperties: above 1 is not supported (the output's keys may repeat)")
+            pair = f'"{STRING_CHAR}*": {value}'
+            if hi == 0:
+                return r"\{\}"
+            pairs = pair + _repeat(", " + pair, max(lo - 1, 0), None if hi is None else hi - 1)
+            return rf"\{{(?:{pairs})?\}}" if lo == 0 else rf"\{{{pairs}\}}"
+        if "minProperties" in schema or "maxProperties" in schema:
+            raise Unsupported(f"{where}: minProperties/maxProperties are supported on a map (additionalProperties) only")
         if not isinstance(properties, dict) or not properties:
-            raise ValueError(f"{where}: an object needs its properties listed (a free-form object needs more "
-                             "than a regular expression)")
+            raise Unsupported(f"{where}: an object needs its properties listed, or additionalProperties as a schema "
+                             "(a free-form object needs more than a regular expression)")
         required = schema.get("required", [])
         if not (isinstance(required, list) and all(isinstance(r, str) for r in required)):
             raise ValueError(f"{where}.required: must be a list of property names")

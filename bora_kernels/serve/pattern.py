@@ -12,6 +12,9 @@ states as the text meets them, each step cached. States from which the end canno
 are dropped from every set, so a state exists only while a match is still possible (unless the
 pattern needs a character from an empty set, such as ``[^\\s\\S]``): ``step`` returns ``DEAD``
 otherwise.
+
+``json_string_pattern(regex)`` serves JSON schemas' ``pattern`` keyword: the same syntax, read as
+a search within a JSON string's value, written as the string's text between its quotes.
 """
 
 from __future__ import annotations
@@ -45,15 +48,17 @@ SPACE = _ranges(" \t\n\r\f\v")
 CLASSES = {"d": Chars(DIGITS), "D": Chars(DIGITS, True), "w": Chars(WORD), "W": Chars(WORD, True),
            "s": Chars(SPACE), "S": Chars(SPACE, True)}
 ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v", "0": "\0"}
+HEX_DIGITS = {"x": 2, "u": 4, "U": 8}
 ANY = Chars(_ranges("\n"), True)  # "." as Python reads it: anything but a newline
+PRINTABLE_ASCII = ((0x20, 0x7E),)
 
 
 class _Parser:
     """Recursive descent over the pattern: alternation, concatenation, repeats, atoms. Its tree:
     ``("chars", Chars)``, ``("cat", [...])``, ``("alt", [...])``, ``("rep", node, lo, hi or None)``."""
 
-    def __init__(self, text: str):
-        self.text, self.i = text, 0
+    def __init__(self, text: str, classes: dict[str, Chars] = CLASSES):
+        self.text, self.i, self.classes = text, 0, classes
 
     def error(self, what: str) -> ValueError:
         return ValueError(f"{what} at position {self.i} of {self.text!r}")
@@ -155,15 +160,17 @@ class _Parser:
 
     def escape(self, in_class: bool) -> Chars:
         ch = self.take()
-        if ch in CLASSES:
-            return CLASSES[ch]
+        if ch in self.classes:
+            return self.classes[ch]
         if ch in ESCAPES:
             return Chars(_ranges(ESCAPES[ch]))
-        if ch == "x" or ch == "u":
-            digits = self.text[self.i:self.i + (2 if ch == "x" else 4)]
-            if len(digits) != (2 if ch == "x" else 4) or not all(c in "0123456789abcdefABCDEF" for c in digits):
+        if ch in HEX_DIGITS:
+            count = HEX_DIGITS[ch]
+            digits = self.text[self.i:self.i + count]
+            if len(digits) != count or not all(c in "0123456789abcdefABCDEF" for c in digits) \
+                    or int(digits, 16) > 0x10FFFF:
                 raise self.error(f"bad '\\{ch}' escape")
-            self.i += len(digits)
+            self.i += count
             return Chars(((int(digits, 16),) * 2,))
         if ch.isalnum():
             raise self.error(f"'\\{ch}' is not supported" + ("" if in_class else " (back-references and "
@@ -346,3 +353,111 @@ class Pattern:
 
     def fullmatch(self, text: str) -> bool:
         return self.accepts(self.walk(self.start, text))
+
+    def intersects(self, other: Pattern, limit: int = MAX_STATES) -> bool:
+        """Whether some text is a match of both. Walks pairs of states over one character of each
+        stretch of code points that no set of either pattern splits; ``ValueError`` past ``limit``
+        pairs."""
+        cuts = {0}
+        for pattern in (self, other):
+            for moves in pattern._moves:
+                for chars, _ in moves:
+                    cuts.update(edge for lo, hi in chars.ranges for edge in (lo, hi + 1))
+        alphabet = [chr(code) for code in sorted(cuts) if code <= 0x10FFFF]
+        seen, todo = {(self.start, other.start)}, [(self.start, other.start)]
+        while todo:
+            a, b = todo.pop()
+            if self.accepts(a) and other.accepts(b):
+                return True
+            for ch in alphabet:
+                after = (self.step(a, ch), other.step(b, ch))
+                if DEAD not in after and after not in seen:
+                    if len(seen) >= limit:
+                        raise ValueError(f"too large to check against another pattern (over {limit} pairs of states)")
+                    seen.add(after)
+                    todo.append(after)
+        return False
+
+
+# JSON schemas' `pattern`: a search within a string's value. In the string's text a quote, a
+# backslash and control characters are written escaped, and U+2028/U+2029 end a line for "." in
+# ECMA-262 (the schemas' own dialect) but not in Python's re: the pattern's characters keep clear
+# of them all, so that its text is the value itself and every dialect reads it alike.
+NOT_IN_JSON_TEXT = ((0x00, 0x1F), (0x22, 0x22), (0x5C, 0x5C), (0x2028, 0x2029))
+
+
+def _subtract(ranges, remove) -> list[tuple[int, int]]:
+    out = []
+    for lo, hi in sorted(ranges):
+        for cut_lo, cut_hi in sorted(remove):
+            if cut_hi < lo or cut_lo > hi:
+                continue
+            if cut_lo > lo:
+                out.append((lo, cut_lo - 1))
+            lo = cut_hi + 1
+            if lo > hi:
+                break
+        if lo <= hi:
+            out.append((lo, hi))
+    return out
+
+
+# \D, \W, \S as printable ASCII: Python's re reads \d, \w, \s as Unicode classes (ECMA-262 as
+# ASCII ones), so their complements agree on ASCII only; so do ".", [^...] (see _json_chars)
+JSON_CLASSES = {**CLASSES, "D": Chars(tuple(_subtract(PRINTABLE_ASCII, DIGITS))),
+                "W": Chars(tuple(_subtract(PRINTABLE_ASCII, WORD))), "S": Chars(tuple(_subtract(PRINTABLE_ASCII, SPACE)))}
+
+
+def _json_chars(chars: Chars) -> Chars:
+    ranges = _subtract(PRINTABLE_ASCII, chars.ranges) if chars.negated else chars.ranges
+    return Chars(tuple(_subtract(ranges, NOT_IN_JSON_TEXT)))
+
+
+def _code(code: int) -> str:
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def _text(node) -> str:
+    """The tree (after ``_json_chars``, so no negated sets) as pattern text."""
+    kind = node[0]
+    if kind == "chars":
+        ranges = node[1].ranges
+        if not ranges:
+            return r"[^\s\S]"
+        if len(ranges) == 1 and ranges[0][0] == ranges[0][1] and chr(ranges[0][0]).isascii() \
+                and chr(ranges[0][0]).isalnum():
+            return chr(ranges[0][0])
+        return "[" + "".join(_code(lo) if lo == hi else f"{_code(lo)}-{_code(hi)}" for lo, hi in ranges) + "]"
+    if kind == "cat":
+        return "".join(_text(part) for part in node[1])
+    if kind == "alt":
+        return "(?:" + "|".join(_text(option) for option in node[1]) + ")"
+    _, inner, lo, hi = node
+    return f"(?:{_text(inner)}){{{lo},{'' if hi is None else hi}}}"
+
+
+def _json_tree(node):
+    kind = node[0]
+    if kind == "chars":
+        return ("chars", _json_chars(node[1]))
+    if kind in ("cat", "alt"):
+        return (kind, [_json_tree(part) for part in node[1]])
+    return ("rep", _json_tree(node[1]), *node[2:])
+
+
+def json_string_pattern(regex: str) -> tuple[str, bool, bool]:
+    """A JSON schema's ``pattern`` (``regex``, in the syntax ``Pattern`` reads) as pattern text for
+    values that match it written without escapes, and whether it is anchored at the value's start
+    and at its end (elsewhere the value may hold any text before and after the match).
+
+    Its characters keep clear of those a JSON string's text writes escaped, and ``.``, ``[^...]``,
+    ``\\D``, ``\\W``, ``\\S`` stand for printable ASCII only (where Python's and ECMA-262's
+    readings agree). A ``^`` that starts the pattern or a ``$`` that ends it anchors the whole of
+    it, every alternative included: a narrower reading than the schema's, so its matches still
+    match. ``ValueError`` for a pattern it cannot read."""
+    if not isinstance(regex, str) or not 0 < len(regex) <= MAX_PATTERN_CHARS:
+        raise ValueError(f"must be a non-empty string of at most {MAX_PATTERN_CHARS} characters")
+    tree = _Parser(regex, JSON_CLASSES).parse()
+    before = regex[:-1]  # a "$" that ends it is an anchor unless an odd number of backslashes escape it
+    at_end = regex.endswith("$") and (len(before) - len(before.rstrip("\\"))) % 2 == 0
+    return _text(_json_tree(tree)), regex.startswith("^"), at_end
