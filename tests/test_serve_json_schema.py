@@ -71,6 +71,8 @@ CASES = [  # (schema, values it accepts, values it refuses)
      [{"t": "a"}, {"t": "b", "n": 3}], [{"t": "c"}, {"t": "a", "n": 3}]),
     ({"type": "number", "minimum": 0, "maximum": 1}, [0, 0.5, 1, 1.0, 0.001], [-0.5, 1.5, 2, -1]),
     ({"type": "number"}, [0, -1.5, 1e-05, 1.5e+30, 10**15], ["1", None, True]),
+    ({"$ref": "#/$defs/node", "$defs": {"node": {"type": "array", "items": {"$ref": "#/$defs/node"}}}},  # 3 levels
+     [[], [[]], [[[]], []]], [[1], [[1]], {}]),
 ]
 
 
@@ -129,7 +131,8 @@ def test_schema_patterns_match_exactly_the_values_the_schema_accepts(schema, goo
     ({"type": "array"}, "needs its items' schema"),
     ({"description": "no type"}, "needs a type"),
     ({"type": "decimal"}, '"decimal" is not a JSON schema type'),
-    ({"$ref": "#/$defs/node", "$defs": {"node": {"type": "array", "items": {"$ref": "#/$defs/node"}}}}, "refers back"),
+    ({"$ref": "#/$defs/node", "$defs": {"node": {"type": "array", "items": {"$ref": "#/$defs/node"}, "minItems": 1}}},
+     "refers back to itself at every level"),
     ({"$ref": "#/$defs/none"}, "is not in the schema"),
     ({"$ref": "other.json#/a"}, "only '#/$defs/NAME'"),
     ({"type": "object", "properties": {"a": {"type": "null"}}, "required": ["b"]}, "'b' not among the properties"),
@@ -281,6 +284,9 @@ SAMPLED = [  # schemas whose patterns are sampled at random (and the Pydantic mo
      "items": {"type": "integer", "minimum": 10}, "maxItems": 4},
     {"oneOf": [{"type": "object", "properties": {"t": {"const": "a"}, "n": {"type": "number"}}, "required": ["t"]},
                {"type": "object", "properties": {"t": {"const": "b"}}, "required": ["t"]}]},
+    {"$ref": "#/$defs/tree", "$defs": {"tree": {"type": "object", "properties": {
+        "v": {"type": "integer"}, "left": {"$ref": "#/$defs/tree"},
+        "right": {"anyOf": [{"$ref": "#/$defs/tree"}, {"type": "null"}]}}, "required": ["v", "right"]}}},
 ]
 ALPHABET = string.ascii_letters + string.digits + string.punctuation + " é٣\u00a0\u2028"
 WEIGHTS = [12 if ch in '"{}[],:-' else 1 for ch in ALPHABET]
@@ -316,16 +322,29 @@ def _to_match(pattern: Pattern, state: int, distance: dict) -> int:
     return distance[state]
 
 
-@pytest.mark.parametrize("which", [*range(len(SAMPLED)), "pydantic"])
+def _pydantic_tree():
+    """A recursive Pydantic model: a list of its own kind and an optional one."""
+    pydantic = pytest.importorskip("pydantic")
+
+    class Node(pydantic.BaseModel):
+        name: str
+        children: list[Node] = pydantic.Field(default_factory=list)
+        parent: Node | None = None
+
+    Node.model_rebuild(_types_namespace={"Node": Node})
+    return Node
+
+
+@pytest.mark.parametrize("which", [*range(len(SAMPLED)), "pydantic", "pydantic-tree"])
 def test_random_matches_are_valid_json_of_the_schema(which):
     """40 texts drawn at random from a schema's pattern each parse as JSON that ``jsonschema``
     accepts (formats checked: date, time, date-time, ipv4, uuid; emails with the standard
-    library's address parser), and for the Pydantic model, that Pydantic accepts."""
+    library's address parser), and for the Pydantic models, that Pydantic accepts."""
     jsonschema = pytest.importorskip("jsonschema")
-    model = _pydantic_order() if which == "pydantic" else None
+    model = {"pydantic": _pydantic_order, "pydantic-tree": _pydantic_tree}.get(which, lambda: None)()
     schema = model.model_json_schema() if model else SAMPLED[which]
     validator = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
-    pattern, rng, drawn = Pattern(schema_regex(schema)), random.Random(which if model is None else 99), []
+    pattern, rng, drawn = Pattern(schema_regex(schema)), random.Random(str(which)), []
     while len(drawn) < 40:
         text = _draw(pattern, rng)
         if text is not None:

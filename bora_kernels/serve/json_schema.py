@@ -7,7 +7,9 @@ schema's order.
 What it covers (what Pydantic's ``model_json_schema()`` writes for the usual field types):
 
 - ``type`` (one or a list), ``enum``, ``const``, local ``$ref`` (``#/$defs/...``,
-  ``#/definitions/...``; not recursive), ``allOf`` of one schema;
+  ``#/definitions/...``; a recursive schema, such as a tree, is written out ``MAX_RECURSION``
+  levels deep and ends there where its next level is optional, else it is refused), ``allOf``
+  of one schema;
 - ``anyOf`` as alternatives, leaving out those it cannot express while one is left (so Pydantic's
   ``Decimal``, a number or a string with a look-ahead pattern, is written as a number);
   ``oneOf`` the same when no two of its alternatives can match one text (else refused: the output
@@ -47,7 +49,8 @@ KEYWORDS = {"type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "propert
             "additionalProperties", "minProperties", "maxProperties", "items", "prefixItems", "minItems", "maxItems",
             "minLength", "maxLength", "pattern", "format", *BOUNDS}
 COMBINERS = ("allOf", "$ref", "const", "enum", "anyOf", "oneOf")  # each stands alone (a type beside const, enum)
-MAX_REF_DEPTH = 16
+MAX_REF_DEPTH = 16  # $refs within $refs
+MAX_RECURSION = 3  # levels of a recursive schema written out (where the next is optional, it stops there)
 
 # a character of a JSON string (anything but a quote, a backslash or a control character, or an escape)
 STRING_CHAR = r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})'
@@ -89,6 +92,11 @@ class Unsupported(ValueError):
     such alternatives out."""
 
 
+class TooDeep(Unsupported):
+    """A recursive schema's level past ``MAX_RECURSION``: where it is optional (an ``anyOf``
+    alternative, a property not required, the items of an array that may be empty) it is left out."""
+
+
 def schema_regex(schema) -> str:
     """A pattern for ``schema`` (a dict, or its JSON text); ``ValueError`` naming the part of the
     schema it cannot express."""
@@ -99,7 +107,7 @@ def schema_regex(schema) -> str:
             raise ValueError(f"is not valid JSON: {err}") from None
     if not isinstance(schema, dict):
         raise ValueError("must be a JSON schema (an object)")  # noqa: TRY004 - a bad request, as every error here
-    return _Converter(schema).regex(schema, "schema", 0)
+    return _Converter(schema).regex(schema, "schema", ())
 
 
 def _json_types(value) -> set[str]:
@@ -192,7 +200,7 @@ class _Converter:
     def __init__(self, root: dict):
         self.root = root
 
-    def regex(self, schema, where: str, depth: int) -> str:
+    def regex(self, schema, where: str, refs: tuple) -> str:
         if schema is True or schema == {}:
             raise Unsupported(f"{where}: a schema that allows any JSON value cannot be guided (give its type)")
         if not isinstance(schema, dict):
@@ -211,9 +219,9 @@ class _Converter:
             options = schema["allOf"]
             if not isinstance(options, list) or len(options) != 1:
                 raise Unsupported(f"{where}.allOf: only one schema is supported (several need their intersection)")
-            return self.regex(options[0], f"{where}.allOf[0]", depth)
+            return self.regex(options[0], f"{where}.allOf[0]", refs)
         if combiner == "$ref":
-            return self.ref(schema, where, depth)
+            return self.ref(schema, where, refs)
         if combiner in ("const", "enum"):
             values = [schema["const"]] if combiner == "const" else schema["enum"]
             if not isinstance(values, list) or not values:
@@ -225,14 +233,14 @@ class _Converter:
                     raise ValueError(f"{where}: no value of its {combiner} is of its type")
             return "(?:" + "|".join(_literal(v) for v in values) + ")"
         if combiner in ("anyOf", "oneOf"):
-            return self.alternatives(schema[combiner], f"{where}.{combiner}", depth, combiner == "oneOf")
+            return self.alternatives(schema[combiner], f"{where}.{combiner}", refs, combiner == "oneOf")
         kind = schema.get("type")
         if kind is None:
             raise ValueError(f"{where}: needs a type (or enum, const, anyOf, $ref)")
         kinds = kind if isinstance(kind, list) else [kind]
-        return "(?:" + "|".join(self.typed(schema, k, where, depth) for k in kinds) + ")"
+        return "(?:" + "|".join(self.typed(schema, k, where, refs) for k in kinds) + ")"
 
-    def alternatives(self, options, where: str, depth: int, only_one: bool) -> str:
+    def alternatives(self, options, where: str, refs: tuple, only_one: bool) -> str:
         """anyOf / oneOf: the alternatives it can express (an error only when none is left); for
         oneOf they must not overlap, since a text that two of them match is refused."""
         if not isinstance(options, list) or not options:
@@ -240,7 +248,7 @@ class _Converter:
         kept, errors = [], []
         for i, option in enumerate(options):
             try:
-                kept.append((i, self.regex(option, f"{where}[{i}]", depth)))
+                kept.append((i, self.regex(option, f"{where}[{i}]", refs)))
             except Unsupported as err:
                 errors.append(err)
         if not kept:
@@ -257,20 +265,22 @@ class _Converter:
                         raise Unsupported(f"{where}: [{i}] and [{j}] can match the same text, which oneOf refuses")
         return "(?:" + "|".join(regex for _, regex in kept) + ")"
 
-    def ref(self, schema, where: str, depth: int) -> str:
+    def ref(self, schema, where: str, refs: tuple) -> str:
         ref = schema["$ref"]
-        if depth >= MAX_REF_DEPTH:
-            raise ValueError(f"{where}.$ref: {ref!r} refers back to itself (recursive schemas need more than "
-                             "a regular expression)")
+        if refs.count(ref) >= MAX_RECURSION:
+            raise TooDeep(f"{where}.$ref: {ref!r} refers back to itself at every level (a recursive schema is "
+                          f"written out {MAX_RECURSION} levels deep, where the next level is optional)")
+        if len(refs) >= MAX_REF_DEPTH:
+            raise Unsupported(f"{where}.$ref: $refs nest more than {MAX_REF_DEPTH} deep")
         parts = ref.split("/") if isinstance(ref, str) else []
         if len(parts) != 3 or parts[0] != "#" or parts[1] not in ("$defs", "definitions"):
             raise Unsupported(f"{where}.$ref: only '#/$defs/NAME' or '#/definitions/NAME' is supported, got {ref!r}")
         target = self.root.get(parts[1], {}).get(parts[2])
         if target is None:
             raise ValueError(f"{where}.$ref: {ref!r} is not in the schema")
-        return self.regex(target, ref, depth + 1)
+        return self.regex(target, ref, refs + (ref,))
 
-    def typed(self, schema: dict, kind, where: str, depth: int) -> str:
+    def typed(self, schema: dict, kind, where: str, refs: tuple) -> str:
         if kind in ("integer", "number") and any(b in schema for b in BOUNDS):
             return self.numbers(schema, kind, where)
         if kind in SCALARS:
@@ -278,9 +288,9 @@ class _Converter:
         if kind == "string":
             return self.string(schema, where)
         if kind == "array":
-            return self.array(schema, where, depth)
+            return self.array(schema, where, refs)
         if kind == "object":
-            return self.object(schema, where, depth)
+            return self.object(schema, where, refs)
         raise ValueError(f"{where}.type: {json.dumps(kind)} is not a JSON schema type")
 
     @staticmethod
@@ -344,16 +354,21 @@ class _Converter:
             return '"' + ("" if at_start else free) + f"(?:{regex})" + ("" if at_end else free) + '"'
         return '"' + (f"{STRING_CHAR}*" if (lo, hi) == (0, None) else _repeat(STRING_CHAR, lo, hi)) + '"'
 
-    def array(self, schema: dict, where: str, depth: int) -> str:
+    def array(self, schema: dict, where: str, refs: tuple) -> str:
         prefix = schema.get("prefixItems", [])
         if not isinstance(prefix, list):
             raise ValueError(f"{where}.prefixItems: must be a list of schemas")  # noqa: TRY004 - a bad request
-        firsts = [self.regex(s, f"{where}.prefixItems[{i}]", depth) for i, s in enumerate(prefix)]
+        firsts = [self.regex(s, f"{where}.prefixItems[{i}]", refs) for i, s in enumerate(prefix)]
         more = schema.get("items", False if prefix else None)
         if more is None:
             raise Unsupported(f"{where}: an array needs its items' schema")
-        item = None if more is False else self.regex(more, f"{where}.items", depth)
         lo, hi = self.bounds(schema, "minItems", "maxItems", where)
+        try:
+            item = None if more is False else self.regex(more, f"{where}.items", refs)
+        except TooDeep:
+            if lo > len(firsts):
+                raise
+            item = None  # (a recursive schema's last level: no more items)
         if item is None and lo > len(firsts):
             raise Unsupported(f"{where}: minItems {lo} is more than its {len(firsts)} prefixItems, with no items schema")
         # the lengths up to the prefix's, then the prefix and as many more items as allowed
@@ -376,13 +391,13 @@ class _Converter:
             raise ValueError(f"{where}: {high} {hi} is below {low} {lo}")
         return lo, hi
 
-    def object(self, schema: dict, where: str, depth: int) -> str:
+    def object(self, schema: dict, where: str, refs: tuple) -> str:
         properties = schema.get("properties")
         values = schema.get("additionalProperties")
         if not properties and isinstance(values, dict) and values:  # a map: any keys, values of one schema
             if "required" in schema:
                 raise Unsupported(f"{where}.required: needs properties")
-            value = self.regex(values, f"{where}.additionalProperties", depth)
+            value = self.regex(values, f"{where}.additionalProperties", refs)
             lo, hi = self.bounds(schema, "minProperties", "maxProperties", where)
             if lo > 1:  # a key written twice counts once
                 raise Unsupported(f"{where}.minProperties: above 1 is not supported (the output's keys may repeat)")
@@ -402,8 +417,14 @@ class _Converter:
         missing = sorted(set(required) - set(properties))
         if missing:
             raise ValueError(f"{where}.required: {', '.join(map(repr, missing))} not among the properties")
-        items = [(_literal(name) + ": " + self.regex(sub, f"{where}.properties.{name}", depth), name in required)
-                 for name, sub in properties.items()]
+        items = []
+        for name, sub in properties.items():
+            try:
+                items.append((_literal(name) + ": " + self.regex(sub, f"{where}.properties.{name}", refs),
+                              name in required))
+            except TooDeep:
+                if name in required:
+                    raise  # (else a recursive schema's last level: the property is left out)
         # each way to begin: the first property present is i (every one before it optional), then
         # every later one after ", ", optional where it is not required
         ways = []
