@@ -1,8 +1,9 @@
 """Guided output (``bora_kernels/serve/guided.py``) on its own: each token's text after other
 text; a guide that allows exactly the tokens that can still end in one of the choices, checked
 against every token sequence that writes a choice; and one that allows exactly the tokens that
-can still end in a match of a pattern, checked with Python's ``re``. (``test_serve_engine.py`` checks the
-engine's masking, ``test_serve_http.py`` the API's ``guided_choice``.)"""
+can still end in a match of a pattern, checked with Python's ``re``; a JSON schema guiding a
+byte-level BPE to objects Pydantic accepts. (``test_serve_engine.py`` checks the engine's
+masking, ``test_serve_http.py`` the API's guided fields.)"""
 
 from __future__ import annotations
 
@@ -134,3 +135,64 @@ def test_patterns_no_token_can_write_are_refused_or_cut_short(texts):
     assert RegexSet(texts, "abc", [STOP, c]).guide().allowed().tolist() == want
     with pytest.raises(ValueError, match="missing"):
         RegexSet(texts, "(ab", [STOP])
+
+
+def test_json_schema_guides_a_byte_level_tokenizer_to_valid_objects():
+    """A Pydantic model's schema (objects, a list of objects, a map, formats, bounds, an optional
+    field) guiding a byte-level BPE tokenizer whose tokens span JSON's punctuation (``{"``,
+    ``": "``, ``"}``...): outputs of tokens chosen at random among those allowed, ended with the
+    stop token when it is allowed, are objects that Pydantic accepts."""
+    import datetime
+    import json
+    import random
+    from typing import Annotated
+
+    pydantic = pytest.importorskip("pydantic")
+    from transformers import PreTrainedTokenizerFast
+
+    from bora_kernels.serve.json_schema import schema_regex
+
+    class Item(pydantic.BaseModel):
+        sku: Annotated[str, pydantic.Field(pattern=r"^[A-Z]{3}\d{2}$")]
+        qty: Annotated[int, pydantic.Field(ge=1, le=99)]
+
+    class Order(pydantic.BaseModel):
+        customer: Annotated[str, pydantic.Field(max_length=12)]
+        day: datetime.date
+        share: Annotated[float, pydantic.Field(ge=0, le=1)]
+        items: Annotated[list[Item], pydantic.Field(min_length=1, max_length=3)]
+        notes: dict[str, bool]
+        coupon: str | None = None
+
+    rng = random.Random(0)
+    corpus = [json.dumps({"customer": rng.choice(["ann", "bo lee", "Zoë"]), "day": f"2024-0{rng.randint(1, 9)}-1{rng.randint(0, 9)}",
+                          "share": rng.random(), "items": [{"sku": "ABC12", "qty": rng.randint(1, 99)}] * rng.randint(1, 3),
+                          "notes": {"gift": rng.random() < 0.5}, "coupon": None}) for _ in range(200)]
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE())
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = tokenizers.decoders.ByteLevel()
+    backend.train_from_iterator(corpus, tokenizers.trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["</s>"], initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>")
+    texts = TokenTexts(tokenizer, vocab=len(tokenizer))
+    stop = tokenizer.eos_token_id
+    spanning = [t for t in texts.text if len(t) > 1 and set(t) & set('{}[]":,')]
+    assert len(spanning) > 20, spanning  # tokens that cross the pattern's punctuation
+    regexes = RegexSet(texts, schema_regex(Order.model_json_schema()), [stop])
+    finished = 0
+    for _ in range(30):
+        guide, tokens = regexes.guide(), []
+        while len(tokens) < 400:
+            allowed = guide.allowed().tolist()
+            assert allowed, "".join(texts.text[t] for t in tokens)  # a byte-level vocabulary writes every character
+            if stop in allowed and (len(allowed) == 1 or rng.random() < 0.5):
+                break
+            token = rng.choice([t for t in allowed if t != stop])
+            tokens.append(token)
+            if guide.advance(token):
+                break
+        else:
+            continue  # (long outputs are left unchecked: the walk is random)
+        finished += 1
+        Order.model_validate_json("".join(texts.text[t] for t in tokens))
+    assert finished >= 10, finished
