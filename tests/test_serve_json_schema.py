@@ -106,6 +106,7 @@ def test_schema_patterns_match_exactly_the_values_the_schema_accepts(schema, goo
     ({"type": "number", "minimum": 0.5}, "schema.minimum: only whole-number bounds are supported on a number"),
     ({"enum": [1, 20], "maximum": 10}, "bounds are supported beside an integer or number type only"),
     ({"type": "number", "minimum": 2, "exclusiveMaximum": 2}, "no number lies within its bounds"),
+    ({"type": "number", "exclusiveMaximum": 10**15}, "must be under 10**14"),
     ({"type": "integer", "exclusiveMinimum": 3, "exclusiveMaximum": 4}, "no integer lies within its bounds"),
     ({"type": "integer", "minimum": True}, "minimum: must be a number"),
     ({"type": "integer", "multipleOf": 2}, "'multipleOf' not supported"),
@@ -152,8 +153,10 @@ def test_schemas_it_cannot_keep_to_are_refused(schema, message):
                                     {"minimum": 0, "exclusiveMinimum": 0, "maximum": 10, "exclusiveMaximum": 7}],
                          ids=lambda b: json.dumps(b))
 def test_number_ranges_match_exactly_their_decimals(bounds):
-    """Decimals from -12.9 to 12.9 with fractions of several lengths match exactly when within the
-    bounds; "-0" forms, leading zeros and exponents never do (the output keeps to plain decimals)."""
+    """Decimals from -12.9 to 12.9 with fractions of up to 3 digits match exactly when within the
+    bounds; "-0" forms, leading zeros and exponents never do (the output keeps to plain decimals);
+    one with a long fraction that matches is within the bounds once read as a double (Python's
+    float, as validators read it: "0.9999999999999999999" is 1.0)."""
     regex = schema_regex({"type": "number", **bounds})
     python, pattern = re.compile(regex), Pattern(regex)
     low = max([decimal.Decimal(bounds[k]) for k in ("minimum",) if k in bounds] or [decimal.Decimal("-1e99")])
@@ -168,6 +171,13 @@ def test_number_ranges_match_exactly_their_decimals(bounds):
             expected = inside and not (text.startswith("-") and value == 0)
             assert bool(python.fullmatch(text)) == expected == pattern.fullmatch(text), text
     assert not any(python.fullmatch(t) for t in ("00.5", "01", "1e0", "5E-1", ".5", "1.", "+1"))
+    for whole in range(-12, 13):  # long fractions: a match still keeps to the bounds once read as a double
+        for fraction in (".0000000000000000001", ".9999999999999999999", ".00000000000001", ".99999999999999"):
+            for text in (f"{whole}{fraction}", f"-{abs(whole)}{fraction}"):
+                value = float(text)
+                if python.fullmatch(text):
+                    assert low <= value <= high and (above is None or value > above) \
+                        and (below is None or value < below), text
     unbounded = re.compile(schema_regex({"type": "number"}))  # finite doubles only: no "1e400" (inf to a reader)
     assert unbounded.fullmatch("9" * 16 + ".5e99") and not any(unbounded.fullmatch(t) for t in ("1e400", "1" + "0" * 16))
 

@@ -170,17 +170,30 @@ def _naturals(low: int, high: int | None) -> list[str]:
 
 def _decimals(low: int, low_in: bool, high: int, high_in: bool) -> list[str]:
     """Patterns for the decimals (no exponent, no sign) from ``low >= 0`` to ``high``, each bound
-    inclusive or not."""
+    inclusive or not. Beside a bound that is not inclusive, the fraction keeps to the digits a
+    double tells apart from it (``_kept_digits``): "2.99999999999999999" reads as 3.0, which
+    ``exclusiveMaximum: 3`` refuses."""
     if high < low or (high == low and not (low_in and high_in)):
         return []
     if high == low:
         return [f"{low}(?:\\.0+)?"]
-    parts = [f"{low}" + (FRACTION if low_in else r"\.[0-9]*[1-9][0-9]*")]  # low's whole part
-    if low + 1 <= high - 1:  # whole parts strictly between: any fraction
-        parts.append(integer_range(low + 1, high - 1) + FRACTION)
+    near_high = "" if high_in else rf"(?:\.[0-9]{{1,{_kept_digits(high)}}}0*)?"  # the whole part below high
+    parts = [f"{low}" + (FRACTION if low_in else rf"\.[0-9]{{0,{_kept_digits(low) - 1}}}[1-9]0*")]
+    if not high_in and high - 1 == low:  # low's whole part is also the one below high
+        parts = [f"{low}" + (near_high if low_in else rf"\.[0-9]{{0,{_kept_digits(high) - 1}}}[1-9]0*")]
+    if low + 1 <= high - 2 or (high_in and low + 1 <= high - 1):  # whole parts between: any fraction
+        parts.append(integer_range(low + 1, high - (1 if high_in else 2)) + FRACTION)
+    if not high_in and high - 1 > low:
+        parts.append(f"{high - 1}{near_high}")
     if high_in:
         parts.append(f"{high}(?:\\.0+)?")
     return parts
+
+
+def _kept_digits(bound: int) -> int:
+    """Digits after the point that a double still tells apart from ``bound`` (a whole number up
+    to 10**14; 15 significant digits in all)."""
+    return max(1, 15 - len(str(bound)))
 
 
 def integer_range(low: int | None, high: int | None) -> str:
@@ -310,6 +323,9 @@ class _Converter:
                 inclusive = True
             elif value != int(value):
                 raise Unsupported(f"{where}.{name}: only whole-number bounds are supported on a number, got {value}")
+            elif not inclusive and abs(value) >= 10 ** 14:
+                raise Unsupported(f"{where}.{name}: a bound that is not inclusive must be under 10**14 (a double "
+                                  "cannot tell the numbers just within it from it)")
             bound = (int(value), inclusive)
             if name.endswith("inimum"):  # the tighter of minimum and exclusiveMinimum
                 low = bound if low is None or (bound[0], not bound[1]) > (low[0], not low[1]) else low
