@@ -17,7 +17,7 @@ What it covers (what Pydantic's ``model_json_schema()`` writes for the usual fie
 - objects with ``properties`` and ``required`` (a property not required may be left out; the
   output holds the listed properties only, which every ``additionalProperties`` allows), or
   without ``properties`` but with ``additionalProperties`` a schema (a map from any string to its
-  values; ``minProperties``, ``maxProperties``);
+  values; ``maxProperties``, and ``minProperties`` up to 1, as a key may be written twice);
 - arrays with ``items`` and/or ``prefixItems``, ``minItems``, ``maxItems``;
 - strings with ``minLength``/``maxLength``, or a ``pattern`` (a search within the value, as the
   schema means it; see ``pattern.json_string_pattern``), or a ``format``: ``date``, ``time``,
