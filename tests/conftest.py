@@ -165,3 +165,18 @@ def fake_hub(tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     return hub
+
+
+def byte_level_bpe(corpus: list[str], vocab_size: int, *, split_words: bool = True, eos: str | None = None):
+    """A byte-level BPE tokenizer (GPT-2's kind: every byte a token, leading spaces folded into
+    tokens) trained on ``corpus``, as a transformers tokenizer. ``split_words=False`` lets tokens
+    span punctuation and words; ``eos`` adds that special token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split_words)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eos] if eos else [],
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos)

@@ -148,7 +148,7 @@ def test_json_schema_guides_a_byte_level_tokenizer_to_valid_objects():
     from typing import Annotated
 
     pydantic = pytest.importorskip("pydantic")
-    from transformers import PreTrainedTokenizerFast
+    from conftest import byte_level_bpe
 
     from bora_kernels.serve.json_schema import schema_regex
 
@@ -168,12 +168,7 @@ def test_json_schema_guides_a_byte_level_tokenizer_to_valid_objects():
     corpus = [json.dumps({"customer": rng.choice(["ann", "bo lee", "Zoë"]), "day": f"2024-0{rng.randint(1, 9)}-1{rng.randint(0, 9)}",
                           "share": rng.random(), "items": [{"sku": "ABC12", "qty": rng.randint(1, 99)}] * rng.randint(1, 3),
                           "notes": {"gift": rng.random() < 0.5}, "coupon": None}) for _ in range(200)]
-    backend = tokenizers.Tokenizer(tokenizers.models.BPE())
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = tokenizers.decoders.ByteLevel()
-    backend.train_from_iterator(corpus, tokenizers.trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["</s>"], initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>")
+    tokenizer = byte_level_bpe(corpus, 400, split_words=False, eos="</s>")
     texts = TokenTexts(tokenizer, vocab=len(tokenizer))
     stop = tokenizer.eos_token_id
     spanning = [t for t in texts.text if len(t) > 1 and set(t) & set('{}[]":,')]

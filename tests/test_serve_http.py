@@ -440,16 +440,12 @@ def test_detokenizer_pieces_equal_the_whole_decode(monkeypatch):
     tokens) and a window of 3 tokens, so the settled text rolls over many times: the streamed
     pieces add up to the decode of the whole output, no piece holds half a character, and a stop
     string cuts the text where it starts."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from conftest import byte_level_bpe
 
     from bora_kernels.serve.app import _Detokenizer
 
     corpus = ["the cat sat on the mat", "héllo wörld, ça va?", "naïve café 🙂 über straße"] * 20
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend)
+    tok = byte_level_bpe(corpus, 300)
     monkeypatch.setattr(_Detokenizer, "WINDOW", 3)
     prompt = tok("say:", add_special_tokens=False).input_ids
     text = " the naïve café 🙂 says héllo wörld über straße"

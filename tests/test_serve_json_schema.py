@@ -227,8 +227,7 @@ def test_formats_match_what_python_parses():
 def _match_lengths(pattern: Pattern, limit: int) -> tuple[int, int]:
     """The shortest and longest match, walking every string level by level (one character of each
     stretch of code points that the pattern's sets do not split); fails past ``limit``."""
-    cuts = {0} | {edge for moves in pattern._moves for chars, _ in moves for lo, hi in chars.ranges for edge in (lo, hi + 1)}
-    alphabet = [chr(c) for c in sorted(cuts) if c <= 0x10FFFF]
+    alphabet = pattern.alphabet()
     level, lengths, length = {pattern.start}, [], 0
     while level:
         assert length <= limit, "matches longer than the limit"

@@ -177,14 +177,17 @@ def _decimals(low: int, low_in: bool, high: int, high_in: bool) -> list[str]:
         return []
     if high == low:
         return [f"{low}(?:\\.0+)?"]
-    near_high = "" if high_in else rf"(?:\.[0-9]{{1,{_kept_digits(high)}}}0*)?"  # the whole part below high
-    parts = [f"{low}" + (FRACTION if low_in else rf"\.[0-9]{{0,{_kept_digits(low) - 1}}}[1-9]0*")]
-    if not high_in and high - 1 == low:  # low's whole part is also the one below high
-        parts = [f"{low}" + (near_high if low_in else rf"\.[0-9]{{0,{_kept_digits(high) - 1}}}[1-9]0*")]
-    if low + 1 <= high - 2 or (high_in and low + 1 <= high - 1):  # whole parts between: any fraction
-        parts.append(integer_range(low + 1, high - (1 if high_in else 2)) + FRACTION)
-    if not high_in and high - 1 > low:
-        parts.append(f"{high - 1}{near_high}")
+
+    def fraction(whole: int) -> str:  # the fraction after a whole part in [low, high)
+        near = [_kept_digits(b) for b, tight in ((low, whole == low and not low_in),
+                                                 (high, whole == high - 1 and not high_in)) if tight]
+        if whole == low and not low_in:  # above low: not all zeros
+            return rf"\.[0-9]{{0,{min(near) - 1}}}[1-9]0*"
+        return rf"(?:\.[0-9]{{1,{min(near)}}}0*)?" if near else FRACTION
+
+    parts = [f"{whole}{fraction(whole)}" for whole in sorted({low, high - 1})]
+    if low + 1 <= high - 2:  # whole parts between those two: any fraction
+        parts.append(integer_range(low + 1, high - 2) + FRACTION)
     if high_in:
         parts.append(f"{high}(?:\\.0+)?")
     return parts

@@ -192,7 +192,7 @@ class _Parser:
                 item = self.escape(in_class=True)
                 if item.negated or len(item.ranges) != 1 or item.ranges[0][0] != item.ranges[0][1]:
                     if item.negated:  # \D, \W, \S inside a class: the complement's gaps as ranges
-                        ranges.extend(_complement(item.ranges))
+                        ranges.extend(_subtract(((0, 0x10FFFF),), item.ranges))
                     else:
                         ranges.extend(item.ranges)
                     continue
@@ -211,13 +211,27 @@ class _Parser:
         return Chars(tuple(ranges), negated)
 
 
-def _complement(ranges) -> list[tuple[int, int]]:
-    out, start = [], 0
+def _subtract(ranges, remove) -> list[tuple[int, int]]:
+    """The code points of ``ranges`` outside ``remove`` (both inclusive ranges), as ranges."""
+    out = []
     for lo, hi in sorted(ranges):
-        if lo > start:
-            out.append((start, lo - 1))
-        start = max(start, hi + 1)
-    return [*out, (start, 0x10FFFF)]
+        for cut_lo, cut_hi in sorted(remove):
+            if cut_hi < lo or cut_lo > hi:
+                continue
+            if cut_lo > lo:
+                out.append((lo, cut_lo - 1))
+            lo = cut_hi + 1
+            if lo > hi:
+                break
+        if lo <= hi:
+            out.append((lo, hi))
+    return out
+
+
+def _parse(regex, classes: dict[str, Chars] = CLASSES):
+    if not isinstance(regex, str) or not 0 < len(regex) <= MAX_PATTERN_CHARS:
+        raise ValueError(f"must be a non-empty string of at most {MAX_PATTERN_CHARS} characters")
+    return _Parser(regex, classes).parse()
 
 
 class Pattern:
@@ -225,12 +239,11 @@ class Pattern:
     States are ints from ``start``; raises ``ValueError`` for a pattern it cannot read."""
 
     def __init__(self, regex: str):
-        if not isinstance(regex, str) or not 0 < len(regex) <= MAX_PATTERN_CHARS:
-            raise ValueError(f"must be a non-empty string of at most {MAX_PATTERN_CHARS} characters")
+        tree = _parse(regex)
         self.regex = regex
         self._empty: list[list[int]] = []  # per automaton state: empty moves
         self._moves: list[list[tuple[Chars, int]]] = []  # and character moves
-        begin, self._end = self._build(_Parser(regex).parse())
+        begin, self._end = self._build(tree)
         self._live = self._reaching_end()
         self._sets: list[frozenset[int]] = []
         self._ids: dict[frozenset[int], int] = {}
@@ -354,16 +367,20 @@ class Pattern:
     def fullmatch(self, text: str) -> bool:
         return self.accepts(self.walk(self.start, text))
 
-    def intersects(self, other: Pattern, limit: int = MAX_STATES) -> bool:
-        """Whether some text is a match of both. Walks pairs of states over one character of each
-        stretch of code points that no set of either pattern splits; ``ValueError`` past ``limit``
-        pairs."""
+    def alphabet(self, *others: Pattern) -> list[str]:
+        """One character of each stretch of code points that no set of this pattern (or of
+        ``others``) splits: every character of a stretch moves every state alike."""
         cuts = {0}
-        for pattern in (self, other):
+        for pattern in (self, *others):
             for moves in pattern._moves:
                 for chars, _ in moves:
                     cuts.update(edge for lo, hi in chars.ranges for edge in (lo, hi + 1))
-        alphabet = [chr(code) for code in sorted(cuts) if code <= 0x10FFFF]
+        return [chr(code) for code in sorted(cuts) if code <= 0x10FFFF]
+
+    def intersects(self, other: Pattern, limit: int = MAX_STATES) -> bool:
+        """Whether some text is a match of both: pairs of states walked over ``alphabet``;
+        ``ValueError`` past ``limit`` pairs."""
+        alphabet = self.alphabet(other)
         seen, todo = {(self.start, other.start)}, [(self.start, other.start)]
         while todo:
             a, b = todo.pop()
@@ -385,21 +402,6 @@ class Pattern:
 # of them all, so that its text is the value itself and every dialect reads it alike.
 NOT_IN_JSON_TEXT = ((0x00, 0x1F), (0x22, 0x22), (0x5C, 0x5C), (0x2028, 0x2029))
 
-
-def _subtract(ranges, remove) -> list[tuple[int, int]]:
-    out = []
-    for lo, hi in sorted(ranges):
-        for cut_lo, cut_hi in sorted(remove):
-            if cut_hi < lo or cut_lo > hi:
-                continue
-            if cut_lo > lo:
-                out.append((lo, cut_lo - 1))
-            lo = cut_hi + 1
-            if lo > hi:
-                break
-        if lo <= hi:
-            out.append((lo, hi))
-    return out
 
 
 # \D, \W, \S as printable ASCII: Python's re reads \d, \w, \s as Unicode classes (ECMA-262 as
@@ -455,9 +457,7 @@ def json_string_pattern(regex: str) -> tuple[str, bool, bool]:
     readings agree). A ``^`` that starts the pattern or a ``$`` that ends it anchors the whole of
     it, every alternative included: a narrower reading than the schema's, so its matches still
     match. ``ValueError`` for a pattern it cannot read."""
-    if not isinstance(regex, str) or not 0 < len(regex) <= MAX_PATTERN_CHARS:
-        raise ValueError(f"must be a non-empty string of at most {MAX_PATTERN_CHARS} characters")
-    tree = _Parser(regex, JSON_CLASSES).parse()
+    tree = _parse(regex, JSON_CLASSES)
     before = regex[:-1]  # a "$" that ends it is an anchor unless an odd number of backslashes escape it
     at_end = regex.endswith("$") and (len(before) - len(before.rstrip("\\"))) % 2 == 0
     return _text(_json_tree(tree)), regex.startswith("^"), at_end
