@@ -13,6 +13,7 @@ import email.headerregistry
 import enum
 import ipaddress
 import json
+import operator
 import random
 import re
 import string
@@ -103,7 +104,10 @@ def test_schema_patterns_match_exactly_the_values_the_schema_accepts(schema, goo
 
 
 @pytest.mark.parametrize("schema, message", [
-    ({"type": "number", "minimum": 0.5}, "schema.minimum: only whole-number bounds are supported on a number"),
+    ({"type": "number", "minimum": 1e-20}, "schema: bounds with over 16 digits after the point"),
+    ({"type": "number", "minimum": 1e17}, "schema: bounds that leave only numbers of over 16 digits"),
+    ({"type": "number", "minimum": 0.001, "exclusiveMaximum": 10**12}, "counted in steps of the bounds' last decimal"),
+    ({"type": "number", "multipleOf": 0.01}, "'multipleOf' not supported"),
     ({"enum": [1, 20], "maximum": 10}, "bounds are supported beside an integer or number type only"),
     ({"type": "number", "minimum": 2, "exclusiveMaximum": 2}, "no number lies within its bounds"),
     ({"type": "number", "exclusiveMaximum": 10**15}, "must be under 10**14"),
@@ -150,34 +154,40 @@ def test_schemas_it_cannot_keep_to_are_refused(schema, message):
 @pytest.mark.parametrize("bounds", [{"minimum": 0, "maximum": 1}, {"exclusiveMinimum": 0, "exclusiveMaximum": 1},
                                     {"minimum": -2, "exclusiveMaximum": 3}, {"maximum": -1}, {"exclusiveMaximum": 0},
                                     {"minimum": 5}, {"minimum": -3, "maximum": -3.0}, {"exclusiveMinimum": -1},
-                                    {"minimum": 0, "exclusiveMinimum": 0, "maximum": 10, "exclusiveMaximum": 7}],
+                                    {"minimum": 0, "exclusiveMinimum": 0, "maximum": 10, "exclusiveMaximum": 7},
+                                    {"minimum": 0.25, "maximum": 0.75}, {"exclusiveMinimum": -0.5, "exclusiveMaximum": 2.05},
+                                    {"minimum": 0.001}, {"maximum": -1.5}, {"exclusiveMaximum": 0.1},
+                                    {"exclusiveMinimum": 9.999, "maximum": 12.5}, {"minimum": -0.05, "maximum": 0.05},
+                                    {"exclusiveMinimum": 0.05, "exclusiveMaximum": 0.051}, {"minimum": 2.5, "maximum": 2.5}],
                          ids=lambda b: json.dumps(b))
 def test_number_ranges_match_exactly_their_decimals(bounds):
-    """Decimals from -12.9 to 12.9 with fractions of up to 3 digits match exactly when within the
-    bounds; "-0" forms, leading zeros and exponents never do (the output keeps to plain decimals);
-    one with a long fraction that matches is within the bounds once read as a double (Python's
-    float, as validators read it: "0.9999999999999999999" is 1.0)."""
+    """Decimals from -12.999 to 12.999 with fractions of up to 4 digits match exactly when within
+    the bounds, read as validators read them (Python's ``json``: a float with a point, an int
+    without; a bound such as 0.1 is a double); "-0" forms, leading zeros and exponents never do
+    (the output keeps to plain decimals); one with a long fraction that matches is within the
+    bounds once read as a double ("0.9999999999999999999" is 1.0)."""
     regex = schema_regex({"type": "number", **bounds})
     python, pattern = re.compile(regex), Pattern(regex)
-    low = max([decimal.Decimal(bounds[k]) for k in ("minimum",) if k in bounds] or [decimal.Decimal("-1e99")])
-    high = min([decimal.Decimal(bounds[k]) for k in ("maximum",) if k in bounds] or [decimal.Decimal("1e99")])
-    above = bounds.get("exclusiveMinimum")
-    below = bounds.get("exclusiveMaximum")
+
+    def within(value) -> bool:
+        return all(check(value, bounds[name]) for name, check in (
+            ("minimum", operator.ge), ("maximum", operator.le), ("exclusiveMinimum", operator.gt),
+            ("exclusiveMaximum", operator.lt)) if name in bounds)
+
     for whole in [*map(str, range(-12, 13)), "-0"]:
-        for fraction in ("", ".0", ".5", ".05", ".000", ".9", ".001", ".50"):
+        for fraction in ("", ".0", ".5", ".05", ".000", ".9", ".001", ".50", ".25", ".75", ".249", ".2501", ".051",
+                         ".049", ".0505", ".1", ".0999", ".999", ".9991", ".05001"):
             text = whole + fraction
-            value = decimal.Decimal(text)
-            inside = low <= value <= high and (above is None or value > above) and (below is None or value < below)
-            expected = inside and not (text.startswith("-") and value == 0)
+            value = json.loads(text)
+            expected = within(value) and not (text.startswith("-") and value == 0)
             assert bool(python.fullmatch(text)) == expected == pattern.fullmatch(text), text
     assert not any(python.fullmatch(t) for t in ("00.5", "01", "1e0", "5E-1", ".5", "1.", "+1"))
     for whole in range(-12, 13):  # long fractions: a match still keeps to the bounds once read as a double
-        for fraction in (".0000000000000000001", ".9999999999999999999", ".00000000000001", ".99999999999999"):
+        for fraction in (".0000000000000000001", ".9999999999999999999", ".00000000000001", ".99999999999999",
+                         ".0500000000000000001", ".0509999999999999999", ".0999999999999999999"):
             for text in (f"{whole}{fraction}", f"-{abs(whole)}{fraction}"):
-                value = float(text)
                 if python.fullmatch(text):
-                    assert low <= value <= high and (above is None or value > above) \
-                        and (below is None or value < below), text
+                    assert within(json.loads(text)), text
     unbounded = re.compile(schema_regex({"type": "number"}))  # finite doubles only: no "1e400" (inf to a reader)
     assert unbounded.fullmatch("9" * 16 + ".5e99") and not any(unbounded.fullmatch(t) for t in ("1e400", "1" + "0" * 16))
 
@@ -263,6 +273,7 @@ def _pydantic_order():
         day: datetime.date
         at: datetime.time
         score: Annotated[float, Field(ge=0, le=1)]
+        rate: Annotated[float, Field(gt=0.05, le=99.5)]
         code: Annotated[str, Field(pattern=r"^[A-Z]{2}-\d{3}$")]
         note: str | None = None
         price: decimal.Decimal
@@ -382,7 +393,7 @@ def test_pydantic_values_written_as_json_dumps_match():
     order = _pydantic_order()
     value = order(id=uuid.UUID(int=7), placed=datetime.datetime(2024, 2, 29, 12, tzinfo=datetime.timezone.utc),
                   day=datetime.date(2023, 1, 31), at=datetime.time(1, 2, 3, 500000, tzinfo=datetime.timezone.utc),
-                  score=0.5, code="AB-123", price=decimal.Decimal("1.5"), counts={"a": 1, "é": -2}, pair=(1, "x"),
+                  score=0.5, rate=0.0501, code="AB-123", price=decimal.Decimal("1.5"), counts={"a": 1, "é": -2}, pair=(1, "x"),
                   color=Color.GREEN, pet={"kind": "dog", "good": True}, pets=[{"kind": "cat", "legs": 4}],
                   site="https://example.com/a?b=c", addr="10.0.0.1", contact="ann.lee@mail.example.org")
     text = json.dumps(value.model_dump(mode="json")).replace('"price": "1.5"', '"price": 1.5')

@@ -24,18 +24,22 @@ What it covers (what Pydantic's ``model_json_schema()`` writes for the usual fie
   ``date-time`` (RFC 3339), ``uuid``, ``ipv4``, ``email``, ``uri`` (each a strict subset of what
   validators accept, for example ``http(s)`` URIs only);
 - integers and numbers with ``minimum``, ``maximum``, ``exclusiveMinimum`` and
-  ``exclusiveMaximum`` (whole-number bounds on a ``number``; it is then written without an
-  exponent), booleans and null.
+  ``exclusiveMaximum`` (a bounded ``number`` is written as a plain decimal, without an exponent;
+  a bound is read as the decimal its double is written as, 0.1 as 0.1, and is kept to as
+  validators that read numbers as doubles check it), booleans and null.
 
 Keywords that only describe (``title``, ``description``, ``default``, ``examples``,
-``discriminator``...) are ignored. Any other keyword (``multipleOf``, ``uniqueItems``...) is
-refused with a ``ValueError`` naming it and where it is, since ignoring it could give JSON the
-schema does not accept; so is an object with neither ``properties`` nor an
-``additionalProperties`` schema (a free-form object needs more than a regular expression).
+``discriminator``...) are ignored. Any other keyword (``uniqueItems``...) is refused with a
+``ValueError`` naming it and where it is, since ignoring it could give JSON the schema does not
+accept; so is an object with neither ``properties`` nor an ``additionalProperties`` schema (a
+free-form object needs more than a regular expression). ``multipleOf`` is refused too:
+validators disagree on it for fractions (Python's ``jsonschema`` divides doubles and finds that
+0.29 is not a multiple of 0.01; Pydantic allows for rounding), so no output would pass them all.
 """
 
 from __future__ import annotations
 
+import fractions
 import json
 import math
 import re
@@ -129,73 +133,146 @@ def _repeat(unit: str, lo: int, hi: int | None) -> str:
     return f"(?:{unit}){{{lo},{'' if hi is None else hi}}}"
 
 
-def _digits_between(low: str, high: str) -> str:
-    """A pattern for the digit strings of one length from ``low`` to ``high`` (as numbers)."""
+def _digits_between(low: str, high: str, point: int | None = None) -> str:
+    """A pattern for the digit strings of one length from ``low`` to ``high`` (as numbers), with
+    a decimal point before the digit at index ``point`` (None: no point)."""
     n = len(low)
+    if point == 0:
+        return r"\." + _digits_between(low, high)
     if low == high:
-        return low
+        return low if point is None else rf"{low[:point]}\.{low[point:]}"
     if n == 1:
         return f"[{low}-{high}]"
+    inner = None if point is None else point - 1  # the point's index in the digits after the first
     if low[0] == high[0]:
-        return low[0] + _digits_between(low[1:], high[1:])
+        return low[0] + _digits_between(low[1:], high[1:], inner)
     parts, first, last = [], int(low[0]), int(high[0])
     if low[1:] != "0" * (n - 1):  # low's first digit, the rest from low's rest up
-        parts.append(low[0] + _digits_between(low[1:], "9" * (n - 1)))
+        parts.append(low[0] + _digits_between(low[1:], "9" * (n - 1), inner))
         first += 1
     tail = None
     if high[1:] != "9" * (n - 1):  # high's first digit, the rest up to high's rest
-        tail = high[0] + _digits_between("0" * (n - 1), high[1:])
+        tail = high[0] + _digits_between("0" * (n - 1), high[1:], inner)
         last -= 1
     if first <= last:
-        parts.append(f"[{first}-{last}][0-9]{{{n - 1}}}")
+        parts.append(f"[{first}-{last}]" + _any_digits(n - 1, inner))
     if tail:
         parts.append(tail)
     return "(?:" + "|".join(parts) + ")"
 
 
-def _naturals(low: int, high: int | None) -> list[str]:
-    """Patterns for the integers from ``low >= 0`` to ``high`` (None: no end), as JSON writes them."""
-    parts, length = [], len(str(low))
-    while high is None or length <= len(str(high)):
-        start = max(low, 10 ** (length - 1) if length > 1 else 0)
-        if high is None and start == 10 ** (length - 1) and length > 1:  # every longer number too
-            parts.append(f"[1-9][0-9]{{{length - 1},}}")
-            break
+def _any_digits(n: int, point: int | None) -> str:
+    """``n`` digits, with a point before the one at index ``point`` (None: no point)."""
+    if point is not None:
+        return _any_digits(point, None) + r"\." + _any_digits(n - point, None)
+    return f"[0-9]{{{n}}}" if n else ""
+
+
+def _naturals(low: int, high: int | None, places: int = 0) -> list[str]:
+    """Patterns for the numbers from ``low / 10**places`` to ``high / 10**places`` (``low >= 0``;
+    None: no end) in steps of ``10**-places``, as JSON writes them with exactly ``places`` digits
+    after the point (none when 0: the integers from ``low`` to ``high``)."""
+    parts, length, run = [], max(len(str(low)), places + 1), None  # length: digits in all
+    fraction = rf"\.[0-9]{{{places}}}" if places else ""
+
+    def whole_run(first: int, last: int | None) -> str:  # every number of these whole-part lengths
+        return f"[1-9][0-9]{{{first - 1},{'' if last is None else last - 1}}}" + fraction
+
+    while high is None or length <= max(len(str(high)), places + 1):
+        whole = length - places  # digits before the point
+        start = max(low, 10 ** (length - 1) if whole > 1 else 0)
         end = 10 ** length - 1 if high is None else min(high, 10 ** length - 1)
-        if start <= end:
-            parts.append(_digits_between(str(start), str(end)))
+        if whole > 1 and start == 10 ** (length - 1) and end == 10 ** length - 1:
+            if high is None:
+                parts.append(whole_run(run or whole, None))
+                return parts
+            run = run or whole
+        else:
+            if run:
+                parts.append(whole_run(run, whole - 1))
+                run = None
+            if start <= end:
+                parts.append(_digits_between(str(start).zfill(length), str(end).zfill(length), whole if places else None))
         length += 1
+    if run:
+        parts.append(whole_run(run, length - 1 - places))
     return parts
 
 
-def _decimals(low: int, low_in: bool, high: int, high_in: bool) -> list[str]:
-    """Patterns for the decimals (no exponent, no sign) from ``low >= 0`` to ``high``, each bound
-    inclusive or not. Beside a bound that is not inclusive, the fraction keeps to the digits a
-    double tells apart from it (``_kept_digits``): "2.99999999999999999" reads as 3.0, which
-    ``exclusiveMaximum: 3`` refuses."""
-    if high < low or (high == low and not (low_in and high_in)):
+def _places(value: fractions.Fraction) -> int:
+    """The digits after the point that ``value`` (a decimal) needs."""
+    twos = fives = 0
+    denominator = value.denominator
+    while denominator % 2 == 0:
+        denominator, twos = denominator // 2, twos + 1
+    while denominator % 5 == 0:
+        denominator, fives = denominator // 5, fives + 1
+    return max(twos, fives)
+
+
+def _decimals(low: fractions.Fraction, low_in: bool, high: fractions.Fraction | None, high_in: bool) -> list[str]:
+    """Patterns for the decimals (no exponent, no sign) from ``low >= 0`` to ``high`` (None: any
+    with up to ``NUMBER_DIGITS`` digits before the point), each bound inclusive or not.
+
+    The bounds are scaled to integers ``L``, ``H`` by ``10**F``, ``F`` the digits after the point
+    they need. A text with fewer than ``F`` such digits is a whole number of ``10**-k`` steps,
+    ``k < F``; one with ``F`` or more begins with some ``X`` steps of ``10**-F``, and is within the
+    bounds where ``L < X < H``, or at ``X = L`` or ``X = H`` as the digits after ``X`` decide.
+    Beside a bound that is not inclusive those digits keep to the ones a double tells apart from
+    it (``_kept_digits``): "2.99999999999999999" reads as 3.0, which ``exclusiveMaximum: 3``
+    refuses. ``Unsupported`` for bounds with over ``NUMBER_DIGITS`` digits after the point, or a
+    bound not inclusive of ``10**14`` steps or more."""
+    if high is not None and (high < low or (high == low and not (low_in and high_in))):
         return []
-    if high == low:
-        return [f"{low}(?:\\.0+)?"]
+    places = max(_places(low), 0 if high is None else _places(high))
+    if places > NUMBER_DIGITS:
+        raise Unsupported(f"bounds with over {NUMBER_DIGITS} digits after the point are not supported")
+    low_x = int(low * 10 ** places)
+    high_x = 10 ** (NUMBER_DIGITS + places) if high is None else int(high * 10 ** places)
+    high_in = high_in and high is not None  # no bound: every X below 10**(NUMBER_DIGITS + F)
+    for bound, inclusive in ((low_x, low_in), (high_x, high_in or high is None)):
+        if not inclusive and bound >= 10 ** 14:
+            raise Unsupported("a bound that is not inclusive must be under 10**14 (a double cannot tell the numbers "
+                              "just within it from it), counted in steps of the bounds' last decimal place")
+    parts = []
+    for k in range(places):  # fewer digits after the point: whole steps of 10**-k
+        step = 10 ** (places - k)
+        first = -(-low_x // step) if low_in else low_x // step + 1
+        last = high_x // step if high_in else -(-high_x // step) - 1
+        if first <= last:
+            parts += _naturals(first, last, k)
 
-    def fraction(whole: int) -> str:  # the fraction after a whole part in [low, high)
-        near = [_kept_digits(b) for b, tight in ((low, whole == low and not low_in),
-                                                 (high, whole == high - 1 and not high_in)) if tight]
-        if whole == low and not low_in:  # above low: not all zeros
-            return rf"\.[0-9]{{0,{min(near) - 1}}}[1-9]0*"
-        return rf"(?:\.[0-9]{{1,{min(near)}}}0*)?" if near else FRACTION
+    def after(most: int | None = None, nonzero: bool = False) -> str:  # the digits after X's
+        digits = rf"[0-9]{{0,{most - 1}}}[1-9]0*" if nonzero else "[0-9]*" if most is None else rf"[0-9]{{0,{most}}}0*"
+        if places:
+            return digits
+        return rf"\.{digits}" if nonzero else FRACTION if most is None else rf"(?:\.[0-9]{{1,{most}}}0*)?"
 
-    parts = [f"{whole}{fraction(whole)}" for whole in sorted({low, high - 1})]
-    if low + 1 <= high - 2:  # whole parts between those two: any fraction
-        parts.append(integer_range(low + 1, high - 2) + FRACTION)
+    def at(x: int) -> str:
+        return _naturals(x, x, places)[0]
+
+    zeros = "0*" if places else r"(?:\.0+)?"
+    if low_x == high_x:
+        return [*parts, at(low_x) + zeros]
+    near_high = None if high_in or high is None else _kept_digits(high_x)  # digits after X = H - 1
+    if low_in:
+        parts.append(at(low_x) + after(near_high if low_x == high_x - 1 else None))
+    else:
+        near = [_kept_digits(low_x), *([near_high] if near_high and low_x == high_x - 1 else [])]
+        parts.append(at(low_x) + after(min(near), nonzero=True))
+    middle_last = high_x - 1 if high_in or high is None else high_x - 2  # any digits after X up to here
+    if low_x + 1 <= middle_last:
+        parts += [p + after() for p in _naturals(low_x + 1, middle_last, places)]
+    if near_high and low_x + 1 <= high_x - 1:
+        parts.append(at(high_x - 1) + after(near_high))
     if high_in:
-        parts.append(f"{high}(?:\\.0+)?")
+        parts.append(at(high_x) + zeros)
     return parts
 
 
 def _kept_digits(bound: int) -> int:
-    """Digits after the point that a double still tells apart from ``bound`` (a whole number up
-    to 10**14; 15 significant digits in all)."""
+    """Digits after those of ``bound``'s steps that a double still tells apart from it (``bound``
+    under 10**14; 15 significant digits in all)."""
     return max(1, 15 - len(str(bound)))
 
 
@@ -311,7 +388,8 @@ class _Converter:
 
     @staticmethod
     def numbers(schema: dict, kind: str, where: str) -> str:
-        """Integers from the bounds' integers within; numbers (whole-number bounds) as decimals."""
+        """Integers from the bounds' integers within; numbers as plain decimals (each bound read
+        as the decimal its double is written as: 0.1 as 0.1)."""
         low = high = None  # (bound, inclusive)
         for name in BOUNDS:
             if name not in schema:
@@ -324,12 +402,8 @@ class _Converter:
                 value = (math.ceil(value) if inclusive else math.floor(value) + 1) if name.endswith("inimum") \
                     else (math.floor(value) if inclusive else math.ceil(value) - 1)
                 inclusive = True
-            elif value != int(value):
-                raise Unsupported(f"{where}.{name}: only whole-number bounds are supported on a number, got {value}")
-            elif not inclusive and abs(value) >= 10 ** 14:
-                raise Unsupported(f"{where}.{name}: a bound that is not inclusive must be under 10**14 (a double "
-                                  "cannot tell the numbers just within it from it)")
-            bound = (int(value), inclusive)
+            bound = (value if kind == "integer" else fractions.Fraction(repr(value) if isinstance(value, float) else value),
+                     inclusive)
             if name.endswith("inimum"):  # the tighter of minimum and exclusiveMinimum
                 low = bound if low is None or (bound[0], not bound[1]) > (low[0], not low[1]) else low
             else:
@@ -338,13 +412,21 @@ class _Converter:
             if low is not None and high is not None and high[0] < low[0]:
                 raise ValueError(f"{where}: no integer lies within its bounds")
             return integer_range(low and low[0], high and high[0])
-        largest = (10 ** NUMBER_DIGITS - 1, True)  # where a side has no bound (see SCALARS)
-        low, high = low or (-largest[0], True), high or largest
+        # beyond NUMBER_DIGITS digits before the point is as good as no bound (see SCALARS)
+        largest = 10 ** NUMBER_DIGITS
+        if (low and low[0] >= largest) or (high and high[0] <= -largest):
+            raise Unsupported(f"{where}: bounds that leave only numbers of over {NUMBER_DIGITS} digits are not supported")
+        low = None if low is None or low[0] <= -largest else low
+        high = None if high is None or high[0] >= largest else high
         parts = []
-        if high[0] > 0 or high == (0, True):  # 0 and up: "0", "0.5", "12.0"...
-            parts += _decimals(*((0, True) if low[0] < 0 else low), *high)
-        if low[0] < 0:  # below 0: "-" and a magnitude over 0
-            parts += ["-" + p for p in _decimals(*((0, False) if high[0] >= 0 else (-high[0], high[1])), -low[0], low[1])]
+        try:
+            if high is None or high[0] > 0 or high == (0, True):  # 0 and up: "0", "0.5", "12.0"...
+                parts += _decimals(*((0, True) if low is None or low[0] < 0 else low), *(high or (None, False)))
+            if low is None or low[0] < 0:  # below 0: "-" and a magnitude over 0
+                parts += ["-" + p for p in _decimals(*((0, False) if high is None or high[0] >= 0 else (-high[0], high[1])),
+                                                     *((None, False) if low is None else (-low[0], low[1])))]
+        except Unsupported as err:
+            raise Unsupported(f"{where}: {err}") from None
         if not parts:
             raise ValueError(f"{where}: no number lies within its bounds")
         return "(?:" + "|".join(f"(?:{p})" for p in parts) + ")"
