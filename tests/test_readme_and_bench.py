@@ -219,6 +219,25 @@ def test_prefix_cache_script(tmp_path):
     assert bad.returncode == 2 and "--rounds" in bad.stderr
 
 
+def test_guided_masks_script(tmp_path):
+    """``benchmarks/guided_masks.py --quick``: the allowed tokens of every state met, found a
+    level of the tree at a time and by the node walk it replaced, agree (the script checks) and
+    are timed."""
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("transformers")
+    out = tmp_path / "masks.json"
+    script = str(ROOT / "benchmarks" / "guided_masks.py")
+    result = subprocess.run([sys.executable, script, "--quick", "--json", str(out)], capture_output=True, text=True,
+                            timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["states"] > 50 and record["wide_states"] > 0 and record["tokens"] > 50, record
+    assert all(record[name]["total_ms"] > 0 for name in ("nodes", "levels")), record
+    bad = subprocess.run([sys.executable, script, "--outputs", "0"], capture_output=True, text=True, timeout=600,
+                         check=False)
+    assert bad.returncode == 2 and "--outputs" in bad.stderr
+
+
 def test_gpu_lease_ends_inside_its_budget(tmp_path):
     """``benchmarks/gpu_lease.sh`` must end before a lent GPU's call limit kills it (which returns
     none of its files): a step that runs too long is stopped at what ``BUDGET_S`` leaves, the steps

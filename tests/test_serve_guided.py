@@ -16,6 +16,7 @@ import itertools  # noqa: E402
 import re  # noqa: E402
 
 from bora_kernels.serve.guided import ChoiceSet, RegexSet, TokenTexts, check_choices  # noqa: E402
+from bora_kernels.serve.pattern import DEAD  # noqa: E402
 
 # a SentencePiece-like vocabulary ("▁" is a space folded into the token): "abc" can be written
 # "ab" + "c" but "a" leads nowhere (no "b" or "bc"); " yes" as one token or as "▁" "y" "es"
@@ -141,7 +142,9 @@ def test_json_schema_guides_a_byte_level_tokenizer_to_valid_objects():
     """A Pydantic model's schema (objects, a list of objects, a map, formats, bounds, an optional
     field) guiding a byte-level BPE tokenizer whose tokens span JSON's punctuation (``{"``,
     ``": "``, ``"}``...): outputs of tokens chosen at random among those allowed, ended with the
-    stop token when it is allowed, are objects that Pydantic accepts."""
+    stop token when it is allowed, are objects that Pydantic accepts; in every state met, the
+    allowed tokens are exactly those whose text, walked from that state, leaves a live one (the
+    tree of texts is searched a level at a time in tensors; this walks each text alone)."""
     import datetime
     import json
     import random
@@ -174,11 +177,16 @@ def test_json_schema_guides_a_byte_level_tokenizer_to_valid_objects():
     spanning = [t for t in texts.text if len(t) > 1 and set(t) & set('{}[]":,')]
     assert len(spanning) > 20, spanning  # tokens that cross the pattern's punctuation
     regexes = RegexSet(texts, schema_regex(Order.model_json_schema()), [stop])
-    finished = 0
+    pattern, finished, checked = regexes.pattern, 0, set()
     for _ in range(30):
         guide, tokens = regexes.guide(), []
         while len(tokens) < 400:
             allowed = guide.allowed().tolist()
+            if guide.state not in checked:
+                checked.add(guide.state)
+                want = [t for t, text in enumerate(texts.text) if text in texts.ids and t != stop
+                        and pattern.walk(guide.state, text) != DEAD] + ([stop] if pattern.accepts(guide.state) else [])
+                assert allowed == want, "".join(texts.text[t] for t in tokens)
             assert allowed, "".join(texts.text[t] for t in tokens)  # a byte-level vocabulary writes every character
             if stop in allowed and (len(allowed) == 1 or rng.random() < 0.5):
                 break
@@ -190,4 +198,4 @@ def test_json_schema_guides_a_byte_level_tokenizer_to_valid_objects():
             continue  # (long outputs are left unchecked: the walk is random)
         finished += 1
         Order.model_validate_json("".join(texts.text[t] for t in tokens))
-    assert finished >= 10, finished
+    assert finished >= 10 and len(checked) > 100, (finished, len(checked))

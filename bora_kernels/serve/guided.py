@@ -18,16 +18,20 @@ are never allowed inside a choice.
 
 ``RegexSet`` allows a token where the text so far plus the token's text can still grow into a
 whole match of the pattern (``serve.pattern``), and the stop tokens where the text is a match;
-the output is complete once no longer text would match. Its allowed tokens are found by walking
-the tokens' texts as a tree of characters alongside the pattern's automaton (a branch is left
-at the first character no match can take), once per automaton state and request pattern, and
-kept for later requests with the same pattern. Unlike a choice, a pattern can need a character
+the output is complete once no longer text would match. Its allowed tokens are found on the
+tokens' texts as a tree of characters, a level of the tree at a time in tensors: the state after
+each node's text is looked up from its parent's in a table of the automaton's moves by class of
+characters (those that move every state alike, so a table row is a few dozen steps, made once per
+state). This is done once per automaton state and request pattern, and kept for later requests
+with the same pattern. Unlike a choice, a pattern can need a character
 that no token writes alone (one byte-fallback pieces would spell): where the text can still match
 but no token continues it, ``allowed()`` is empty and the engine ends the output as cut short
 (``"length"``).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -54,17 +58,29 @@ class TokenTexts:
         self.longest = max(map(len, self.ids), default=0)
         self._tree = None
 
-    def tree(self) -> list:
-        """The texts as a tree of characters: a node is ``[{char: node}, [tokens whose text ends
-        here]]`` (built at the first use)."""
+    def tree(self) -> Tree:
+        """The texts as a tree of characters, in arrays (built at the first use)."""
         if self._tree is None:
-            root: list = [{}, []]
+            root: list = [{}, []]  # a node: [{char: node}, [tokens whose text ends here]]
             for text, ids in self.ids.items():
                 node = root
                 for ch in text:
                     node = node[0].setdefault(ch, [{}, []])
                 node[1].extend(ids)
-            self._tree = root
+            chars = sorted({ch for text in self.ids for ch in text})
+            index = {ch: i for i, ch in enumerate(chars)}
+            order, parent, char, levels, tokens, nodes = [root], [0], [0], [0, 1], [], []
+            for at, node in enumerate(order):  # breadth first: a level's nodes are next to each other
+                if at == levels[-1]:
+                    levels.append(len(order))
+                for ch, child in node[0].items():
+                    order.append(child)
+                    parent.append(at)
+                    char.append(index[ch])
+                tokens += node[1]
+                nodes += [at] * len(node[1])
+            self._tree = Tree(chars, torch.tensor(parent), torch.tensor(char), levels,
+                              torch.tensor(tokens, dtype=torch.long), torch.tensor(nodes, dtype=torch.long))
         return self._tree
 
     @staticmethod
@@ -86,6 +102,21 @@ def check_choices(choices, param: str) -> list[str]:
         raise ValueError(f"{param}: must be a list of 1 to {MAX_CHOICES} non-empty strings of at most "
                          f"{MAX_CHOICE_CHARS} characters")
     return list(dict.fromkeys(choices))
+
+
+@dataclasses.dataclass(frozen=True)
+class Tree:
+    """The tokens' texts as a tree of characters, breadth first (node 0 the root): per node,
+    its parent and the character into it (an index into ``chars``; the root's are 0); where
+    each level of the tree begins (the nodes of level ``d`` are ``levels[d]`` up to
+    ``levels[d + 1]``), and each token with a text and the node where its text ends."""
+
+    chars: list[str]
+    parent: torch.Tensor
+    char: torch.Tensor
+    levels: list[int]
+    tokens: torch.Tensor
+    nodes: torch.Tensor
 
 
 class ChoiceSet:
@@ -163,25 +194,51 @@ class RegexSet:
         self.texts, self.pattern = texts, Pattern(regex)
         self.stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
         self._allowed: dict[int, torch.Tensor] = {}
+        self._class, self._members = self._classes()
+        self._moves = torch.full((1, len(self._members)), DEAD, dtype=torch.long)  # see _after
+        self._known = torch.ones(1, dtype=torch.bool)
         if not len(self.allowed(self.pattern.start)):
             raise ValueError(f"no match of {regex!r} can be written with this tokenizer's tokens")
 
     def guide(self) -> RegexGuide:
         return RegexGuide(self)
 
+    def _classes(self) -> tuple[torch.Tensor, list[str]]:
+        """The tokens' characters in classes that move every state alike (the pattern's classes
+        that hold some of them): per character of the tree, its class, and one member of each."""
+        chars = self.texts.tree().chars
+        cuts = torch.tensor([ord(c) for c in self.pattern.alphabet()])
+        within = torch.searchsorted(cuts, torch.tensor([ord(c) for c in chars], dtype=torch.long), right=True)
+        used, classes = torch.unique(within, return_inverse=True)
+        members = [chars[int(i)] for i in torch.searchsorted(within, used)] if len(chars) else []
+        return classes, members
+
+    def _after(self, states: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """The states after each of ``classes`` from the matching ``states`` (``DEAD`` stays
+        ``DEAD``), from a table of the states' moves by class, a row added for each state the
+        first time it is met (row 0 is ``DEAD``'s)."""
+        rows = states + 1
+        more = (int(rows.max()) + 1 if len(rows) else 0) - len(self._moves)
+        if more > 0:  # room for the states made since (at least doubled)
+            more = max(more, len(self._moves))
+            self._moves = torch.cat([self._moves, self._moves.new_full((more, len(self._members)), DEAD)])
+            self._known = torch.cat([self._known, self._known.new_zeros(more)])
+        for row in torch.unique(rows[~self._known[rows]]).tolist():
+            self._moves[row] = torch.tensor([self.pattern.step(row - 1, ch) for ch in self._members], dtype=torch.long)
+            self._known[row] = True
+        return self._moves[rows, classes]
+
     def allowed(self, state: int) -> torch.Tensor:
-        """The tokens that may come in ``state``: an int64 tensor of ids."""
+        """The tokens that may come in ``state``: an int64 tensor of ids, in order."""
         if state not in self._allowed:
-            ids: list[int] = []
-            todo = [(self.texts.tree(), state)]
-            while todo:
-                node, at = todo.pop()
-                for ch, child in node[0].items():
-                    after = self.pattern.step(at, ch)
-                    if after != DEAD:
-                        ids.extend(child[1])
-                        todo.append((child, after))
-            allowed = torch.tensor(ids, dtype=torch.long)
+            tree = self.texts.tree()
+            at = torch.full((tree.levels[-1],), DEAD, dtype=torch.long)  # each node's state after its text
+            at[0] = state
+            for begin, end in zip(tree.levels[1:-1], tree.levels[2:]):  # a level at a time, from its parents'
+                at[begin:end] = self._after(at[tree.parent[begin:end]], self._class[tree.char[begin:end]])
+                if not (at[begin:end] != DEAD).any():
+                    break
+            allowed = tree.tokens[at[tree.nodes] != DEAD].sort().values
             if len(self.stops):
                 allowed = allowed[~torch.isin(allowed, self.stops)]
                 if self.pattern.accepts(state):
