@@ -15,6 +15,8 @@ tokenizers = pytest.importorskip("tokenizers")
 import itertools  # noqa: E402
 import re  # noqa: E402
 
+import torch  # noqa: E402
+
 from bora_kernels.serve.guided import ChoiceSet, RegexSet, TokenTexts, check_choices  # noqa: E402
 from bora_kernels.serve.pattern import DEAD  # noqa: E402
 
@@ -120,6 +122,30 @@ def test_regex_guide_allows_exactly_the_tokens_that_can_end_in_a_match(texts, re
             todo.extend(prefix + (t,) for t in want)
 
 
+def test_regex_sets_keep_allowed_tokens_within_their_budget(texts):
+    """A state's allowed tokens are kept as int32 ids, or as a mask of a byte per token where it
+    allows over a quarter of them; past ``max_kept`` bytes the oldest states' are dropped and
+    found again when met: along every output of up to 3 tokens, a set kept within 16 bytes
+    answers as one kept whole."""
+    regex = r"(ab)+c?|[^a]*x"
+    whole, small, todo, met = RegexSet(texts, regex, [STOP]), RegexSet(texts, regex, [STOP]), [()], 0
+    small.max_kept = 16
+    while todo:
+        prefix = todo.pop()
+        a, b = whole.guide(), small.guide()
+        for t in prefix:
+            a.advance(t)
+            b.advance(t)
+        allowed = a.allowed().tolist()
+        assert b.allowed().tolist() == allowed, prefix
+        assert small._kept <= 16 or len(small._allowed) == 1, small._kept
+        met += 1
+        if len(prefix) < 3:
+            todo.extend(prefix + (t,) for t in allowed if t != STOP)
+    kinds = {kept.dtype for kept in whole._allowed.values()}
+    assert kinds == {torch.bool, torch.int32} and len(small._allowed) < len(whole._allowed) < met, (kinds, met)
+
+
 def test_patterns_no_token_can_write_are_refused_or_cut_short(texts):
     """A pattern whose matches no token begins is refused; one that needs a character no token
     writes alone leaves a guide with nothing to allow there (the engine ends such an output as
@@ -184,8 +210,8 @@ def test_json_schema_guides_a_byte_level_tokenizer_to_valid_objects():
             allowed = guide.allowed().tolist()
             if guide.state not in checked:
                 checked.add(guide.state)
-                want = [t for t, text in enumerate(texts.text) if text in texts.ids and t != stop
-                        and pattern.walk(guide.state, text) != DEAD] + ([stop] if pattern.accepts(guide.state) else [])
+                want = sorted([t for t, text in enumerate(texts.text) if text in texts.ids and t != stop
+                               and pattern.walk(guide.state, text) != DEAD] + ([stop] if pattern.accepts(guide.state) else []))
                 assert allowed == want, "".join(texts.text[t] for t in tokens)
             assert allowed, "".join(texts.text[t] for t in tokens)  # a byte-level vocabulary writes every character
             if stop in allowed and (len(allowed) == 1 or rng.random() < 0.5):
@@ -199,3 +225,76 @@ def test_json_schema_guides_a_byte_level_tokenizer_to_valid_objects():
         finished += 1
         Order.model_validate_json("".join(texts.text[t] for t in tokens))
     assert finished >= 10 and len(checked) > 100, (finished, len(checked))
+
+
+def test_free_form_json_guides_a_byte_level_tokenizer_to_valid_values():
+    """``response_format: {"type": "json_object"}`` (the schema of any object) and a Pydantic
+    model with ``dict[str, Any]`` and ``Any`` fields guide a byte-level BPE to JSON that parses,
+    that Pydantic accepts (for the model), and whose free-form parts nest at most ``FREE_DEPTH``
+    deep; in every state met, the allowed tokens are exactly the texts that, walked alone, leave
+    a live state."""
+    import json
+    import random
+    from typing import Any
+
+    pydantic = pytest.importorskip("pydantic")
+    from conftest import byte_level_bpe
+
+    from bora_kernels.serve.json_schema import FREE_DEPTH, schema_regex
+    from bora_kernels.serve.pattern import SCHEMA_LIMITS
+
+    class Event(pydantic.BaseModel):
+        name: str
+        payload: dict[str, Any]
+        extra: Any = None
+
+    rng = random.Random(1)
+
+    def value(depth: int):
+        kind = rng.choice(["scalar", "array", "object"] if depth else ["scalar"])
+        if kind == "scalar":
+            return rng.choice([None, True, 7, -0.5, "ok", "a b"])
+        items = [value(depth - 1) for _ in range(rng.randint(0, 3))]
+        return items if kind == "array" else {rng.choice(["id", "tags", "x"]) + str(i): v for i, v in enumerate(items)}
+
+    corpus = [json.dumps({"name": "e", "payload": value(3), "extra": value(2)}) for _ in range(300)]
+    tokenizer = byte_level_bpe(corpus, 400, split_words=False, eos="</s>")
+    texts = TokenTexts(tokenizer, vocab=len(tokenizer))
+    stop = tokenizer.eos_token_id
+
+    def depth(v) -> int:
+        inner = v if isinstance(v, list) else list(v.values()) if isinstance(v, dict) else None
+        return 0 if inner is None else 1 + max(map(depth, inner), default=0)
+
+    def whole(v) -> list:  # json_object: the whole value is free-form
+        assert isinstance(v, dict), v
+        return [v]
+
+    def fields(v) -> list:  # the model: its free-form fields, once Pydantic accepts it
+        Event.model_validate(v)
+        return [v["payload"], v.get("extra")]
+
+    for schema, parts in (({"type": "object"}, whole), (Event.model_json_schema(), fields)):
+        regexes = RegexSet(texts, schema_regex(schema), [stop], SCHEMA_LIMITS)
+        pattern, finished, checked = regexes.pattern, 0, set()
+        for _ in range(20):
+            guide, tokens = regexes.guide(), []
+            while len(tokens) < 300:
+                allowed = guide.allowed().tolist()
+                if guide.state not in checked:
+                    checked.add(guide.state)
+                    want = sorted([t for t, text in enumerate(texts.text) if text in texts.ids and t != stop
+                                   and pattern.walk(guide.state, text) != DEAD] + ([stop] if pattern.accepts(guide.state) else []))
+                    assert allowed == want, "".join(texts.text[t] for t in tokens)
+                if stop in allowed and (len(allowed) == 1 or rng.random() < 0.3):
+                    break
+                token = rng.choice([t for t in allowed if t != stop])
+                tokens.append(token)
+                if guide.advance(token):
+                    break
+            else:
+                continue  # (long outputs are left unchecked: the walk is random)
+            finished += 1
+            v = json.loads("".join(texts.text[t] for t in tokens))
+            assert all(depth(part) <= FREE_DEPTH for part in parts(v)), v
+        assert finished >= 5 and len(checked) > 30, (schema, finished, len(checked))

@@ -339,8 +339,8 @@ def test_guided_choice(served, reference, tokenizer):
                                   ({"guided_choice": ["a"], "structured_outputs": {"choice": ["a"]}},
                                    "structured_outputs", "not several"),
                                   ({"guided_choice": ["ok"], "min_tokens": 1}, "min_tokens", "guided choice"),
-                                  ({"guided_json": {}}, "guided_json", "cannot be guided"),
-                                  ({"response_format": {"type": "json_object"}}, "response_format", "not supported")):
+                                  ({"guided_json": {"type": "object", "required": ["a"]}}, "guided_json",
+                                   "must be listed in properties")):
         r = post(url, "/v1/completions", {"model": "skip3", "prompt": "abc", **extra})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
         assert message in r.json()["error"]["message"], r.text
@@ -392,8 +392,9 @@ def test_guided_json(served):
     """``guided_json`` (or ``structured_outputs: {"json": ...}``, or OpenAI's ``response_format``
     with a ``json_schema``): the text is JSON that the schema accepts, on every adapter, greedy,
     sampled, streamed and in chat; a schema with a keyword it cannot keep to gets 400 naming the
-    keyword, and a free-form ``json_object`` 400 too. (The demo's tokenizer has no braces or
-    brackets, so the schema is of a scalar; test_serve_json_schema.py checks objects and arrays.)"""
+    keyword. (The demo's tokenizer has no braces or brackets, so the schema is of a scalar, and
+    ``response_format: {"type": "json_object"}`` gets 400 for the tokenizer;
+    test_serve_json_schema.py checks objects and arrays, test_serve_guided.py free-form ones.)"""
     url, _ = served
     schema = {"anyOf": [{"type": "string", "maxLength": 4}, {"$ref": "#/$defs/digit"}, {"type": "boolean"},
                         {"type": "number", "minimum": 5.5, "exclusiveMaximum": 7.25}],
@@ -422,11 +423,12 @@ def test_guided_json(served):
         check(choice["text"])
     for extra, param, message in (
             ({"guided_json": {"type": "number", "multipleOf": 0.5}}, "guided_json", "'multipleOf' not supported"),
-            ({"guided_json": {"type": "object"}}, "guided_json", "needs its properties"),
+            ({"guided_json": {"type": "object", "required": ["a"]}}, "guided_json", "must be listed in properties"),
             ({"guided_json": "{not json"}, "guided_json", "not valid JSON"),
             ({"structured_outputs": {"json": {"type": "string", "format": "ipv6"}}}, "structured_outputs", "format"),
             ({"guided_json": {"oneOf": [{"type": "integer"}, {"type": "number"}]}}, "guided_json", "oneOf"),
-            ({"response_format": {"type": "json_object"}}, "response_format", "not supported"),
+            ({"response_format": {"type": "json_object"}}, "response_format", "can be written with this tokenizer"),
+            ({"response_format": {"type": "json_xml"}}, "response_format", "not supported"),
             ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format",
              "not supported"),
             ({"guided_json": {"type": "boolean"}, "response_format": format_}, "response_format", "not several")):

@@ -22,8 +22,8 @@ from typing import Annotated, Literal
 
 import pytest
 
-from bora_kernels.serve.json_schema import FORMATS, integer_range, schema_regex
-from bora_kernels.serve.pattern import DEAD, Pattern
+from bora_kernels.serve.json_schema import FORMATS, FREE_DEPTH, free_value, integer_range, schema_regex
+from bora_kernels.serve.pattern import DEAD, SCHEMA_LIMITS, Pattern
 
 PERSON = {"type": "object", "properties": {
     "name": {"type": "string", "minLength": 1, "maxLength": 5},
@@ -74,6 +74,14 @@ CASES = [  # (schema, values it accepts, values it refuses)
     ({"type": "number"}, [0, -1.5, 1e-05, 1.5e+30, 10**15], ["1", None, True]),
     ({"$ref": "#/$defs/node", "$defs": {"node": {"type": "array", "items": {"$ref": "#/$defs/node"}}}},  # 3 levels
      [[], [[]], [[[]], []]], [[1], [[1]], {}]),
+    # free-form values (arrays and objects nested at most FREE_DEPTH deep, test_free_values_nest_...)
+    ({"type": "object"}, [{}, {"a": 1}, {"a": {"b": [1, "x", None]}, "": -0.5}, {"é\"": [[]]}], [[], 1, "{}"]),
+    ({"type": "object", "additionalProperties": True, "title": "Meta"}, [{"k": True}], [None]),
+    ({"type": "array", "maxItems": 2}, [[], [1, {"b": None}], [[1], "x"]], [[1, 2, 3], {}]),
+    ({"title": "Any"}, [1, "x", None, [1, {"a": []}], {"a": [1]}], []),
+    ({"type": "object", "additionalProperties": False}, [{}], [{"a": 1}]),
+    ({"type": "object", "properties": {"id": {"type": "integer"}, "data": {}}, "required": ["id", "data"]},
+     [{"id": 1, "data": None}, {"id": 2, "data": {"x": [1]}}], [{"id": 1}, {"data": 1}]),
 ]
 
 
@@ -92,7 +100,7 @@ def test_integer_ranges_match_exactly_their_integers(low, high):
 @pytest.mark.parametrize("schema, good, bad", CASES, ids=range(len(CASES)))
 def test_schema_patterns_match_exactly_the_values_the_schema_accepts(schema, good, bad):
     regex = schema_regex(schema)
-    pattern = Pattern(regex)
+    pattern = Pattern(regex, SCHEMA_LIMITS)
     assert schema_regex(json.dumps(schema)) == regex  # (the schema as JSON text)
     for value in good:
         text = json.dumps(value)
@@ -126,15 +134,14 @@ def test_schema_patterns_match_exactly_the_values_the_schema_accepts(schema, goo
     ({"type": "string", "enum": [1, None]}, "no value of its enum is of its type"),
     ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, "oneOf: [0] and [1] can match the same text"),
     ({"oneOf": [{"type": "string", "maxLength": 3}, {"type": "string", "pattern": "^abc"}]}, "[0] and [1] can match"),
-    ({"anyOf": [{"type": "string", "format": "hostname"}, {"type": "object"}]}, "anyOf[0].format"),  # none left
-    ({"type": "object"}, "needs its properties listed"),
-    ({"type": "object", "additionalProperties": True}, "needs its properties listed"),
+    ({"anyOf": [{"type": "string", "format": "hostname"}, {"type": "integer", "multipleOf": 2}]},
+     "anyOf[0].format"),  # none left
+    ({"type": "object", "required": ["a"]}, "schema.required: the required properties must be listed in properties"),
+    ({"type": "object", "properties": [1]}, "schema.properties: must be an object of schemas"),
     ({"type": "object", "properties": {"a": {"type": "null"}}, "maxProperties": 1}, "on a map (additionalProperties) only"),
     ({"type": "object", "additionalProperties": {"type": "null"}, "minProperties": 2}, "minProperties: above 1"),
     ({"type": "array", "prefixItems": [{"type": "null"}], "minItems": 2}, "minItems 2 is more than its 1 prefixItems"),
-    ({}, "allows any JSON value"),
-    ({"type": "array"}, "needs its items' schema"),
-    ({"description": "no type"}, "needs a type"),
+    ({"properties": {"a": {"type": "null"}}}, "needs a type"),
     ({"type": "decimal"}, '"decimal" is not a JSON schema type'),
     ({"$ref": "#/$defs/node", "$defs": {"node": {"type": "array", "items": {"$ref": "#/$defs/node"}, "minItems": 1}}},
      "refers back to itself at every level"),
@@ -307,6 +314,8 @@ SAMPLED = [  # schemas whose patterns are sampled at random (and the Pydantic mo
     {"$ref": "#/$defs/tree", "$defs": {"tree": {"type": "object", "properties": {
         "v": {"type": "integer"}, "left": {"$ref": "#/$defs/tree"},
         "right": {"anyOf": [{"$ref": "#/$defs/tree"}, {"type": "null"}]}}, "required": ["v", "right"]}}},
+    {"type": "object", "properties": {"meta": {"type": "object"}, "any": {"title": "Any"},
+                                      "list": {"type": "array", "maxItems": 3}}, "required": ["meta", "any", "list"]},
 ]
 ALPHABET = string.ascii_letters + string.digits + string.punctuation + " é٣\u00a0\u2028"
 WEIGHTS = [12 if ch in '"{}[],:-' else 1 for ch in ALPHABET]
@@ -364,7 +373,7 @@ def test_random_matches_are_valid_json_of_the_schema(which):
     model = {"pydantic": _pydantic_order, "pydantic-tree": _pydantic_tree}.get(which, lambda: None)()
     schema = model.model_json_schema() if model else SAMPLED[which]
     validator = jsonschema.Draft202012Validator(schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
-    pattern, rng, drawn = Pattern(schema_regex(schema)), random.Random(str(which)), []
+    pattern, rng, drawn = Pattern(schema_regex(schema), SCHEMA_LIMITS), random.Random(str(which)), []
     while len(drawn) < 40:
         text = _draw(pattern, rng)
         if text is not None:
@@ -377,6 +386,39 @@ def test_random_matches_are_valid_json_of_the_schema(which):
         for found in _emails(value, which):
             address = email.headerregistry.Address(addr_spec=found)
             assert address.addr_spec == found, found
+
+
+def _depth(value) -> int:
+    """How deep ``value``'s arrays and objects nest, itself included."""
+    inner = value if isinstance(value, list) else list(value.values()) if isinstance(value, dict) else None
+    return 0 if inner is None else 1 + max(map(_depth, inner), default=0)
+
+
+def test_free_values_nest_arrays_and_objects_at_most_free_depth_deep():
+    """A free-form value's pattern (a schema ``{}``; objects, arrays with no properties or items
+    listed) matches a JSON value exactly when its arrays and objects nest at most ``FREE_DEPTH``
+    deep: 300 random values, nested up to 5 deep, of every kind."""
+    rng = random.Random(0)
+
+    def value(depth: int):
+        kind = rng.choice(["scalar", "array", "object"] if depth else ["scalar"])
+        if kind == "scalar":
+            return rng.choice([None, True, False, 0, -12, 3.25, 1e-7, "", "a\"b\\c", "é\n"])
+        items = [value(depth - 1) for _ in range(rng.randint(0, 3))]
+        return items if kind == "array" else {rng.choice(["k", "", "é", f"k{i}"]): v for i, v in enumerate(items)}
+
+    python = re.compile(free_value())
+    pattern = Pattern(free_value(), SCHEMA_LIMITS)
+    objects, arrays = re.compile(schema_regex({"type": "object"})), re.compile(schema_regex({"type": "array"}))
+    depths = set()
+    for _ in range(300):
+        v = value(5)
+        text, depth = json.dumps(v), _depth(v)
+        depths.add(depth)
+        assert bool(python.fullmatch(text)) == (depth <= FREE_DEPTH) == pattern.fullmatch(text), text
+        assert bool(objects.fullmatch(text)) == (isinstance(v, dict) and depth <= FREE_DEPTH), text
+        assert bool(arrays.fullmatch(text)) == (isinstance(v, list) and depth <= FREE_DEPTH), text
+    assert depths >= set(range(FREE_DEPTH + 2)), depths
 
 
 def _emails(value, which):
@@ -397,4 +439,4 @@ def test_pydantic_values_written_as_json_dumps_match():
                   color=Color.GREEN, pet={"kind": "dog", "good": True}, pets=[{"kind": "cat", "legs": 4}],
                   site="https://example.com/a?b=c", addr="10.0.0.1", contact="ann.lee@mail.example.org")
     text = json.dumps(value.model_dump(mode="json")).replace('"price": "1.5"', '"price": 1.5')
-    assert Pattern(schema_regex(order.model_json_schema())).fullmatch(text), text
+    assert Pattern(schema_regex(order.model_json_schema()), SCHEMA_LIMITS).fullmatch(text), text

@@ -28,14 +28,16 @@ from ..peft_io import read_peft_adapter
 from .engine import (Engine, InvalidParams, QueueFull, Request, SamplingParams, SlotsBusy, TokenLogprobs,
                      UnknownAdapter, _is_int, _is_number)
 from .guided import ChoiceGuide, ChoiceSet, RegexGuide, RegexSet, TokenTexts, check_choices
-from .json_schema import schema_regex
+from .json_schema import json_object_regex, schema_regex
 from .metrics import Metrics
+from .pattern import SCHEMA_LIMITS, USER_LIMITS
 
 
 logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.1  # how often a waiting request checks for its timeout and its client
 MAX_PATTERNS = 32  # guided patterns kept ready for later requests (each with its automaton and allowed tokens)
+MAX_KEPT_STATES = 400_000  # and at most this many automaton states among them (a JSON schema's may be large)
 
 
 @dataclasses.dataclass
@@ -406,8 +408,9 @@ class Server:
         ``(param, "regex", pattern)`` from ``guided_regex`` or ``structured_outputs: {"regex":
         ...}``; ``(param, "json", the schema's pattern)`` from ``guided_json``,
         ``structured_outputs: {"json": schema}`` or OpenAI's ``response_format: {"type":
-        "json_schema", "json_schema": {"schema": ...}}``; None: free text. Other kinds of structured
-        output are refused, never ignored."""
+        "json_schema", "json_schema": {"schema": ...}}`` (``{"type": "json_object"}``: any
+        object, ``json_object_regex``); None: free text. Other kinds of structured output are refused, never
+        ignored."""
         fields = {"guided_choice": "choice", "guided_regex": "regex", "guided_json": "json",
                   "structured_outputs": None, "response_format": None}
         given = [name for name in fields if body.get(name) is not None
@@ -425,9 +428,12 @@ class Server:
             (kind, value), = value.items()
         if param == "response_format":
             spec = value.get("json_schema") if isinstance(value, dict) and value.get("type") == "json_schema" else None
+            if value == {"type": "json_object"}:
+                return param, "json", json_object_regex()
             if not (isinstance(spec, dict) and "schema" in spec):
-                raise _bad(param, f"{json.dumps(value)} is not supported by this server (only {{\"type\": \"text\"}} "
-                                  "or {\"type\": \"json_schema\", \"json_schema\": {\"schema\": ...}})")
+                raise _bad(param, f"{json.dumps(value)} is not supported by this server (only {{\"type\": \"text\"}}, "
+                                  "{\"type\": \"json_object\"} or {\"type\": \"json_schema\", \"json_schema\": "
+                                  "{\"schema\": ...}})")
             kind, value = "json", spec["schema"]
         if kind == "json":
             try:
@@ -446,7 +452,8 @@ class Server:
     async def guide_set(self, guided: tuple[str, str, list[str] | str], params: SamplingParams) -> ChoiceSet | RegexSet:
         """``guided``'s choices or pattern made ready once per request, off the event loop (as
         every token's text, decoded at the first guided request: both take a moment when large).
-        A pattern's set is kept for later requests with it (the last ``MAX_PATTERNS``)."""
+        A pattern's set is kept for later requests with it (the last ``MAX_PATTERNS``, of at most
+        ``MAX_KEPT_STATES`` automaton states in all)."""
         param, kind, value = guided
         if params.min_tokens:
             raise _bad("min_tokens", f"cannot be combined with a guided {kind} (it sets where the output ends)")
@@ -455,10 +462,13 @@ class Server:
         try:
             if kind == "choice":
                 return await asyncio.to_thread(ChoiceSet, self._guide_texts, value, params.stop_token_ids)
-            key = (value, params.stop_token_ids)
-            if key not in self._patterns:
-                self._patterns[key] = await asyncio.to_thread(RegexSet, self._guide_texts, value, params.stop_token_ids)
-                while len(self._patterns) > MAX_PATTERNS:
+            key = (kind, value, params.stop_token_ids)
+            if key not in self._patterns:  # a schema's pattern is ours: bounded by its size alone
+                limits = SCHEMA_LIMITS if kind == "json" else USER_LIMITS
+                self._patterns[key] = await asyncio.to_thread(RegexSet, self._guide_texts, value,
+                                                              params.stop_token_ids, limits)
+                while len(self._patterns) > 1 and (len(self._patterns) > MAX_PATTERNS or sum(
+                        regexes.pattern.size for regexes in self._patterns.values()) > MAX_KEPT_STATES):
                     self._patterns.popitem(last=False)
             self._patterns.move_to_end(key)
             return self._patterns[key]

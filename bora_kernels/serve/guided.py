@@ -35,10 +35,11 @@ import dataclasses
 
 import torch
 
-from .pattern import DEAD, Pattern
+from .pattern import DEAD, USER_LIMITS, Pattern, shown
 
 MAX_CHOICES = 256  # strings a request may offer
 MAX_CHOICE_CHARS = 1024  # characters of one string
+MAX_KEPT_BYTES = 64 << 20  # a RegexSet's allowed tokens kept per state (the oldest states' dropped past it)
 
 
 class TokenTexts:
@@ -188,17 +189,18 @@ class RegexSet:
     """A request's pattern, ready to guide its outputs (see the module's docstring): the tokens
     allowed in each automaton state, found when first needed and kept (the set is shared by
     requests with the same pattern and stop tokens). Raises ``ValueError`` for a pattern that
-    ``Pattern`` cannot read, or whose matches no token can begin."""
+    ``Pattern`` cannot read (within ``limits``), or whose matches no token can begin."""
 
-    def __init__(self, texts: TokenTexts, regex: str, stop_ids=()):
-        self.texts, self.pattern = texts, Pattern(regex)
+    def __init__(self, texts: TokenTexts, regex: str, stop_ids=(), limits: tuple[int, int] = USER_LIMITS):
+        self.texts, self.pattern = texts, Pattern(regex, limits)
         self.stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
-        self._allowed: dict[int, torch.Tensor] = {}
+        self._allowed: dict[int, torch.Tensor] = {}  # per state: int32 ids, or a bool mask where smaller
+        self._kept, self.max_kept = 0, MAX_KEPT_BYTES  # bytes in _allowed, and their budget
         self._class, self._members = self._classes()
         self._moves = torch.full((1, len(self._members)), DEAD, dtype=torch.long)  # see _after
         self._known = torch.ones(1, dtype=torch.bool)
         if not len(self.allowed(self.pattern.start)):
-            raise ValueError(f"no match of {regex!r} can be written with this tokenizer's tokens")
+            raise ValueError(f"no match of {shown(regex)} can be written with this tokenizer's tokens")
 
     def guide(self) -> RegexGuide:
         return RegexGuide(self)
@@ -229,22 +231,39 @@ class RegexSet:
         return self._moves[rows, classes]
 
     def allowed(self, state: int) -> torch.Tensor:
-        """The tokens that may come in ``state``: an int64 tensor of ids, in order."""
+        """The tokens that may come in ``state``: an int64 tensor of ids, in order (found once,
+        and kept while the kept states take under ``max_kept`` bytes: at most a byte per token
+        each, as a mask where the ids would take more)."""
         if state not in self._allowed:
-            tree = self.texts.tree()
-            at = torch.full((tree.levels[-1],), DEAD, dtype=torch.long)  # each node's state after its text
-            at[0] = state
-            for begin, end in zip(tree.levels[1:-1], tree.levels[2:]):  # a level at a time, from its parents'
-                at[begin:end] = self._after(at[tree.parent[begin:end]], self._class[tree.char[begin:end]])
-                if not (at[begin:end] != DEAD).any():
-                    break
-            allowed = tree.tokens[at[tree.nodes] != DEAD].sort().values
-            if len(self.stops):
-                allowed = allowed[~torch.isin(allowed, self.stops)]
-                if self.pattern.accepts(state):
-                    allowed = torch.cat([allowed, self.stops])
-            self._allowed[state] = allowed
-        return self._allowed[state]
+            allowed = self._found(state)
+            vocab = len(self.texts.text)
+            if 4 * len(allowed) > vocab:
+                kept = torch.zeros(vocab, dtype=torch.bool)
+                kept[allowed] = True
+            else:
+                kept = allowed.to(torch.int32)
+            self._allowed[state] = kept
+            self._kept += kept.nbytes
+            while self._kept > self.max_kept and len(self._allowed) > 1:
+                self._kept -= self._allowed.pop(next(iter(self._allowed))).nbytes
+        kept = self._allowed[state]
+        return kept.nonzero().squeeze(1) if kept.dtype == torch.bool else kept.long()
+
+    def _found(self, state: int) -> torch.Tensor:
+        """The tokens that may come in ``state``, in order: see the module's docstring."""
+        tree = self.texts.tree()
+        at = torch.full((tree.levels[-1],), DEAD, dtype=torch.long)  # each node's state after its text
+        at[0] = state
+        for begin, end in zip(tree.levels[1:-1], tree.levels[2:]):  # a level at a time, from its parents'
+            at[begin:end] = self._after(at[tree.parent[begin:end]], self._class[tree.char[begin:end]])
+            if not (at[begin:end] != DEAD).any():
+                break
+        allowed = tree.tokens[at[tree.nodes] != DEAD].sort().values
+        if len(self.stops):
+            allowed = allowed[~torch.isin(allowed, self.stops)]
+            if self.pattern.accepts(state):
+                allowed = torch.cat([allowed, self.stops]).sort().values
+        return allowed
 
 
 class RegexGuide:

@@ -19,6 +19,11 @@ What it covers (what Pydantic's ``model_json_schema()`` writes for the usual fie
   without ``properties`` but with ``additionalProperties`` a schema (a map from any string to its
   values; ``maxProperties``, and ``minProperties`` up to 1, as a key may be written twice);
 - arrays with ``items`` and/or ``prefixItems``, ``minItems``, ``maxItems``;
+- free-form values: a schema with no keywords but descriptive ones (``{}``, Pydantic's ``Any``)
+  is any JSON value, an object with no ``properties`` (and ``additionalProperties`` true or
+  absent: Pydantic's ``dict[str, Any]``, OpenAI's ``json_object``) any object, an array with no
+  ``items`` any array; their arrays and objects nest at most ``FREE_DEPTH`` deep, themselves
+  included (a regular expression cannot follow nesting without end; ``free_value``);
 - strings with ``minLength``/``maxLength``, or a ``pattern`` (a search within the value, as the
   schema means it; see ``pattern.json_string_pattern``), or a ``format``: ``date``, ``time``,
   ``date-time`` (RFC 3339), ``uuid``, ``ipv4``, ``email``, ``uri`` (each a strict subset of what
@@ -31,8 +36,7 @@ What it covers (what Pydantic's ``model_json_schema()`` writes for the usual fie
 Keywords that only describe (``title``, ``description``, ``default``, ``examples``,
 ``discriminator``...) are ignored. Any other keyword (``uniqueItems``...) is refused with a
 ``ValueError`` naming it and where it is, since ignoring it could give JSON the schema does not
-accept; so is an object with neither ``properties`` nor an ``additionalProperties`` schema (a
-free-form object needs more than a regular expression). ``multipleOf`` is refused too:
+accept. ``multipleOf`` is refused too:
 validators disagree on it for fractions (Python's ``jsonschema`` divides doubles and finds that
 0.29 is not a multiple of 0.01; Pydantic allows for rounding), so no output would pass them all.
 """
@@ -40,11 +44,12 @@ validators disagree on it for fractions (Python's ``jsonschema`` divides doubles
 from __future__ import annotations
 
 import fractions
+import functools
 import json
 import math
 import re
 
-from .pattern import Pattern, json_string_pattern
+from .pattern import SCHEMA_LIMITS, Pattern, json_string_pattern
 
 DESCRIPTIVE = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
                "readOnly", "writeOnly", "$defs", "definitions", "strict", "discriminator"}
@@ -55,6 +60,8 @@ KEYWORDS = {"type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "propert
 COMBINERS = ("allOf", "$ref", "const", "enum", "anyOf", "oneOf")  # each stands alone (a type beside const, enum)
 MAX_REF_DEPTH = 16  # $refs within $refs
 MAX_RECURSION = 3  # levels of a recursive schema written out (where the next is optional, it stops there)
+FREE_DEPTH = 3  # arrays and objects a free-form value nests, itself included: {"a": [{"b": 1}]} is 3
+JSON_OBJECT_DEPTH = 4  # the same for a whole output of any object (OpenAI's json_object)
 
 # a character of a JSON string (anything but a quote, a backslash or a control character, or an escape)
 STRING_CHAR = r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})'
@@ -112,6 +119,28 @@ def schema_regex(schema) -> str:
     if not isinstance(schema, dict):
         raise ValueError("must be a JSON schema (an object)")  # noqa: TRY004 - a bad request, as every error here
     return _Converter(schema).regex(schema, "schema", ())
+
+
+@functools.cache
+def free_value(depth: int = FREE_DEPTH, kind: str | None = None) -> str:
+    """A pattern for any JSON value (``kind`` "array" or "object": any of that kind) whose
+    arrays and objects nest at most ``depth`` deep, itself included (0: a string, number, boolean
+    or null). Each level holds the one below it twice (its first item and the others), so the
+    pattern grows about four times a level."""
+    if kind is None:
+        scalars = [f'"{STRING_CHAR}*"', *SCALARS.values()]
+        return "(?:" + "|".join(scalars + ([free_value(depth, "array"), free_value(depth, "object")] if depth else [])) + ")"
+    inner = free_value(depth - 1)
+    if kind == "array":
+        return rf"\[(?:{inner}(?:, {inner})*)?\]"
+    pair = f'"{STRING_CHAR}*": {inner}'
+    return rf"\{{(?:{pair}(?:, {pair})*)?\}}"
+
+
+def json_object_regex() -> str:
+    """A pattern for any JSON object whose arrays and objects nest at most ``JSON_OBJECT_DEPTH``
+    deep, itself included (OpenAI's ``response_format: {"type": "json_object"}``)."""
+    return free_value(JSON_OBJECT_DEPTH, "object")
 
 
 def _json_types(value) -> set[str]:
@@ -294,8 +323,8 @@ class _Converter:
         self.root = root
 
     def regex(self, schema, where: str, refs: tuple) -> str:
-        if schema is True or schema == {}:
-            raise Unsupported(f"{where}: a schema that allows any JSON value cannot be guided (give its type)")
+        if schema is True or (isinstance(schema, dict) and not set(schema) - DESCRIPTIVE):
+            return free_value()  # any JSON value (Pydantic's Any: a title alone)
         if not isinstance(schema, dict):
             raise ValueError(f"{where}: must be a schema (an object), got {json.dumps(schema)}")  # noqa: TRY004
         unknown = sorted(set(schema) - KEYWORDS - DESCRIPTIVE)
@@ -347,7 +376,7 @@ class _Converter:
         if not kept:
             raise errors[0]
         if only_one and len(kept) > 1:
-            patterns = [(i, Pattern(regex)) for i, regex in kept]
+            patterns = [(i, Pattern(regex, SCHEMA_LIMITS)) for i, regex in kept]
             for n, (i, first) in enumerate(patterns):
                 for j, second in patterns[n + 1:]:
                     try:
@@ -461,11 +490,11 @@ class _Converter:
             raise ValueError(f"{where}.prefixItems: must be a list of schemas")  # noqa: TRY004 - a bad request
         firsts = [self.regex(s, f"{where}.prefixItems[{i}]", refs) for i, s in enumerate(prefix)]
         more = schema.get("items", False if prefix else None)
-        if more is None:
-            raise Unsupported(f"{where}: an array needs its items' schema")
+        if more is None:  # any items: the array is a free-form value
+            more = free_value(FREE_DEPTH - 1)
         lo, hi = self.bounds(schema, "minItems", "maxItems", where)
         try:
-            item = None if more is False else self.regex(more, f"{where}.items", refs)
+            item = None if more is False else more if isinstance(more, str) else self.regex(more, f"{where}.items", refs)
         except TooDeep:
             if lo > len(firsts):
                 raise
@@ -509,9 +538,13 @@ class _Converter:
             return rf"\{{(?:{pairs})?\}}" if lo == 0 else rf"\{{{pairs}\}}"
         if "minProperties" in schema or "maxProperties" in schema:
             raise Unsupported(f"{where}: minProperties/maxProperties are supported on a map (additionalProperties) only")
-        if not isinstance(properties, dict) or not properties:
-            raise Unsupported(f"{where}: an object needs its properties listed, or additionalProperties as a schema "
-                             "(a free-form object needs more than a regular expression)")
+        if not isinstance(properties, (dict, type(None))):
+            raise ValueError(f"{where}.properties: must be an object of schemas")  # noqa: TRY004 - a bad request
+        if not properties and values in (None, True, {}):  # a free-form object
+            if "required" in schema:
+                raise Unsupported(f"{where}.required: the required properties must be listed in properties")
+            return free_value(FREE_DEPTH, "object")
+        properties = properties or {}  # (none, and no others: "{}")
         required = schema.get("required", [])
         if not (isinstance(required, list) and all(isinstance(r, str) for r in required)):
             raise ValueError(f"{where}.required: must be a list of property names")

@@ -24,6 +24,8 @@ import dataclasses
 DEAD = -1
 MAX_STATES = 20000  # automaton states a pattern may need (a bound on {n,m} repeats)
 MAX_PATTERN_CHARS = 4096
+USER_LIMITS = (MAX_PATTERN_CHARS, MAX_STATES)  # a request's own pattern: characters, automaton states
+SCHEMA_LIMITS = (1_000_000, 200_000)  # one written from a JSON schema (large models, free-form values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,19 +230,26 @@ def _subtract(ranges, remove) -> list[tuple[int, int]]:
     return out
 
 
-def _parse(regex, classes: dict[str, Chars] = CLASSES):
-    if not isinstance(regex, str) or not 0 < len(regex) <= MAX_PATTERN_CHARS:
-        raise ValueError(f"must be a non-empty string of at most {MAX_PATTERN_CHARS} characters")
+def _parse(regex, classes: dict[str, Chars] = CLASSES, most: int = MAX_PATTERN_CHARS):
+    if not isinstance(regex, str) or not 0 < len(regex) <= most:
+        raise ValueError(f"must be a non-empty string of at most {most} characters")
     return _Parser(regex, classes).parse()
+
+
+def shown(regex: str) -> str:
+    """A pattern as an error message quotes it (the start of a long one)."""
+    return repr(regex) if len(regex) <= 100 else f"the pattern {regex[:60]!r}..."
 
 
 class Pattern:
     """A regular expression as an automaton over characters (see the module's docstring).
-    States are ints from ``start``; raises ``ValueError`` for a pattern it cannot read."""
+    States are ints from ``start``; raises ``ValueError`` for a pattern it cannot read, or
+    longer or needing more automaton states than ``limits`` (``USER_LIMITS``, or
+    ``SCHEMA_LIMITS`` for a pattern made from a JSON schema)."""
 
-    def __init__(self, regex: str):
-        tree = _parse(regex)
-        self.regex = regex
+    def __init__(self, regex: str, limits: tuple[int, int] = USER_LIMITS):
+        tree = _parse(regex, most=limits[0])
+        self.regex, self._most = regex, limits[1]
         self._empty: list[list[int]] = []  # per automaton state: empty moves
         self._moves: list[list[tuple[Chars, int]]] = []  # and character moves
         begin, self._end = self._build(tree)
@@ -250,14 +259,15 @@ class Pattern:
         self._steps: list[dict[str, int]] = []
         first = self._closure({begin})
         if not first:
-            raise ValueError(f"{regex!r} matches nothing")
+            raise ValueError(f"{shown(regex)} matches nothing")
         self.start = self._state(first)
 
     # the nondeterministic automaton
 
     def _new(self) -> int:
-        if len(self._empty) >= MAX_STATES:
-            raise ValueError(f"{self.regex!r} needs more than {MAX_STATES} automaton states (large {{n,m}} repeats)")
+        if len(self._empty) >= self._most:
+            raise ValueError(f"{shown(self.regex)} needs more than {self._most} automaton states (large {{n,m}} "
+                             "repeats; in a JSON schema, many optional properties with large values)")
         self._empty.append([])
         self._moves.append([])
         return len(self._empty) - 1
@@ -355,6 +365,11 @@ class Pattern:
                 break
             state = self.step(state, ch)
         return state
+
+    @property
+    def size(self) -> int:
+        """The nondeterministic automaton's states (what the pattern costs to keep)."""
+        return len(self._empty)
 
     def accepts(self, state: int) -> bool:
         """The text so far is a match."""
