@@ -164,6 +164,34 @@ def test_patterns_no_token_can_write_are_refused_or_cut_short(texts):
         RegexSet(texts, "(ab", [STOP])
 
 
+def _random_outputs(regexes: RegexSet, stop: int, rng, outputs: int, longest: int, stop_chance: float, checked: set):
+    """The texts of ``outputs`` outputs of tokens drawn at random among those ``regexes`` allows
+    (its stop token, where allowed, with ``stop_chance``), less those cut at ``longest`` tokens;
+    in every state met (added to ``checked``), the allowed tokens must be exactly the texts that,
+    walked alone from it, leave a live state, and some (a byte-level vocabulary writes every
+    character)."""
+    texts, pattern = regexes.texts, regexes.pattern
+    for _ in range(outputs):
+        guide, tokens = regexes.guide(), []
+        while len(tokens) < longest:
+            allowed = guide.allowed().tolist()
+            if guide.state not in checked:
+                checked.add(guide.state)
+                want = [t for t, text in enumerate(texts.text) if text in texts.ids and t != stop
+                        and pattern.walk(guide.state, text) != DEAD]
+                assert allowed == sorted(want + ([stop] if pattern.accepts(guide.state) else [])), tokens
+            assert allowed, "".join(texts.text[t] for t in tokens)
+            if stop in allowed and (len(allowed) == 1 or rng.random() < stop_chance):
+                break
+            token = rng.choice([t for t in allowed if t != stop])
+            tokens.append(token)
+            if guide.advance(token):
+                break
+        else:
+            continue  # (long outputs are left unchecked: the walk is random)
+        yield "".join(texts.text[t] for t in tokens)
+
+
 def test_json_schema_guides_a_byte_level_tokenizer_to_valid_objects():
     """A Pydantic model's schema (objects, a list of objects, a map, formats, bounds, an optional
     field) guiding a byte-level BPE tokenizer whose tokens span JSON's punctuation (``{"``,
@@ -202,28 +230,10 @@ def test_json_schema_guides_a_byte_level_tokenizer_to_valid_objects():
     stop = tokenizer.eos_token_id
     spanning = [t for t in texts.text if len(t) > 1 and set(t) & set('{}[]":,')]
     assert len(spanning) > 20, spanning  # tokens that cross the pattern's punctuation
-    regexes = RegexSet(texts, schema_regex(Order.model_json_schema()), [stop])
-    pattern, finished, checked = regexes.pattern, 0, set()
-    for _ in range(30):
-        guide, tokens = regexes.guide(), []
-        while len(tokens) < 400:
-            allowed = guide.allowed().tolist()
-            if guide.state not in checked:
-                checked.add(guide.state)
-                want = sorted([t for t, text in enumerate(texts.text) if text in texts.ids and t != stop
-                               and pattern.walk(guide.state, text) != DEAD] + ([stop] if pattern.accepts(guide.state) else []))
-                assert allowed == want, "".join(texts.text[t] for t in tokens)
-            assert allowed, "".join(texts.text[t] for t in tokens)  # a byte-level vocabulary writes every character
-            if stop in allowed and (len(allowed) == 1 or rng.random() < 0.5):
-                break
-            token = rng.choice([t for t in allowed if t != stop])
-            tokens.append(token)
-            if guide.advance(token):
-                break
-        else:
-            continue  # (long outputs are left unchecked: the walk is random)
+    regexes, checked, finished = RegexSet(texts, schema_regex(Order.model_json_schema()), [stop]), set(), 0
+    for text in _random_outputs(regexes, stop, rng, 30, 400, 0.5, checked):
         finished += 1
-        Order.model_validate_json("".join(texts.text[t] for t in tokens))
+        Order.model_validate_json(text)
     assert finished >= 10 and len(checked) > 100, (finished, len(checked))
 
 
@@ -275,26 +285,9 @@ def test_free_form_json_guides_a_byte_level_tokenizer_to_valid_values():
         return [v["payload"], v.get("extra")]
 
     for schema, parts in (({"type": "object"}, whole), (Event.model_json_schema(), fields)):
-        regexes = RegexSet(texts, schema_regex(schema), [stop], SCHEMA_LIMITS)
-        pattern, finished, checked = regexes.pattern, 0, set()
-        for _ in range(20):
-            guide, tokens = regexes.guide(), []
-            while len(tokens) < 300:
-                allowed = guide.allowed().tolist()
-                if guide.state not in checked:
-                    checked.add(guide.state)
-                    want = sorted([t for t, text in enumerate(texts.text) if text in texts.ids and t != stop
-                                   and pattern.walk(guide.state, text) != DEAD] + ([stop] if pattern.accepts(guide.state) else []))
-                    assert allowed == want, "".join(texts.text[t] for t in tokens)
-                if stop in allowed and (len(allowed) == 1 or rng.random() < 0.3):
-                    break
-                token = rng.choice([t for t in allowed if t != stop])
-                tokens.append(token)
-                if guide.advance(token):
-                    break
-            else:
-                continue  # (long outputs are left unchecked: the walk is random)
+        regexes, checked, finished = RegexSet(texts, schema_regex(schema), [stop], SCHEMA_LIMITS), set(), 0
+        for text in _random_outputs(regexes, stop, rng, 20, 300, 0.3, checked):
             finished += 1
-            v = json.loads("".join(texts.text[t] for t in tokens))
+            v = json.loads(text)
             assert all(depth(part) <= FREE_DEPTH for part in parts(v)), v
         assert finished >= 5 and len(checked) > 30, (schema, finished, len(checked))
