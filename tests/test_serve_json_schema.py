@@ -12,6 +12,7 @@ import decimal
 import email.headerregistry
 import enum
 import ipaddress
+import itertools
 import json
 import operator
 import random
@@ -80,6 +81,14 @@ CASES = [  # (schema, values it accepts, values it refuses)
     ({"type": "array", "maxItems": 2}, [[], [1, {"b": None}], [[1], "x"]], [[1, 2, 3], {}]),
     ({"title": "Any"}, [1, "x", None, [1, {"a": []}], {"a": [1]}], []),
     ({"type": "object", "additionalProperties": False}, [{}], [{"a": 1}]),
+    # uniqueItems: each listed value at most once, in the listed order (test_unique_items_...)
+    ({"type": "array", "items": {"enum": ["a", "b", 1, True, None]}, "uniqueItems": True},
+     [[], ["a"], ["b", True], ["a", "b", 1, True, None]], [["a", "a"], ["c"], [1, 1], [None, None]]),
+    ({"type": "array", "items": {"$ref": "#/$defs/c"}, "uniqueItems": True, "minItems": 1,
+      "$defs": {"c": {"type": "integer", "enum": [2, 2.0, "x", 3]}}}, [[2], [2, 3], [3]],
+     [[], [2, 2], [2, 2.0], ["x"]]),
+    ({"type": "array", "items": {"type": "boolean"}, "uniqueItems": True}, [[], [True], [False], [True, False]],
+     [[True, True]]),
     ({"type": "object", "properties": {"id": {"type": "integer"}, "data": {}}, "required": ["id", "data"]},
      [{"id": 1, "data": None}, {"id": 2, "data": {"x": [1]}}], [{"id": 1}, {"data": 1}]),
 ]
@@ -128,7 +137,11 @@ def test_schema_patterns_match_exactly_the_values_the_schema_accepts(schema, goo
     ({"type": "string", "format": "uuid", "pattern": "a"}, "pattern and format together"),
     ({"type": "string", "pattern": "a", "maxLength": 3}, "pattern with minLength/maxLength"),
     ({"type": "string", "pattern": "(?=a)b"}, "schema.pattern: '(?=' (look-arounds"),
-    ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "'uniqueItems' not supported"),
+    ({"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "schema.items: uniqueItems is supported on"),
+    ({"type": "array", "items": {"enum": [1, 2, 3]}, "uniqueItems": True, "minItems": 2}, "minItems above 1"),
+    ({"type": "array", "items": {"enum": [1, 2, 3]}, "uniqueItems": True, "maxItems": 2}, "maxItems below the 3"),
+    ({"type": "array", "prefixItems": [{"const": 1}], "uniqueItems": True}, "needs an items schema"),
+    ({"type": "array", "items": {"const": 1}, "uniqueItems": "yes"}, "uniqueItems: must be true or false"),
     ({"allOf": [{"type": "integer"}, {"type": "number"}]}, "allOf: only one schema"),
     ({"enum": ["a", "bb"], "maxLength": 1}, "'maxLength' beside 'enum' not supported"),
     ({"type": "string", "enum": [1, None]}, "no value of its enum is of its type"),
@@ -314,6 +327,9 @@ SAMPLED = [  # schemas whose patterns are sampled at random (and the Pydantic mo
     {"$ref": "#/$defs/tree", "$defs": {"tree": {"type": "object", "properties": {
         "v": {"type": "integer"}, "left": {"$ref": "#/$defs/tree"},
         "right": {"anyOf": [{"$ref": "#/$defs/tree"}, {"type": "null"}]}}, "required": ["v", "right"]}}},
+    {"type": "object", "properties": {"tags": {"type": "array", "items": {"enum": ["x", "y", 1, True, None, [1]]},
+                                               "uniqueItems": True, "minItems": 1}},
+     "required": ["tags"]},
     {"type": "object", "properties": {"meta": {"type": "object"}, "any": {"title": "Any"},
                                       "list": {"type": "array", "maxItems": 3}}, "required": ["meta", "any", "list"]},
 ]
@@ -386,6 +402,23 @@ def test_random_matches_are_valid_json_of_the_schema(which):
         for found in _emails(value, which):
             address = email.headerregistry.Address(addr_spec=found)
             assert address.addr_spec == found, found
+
+
+def test_unique_items_match_each_value_at_most_once_in_the_listed_order():
+    """An array of distinct values from a 4-value enum matches exactly when its values keep the
+    enum's order (every ordering of every subset tried), and with ``minItems`` 1 the same but for
+    the empty array; Pydantic's ``set[Literal[...]]``: its schema's values, in order, pass."""
+    values = ["x", 2, False, None]
+    for lo in (0, 1):
+        python = re.compile(schema_regex({"type": "array", "items": {"enum": values}, "uniqueItems": True, "minItems": lo}))
+        for n in range(len(values) + 1):
+            for chosen in itertools.permutations(values, n):
+                ordered = list(chosen) == [v for v in values if v in chosen]
+                assert bool(python.fullmatch(json.dumps(list(chosen)))) == (ordered and n >= lo), chosen
+    pydantic = pytest.importorskip("pydantic")
+    tags = pydantic.TypeAdapter(set[Literal["red", "green", "blue"]])
+    regex = re.compile(schema_regex(tags.json_schema()))
+    assert regex.fullmatch('["red", "blue"]') and tags.validate_json('["red", "blue"]') == {"red", "blue"}
 
 
 def _depth(value) -> int:

@@ -18,7 +18,9 @@ What it covers (what Pydantic's ``model_json_schema()`` writes for the usual fie
   output holds the listed properties only, which every ``additionalProperties`` allows), or
   without ``properties`` but with ``additionalProperties`` a schema (a map from any string to its
   values; ``maxProperties``, and ``minProperties`` up to 1, as a key may be written twice);
-- arrays with ``items`` and/or ``prefixItems``, ``minItems``, ``maxItems``;
+- arrays with ``items`` and/or ``prefixItems``, ``minItems``, ``maxItems``; ``uniqueItems`` on
+  items of a few listed values (``enum``, ``const``, ``boolean``: Pydantic's ``set[Literal[...]]``
+  or ``set[SomeEnum]``), each written at most once and in the listed order;
 - free-form values: a schema with no keywords but descriptive ones (``{}``, Pydantic's ``Any``)
   is any JSON value, an object with no ``properties`` (and ``additionalProperties`` true or
   absent: Pydantic's ``dict[str, Any]``, OpenAI's ``json_object``) any object, an array with no
@@ -34,7 +36,7 @@ What it covers (what Pydantic's ``model_json_schema()`` writes for the usual fie
   validators that read numbers as doubles check it), booleans and null.
 
 Keywords that only describe (``title``, ``description``, ``default``, ``examples``,
-``discriminator``...) are ignored. Any other keyword (``uniqueItems``...) is refused with a
+``discriminator``...) are ignored. Any other keyword (``not``, ``if``...) is refused with a
 ``ValueError`` naming it and where it is, since ignoring it could give JSON the schema does not
 accept. ``multipleOf`` is refused too:
 validators disagree on it for fractions (Python's ``jsonschema`` divides doubles and finds that
@@ -56,7 +58,7 @@ DESCRIPTIVE = {"title", "description", "default", "examples", "$schema", "$id", 
 BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 KEYWORDS = {"type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "properties", "required",
             "additionalProperties", "minProperties", "maxProperties", "items", "prefixItems", "minItems", "maxItems",
-            "minLength", "maxLength", "pattern", "format", *BOUNDS}
+            "uniqueItems", "minLength", "maxLength", "pattern", "format", *BOUNDS}
 COMBINERS = ("allOf", "$ref", "const", "enum", "anyOf", "oneOf")  # each stands alone (a type beside const, enum)
 MAX_REF_DEPTH = 16  # $refs within $refs
 MAX_RECURSION = 3  # levels of a recursive schema written out (where the next is optional, it stops there)
@@ -141,6 +143,20 @@ def json_object_regex() -> str:
     """A pattern for any JSON object whose arrays and objects nest at most ``JSON_OBJECT_DEPTH``
     deep, itself included (OpenAI's ``response_format: {"type": "json_object"}``)."""
     return free_value(JSON_OBJECT_DEPTH, "object")
+
+
+def _in_order(parts: list[tuple[str, bool]]) -> str:
+    """A pattern for ``parts`` (each a pattern, and whether it is required) written in order,
+    joined by ", ", the optional ones left out or not; some part is always written. Each way to
+    begin is written out: the first part written is part i (every one before it optional), then
+    every later one after ", " (so a part is written as many times as there are optional ones
+    before it, plus one)."""
+    ways = []
+    for i, (first, needed) in enumerate(parts):
+        ways.append(first + "".join(f"(?:, {p})" + ("" if later else "?") for p, later in parts[i + 1:]))
+        if needed:
+            break
+    return "|".join(f"(?:{w})" for w in ways)
 
 
 def _json_types(value) -> set[str]:
@@ -345,15 +361,7 @@ class _Converter:
         if combiner == "$ref":
             return self.ref(schema, where, refs)
         if combiner in ("const", "enum"):
-            values = [schema["const"]] if combiner == "const" else schema["enum"]
-            if not isinstance(values, list) or not values:
-                raise ValueError(f"{where}.enum: must be a non-empty list")
-            if "type" in schema:  # the values of that type only
-                kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
-                values = [v for v in values if _json_types(v) & set(kinds)]
-                if not values:
-                    raise ValueError(f"{where}: no value of its {combiner} is of its type")
-            return "(?:" + "|".join(_literal(v) for v in values) + ")"
+            return "(?:" + "|".join(_literal(v) for v in self.listed(schema, combiner, where)) + ")"
         if combiner in ("anyOf", "oneOf"):
             return self.alternatives(schema[combiner], f"{where}.{combiner}", refs, combiner == "oneOf")
         kind = schema.get("type")
@@ -361,6 +369,47 @@ class _Converter:
             raise ValueError(f"{where}: needs a type (or enum, const, anyOf, $ref)")
         kinds = kind if isinstance(kind, list) else [kind]
         return "(?:" + "|".join(self.typed(schema, k, where, refs) for k in kinds) + ")"
+
+    @staticmethod
+    def listed(schema: dict, combiner: str, where: str) -> list:
+        """The values of an ``enum`` or ``const`` (of its ``type``, where it has one)."""
+        values = [schema["const"]] if combiner == "const" else schema["enum"]
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"{where}.enum: must be a non-empty list")
+        if "type" in schema:  # the values of that type only
+            kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+            values = [v for v in values if _json_types(v) & set(kinds)]
+            if not values:
+                raise ValueError(f"{where}: no value of its {combiner} is of its type")
+        return values
+
+    def few_values(self, schema, where: str, refs: tuple) -> list:
+        """The values a schema of a few listed values allows (``enum``, ``const``, ``boolean``,
+        ``null``, through local ``$ref``s), distinct as JSON tells values apart (1 and 1.0 are
+        one, 1 and true two); ``Unsupported`` for any other."""
+        while isinstance(schema, dict) and set(schema) - DESCRIPTIVE == {"$ref"} and len(refs) < MAX_REF_DEPTH:
+            parts = schema["$ref"].split("/") if isinstance(schema["$ref"], str) else []
+            target = self.root.get(parts[1], {}).get(parts[2]) if len(parts) == 3 and parts[0] == "#" else None
+            if target is None:
+                break  # (regex() says why)
+            schema, where, refs = target, schema["$ref"], refs + (schema["$ref"],)
+        if not isinstance(schema, dict):
+            values = None
+        elif "enum" in schema or "const" in schema:
+            self.regex(schema, where, refs)  # (its checks)
+            values = self.listed(schema, "enum" if "enum" in schema else "const", where)
+        else:
+            values = {"boolean": [True, False], "null": [None]}.get(schema.get("type"))
+            if values is not None and set(schema) - DESCRIPTIVE - {"type"}:
+                values = None
+        if values is None:
+            raise Unsupported(f"{where}: uniqueItems is supported on items of a few listed values only (enum, "
+                              "const, boolean)")
+        distinct = {}
+        for v in values:
+            number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            distinct.setdefault(("number", float(v)) if number else json.dumps(v, sort_keys=True), v)
+        return list(distinct.values())
 
     def alternatives(self, options, where: str, refs: tuple, only_one: bool) -> str:
         """anyOf / oneOf: the alternatives it can express (an error only when none is left); for
@@ -485,6 +534,11 @@ class _Converter:
         return '"' + (f"{STRING_CHAR}*" if (lo, hi) == (0, None) else _repeat(STRING_CHAR, lo, hi)) + '"'
 
     def array(self, schema: dict, where: str, refs: tuple) -> str:
+        unique = schema.get("uniqueItems", False)
+        if not isinstance(unique, bool):
+            raise ValueError(f"{where}.uniqueItems: must be true or false, got {json.dumps(unique)}")  # noqa: TRY004
+        if unique:
+            return self.unique_array(schema, where, refs)
         prefix = schema.get("prefixItems", [])
         if not isinstance(prefix, list):
             raise ValueError(f"{where}.prefixItems: must be a list of schemas")  # noqa: TRY004 - a bad request
@@ -508,6 +562,19 @@ class _Converter:
                             None if hi is None else hi - len(firsts) - (0 if firsts else 1))
             options.append(", ".join(firsts) + ("" if firsts else item) + extra)
         return r"\[(?:" + "|".join(f"(?:{o})" for o in options) + r")\]"
+
+    def unique_array(self, schema: dict, where: str, refs: tuple) -> str:
+        """``uniqueItems``: items of a few listed values, each at most once, in the listed order
+        (a regular expression cannot remember which it wrote in any order)."""
+        if "prefixItems" in schema or "items" not in schema:
+            raise Unsupported(f"{where}.uniqueItems: needs an items schema of a few listed values (no prefixItems)")
+        values = self.few_values(schema["items"], f"{where}.items", refs)
+        lo, hi = self.bounds(schema, "minItems", "maxItems", where)
+        if lo > 1 or (hi is not None and hi < len(values)):
+            raise Unsupported(f"{where}.uniqueItems: minItems above 1, or maxItems below the {len(values)} values, "
+                              "is not supported")
+        body = _in_order([(_literal(v), False) for v in values])
+        return rf"\[(?:{body})\]" if lo else rf"\[(?:{body})?\]"
 
     @staticmethod
     def bounds(schema: dict, low: str, high: str, where: str, most: int | None = 1000) -> tuple[int, int | None]:
@@ -559,12 +626,5 @@ class _Converter:
             except TooDeep:
                 if name in required:
                     raise  # (else a recursive schema's last level: the property is left out)
-        # each way to begin: the first property present is i (every one before it optional), then
-        # every later one after ", ", optional where it is not required
-        ways = []
-        for i, (first, _) in enumerate(items):
-            ways.append(first + "".join(f"(?:, {p})" + ("" if needed else "?") for p, needed in items[i + 1:]))
-            if items[i][1]:
-                break
-        body = "|".join(f"(?:{w})" for w in ways)
+        body = _in_order(items)
         return rf"\{{(?:{body})\}}" if any(needed for _, needed in items) else rf"\{{(?:{body})?\}}"
