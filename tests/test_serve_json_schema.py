@@ -142,6 +142,7 @@ def test_schema_patterns_match_exactly_the_values_the_schema_accepts(schema, goo
     ({"type": "array", "items": {"enum": [1, 2, 3]}, "uniqueItems": True, "maxItems": 2}, "maxItems below the 3"),
     ({"type": "array", "prefixItems": [{"const": 1}], "uniqueItems": True}, "needs an items schema"),
     ({"type": "array", "items": {"const": 1}, "uniqueItems": "yes"}, "uniqueItems: must be true or false"),
+    ({"type": "array", "items": {"$ref": "#/$defs/gone"}, "uniqueItems": True}, "'#/$defs/gone' is not in the schema"),
     ({"allOf": [{"type": "integer"}, {"type": "number"}]}, "allOf: only one schema"),
     ({"enum": ["a", "bb"], "maxLength": 1}, "'maxLength' beside 'enum' not supported"),
     ({"type": "string", "enum": [1, None]}, "no value of its enum is of its type"),

@@ -391,7 +391,8 @@ class _Converter:
             parts = schema["$ref"].split("/") if isinstance(schema["$ref"], str) else []
             target = self.root.get(parts[1], {}).get(parts[2]) if len(parts) == 3 and parts[0] == "#" else None
             if target is None:
-                break  # (regex() says why)
+                self.regex(schema, where, refs)  # (raises, naming what is wrong with the $ref)
+                break
             schema, where, refs = target, schema["$ref"], refs + (schema["$ref"],)
         if not isinstance(schema, dict):
             values = None
