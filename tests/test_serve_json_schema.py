@@ -405,6 +405,32 @@ def test_random_matches_are_valid_json_of_the_schema(which):
             assert address.addr_spec == found, found
 
 
+@pytest.mark.parametrize("required", [(), ("c",), ("a", "d"), ("b", "c", "e"), ("a", "b", "c", "d", "e")])
+def test_objects_match_every_subset_of_properties_that_holds_the_required_ones(required):
+    """An object of 5 properties matches, in the listed order, exactly the subsets that hold
+    every required one (all 32 tried)."""
+    names = "abcde"
+    schema = {"type": "object", "properties": {n: {"type": "integer"} for n in names}, "required": list(required)}
+    python = re.compile(schema_regex(schema))
+    for n in range(len(names) + 1):
+        for chosen in itertools.combinations(names, n):
+            text = json.dumps({name: i for i, name in enumerate(chosen)})
+            assert bool(python.fullmatch(text)) == (set(required) <= set(chosen)), text
+
+
+def test_optional_properties_grow_the_pattern_linearly():
+    """Each optional property is written at most twice: 40 take under 5 times the pattern of 10
+    (quadratic growth would be about 16 times), 6 optional free-form values fit in a schema's
+    limits, and 151 optional properties before the first required one are refused."""
+    sizes = [len(schema_regex({"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(k)}}))
+             for k in (10, 40)]
+    assert sizes[1] < 5 * sizes[0], sizes  # (quadratic would be about 16x)
+    free = Pattern(schema_regex({"type": "object", "properties": {f"f{i}": {} for i in range(6)}}), SCHEMA_LIMITS)
+    assert free.fullmatch('{"f2": [1, {"a": null}], "f5": "x"}') and free.size < 200_000
+    with pytest.raises(ValueError, match="over 150 optional properties"):
+        schema_regex({"type": "object", "properties": {f"p{i}": {"type": "null"} for i in range(151)}})
+
+
 def test_unique_items_match_each_value_at_most_once_in_the_listed_order():
     """An array of distinct values from a 4-value enum matches exactly when its values keep the
     enum's order (every ordering of every subset tried), and with ``minItems`` 1 the same but for

@@ -73,7 +73,7 @@ def test_pattern_matches_as_python_does(regex, alphabet):
     ("(?=a)", "look-arounds"), (r"(a)\1", "back-references"), ("a{3,1}", "wrong way round"),
     ("a$b", "only at the pattern's end"), (r"\bword", "not supported"), ("[z-a]", "wrong way round"),
     ("[ab", "unexpected end"), (r"\x4", "bad '\\x' escape"), (r"\U00110000", "bad '\\U' escape"), ("", "non-empty string"), (3, "non-empty string"),
-    ("a" * 4097, "at most 4096"), ("(a{100}){100}", "more than 20000"),
+    ("a" * 4097, "at most 4096"), ("(a{100}){100}", "more than 20000"), ("(" * 1000 + "a" + ")" * 1000, "too deeply"),
 ])
 def test_patterns_it_cannot_read_are_refused(regex, message):
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -62,6 +62,7 @@ KEYWORDS = {"type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "propert
 COMBINERS = ("allOf", "$ref", "const", "enum", "anyOf", "oneOf")  # each stands alone (a type beside const, enum)
 MAX_REF_DEPTH = 16  # $refs within $refs
 MAX_RECURSION = 3  # levels of a recursive schema written out (where the next is optional, it stops there)
+MAX_LEADING_OPTIONAL = 150  # optional properties before an object's first required one (each nests a group)
 FREE_DEPTH = 3  # arrays and objects a free-form value nests, itself included: {"a": [{"b": 1}]} is 3
 JSON_OBJECT_DEPTH = 4  # the same for a whole output of any object (OpenAI's json_object)
 
@@ -145,18 +146,25 @@ def json_object_regex() -> str:
     return free_value(JSON_OBJECT_DEPTH, "object")
 
 
-def _in_order(parts: list[tuple[str, bool]]) -> str:
+def _in_order(parts: list[tuple[str, bool]], where: str) -> str:
     """A pattern for ``parts`` (each a pattern, and whether it is required) written in order,
-    joined by ", ", the optional ones left out or not; some part is always written. Each way to
-    begin is written out: the first part written is part i (every one before it optional), then
-    every later one after ", " (so a part is written as many times as there are optional ones
-    before it, plus one)."""
-    ways = []
-    for i, (first, needed) in enumerate(parts):
-        ways.append(first + "".join(f"(?:, {p})" + ("" if later else "?") for p, later in parts[i + 1:]))
-        if needed:
-            break
-    return "|".join(f"(?:{w})" for w in ways)
+    joined by ", ", the optional ones left out or not; some part is always written. Built part by
+    part: what can be written up to part j is what could be written up to part j - 1, then part
+    j after ", " (or not, if optional), or, while every part before it is optional, part j alone.
+    So each part is written at most twice, and the pattern grows linearly with the parts; each
+    optional part before the first required one nests a group deeper (``Unsupported`` past
+    ``MAX_LEADING_OPTIONAL``)."""
+    written, empty_before = "", True  # (written: a pattern for the texts so far that are not empty)
+    for i, (part, needed) in enumerate(parts):
+        if empty_before and i >= MAX_LEADING_OPTIONAL:
+            raise Unsupported(f"{where}: over {MAX_LEADING_OPTIONAL} optional properties or values before the first "
+                              "required one are not supported")
+        if written:
+            written += f", {part}" if needed else f"(?:, {part})?"
+        if empty_before:
+            written = f"(?:{written}|{part})" if written else f"(?:{part})"
+        empty_before = empty_before and not needed
+    return written
 
 
 def _json_types(value) -> set[str]:
@@ -574,7 +582,7 @@ class _Converter:
         if lo > 1 or (hi is not None and hi < len(values)):
             raise Unsupported(f"{where}.uniqueItems: minItems above 1, or maxItems below the {len(values)} values, "
                               "is not supported")
-        body = _in_order([(_literal(v), False) for v in values])
+        body = _in_order([(_literal(v), False) for v in values], f"{where}.items")
         return rf"\[(?:{body})\]" if lo else rf"\[(?:{body})?\]"
 
     @staticmethod
@@ -627,5 +635,5 @@ class _Converter:
             except TooDeep:
                 if name in required:
                     raise  # (else a recursive schema's last level: the property is left out)
-        body = _in_order(items)
+        body = _in_order(items, f"{where}.properties")
         return rf"\{{(?:{body})\}}" if any(needed for _, needed in items) else rf"\{{(?:{body})?\}}"

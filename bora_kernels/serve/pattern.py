@@ -248,11 +248,13 @@ class Pattern:
     ``SCHEMA_LIMITS`` for a pattern made from a JSON schema)."""
 
     def __init__(self, regex: str, limits: tuple[int, int] = USER_LIMITS):
-        tree = _parse(regex, most=limits[0])
         self.regex, self._most = regex, limits[1]
         self._empty: list[list[int]] = []  # per automaton state: empty moves
         self._moves: list[list[tuple[Chars, int]]] = []  # and character moves
-        begin, self._end = self._build(tree)
+        try:  # (both recurse into groups)
+            begin, self._end = self._build(_parse(regex, most=limits[0]))
+        except RecursionError:
+            raise ValueError(f"{shown(regex)} nests groups too deeply") from None
         self._live = self._reaching_end()
         self._sets: list[frozenset[int]] = []
         self._ids: dict[frozenset[int], int] = {}
