@@ -123,10 +123,9 @@ def test_regex_guide_allows_exactly_the_tokens_that_can_end_in_a_match(texts, re
 
 
 def test_regex_sets_keep_allowed_tokens_within_their_budget(texts):
-    """A state's allowed tokens are kept as int32 ids, or as a mask of a byte per token where it
-    allows over a quarter of them; past ``max_kept`` bytes the oldest states' are dropped and
-    found again when met: along every output of up to 3 tokens, a set kept within 16 bytes
-    answers as one kept whole."""
+    """A state's allowed tokens are kept as int32 ids; past ``max_kept`` bytes the oldest
+    states' are dropped and found again when met: along every output of up to 3 tokens, a set
+    kept within 16 bytes answers as one kept whole."""
     regex = r"(ab)+c?|[^a]*x"
     whole, small, todo, met = RegexSet(texts, regex, [STOP]), RegexSet(texts, regex, [STOP]), [()], 0
     small.max_kept = 16
@@ -143,7 +142,7 @@ def test_regex_sets_keep_allowed_tokens_within_their_budget(texts):
         if len(prefix) < 3:
             todo.extend(prefix + (t,) for t in allowed if t != STOP)
     kinds = {kept.dtype for kept in whole._allowed.values()}
-    assert kinds == {torch.bool, torch.int32} and len(small._allowed) < len(whole._allowed) < met, (kinds, met)
+    assert kinds == {torch.int32} and len(small._allowed) < len(whole._allowed) < met, (kinds, met)
 
 
 def test_patterns_no_token_can_write_are_refused_or_cut_short(texts):

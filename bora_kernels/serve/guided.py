@@ -194,7 +194,7 @@ class RegexSet:
     def __init__(self, texts: TokenTexts, regex: str, stop_ids=(), limits: tuple[int, int] = USER_LIMITS):
         self.texts, self.pattern = texts, Pattern(regex, limits)
         self.stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
-        self._allowed: dict[int, torch.Tensor] = {}  # per state: int32 ids, or a bool mask where smaller
+        self._allowed: dict[int, torch.Tensor] = {}  # per state: int32 ids
         self._kept, self.max_kept = 0, MAX_KEPT_BYTES  # bytes in _allowed, and their budget
         self._class, self._members = self._classes()
         self._moves = torch.full((1, len(self._members)), DEAD, dtype=torch.long)  # see _after
@@ -232,22 +232,13 @@ class RegexSet:
 
     def allowed(self, state: int) -> torch.Tensor:
         """The tokens that may come in ``state``: an int64 tensor of ids, in order (found once,
-        and kept while the kept states take under ``max_kept`` bytes: at most a byte per token
-        each, as a mask where the ids would take more)."""
+        and kept as int32 while the kept states take under ``max_kept`` bytes)."""
         if state not in self._allowed:
-            allowed = self._found(state)
-            vocab = len(self.texts.text)
-            if 4 * len(allowed) > vocab:
-                kept = torch.zeros(vocab, dtype=torch.bool)
-                kept[allowed] = True
-            else:
-                kept = allowed.to(torch.int32)
-            self._allowed[state] = kept
+            kept = self._allowed[state] = self._found(state).to(torch.int32)
             self._kept += kept.nbytes
             while self._kept > self.max_kept and len(self._allowed) > 1:
                 self._kept -= self._allowed.pop(next(iter(self._allowed))).nbytes
-        kept = self._allowed[state]
-        return kept.nonzero().squeeze(1) if kept.dtype == torch.bool else kept.long()
+        return self._allowed[state].long()
 
     def _found(self, state: int) -> torch.Tensor:
         """The tokens that may come in ``state``, in order: see the module's docstring."""

@@ -395,13 +395,8 @@ class _Converter:
         """The values a schema of a few listed values allows (``enum``, ``const``, ``boolean``,
         ``null``, through local ``$ref``s), distinct as JSON tells values apart (1 and 1.0 are
         one, 1 and true two); ``Unsupported`` for any other."""
-        while isinstance(schema, dict) and set(schema) - DESCRIPTIVE == {"$ref"} and len(refs) < MAX_REF_DEPTH:
-            parts = schema["$ref"].split("/") if isinstance(schema["$ref"], str) else []
-            target = self.root.get(parts[1], {}).get(parts[2]) if len(parts) == 3 and parts[0] == "#" else None
-            if target is None:
-                self.regex(schema, where, refs)  # (raises, naming what is wrong with the $ref)
-                break
-            schema, where, refs = target, schema["$ref"], refs + (schema["$ref"],)
+        while isinstance(schema, dict) and set(schema) - DESCRIPTIVE == {"$ref"}:
+            schema, where, refs = self.resolve(schema, where, refs)
         if not isinstance(schema, dict):
             values = None
         elif "enum" in schema or "const" in schema:
@@ -446,6 +441,10 @@ class _Converter:
         return "(?:" + "|".join(regex for _, regex in kept) + ")"
 
     def ref(self, schema, where: str, refs: tuple) -> str:
+        return self.regex(*self.resolve(schema, where, refs))
+
+    def resolve(self, schema: dict, where: str, refs: tuple) -> tuple[dict, str, tuple]:
+        """The schema a ``$ref`` names, where it is, and the ``$ref``s followed to it."""
         ref = schema["$ref"]
         if refs.count(ref) >= MAX_RECURSION:
             raise TooDeep(f"{where}.$ref: {ref!r} refers back to itself at every level (a recursive schema is "
@@ -458,7 +457,7 @@ class _Converter:
         target = self.root.get(parts[1], {}).get(parts[2])
         if target is None:
             raise ValueError(f"{where}.$ref: {ref!r} is not in the schema")
-        return self.regex(target, ref, refs + (ref,))
+        return target, ref, refs + (ref,)
 
     def typed(self, schema: dict, kind, where: str, refs: tuple) -> str:
         if kind in ("integer", "number") and any(b in schema for b in BOUNDS):
@@ -553,11 +552,10 @@ class _Converter:
             raise ValueError(f"{where}.prefixItems: must be a list of schemas")  # noqa: TRY004 - a bad request
         firsts = [self.regex(s, f"{where}.prefixItems[{i}]", refs) for i, s in enumerate(prefix)]
         more = schema.get("items", False if prefix else None)
-        if more is None:  # any items: the array is a free-form value
-            more = free_value(FREE_DEPTH - 1)
         lo, hi = self.bounds(schema, "minItems", "maxItems", where)
         try:
-            item = None if more is False else more if isinstance(more, str) else self.regex(more, f"{where}.items", refs)
+            item = None if more is False else free_value(FREE_DEPTH - 1) if more is None \
+                else self.regex(more, f"{where}.items", refs)  # (None: any items, a free-form array)
         except TooDeep:
             if lo > len(firsts):
                 raise

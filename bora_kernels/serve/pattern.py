@@ -24,6 +24,7 @@ import dataclasses
 DEAD = -1
 MAX_STATES = 20000  # automaton states a pattern may need (a bound on {n,m} repeats)
 MAX_PATTERN_CHARS = 4096
+MAX_NESTING = 200  # groups within groups (the parser and the automaton's builder recurse into them)
 USER_LIMITS = (MAX_PATTERN_CHARS, MAX_STATES)  # a request's own pattern: characters, automaton states
 SCHEMA_LIMITS = (1_000_000, 200_000)  # one written from a JSON schema (large models, free-form values)
 
@@ -60,10 +61,10 @@ class _Parser:
     ``("chars", Chars)``, ``("cat", [...])``, ``("alt", [...])``, ``("rep", node, lo, hi or None)``."""
 
     def __init__(self, text: str, classes: dict[str, Chars] = CLASSES):
-        self.text, self.i, self.classes = text, 0, classes
+        self.text, self.i, self.classes, self.depth = text, 0, classes, 0
 
     def error(self, what: str) -> ValueError:
-        return ValueError(f"{what} at position {self.i} of {self.text!r}")
+        return ValueError(f"{what} at position {self.i} of {shown(self.text)}")
 
     def peek(self) -> str | None:
         return self.text[self.i] if self.i < len(self.text) else None
@@ -143,10 +144,14 @@ class _Parser:
                     self.i = end + 1
                 elif kind != ":":
                     raise self.error(f"'(?{kind}' (look-arounds, flags, references) is not supported")
+            self.depth += 1
+            if self.depth > MAX_NESTING:
+                raise self.error(f"groups nest too deeply (over {MAX_NESTING})")
             node = self.alternation()
             if self.peek() != ")":
                 raise self.error("missing ')'")
             self.i += 1
+            self.depth -= 1
             return node
         if ch == "[":
             return ("chars", self.char_class())
@@ -251,10 +256,7 @@ class Pattern:
         self.regex, self._most = regex, limits[1]
         self._empty: list[list[int]] = []  # per automaton state: empty moves
         self._moves: list[list[tuple[Chars, int]]] = []  # and character moves
-        try:  # (both recurse into groups)
-            begin, self._end = self._build(_parse(regex, most=limits[0]))
-        except RecursionError:
-            raise ValueError(f"{shown(regex)} nests groups too deeply") from None
+        begin, self._end = self._build(_parse(regex, most=limits[0]))
         self._live = self._reaching_end()
         self._sets: list[frozenset[int]] = []
         self._ids: dict[frozenset[int], int] = {}
