@@ -437,6 +437,152 @@ def test_guided_json(served):
         assert message in r.json()["error"]["message"], r.text
 
 
+# the demo's characters with four rare ones traded for JSON's brackets (the model is the demo's)
+BRACED = demo.CHARS.replace("(", "{").replace(")", "}").replace(";", "[").replace("!", "]")
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}, "unit": {"enum": ["c", "f"]}},
+           "required": ["city", "unit"]}
+TOOLS = [{"type": "function", "function": {"name": "weather", "description": "the weather in a city",
+                                           "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "now"}}]
+SCHEMAS = {"weather": WEATHER, "now": {"type": "object", "additionalProperties": False}}
+# a template that shows the tools and the calls and results of earlier turns
+TOOL_TEMPLATE = ("{% for t in tools or [] %}{{ t.function.name }}: {% endfor %}{% for m in messages %}"
+                 "{% for c in m.tool_calls or [] %}{{ c.function.name }}{{ c.function.arguments | tojson }}{% endfor %}"
+                 "{{ m.content }}{% if m.tool_call_id %} {{ m.tool_call_id }}{% endif %}. {% endfor %}")
+
+
+def streamed_tool_calls(url, body) -> tuple[list[dict], str | None, str]:
+    """A streamed chat's tool calls put together from their deltas (by index: id and name once,
+    arguments in pieces), its finish reason and its content."""
+    calls, finish, content = {}, None, ""
+    for event in stream_events(url, "/v1/chat/completions", body):
+        choice = event["choices"][0]
+        finish = choice["finish_reason"] or finish
+        content += choice["delta"].get("content") or ""
+        for part in choice["delta"].get("tool_calls") or []:
+            call = calls.setdefault(part["index"], {"arguments": ""})
+            if "id" in part:
+                assert "id" not in call and part["type"] == "function"
+                call.update(id=part["id"], name=part["function"]["name"])
+            call["arguments"] += part["function"]["arguments"]
+    return [calls[i] for i in sorted(calls)], finish, content
+
+
+def test_tool_calls(serve_demo, reference):
+    """OpenAI's ``tools`` with ``tool_choice`` a named function or "required": the calls are
+    guided JSON, each tool's arguments valid for its schema; a named call's greedy arguments are
+    what ``generate`` writes when each step allows the guide's tokens; streamed, the deltas add up
+    to the same calls; sampled, ``parallel_tool_calls: false`` makes one call. Cut short, a named
+    call's arguments come back as written and a list of calls as content. ``"none"`` writes text;
+    the tools and earlier calls and results reach the chat template; the OpenAI client reads the
+    calls; ``"auto"`` and bad tools get 400 naming the field. (A tokenizer with brackets: the
+    demo's has none.)"""
+    from bora_kernels.serve.guided import RegexSet, TokenTexts
+    from bora_kernels.serve.tools import check_tools, tool_choice
+
+    jsonschema = pytest.importorskip("jsonschema")
+    tokenizer = demo.char_tokenizer(BRACED)
+    tokenizer.chat_template = TOOL_TEMPLATE
+    engine = Engine(transformers.AutoModelForCausalLM.from_pretrained(serve_demo / "base"), max_adapters=3,
+                    max_lora_rank=8, max_batch=8)
+    for name in ADAPTERS[:3]:
+        engine.load_adapter(name, serve_demo / "adapters" / name)
+    server = Server(engine, tokenizer, BASE, limits=Limits(max_prompt_tokens=200, max_tokens=150))
+    chat = {"messages": [{"role": "user", "content": "weather in paris?"}], "tools": TOOLS, "temperature": 0,
+            "max_tokens": 150}
+    named = {**chat, "tool_choice": {"type": "function", "function": {"name": "weather"}}}
+    with serving(server) as url:
+        prompt = tokenizer.decode(server.chat_prompt(chat))
+        assert prompt == "weather: now: weather in paris?. "
+        guides = RegexSet(TokenTexts(tokenizer, server.vocab), tool_choice(named, check_tools(named)).regex, server.eos)
+        written = set()
+        for adapter in ("skip1", "skip2", BASE):
+            choice = post(url, "/v1/chat/completions", {**named, "model": adapter}).json()["choices"][0]
+            assert choice["finish_reason"] == "stop" and choice["message"]["content"] is None, choice
+            (call,) = choice["message"]["tool_calls"]
+            assert call["type"] == "function" and call["id"].startswith("call_") and call["function"]["name"] == "weather"
+            arguments = call["function"]["arguments"]
+            jsonschema.validate(json.loads(arguments), WEATHER)
+            assert arguments == guided_generate(reference, tokenizer, adapter, prompt, guides, 150)
+            (streamed,), finish, content = streamed_tool_calls(url, {**named, "model": adapter})
+            assert (streamed["name"], streamed["arguments"], finish, content) == ("weather", arguments, "stop", "")
+            written.add(arguments)
+        assert len(written) > 1, written  # the adapters write different arguments
+
+        required = {**chat, "model": "skip2", "tool_choice": "required"}
+        greedy = post(url, "/v1/chat/completions", required).json()["choices"][0]
+        calls, finish, content = streamed_tool_calls(url, required)
+        assert greedy["finish_reason"] == finish == "tool_calls" and content == "", greedy
+        assert [(c["function"]["name"], c["function"]["arguments"]) for c in greedy["message"]["tool_calls"]] == \
+            [(c["name"], c["arguments"]) for c in calls]
+        for parallel in (True, False):
+            r = post(url, "/v1/chat/completions", {**required, "n": 6, "temperature": 1.5, "seed": 3,
+                                                   "parallel_tool_calls": parallel})
+            for choice in r.json()["choices"]:
+                calls = choice["message"]["tool_calls"]
+                assert choice["finish_reason"] == "tool_calls" and (len(calls) >= 1 if parallel else len(calls) == 1)
+                for call in calls:
+                    jsonschema.validate(json.loads(call["function"]["arguments"]), SCHEMAS[call["function"]["name"]])
+
+        short = post(url, "/v1/chat/completions", {**named, "model": "skip1", "max_tokens": 5}).json()["choices"][0]
+        assert short["finish_reason"] == "length" and len(short["message"]["tool_calls"][0]["function"]["arguments"]) == 5
+        short = post(url, "/v1/chat/completions", {**required, "max_tokens": 5}).json()["choices"][0]
+        assert short["finish_reason"] == "length" and short["message"] == {"role": "assistant", "content": '[{"na'}
+        assert streamed_tool_calls(url, {**required, "max_tokens": 5}) == ([], "length", '[{"na')
+        free = post(url, "/v1/chat/completions", {**chat, "model": "skip1", "tool_choice": "none", "max_tokens": 6})
+        assert free.json()["choices"][0]["finish_reason"] == "length"
+        assert len(free.json()["choices"][0]["message"]["content"]) == 6
+
+        history = [{"role": "user", "content": "weather in paris?"},
+                   {"role": "assistant", "content": None, "tool_calls": [
+                       {"id": "call1", "type": "function",
+                        "function": {"name": "weather", "arguments": '{"city": "paris", "unit": "c"}'}}]},
+                   {"role": "tool", "tool_call_id": "call1", "content": "sunny"}]
+        ids = post(url, "/tokenize", {"messages": history, "tools": TOOLS, "add_generation_prompt": False}).json()["tokens"]
+        assert tokenizer.decode(ids) == 'weather: now: weather in paris?. weather{"city": "paris", "unit": "c"}. sunny call1. '
+
+        openai = pytest.importorskip("openai")
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+        reply = client.chat.completions.create(model="skip1", messages=history, tools=TOOLS, tool_choice="required",
+                                               max_tokens=150, temperature=0)
+        assert reply.choices[0].finish_reason == "tool_calls"
+        for call in reply.choices[0].message.tool_calls:
+            jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+        for extra, param, message in (
+                ({}, "tool_choice", '"auto" (the default with tools) is not supported'),
+                ({"tool_choice": "auto"}, "tool_choice", "needs a parser"),
+                ({"tool_choice": {"type": "function", "function": {"name": "rain"}}}, "tool_choice",
+                 "'rain', which is not in tools (they are weather, now)"),
+                ({"tool_choice": {"type": "function", "name": "now"}}, "tool_choice", "must be"),
+                ({"tools": None, "tool_choice": "required"}, "tool_choice", "needs tools"),
+                ({"tool_choice": "required", "parallel_tool_calls": "yes"}, "parallel_tool_calls", "true or false"),
+                ({"tools": [{"type": "function"}], "tool_choice": "required"}, "tools[0]", "must be"),
+                ({"tools": TOOLS + TOOLS[:1], "tool_choice": "required"}, "tools[2].function.name", "listed twice"),
+                ({"tools": [{"type": "function", "function": {"name": "a b"}}], "tool_choice": "required"},
+                 "tools[0].function.name", "letters, digits"),
+                ({"tools": [{"type": "function", "function": {"name": "x", "parameters": {"type": "string"}}}],
+                  "tool_choice": "required"}, "tools[0].function.parameters", '"type": "object"'),
+                ({"tools": [TOOLS[0], {"type": "function", "function": {"name": "x", "parameters": {
+                    "type": "object", "properties": {"n": {"type": "number", "multipleOf": 2}}}}}],
+                  "tool_choice": "required"}, "tools[1].function.parameters", "multipleOf"),
+                ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice",
+                 "cannot be combined with response_format"),
+                ({"tool_choice": "none", "messages": history[:1] + [{**history[1], "tool_calls": [
+                    {"type": "function", "function": {"name": "weather", "arguments": "{no"}}]}]},
+                 "messages[1].tool_calls[0].function.arguments", "not valid JSON"),
+                ({"tool_choice": "none", "messages": [{"role": "tool", "content": "sunny"}]}, "messages[0].tool_call_id",
+                 "needs the id"),
+                ({"tool_choice": "none", "messages": [{"role": "user", "content": "hi", "tool_calls": []}]},
+                 "messages[0].tool_calls", "in an assistant message")):
+            r = post(url, "/v1/chat/completions", {**chat, "model": "skip1", **extra})
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
+            assert message in r.json()["error"]["message"], r.text
+        for extra in ({"tools": TOOLS}, {"tool_choice": "required"}):
+            r = post(url, "/v1/completions", {"model": "skip1", "prompt": "abc", **extra})
+            assert r.status_code == 400 and r.json()["error"]["param"] == next(iter(extra)), r.text
+
+
 def test_detokenizer_pieces_equal_the_whole_decode(monkeypatch):
     """With a byte-level BPE (leading spaces folded into tokens, characters split over byte
     tokens) and a window of 3 tokens, so the settled text rolls over many times: the streamed

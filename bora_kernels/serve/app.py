@@ -1,4 +1,5 @@
-"""The HTTP API over the engine: OpenAI's completions and chat completions, model list, health,
+"""The HTTP API over the engine: OpenAI's completions and chat completions (tool calls as guided
+JSON: ``serve.tools``), model list, health,
 Prometheus metrics, and vLLM's adapter hot load/unload and tokenizer endpoints.
 
 ``model`` in a request is an adapter name, or the base model's name for no adapter. Every error
@@ -31,6 +32,7 @@ from .guided import ChoiceGuide, ChoiceSet, RegexGuide, RegexSet, TokenTexts, ch
 from .json_schema import json_object_regex, schema_regex
 from .metrics import Metrics
 from .pattern import SCHEMA_LIMITS, USER_LIMITS
+from .tools import check_tools, history_fields, tool_choice
 
 
 logger = logging.getLogger(__name__)
@@ -69,6 +71,15 @@ class APIError(Exception):
 
 def _bad(param: str, message: str) -> APIError:
     return APIError(400, f"{param}: {message}", param=param)
+
+
+@contextlib.contextmanager
+def _checked():
+    """``InvalidParams`` raised inside as a 400 naming its field."""
+    try:
+        yield
+    except InvalidParams as err:
+        raise APIError(400, str(err), param=err.param) from None
 
 
 class _Detokenizer:
@@ -350,8 +361,8 @@ class Server:
         for name, allowed in (("suffix", (None,)), ("echo", (None, False) if chat else (None, False, True)),
                               ("use_beam_search", (None, False)),
                               # constrained output: a client asking for it must not get free text
-                              ("tools", (None, [])), ("functions", (None, [])),
-                              ("guided_grammar", (None,))):
+                              ("functions", (None, [])), ("guided_grammar", (None,)),
+                              *(() if chat else (("tools", (None, [])), ("tool_choice", (None, "none"))))):
             if name in body and body[name] not in allowed:
                 raise _bad(name, f"{json.dumps(body[name])} is not supported by this server")
         room = self.limits.max_tokens
@@ -513,17 +524,24 @@ class Server:
         return self.check_prompt(self.chat_tokens(body), "messages")
 
     def chat_tokens(self, body: dict, generation_prompt: bool = True) -> list[int]:
-        """The token ids of ``messages`` in the chat template (with the assistant's turn opened)."""
+        """The token ids of ``messages`` in the chat template (with the assistant's turn opened),
+        given the request's ``tools`` (``serve.tools``: earlier calls and their results too)."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, f"{self.model_name}'s tokenizer has no chat template; use /v1/completions")
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise _bad("messages", "must be a non-empty list of {role, content} objects")
+        with _checked():
+            tools = body["tools"] if check_tools(body) else None
         clean = []
         for i, message in enumerate(messages):
             if not isinstance(message, dict) or not isinstance(message.get("role"), str):
                 raise _bad(f"messages[{i}]", "must be an object with a string role")
+            with _checked():
+                extra = history_fields(message, f"messages[{i}]")
             content = message.get("content")
+            if content is None and "tool_calls" in extra:  # (templates read it as text)
+                content = ""
             if isinstance(content, list):  # content parts: only text
                 if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                            for p in content):
@@ -531,8 +549,9 @@ class Server:
                 content = "".join(p["text"] for p in content)
             if not isinstance(content, str):
                 raise _bad(f"messages[{i}].content", "must be a string")
-            clean.append({"role": message["role"], "content": content})
-        text = self.tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=generation_prompt)
+            clean.append({"role": message["role"], "content": content, **extra})
+        text = self.tokenizer.apply_chat_template(clean, tools=tools, tokenize=False,
+                                                  add_generation_prompt=generation_prompt)
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     # ------------------------------------------------------------------ generation
@@ -703,6 +722,12 @@ class Server:
         if not isinstance(options, dict):
             raise _bad("stream_options", "must be an object")
         guided, choices = self.guided_output(body), None
+        with _checked():
+            tools = tool_choice(body, check_tools(body)) if chat else None
+        if tools is not None:  # the calls are guided JSON
+            if guided is not None:
+                raise _bad("tool_choice", f"cannot be combined with {guided[0]} (the tool calls are the output)")
+            guided = ("tool_choice", "json", tools.regex)
         jobs = []
         for i, (prompt, text) in enumerate(prompts):
             params, stops = self.sampling(body, len(prompt), None if chat else 16, chat)
@@ -757,11 +782,33 @@ class Server:
             logprobs = self.completion_logprobs([(e.token, e) for e in entries], offset) if scored else None
             return {"index": job.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
-        def chat_choice(job, text, entries, finish, delta: bool):
+        def chat_choice(job, text, entries, finish, delta: bool | dict):
+            """A choice's ``message``, or with ``delta`` its chunk (``delta`` a dict: that delta)."""
             out = {"index": job.index, "logprobs": self.chat_logprobs(entries) if scored else None,
-                   "finish_reason": finish}
+                   "finish_reason": finish if delta is not False or tools is None else tools.finish_reason(text, finish)}
+            if isinstance(delta, dict):
+                return {**out, "delta": delta}
             return {**out, "delta": {"content": text} if finish is None else {}} if delta else \
-                {**out, "message": {"role": "assistant", "content": text}}
+                {**out, "message": {"role": "assistant", "content": text} if tools is None else tools.message(text)}
+
+        held: dict[int, tuple[list, list]] = {}  # a streamed tool choice's text and held log-probabilities
+
+        def tool_chunks(job, piece: str, entries: list, finish: str | None) -> list[dict]:
+            """A streamed tool choice's chunks for a piece of its output (and, with ``finish``, its end)."""
+            text, kept = held.setdefault(job.index, ([], []))
+            text.append(piece)
+            chunks, delta = [], tools.delta(piece)
+            if delta is None:
+                kept.extend(entries)
+            elif piece:
+                chunks.append(chat_choice(job, piece, entries, None, delta))
+            if finish is not None:
+                whole = "".join(text)
+                last = tools.last_delta(whole)
+                if last is not None:
+                    chunks.append(chat_choice(job, whole, kept, None, last))
+                chunks.append(chat_choice(job, whole, [], tools.finish_reason(whole, finish), {}))
+            return chunks
 
         if not stream:
             async def run(job):
@@ -805,8 +852,9 @@ class Server:
             try:
                 if chat:
                     for job in jobs:
-                        yield event([{"index": job.index, "delta": {"role": "assistant", "content": ""},
-                                      "logprobs": None, "finish_reason": None}])
+                        yield event([{"index": job.index, "logprobs": None, "finish_reason": None,
+                                      "delta": {"role": "assistant", "content": ""} if tools is None else
+                                      tools.first_delta()}])
                 ended = 0
                 while ended < len(jobs):
                     job, piece, entries = await out.get()
@@ -822,7 +870,10 @@ class Server:
                     finish = None if piece is not None else reason(job)
                     ended += finish is not None
                     piece = piece or ""
-                    if piece or finish is not None:
+                    if chat and tools is not None:
+                        for chunk in tool_chunks(job, piece, entries or [], finish):
+                            yield event([chunk])
+                    elif piece or finish is not None:
                         yield event([chat_choice(job, piece, entries or [], finish, delta=True) if chat else
                                      completion_choice(job, piece, entries or [], sent[job.index], finish)])
                     sent[job.index] += len(piece)

@@ -32,12 +32,12 @@ CHARS = " " + LETTERS + string.ascii_uppercase + string.digits + ".,:;!?'\"-()\n
 CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
 
 
-def char_tokenizer():
-    """A ``PreTrainedTokenizerFast`` with one token per character of ``CHARS``."""
+def char_tokenizer(chars: str = CHARS):
+    """A ``PreTrainedTokenizerFast`` with one token per character of ``chars``."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(SPECIALS + list(CHARS))}
+    vocab = {token: i for i, token in enumerate(SPECIALS + list(chars))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()

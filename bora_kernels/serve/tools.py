@@ -1,0 +1,194 @@
+"""OpenAI's tool calls in chat (``tools``, ``tool_choice``, ``parallel_tool_calls``), made with
+guided output, so that they work with any model and every call's arguments are JSON that the
+tool's ``parameters`` schema accepts (``json_schema.schema_regex``):
+
+- ``tool_choice: {"type": "function", "function": {"name": N}}``: the output is the arguments of
+  ``N``; the message holds that one call, and ``finish_reason`` is "stop", as OpenAI's is for a
+  forced function.
+- ``"required"``: the output is a JSON list of calls, ``[{"name": N, "parameters": {...}}, ...]``,
+  one or more (one with ``parallel_tool_calls: false``), each naming a listed tool and keeping to
+  its schema; the message holds them, ``finish_reason`` "tool_calls".
+- ``"none"``: the model sees the tools (they go to the chat template) and writes text.
+- ``"auto"`` (OpenAI's default when tools are given) is refused: a model says whether it calls a
+  tool in its family's own format (Hermes' ``<tool_call>`` tags, Llama 3's JSON, Mistral's
+  ``[TOOL_CALLS]``...), which takes a parser per family, and this server has none.
+
+An output cut short by ``max_tokens`` (``finish_reason`` "length"): a named call's arguments are
+handed back as written, as OpenAI does; a list of calls that does not parse is handed back as
+the message's ``content``.
+
+The conversation may hold earlier calls and their results, as OpenAI's clients send them: an
+assistant message with ``tool_calls`` (its ``content`` may be null) and ``tool`` messages with
+``tool_call_id``. They reach the chat template as Hugging Face's templates take them, each
+call's ``arguments`` as an object rather than JSON text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import uuid
+
+from .engine import InvalidParams
+from .json_schema import schema_regex
+
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
+NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}  # a tool without ``parameters``
+MAX_TOOLS = 128  # OpenAI's limit
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolChoice:
+    """What a request's ``tool_choice`` makes of its output: ``named``, the one function a named
+    choice calls (None: "required", a list of calls); ``regex``, the pattern the output matches.
+    Its methods turn one choice's output into OpenAI's ``message``, or its streamed ``delta``s."""
+
+    named: str | None
+    regex: str
+
+    def calls(self, text: str) -> list[dict] | None:
+        """The output's calls in OpenAI's form (``{"id", "type": "function", "function": {"name",
+        "arguments"}}``, the arguments as JSON text), or None where a list of calls does not
+        parse (an output cut short)."""
+        if self.named is not None:
+            return [_call(self.named, text)]
+        try:
+            found = json.loads(text)
+        except json.JSONDecodeError:
+            return None
+        return [_call(call["name"], json.dumps(call["parameters"], ensure_ascii=False)) for call in found]
+
+    def finish_reason(self, text: str, finish: str | None) -> str | None:
+        """A complete list of calls ends with "tool_calls"; otherwise the output's own reason."""
+        return "tool_calls" if finish == "stop" and self.named is None and self.calls(text) is not None else finish
+
+    def message(self, text: str) -> dict:
+        """The chat response's ``message`` for this output."""
+        calls = self.calls(text)
+        if calls is None:
+            return {"role": "assistant", "content": text}
+        return {"role": "assistant", "content": None, "tool_calls": calls}
+
+    def first_delta(self) -> dict:
+        """A streamed choice's first ``delta``: a named call's id and name."""
+        if self.named is None:
+            return {"role": "assistant", "content": None}
+        return {"role": "assistant", "content": None, "tool_calls": [{"index": 0, **_call(self.named, "")}]}
+
+    def delta(self, piece: str) -> dict | None:
+        """The ``delta`` of a piece of the output: a named call's arguments go out as they are
+        written; a list of calls is held (None) until it is whole (``last_delta``)."""
+        return None if self.named is None else {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
+
+    def last_delta(self, text: str) -> dict | None:
+        """The ``delta`` sent when the output is complete: a list's calls (or its text, where it
+        does not parse); nothing more for a named call."""
+        if self.named is not None:
+            return None
+        calls = self.calls(text)
+        return {"content": text} if calls is None else {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}
+
+
+def _call(name: str, arguments: str) -> dict:
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def check_tools(body: dict) -> dict[str, dict] | None:
+    """A chat request's ``tools``, each function's name to its ``parameters`` schema (None: no
+    tools). ``InvalidParams`` naming the field."""
+    tools = body.get("tools")
+    if not tools:
+        return None
+    if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
+        raise InvalidParams("tools", f"must be a list of at most {MAX_TOOLS} tools")
+    schemas = {}
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}]"
+        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        if not isinstance(function, dict):
+            raise InvalidParams(where, 'must be {"type": "function", "function": {"name": ..., "parameters": ...}}')
+        name = function.get("name")
+        if not (isinstance(name, str) and TOOL_NAME.fullmatch(name)):
+            raise InvalidParams(f"{where}.function.name", "must be 1 to 64 letters, digits, '_' or '-', "
+                                                          f"got {json.dumps(name)}")
+        if name in schemas:
+            raise InvalidParams(f"{where}.function.name", f"{name!r} is listed twice")
+        schema = function.get("parameters", NO_PARAMETERS)
+        if not isinstance(schema, dict) or schema.get("type", "object") != "object":
+            raise InvalidParams(f"{where}.function.parameters", 'must be a JSON schema of "type": "object"')
+        schemas[name] = schema
+    return schemas
+
+
+def tool_choice(body: dict, schemas: dict[str, dict] | None) -> ToolChoice | None:
+    """What a chat request's ``tool_choice`` (and ``parallel_tool_calls``) makes of its output,
+    given its tools (``check_tools``); None: free text. ``InvalidParams`` naming the field."""
+    choice, parallel = body.get("tool_choice"), body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise InvalidParams("parallel_tool_calls", f"must be true or false, got {json.dumps(parallel)}")
+    if schemas is None:
+        if choice not in (None, "none"):
+            raise InvalidParams("tool_choice", "needs tools")
+        return None
+    choice = "auto" if choice is None else choice
+    if choice == "none":
+        return None
+    if choice == "auto":
+        raise InvalidParams("tool_choice", '"auto" (the default with tools) is not supported by this server: it '
+                                           "needs a parser for the model's own tool-call format; give \"required\", "
+                                           '{"type": "function", "function": {"name": ...}} or "none"')
+    if choice == "required":
+        names = list(schemas)
+    else:
+        function = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+        if not (isinstance(function, dict) and isinstance(function.get("name"), str)):
+            raise InvalidParams("tool_choice", 'must be "none", "required" or {"type": "function", "function": '
+                                               f'{{"name": ...}}}}, got {json.dumps(choice):.200}')
+        if function["name"] not in schemas:
+            raise InvalidParams("tool_choice", f"names {function['name']!r}, which is not in tools (they are "
+                                               f"{', '.join(schemas)})")
+        names = [function["name"]]
+    patterns = {}
+    for name in names:  # (each schema's own pattern: its $refs are its own)
+        try:
+            patterns[name] = schema_regex(schemas[name])
+        except ValueError as err:
+            raise InvalidParams(f"tools[{list(schemas).index(name)}].function.parameters", str(err)) from None
+    if choice != "required":
+        return ToolChoice(names[0], patterns[names[0]])
+    call = "(?:" + "|".join(rf'\{{"name": {re.escape(json.dumps(n))}, "parameters": {p}\}}'
+                            for n, p in patterns.items()) + ")"
+    return ToolChoice(None, rf"\[{call}\]" if parallel is False else rf"\[{call}(?:, {call})*\]")
+
+
+def history_fields(message: dict, where: str) -> dict:
+    """The tool fields of an earlier message of the conversation, for the chat template: an
+    assistant's ``tool_calls`` (each call's ``arguments`` read from its JSON text), a tool
+    result's ``tool_call_id`` (and ``name``). ``InvalidParams`` naming the field."""
+    out = {}
+    calls = message.get("tool_calls")
+    if calls is not None:
+        if message["role"] != "assistant" or not isinstance(calls, list):
+            raise InvalidParams(f"{where}.tool_calls", "must be a list, in an assistant message")
+        out["tool_calls"] = []
+        for j, call in enumerate(calls):
+            function = call.get("function") if isinstance(call, dict) else None
+            if not (isinstance(function, dict) and isinstance(function.get("name"), str)
+                    and isinstance(function.get("arguments"), str)):
+                raise InvalidParams(f"{where}.tool_calls[{j}]", 'must be {"id": ..., "type": "function", '
+                                                               '"function": {"name": ..., "arguments": JSON text}}')
+            try:
+                arguments = json.loads(function["arguments"])
+            except json.JSONDecodeError as err:
+                raise InvalidParams(f"{where}.tool_calls[{j}].function.arguments", f"is not valid JSON: {err}") from None
+            out["tool_calls"].append({"id": call.get("id"), "type": "function",
+                                      "function": {"name": function["name"], "arguments": arguments}})
+    for name in ("tool_call_id", "name"):
+        if message.get(name) is not None:
+            if not isinstance(message[name], str):
+                raise InvalidParams(f"{where}.{name}", "must be a string")
+            out[name] = message[name]
+    if message["role"] == "tool" and "tool_call_id" not in out:
+        raise InvalidParams(f"{where}.tool_call_id", "a tool message needs the id of the call it answers")
+    return out
