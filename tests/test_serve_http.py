@@ -550,8 +550,8 @@ def test_tool_calls(serve_demo, reference):
             jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
 
         for extra, param, message in (
-                ({}, "tool_choice", '"auto" (the default with tools) is not supported'),
-                ({"tool_choice": "auto"}, "tool_choice", "needs a parser"),
+                ({}, "tool_choice", '"auto" (the default with tools) needs a parser'),
+                ({"tool_choice": "auto"}, "tool_choice", "--tool-call-parser hermes"),
                 ({"tool_choice": {"type": "function", "function": {"name": "rain"}}}, "tool_choice",
                  "'rain', which is not in tools (they are weather, now)"),
                 ({"tool_choice": {"type": "function", "name": "now"}}, "tool_choice", "must be"),
@@ -581,6 +581,66 @@ def test_tool_calls(serve_demo, reference):
         for extra in ({"tools": TOOLS}, {"tool_choice": "required"}):
             r = post(url, "/v1/completions", {"model": "skip1", "prompt": "abc", **extra})
             assert r.status_code == 400 and r.json()["error"]["param"] == next(iter(extra)), r.text
+
+
+def test_auto_tool_calls_read_by_the_hermes_parser(serve_demo, monkeypatch):
+    """``tool_parser="hermes"`` (``--tool-call-parser``): with ``tool_choice`` "auto" (or none
+    given) the model writes freely, and its ``<tool_call>`` blocks come back as calls, after the
+    text before them as content, whether the tags are special tokens (their text is kept) or
+    written in characters; streamed, that text goes out as content, never a piece of a tag, and
+    the calls at the end. Output without blocks, or with one that does not parse (or whose
+    arguments are not an object), is content.
+    (The outputs are scripted: the demo model writes no tool calls.)"""
+    from bora_kernels.serve.tools import HermesCalls
+
+    tags = ["<tool_call>", "</tool_call>"]
+    chars = [c for c in BRACED.translate(str.maketrans("GHIJ", "<>_/")) if c not in "EF"] + tags  # (the same size)
+    tokenizer = demo.char_tokenizer(chars)
+    tokenizer.add_special_tokens({"additional_special_tokens": tags})
+    assert len(tokenizer) == len(demo.SPECIALS) + len(demo.CHARS) and tokenizer.decode(tokenizer.convert_tokens_to_ids(tags),
+                                                                                        skip_special_tokens=True) == ""
+    tokenizer.chat_template = TOOL_TEMPLATE
+    with pytest.raises(ValueError, match="tool_parser: 'xml' is not one of hermes"):
+        Server(None, tokenizer, BASE, tool_parser="xml")
+    engine = Engine(transformers.AutoModelForCausalLM.from_pretrained(serve_demo / "base"), max_adapters=1,
+                    max_lora_rank=8, max_batch=8)
+    server = Server(engine, tokenizer, BASE, limits=Limits(max_prompt_tokens=200, max_tokens=150), tool_parser="hermes")
+    script = []  # the token ids every output writes, then its end
+
+    def scripted(seqs, logits):
+        return torch.tensor([script[s.generated] if s.generated < len(script) else server.eos[0] for s in seqs])
+
+    def write(*parts):
+        script[:] = tokenizer.convert_tokens_to_ids([t for part in parts for t in ([part] if part in tags else part)])
+
+    monkeypatch.setattr(engine, "_draw", scripted)
+    weather, now = '{"name": "weather", "arguments": {"city": "paris", "unit": "c"}}', '{"name": "now", "arguments": {}}'
+    hermes = HermesCalls()  # streamed a character at a time, the content stops where a tag may begin
+    for text, shown in (("sure. <tool_call>" + now + "</tool_call>", "sure. "), ("no calls <tool", "no calls ")):
+        assert "".join((hermes.delta(text[:i], text[i]) or {}).get("content", "") for i in range(len(text))) == shown
+    want = [("weather", '{"city": "paris", "unit": "c"}'), ("now", "{}")]
+    body = {"model": BASE, "messages": [{"role": "user", "content": "weather in paris?"}], "tools": TOOLS,
+            "temperature": 0, "max_tokens": 150}
+    with serving(server) as url:
+        for parts in (("sure. ", tags[0], weather, tags[1], tags[0], now, tags[1]),
+                      ("sure. ", "<tool_call>", weather, "</tool_call>\n<tool_call>", now, "</tool_call>")):
+            write(*parts)
+            for extra in ({}, {"tool_choice": "auto"}):
+                choice = post(url, "/v1/chat/completions", {**body, **extra}).json()["choices"][0]
+                assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == "sure. ", choice
+                assert [(c["function"]["name"], c["function"]["arguments"]) for c in choice["message"]["tool_calls"]] == want
+            pieces = [e["choices"][0]["delta"].get("content") for e in stream_events(url, "/v1/chat/completions", body)]
+            assert "".join(p or "" for p in pieces) == "sure. " and not any("<" in (p or "") for p in pieces), pieces
+            calls, finish, content = streamed_tool_calls(url, body)
+            assert [(c["name"], c["arguments"]) for c in calls] == want and finish == "tool_calls" and content == "sure. "
+        for parts, text in ((("no calls <tool",), "no calls <tool"),
+                            (("x", tags[0], '{"name": '), 'x<tool_call>{"name": '),
+                            (("x", tags[0], '{"name": "now", "arguments": "no"}', tags[1]),
+                             'x<tool_call>{"name": "now", "arguments": "no"}</tool_call>')):
+            write(*parts)
+            choice = post(url, "/v1/chat/completions", body).json()["choices"][0]
+            assert choice["message"] == {"role": "assistant", "content": text} and choice["finish_reason"] == "stop"
+            assert streamed_tool_calls(url, body) == ([], "stop", text)
 
 
 def test_detokenizer_pieces_equal_the_whole_decode(monkeypatch):
@@ -1217,14 +1277,17 @@ def test_cli_bad_arguments(serve_demo, capsys):
                           (["--demo", str(serve_demo), "--adapters", f"skip1={serve_demo}"], "has no adapter_config.json"),
                           (["--demo", str(serve_demo), "--revision", "v1"], "--revision names a version of a Hub --model"),
                           (["--demo", str(serve_demo), "--adapters", "x=org/lora@"], "NAME=OWNER/REPO@REVISION"),
-                          (["--demo", str(serve_demo), "--prefix-cache-tokens", "-1"], "--prefix-cache-tokens: must be >= 0")):
+                          (["--demo", str(serve_demo), "--prefix-cache-tokens", "-1"], "--prefix-cache-tokens: must be >= 0"),
+                          (["--demo", str(serve_demo), "--tool-call-parser", "xml"], "invalid choice: 'xml'")):
         with pytest.raises(SystemExit) as exit_info:
             build_server(argv)
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
     # and the good ones reach the engine
-    server, _ = build_server(["--demo", str(serve_demo), "--prefix-cache-tokens", "256", "--max-choices", "8"])
+    server, _ = build_server(["--demo", str(serve_demo), "--prefix-cache-tokens", "256", "--max-choices", "8",
+                              "--tool-call-parser", "hermes"])
     assert server.engine.prefix_cache.max_tokens == 256 and server.limits.max_choices == 8
+    assert server.tool_parser == "hermes"
     # more adapters than slots: the first fill the slots, the others load when a request names them
     server, _ = build_server(["--demo", str(serve_demo), "--max-adapters", "3"])
     assert server.engine.adapter_names() == list(ADAPTERS[:3]) and server.adapter_names() == list(ADAPTERS)

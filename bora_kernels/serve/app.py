@@ -32,7 +32,7 @@ from .guided import ChoiceGuide, ChoiceSet, RegexGuide, RegexSet, TokenTexts, ch
 from .json_schema import json_object_regex, schema_regex
 from .metrics import Metrics
 from .pattern import SCHEMA_LIMITS, USER_LIMITS
-from .tools import check_tools, history_fields, tool_choice
+from .tools import TOOL_PARSERS, HermesCalls, check_tools, history_fields, tool_choice
 
 
 logger = logging.getLogger(__name__)
@@ -94,8 +94,8 @@ class _Detokenizer:
     WINDOW = 32
     CONTEXT = 4
 
-    def __init__(self, tokenizer, prompt: list[int], stops: list[str]):
-        self.tokenizer, self.stops = tokenizer, stops
+    def __init__(self, tokenizer, prompt: list[int], stops: list[str], special: bool = False):
+        self.tokenizer, self.stops, self.special = tokenizer, stops, special  # special: keep special tokens' text
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.settled = ""                 # text of the tokens before the window
         self._start_window(prompt[-self.CONTEXT:])
@@ -103,7 +103,7 @@ class _Detokenizer:
         self.unchecked = 0  # characters of text a stop string must end after (min_tokens)
 
     def _decode(self, ids) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=not self.special)
 
     def _start_window(self, context: list[int]) -> None:
         self.context, self.context_text, self.window = context, self._decode(context), []
@@ -145,7 +145,8 @@ class _Detokenizer:
 @dataclasses.dataclass
 class _Job:
     """One choice's way through the engine: tokens arrive on ``queue`` from the engine thread.
-    ``echo``: the prompt's text, put before the output."""
+    ``echo``: the prompt's text, put before the output; ``special``: special tokens' text is kept
+    in the output (a tool-call parser may need it)."""
     prompt: list[int]
     adapter: str | None
     params: SamplingParams
@@ -154,6 +155,7 @@ class _Job:
     echo: str | None = None
     queue: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
     guide: ChoiceGuide | RegexGuide | None = None
+    special: bool = False
     request: Request | None = None
     tokens: int = 0
     finish: str | None = None
@@ -205,11 +207,14 @@ class Server:
     ``registry`` (``{name: (folder or Hub id, revision)}``): the adapters that may be loaded into
     a slot when a request names them, giving it the slot of the least recently used one of them
     that has no request in flight (so a server holds more adapters than it has slots, as vLLM's
-    ``--max-loras`` does); run-time loads join it."""
+    ``--max-loras`` does); run-time loads join it. ``tool_parser`` (one of ``tools.TOOL_PARSERS``):
+    how the model writes tool calls, for ``tool_choice: "auto"``."""
 
     def __init__(self, engine: Engine, tokenizer, model_name: str, adapter_root=None, limits: Limits | None = None,
-                 adapter_paths: dict | None = None, registry: dict | None = None):
-        self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+                 adapter_paths: dict | None = None, registry: dict | None = None, tool_parser: str | None = None):
+        if tool_parser not in (None, *TOOL_PARSERS):
+            raise ValueError(f"tool_parser: {tool_parser!r} is not one of {', '.join(TOOL_PARSERS)}")
+        self.engine, self.tokenizer, self.model_name, self.tool_parser = engine, tokenizer, model_name, tool_parser
         self.adapter_root = Path(adapter_root).resolve() if adapter_root is not None else None
         self.limits = limits or Limits()
         config = engine.model.config
@@ -579,7 +584,7 @@ class Server:
         loop = asyncio.get_running_loop()
         arrival = job.request.arrival
         deadline = loop.time() + self.limits.request_timeout
-        detok = _Detokenizer(self.tokenizer, job.prompt, job.stops)
+        detok = _Detokenizer(self.tokenizer, job.prompt, job.stops, job.special)
         label = job.adapter or self.model_name
         engine_done = False
         given = 0  # tokens whose log-probabilities went out with a piece
@@ -723,11 +728,12 @@ class Server:
             raise _bad("stream_options", "must be an object")
         guided, choices = self.guided_output(body), None
         with _checked():
-            tools = tool_choice(body, check_tools(body)) if chat else None
-        if tools is not None:  # the calls are guided JSON
+            tools = tool_choice(body, check_tools(body), self.tool_parser) if chat else None
+        if tools is not None:
             if guided is not None:
                 raise _bad("tool_choice", f"cannot be combined with {guided[0]} (the tool calls are the output)")
-            guided = ("tool_choice", "json", tools.regex)
+            if tools.regex is not None:  # the calls are guided JSON
+                guided = ("tool_choice", "json", tools.regex)
         jobs = []
         for i, (prompt, text) in enumerate(prompts):
             params, stops = self.sampling(body, len(prompt), None if chat else 16, chat)
@@ -736,7 +742,7 @@ class Server:
             for j in range(n):
                 seeded = params if params.seed is None else dataclasses.replace(params, seed=params.seed + j)
                 jobs.append(_Job(prompt, adapter, seeded, stops, index=i * n + j, echo=text if body.get("echo") else None,
-                                 guide=choices.guide() if choices else None))
+                                 guide=choices.guide() if choices else None, special=isinstance(tools, HermesCalls)))
         await self.wait_reclaimed(adapter)
         self._pending[adapter] += 1  # its slot is not given away until these are queued (then they hold it)
         try:
@@ -791,23 +797,25 @@ class Server:
             return {**out, "delta": {"content": text} if finish is None else {}} if delta else \
                 {**out, "message": {"role": "assistant", "content": text} if tools is None else tools.message(text)}
 
-        held: dict[int, tuple[list, list]] = {}  # a streamed tool choice's text and held log-probabilities
+        held: dict[int, tuple[list, list]] = {}  # a streamed tool choice's text, and log-probabilities not yet sent
 
         def tool_chunks(job, piece: str, entries: list, finish: str | None) -> list[dict]:
-            """A streamed tool choice's chunks for a piece of its output (and, with ``finish``, its end)."""
+            """A streamed tool choice's chunks for a piece of its output (and, with ``finish``, its
+            end); each carries the log-probabilities of the tokens since the last one."""
             text, kept = held.setdefault(job.index, ([], []))
+            chunks, delta = [], tools.delta("".join(text), piece) if piece else None
             text.append(piece)
-            chunks, delta = [], tools.delta(piece)
-            if delta is None:
-                kept.extend(entries)
-            elif piece:
-                chunks.append(chat_choice(job, piece, entries, None, delta))
+            kept.extend(entries)
+            if delta is not None:
+                chunks.append(chat_choice(job, piece, list(kept), None, delta))
+                kept.clear()
             if finish is not None:
                 whole = "".join(text)
                 last = tools.last_delta(whole)
                 if last is not None:
-                    chunks.append(chat_choice(job, whole, kept, None, last))
-                chunks.append(chat_choice(job, whole, [], tools.finish_reason(whole, finish), {}))
+                    chunks.append(chat_choice(job, whole, list(kept), None, last))
+                    kept.clear()
+                chunks.append(chat_choice(job, whole, kept, tools.finish_reason(whole, finish), {}))
             return chunks
 
         if not stream:

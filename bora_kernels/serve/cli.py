@@ -31,6 +31,7 @@ DTYPES = {"auto": None, "float32": "float32", "bfloat16": "bfloat16", "float16":
 
 def _parser() -> argparse.ArgumentParser:
     from .engine import SCHEDULES
+    from .tools import TOOL_PARSERS
 
     p = argparse.ArgumentParser(prog="bora-serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
@@ -67,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="the most choices one request may ask for (its prompts times n)")
     p.add_argument("--max-body-bytes", type=POSITIVE_INT, default=1 << 20, help="request body limit (413 past it)")
     p.add_argument("--request-timeout", type=POSITIVE, default=600.0, help="seconds before a request ends with 504")
+    p.add_argument("--tool-call-parser", choices=TOOL_PARSERS, default=None,
+                   help="how the model writes tool calls, for tool_choice \"auto\" (hermes: <tool_call> blocks, as "
+                        "Hermes 2 Pro and Qwen 2.5 and later write them); without it \"auto\" gets 400, while a "
+                        "named function and \"required\" work with any model")
     p.add_argument("--schedule", choices=SCHEDULES, default="mixed",
                    help="per-adapter: one adapter per batch (the baseline bora-bench serve compares with)")
     p.add_argument("--no-access-log", action="store_true")
@@ -152,7 +157,7 @@ def build_server(argv=None):
                     max_choices=args.max_choices, max_body_bytes=args.max_body_bytes,
                     request_timeout=args.request_timeout)
     server = Server(engine, tokenizer, name, adapter_root=root, limits=limits,
-                    registry={a: (f, revisions.get(a)) for a, f in folders.items()})
+                    registry={a: (f, revisions.get(a)) for a, f in folders.items()}, tool_parser=args.tool_call_parser)
     return server, args
 
 

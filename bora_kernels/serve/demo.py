@@ -32,8 +32,9 @@ CHARS = " " + LETTERS + string.ascii_uppercase + string.digits + ".,:;!?'\"-()\n
 CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
 
 
-def char_tokenizer(chars: str = CHARS):
-    """A ``PreTrainedTokenizerFast`` with one token per character of ``chars``."""
+def char_tokenizer(chars=CHARS):
+    """A ``PreTrainedTokenizerFast`` with one token per character of ``chars`` (a string, or a
+    list of strings, each a token's text)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

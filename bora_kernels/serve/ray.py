@@ -52,10 +52,11 @@ class _Loaded:
 
 def bora_app(model: str, adapter_root: str, *, max_adapters: int = 16, max_lora_rank: int = 16,
              max_batch: int = 32, max_queue: int = 256, served_model_name: str | None = None, device: str | None = None,
-             backend: str | None = None, num_replicas: int = 1, ray_actor_options: dict | None = None):
+             backend: str | None = None, num_replicas: int = 1, ray_actor_options: dict | None = None,
+             tool_parser: str | None = None):
     """A Ray Serve application: ``num_replicas`` replicas of ``model`` (a Hugging Face folder or
     hub id) serving the adapters under ``adapter_root``. ``backend``: force the ops' ``"triton"``
-    or ``"torch"`` path (default: the dispatch rule)."""
+    or ``"torch"`` path (default: the dispatch rule); ``tool_parser``: as ``--tool-call-parser``."""
 
     @serve.deployment(num_replicas=num_replicas, ray_actor_options=ray_actor_options or {})
     class BoraServe:
@@ -74,7 +75,8 @@ def bora_app(model: str, adapter_root: str, *, max_adapters: int = 16, max_lora_
             engine = Engine(base, max_adapters=max_adapters, max_lora_rank=max_lora_rank, max_batch=max_batch,
                             max_queue=max_queue)
             name = served_model_name or Path(str(model).rstrip("/")).name
-            self.server = Server(engine, AutoTokenizer.from_pretrained(model), name, adapter_root=adapter_root)
+            self.server = Server(engine, AutoTokenizer.from_pretrained(model), name, adapter_root=adapter_root,
+                                 tool_parser=tool_parser)
             with use_backend(backend):
                 engine.start()
 

@@ -9,13 +9,22 @@ tool's ``parameters`` schema accepts (``json_schema.schema_regex``):
   one or more (one with ``parallel_tool_calls: false``), each naming a listed tool and keeping to
   its schema; the message holds them, ``finish_reason`` "tool_calls".
 - ``"none"``: the model sees the tools (they go to the chat template) and writes text.
-- ``"auto"`` (OpenAI's default when tools are given) is refused: a model says whether it calls a
-  tool in its family's own format (Hermes' ``<tool_call>`` tags, Llama 3's JSON, Mistral's
-  ``[TOOL_CALLS]``...), which takes a parser per family, and this server has none.
+- ``"auto"`` (OpenAI's default when tools are given): the model writes what it wants, and says
+  whether it calls a tool in its family's own format, so this takes the server's parser for that
+  format (``bora-serve --tool-call-parser``; without one, "auto" is refused). ``hermes``
+  (``HermesCalls``): calls written as ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``
+  blocks, as Hermes 2 Pro and later and Qwen 2.5 and later write them; the text before the first
+  block is the message's ``content``. These calls are not guided: a name or arguments the
+  model got wrong are handed back as written, and a block that does not parse leaves the whole
+  output as content.
 
 An output cut short by ``max_tokens`` (``finish_reason`` "length"): a named call's arguments are
 handed back as written, as OpenAI does; a list of calls that does not parse is handed back as
 the message's ``content``.
+
+Streamed, a named call's arguments go out piece by piece as they are written; a list of calls
+goes out when it is whole; under ``hermes`` the text goes out as content up to the first
+``<tool_call>`` (text that may be its start is held back) and the calls when the output ends.
 
 The conversation may hold earlier calls and their results, as OpenAI's clients send them: an
 assistant message with ``tool_calls`` (its ``content`` may be null) and ``tool`` messages with
@@ -33,6 +42,7 @@ import uuid
 from .engine import InvalidParams
 from .json_schema import schema_regex
 
+TOOL_PARSERS = ("hermes",)  # the formats "auto" can read, for ``bora-serve --tool-call-parser``
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}  # a tool without ``parameters``
 MAX_TOOLS = 128  # OpenAI's limit
@@ -76,9 +86,10 @@ class ToolChoice:
             return {"role": "assistant", "content": None}
         return {"role": "assistant", "content": None, "tool_calls": [{"index": 0, **_call(self.named, "")}]}
 
-    def delta(self, piece: str) -> dict | None:
-        """The ``delta`` of a piece of the output: a named call's arguments go out as they are
-        written; a list of calls is held (None) until it is whole (``last_delta``)."""
+    def delta(self, before: str, piece: str) -> dict | None:
+        """The ``delta`` of a piece of the output (``before``: the output before it): a named
+        call's arguments go out as they are written; a list of calls is held (None) until it is
+        whole (``last_delta``)."""
         return None if self.named is None else {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
 
     def last_delta(self, text: str) -> dict | None:
@@ -88,6 +99,68 @@ class ToolChoice:
             return None
         calls = self.calls(text)
         return {"content": text} if calls is None else {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}
+
+
+class HermesCalls:
+    """``tool_choice: "auto"`` read by the ``hermes`` parser (see the module's docstring): the
+    same methods as ``ToolChoice``, on free text (``regex`` None)."""
+
+    OPEN = "<tool_call>"
+    BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)  # (the last may be left open)
+    regex = None
+
+    def calls(self, text: str) -> list[dict] | None:
+        """The calls of the output's blocks (None: no block, or one that does not parse)."""
+        start = text.find(self.OPEN)
+        if start < 0:
+            return None
+        found = []
+        for block in self.BLOCK.findall(text, start):
+            try:
+                call = json.loads(block)
+            except json.JSONDecodeError:
+                return None
+            if not (isinstance(call, dict) and isinstance(call.get("name"), str)
+                    and isinstance(call.get("arguments", {}), dict)):
+                return None
+            found.append(_call(call["name"], json.dumps(call.get("arguments", {}), ensure_ascii=False)))
+        return found
+
+    def finish_reason(self, text: str, finish: str | None) -> str | None:
+        return "tool_calls" if self.calls(text) is not None else finish
+
+    def message(self, text: str) -> dict:
+        calls = self.calls(text)
+        if calls is None:
+            return {"role": "assistant", "content": text}
+        content = text[:text.find(self.OPEN)]
+        return {"role": "assistant", "content": content if content.strip() else None, "tool_calls": calls}
+
+    def first_delta(self) -> dict:
+        return {"role": "assistant", "content": ""}
+
+    def _shown(self, text: str) -> int:
+        """How much of ``text`` can go out as content: up to the first block, less an end that
+        may be the start of one."""
+        start = text.find(self.OPEN)
+        if start >= 0:
+            return start
+        for k in range(min(len(self.OPEN) - 1, len(text)), 0, -1):
+            if self.OPEN.startswith(text[-k:]):
+                return len(text) - k
+        return len(text)
+
+    def delta(self, before: str, piece: str) -> dict | None:
+        shown, text = self._shown(before), before + piece
+        more = text[shown:self._shown(text)]
+        return {"content": more} if more else None
+
+    def last_delta(self, text: str) -> dict | None:
+        calls = self.calls(text)
+        if calls is None:
+            rest = text[self._shown(text):]
+            return {"content": rest} if rest else None
+        return {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}
 
 
 def _call(name: str, arguments: str) -> dict:
@@ -121,9 +194,10 @@ def check_tools(body: dict) -> dict[str, dict] | None:
     return schemas
 
 
-def tool_choice(body: dict, schemas: dict[str, dict] | None) -> ToolChoice | None:
+def tool_choice(body: dict, schemas: dict[str, dict] | None, parser: str | None = None) -> ToolChoice | HermesCalls | None:
     """What a chat request's ``tool_choice`` (and ``parallel_tool_calls``) makes of its output,
-    given its tools (``check_tools``); None: free text. ``InvalidParams`` naming the field."""
+    given its tools (``check_tools``) and the server's parser for "auto" (one of
+    ``TOOL_PARSERS``, or None); None: free text. ``InvalidParams`` naming the field."""
     choice, parallel = body.get("tool_choice"), body.get("parallel_tool_calls")
     if parallel is not None and not isinstance(parallel, bool):
         raise InvalidParams("parallel_tool_calls", f"must be true or false, got {json.dumps(parallel)}")
@@ -135,8 +209,11 @@ def tool_choice(body: dict, schemas: dict[str, dict] | None) -> ToolChoice | Non
     if choice == "none":
         return None
     if choice == "auto":
-        raise InvalidParams("tool_choice", '"auto" (the default with tools) is not supported by this server: it '
-                                           "needs a parser for the model's own tool-call format; give \"required\", "
+        if parser == "hermes":
+            return HermesCalls()
+        raise InvalidParams("tool_choice", '"auto" (the default with tools) needs a parser for the model\'s own '
+                                           "tool-call format, and this server was started without one "
+                                           "(bora-serve --tool-call-parser hermes): give \"required\", "
                                            '{"type": "function", "function": {"name": ...}} or "none"')
     if choice == "required":
         names = list(schemas)
