@@ -583,61 +583,80 @@ def test_tool_calls(serve_demo, reference):
             assert r.status_code == 400 and r.json()["error"]["param"] == next(iter(extra)), r.text
 
 
-def test_auto_tool_calls_read_by_the_hermes_parser(serve_demo, monkeypatch):
-    """``tool_parser="hermes"`` (``--tool-call-parser``): with ``tool_choice`` "auto" (or none
-    given) the model writes freely, and its ``<tool_call>`` blocks come back as calls, after the
-    text before them as content, whether the tags are special tokens (their text is kept) or
-    written in characters; streamed, that text goes out as content, never a piece of a tag, and
-    the calls at the end. Output without blocks, or with one that does not parse (or whose
-    arguments are not an object), is content.
-    (The outputs are scripted: the demo model writes no tool calls.)"""
-    from bora_kernels.serve.tools import HermesCalls
+TAGS = ["<tool_call>", "</tool_call>", "<|python_tag|>"]  # special tokens of the parsers' tokenizer
+_WEATHER_CALL = '"name": "weather", "{}": {{"city": "paris", "unit": "c"}}'
+# each parser: (outputs that call weather and now, each with the content beside the calls),
+# (outputs that are text: no calls, or calls that do not parse), (texts streamed a character at a
+# time, and the content that goes out before the output ends)
+PARSED = {
+    "hermes": ((("sure. ", TAGS[0], "{" + _WEATHER_CALL.format("arguments") + "}", TAGS[1], TAGS[0],
+                 '{"name": "now", "arguments": {}}', TAGS[1]), "sure. "),
+               (("sure. ", "<tool_call>{" + _WEATHER_CALL.format("arguments") + "}</tool_call>\n<tool_call>",
+                 '{"name": "now"}</tool_call>'), "sure. ")),
+    "llama3_json": (((TAGS[2], "{" + _WEATHER_CALL.format("parameters") + "}; ", '{"name": "now", "parameters": {}}'), None),
+                    ((" {" + _WEATHER_CALL.format("parameters") + "};", '{"name": "now", "arguments": {}}'), None)),
+}
+PARSED_TEXTS = {
+    "hermes": (("no calls <tool",), ("x", TAGS[0], '{"name": '), ("x", TAGS[0], '{"name": "now", "arguments": "no"}', TAGS[1])),
+    "llama3_json": (("hello {",), ('{"name": "weather"',), ('{"answer": 1}',), ('{"name": "now", "parameters": {}} and',)),
+}
+PARSED_STREAMS = {"hermes": (("sure. <tool_call>{}</tool_call>", "sure. "), ("no calls <tool", "no calls ")),
+                  "llama3_json": ((' {"name": "now", "parameters": {}}', ""), (" <|python_tag|>{}", ""), (" hi {", " hi {"))}
 
-    tags = ["<tool_call>", "</tool_call>"]
-    chars = [c for c in BRACED.translate(str.maketrans("GHIJ", "<>_/")) if c not in "EF"] + tags  # (the same size)
+
+@pytest.mark.parametrize("parser", list(PARSED))
+def test_auto_tool_calls_read_by_a_parser(serve_demo, monkeypatch, parser):
+    """``tool_parser`` (``--tool-call-parser``): with ``tool_choice`` "auto" (or none given) the
+    model writes freely, and the calls it writes in the parser's format come back as calls
+    (``hermes``: ``<tool_call>`` blocks, the text before them as content; ``llama3_json``: an
+    output of ``{"name", "parameters"}`` objects), whether the tags are special tokens (their
+    text is kept) or written in characters; streamed, that content goes out as written, never a
+    piece of what may be a call, and the calls at the end. Output without calls, or with some that
+    do not parse (or whose arguments are not an object), is content. (The outputs are scripted:
+    the demo model writes no tool calls.)"""
+    from bora_kernels.serve.tools import TOOL_PARSERS
+
+    chars = [c for c in BRACED.translate(str.maketrans("GHIJL", "<>_/;")) if c not in "EFK"] + TAGS  # (the same size)
     tokenizer = demo.char_tokenizer(chars)
-    tokenizer.add_special_tokens({"additional_special_tokens": tags})
-    assert len(tokenizer) == len(demo.SPECIALS) + len(demo.CHARS) and tokenizer.decode(tokenizer.convert_tokens_to_ids(tags),
+    tokenizer.add_special_tokens({"additional_special_tokens": TAGS})
+    assert len(tokenizer) == len(demo.SPECIALS) + len(demo.CHARS) and tokenizer.decode(tokenizer.convert_tokens_to_ids(TAGS),
                                                                                         skip_special_tokens=True) == ""
     tokenizer.chat_template = TOOL_TEMPLATE
-    with pytest.raises(ValueError, match="tool_parser: 'xml' is not one of hermes"):
+    with pytest.raises(ValueError, match="tool_parser: 'xml' is not one of hermes, llama3_json"):
         Server(None, tokenizer, BASE, tool_parser="xml")
     engine = Engine(transformers.AutoModelForCausalLM.from_pretrained(serve_demo / "base"), max_adapters=1,
                     max_lora_rank=8, max_batch=8)
-    server = Server(engine, tokenizer, BASE, limits=Limits(max_prompt_tokens=200, max_tokens=150), tool_parser="hermes")
+    server = Server(engine, tokenizer, BASE, limits=Limits(max_prompt_tokens=200, max_tokens=150), tool_parser=parser)
     script = []  # the token ids every output writes, then its end
 
     def scripted(seqs, logits):
         return torch.tensor([script[s.generated] if s.generated < len(script) else server.eos[0] for s in seqs])
 
     def write(*parts):
-        script[:] = tokenizer.convert_tokens_to_ids([t for part in parts for t in ([part] if part in tags else part)])
+        script[:] = tokenizer.convert_tokens_to_ids([t for part in parts for t in ([part] if part in TAGS else part)])
+        return "".join(parts)
 
     monkeypatch.setattr(engine, "_draw", scripted)
-    weather, now = '{"name": "weather", "arguments": {"city": "paris", "unit": "c"}}', '{"name": "now", "arguments": {}}'
-    hermes = HermesCalls()  # streamed a character at a time, the content stops where a tag may begin
-    for text, shown in (("sure. <tool_call>" + now + "</tool_call>", "sure. "), ("no calls <tool", "no calls ")):
-        assert "".join((hermes.delta(text[:i], text[i]) or {}).get("content", "") for i in range(len(text))) == shown
+    reader = TOOL_PARSERS[parser]()
+    for text, shown in PARSED_STREAMS[parser]:  # streamed a character at a time
+        assert "".join((reader.delta(text[:i], text[i]) or {}).get("content", "") for i in range(len(text))) == shown
     want = [("weather", '{"city": "paris", "unit": "c"}'), ("now", "{}")]
     body = {"model": BASE, "messages": [{"role": "user", "content": "weather in paris?"}], "tools": TOOLS,
             "temperature": 0, "max_tokens": 150}
     with serving(server) as url:
-        for parts in (("sure. ", tags[0], weather, tags[1], tags[0], now, tags[1]),
-                      ("sure. ", "<tool_call>", weather, "</tool_call>\n<tool_call>", now, "</tool_call>")):
+        for parts, content in PARSED[parser]:
             write(*parts)
             for extra in ({}, {"tool_choice": "auto"}):
                 choice = post(url, "/v1/chat/completions", {**body, **extra}).json()["choices"][0]
-                assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == "sure. ", choice
+                assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == content, choice
                 assert [(c["function"]["name"], c["function"]["arguments"]) for c in choice["message"]["tool_calls"]] == want
             pieces = [e["choices"][0]["delta"].get("content") for e in stream_events(url, "/v1/chat/completions", body)]
-            assert "".join(p or "" for p in pieces) == "sure. " and not any("<" in (p or "") for p in pieces), pieces
-            calls, finish, content = streamed_tool_calls(url, body)
-            assert [(c["name"], c["arguments"]) for c in calls] == want and finish == "tool_calls" and content == "sure. "
-        for parts, text in ((("no calls <tool",), "no calls <tool"),
-                            (("x", tags[0], '{"name": '), 'x<tool_call>{"name": '),
-                            (("x", tags[0], '{"name": "now", "arguments": "no"}', tags[1]),
-                             'x<tool_call>{"name": "now", "arguments": "no"}</tool_call>')):
-            write(*parts)
+            assert "".join(p or "" for p in pieces) == (content or "") and not any("{" in (p or "") for p in pieces)
+            calls, finish, streamed = streamed_tool_calls(url, body)
+            assert [(c["name"], c["arguments"]) for c in calls] == want and finish == "tool_calls"
+            assert streamed == (content or "")
+        for parts in PARSED_TEXTS[parser]:
+            text = write(*parts)
             choice = post(url, "/v1/chat/completions", body).json()["choices"][0]
             assert choice["message"] == {"role": "assistant", "content": text} and choice["finish_reason"] == "stop"
             assert streamed_tool_calls(url, body) == ([], "stop", text)

@@ -32,7 +32,7 @@ from .guided import ChoiceGuide, ChoiceSet, RegexGuide, RegexSet, TokenTexts, ch
 from .json_schema import json_object_regex, schema_regex
 from .metrics import Metrics
 from .pattern import SCHEMA_LIMITS, USER_LIMITS
-from .tools import TOOL_PARSERS, HermesCalls, check_tools, history_fields, tool_choice
+from .tools import TOOL_PARSERS, ParsedCalls, check_tools, history_fields, tool_choice
 
 
 logger = logging.getLogger(__name__)
@@ -742,7 +742,7 @@ class Server:
             for j in range(n):
                 seeded = params if params.seed is None else dataclasses.replace(params, seed=params.seed + j)
                 jobs.append(_Job(prompt, adapter, seeded, stops, index=i * n + j, echo=text if body.get("echo") else None,
-                                 guide=choices.guide() if choices else None, special=isinstance(tools, HermesCalls)))
+                                 guide=choices.guide() if choices else None, special=isinstance(tools, ParsedCalls)))
         await self.wait_reclaimed(adapter)
         self._pending[adapter] += 1  # its slot is not given away until these are queued (then they hold it)
         try:

@@ -68,10 +68,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="the most choices one request may ask for (its prompts times n)")
     p.add_argument("--max-body-bytes", type=POSITIVE_INT, default=1 << 20, help="request body limit (413 past it)")
     p.add_argument("--request-timeout", type=POSITIVE, default=600.0, help="seconds before a request ends with 504")
-    p.add_argument("--tool-call-parser", choices=TOOL_PARSERS, default=None,
+    p.add_argument("--tool-call-parser", choices=list(TOOL_PARSERS), default=None,
                    help="how the model writes tool calls, for tool_choice \"auto\" (hermes: <tool_call> blocks, as "
-                        "Hermes 2 Pro and Qwen 2.5 and later write them); without it \"auto\" gets 400, while a "
-                        "named function and \"required\" work with any model")
+                        "Hermes 2 Pro and Qwen 2.5 and later write them; llama3_json: Llama 3.1's JSON calls); "
+                        "without it \"auto\" gets 400, while a named function and \"required\" work with any model")
     p.add_argument("--schedule", choices=SCHEDULES, default="mixed",
                    help="per-adapter: one adapter per batch (the baseline bora-bench serve compares with)")
     p.add_argument("--no-access-log", action="store_true")

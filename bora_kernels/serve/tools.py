@@ -14,17 +14,21 @@ tool's ``parameters`` schema accepts (``json_schema.schema_regex``):
   format (``bora-serve --tool-call-parser``; without one, "auto" is refused). ``hermes``
   (``HermesCalls``): calls written as ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``
   blocks, as Hermes 2 Pro and later and Qwen 2.5 and later write them; the text before the first
-  block is the message's ``content``. These calls are not guided: a name or arguments the
-  model got wrong are handed back as written, and a block that does not parse leaves the whole
-  output as content.
+  block is the message's ``content``. ``llama3_json`` (``Llama3JsonCalls``): an output that is
+  ``{"name": ..., "parameters": {...}}`` (several joined by ``;``, after an optional
+  ``<|python_tag|>``), as Llama 3.1 and later write JSON-based calls. These calls are not guided:
+  a name or arguments the model got wrong are handed back as written, and calls that do not
+  parse leave the whole output as content. Special tokens' text is kept in such outputs (a
+  format's tags may be special tokens).
 
 An output cut short by ``max_tokens`` (``finish_reason`` "length"): a named call's arguments are
 handed back as written, as OpenAI does; a list of calls that does not parse is handed back as
 the message's ``content``.
 
 Streamed, a named call's arguments go out piece by piece as they are written; a list of calls
-goes out when it is whole; under ``hermes`` the text goes out as content up to the first
-``<tool_call>`` (text that may be its start is held back) and the calls when the output ends.
+goes out when it is whole; under a parser, the text goes out as content up to where calls may
+begin (``hermes``: the first ``<tool_call>``, text that may be its start held back;
+``llama3_json``: an output that begins with ``{`` is held), and the calls when the output ends.
 
 The conversation may hold earlier calls and their results, as OpenAI's clients send them: an
 assistant message with ``tool_calls`` (its ``content`` may be null) and ``tool`` messages with
@@ -42,7 +46,6 @@ import uuid
 from .engine import InvalidParams
 from .json_schema import schema_regex
 
-TOOL_PARSERS = ("hermes",)  # the formats "auto" can read, for ``bora-serve --tool-call-parser``
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}  # a tool without ``parameters``
 MAX_TOOLS = 128  # OpenAI's limit
@@ -101,30 +104,23 @@ class ToolChoice:
         return {"content": text} if calls is None else {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}
 
 
-class HermesCalls:
-    """``tool_choice: "auto"`` read by the ``hermes`` parser (see the module's docstring): the
-    same methods as ``ToolChoice``, on free text (``regex`` None)."""
+class ParsedCalls:
+    """``tool_choice: "auto"`` read by a parser of the model's own format (see the module's
+    docstring): the same methods as ``ToolChoice``, on free text (``regex`` None). A parser says
+    which calls a whole output holds (``calls``, None: none, or some that do not parse: then the
+    output is content), the content beside them (``content``), and how much of a text still being
+    written can go out as content (``shown``: not what may yet be a call)."""
 
-    OPEN = "<tool_call>"
-    BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)  # (the last may be left open)
     regex = None
 
     def calls(self, text: str) -> list[dict] | None:
-        """The calls of the output's blocks (None: no block, or one that does not parse)."""
-        start = text.find(self.OPEN)
-        if start < 0:
-            return None
-        found = []
-        for block in self.BLOCK.findall(text, start):
-            try:
-                call = json.loads(block)
-            except json.JSONDecodeError:
-                return None
-            if not (isinstance(call, dict) and isinstance(call.get("name"), str)
-                    and isinstance(call.get("arguments", {}), dict)):
-                return None
-            found.append(_call(call["name"], json.dumps(call.get("arguments", {}), ensure_ascii=False)))
-        return found
+        raise NotImplementedError
+
+    def content(self, text: str) -> str | None:
+        raise NotImplementedError
+
+    def shown(self, text: str) -> int:
+        raise NotImplementedError
 
     def finish_reason(self, text: str, finish: str | None) -> str | None:
         return "tool_calls" if self.calls(text) is not None else finish
@@ -133,15 +129,57 @@ class HermesCalls:
         calls = self.calls(text)
         if calls is None:
             return {"role": "assistant", "content": text}
-        content = text[:text.find(self.OPEN)]
-        return {"role": "assistant", "content": content if content.strip() else None, "tool_calls": calls}
+        return {"role": "assistant", "content": self.content(text), "tool_calls": calls}
 
     def first_delta(self) -> dict:
         return {"role": "assistant", "content": ""}
 
-    def _shown(self, text: str) -> int:
-        """How much of ``text`` can go out as content: up to the first block, less an end that
-        may be the start of one."""
+    def delta(self, before: str, piece: str) -> dict | None:
+        text = before + piece
+        more = text[self.shown(before):self.shown(text)]
+        return {"content": more} if more else None
+
+    def last_delta(self, text: str) -> dict | None:
+        calls = self.calls(text)
+        if calls is None:
+            rest = text[self.shown(text):]
+            return {"content": rest} if rest else None
+        return {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}
+
+    @staticmethod
+    def read(call, arguments: str) -> dict | None:
+        """A call in OpenAI's form from a parsed ``{"name": ..., arguments: {...}}`` (None: not one)."""
+        if not (isinstance(call, dict) and isinstance(call.get("name"), str) and isinstance(call.get(arguments, {}), dict)):
+            return None
+        return _call(call["name"], json.dumps(call.get(arguments, {}), ensure_ascii=False))
+
+
+class HermesCalls(ParsedCalls):
+    """The ``hermes`` format (Hermes 2 Pro and later, Qwen 2.5 and later): text, then calls as
+    ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks; the text before the
+    first block is the content."""
+
+    OPEN = "<tool_call>"
+    BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)  # (the last may be left open)
+
+    def calls(self, text: str) -> list[dict] | None:
+        start = text.find(self.OPEN)
+        if start < 0:
+            return None
+        found = []
+        for block in self.BLOCK.findall(text, start):
+            try:
+                found.append(self.read(json.loads(block), "arguments"))
+            except json.JSONDecodeError:
+                return None
+        return None if None in found else found
+
+    def content(self, text: str) -> str | None:
+        before = text[:text.find(self.OPEN)]
+        return before if before.strip() else None
+
+    def shown(self, text: str) -> int:
+        """Up to the first block, less an end that may be the start of one."""
         start = text.find(self.OPEN)
         if start >= 0:
             return start
@@ -150,17 +188,43 @@ class HermesCalls:
                 return len(text) - k
         return len(text)
 
-    def delta(self, before: str, piece: str) -> dict | None:
-        shown, text = self._shown(before), before + piece
-        more = text[shown:self._shown(text)]
-        return {"content": more} if more else None
 
-    def last_delta(self, text: str) -> dict | None:
-        calls = self.calls(text)
-        if calls is None:
-            rest = text[self._shown(text):]
-            return {"content": rest} if rest else None
-        return {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}
+class Llama3JsonCalls(ParsedCalls):
+    """The ``llama3_json`` format (Llama 3.1 and later, JSON-based tool calling): the whole output
+    is the calls, ``{"name": ..., "parameters": {...}}`` (``"arguments"`` read too), several
+    joined by ``;``, after an optional ``<|python_tag|>``; otherwise it is text. An output that
+    begins with ``{`` or the tag is held back until it is whole."""
+
+    TAG = "<|python_tag|>"
+
+    def _body(self, text: str) -> str:
+        body = text.strip()
+        return body[len(self.TAG):].lstrip() if body.startswith(self.TAG) else body
+
+    def calls(self, text: str) -> list[dict] | None:
+        body, decoder, found, at = self._body(text), json.JSONDecoder(), [], 0
+        if not body.startswith("{"):
+            return None
+        while at < len(body):
+            try:
+                call, at = decoder.raw_decode(body, at)
+            except json.JSONDecodeError:
+                return None
+            found.append(self.read(call, "parameters" if isinstance(call, dict) and "parameters" in call else "arguments"))
+            at = len(body) - len(body[at:].lstrip().removeprefix(";").lstrip())
+        return None if None in found else found
+
+    def content(self, text: str) -> str | None:
+        return None
+
+    def shown(self, text: str) -> int:
+        start = text.lstrip()
+        if not start or start.startswith(("{", self.TAG)) or self.TAG.startswith(start):
+            return 0
+        return len(text)
+
+
+TOOL_PARSERS = {"hermes": HermesCalls, "llama3_json": Llama3JsonCalls}  # for ``bora-serve --tool-call-parser``
 
 
 def _call(name: str, arguments: str) -> dict:
@@ -194,7 +258,7 @@ def check_tools(body: dict) -> dict[str, dict] | None:
     return schemas
 
 
-def tool_choice(body: dict, schemas: dict[str, dict] | None, parser: str | None = None) -> ToolChoice | HermesCalls | None:
+def tool_choice(body: dict, schemas: dict[str, dict] | None, parser: str | None = None) -> ToolChoice | ParsedCalls | None:
     """What a chat request's ``tool_choice`` (and ``parallel_tool_calls``) makes of its output,
     given its tools (``check_tools``) and the server's parser for "auto" (one of
     ``TOOL_PARSERS``, or None); None: free text. ``InvalidParams`` naming the field."""
@@ -209,11 +273,11 @@ def tool_choice(body: dict, schemas: dict[str, dict] | None, parser: str | None 
     if choice == "none":
         return None
     if choice == "auto":
-        if parser == "hermes":
-            return HermesCalls()
+        if parser is not None:
+            return TOOL_PARSERS[parser]()
         raise InvalidParams("tool_choice", '"auto" (the default with tools) needs a parser for the model\'s own '
                                            "tool-call format, and this server was started without one "
-                                           "(bora-serve --tool-call-parser hermes): give \"required\", "
+                                           f"(bora-serve --tool-call-parser {'|'.join(TOOL_PARSERS)}): give \"required\", "
                                            '{"type": "function", "function": {"name": ...}} or "none"')
     if choice == "required":
         names = list(schemas)
