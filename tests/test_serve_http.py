@@ -472,15 +472,23 @@ def test_tool_calls(serve_demo, reference):
     """OpenAI's ``tools`` with ``tool_choice`` a named function or "required": the calls are
     guided JSON, each tool's arguments valid for its schema; a named call's greedy arguments are
     what ``generate`` writes when each step allows the guide's tokens; streamed, the deltas add up
-    to the same calls; sampled, ``parallel_tool_calls: false`` makes one call. Cut short, a named
-    call's arguments come back as written and a list of calls as content. ``"none"`` writes text;
+    to the same calls, a list's arguments as they are written; sampled, ``parallel_tool_calls:
+    false`` makes one call. Cut short, the calls begun come back as written (a list cut before
+    its first call's name, as content), streamed or not. ``"none"`` writes text;
     the tools and earlier calls and results reach the chat template; the OpenAI client reads the
     calls; ``"auto"`` and bad tools get 400 naming the field. (A tokenizer with brackets: the
     demo's has none.)"""
     from bora_kernels.serve.guided import RegexSet, TokenTexts
-    from bora_kernels.serve.tools import check_tools, tool_choice
+    from bora_kernels.serve.tools import _ListReader, check_tools, tool_choice
 
     jsonschema = pytest.importorskip("jsonschema")
+    arguments = r'{"a": "x}\"{", "d": "y\\", "b": [1, {"c": ["]"]}]}'  # (escaped quotes and backslashes)
+    text = '[{"name": "w", "parameters": ' + arguments + '}, {"name": "now", "parameters": {}}]'
+    for size in (1, 3, len(text)):  # a list read in pieces: brackets inside strings do not count
+        reader = _ListReader()
+        for i in range(0, len(text), size):
+            reader.feed(text[i:i + size])
+        assert reader.calls == [["w", arguments, True], ["now", "{}", True]]
     tokenizer = demo.char_tokenizer(BRACED)
     tokenizer.chat_template = TOOL_TEMPLATE
     engine = Engine(transformers.AutoModelForCausalLM.from_pretrained(serve_demo / "base"), max_adapters=3,
@@ -510,11 +518,14 @@ def test_tool_calls(serve_demo, reference):
         assert len(written) > 1, written  # the adapters write different arguments
 
         required = {**chat, "model": "skip2", "tool_choice": "required"}
-        greedy = post(url, "/v1/chat/completions", required).json()["choices"][0]
+        greedy = post(url, "/v1/chat/completions", required).json()
+        length, greedy = greedy["usage"]["completion_tokens"], greedy["choices"][0]
         calls, finish, content = streamed_tool_calls(url, required)
         assert greedy["finish_reason"] == finish == "tool_calls" and content == "", greedy
         assert [(c["function"]["name"], c["function"]["arguments"]) for c in greedy["message"]["tool_calls"]] == \
             [(c["name"], c["arguments"]) for c in calls]
+        parts = [e for e in stream_events(url, "/v1/chat/completions", required) if e["choices"][0]["delta"].get("tool_calls")]
+        assert len(parts) > 2 * len(calls)  # each call's arguments went out as they were written
         for parallel in (True, False):
             r = post(url, "/v1/chat/completions", {**required, "n": 6, "temperature": 1.5, "seed": 3,
                                                    "parallel_tool_calls": parallel})
@@ -529,6 +540,12 @@ def test_tool_calls(serve_demo, reference):
         short = post(url, "/v1/chat/completions", {**required, "max_tokens": 5}).json()["choices"][0]
         assert short["finish_reason"] == "length" and short["message"] == {"role": "assistant", "content": '[{"na'}
         assert streamed_tool_calls(url, {**required, "max_tokens": 5}) == ([], "length", '[{"na')
+        cut = {**required, "max_tokens": length - 2}  # (the list's last call begun, not closed)
+        short = post(url, "/v1/chat/completions", cut).json()["choices"][0]
+        calls, finish, _ = streamed_tool_calls(url, cut)
+        assert short["finish_reason"] == finish == "length" and short["message"]["content"] is None
+        assert [(c["function"]["name"], c["function"]["arguments"]) for c in short["message"]["tool_calls"]] == \
+            [(c["name"], c["arguments"]) for c in calls] and calls
         free = post(url, "/v1/chat/completions", {**chat, "model": "skip1", "tool_choice": "none", "max_tokens": 6})
         assert free.json()["choices"][0]["finish_reason"] == "length"
         assert len(free.json()["choices"][0]["message"]["content"]) == 6
@@ -566,6 +583,9 @@ def test_tool_calls(serve_demo, reference):
                 ({"tools": [TOOLS[0], {"type": "function", "function": {"name": "x", "parameters": {
                     "type": "object", "properties": {"n": {"type": "number", "multipleOf": 2}}}}}],
                   "tool_choice": "required"}, "tools[1].function.parameters", "multipleOf"),
+                ({"tools": [{"type": "function", "function": {"name": "x", "parameters": {
+                    "anyOf": [{"type": "object", "properties": {}}, {"type": "string"}]}}}], "tool_choice": "required"},
+                 "tools[0].function.parameters", "must describe an object"),
                 ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice",
                  "cannot be combined with response_format"),
                 ({"tool_choice": "none", "messages": history[:1] + [{**history[1], "tool_calls": [
@@ -639,7 +659,8 @@ def test_auto_tool_calls_read_by_a_parser(serve_demo, monkeypatch, parser):
     monkeypatch.setattr(engine, "_draw", scripted)
     reader = TOOL_PARSERS[parser]()
     for text, shown in PARSED_STREAMS[parser]:  # streamed a character at a time
-        assert "".join((reader.delta(text[:i], text[i]) or {}).get("content", "") for i in range(len(text))) == shown
+        stream = reader.stream()
+        assert "".join(d.get("content", "") for c in text for d in stream.feed(c)) == shown
     want = [("weather", '{"city": "paris", "unit": "c"}'), ("now", "{}")]
     body = {"model": BASE, "messages": [{"role": "user", "content": "weather in paris?"}], "tools": TOOLS,
             "temperature": 0, "max_tokens": 150}

@@ -797,25 +797,24 @@ class Server:
             return {**out, "delta": {"content": text} if finish is None else {}} if delta else \
                 {**out, "message": {"role": "assistant", "content": text} if tools is None else tools.message(text)}
 
-        held: dict[int, tuple[list, list]] = {}  # a streamed tool choice's text, and log-probabilities not yet sent
+        # a streamed tool choice's reader, and the log-probabilities it has not sent yet
+        streams = {job.index: (tools.stream(), []) for job in jobs} if tools is not None else {}
 
         def tool_chunks(job, piece: str, entries: list, finish: str | None) -> list[dict]:
             """A streamed tool choice's chunks for a piece of its output (and, with ``finish``, its
             end); each carries the log-probabilities of the tokens since the last one."""
-            text, kept = held.setdefault(job.index, ([], []))
-            chunks, delta = [], tools.delta("".join(text), piece) if piece else None
-            text.append(piece)
+            stream, kept = streams[job.index]
             kept.extend(entries)
-            if delta is not None:
-                chunks.append(chat_choice(job, piece, list(kept), None, delta))
+            deltas = stream.feed(piece) if piece else []
+            if finish is not None:
+                last, finish = stream.end(finish)
+                deltas += last
+            chunks = []
+            for delta in deltas:
+                chunks.append(chat_choice(job, "", list(kept), None, delta))
                 kept.clear()
             if finish is not None:
-                whole = "".join(text)
-                last = tools.last_delta(whole)
-                if last is not None:
-                    chunks.append(chat_choice(job, whole, list(kept), None, last))
-                    kept.clear()
-                chunks.append(chat_choice(job, whole, kept, tools.finish_reason(whole, finish), {}))
+                chunks.append(chat_choice(job, "", kept, finish, {}))
             return chunks
 
         if not stream:
@@ -862,7 +861,7 @@ class Server:
                     for job in jobs:
                         yield event([{"index": job.index, "logprobs": None, "finish_reason": None,
                                       "delta": {"role": "assistant", "content": ""} if tools is None else
-                                      tools.first_delta()}])
+                                      streams[job.index][0].first}])
                 ended = 0
                 while ended < len(jobs):
                     job, piece, entries = await out.get()

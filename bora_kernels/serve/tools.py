@@ -21,12 +21,12 @@ tool's ``parameters`` schema accepts (``json_schema.schema_regex``):
   parse leave the whole output as content. Special tokens' text is kept in such outputs (a
   format's tags may be special tokens).
 
-An output cut short by ``max_tokens`` (``finish_reason`` "length"): a named call's arguments are
-handed back as written, as OpenAI does; a list of calls that does not parse is handed back as
-the message's ``content``.
+An output cut short by ``max_tokens`` (``finish_reason`` "length"): the calls begun are handed
+back with their arguments as written, as OpenAI does (a list cut before its first call's name:
+its text, as ``content``).
 
-Streamed, a named call's arguments go out piece by piece as they are written; a list of calls
-goes out when it is whole; under a parser, the text goes out as content up to where calls may
+Streamed, a call's id and name go out once written, then its arguments piece by piece as they
+are written (a list's calls one after the other); under a parser, the text goes out as content up to where calls may
 begin (``hermes``: the first ``<tool_call>``, text that may be its start held back;
 ``llama3_json``: an output that begins with ``{`` is held), and the calls when the output ends.
 
@@ -45,71 +45,135 @@ import uuid
 
 from .engine import InvalidParams
 from .json_schema import schema_regex
+from .pattern import SCHEMA_LIMITS, Pattern
 
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}  # a tool without ``parameters``
 MAX_TOOLS = 128  # OpenAI's limit
+NOT_AN_OBJECT = r"(?:[^{][\s\S]*)?"  # texts that are not a JSON object
+
+
+class _ListReader:
+    """Reads a "required" list of calls as it is written. The guide keeps the text to the form
+    ``[{"name": N, "parameters": ARGS}, ...]`` (``json.dumps``' spacing), so a call's name is
+    known once its head is written and its arguments are the text from there to where their
+    brackets close (counted outside strings)."""
+
+    HEAD = re.compile(r'(?:\[|, )\{"name": "([A-Za-z0-9_-]{1,64})", "parameters": ')
+
+    def __init__(self):
+        self.text, self.at, self.calls = "", 0, []  # calls: [name, arguments written so far, closed]
+        self.depth, self.quoted, self.escaped = 0, False, False
+
+    def feed(self, piece: str) -> list[tuple[int, str | None, str]]:
+        """What ``piece`` adds: ``(call index, its name where the call begins here, else None,
+        arguments text added)``."""
+        self.text += piece
+        added = []
+        while True:
+            if not self.calls or self.calls[-1][2]:  # (between calls: wait for the next head)
+                head = self.HEAD.match(self.text, self.at + (1 if self.calls else 0))  # (after the call's "}")
+                if head is None:
+                    return added
+                self.calls.append([head.group(1), "", False])
+                added.append((len(self.calls) - 1, head.group(1), ""))
+                self.at = head.end()
+            call, start = self.calls[-1], self.at
+            while self.at < len(self.text) and not call[2]:
+                char = self.text[self.at]
+                self.at += 1
+                if self.quoted:
+                    self.escaped, self.quoted = not self.escaped and char == "\\", self.quoted and (self.escaped or char != '"')
+                elif char == '"':
+                    self.quoted = True
+                elif char in "{[":
+                    self.depth += 1
+                elif char in "}]":
+                    self.depth -= 1
+                    call[2] = self.depth == 0
+            if self.at > start:
+                call[1] += self.text[start:self.at]
+                if added and added[-1][0] == len(self.calls) - 1:
+                    added[-1] = (*added[-1][:2], added[-1][2] + self.text[start:self.at])
+                else:
+                    added.append((len(self.calls) - 1, None, self.text[start:self.at]))
+            if not call[2]:
+                return added
+
+
+def _deltas(added: list[tuple[int, str | None, str]]) -> list[dict]:
+    """A streamed ``delta`` of tool calls for ``added`` (from ``_ListReader.feed``): a call's id
+    and name where it begins, and the arguments written."""
+    if not added:
+        return []
+    return [{"tool_calls": [{"index": k, **_call(name, arguments)} if name is not None else
+                            {"index": k, "function": {"arguments": arguments}} for k, name, arguments in added]}]
 
 
 @dataclasses.dataclass(frozen=True)
 class ToolChoice:
     """What a request's ``tool_choice`` makes of its output: ``named``, the one function a named
     choice calls (None: "required", a list of calls); ``regex``, the pattern the output matches.
-    Its methods turn one choice's output into OpenAI's ``message``, or its streamed ``delta``s."""
+    ``message`` and ``finish_reason`` read a whole output; ``stream`` reads one as it comes."""
 
     named: str | None
     regex: str
 
-    def calls(self, text: str) -> list[dict] | None:
+    def calls(self, text: str) -> list[dict]:
         """The output's calls in OpenAI's form (``{"id", "type": "function", "function": {"name",
-        "arguments"}}``, the arguments as JSON text), or None where a list of calls does not
-        parse (an output cut short)."""
+        "arguments"}}``, the arguments as JSON text written, complete or not)."""
         if self.named is not None:
             return [_call(self.named, text)]
-        try:
-            found = json.loads(text)
-        except json.JSONDecodeError:
-            return None
-        return [_call(call["name"], json.dumps(call["parameters"], ensure_ascii=False)) for call in found]
+        reader = _ListReader()
+        reader.feed(text)
+        return [_call(name, arguments) for name, arguments, _ in reader.calls]
 
     def finish_reason(self, text: str, finish: str | None) -> str | None:
-        """A complete list of calls ends with "tool_calls"; otherwise the output's own reason."""
-        return "tool_calls" if finish == "stop" and self.named is None and self.calls(text) is not None else finish
+        """A whole list of calls ends with "tool_calls"; otherwise the output's own reason."""
+        return "tool_calls" if finish == "stop" and self.named is None else finish
 
     def message(self, text: str) -> dict:
-        """The chat response's ``message`` for this output."""
+        """The chat response's ``message`` for this output (a list cut short before its first
+        call's name: its text as content)."""
         calls = self.calls(text)
-        if calls is None:
+        if not calls:
             return {"role": "assistant", "content": text}
         return {"role": "assistant", "content": None, "tool_calls": calls}
 
-    def first_delta(self) -> dict:
-        """A streamed choice's first ``delta``: a named call's id and name."""
-        if self.named is None:
-            return {"role": "assistant", "content": None}
-        return {"role": "assistant", "content": None, "tool_calls": [{"index": 0, **_call(self.named, "")}]}
+    def stream(self) -> _ChoiceStream:
+        return _ChoiceStream(self)
 
-    def delta(self, before: str, piece: str) -> dict | None:
-        """The ``delta`` of a piece of the output (``before``: the output before it): a named
-        call's arguments go out as they are written; a list of calls is held (None) until it is
-        whole (``last_delta``)."""
-        return None if self.named is None else {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
 
-    def last_delta(self, text: str) -> dict | None:
-        """The ``delta`` sent when the output is complete: a list's calls (or its text, where it
-        does not parse); nothing more for a named call."""
-        if self.named is not None:
-            return None
-        calls = self.calls(text)
-        return {"content": text} if calls is None else {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}
+class _ChoiceStream:
+    """One streamed choice under a ``ToolChoice``: ``first`` its first ``delta`` (a named call's
+    id and name), ``feed`` the deltas of each piece of the output (arguments as they are
+    written; a list's calls as each begins), ``end`` the last ones and the finish reason."""
+
+    def __init__(self, choice: ToolChoice):
+        self.choice, self.text = choice, ""
+        self.reader = _ListReader() if choice.named is None else None
+        self.first = {"role": "assistant", "content": None}
+        if choice.named is not None:
+            self.first["tool_calls"] = [{"index": 0, **_call(choice.named, "")}]
+
+    def feed(self, piece: str) -> list[dict]:
+        self.text += piece
+        if self.reader is None:
+            return [{"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}]
+        return _deltas(self.reader.feed(piece))
+
+    def end(self, finish: str | None) -> tuple[list[dict], str | None]:
+        cut = self.reader is not None and not self.reader.calls and self.text  # (no call begun: the text)
+        return [{"content": self.text}] if cut else [], self.choice.finish_reason(self.text, finish)
 
 
 class ParsedCalls:
     """``tool_choice: "auto"`` read by a parser of the model's own format (see the module's
-    docstring): the same methods as ``ToolChoice``, on free text (``regex`` None). A parser says
-    which calls a whole output holds (``calls``, None: none, or some that do not parse: then the
-    output is content), the content beside them (``content``), and how much of a text still being
-    written can go out as content (``shown``: not what may yet be a call)."""
+    docstring): ``message``, ``finish_reason`` and ``stream`` as ``ToolChoice``'s, on free text
+    (``regex`` None). A parser says which calls a whole output holds (``calls``, None: none, or
+    some that do not parse: then the output is content), the content beside them (``content``),
+    and how much of a text still being written can go out as content (``shown``: not what may
+    yet be a call)."""
 
     regex = None
 
@@ -131,20 +195,8 @@ class ParsedCalls:
             return {"role": "assistant", "content": text}
         return {"role": "assistant", "content": self.content(text), "tool_calls": calls}
 
-    def first_delta(self) -> dict:
-        return {"role": "assistant", "content": ""}
-
-    def delta(self, before: str, piece: str) -> dict | None:
-        text = before + piece
-        more = text[self.shown(before):self.shown(text)]
-        return {"content": more} if more else None
-
-    def last_delta(self, text: str) -> dict | None:
-        calls = self.calls(text)
-        if calls is None:
-            rest = text[self.shown(text):]
-            return {"content": rest} if rest else None
-        return {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}
+    def stream(self) -> _ParsedStream:
+        return _ParsedStream(self)
 
     @staticmethod
     def read(call, arguments: str) -> dict | None:
@@ -152,6 +204,27 @@ class ParsedCalls:
         if not (isinstance(call, dict) and isinstance(call.get("name"), str) and isinstance(call.get(arguments, {}), dict)):
             return None
         return _call(call["name"], json.dumps(call.get(arguments, {}), ensure_ascii=False))
+
+
+class _ParsedStream:
+    """One streamed choice under a ``ParsedCalls``: the text goes out as content as far as it
+    is ``shown``, the calls (or the rest of the text, where they do not parse) at the end."""
+
+    def __init__(self, parser: ParsedCalls):
+        self.parser, self.text, self.sent = parser, "", 0
+        self.first = {"role": "assistant", "content": ""}
+
+    def feed(self, piece: str) -> list[dict]:
+        self.text += piece
+        shown = self.parser.shown(self.text)
+        more, self.sent = self.text[self.sent:shown], max(self.sent, shown)
+        return [{"content": more}] if more else []
+
+    def end(self, finish: str | None) -> tuple[list[dict], str | None]:
+        calls, rest = self.parser.calls(self.text), self.text[self.sent:]
+        if calls is None:
+            return [{"content": rest}] if rest else [], finish
+        return [{"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}], "tool_calls"
 
 
 class HermesCalls(ParsedCalls):
@@ -235,7 +308,7 @@ def check_tools(body: dict) -> dict[str, dict] | None:
     """A chat request's ``tools``, each function's name to its ``parameters`` schema (None: no
     tools). ``InvalidParams`` naming the field."""
     tools = body.get("tools")
-    if not tools:
+    if tools is None or tools == []:
         return None
     if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
         raise InvalidParams("tools", f"must be a list of at most {MAX_TOOLS} tools")
@@ -292,10 +365,13 @@ def tool_choice(body: dict, schemas: dict[str, dict] | None, parser: str | None 
         names = [function["name"]]
     patterns = {}
     for name in names:  # (each schema's own pattern: its $refs are its own)
+        where = f"tools[{list(schemas).index(name)}].function.parameters"
         try:
             patterns[name] = schema_regex(schemas[name])
         except ValueError as err:
-            raise InvalidParams(f"tools[{list(schemas).index(name)}].function.parameters", str(err)) from None
+            raise InvalidParams(where, str(err)) from None
+        if "type" not in schemas[name] and Pattern(patterns[name], SCHEMA_LIMITS).intersects(Pattern(NOT_AN_OBJECT)):
+            raise InvalidParams(where, 'must describe an object (the arguments): give "type": "object"')
     if choice != "required":
         return ToolChoice(names[0], patterns[names[0]])
     call = "(?:" + "|".join(rf'\{{"name": {re.escape(json.dumps(n))}, "parameters": {p}\}}'
