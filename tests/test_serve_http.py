@@ -953,6 +953,13 @@ def test_bad_input_gets_its_status_and_the_server_keeps_serving(served, referenc
     try:
         r = post(url, "/v1/chat/completions", {"model": "skip4", "messages": [{"role": "user", "content": "abc"}]})
         assert r.status_code == 400 and "no chat template" in r.json()["error"]["message"]
+        # a template that refuses a conversation (as chat models' templates do): 400 with its words
+        server.tokenizer.chat_template = ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('roles must "
+                                          "alternate') }}{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}")
+        for path in ("/v1/chat/completions", "/tokenize"):
+            r = post(url, path, {"model": "skip4", "messages": [{"role": "assistant", "content": "abc"}]})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+            assert "chat template refused them: roles must alternate" in r.json()["error"]["message"]
     finally:
         server.tokenizer.chat_template = template
     # still serving, exactly

@@ -555,8 +555,15 @@ class Server:
             if not isinstance(content, str):
                 raise _bad(f"messages[{i}].content", "must be a string")
             clean.append({"role": message["role"], "content": content, **extra})
-        text = self.tokenizer.apply_chat_template(clean, tools=tools, tokenize=False,
-                                                  add_generation_prompt=generation_prompt)
+        from jinja2 import TemplateError, TemplateSyntaxError
+
+        try:
+            text = self.tokenizer.apply_chat_template(clean, tools=tools, tokenize=False,
+                                                      add_generation_prompt=generation_prompt)
+        except TemplateSyntaxError:  # the server's template is broken: not the request's fault
+            raise
+        except TemplateError as err:  # (a template's raise_exception: "roles must alternate", ...)
+            raise _bad("messages", f"the model's chat template refused them: {err}") from None
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     # ------------------------------------------------------------------ generation
