@@ -795,14 +795,15 @@ class Server:
             logprobs = self.completion_logprobs([(e.token, e) for e in entries], offset) if scored else None
             return {"index": job.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
-        def chat_choice(job, text, entries, finish, delta: bool | dict):
-            """A choice's ``message``, or with ``delta`` its chunk (``delta`` a dict: that delta)."""
-            out = {"index": job.index, "logprobs": self.chat_logprobs(entries) if scored else None,
-                   "finish_reason": finish if delta is not False or tools is None else tools.finish_reason(text, finish)}
-            if isinstance(delta, dict):
-                return {**out, "delta": delta}
-            return {**out, "delta": {"content": text} if finish is None else {}} if delta else \
-                {**out, "message": {"role": "assistant", "content": text} if tools is None else tools.message(text)}
+        def chat_choice(job, text, entries, finish):
+            message, finish = ({"role": "assistant", "content": text}, finish) if tools is None else \
+                tools.reply(text, finish)
+            return {"index": job.index, "logprobs": self.chat_logprobs(entries) if scored else None,
+                    "finish_reason": finish, "message": message}
+
+        def chat_chunk(job, entries, finish, delta: dict):
+            return {"index": job.index, "logprobs": self.chat_logprobs(entries) if scored else None,
+                    "finish_reason": finish, "delta": delta}
 
         # a streamed tool choice's reader, and the log-probabilities it has not sent yet
         streams = {job.index: (tools.stream(), []) for job in jobs} if tools is not None else {}
@@ -818,10 +819,10 @@ class Server:
                 deltas += last
             chunks = []
             for delta in deltas:
-                chunks.append(chat_choice(job, "", list(kept), None, delta))
+                chunks.append(chat_chunk(job, list(kept), None, delta))
                 kept.clear()
             if finish is not None:
-                chunks.append(chat_choice(job, "", kept, finish, {}))
+                chunks.append(chat_chunk(job, kept, finish, {}))
             return chunks
 
         if not stream:
@@ -829,7 +830,7 @@ class Server:
                 pieces = [(piece, entries) async for piece, entries in self.pieces(job, http)]
                 text, entries = "".join(p for p, _ in pieces), [e for _, es in pieces for e in es]
                 if chat:
-                    return chat_choice(job, text, entries, reason(job), delta=False)
+                    return chat_choice(job, text, entries, reason(job))
                 prefix, prompt_logprobs = echoed(job)
                 choice = completion_choice(job, prefix + text, entries, len(prefix), reason(job))
                 if prompt_logprobs is not None:
@@ -888,7 +889,8 @@ class Server:
                         for chunk in tool_chunks(job, piece, entries or [], finish):
                             yield event([chunk])
                     elif piece or finish is not None:
-                        yield event([chat_choice(job, piece, entries or [], finish, delta=True) if chat else
+                        yield event([chat_chunk(job, entries or [], finish, {"content": piece} if finish is None else {})
+                                     if chat else
                                      completion_choice(job, piece, entries or [], sent[job.index], finish)])
                     sent[job.index] += len(piece)
                 else:

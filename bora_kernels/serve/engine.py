@@ -96,6 +96,11 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _ids(allowed) -> torch.Tensor:
+    """A guide's allowed ids as a tensor (a tensor as it is: int32 indexes as well as int64)."""
+    return allowed if isinstance(allowed, torch.Tensor) else torch.as_tensor(allowed, dtype=torch.long)
+
+
 PENALTIES = ("repetition_penalty", "presence_penalty", "frequency_penalty")  # penalized()'s order
 
 MAX_LOGPROBS = 20  # the most alternatives a request may ask for per token (vLLM's default limit)
@@ -243,7 +248,7 @@ class Request:
 
     ``guide`` (``serve.guided.ChoiceGuide`` or ``RegexGuide``, or any object with their two
     methods) restricts the output: before each token the engine rules out every token but
-    ``guide.allowed()`` (a list or int64 tensor of ids), after penalties and biases; it hands each
+    ``guide.allowed()`` (a list, or an int32 or int64 tensor, of ids; never changed), after penalties and biases; it hands each
     chosen token that is not a stop token to ``guide.advance(token)``, and a true answer ends the
     output (``"stop"``). An empty ``allowed()`` (the guide cannot go on) ends it as cut short
     (``"length"``)."""
@@ -661,8 +666,7 @@ class Engine:
         """Choose each sequence's next token, hand it out, and retire finished sequences."""
         # (row, the tokens its guide allows); a row whose guide allows none ends here (its row
         # chooses unmasked, and the token is dropped)
-        guided = [(i, torch.as_tensor(s.request.guide.allowed(), dtype=torch.long))
-                  for i, s in enumerate(seqs) if s.request.guide is not None]
+        guided = [(i, _ids(s.request.guide.allowed())) for i, s in enumerate(seqs) if s.request.guide is not None]
         stuck = {i for i, allowed in guided if not len(allowed)}
         chosen = self._choose(seqs, logits, [(i, allowed) for i, allowed in guided if i not in stuck])
         scored = [i for i, s in enumerate(seqs) if s.request.params.logprobs is not None]

@@ -231,14 +231,15 @@ class RegexSet:
         return self._moves[rows, classes]
 
     def allowed(self, state: int) -> torch.Tensor:
-        """The tokens that may come in ``state``: an int64 tensor of ids, in order (found once,
-        and kept as int32 while the kept states take under ``max_kept`` bytes)."""
+        """The tokens that may come in ``state``: an int32 tensor of ids, in order, found once
+        and kept (while the kept states take under ``max_kept`` bytes): the kept tensor itself,
+        not to be changed (a copy per step would cost what a step's mask does)."""
         if state not in self._allowed:
             kept = self._allowed[state] = self._found(state).to(torch.int32)
             self._kept += kept.nbytes
             while self._kept > self.max_kept and len(self._allowed) > 1:
                 self._kept -= self._allowed.pop(next(iter(self._allowed))).nbytes
-        return self._allowed[state].long()
+        return self._allowed[state]
 
     def _found(self, state: int) -> torch.Tensor:
         """The tokens that may come in ``state``, in order: see the module's docstring."""

@@ -114,12 +114,12 @@ def _deltas(added: list[tuple[int, str | None, str]]) -> list[dict]:
 class ToolChoice:
     """What a request's ``tool_choice`` makes of its output: ``named``, the one function a named
     choice calls (None: "required", a list of calls); ``regex``, the pattern the output matches.
-    ``message`` and ``finish_reason`` read a whole output; ``stream`` reads one as it comes."""
+    ``reply`` reads a whole output; ``stream`` reads one as it comes."""
 
     named: str | None
     regex: str
 
-    def calls(self, text: str) -> list[dict]:
+    def _calls(self, text: str) -> list[dict]:
         """The output's calls in OpenAI's form (``{"id", "type": "function", "function": {"name",
         "arguments"}}``, the arguments as JSON text written, complete or not)."""
         if self.named is not None:
@@ -128,17 +128,17 @@ class ToolChoice:
         reader.feed(text)
         return [_call(name, arguments) for name, arguments, _ in reader.calls]
 
-    def finish_reason(self, text: str, finish: str | None) -> str | None:
+    def finish_reason(self, finish: str | None) -> str | None:
         """A whole list of calls ends with "tool_calls"; otherwise the output's own reason."""
         return "tool_calls" if finish == "stop" and self.named is None else finish
 
-    def message(self, text: str) -> dict:
-        """The chat response's ``message`` for this output (a list cut short before its first
-        call's name: its text as content)."""
-        calls = self.calls(text)
+    def reply(self, text: str, finish: str | None) -> tuple[dict, str | None]:
+        """The chat response's ``message`` for this output, and its ``finish_reason`` (a list cut
+        short before its first call's name: its text as content)."""
+        calls = self._calls(text)
         if not calls:
-            return {"role": "assistant", "content": text}
-        return {"role": "assistant", "content": None, "tool_calls": calls}
+            return {"role": "assistant", "content": text}, finish
+        return {"role": "assistant", "content": None, "tool_calls": calls}, self.finish_reason(finish)
 
     def stream(self) -> _ChoiceStream:
         return _ChoiceStream(self)
@@ -150,26 +150,25 @@ class _ChoiceStream:
     written; a list's calls as each begins), ``end`` the last ones and the finish reason."""
 
     def __init__(self, choice: ToolChoice):
-        self.choice, self.text = choice, ""
-        self.reader = _ListReader() if choice.named is None else None
+        self.choice, self.reader = choice, _ListReader() if choice.named is None else None
         self.first = {"role": "assistant", "content": None}
         if choice.named is not None:
             self.first["tool_calls"] = [{"index": 0, **_call(choice.named, "")}]
 
     def feed(self, piece: str) -> list[dict]:
-        self.text += piece
         if self.reader is None:
             return [{"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}]
         return _deltas(self.reader.feed(piece))
 
     def end(self, finish: str | None) -> tuple[list[dict], str | None]:
-        cut = self.reader is not None and not self.reader.calls and self.text  # (no call begun: the text)
-        return [{"content": self.text}] if cut else [], self.choice.finish_reason(self.text, finish)
+        if self.reader is not None and not self.reader.calls:  # (no call begun: the text, as content)
+            return [{"content": self.reader.text}] if self.reader.text else [], finish
+        return [], self.choice.finish_reason(finish)
 
 
 class ParsedCalls:
     """``tool_choice: "auto"`` read by a parser of the model's own format (see the module's
-    docstring): ``message``, ``finish_reason`` and ``stream`` as ``ToolChoice``'s, on free text
+    docstring): ``reply`` and ``stream`` as ``ToolChoice``'s, on free text
     (``regex`` None). A parser says which calls a whole output holds (``calls``, None: none, or
     some that do not parse: then the output is content), the content beside them (``content``),
     and how much of a text still being written can go out as content (``shown``: not what may
@@ -186,14 +185,11 @@ class ParsedCalls:
     def shown(self, text: str) -> int:
         raise NotImplementedError
 
-    def finish_reason(self, text: str, finish: str | None) -> str | None:
-        return "tool_calls" if self.calls(text) is not None else finish
-
-    def message(self, text: str) -> dict:
+    def reply(self, text: str, finish: str | None) -> tuple[dict, str | None]:
         calls = self.calls(text)
         if calls is None:
-            return {"role": "assistant", "content": text}
-        return {"role": "assistant", "content": self.content(text), "tool_calls": calls}
+            return {"role": "assistant", "content": text}, finish
+        return {"role": "assistant", "content": self.content(text), "tool_calls": calls}, "tool_calls"
 
     def stream(self) -> _ParsedStream:
         return _ParsedStream(self)
