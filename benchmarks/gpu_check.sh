@@ -18,7 +18,7 @@
 set -uo pipefail
 results=${1:-benchmarks/results}
 shift || true
-steps=" ${*:-ceilings ext tests sanitizer gemv ivon nf4 context lora model graphs profile serve tiles table} "
+steps=" ${*:-ceilings ext tests sanitizer gemv ivon nf4 context lora dora model graphs profile serve tiles table} "
 want() { [[ "$steps" == *" $1 "* ]]; }
 mkdir -p "$results"
 py=${PYTHON:-python3}
@@ -121,10 +121,10 @@ if want gemv; then  # sets kNF4GemvMmaMinRows (csrc/nf4_gemv/nf4_gemv.h)
   limited 120 python benchmarks/profile_nf4.py --rows 1 2 4 5 8 9 12 16 || status=1
 fi
 
-for suite in ivon nf4 context lora model; do
+for suite in ivon nf4 context lora dora model; do
   want $suite || continue
   step "benchmarks: bora-bench $suite"
-  quick=""; [[ $suite == model || ${QUICK:-0} == 1 ]] && quick="--quick"
+  quick=""; [[ $suite == model || $suite == dora || ${QUICK:-0} == 1 ]] && quick="--quick"
   limited 900 python -m bora_kernels.bench $suite --device cuda $quick --json "$results/$stamp-$suite.json" || status=1
 done
 

@@ -9,7 +9,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import torch
 from torch import nn
@@ -17,16 +17,20 @@ from torch import nn
 from .model import (_adapter_index, _fan_in_fan_out, _inject_targets, _layers_or_raise, adapter_layers,
                     adapter_names, base_modules, linear_features)
 from .nn import MultiLoRALinear
+from .nn.dora import check_dora_base
 from .tensor_files import hub_snapshot, read_tensor_file
 
 CONFIG_FILE, WEIGHTS_FILE, PICKLE_FILE = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 PREFIX = "base_model.model."
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/repo, as the Hugging Face Hub names repositories
-_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
+# a module's lora_A / lora_B weight, or its DoRA magnitude (part M; with or without the adapter
+# name and ``.weight`` that older PEFT versions wrote)
+_KEY = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<part>[AB])(?:\.[^.]+)?\.weight"
+                  r"|lora_(?P<magnitude>magnitude)_vector(?:\.[^.]+)?(?:\.weight)?)$")
 # config fields whose non-default values change the computation in ways this runtime does not do
 # (a replicated layer stack, adapters active only after invocation tokens, pooled inputs, sampled
 # or routed adapters, a changed base weight...); VeLoRA changes only the backward pass, so loads
-_UNSUPPORTED = {"use_dora": False, "lora_bias": False, "modules_to_save": None,
+_UNSUPPORTED = {"lora_bias": False, "modules_to_save": None,
                 "target_parameters": None, "trainable_token_indices": None, "layer_replication": None,
                 "alora_invocation_tokens": None, "use_qalora": False, "monteclora_config": None,
                 "kasa_config": None, "use_bdlora": None, "arrow_config": None}
@@ -84,24 +88,39 @@ def _read(name: str, folder, revision: str | None = None) -> tuple[dict, dict[st
     return config, read_tensor_file(weights, what=f"adapter {name!r}: ")
 
 
+class ModuleAdapter(NamedTuple):
+    """One adapter's weights at one module, PEFT's layout: A ``[r, K]``, B ``[N, r]``, and for
+    DoRA the magnitude ``[N]`` (else None)."""
+    a: torch.Tensor
+    b: torch.Tensor
+    rank: int
+    alpha: float
+    magnitude: torch.Tensor | None = None
+
+
 def _module_weights(name: str, config: dict, tensors: dict, model: nn.Module, modules: dict) -> dict:
-    """``{module: (A, B, rank, alpha)}`` for one adapter, every shape checked."""
+    """``{module: ModuleAdapter}`` for one adapter, every shape checked."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    dora = bool(config.get("use_dora", False))
     for key, tensor in tensors.items():
         match = _KEY.match(key[len(PREFIX):] if key.startswith(PREFIX) else key)
-        if match is None:
+        if match is None or (match["magnitude"] and not dora):
             raise ValueError(f"adapter {name!r}: key {key!r} is not a LoRA A/B weight of a linear layer "
-                             f"(only lora_A/lora_B weights load)")
+                             f"(only lora_A/lora_B weights load" + (", and lora_magnitude_vector with use_dora"
+                                                                     if match else "") + ")")
         module = match["module"]
         if module not in modules:
             near = difflib.get_close_matches(module, list(modules), n=3, cutoff=0.5)
             raise ValueError(f"adapter {name!r}: key {key!r} names module {module!r}, which is not a linear "
                              f"layer of {type(model).__name__}" + (f"; near: {near}" if near else ""))
-        pairs.setdefault(module, {})[match["part"]] = (key, tensor)
+        pairs.setdefault(module, {})[match["part"] or "M"] = (key, tensor)
     out = {}
     for module, parts in pairs.items():
-        if set(parts) != {"A", "B"}:
-            raise ValueError(f"adapter {name!r}: module {module!r} has lora_{''.join(parts)} but not both A and B")
+        if not {"A", "B"} <= set(parts):
+            raise ValueError(f"adapter {name!r}: module {module!r} has lora_{''.join(sorted(set(parts) - {'M'}))} "
+                             f"but not both A and B")
+        if dora and "M" not in parts:
+            raise ValueError(f"adapter {name!r}: use_dora is set, but module {module!r} has no lora_magnitude_vector")
         (key_a, a), (key_b, b) = parts["A"], parts["B"]
         rank = int(_pattern_value(config.get("rank_pattern"), module, config.get("r", 8)))
         alpha = float(_pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8)))
@@ -112,7 +131,13 @@ def _module_weights(name: str, config: dict, tensors: dict, model: nn.Module, mo
         if tuple(b.shape) != (n, rank):
             raise ValueError(f"adapter {name!r}: {key_b} has shape {tuple(b.shape)}, but module {module!r} "
                              f"has {n} outputs and the config gives rank {rank}: expected {(n, rank)}")
-        out[module] = (a, b, rank, alpha)
+        magnitude = None
+        if dora:
+            key_m, magnitude = parts["M"]
+            if tuple(magnitude.shape) != (n,):
+                raise ValueError(f"adapter {name!r}: {key_m} has shape {tuple(magnitude.shape)}, but module "
+                                 f"{module!r} has {n} outputs: expected {(n,)}")
+        out[module] = ModuleAdapter(a, b, rank, alpha, magnitude)
     if not out:
         raise ValueError(f"adapter {name!r}: the weights file holds no LoRA weights")
     return out
@@ -126,7 +151,7 @@ def _linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
 def read_peft_adapter(model: nn.Module, name: str, folder, revision: str | None = None) -> tuple[dict, dict]:
     """Read one PEFT adapter (a folder or a Hub id) and check every tensor's shape against ``model``'s linear
     layers, and (a model with adapter layers) that it fits their slots' rank; changes nothing.
-    Returns ``(config, {module: (A, B, rank, alpha)})`` for ``set_peft_adapter``. Raises
+    Returns ``(config, {module: ModuleAdapter})`` for ``set_peft_adapter``. Raises
     ``ValueError`` naming the adapter and what is wrong."""
     config, tensors = _read(name, folder, revision)
     weights = _module_weights(name, config, tensors, model, _linear_shapes(model))
@@ -137,20 +162,30 @@ def read_peft_adapter(model: nn.Module, name: str, folder, revision: str | None 
 
 
 def _check_fits(name: str, weights: dict, layers: dict) -> None:
-    for module, (_, _, rank, _) in weights.items():
+    for module, weight in weights.items():
+        rank = weight.rank
         if module not in layers:
             raise ValueError(f"adapter {name!r} targets {module!r}, which has no adapter layer in this "
                              f"model; inject it too, or load into a model without adapters")
         if rank > layers[module].lora_A.shape[1]:
             raise ValueError(f"adapter {name!r} has rank {rank} at {module!r}, more than the injected "
                              f"rank {layers[module].lora_A.shape[1]}; inject with a larger r")
+        if weight.magnitude is not None:
+            try:
+                check_dora_base(layers[module].base_layer)
+            except ValueError as err:
+                raise ValueError(f"adapter {name!r} is a DoRA adapter, and at {module!r}: {err}") from None
 
 
 def _write(layers: dict, d: int, config: dict, weights: dict) -> None:
     use_rslora = bool(config.get("use_rslora", False))
     for module, layer in layers.items():
-        a, b, _, alpha = weights.get(module, (None, None, 0, 8))
-        layer.set_adapter(d, a, b, alpha=alpha, use_rslora=use_rslora)
+        weight = weights.get(module)
+        if weight is None:
+            layer.set_adapter(d, None, None, alpha=8, use_rslora=use_rslora)
+        else:
+            layer.set_adapter(d, weight.a, weight.b, alpha=weight.alpha, use_rslora=use_rslora,
+                              magnitude=weight.magnitude)
 
 
 def set_peft_adapter(model: nn.Module, slot, adapter: tuple[dict, dict], name: str = "adapter") -> None:
@@ -173,7 +208,8 @@ def load_peft_adapters(model: nn.Module, adapters: Mapping[str, str | Path], dty
     ``MultiLoRALinear`` whose slots are these adapters (rank 0, contributing nothing, where an
     adapter does not target the module). A model that already has adapter layers (from
     ``inject(..., adapter_names=...)``) has the named slots filled; their ranks must fit.
-    Adapters may differ in rank, alpha, ``use_rslora``, patterns and target modules. Weights are
+    Adapters may differ in rank, alpha, ``use_rslora``, ``use_dora`` (DoRA adapters keep their
+    magnitudes), patterns and target modules. Weights are
     read from ``adapter_model.safetensors``, else ``adapter_model.bin`` (``weights_only=True``,
     torch >= 2.6); every tensor's shape is checked against its module. ``dtype``:
     the adapters' dtype on injection (default: each base weight's). ``revision``: the branch,
@@ -190,12 +226,14 @@ def load_peft_adapters(model: nn.Module, adapters: Mapping[str, str | Path], dty
     if not layers:
         names = list(adapters)
         targets = sorted({m for _, weights in loaded.values() for m in weights})
-        ranks = {m: [loaded[a][1][m][2] if m in loaded[a][1] else 0 for a in names] for m in targets}
+        ranks = {m: [loaded[a][1][m].rank if m in loaded[a][1] else 0 for a in names] for m in targets}
+        dora = {m: [m in loaded[a][1] and loaded[a][1][m].magnitude is not None for a in names] for m in targets}
         dropout = max(float(config.get("lora_dropout", 0.0)) for config, _ in loaded.values())
         modules = dict(model.named_modules())
         _inject_targets(model, [(m, modules[m], _fan_in_fan_out(modules[m])) for m in targets],
                         lambda m, module, fan: MultiLoRALinear(module, len(names), r=ranks[m], dropout=dropout,
-                                                               dtype=dtype, fan_in_fan_out=fan, adapter_names=names))
+                                                               dtype=dtype, fan_in_fan_out=fan, adapter_names=names,
+                                                               use_dora=dora[m]))
         layers = adapter_layers(model)
     else:
         slots = adapter_names(model)
@@ -218,6 +256,10 @@ def save_peft_adapter(model: nn.Module, name, folder) -> Path:
         raise ValueError(f"adapter {slots[d]!r} has rank 0 in every layer; nothing to save")
     first = next(iter(present.values()))
     use_rslora = first.use_rslora[d]
+    dora = {m: layer.adapter_magnitude(d) is not None for m, layer in present.items()}
+    if len(set(dora.values())) > 1:
+        raise ValueError(f"adapter {slots[d]!r} is DoRA at {[m for m, u in dora.items() if u]} but plain LoRA at "
+                         f"{[m for m, u in dora.items() if not u]}; a PEFT checkpoint has one use_dora per adapter")
     rank0 = first.rank_values[d]
     alpha0 = first.scaling_values[d] * (math.sqrt(rank0) if use_rslora else rank0)
     tensors, rank_pattern, alpha_pattern = {}, {}, {}
@@ -225,6 +267,8 @@ def save_peft_adapter(model: nn.Module, name, folder) -> Path:
         a, b = layer.adapter_weights(d)
         tensors[f"{PREFIX}{module}.lora_A.weight"] = a.contiguous().clone()
         tensors[f"{PREFIX}{module}.lora_B.weight"] = b.contiguous().clone()
+        if dora[module]:
+            tensors[f"{PREFIX}{module}.lora_magnitude_vector"] = layer.adapter_magnitude(d).contiguous().clone()
         rank = a.shape[0]
         # one rsLoRA flag per adapter: an alpha that gives this layer's exact scale under it
         alpha = layer.scaling_values[d] * (math.sqrt(rank) if use_rslora else rank)
@@ -248,7 +292,7 @@ def save_peft_adapter(model: nn.Module, name, folder) -> Path:
         "lora_dropout": max((float(getattr(l.lora_dropout, "p", 0.0)) for l in present.values()), default=0.0),
         "fan_in_fan_out": fan,
         "bias": "none",
-        "use_dora": False,
+        "use_dora": any(dora.values()),
         "modules_to_save": None,
         "init_lora_weights": True,
         "inference_mode": True,

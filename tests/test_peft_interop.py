@@ -19,24 +19,26 @@ LoraConfig, PeftModel, get_peft_model = peft.LoraConfig, peft.PeftModel, peft.ge
 
 VOCAB = 64
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# four adapters that differ in rank, alpha, rsLoRA, patterns and target modules, per model
+# four adapters that differ in rank, alpha, rsLoRA, DoRA, patterns and target modules, per model
 ADAPTERS = {
     "llama": {
         "alpha": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-        "beta": dict(r=8, lora_alpha=16, use_rslora=True, target_modules=LLAMA_ALL),
+        "beta": dict(r=8, lora_alpha=16, use_rslora=True, use_dora=True, target_modules=LLAMA_ALL),
         "gamma": dict(r=2, lora_alpha=4, target_modules=r".*\.(q_proj|down_proj)", rank_pattern={"down_proj": 6},
-                      alpha_pattern={"q_proj": 3}),
+                      alpha_pattern={"q_proj": 3}, use_dora=True),
         "delta": dict(r=16, lora_alpha=32, target_modules="all-linear", exclude_modules=["o_proj"]),
     },
     "opt": {
         "alpha": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-        "beta": dict(r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]),
+        "beta": dict(r=8, lora_alpha=16, use_rslora=True, use_dora=True,
+                     target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]),
         "gamma": dict(r=2, lora_alpha=4, target_modules=["fc1", "fc2"], rank_pattern={"fc2": 5}),
         "delta": dict(r=16, lora_alpha=32, target_modules=["k_proj", "out_proj"]),
     },
     "gpt2": {
         "alpha": dict(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True),
-        "beta": dict(r=8, lora_alpha=16, use_rslora=True, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True),
+        "beta": dict(r=8, lora_alpha=16, use_rslora=True, use_dora=True, target_modules=["c_attn", "c_proj", "c_fc"],
+                     fan_in_fan_out=True),
         "gamma": dict(r=2, lora_alpha=4, target_modules=["c_fc"], fan_in_fan_out=True),
         "delta": dict(r=16, lora_alpha=32, target_modules=["c_proj"], fan_in_fan_out=True),
     },
@@ -152,9 +154,11 @@ def test_load_builds_layers_per_adapter_targets(saved):
                 else True
             targeted = targeted and not bk.model.matches(module, config.get("exclude_modules"))
             assert (int(layer.ranks[d]) > 0) == targeted, (module, name)
+            assert (layer.adapter_magnitude(d) is not None) == (targeted and config["use_dora"]), (module, name)
     assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
     assert {id(p) for p in bk.trainable_parameters(model)} == \
-        {id(p) for layer in layers.values() for p in (layer.lora_A, layer.lora_B)}
+        {id(p) for layer in layers.values() for p in (layer.lora_A, layer.lora_B, layer.lora_magnitude)
+         if p is not None}
     line = bk.summary(model)
     assert f"{len(layers)} LoRA layers x 4 adapters" in line and "alpha:r=4" in line, line
 
@@ -165,8 +169,11 @@ def test_save_round_trip_loads_in_peft(saved, tmp_path):
     input_ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(2))
     for name in NAMES:
         # change the weights so the saved file must carry ours, not the loaded ones
-        for layer in bk.model.adapter_layers(model).values():
-            layer.lora_B.data[NAMES.index(name)] *= 1.5
+        with torch.no_grad():
+            for layer in bk.model.adapter_layers(model).values():
+                layer.lora_B[NAMES.index(name)] *= 1.5
+                if layer.lora_magnitude is not None:
+                    layer.lora_magnitude[NAMES.index(name)] *= 0.75
         out = bk.save_peft_adapter(model, name, tmp_path / name)
         with torch.no_grad(), bk.use_adapters(model, name):
             ours = model(input_ids=input_ids).logits
@@ -209,6 +216,11 @@ def test_training_step_gradients_match_peft_per_task(saved):
             assert_close(grad_a[:rank], peft_layer.lora_A[name].weight.grad, torch.float32, f"{module} {name} dA")
             assert_close(grad_b[:, :rank], peft_layer.lora_B[name].weight.grad, torch.float32, f"{module} {name} dB")
             assert (grad_a[rank:] == 0).all() and (grad_b[:, rank:] == 0).all()
+            if name in peft_layer.lora_magnitude_vector:
+                assert_close(layer.lora_magnitude.grad[d], peft_layer.lora_magnitude_vector[name].weight.grad,
+                             torch.float32, f"{module} {name} dm")
+            elif layer.lora_magnitude is not None:
+                assert (layer.lora_magnitude.grad[d] == 0).all(), (module, name)
 
 
 def test_generate_holds_ids_through_decode(saved):
@@ -299,6 +311,8 @@ def test_exception_inside_block_restores_ids():
 
 ROUTED_METHODS = {  # (inject kwargs, the route of each of two forwards, use_adapters or use_contexts)
     "lora": (dict(target_modules=LLAMA_ALL, r=4), ([0, 2, -1], [1, 1, 0]), bk.use_adapters),
+    "lora_and_dora": (dict(target_modules=LLAMA_ALL, r=4, use_dora=[True, False, True]), ([0, 2, -1], [1, 1, 0]),
+                      bk.use_adapters),
     "context_lora": (dict(method="context_lora", target_modules=LLAMA_ALL, r=4),
                      (bk.context_ids([(0, 1), (1, 3), (0, 4)], batch_size=3), [1, 0, -1]), bk.use_contexts),
     "context_ia3": (dict(method="context_ia3", target_modules=["k_proj", "v_proj", "down_proj"],
@@ -319,7 +333,7 @@ def test_backward_after_the_blocks_under_gradient_checkpointing(method, reentran
     input_ids = torch.randint(0, VOCAB, (2, 3, 8), generator=torch.Generator().manual_seed(4))
     grads = []
     for checkpointing in (False, True):
-        model = bk.inject(tiny_model("llama"), num_adapters=3 if method == "lora" else 2, **kwargs)
+        model = bk.inject(tiny_model("llama"), num_adapters=3 if "lora" == method[:4] else 2, **kwargs)
         gen = torch.Generator().manual_seed(5)
         for p in bk.trainable_parameters(model):
             p.data.add_(0.1 * torch.randn(p.shape, generator=gen))
@@ -493,7 +507,7 @@ def test_load_refuses_bad_checkpoints(tmp_path):
     assert all(torch.equal(t, before[k]) for k, t in model.state_dict().items())
 
     config = json.loads((good / "adapter_config.json").read_text())
-    for field, value, match in [("use_dora", True, "use_dora=True is not supported"),
+    for field, value, match in [("use_dora", True, "use_dora is set, but module .* has no lora_magnitude_vector"),
                                 ("bias", "all", "bias='all' is not supported"),
                                 ("peft_type", "IA3", "only LORA adapters load"),
                                 ("layer_replication", [[0, 2], [1, 2]], r"layer_replication=\[\[0, 2\], \[1, 2\]\] is not"),
@@ -559,8 +573,10 @@ def test_t5_reads_projection_weights_through_the_adapter_layers(tmp_path):
     assert len(grads) == 20 and all(g[0].abs().sum() > 0 and g[1].abs().sum() > 0 for g in grads)
 
 
-def test_torch_compile_mixed_batch_without_graph_breaks():
-    model = bk.inject(tiny_model("llama"), ["q_proj", "v_proj", "down_proj"], num_adapters=3, r=[2, 4, 8])
+@pytest.mark.parametrize("use_dora", [False, [True, False, True]], ids=["lora", "lora_and_dora"])
+def test_torch_compile_mixed_batch_without_graph_breaks(use_dora):
+    model = bk.inject(tiny_model("llama"), ["q_proj", "v_proj", "down_proj"], num_adapters=3, r=[2, 4, 8],
+                      use_dora=use_dora)
     for layer in bk.model.adapter_layers(model).values():
         torch.nn.init.normal_(layer.lora_B, std=0.1)
     input_ids = torch.randint(0, VOCAB, (4, 6), generator=torch.Generator().manual_seed(7))

@@ -37,14 +37,15 @@ def tiny_llama(seed: int = 0):
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
     """8 PEFT folders for ``tiny_llama()``, of ranks 2..8 on different modules, strong enough to
-    change greedy outputs."""
+    change greedy outputs; three are DoRA adapters."""
     root = tmp_path_factory.mktemp("adapters")
     names = [f"task{d}" for d in range(8)]
     model = bk.inject(tiny_llama(), ["q_proj", "v_proj", "up_proj", "down_proj"], 8, r=[2, 4, 8, 4, 2, 8, 4, 6],
-                      alpha=16, adapter_names=names)
+                      alpha=16, adapter_names=names, use_dora=[d in (1, 4, 6) for d in range(8)])
     gen = torch.Generator().manual_seed(1)
     for layer in bk.model.adapter_layers(model).values():
         layer.lora_B.data.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.3)
+        layer.lora_magnitude.data.mul_(torch.rand(layer.lora_magnitude.shape, generator=gen) + 0.5)
     for name in names:
         bk.save_peft_adapter(model, name, root / name)
     return root, names

@@ -20,9 +20,9 @@ def adapter_names(num_adapters: int) -> list[str]:
     return [f"task{d}" for d in range(num_adapters)]
 
 
-def peft_lora_linear(ours, base: nn.Linear | None = None):
+def peft_lora_linear(ours, base: nn.Linear | None = None, dropout: float = 0.0):
     """A PEFT ``lora.Linear`` around ``base`` (default: ``ours.base_layer``) with the adapters of
-    ``ours`` (a ``MultiLoRALinear``): same ranks, alphas and weights, named ``task0 ...``."""
+    ``ours`` (a ``MultiLoRALinear``): same ranks, alphas, DoRA and weights, named ``task0 ...``."""
     from peft import LoraConfig, get_peft_model
 
     base = ours.base_layer if base is None else base
@@ -31,7 +31,7 @@ def peft_lora_linear(ours, base: nn.Linear | None = None):
     model = None
     for d, name in enumerate(names):
         config = LoraConfig(r=ranks[d], lora_alpha=ours.scaling_values[d] * ranks[d],
-                            target_modules=["proj"], lora_dropout=0.0)
+                            target_modules=["proj"], lora_dropout=dropout, use_dora=ours.use_dora[d])
         if model is None:
             model = get_peft_model(_Holder(base), config, adapter_name=name)
         else:
@@ -42,6 +42,8 @@ def peft_lora_linear(ours, base: nn.Linear | None = None):
             r = ranks[d]
             layer.lora_A[name].weight.data = ours.lora_A[d, :r].detach().clone()
             layer.lora_B[name].weight.data = ours.lora_B[d, :, :r].detach().clone()
+            if ours.use_dora[d]:
+                layer.lora_magnitude_vector[name].weight.data = ours.lora_magnitude[d].detach().clone()
     return layer.eval(), names
 
 

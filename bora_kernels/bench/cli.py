@@ -2,6 +2,8 @@
 
     bora-bench lora [--device cpu|cuda] [--quick] [--json FILE] [--tokens ...] [--adapters ...]
                     [--ranks ...] [--features K N] [--dtype bf16]
+    bora-bench dora [the options of lora]
+                    MultiLoRALinear with DoRA adapters against PEFT's DoRA layer, one adapter at a time
     bora-bench model [--device cpu|cuda] [--quick] [--json FILE] [--adapters ...]
                     a whole Llama: prefill and greedy generation with a mixed batch
     bora-bench context [--device cpu|cuda] [--quick] [--json FILE] [--tokens ...] [--contexts ...]
@@ -34,12 +36,12 @@ import torch
 
 from ..arguments import POSITIVE, POSITIVE_INT, number, output_file
 from ..ops import use_backend
-from . import context, ivon, lora, model, nf4, serve
+from . import context, dora, ivon, lora, model, nf4, serve
 from .report import format_table, write_readme_table
 from .timing import (GRAPH_TIMER, NotCapturable, environment, graph_median_seconds, interleaved_medians,
                      median_seconds, peak_extra_mib)
 
-SUITES = {"lora": lora, "model": model, "context": context, "ivon": ivon, "nf4": nf4}
+SUITES = {"lora": lora, "dora": dora, "model": model, "context": context, "ivon": ivon, "nf4": nf4}
 
 
 def run_suite(module, cases, device: torch.device, quick: bool, variants=None, echo=print,
@@ -115,15 +117,17 @@ def _parser() -> argparse.ArgumentParser:
                        help="CUDA only: time each call replayed from a CUDA graph (device work without host "
                             "time, L2 flushed before each call); variants that cannot be captured are reported")
 
-    p_lora = sub.add_parser("lora", help="lora_delta and MultiLoRALinear against PEFT and F.linear")
-    common(p_lora)
-    p_lora.add_argument("--tokens", type=POSITIVE_INT, nargs="+", help="tokens per batch")
-    p_lora.add_argument("--adapters", type=POSITIVE_INT, nargs="+", help="adapters in the mix")
-    p_lora.add_argument("--ranks", type=POSITIVE_INT, nargs="+", help="LoRA ranks")
-    p_lora.add_argument("--features", type=POSITIVE_INT, nargs=2, metavar=("K", "N"), help="in and out features")
-    p_lora.add_argument("--dtype", choices=tuple(lora.DTYPES), help="input and weight dtype")
-    p_lora.add_argument("--variants", nargs="+", choices=tuple(lora.VARIANTS), help="subset to time")
-    graph_option(p_lora)
+    for name, module, text in (("lora", lora, "lora_delta and MultiLoRALinear against PEFT and F.linear"),
+                               ("dora", dora, "MultiLoRALinear with DoRA adapters against PEFT's DoRA layer")):
+        p_lora = sub.add_parser(name, help=text)
+        common(p_lora)
+        p_lora.add_argument("--tokens", type=POSITIVE_INT, nargs="+", help="tokens per batch")
+        p_lora.add_argument("--adapters", type=POSITIVE_INT, nargs="+", help="adapters in the mix")
+        p_lora.add_argument("--ranks", type=POSITIVE_INT, nargs="+", help="LoRA ranks")
+        p_lora.add_argument("--features", type=POSITIVE_INT, nargs=2, metavar=("K", "N"), help="in and out features")
+        p_lora.add_argument("--dtype", choices=tuple(lora.DTYPES), help="input and weight dtype")
+        p_lora.add_argument("--variants", nargs="+", choices=tuple(module.VARIANTS), help="subset to time")
+        graph_option(p_lora)
 
     p_model = sub.add_parser("model", help="a whole Llama (prefill, generate) against PEFT")
     common(p_model)
@@ -175,8 +179,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _lora_cases(args, device):
+    """The cases of the lora or dora suite: its default grid, or the one the flags give."""
     if not any((args.tokens, args.adapters, args.ranks, args.features, args.dtype)):
-        return lora.default_cases(device, args.quick)
+        return SUITES[args.command].default_cases(device, args.quick)
     k, n = args.features or ((4096, 4096) if device.type == "cuda" else (1024, 1024))
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     return [lora.LoraCase(t, d, r, k, n, dtype) for t, d, r in itertools.product(
@@ -239,8 +244,8 @@ def main(argv=None) -> int:
                          f"(the device is {device.type})")
     if args.command == "serve":
         return _serve(args, device)
-    if args.command == "lora":
-        plan = {"lora": (_lora_cases(args, device), args.variants)}
+    if args.command in ("lora", "dora"):
+        plan = {args.command: (_lora_cases(args, device), args.variants)}
     elif args.command == "model":
         cases = model.default_cases(device, args.quick)
         if args.adapters:

@@ -77,21 +77,36 @@ def _batch_shape(case: LoraCase) -> tuple[int, int]:
     return case.sequences, case.tokens // case.sequences
 
 
-def build(case: LoraCase, device: torch.device, variants=tuple(VARIANTS)) -> dict:
-    """``{(variant, mode): callable}`` for ``case``; all variants hold the same weights and inputs."""
+def case_inputs(case: LoraCase, device: torch.device):
+    """``(base, gen, x, ids, dy)``: the frozen base layer, the generator the adapters' weights come
+    from, and the batch: x ``[B, L, K]``, one adapter id per sequence, the output gradient."""
     dtype = DTYPES[case.dtype]
     batches, length = _batch_shape(case)
     gen = torch.Generator().manual_seed(0)
     base = nn.Linear(case.in_features, case.out_features, bias=False).to(device=device, dtype=dtype)
     base.requires_grad_(False)
-    layer = MultiLoRALinear(base, case.adapters, r=case.rank, alpha=2 * case.rank)
-    with torch.no_grad():  # B is zero at init; fill it so no path can skip work
-        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.01)
     x = torch.randn(batches, length, case.in_features, generator=gen).to(device=device, dtype=dtype)
     # a uniform mix: adapter d for sequences d, d + D, ... in a shuffled order
-    ids = torch.arange(batches)[torch.randperm(batches, generator=gen)] % case.adapters
-    ids = ids.to(device)
+    ids = (torch.arange(batches)[torch.randperm(batches, generator=gen)] % case.adapters).to(device)
     dy = torch.randn(batches, length, case.out_features, generator=gen).to(device=device, dtype=dtype)
+    return base, gen, x, ids, dy
+
+
+def adapter_layer(case: LoraCase, base: nn.Linear, gen: torch.Generator, use_dora: bool = False) -> MultiLoRALinear:
+    """``case.adapters`` adapters of rank ``case.rank`` over ``base``, in eval mode."""
+    layer = MultiLoRALinear(base, case.adapters, r=case.rank, alpha=2 * case.rank, use_dora=use_dora)
+    with torch.no_grad():  # B is zero at init; fill it (and move the magnitudes) so no path can skip work
+        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.01)
+        if use_dora:
+            jitter = torch.rand(layer.lora_magnitude.shape, generator=gen).to(layer.lora_magnitude.device)
+            layer.lora_magnitude.mul_(1.0 + 0.1 * jitter)
+    return layer.eval()
+
+
+def build(case: LoraCase, device: torch.device, variants=tuple(VARIANTS)) -> dict:
+    """``{(variant, mode): callable}`` for ``case``; all variants hold the same weights and inputs."""
+    base, gen, x, ids, dy = case_inputs(case, device)
+    layer = adapter_layer(case, base, gen)
     xg = x.clone().requires_grad_()
 
     forwards = {

@@ -12,6 +12,8 @@ END = "<!-- results:end -->"
 TIME_COLUMNS = {
     "lora": [("base", "base"), ("lora_delta", "lora_delta"), ("MultiLoRA", "multi_lora"),
              ("PEFT mixed", "peft_mixed"), ("PEFT single", "peft_single")],
+    "dora": [("LoRA (ours)", "multi_lora"), ("DoRA (ours)", "multi_dora"), ("PEFT DoRA loop", "peft_dora_loop"),
+             ("PEFT DoRA single", "peft_dora_single")],
     "model": [("base", "base"), ("ours", "ours"), ("PEFT mixed", "peft_mixed"), ("PEFT single", "peft_single")],
     "context": [("base", "base"), ("ours (ids)", "ours_ids"), ("ours (plan)", "ours_plan"), ("ours (weights)", "ours_weights"),
                 ("einsum", "einsum"), ("masked concat", "masked_concat")],
@@ -23,6 +25,9 @@ RATIO_COLUMNS = {
     "lora": [("LoRA / base", "lora_delta", "base", False),
              ("x PEFT mixed (layer)", "multi_lora", "peft_mixed", True),
              ("x PEFT mixed (LoRA part)", "lora_delta", "peft_mixed_lora", True)],
+    "dora": [("x PEFT loop", "multi_dora", "peft_dora_loop", True),
+             ("x PEFT single", "multi_dora", "peft_dora_single", True),
+             ("DoRA / LoRA", "multi_dora", "multi_lora", False)],
     "model": [("x PEFT mixed", "ours", "peft_mixed", True), ("x PEFT single", "ours", "peft_single", True),
               ("ours / base", "ours", "base", False)],
     "context": [("x einsum", "ours_ids", "einsum", True), ("x masked concat", "ours_ids", "masked_concat", True),

@@ -8,9 +8,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..ops._dispatch import autocast_dtype
-from ..ops.lora_delta import LoRAPlan, lora_delta
+from ..ops._dispatch import autocast_dtype, recording_graph
+from ..ops.context_vector import context_scale
+from ..ops.lora_delta import LoRAPlan, lora_delta, plan_ids
 from ..quant import NF4Tensor, quantize_nf4
+from .dora import base_key, base_row_norms_sq, check_dora_base, dora_norms
 from .nf4_linear import NF4Linear, is_bnb_4bit
 from .routing import AdapterRoute
 
@@ -124,6 +126,11 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
     ``base_layer`` is an ``nn.Linear``, or with ``fan_in_fan_out=True`` a layer whose weight is
     stored ``[in, out]`` (GPT-2's ``Conv1D``, PEFT's ``fan_in_fan_out``).
 
+    ``use_dora`` (one value or one per adapter): DoRA adapters (``nn/dora.py``), each with a
+    trained magnitude per output feature in ``lora_magnitude`` (``[D, N]``, a parameter only when
+    some adapter uses DoRA, initialised to the base weight's row norms so that a fresh adapter
+    equals the base); DoRA and plain adapters mix in one batch. Over a float or NF4 base.
+
     ``forward(x, adapter_ids=None)``: ids per token (``x.shape[:-1]``) or per sequence (``[B]``),
     ``-1`` for none, or a ``LoRAPlan``. Without ids the layer uses ``self.adapter_ids`` (set for a
     whole model by ``bora_kernels.use_adapters``), and when that is None too, the base layer alone.
@@ -131,7 +138,7 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
 
     def __init__(self, base_layer: nn.Module, num_adapters: int, r=8, alpha=16, dropout: float = 0.0,
                  dtype: torch.dtype | None = None, use_rslora=False, fan_in_fan_out: bool = False,
-                 adapter_names: Sequence[str] | None = None):
+                 adapter_names: Sequence[str] | None = None, use_dora=False):
         super().__init__()
         k, n, weight = linear_shape(base_layer, fan_in_fan_out)
         if not isinstance(num_adapters, int) or num_adapters < 1:
@@ -139,6 +146,9 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
         ranks = _per_adapter(r, num_adapters, "r")
         alphas = _per_adapter(alpha, num_adapters, "alpha")
         rslora = _per_adapter(use_rslora, num_adapters, "use_rslora")
+        dora = [bool(v) for v in _per_adapter(use_dora, num_adapters, "use_dora")]
+        if any(dora):
+            check_dora_base(base_layer)
         if any(not isinstance(v, int) or v < 0 for v in ranks) or max(ranks) < 1:
             raise ValueError(f"r must be ints >= 0 (0: adapter absent here), at least one positive, got {ranks}")
         if not 0.0 <= dropout < 1.0:
@@ -163,7 +173,13 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
         self.alphas, self.use_rslora = [float(a) for a in alphas], [bool(v) for v in rslora]
         self.register_buffer("ranks", torch.empty(num_adapters, dtype=torch.int32, device=weight.device))
         self.register_buffer("scaling", torch.empty(num_adapters, device=weight.device), persistent=False)
+        self.use_dora = dora
+        self.register_buffer("dora", torch.empty(num_adapters, device=weight.device), persistent=False)
+        self.register_parameter("lora_magnitude", None)
+        self._dora_cache: dict = {}  # base row norms and adapter norms, each with the key it was computed for
         self._write_buffers()
+        if any(dora):
+            self._add_magnitude()
         self.adapter_ids: AdapterRoute | torch.Tensor | LoRAPlan | None = None
         # (adapter, base weight before the merge: a tensor, or an NF4 base's NF4Tensor)
         self.merged: tuple[int, torch.Tensor | NF4Tensor] | None = None
@@ -175,23 +191,90 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
         return [lora_scaling(a, rk, rs) for a, rk, rs in zip(self.alphas, self.rank_values, self.use_rslora)]
 
     def _buffer_values(self) -> dict:
-        return {"ranks": (self.rank_values, torch.int32), "scaling": (self.scaling_values, torch.float32)}
+        # DoRA only where the adapter is present: a rank-0 slot leaves the layer alone
+        dora = [float(u and rank > 0) for u, rank in zip(self.use_dora, self.rank_values)]
+        return {"ranks": (self.rank_values, torch.int32), "scaling": (self.scaling_values, torch.float32),
+                "dora": (dora, torch.float32)}
+
+    def _add_magnitude(self):
+        """The ``lora_magnitude`` parameter, every row the base weight's row norms."""
+        check_dora_base(self.base_layer)
+        self.lora_magnitude = nn.Parameter(torch.empty(self.num_adapters, self.out_features, dtype=self.lora_A.dtype,
+                                                       device=self.lora_A.device))
+        self._reset_magnitude(range(self.num_adapters))
+
+    @torch.no_grad()
+    def _reset_magnitude(self, slots):
+        """DoRA's initial magnitude: ``||W + s B A||`` per row, the base's own while B is zero."""
+        norms = self._norms()
+        for d in slots:
+            self.lora_magnitude[d].copy_(norms[d])
 
     @torch.no_grad()
     def reset_lora_parameters(self):
         """A_d Kaiming-uniform (a=sqrt(5)) on its first r_d rows, as PEFT's ``init_lora_weights``;
-        B zero; padded rank zero."""
+        B zero; padded rank zero; a DoRA magnitude the base weight's row norms."""
         self.lora_A.zero_()
         self.lora_B.zero_()
         for d, rank in enumerate(self.rank_values):
             if rank:
                 nn.init.kaiming_uniform_(self.lora_A[d, :rank], a=math.sqrt(5))
+        if self.lora_magnitude is not None:
+            self._reset_magnitude(range(self.num_adapters))
+
+    def _cached(self, name: str, key: tuple, make, fresh: bool = False) -> torch.Tensor:
+        """``make()``, kept while ``key`` stays the same; made afresh when ``fresh``."""
+        hit = self._dora_cache.get(name)
+        if fresh or hit is None or hit[0] != key:
+            hit = self._dora_cache[name] = (key, make())
+        return hit[1]
+
+    def _norms(self) -> torch.Tensor:
+        """``||W + s_d B_d A_d||`` per output row, fp32 ``[D, N]``. Computed at every forward that
+        may train the adapters (train mode or grad enabled, as PEFT does); otherwise (``eval()``
+        under ``no_grad``: serving) kept until the base weight, A, B, ranks or scales change, as
+        PyTorch's version counters tell, so serving pays for it once per adapter. Writes through
+        ``.data`` bypass those counters: call ``clear_dora_cache()`` after them."""
+        def norms(row_norms_sq):
+            return dora_norms(self.base_layer, self.lora_A, self.lora_B, self.scaling, self.ranks, row_norms_sq,
+                              self.fan_in_fan_out)
+
+        if torch.compiler.is_compiling() or recording_graph(self.lora_A.device):  # made afresh, never kept
+            return norms(base_row_norms_sq(self.base_layer, self.fan_in_fan_out))
+        base = base_key(self.base_layer)
+        row_norms_sq = self._cached("base", base, lambda: base_row_norms_sq(self.base_layer, self.fan_in_fan_out))
+        key = (base, *((t.data_ptr(), t._version) for t in (self.lora_A, self.lora_B, self.scaling, self.ranks)))
+        # training: in train mode (reentrant checkpointing runs the first forward without grad)
+        # or with grad enabled, while the adapters train
+        training = (self.training or torch.is_grad_enabled()) and (self.lora_A.requires_grad or self.lora_B.requires_grad)
+        return self._cached("norms", key, lambda: norms(row_norms_sq), fresh=training)
+
+    def clear_dora_cache(self):
+        """Forget the kept DoRA norms, after writing the base or adapter weights through ``.data``
+        (which PyTorch's version counters do not see; in-place ops, ``copy_`` and
+        ``load_state_dict`` need nothing)."""
+        self._dora_cache.clear()
+
+    def _dora_shift(self) -> torch.Tensor:
+        """``t_d = m_d / norm_d - 1`` for DoRA adapters and 0 for the others, fp32 ``[D, N]``;
+        differentiable in the magnitude only (the norm is a constant, as in DoRA and PEFT)."""
+        return self.dora[:, None] * (self.lora_magnitude.float() / self._norms() - 1)
 
     @torch.no_grad()
     def set_adapter(self, d: int, lora_a: torch.Tensor | None, lora_b: torch.Tensor | None,
-                    alpha: float = 16, use_rslora: bool = False):
+                    alpha: float = 16, use_rslora: bool = False, magnitude: torch.Tensor | None = None):
         """Put one adapter's PEFT-layout weights (A ``[r, K]``, B ``[N, r]``) into slot ``d``;
-        ``None`` for both makes the adapter absent from this layer (rank 0)."""
+        ``None`` for both makes the adapter absent from this layer (rank 0). ``magnitude``
+        (``[N]``) makes it a DoRA adapter (PEFT's ``lora_magnitude_vector``); a layer without DoRA
+        adapters gets its ``lora_magnitude`` parameter then (give an optimizer the parameters
+        after loading)."""
+        if magnitude is not None:
+            if lora_a is None or lora_b is None:
+                raise ValueError("a DoRA magnitude needs the adapter's A and B weights too")
+            if tuple(magnitude.shape) != (self.out_features,):
+                raise ValueError(f"magnitude must be [{self.out_features}] (one per output feature), "
+                                 f"got {tuple(magnitude.shape)}")
+            check_dora_base(self.base_layer)
         if lora_a is None or lora_b is None:
             rank = 0
         else:
@@ -208,7 +291,18 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
             self.lora_B[d, :, :rank].copy_(lora_b)
         self.rank_values[d] = rank
         self.alphas[d], self.use_rslora[d] = float(alpha), bool(use_rslora)
+        self.use_dora[d] = magnitude is not None
         self._write_buffers()
+        if magnitude is not None:
+            if self.lora_magnitude is None:
+                self._add_magnitude()
+            self.lora_magnitude[d].copy_(magnitude)
+
+    def adapter_magnitude(self, d: int) -> torch.Tensor | None:
+        """Adapter ``d``'s DoRA magnitude ``[N]`` as PEFT stores it, or None (no DoRA here)."""
+        if not (self.use_dora[d] and self.rank_values[d]):
+            return None
+        return self.lora_magnitude[d].detach()
 
     def adapter_weights(self, d: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Adapter ``d`` as PEFT stores it: (A ``[r, K]``, B ``[N, r]``), or None when absent."""
@@ -218,10 +312,21 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
         return self.lora_A[d, :rank].detach(), self.lora_B[d, :, :rank].detach()
 
     def delta_weight(self, d: int) -> torch.Tensor:
-        """``scaling_d * B_d A_d`` laid out like the base weight, in fp32."""
-        a, b = self.lora_A[d].detach().float(), self.lora_B[d].detach().float()
+        """``scaling_d * B_d A_d`` laid out like the base weight, in fp32 (the first ``r_d`` ranks,
+        as the forward reads them)."""
+        rank = self.rank_values[d]
+        a, b = self.lora_A[d, :rank].detach().float(), self.lora_B[d, :, :rank].detach().float()
         delta = self.scaling_values[d] * (b @ a)
         return delta.T if self.fan_in_fan_out else delta
+
+    def _merged_weight(self, d: int, weight: torch.Tensor) -> torch.Tensor:
+        """The base weight ``weight`` (fp32, laid out as stored) with adapter ``d`` folded in:
+        ``W + s B A``, and for DoRA each output row then scaled by ``m / ||W + s B A||``."""
+        merged = weight + self.delta_weight(d).to(weight.device)
+        if self.adapter_magnitude(d) is None:
+            return merged
+        factor = (self.lora_magnitude[d].detach().float() / self._norms()[d]).to(weight.device)
+        return merged * (factor[None, :] if self.fan_in_fan_out else factor[:, None])
 
     @torch.no_grad()
     def merge(self, d: int):
@@ -231,10 +336,11 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
         (``merge_adapter`` warns); the original codes are kept, so ``unmerge`` is exact."""
         if self.merged is not None:
             raise RuntimeError(f"adapter {self.adapter_names[self.merged[0]]!r} is already merged; unmerge first")
+        self.clear_dora_cache()  # the base weight is about to change, possibly through .data
         if isinstance(self.base_layer, NF4Linear):
             base = self.base_layer
             saved = base.nf4_weight()
-            weight = saved.dequantize().float() + self.delta_weight(d).to(base.packed.device)
+            weight = self._merged_weight(d, saved.dequantize().float())
             base.set_nf4_weight(quantize_nf4(weight.to(base.compute_dtype), base.blocksize, saved.double_quant))
             self.merged = (d, saved)
             return
@@ -242,7 +348,7 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
         if not weight.dtype.is_floating_point:  # bitsandbytes' int8 codes: adding a float delta corrupts them
             raise ValueError(f"cannot merge an adapter into a quantized {weight.dtype} base weight; serve it unmerged")
         saved = weight.detach().clone()
-        weight.data = (weight.detach().float() + self.delta_weight(d).to(weight.device)).to(weight.dtype)
+        weight.data = self._merged_weight(d, weight.detach().float()).to(weight.dtype)
         self.merged = (d, saved)
 
     @torch.no_grad()
@@ -254,6 +360,7 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
             else:
                 self.base_layer.weight.data.copy_(saved)
             self.merged = None
+            self.clear_dora_cache()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -280,14 +387,44 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
                                f"weights; call bora_kernels.unmerge_adapter before routing adapters")
         if isinstance(ids, AdapterRoute):
             ids = ids.plan(x.shape[:-1], self.num_adapters, x.device)
-        x = self.lora_dropout(x).to(autocast_dtype(x) or self.lora_A.dtype)  # the op's dtype: no cast in it
+        dropped = self.lora_dropout(x)
+        x_in = dropped.to(autocast_dtype(x) or self.lora_A.dtype)  # the op's dtype: no cast in it
         # added into the base output in place by the kernel that computes the delta, where the
         # base output is a fresh tensor its backward does not need (``plus_delta``)
-        return plus_delta(self.base_layer, result, lambda into: lora_delta(
-            x, self.lora_A, self.lora_B, ids, self.scaling, self.ranks, add_to=into))
+        out = plus_delta(self.base_layer, result, lambda into: lora_delta(
+            x_in, self.lora_A, self.lora_B, ids, self.scaling, self.ranks, add_to=into))
+        if self.lora_magnitude is None or not any(self.use_dora):
+            return out
+        return self._dora(out, x, dropped, ids, adapter_ids)
+
+    def _dora(self, out: torch.Tensor, x: torch.Tensor, dropped: torch.Tensor, plan: LoRAPlan, adapter_ids):
+        """DoRA's ``out + t_d * (W x' + s B A x')`` per token (``nn/dora.py``), ``out`` being the LoRA
+        layer's output. Without dropout ``W x + s B A x`` is ``out`` less the bias. With dropout
+        (training) it is computed from the dropped input as PEFT does: the base layer again, and the
+        delta again, recomputed rather than kept from ``out``, to which it was added in place."""
+        bias = getattr(self.base_layer, "bias", None)
+        if dropped is x:
+            inner = out if bias is None else out - bias
+        else:
+            x_in = dropped.to(autocast_dtype(x) or self.lora_A.dtype)
+            inner = plus_delta(self.base_layer, self.base_layer(dropped), lambda into: lora_delta(
+                x_in, self.lora_A, self.lora_B, plan, self.scaling, self.ranks, add_to=into))
+            if bias is not None:
+                inner = inner - bias
+        return out + context_scale(inner, self._dora_shift(), self._token_ids(x, plan, adapter_ids))
+
+    def _token_ids(self, x: torch.Tensor, plan: LoRAPlan, adapter_ids) -> torch.Tensor:
+        """Each token's adapter id for ``x`` (per sequence where the route gives them so)."""
+        given = self.adapter_ids if adapter_ids is None else adapter_ids
+        if isinstance(given, AdapterRoute):
+            return given.ids(x.shape[:-1], x.device)
+        if isinstance(given, torch.Tensor):
+            return given.to(x.device)
+        return plan_ids(plan)
 
     def extra_repr(self) -> str:
         ranks = self.rank_values
         rank_text = str(ranks[0]) if len(set(ranks)) == 1 else str(ranks)
         return (f"in={self.in_features}, out={self.out_features}, adapters={self.num_adapters}, "
-                f"r={rank_text}, dtype={self.lora_A.dtype}" + (", fan_in_fan_out" if self.fan_in_fan_out else ""))
+                f"r={rank_text}, dtype={self.lora_A.dtype}" + (", fan_in_fan_out" if self.fan_in_fan_out else "")
+                + (f", dora={[d for d, u in enumerate(self.use_dora) if u]}" if any(self.use_dora) else ""))

@@ -83,6 +83,11 @@ class AdapterRoute:
         return cached_plan(self._plans, key, lambda: lora_plan(self.ids_for(key[0]), key[0], num_adapters,
                                                                device=device))
 
+    def ids(self, batch_shape, device: torch.device) -> torch.Tensor:
+        """``ids_for(batch_shape)`` on ``device``, copied there once per batch shape."""
+        key = ("ids", tuple(batch_shape), torch.device(device))
+        return cached_plan(self._plans, key, lambda: self.ids_for(key[1]).to(device))
+
 
 class ContextRoute:
     """Context ids or weights for one batch, shared by every context layer of a model.

@@ -56,6 +56,7 @@ import math
 
 import torch
 import torch.distributed as dist
+from torch.autograd.graph import increment_version
 
 from ..ops._dispatch import backend, capturing_cuda_graph, use_backend
 from ..ops.ivon_step import StepScalars, ivon_step
@@ -226,6 +227,7 @@ class IVON(torch.optim.Optimizer):
             for p, v in zip(self._params, self._sample_views if sample else self._mean_views):
                 p.data = v
         self._showing_sample = sample
+        self._touched()
 
     # --------------------------------------------------------------- sampling
     def _scalars(self, group, update: bool) -> StepScalars:
@@ -289,10 +291,19 @@ class IVON(torch.optim.Optimizer):
                           eps_next=eps_next[sl] if isinstance(eps_next, torch.Tensor) else eps_next,
                           draw_ess=scalars.ess * draw_scale, hess_approx=self.hess_approx, seed=self._seed,
                           index_base=sl.start, counters=counters)
+        if update or draw:
+            self._touched()
         if fold:
             self._pending = False
         if draw:
             self._sample_draw, self._fresh = eps_next, True
+
+    def _touched(self):
+        """Tell PyTorch the parameters were written in place: the kernels write their memory
+        behind autograd's back, and what keeps values derived from a weight (DoRA's norms) or
+        checks saved tensors reads the version counters."""
+        if self._params:
+            increment_version(self._params)
 
     def _ensure_avg(self):
         if self._avg_grad is None:
