@@ -2,8 +2,8 @@
 generate, and save one adapter back in PEFT's format.
 
 A tiny Llama is built from a config (no download). PEFT trains nothing here: it creates four
-adapters with different ranks, alphas, rsLoRA and target modules (random weights) and writes
-them with ``save_pretrained``, as a user's fine-tuning runs would. Then:
+adapters with different ranks, alphas, rsLoRA, DoRA and target modules (random weights) and
+writes them with ``save_pretrained``, as a user's fine-tuning runs would. Then:
 
 1. ``bk.load_peft_adapters`` stacks the four folders into one model;
 2. one batch where each sequence picks its adapter (or none) is checked, sequence by sequence,
@@ -30,7 +30,7 @@ from bora_kernels.arguments import output_folder
 ADAPTERS = {
     "summarize": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     "translate": dict(r=16, lora_alpha=16, use_rslora=True, target_modules="all-linear"),
-    "classify": dict(r=8, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "classify": dict(r=8, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], use_dora=True),
     "extract": dict(r=2, lora_alpha=4, target_modules=["gate_proj", "up_proj", "down_proj"],
                     rank_pattern={"down_proj": 6}),
 }
@@ -49,6 +49,10 @@ def main(argv=None) -> None:
     folders = {}
     for name, settings in ADAPTERS.items():
         peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **settings))
+        with torch.no_grad():  # DoRA's magnitudes start at the norms (a scale of 1); move them as training would
+            for key, p in peft_model.named_parameters():
+                if "lora_magnitude_vector" in key:
+                    p.mul_(1.0 + 0.2 * torch.rand(p.shape, generator=torch.Generator().manual_seed(2)))
         folders[name] = out / name
         peft_model.save_pretrained(folders[name])
     print(f"PEFT saved {len(folders)} adapters under {out}")

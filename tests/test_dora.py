@@ -323,3 +323,14 @@ def test_mixed_batch_on_gpu(dtype):
     assert_close(x.grad, x_ref.grad, dtype, "dx")
     for name in ("lora_A", "lora_B", "lora_magnitude"):
         assert_close(getattr(layer, name).grad, getattr(ref_layer, name).grad, dtype, f"d{name}")
+
+
+def test_output_dtype_under_autocast_is_the_base_layers():
+    """An fp32 bias must not turn the bf16 output of an autocast region into fp32."""
+    layer = make_layer().eval()
+    x, ids = torch.randn(4, K), torch.tensor([0, 1, 2, -1])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x, ids)
+        assert out.dtype == layer.base_layer(x).dtype == torch.bfloat16
+    with torch.no_grad():
+        assert_close(out.float(), reference(layer, x, ids), torch.bfloat16, "under autocast")

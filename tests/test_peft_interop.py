@@ -78,6 +78,10 @@ def saved(request, tmp_path_factory):
     for i, name in enumerate(NAMES):
         torch.manual_seed(10 + i)
         model = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **ADAPTERS[kind][name]))
+        with torch.no_grad():  # DoRA starts with magnitudes equal to the norms (a scale of 1): move them
+            for key, p in model.named_parameters():
+                if "lora_magnitude_vector" in key:
+                    p.mul_(torch.rand_like(p) + 0.5)
         folders[name] = tmp_path_factory.mktemp(f"{kind}-{name}")
         model.save_pretrained(folders[name])
     reference = PeftModel.from_pretrained(copy.deepcopy(base), folders[NAMES[0]], adapter_name=NAMES[0])
@@ -160,7 +164,7 @@ def test_load_builds_layers_per_adapter_targets(saved):
         {id(p) for layer in layers.values() for p in (layer.lora_A, layer.lora_B, layer.lora_magnitude)
          if p is not None}
     line = bk.summary(model)
-    assert f"{len(layers)} LoRA layers x 4 adapters" in line and "alpha:r=4" in line, line
+    assert f"{len(layers)} LoRA layers x 4 adapters" in line and "alpha:r=4," in line and "beta:r=8+DoRA" in line, line
 
 
 def test_save_round_trip_loads_in_peft(saved, tmp_path):

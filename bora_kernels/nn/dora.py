@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops._dispatch import autocast_off
 from ..ops.nf4_matmul import nf4_matmul
 from .nf4_linear import NF4Linear
 
@@ -35,8 +36,9 @@ def check_dora_base(base_layer: nn.Module) -> None:
         return
     weight = getattr(base_layer, "weight", None)
     if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point:
-        raise ValueError(f"use_dora needs the base weight's values, but {type(base_layer).__name__} holds a "
-                         f"{getattr(weight, 'dtype', type(weight).__name__)} weight; DoRA works over float and NF4 bases")
+        kind = getattr(weight, "dtype", type(weight).__name__)
+        raise ValueError(f"use_dora needs the base weight's values, but {type(base_layer).__name__} holds a {kind} "
+                         f"weight; DoRA works over float and NF4 bases")
 
 
 def base_key(base_layer: nn.Module) -> tuple:
@@ -64,6 +66,7 @@ def _times_base(base_layer: nn.Module, rows: torch.Tensor, fan_in_fan_out: bool)
 
 
 @torch.no_grad()
+@autocast_off  # the norms scale whole output rows: in the weights' own precision, never autocast's bf16
 def dora_norms(base_layer: nn.Module, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: torch.Tensor,
                ranks: torch.Tensor, row_norms_sq: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     """``||W + scaling[d] B_d A_d||`` per output row for every adapter, fp32 ``[D, N]``, without

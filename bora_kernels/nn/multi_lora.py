@@ -246,8 +246,13 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
         key = (base, *((t.data_ptr(), t._version) for t in (self.lora_A, self.lora_B, self.scaling, self.ranks)))
         # training: in train mode (reentrant checkpointing runs the first forward without grad)
         # or with grad enabled, while the adapters train
-        training = (self.training or torch.is_grad_enabled()) and (self.lora_A.requires_grad or self.lora_B.requires_grad)
+        trains = self.lora_A.requires_grad or self.lora_B.requires_grad
+        training = (self.training or torch.is_grad_enabled()) and trains
         return self._cached("norms", key, lambda: norms(row_norms_sq), fresh=training)
+
+    def _write_buffers(self):
+        super()._write_buffers()
+        self._dora_cache.clear()  # moved, cast or loaded: what was kept belongs to the old tensors
 
     def clear_dora_cache(self):
         """Forget the kept DoRA norms, after writing the base or adapter weights through ``.data``
@@ -398,20 +403,22 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
         return self._dora(out, x, dropped, ids, adapter_ids)
 
     def _dora(self, out: torch.Tensor, x: torch.Tensor, dropped: torch.Tensor, plan: LoRAPlan, adapter_ids):
-        """DoRA's ``out + t_d * (W x' + s B A x')`` per token (``nn/dora.py``), ``out`` being the LoRA
-        layer's output. Without dropout ``W x + s B A x`` is ``out`` less the bias. With dropout
-        (training) it is computed from the dropped input as PEFT does: the base layer again, and the
-        delta again, recomputed rather than kept from ``out``, to which it was added in place."""
+        """DoRA's ``out + t_d * (W x' + s B A x')`` per token (``nn/dora.py``) in ``out``'s dtype,
+        ``out`` being the LoRA layer's output. Without dropout ``W x + s B A x`` is ``out`` less the
+        bias. With dropout (training) it is computed from the dropped input as PEFT does: the base
+        layer again, and the delta again, recomputed rather than kept from ``out``, to which it was
+        added in place."""
         bias = getattr(self.base_layer, "bias", None)
         if dropped is x:
-            inner = out if bias is None else out - bias
+            inner = out
         else:
             x_in = dropped.to(autocast_dtype(x) or self.lora_A.dtype)
             inner = plus_delta(self.base_layer, self.base_layer(dropped), lambda into: lora_delta(
                 x_in, self.lora_A, self.lora_B, plan, self.scaling, self.ranks, add_to=into))
-            if bias is not None:
-                inner = inner - bias
-        return out + context_scale(inner, self._dora_shift(), self._token_ids(x, plan, adapter_ids))
+        if bias is not None:  # in fp32, so that a bf16 output (autocast) is rounded once, at the end
+            inner = inner.float() - bias.float()
+        shifted = context_scale(inner, self._dora_shift(), self._token_ids(x, plan, adapter_ids))
+        return (out + shifted).to(out.dtype)
 
     def _token_ids(self, x: torch.Tensor, plan: LoRAPlan, adapter_ids) -> torch.Tensor:
         """Each token's adapter id for ``x`` (per sequence where the route gives them so)."""
