@@ -233,6 +233,9 @@ def test_guided_masks_script(tmp_path):
     record = json.loads(out.read_text())
     assert record["states"] > 50 and record["wide_states"] > 0 and record["tokens"] > 50, record
     assert all(record[name]["total_ms"] > 0 for name in ("nodes", "levels")), record
+    rows = record["mask_rows"]  # the steps' mask rows, built at every step against kept per state
+    assert rows["steps"] == record["tokens"] and 0 < rows["rows_built_by_guide_masks"] <= record["states"], record
+    assert rows["built_every_step_ms"] > 0 and rows["guide_masks_ms"] > 0, record
     bad = subprocess.run([sys.executable, script, "--outputs", "0"], capture_output=True, text=True, timeout=600,
                          check=False)
     assert bad.returncode == 2 and "--outputs" in bad.stderr

@@ -737,3 +737,25 @@ def test_bad_arguments():
         engine.load_adapter("", "x")
     with pytest.raises(ValueError, match="is not a folder"):
         engine.load_adapter("x", "/nonexistent")
+
+
+def test_guide_masks_are_built_once_per_state_and_kept_within_budget():
+    """A guide state's mask is built and sent once, for the ids object its guide hands out at
+    every step; the least recently used masks go once the kept ones pass the budget."""
+    from bora_kernels.serve.engine import GuideMasks
+
+    masks = GuideMasks(10, torch.device("cpu"), budget=30)  # three rows of 10 bytes
+    first, second = torch.tensor([1, 3, 12], dtype=torch.int32), [0, 9]  # 12 lies past the vocabulary
+    row = masks.row(first)
+    assert row.tolist() == [i in (1, 3) for i in range(10)] and row.device.type == "cpu"
+    assert masks.row(first) is row, "the same state's mask is not built again"
+    second_row = masks.row(second)
+    assert second_row.tolist() == [i in (0, 9) for i in range(10)]
+    third = torch.tensor([5])
+    third_row = masks.row(third)
+    masks.row(first)  # used again: now the most recent
+    masks.row(torch.tensor([7]))  # a fourth row: the least recently used (second) goes
+    assert len(masks) == 3
+    assert masks.row(first) is row and masks.row(third) is third_row
+    again = masks.row(second)  # built anew, equal
+    assert again is not second_row and torch.equal(again, second_row) and len(masks) == 3

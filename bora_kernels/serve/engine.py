@@ -101,6 +101,39 @@ def _ids(allowed) -> torch.Tensor:
     return allowed if isinstance(allowed, torch.Tensor) else torch.as_tensor(allowed, dtype=torch.long)
 
 
+GUIDE_MASK_BYTES = 64 << 20  # device memory for the masks of guide states kept between steps
+
+
+class GuideMasks:
+    """Guide states' allowed tokens as bool rows of ``vocab`` on ``device``, one per allowed-ids
+    object. A guide hands out the same kept list or tensor for a state at every step, so its row
+    is built (on the host) and copied to the device once; later steps only stack kept rows. The
+    least recently used rows go first once they take more than ``budget`` bytes. Each entry holds
+    its ids object, so that object's ``id`` cannot be reused while the row is kept."""
+
+    def __init__(self, vocab: int, device: torch.device, budget: int = GUIDE_MASK_BYTES):
+        self.vocab, self.device, self.budget = vocab, device, budget
+        self._rows: collections.OrderedDict[int, tuple[object, torch.Tensor]] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def row(self, allowed) -> torch.Tensor:
+        """The mask of ``allowed`` (a list or tensor of ids; ids at or past ``vocab`` ignored)."""
+        kept = self._rows.get(id(allowed))
+        if kept is not None:
+            self._rows.move_to_end(id(allowed))
+            return kept[1]
+        ids = _ids(allowed)
+        row = torch.zeros(self.vocab, dtype=torch.bool)
+        row[ids[ids < self.vocab]] = True
+        row = row.to(self.device)
+        self._rows[id(allowed)] = (allowed, row)
+        while len(self._rows) > 1 and len(self._rows) * self.vocab > self.budget:
+            self._rows.popitem(last=False)
+        return row
+
+
 PENALTIES = ("repetition_penalty", "presence_penalty", "frequency_penalty")  # penalized()'s order
 
 MAX_LOGPROBS = 20  # the most alternatives a request may ask for per token (vLLM's default limit)
@@ -366,6 +399,7 @@ class Engine:
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._mask: torch.Tensor | None = None     # [B, T] 1 for a real cache column, 0 for padding
         self._route: AdapterRoute | None = None    # the running batch's adapter ids, per membership
+        self._guide_masks: GuideMasks | None = None  # guided rows' masks, kept on the device
         self._thread: threading.Thread | None = None
         self._stop = False
         # requests, tokens, steps, step_sequences, prompt_tokens, cached_prompt_tokens, adapter_loads, adapter_evictions
@@ -666,7 +700,7 @@ class Engine:
         """Choose each sequence's next token, hand it out, and retire finished sequences."""
         # (row, the tokens its guide allows); a row whose guide allows none ends here (its row
         # chooses unmasked, and the token is dropped)
-        guided = [(i, _ids(s.request.guide.allowed())) for i, s in enumerate(seqs) if s.request.guide is not None]
+        guided = [(i, s.request.guide.allowed()) for i, s in enumerate(seqs) if s.request.guide is not None]
         stuck = {i for i, allowed in guided if not len(allowed)}
         chosen = self._choose(seqs, logits, [(i, allowed) for i, allowed in guided if i not in stuck])
         scored = [i for i, s in enumerate(seqs) if s.request.params.logprobs is not None]
@@ -696,7 +730,7 @@ class Engine:
                 done.append((seq, "length"))
         self._leave(done)
 
-    def _choose(self, seqs: list[_Seq], logits: torch.Tensor, guided: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+    def _choose(self, seqs: list[_Seq], logits: torch.Tensor, guided: list[tuple[int, object]]) -> torch.Tensor:
         rows = [i for i, s in enumerate(seqs) if s.request.params.penalized]
         bias = [i for i, s in enumerate(seqs) if s.request.params.logit_bias]
         # (row, token) to rule out: min_tokens' stop tokens
@@ -714,12 +748,12 @@ class Engine:
         if held:
             logits[tuple(torch.tensor(column, device=logits.device) for column in zip(*held))] = -math.inf
         if guided:  # (row, the tokens its guide allows): the row's other tokens are ruled out
-            vocab = logits.shape[-1]
-            keep = torch.zeros(len(guided), vocab, dtype=torch.bool)  # made on the host, sent once
-            for r, (_, allowed) in enumerate(guided):
-                keep[r, allowed[allowed < vocab]] = True
+            masks = self._guide_masks
+            if masks is None or masks.vocab != logits.shape[-1] or masks.device != logits.device:
+                masks = self._guide_masks = GuideMasks(logits.shape[-1], logits.device)
+            keep = torch.stack([masks.row(allowed) for _, allowed in guided])
             where = [i for i, _ in guided]
-            logits[where] = logits[where].masked_fill(~keep.to(logits.device), -math.inf)
+            logits[where] = logits[where].masked_fill(~keep, -math.inf)
         tokens = self._draw(seqs, logits)
         if rows:  # each row's token counted in its output, one launch; the rows keep views of ``counts``
             counts[:, 1].scatter_add_(1, tokens[rows][:, None], torch.ones(len(rows), 1, device=logits.device))
