@@ -603,7 +603,7 @@ def test_tool_calls(serve_demo, reference):
             assert r.status_code == 400 and r.json()["error"]["param"] == next(iter(extra)), r.text
 
 
-TAGS = ["<tool_call>", "</tool_call>", "<|python_tag|>"]  # special tokens of the parsers' tokenizer
+TAGS = ["<tool_call>", "</tool_call>", "<|python_tag|>", "[TOOL_CALLS]", "[ARGS]"]  # special tokens of the parsers' tokenizer
 _WEATHER_CALL = '"name": "weather", "{}": {{"city": "paris", "unit": "c"}}'
 # each parser: (outputs that call weather and now, each with the content beside the calls),
 # (outputs that are text: no calls, or calls that do not parse), (texts streamed a character at a
@@ -615,13 +615,19 @@ PARSED = {
                  '{"name": "now"}</tool_call>'), "sure. ")),
     "llama3_json": (((TAGS[2], "{" + _WEATHER_CALL.format("parameters") + "}; ", '{"name": "now", "parameters": {}}'), None),
                     ((" {" + _WEATHER_CALL.format("parameters") + "};", '{"name": "now", "arguments": {}}'), None)),
+    "mistral": ((("sure. ", TAGS[3], "[{" + _WEATHER_CALL.format("arguments") + '}, {"name": "now", "arguments": {}}] '),
+                 "sure. "),
+                ((TAGS[3], "weather", TAGS[4], '{"city": "paris", "unit": "c"}', TAGS[3], "now", TAGS[4], "{}"), None)),
 }
 PARSED_TEXTS = {
     "hermes": (("no calls <tool",), ("x", TAGS[0], '{"name": '), ("x", TAGS[0], '{"name": "now", "arguments": "no"}', TAGS[1])),
     "llama3_json": (("hello {",), ('{"name": "weather"',), ('{"answer": 1}',), ('{"name": "now", "parameters": {}} and',)),
+    "mistral": (("a [list]",), ("x", TAGS[3], '[{"name": '), ("x", TAGS[3], "now", TAGS[4], '"no"'),
+                ("x", TAGS[3], "now"), ("x", TAGS[3], "[]"), ("x", TAGS[3], "now", TAGS[4], "{} and")),
 }
 PARSED_STREAMS = {"hermes": (("sure. <tool_call>{}</tool_call>", "sure. "), ("no calls <tool", "no calls ")),
-                  "llama3_json": ((' {"name": "now", "parameters": {}}', ""), (" <|python_tag|>{}", ""), (" hi {", " hi {"))}
+                  "llama3_json": ((' {"name": "now", "parameters": {}}', ""), (" <|python_tag|>{}", ""), (" hi {", " hi {")),
+                  "mistral": (("sure. [TOOL_CALLS][]", "sure. "), ("no calls [TOOL", "no calls "), ("a [b]", "a [b]"))}
 
 
 @pytest.mark.parametrize("parser", list(PARSED))
@@ -629,20 +635,21 @@ def test_auto_tool_calls_read_by_a_parser(serve_demo, monkeypatch, parser):
     """``tool_parser`` (``--tool-call-parser``): with ``tool_choice`` "auto" (or none given) the
     model writes freely, and the calls it writes in the parser's format come back as calls
     (``hermes``: ``<tool_call>`` blocks, the text before them as content; ``llama3_json``: an
-    output of ``{"name", "parameters"}`` objects), whether the tags are special tokens (their
+    output of ``{"name", "parameters"}`` objects; ``mistral``: ``[TOOL_CALLS]`` and a JSON list or
+    ``name[ARGS]{...}`` calls), whether the tags are special tokens (their
     text is kept) or written in characters; streamed, that content goes out as written, never a
     piece of what may be a call, and the calls at the end. Output without calls, or with some that
     do not parse (or whose arguments are not an object), is content. (The outputs are scripted:
     the demo model writes no tool calls.)"""
     from bora_kernels.serve.tools import TOOL_PARSERS
 
-    chars = [c for c in BRACED.translate(str.maketrans("GHIJL", "<>_/;")) if c not in "EFK"] + TAGS  # (the same size)
+    chars = [c for c in BRACED.translate(str.maketrans("GHIJL", "<>_/;")) if c not in "EFKMN"] + TAGS  # (the same size)
     tokenizer = demo.char_tokenizer(chars)
     tokenizer.add_special_tokens({"additional_special_tokens": TAGS})
     assert len(tokenizer) == len(demo.SPECIALS) + len(demo.CHARS) and tokenizer.decode(tokenizer.convert_tokens_to_ids(TAGS),
                                                                                         skip_special_tokens=True) == ""
     tokenizer.chat_template = TOOL_TEMPLATE
-    with pytest.raises(ValueError, match="tool_parser: 'xml' is not one of hermes, llama3_json"):
+    with pytest.raises(ValueError, match="tool_parser: 'xml' is not one of hermes, llama3_json, mistral"):
         Server(None, tokenizer, BASE, tool_parser="xml")
     engine = Engine(transformers.AutoModelForCausalLM.from_pretrained(serve_demo / "base"), max_adapters=1,
                     max_lora_rank=8, max_batch=8)
@@ -661,6 +668,9 @@ def test_auto_tool_calls_read_by_a_parser(serve_demo, monkeypatch, parser):
     for text, shown in PARSED_STREAMS[parser]:  # streamed a character at a time
         stream = reader.stream()
         assert "".join(d.get("content", "") for c in text for d in stream.feed(c)) == shown
+    if parser == "mistral":  # newer Mistral tokenizers put a call id between the name and its arguments
+        calls = reader.calls("[TOOL_CALLS]now[CALL_ID]a1B2c3D4e[ARGS]{}")
+        assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [("now", "{}")]
     want = [("weather", '{"city": "paris", "unit": "c"}'), ("now", "{}")]
     body = {"model": BASE, "messages": [{"role": "user", "content": "weather in paris?"}], "tools": TOOLS,
             "temperature": 0, "max_tokens": 150}

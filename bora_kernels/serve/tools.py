@@ -16,7 +16,9 @@ tool's ``parameters`` schema accepts (``json_schema.schema_regex``):
   blocks, as Hermes 2 Pro and later and Qwen 2.5 and later write them; the text before the first
   block is the message's ``content``. ``llama3_json`` (``Llama3JsonCalls``): an output that is
   ``{"name": ..., "parameters": {...}}`` (several joined by ``;``, after an optional
-  ``<|python_tag|>``), as Llama 3.1 and later write JSON-based calls. These calls are not guided:
+  ``<|python_tag|>``), as Llama 3.1 and later write JSON-based calls. ``mistral``
+  (``MistralCalls``): ``[TOOL_CALLS]``, then a JSON list of calls or ``name[ARGS]{...}`` per
+  call, as Mistral's models write them; the text before it is the content. These calls are not guided:
   a name or arguments the model got wrong are handed back as written, and calls that do not
   parse leave the whole output as content. Special tokens' text is kept in such outputs (a
   format's tags may be special tokens).
@@ -27,7 +29,7 @@ its text, as ``content``).
 
 Streamed, a call's id and name go out once written, then its arguments piece by piece as they
 are written (a list's calls one after the other); under a parser, the text goes out as content up to where calls may
-begin (``hermes``: the first ``<tool_call>``, text that may be its start held back;
+begin (``hermes``, ``mistral``: the first tag, text that may be its start held back;
 ``llama3_json``: an output that begins with ``{`` is held), and the calls when the output ends.
 
 The conversation may hold earlier calls and their results, as OpenAI's clients send them: an
@@ -223,10 +225,29 @@ class _ParsedStream:
         return [{"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}], "tool_calls"
 
 
-class HermesCalls(ParsedCalls):
+class _TaggedCalls(ParsedCalls):
+    """Formats of text, then calls from a tag ``OPEN`` on: the text before the first tag is the
+    content, and streamed text goes out up to it, less an end that may be the tag's start."""
+
+    OPEN = ""
+
+    def content(self, text: str) -> str | None:
+        before = text[:text.find(self.OPEN)]
+        return before if before.strip() else None
+
+    def shown(self, text: str) -> int:
+        start = text.find(self.OPEN)
+        if start >= 0:
+            return start
+        for k in range(min(len(self.OPEN) - 1, len(text)), 0, -1):
+            if self.OPEN.startswith(text[-k:]):
+                return len(text) - k
+        return len(text)
+
+
+class HermesCalls(_TaggedCalls):
     """The ``hermes`` format (Hermes 2 Pro and later, Qwen 2.5 and later): text, then calls as
-    ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks; the text before the
-    first block is the content."""
+    ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks."""
 
     OPEN = "<tool_call>"
     BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)  # (the last may be left open)
@@ -243,19 +264,43 @@ class HermesCalls(ParsedCalls):
                 return None
         return None if None in found else found
 
-    def content(self, text: str) -> str | None:
-        before = text[:text.find(self.OPEN)]
-        return before if before.strip() else None
 
-    def shown(self, text: str) -> int:
-        """Up to the first block, less an end that may be the start of one."""
+class MistralCalls(_TaggedCalls):
+    """The ``mistral`` format: text, then ``[TOOL_CALLS]`` and the calls, either a JSON list of
+    ``{"name": ..., "arguments": {...}}`` (Mistral 7B v0.3, Mixtral 8x22B, Mistral Nemo) or
+    ``name[ARGS]{...}``, each call after its own ``[TOOL_CALLS]`` (newer Mistral tokenizers; a
+    ``[CALL_ID]...`` after the name is skipped)."""
+
+    OPEN, ARGS, CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
+
+    @staticmethod
+    def _json(text: str):
+        """The one JSON value ``text`` holds (surrounding space allowed); ValueError otherwise."""
+        text = text.strip()
+        value, end = json.JSONDecoder().raw_decode(text)
+        if text[end:]:
+            raise ValueError("text after the value")
+        return value
+
+    def calls(self, text: str) -> list[dict] | None:
         start = text.find(self.OPEN)
-        if start >= 0:
-            return start
-        for k in range(min(len(self.OPEN) - 1, len(text)), 0, -1):
-            if self.OPEN.startswith(text[-k:]):
-                return len(text) - k
-        return len(text)
+        if start < 0:
+            return None
+        body = text[start + len(self.OPEN):].strip()
+        try:
+            if body.startswith("["):
+                listed = self._json(body)
+                found = [self.read(call, "arguments") for call in listed] if isinstance(listed, list) else [None]
+            else:
+                found = []
+                for segment in body.split(self.OPEN):
+                    name, has_args, arguments = segment.partition(self.ARGS)
+                    name = name.partition(self.CALL_ID)[0].strip()
+                    found.append(self.read({"name": name, "arguments": self._json(arguments)}, "arguments")
+                                 if has_args and name else None)
+        except ValueError:  # (json's decode error is one)
+            return None
+        return None if None in found or not found else found
 
 
 class Llama3JsonCalls(ParsedCalls):
@@ -293,7 +338,8 @@ class Llama3JsonCalls(ParsedCalls):
         return len(text)
 
 
-TOOL_PARSERS = {"hermes": HermesCalls, "llama3_json": Llama3JsonCalls}  # for ``bora-serve --tool-call-parser``
+TOOL_PARSERS = {"hermes": HermesCalls, "llama3_json": Llama3JsonCalls,  # for ``bora-serve --tool-call-parser``
+                "mistral": MistralCalls}
 
 
 def _call(name: str, arguments: str) -> dict:
