@@ -459,4 +459,14 @@ def test_bitsandbytes_8bit_base_trains_and_refuses_merge(tmp_path):
     with pytest.raises(ValueError, match="quantized torch.int8 base weight"):
         layer.merge(0)
     assert torch.equal(layer.base_layer.weight, codes)
+    # DoRA needs the weight's values: a DoRA adapter for an 8-bit base is refused, naming both
+    peft = pytest.importorskip("peft")
+    peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)).save_pretrained(
+        tmp_path / "dora")
+    with pytest.raises(ValueError, match="adapter 'dora' is a DoRA adapter, and at .*q_proj.*: use_dora needs the "
+                                         "base weight's values, but Linear8bitLt holds a torch.int8 weight"):
+        bk.load_peft_adapters(model, {"dora": tmp_path / "dora"})
+    with pytest.raises(ValueError, match="use_dora needs the base weight's values"):
+        layer.set_adapter(1, torch.zeros(4, layer.in_features), torch.zeros(layer.out_features, 4),
+                          magnitude=torch.ones(layer.out_features))
 

@@ -526,6 +526,25 @@ def test_load_refuses_bad_checkpoints(tmp_path):
     with pytest.raises(ValueError, match="is not a folder"):
         bk.load_peft_adapters(tiny_model("llama"), {"missing": tmp_path / "nowhere"})
 
+    # DoRA: a magnitude of the wrong length, and a magnitude in a checkpoint without use_dora
+    dora = _folder(tmp_path / "dora", r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True)
+    dora_tensors = load_file(dora / "adapter_model.safetensors")
+    key_m = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"
+    dora_config = json.loads((dora / "adapter_config.json").read_text())
+    for field, weights, settings, match in [
+            ("short_magnitude", {**dora_tensors, key_m: torch.ones(31)}, dora_config,
+             rf"{key_m} has shape \(31,\).*expected \(32,\)"),
+            ("magnitude_without_dora", dora_tensors, {**dora_config, "use_dora": False},
+             "lora_magnitude_vector with use_dora")]:
+        folder = tmp_path / field
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(json.dumps(settings))
+        save_file(weights, folder / "adapter_model.safetensors")
+        model = tiny_model("llama")
+        with pytest.raises(ValueError, match=match):
+            bk.load_peft_adapters(model, {"good": good, field: folder})
+        assert not bk.model.adapter_layers(model), "a failed load must leave the model untouched"
+
 
 def test_load_into_injected_model(tmp_path):
     folder = _folder(tmp_path / "a", r=4, lora_alpha=8, target_modules=["q_proj"])
