@@ -95,17 +95,23 @@ def test_mixed_batch_forward_and_gradients(backend, how, bias, poison_empty):
     with run_on(backend):
         out = layer(x, given) if how != "route" else _routed(layer, given, x)
         (out * dy).sum().backward()
+    assert_matches_reference(layer, x, token_ids, out, dy, torch.float32)
+    assert (layer.lora_magnitude.grad[1] == 0).all(), "a plain LoRA adapter's magnitude row gets no gradient"
+
+
+def assert_matches_reference(layer, x, token_ids, out, dy, dtype):
+    """``out`` and the gradients its backward for ``dy`` left in x, A, B and the magnitude against
+    the float64 reference of a copy of ``layer``."""
     ref_layer = copy.deepcopy(layer)
     for p in (ref_layer.lora_A, ref_layer.lora_B, ref_layer.lora_magnitude):
         p.grad = None
     x_ref = x.detach().double().requires_grad_()
     want = reference(ref_layer, x_ref, token_ids)
     (want * dy.double()).sum().backward()
-    assert_close(out, want, torch.float32, "forward")
-    assert_close(x.grad, x_ref.grad, torch.float32, "dx")
+    assert_close(out, want, dtype, "forward")
+    assert_close(x.grad, x_ref.grad, dtype, "dx")
     for name in ("lora_A", "lora_B", "lora_magnitude"):
-        assert_close(getattr(layer, name).grad, getattr(ref_layer, name).grad, torch.float32, f"d{name}")
-    assert (layer.lora_magnitude.grad[1] == 0).all(), "a plain LoRA adapter's magnitude row gets no gradient"
+        assert_close(getattr(layer, name).grad, getattr(ref_layer, name).grad, dtype, f"d{name}")
 
 
 def _routed(layer, route, x):
@@ -313,16 +319,7 @@ def test_mixed_batch_on_gpu(dtype):
     with use_backend(None):
         out = layer(x, ids)
         (out * dy).sum().backward()
-    ref_layer = copy.deepcopy(layer)
-    for p in (ref_layer.lora_A, ref_layer.lora_B, ref_layer.lora_magnitude):
-        p.grad = None
-    x_ref = x.detach().double().requires_grad_()
-    want = reference(ref_layer, x_ref, ids)
-    (want * dy.double()).sum().backward()
-    assert_close(out, want, dtype, "forward")
-    assert_close(x.grad, x_ref.grad, dtype, "dx")
-    for name in ("lora_A", "lora_B", "lora_magnitude"):
-        assert_close(getattr(layer, name).grad, getattr(ref_layer, name).grad, dtype, f"d{name}")
+    assert_matches_reference(layer, x, ids, out, dy, dtype)
 
 
 def test_output_dtype_under_autocast_is_the_base_layers():
