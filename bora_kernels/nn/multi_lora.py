@@ -197,18 +197,16 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
                 "dora": (dora, torch.float32)}
 
     def _add_magnitude(self):
-        """The ``lora_magnitude`` parameter, every row the base weight's row norms."""
-        check_dora_base(self.base_layer)
+        """The ``lora_magnitude`` parameter (its base layer checked by the caller)."""
         self.lora_magnitude = nn.Parameter(torch.empty(self.num_adapters, self.out_features, dtype=self.lora_A.dtype,
                                                        device=self.lora_A.device))
-        self._reset_magnitude(range(self.num_adapters))
+        self._reset_magnitude()
 
     @torch.no_grad()
-    def _reset_magnitude(self, slots):
-        """DoRA's initial magnitude: ``||W + s B A||`` per row, the base's own while B is zero."""
-        norms = self._norms()
-        for d in slots:
-            self.lora_magnitude[d].copy_(norms[d])
+    def _reset_magnitude(self):
+        """Every row the base weight's row norms: DoRA's initial ``||W + s B A||`` with B zero
+        (rows of adapters set later, or without DoRA, are written or never read)."""
+        self.lora_magnitude.copy_(self._row_norms_sq().sqrt().expand_as(self.lora_magnitude))
 
     @torch.no_grad()
     def reset_lora_parameters(self):
@@ -220,7 +218,7 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
             if rank:
                 nn.init.kaiming_uniform_(self.lora_A[d, :rank], a=math.sqrt(5))
         if self.lora_magnitude is not None:
-            self._reset_magnitude(range(self.num_adapters))
+            self._reset_magnitude()
 
     def _cached(self, name: str, key: tuple, make, fresh: bool = False) -> torch.Tensor:
         """``make()``, kept while ``key`` stays the same; made afresh when ``fresh``."""
@@ -239,16 +237,27 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
             return dora_norms(self.base_layer, self.lora_A, self.lora_B, self.scaling, self.ranks, row_norms_sq,
                               self.fan_in_fan_out)
 
-        if torch.compiler.is_compiling() or recording_graph(self.lora_A.device):  # made afresh, never kept
-            return norms(base_row_norms_sq(self.base_layer, self.fan_in_fan_out))
-        base = base_key(self.base_layer)
-        row_norms_sq = self._cached("base", base, lambda: base_row_norms_sq(self.base_layer, self.fan_in_fan_out))
-        key = (base, *((t.data_ptr(), t._version) for t in (self.lora_A, self.lora_B, self.scaling, self.ranks)))
+        row_norms_sq = self._row_norms_sq()
+        if self._uncached():
+            return norms(row_norms_sq)
+        key = (base_key(self.base_layer),
+               *((t.data_ptr(), t._version) for t in (self.lora_A, self.lora_B, self.scaling, self.ranks)))
         # training: in train mode (reentrant checkpointing runs the first forward without grad)
         # or with grad enabled, while the adapters train
         trains = self.lora_A.requires_grad or self.lora_B.requires_grad
         training = (self.training or torch.is_grad_enabled()) and trains
         return self._cached("norms", key, lambda: norms(row_norms_sq), fresh=training)
+
+    def _uncached(self) -> bool:
+        """While torch.compile traces or a CUDA graph is captured, values are made afresh, never kept."""
+        return torch.compiler.is_compiling() or recording_graph(self.lora_A.device)
+
+    def _row_norms_sq(self) -> torch.Tensor:
+        """The frozen base weight's ``||W[n, :]||^2``, fp32 ``[N]``, kept while it stays the same."""
+        if self._uncached():
+            return base_row_norms_sq(self.base_layer, self.fan_in_fan_out)
+        return self._cached("base", base_key(self.base_layer),
+                            lambda: base_row_norms_sq(self.base_layer, self.fan_in_fan_out))
 
     def _write_buffers(self):
         super()._write_buffers()
@@ -341,7 +350,6 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
         (``merge_adapter`` warns); the original codes are kept, so ``unmerge`` is exact."""
         if self.merged is not None:
             raise RuntimeError(f"adapter {self.adapter_names[self.merged[0]]!r} is already merged; unmerge first")
-        self.clear_dora_cache()  # the base weight is about to change, possibly through .data
         if isinstance(self.base_layer, NF4Linear):
             base = self.base_layer
             saved = base.nf4_weight()
@@ -394,27 +402,26 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
             ids = ids.plan(x.shape[:-1], self.num_adapters, x.device)
         dropped = self.lora_dropout(x)
         x_in = dropped.to(autocast_dtype(x) or self.lora_A.dtype)  # the op's dtype: no cast in it
+
+        def delta(into=None):
+            return lora_delta(x_in, self.lora_A, self.lora_B, ids, self.scaling, self.ranks, add_to=into)
+
+        dora = self.lora_magnitude is not None and any(self.use_dora)
+        if dora and dropped is not x:
+            # DoRA under dropout (training) scales ``W x' + s B A x'`` of the dropped input, as PEFT
+            # does: the base layer again, and the delta once, out of place, for both sums
+            added = delta()
+            return self._dora(result + added.to(result.dtype), self.base_layer(dropped) + added, x, ids, adapter_ids)
         # added into the base output in place by the kernel that computes the delta, where the
         # base output is a fresh tensor its backward does not need (``plus_delta``)
-        out = plus_delta(self.base_layer, result, lambda into: lora_delta(
-            x_in, self.lora_A, self.lora_B, ids, self.scaling, self.ranks, add_to=into))
-        if self.lora_magnitude is None or not any(self.use_dora):
-            return out
-        return self._dora(out, x, dropped, ids, adapter_ids)
+        out = plus_delta(self.base_layer, result, delta)
+        return self._dora(out, out, x, ids, adapter_ids) if dora else out
 
-    def _dora(self, out: torch.Tensor, x: torch.Tensor, dropped: torch.Tensor, plan: LoRAPlan, adapter_ids):
-        """DoRA's ``out + t_d * (W x' + s B A x')`` per token (``nn/dora.py``) in ``out``'s dtype,
-        ``out`` being the LoRA layer's output. Without dropout ``W x + s B A x`` is ``out`` less the
-        bias. With dropout (training) it is computed from the dropped input as PEFT does: the base
-        layer again, and the delta again, recomputed rather than kept from ``out``, to which it was
-        added in place."""
+    def _dora(self, out: torch.Tensor, inner: torch.Tensor, x: torch.Tensor, plan: LoRAPlan, adapter_ids):
+        """DoRA's ``out + t_d * (inner - bias)`` per token (``nn/dora.py``) in ``out``'s dtype:
+        ``out`` the LoRA layer's output, ``inner`` its ``W x' + bias + s B A x'`` (``out`` itself
+        without dropout)."""
         bias = getattr(self.base_layer, "bias", None)
-        if dropped is x:
-            inner = out
-        else:
-            x_in = dropped.to(autocast_dtype(x) or self.lora_A.dtype)
-            inner = plus_delta(self.base_layer, self.base_layer(dropped), lambda into: lora_delta(
-                x_in, self.lora_A, self.lora_B, plan, self.scaling, self.ranks, add_to=into))
         if bias is not None:  # in fp32, so that a bf16 output (autocast) is rounded once, at the end
             inner = inner.float() - bias.float()
         shifted = context_scale(inner, self._dora_shift(), self._token_ids(x, plan, adapter_ids))

@@ -291,7 +291,7 @@ class IVON(torch.optim.Optimizer):
                           eps_next=eps_next[sl] if isinstance(eps_next, torch.Tensor) else eps_next,
                           draw_ess=scalars.ess * draw_scale, hess_approx=self.hess_approx, seed=self._seed,
                           index_base=sl.start, counters=counters)
-        if update or draw:
+        if update:  # (a draw writes the sample buffer, which the parameters show only after _show_sample)
             self._touched()
         if fold:
             self._pending = False

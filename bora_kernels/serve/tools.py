@@ -273,15 +273,6 @@ class MistralCalls(_TaggedCalls):
 
     OPEN, ARGS, CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
 
-    @staticmethod
-    def _json(text: str):
-        """The one JSON value ``text`` holds (surrounding space allowed); ValueError otherwise."""
-        text = text.strip()
-        value, end = json.JSONDecoder().raw_decode(text)
-        if text[end:]:
-            raise ValueError("text after the value")
-        return value
-
     def calls(self, text: str) -> list[dict] | None:
         start = text.find(self.OPEN)
         if start < 0:
@@ -289,14 +280,14 @@ class MistralCalls(_TaggedCalls):
         body = text[start + len(self.OPEN):].strip()
         try:
             if body.startswith("["):
-                listed = self._json(body)
+                listed = json.loads(body)
                 found = [self.read(call, "arguments") for call in listed] if isinstance(listed, list) else [None]
             else:
                 found = []
                 for segment in body.split(self.OPEN):
                     name, has_args, arguments = segment.partition(self.ARGS)
                     name = name.partition(self.CALL_ID)[0].strip()
-                    found.append(self.read({"name": name, "arguments": self._json(arguments)}, "arguments")
+                    found.append(self.read({"name": name, "arguments": json.loads(arguments)}, "arguments")
                                  if has_args and name else None)
         except ValueError:  # (json's decode error is one)
             return None

@@ -38,7 +38,7 @@ import torch
 
 from .._dispatch import autocast_off, backend, follows_autocast, recording_graph, records_grad
 from ..lora_delta import (LoRAPlan, _check_inputs, _kernels, _shape, apply_delta, check_add_to, check_adapter_ids,
-                          full_ranks, ids_per_sequence, lora_plan, unit_scaling)
+                          full_ranks, ids_per_sequence, lora_plan, plan_ids, unit_scaling)
 
 MASKED_MAX_COLUMNS = 128  # the CPU path's masked form: C * R at most this (and at most K and N)
 
@@ -183,14 +183,7 @@ def _token_weights(plan: ContextPlan, num_tokens: int) -> torch.Tensor:
     from the plan's grouping once and kept in it)."""
     if plan.weights is not None:
         return plan.weights.float()
-    ids_plan = plan.passes[0][0]
-    if "token_context" not in ids_plan.derived:
-        # segment s of the grouping holds id s - 2 (0: ids below -1, 1: -1, 2 + d: context d)
-        labels = torch.arange(-2, plan.num_contexts + 1, device=ids_plan.perm.device)
-        context = torch.empty(num_tokens, dtype=torch.int64, device=labels.device)
-        context[ids_plan.perm.long()] = labels.repeat_interleave(ids_plan.bounds.diff().long())
-        ids_plan.derived["token_context"] = context
-    context = ids_plan.derived["token_context"]
+    context = plan_ids(plan.passes[0][0]).reshape(num_tokens)
     return (context[:, None] == torch.arange(plan.num_contexts, device=context.device)).float()
 
 

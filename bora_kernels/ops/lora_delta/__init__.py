@@ -105,13 +105,17 @@ def lora_plan(adapter_ids: torch.Tensor, batch_shape: Sequence[int], num_adapter
 
 
 def plan_ids(plan: LoRAPlan) -> torch.Tensor:
-    """Each token's adapter id (-1: none), shaped ``plan.batch_shape``, rebuilt from the grouping
-    without a host sync: for what needs ids beside the grouping (DoRA's per-adapter scales)."""
-    positions = torch.arange(plan.perm.numel(), device=plan.perm.device, dtype=plan.bounds.dtype)
-    segment = torch.searchsorted(plan.bounds[1:].contiguous(), positions, right=True)
-    ids = torch.empty_like(segment)
-    ids[plan.perm] = segment - 2  # segment 1 holds id -1, segment 2 + d adapter d
-    return ids.reshape(plan.batch_shape)
+    """Each token's id (-1: none; -2 for the invalid ids below -1), int64 shaped
+    ``plan.batch_shape``, rebuilt from the grouping without a host sync and kept in
+    ``plan.derived``: for what needs ids beside the grouping (DoRA's per-adapter scales,
+    Context-PEFT's one-hot weights)."""
+    if "ids" not in plan.derived:
+        positions = torch.arange(plan.perm.numel(), device=plan.perm.device, dtype=plan.bounds.dtype)
+        segment = torch.searchsorted(plan.bounds[1:].contiguous(), positions, right=True)
+        ids = torch.empty_like(segment)
+        ids[plan.perm] = segment - 2  # segment 1 holds id -1, segment 2 + d adapter d
+        plan.derived["ids"] = ids
+    return plan.derived["ids"].reshape(plan.batch_shape)
 
 
 _CONSTANTS: dict = {}
