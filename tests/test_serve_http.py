@@ -603,7 +603,8 @@ def test_tool_calls(serve_demo, reference):
             assert r.status_code == 400 and r.json()["error"]["param"] == next(iter(extra)), r.text
 
 
-TAGS = ["<tool_call>", "</tool_call>", "<|python_tag|>", "[TOOL_CALLS]", "[ARGS]"]  # special tokens of the parsers' tokenizer
+TAGS = ["<tool_call>", "</tool_call>", "<|python_tag|>", "[TOOL_CALLS]", "[ARGS]", "<|python_start|>",
+        "<|python_end|>"]  # special tokens of the parsers' tokenizer
 _WEATHER_CALL = '"name": "weather", "{}": {{"city": "paris", "unit": "c"}}'
 # each parser: (outputs that call weather and now, each with the content beside the calls),
 # (outputs that are text: no calls, or calls that do not parse), (texts streamed a character at a
@@ -618,16 +619,21 @@ PARSED = {
     "mistral": ((("sure. ", TAGS[3], "[{" + _WEATHER_CALL.format("arguments") + '}, {"name": "now", "arguments": {}}] '),
                  "sure. "),
                 ((TAGS[3], "weather", TAGS[4], '{"city": "paris", "unit": "c"}', TAGS[3], "now", TAGS[4], "{}"), None)),
+    "pythonic": ((('[weather(city="paris", unit="c"), now()]',), None),
+                 ((TAGS[5], "[weather(city='paris', unit='c'), now()]", TAGS[6]), None)),
 }
 PARSED_TEXTS = {
     "hermes": (("no calls <tool",), ("x", TAGS[0], '{"name": '), ("x", TAGS[0], '{"name": "now", "arguments": "no"}', TAGS[1])),
     "llama3_json": (("hello {",), ('{"name": "weather"',), ('{"answer": 1}',), ('{"name": "now", "parameters": {}} and',)),
     "mistral": (("a [list]",), ("x", TAGS[3], '[{"name": '), ("x", TAGS[3], "now", TAGS[4], '"no"'),
                 ("x", TAGS[3], "now"), ("x", TAGS[3], "[]"), ("x", TAGS[3], "now", TAGS[4], "{} and")),
+    "pythonic": (("a [now()]",), ("[now(1)]",), ('[now(x=a)]',), ("[now()] and",), ("[]",), ('[weather(city="paris"',),
+                 ("[now(x=1, x=2)]",), ("[x.now()]",)),
 }
 PARSED_STREAMS = {"hermes": (("sure. <tool_call>{}</tool_call>", "sure. "), ("no calls <tool", "no calls ")),
                   "llama3_json": ((' {"name": "now", "parameters": {}}', ""), (" <|python_tag|>{}", ""), (" hi {", " hi {")),
-                  "mistral": (("sure. [TOOL_CALLS][]", "sure. "), ("no calls [TOOL", "no calls "), ("a [b]", "a [b]"))}
+                  "mistral": (("sure. [TOOL_CALLS][]", "sure. "), ("no calls [TOOL", "no calls "), ("a [b]", "a [b]")),
+                  "pythonic": ((" [now()]", ""), (" <|python_st", ""), ("hi [now()]", "hi [now()]"))}
 
 
 @pytest.mark.parametrize("parser", list(PARSED))
@@ -636,20 +642,21 @@ def test_auto_tool_calls_read_by_a_parser(serve_demo, monkeypatch, parser):
     model writes freely, and the calls it writes in the parser's format come back as calls
     (``hermes``: ``<tool_call>`` blocks, the text before them as content; ``llama3_json``: an
     output of ``{"name", "parameters"}`` objects; ``mistral``: ``[TOOL_CALLS]`` and a JSON list or
-    ``name[ARGS]{...}`` calls), whether the tags are special tokens (their
+    ``name[ARGS]{...}`` calls; ``pythonic``: an output that is a Python list of calls with
+    literal keyword arguments), whether the tags are special tokens (their
     text is kept) or written in characters; streamed, that content goes out as written, never a
     piece of what may be a call, and the calls at the end. Output without calls, or with some that
     do not parse (or whose arguments are not an object), is content. (The outputs are scripted:
     the demo model writes no tool calls.)"""
     from bora_kernels.serve.tools import TOOL_PARSERS
 
-    chars = [c for c in BRACED.translate(str.maketrans("GHIJL", "<>_/;")) if c not in "EFKMN"] + TAGS  # (the same size)
+    chars = [c for c in BRACED.translate(str.maketrans("GHIJLOPQ", "<>_/;()=")) if c not in "EFKMNRS"] + TAGS  # (the same size)
     tokenizer = demo.char_tokenizer(chars)
     tokenizer.add_special_tokens({"additional_special_tokens": TAGS})
     assert len(tokenizer) == len(demo.SPECIALS) + len(demo.CHARS) and tokenizer.decode(tokenizer.convert_tokens_to_ids(TAGS),
                                                                                         skip_special_tokens=True) == ""
     tokenizer.chat_template = TOOL_TEMPLATE
-    with pytest.raises(ValueError, match="tool_parser: 'xml' is not one of hermes, llama3_json, mistral"):
+    with pytest.raises(ValueError, match="tool_parser: 'xml' is not one of hermes, llama3_json, mistral, pythonic"):
         Server(None, tokenizer, BASE, tool_parser="xml")
     engine = Engine(transformers.AutoModelForCausalLM.from_pretrained(serve_demo / "base"), max_adapters=1,
                     max_lora_rank=8, max_batch=8)
@@ -668,9 +675,24 @@ def test_auto_tool_calls_read_by_a_parser(serve_demo, monkeypatch, parser):
     for text, shown in PARSED_STREAMS[parser]:  # streamed a character at a time
         stream = reader.stream()
         assert "".join(d.get("content", "") for c in text for d in stream.feed(c)) == shown
+    read = []  # each streamed character is read a bounded number of times (not the whole text at every piece)
+    monkeypatch.setattr(reader, "shown", lambda held, first, shown=reader.shown: read.append(len(held)) or shown(held, first))
+    for text in ("x" * 3000, PARSED[parser][0][0][-1] * 20):
+        stream, read[:] = reader.stream(), []
+        for c in text:
+            stream.feed(c)
+        assert sum(read) <= 16 * len(text), (len(text), sum(read))
     if parser == "mistral":  # newer Mistral tokenizers put a call id between the name and its arguments
         calls = reader.calls("[TOOL_CALLS]now[CALL_ID]a1B2c3D4e[ARGS]{}")
         assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [("now", "{}")]
+    if parser == "pythonic":  # Python's literals become JSON; what is not a JSON value is not a call
+        calls = reader.calls("[now(a=[1, -2.5, (3, 4)], b={'k': None}, c=True, d=false, e='é')]")
+        assert json.loads(calls[0]["function"]["arguments"]) == {"a": [1, -2.5, [3, 4]], "b": {"k": None}, "c": True,
+                                                                 "d": False, "e": "é"}
+        assert '"é"' in calls[0]["function"]["arguments"]
+        for text in ("[now(a=1e999)]", "[now(a={1: 2})]", "[now(a={1, 2})]", "[now(a=b'x')]", "[now(a=1j)]",
+                     "[now(a=f())]", "[now(**a)]", "[now(a=[" * 300 + "]" * 300 + ")]"):
+            assert reader.calls(text) is None, text
     want = [("weather", '{"city": "paris", "unit": "c"}'), ("now", "{}")]
     body = {"model": BASE, "messages": [{"role": "user", "content": "weather in paris?"}], "tools": TOOLS,
             "temperature": 0, "max_tokens": 150}

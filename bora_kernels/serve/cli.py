@@ -71,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tool-call-parser", choices=list(TOOL_PARSERS), default=None,
                    help="how the model writes tool calls, for tool_choice \"auto\" (hermes: <tool_call> blocks, as "
                         "Hermes 2 Pro and Qwen 2.5 and later write them; llama3_json: Llama 3.1's JSON calls; "
-                        "mistral: [TOOL_CALLS] and a JSON list or name[ARGS]{...}); "
+                        "mistral: [TOOL_CALLS] and a JSON list or name[ARGS]{...}; pythonic: Llama 3.2 and 4's "
+                        "[name(key=value, ...), ...]); "
                         "without it \"auto\" gets 400, while a named function and \"required\" work with any model")
     p.add_argument("--schedule", choices=SCHEDULES, default="mixed",
                    help="per-adapter: one adapter per batch (the baseline bora-bench serve compares with)")

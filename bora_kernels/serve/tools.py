@@ -18,7 +18,10 @@ tool's ``parameters`` schema accepts (``json_schema.schema_regex``):
   ``{"name": ..., "parameters": {...}}`` (several joined by ``;``, after an optional
   ``<|python_tag|>``), as Llama 3.1 and later write JSON-based calls. ``mistral``
   (``MistralCalls``): ``[TOOL_CALLS]``, then a JSON list of calls or ``name[ARGS]{...}`` per
-  call, as Mistral's models write them; the text before it is the content. These calls are not guided:
+  call, as Mistral's models write them; the text before it is the content. ``pythonic``
+  (``PythonicCalls``): an output that is a Python list of calls, ``[name(key=value, ...), ...]``
+  (in ``<|python_start|>`` and ``<|python_end|>`` for Llama 4), as Llama 3.2 and Llama 4 write
+  them, read as a syntax tree and never run. These calls are not guided:
   a name or arguments the model got wrong are handed back as written, and calls that do not
   parse leave the whole output as content. Special tokens' text is kept in such outputs (a
   format's tags may be special tokens).
@@ -30,7 +33,8 @@ its text, as ``content``).
 Streamed, a call's id and name go out once written, then its arguments piece by piece as they
 are written (a list's calls one after the other); under a parser, the text goes out as content up to where calls may
 begin (``hermes``, ``mistral``: the first tag, text that may be its start held back;
-``llama3_json``: an output that begins with ``{`` is held), and the calls when the output ends.
+``llama3_json``, ``pythonic``: an output that begins with ``{``, ``[`` or the tag is held), and
+the calls when the output ends.
 
 The conversation may hold earlier calls and their results, as OpenAI's clients send them: an
 assistant message with ``tool_calls`` (its ``content`` may be null) and ``tool`` messages with
@@ -40,8 +44,10 @@ call's ``arguments`` as an object rather than JSON text.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
+import math
 import re
 import uuid
 
@@ -184,7 +190,10 @@ class ParsedCalls:
     def content(self, text: str) -> str | None:
         raise NotImplementedError
 
-    def shown(self, text: str) -> int:
+    def shown(self, held: str, first: bool) -> tuple[int, bool]:
+        """For a stream: how much of ``held`` (the text written after what went out as content;
+        ``first``: nothing went out yet) can go out now (not what may yet be a call), and
+        whether calls have begun (then the rest of the output is held to its end, unread)."""
         raise NotImplementedError
 
     def reply(self, text: str, finish: str | None) -> tuple[dict, str | None]:
@@ -206,20 +215,29 @@ class ParsedCalls:
 
 class _ParsedStream:
     """One streamed choice under a ``ParsedCalls``: the text goes out as content as far as it
-    is ``shown``, the calls (or the rest of the text, where they do not parse) at the end."""
+    is ``shown``, the calls (or the rest of the text, where they do not parse) at the end. Each
+    piece is read once: what is held back before calls begin is a few characters (the start of a
+    tag), and after they begin pieces are only kept."""
 
     def __init__(self, parser: ParsedCalls):
-        self.parser, self.text, self.sent = parser, "", 0
+        self.parser, self.sent, self.held, self.begun = parser, [], "", False
+        self.rest: list[str] = []  # pieces after the calls began
         self.first = {"role": "assistant", "content": ""}
 
     def feed(self, piece: str) -> list[dict]:
-        self.text += piece
-        shown = self.parser.shown(self.text)
-        more, self.sent = self.text[self.sent:shown], max(self.sent, shown)
+        if self.begun:
+            self.rest.append(piece)
+            return []
+        held = self.held + piece
+        count, self.begun = self.parser.shown(held, not self.sent)
+        more, self.held = held[:count], held[count:]
+        if more:
+            self.sent.append(more)
         return [{"content": more}] if more else []
 
     def end(self, finish: str | None) -> tuple[list[dict], str | None]:
-        calls, rest = self.parser.calls(self.text), self.text[self.sent:]
+        rest = self.held + "".join(self.rest)
+        calls = self.parser.calls("".join(self.sent) + rest)
         if calls is None:
             return [{"content": rest}] if rest else [], finish
         return [{"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}], "tool_calls"
@@ -235,14 +253,14 @@ class _TaggedCalls(ParsedCalls):
         before = text[:text.find(self.OPEN)]
         return before if before.strip() else None
 
-    def shown(self, text: str) -> int:
-        start = text.find(self.OPEN)
+    def shown(self, held: str, first: bool) -> tuple[int, bool]:
+        start = held.find(self.OPEN)
         if start >= 0:
-            return start
-        for k in range(min(len(self.OPEN) - 1, len(text)), 0, -1):
-            if self.OPEN.startswith(text[-k:]):
-                return len(text) - k
-        return len(text)
+            return start, True
+        for k in range(min(len(self.OPEN) - 1, len(held)), 0, -1):
+            if self.OPEN.startswith(held[-k:]):
+                return len(held) - k, False
+        return len(held), False
 
 
 class HermesCalls(_TaggedCalls):
@@ -294,17 +312,36 @@ class MistralCalls(_TaggedCalls):
         return None if None in found or not found else found
 
 
-class Llama3JsonCalls(ParsedCalls):
-    """The ``llama3_json`` format (Llama 3.1 and later, JSON-based tool calling): the whole output
-    is the calls, ``{"name": ..., "parameters": {...}}`` (``"arguments"`` read too), several
-    joined by ``;``, after an optional ``<|python_tag|>``; otherwise it is text. An output that
-    begins with ``{`` or the tag is held back until it is whole."""
+class _WholeOutputCalls(ParsedCalls):
+    """Formats where the whole output is the calls (after an optional tag ``TAG``, before an
+    optional ``END``) or else text: there is no content beside calls, and an output that begins
+    with ``STARTS`` or the tag is held back until it is whole."""
 
-    TAG = "<|python_tag|>"
+    TAG, END, STARTS = "", "", ""
 
     def _body(self, text: str) -> str:
         body = text.strip()
-        return body[len(self.TAG):].lstrip() if body.startswith(self.TAG) else body
+        body = body[len(self.TAG):].lstrip() if body.startswith(self.TAG) else body
+        return body[:-len(self.END)].rstrip() if self.END and body.endswith(self.END) else body
+
+    def content(self, text: str) -> str | None:
+        return None
+
+    def shown(self, held: str, first: bool) -> tuple[int, bool]:
+        start = held.lstrip() if first else None  # (held is only space or a tag's start while first)
+        if start is None:
+            return len(held), False
+        if start.startswith((self.STARTS, self.TAG)):
+            return 0, True
+        return (0 if not start or self.TAG.startswith(start) else len(held)), False
+
+
+class Llama3JsonCalls(_WholeOutputCalls):
+    """The ``llama3_json`` format (Llama 3.1 and later, JSON-based tool calling): the whole output
+    is the calls, ``{"name": ..., "parameters": {...}}`` (``"arguments"`` read too), several
+    joined by ``;``, after an optional ``<|python_tag|>``; otherwise it is text."""
+
+    TAG, STARTS = "<|python_tag|>", "{"
 
     def calls(self, text: str) -> list[dict] | None:
         body, decoder, found, at = self._body(text), json.JSONDecoder(), [], 0
@@ -319,18 +356,66 @@ class Llama3JsonCalls(ParsedCalls):
             at = len(body) - len(body[at:].lstrip().removeprefix(";").lstrip())
         return None if None in found else found
 
-    def content(self, text: str) -> str | None:
-        return None
 
-    def shown(self, text: str) -> int:
-        start = text.lstrip()
-        if not start or start.startswith(("{", self.TAG)) or self.TAG.startswith(start):
-            return 0
-        return len(text)
+_NAMED_VALUES = {"True": True, "False": False, "None": None, "true": True, "false": False, "null": None}
+
+
+def _literal(node: ast.AST):
+    """The JSON value of a Python literal's syntax tree: strings, finite numbers, ``True``,
+    ``False``, ``None`` (and JSON's ``true``, ``false``, ``null``), lists, tuples (as lists) and
+    dicts with string keys; ValueError for anything else (names, calls, bytes, sets...)."""
+    if isinstance(node, ast.Constant) and (node.value is None or type(node.value) in (str, bool, int, float)):
+        value = node.value
+    elif isinstance(node, ast.Name) and node.id in _NAMED_VALUES:
+        return _NAMED_VALUES[node.id]
+    elif (isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd))
+          and isinstance(node.operand, ast.Constant) and type(node.operand.value) in (int, float)):
+        value = -node.operand.value if isinstance(node.op, ast.USub) else node.operand.value
+    elif isinstance(node, (ast.List, ast.Tuple)):
+        return [_literal(item) for item in node.elts]
+    elif isinstance(node, ast.Dict) and all(isinstance(k, ast.Constant) and type(k.value) is str for k in node.keys):
+        return {k.value: _literal(v) for k, v in zip(node.keys, node.values)}
+    else:
+        raise ValueError(f"not a JSON value: {ast.dump(node):.80}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("not a finite number")
+    return value
+
+
+class PythonicCalls(_WholeOutputCalls):
+    """The ``pythonic`` format (Llama 3.2 and Llama 4): the whole output is a Python list of
+    calls with keyword arguments, ``[weather(city="paris", unit="c"), now()]`` (Llama 4 wraps it
+    in ``<|python_start|>`` and ``<|python_end|>``); otherwise it is text. It is read as a syntax
+    tree, never run: the arguments must be literals (strings, numbers, booleans, None, lists and
+    dicts; JSON's ``true``, ``false`` and ``null`` read too), and each call's arguments go out as
+    a JSON object."""
+
+    TAG, END, STARTS = "<|python_start|>", "<|python_end|>", "["
+
+    def calls(self, text: str) -> list[dict] | None:
+        body = self._body(text)
+        if not body.startswith("["):
+            return None
+        try:
+            tree = ast.parse(body, mode="eval").body
+            if not (isinstance(tree, ast.List) and tree.elts):
+                return None
+            found = []
+            for call in tree.elts:
+                if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and not call.args
+                        and all(k.arg is not None for k in call.keywords)):
+                    return None
+                arguments = {k.arg: _literal(k.value) for k in call.keywords}
+                if len(arguments) < len(call.keywords):  # (a name given twice)
+                    return None
+                found.append(self.read({"name": call.func.id, "arguments": arguments}, "arguments"))
+        except (SyntaxError, ValueError, RecursionError, MemoryError):  # (text, or too deeply nested to read)
+            return None
+        return found
 
 
 TOOL_PARSERS = {"hermes": HermesCalls, "llama3_json": Llama3JsonCalls,  # for ``bora-serve --tool-call-parser``
-                "mistral": MistralCalls}
+                "mistral": MistralCalls, "pythonic": PythonicCalls}
 
 
 def _call(name: str, arguments: str) -> dict:
