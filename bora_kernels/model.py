@@ -145,14 +145,15 @@ def inject(model: nn.Module, target_modules: str | Iterable[str], num_adapters: 
            dropout: float = 0.0, method: str = "lora", quantize=None, dtype: torch.dtype | None = None,
            exclude_modules: str | Iterable[str] | None = None, use_rslora=False,
            adapter_names: Sequence[str] | None = None, feedforward_modules: str | Iterable[str] | None = None,
-           use_dora=False):
+           use_dora=False, lora_bias=False):
     """Replace every matching linear layer of ``model`` by an adapter layer in place.
 
     ``method``:
 
     - ``"lora"``: ``MultiLoRALinear``, ``num_adapters`` LoRA adapters chosen per sequence or token
       by ``use_adapters``. ``r``, ``alpha``, ``use_rslora``, ``use_dora`` (DoRA: a trained
-      magnitude per output feature on top, as PEFT's ``use_dora``): one value or one per adapter;
+      magnitude per output feature on top, as PEFT's ``use_dora``), ``lora_bias`` (a trained bias
+      of B, as PEFT's ``lora_bias``; the base layers need biases): one value or one per adapter;
       ``adapter_names`` (default ``"0"``, ``"1"``, ...) name them for ``use_adapters`` and PEFT
       checkpoints.
     - ``"context_lora"``, ``"context_bitfit"``, ``"context_ia3"``: Context-PEFT's
@@ -177,8 +178,9 @@ def inject(model: nn.Module, target_modules: str | Iterable[str], num_adapters: 
         raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
     if feedforward_modules is not None and method != "context_ia3":
         raise ValueError(f"feedforward_modules applies to method='context_ia3' only, not {method!r}")
-    if use_dora is not False and method != "lora":
-        raise ValueError(f"use_dora applies to method='lora' only, not {method!r}")
+    for flag, value in (("use_dora", use_dora), ("lora_bias", lora_bias)):
+        if value is not False and method != "lora":
+            raise ValueError(f"{flag} applies to method='lora' only, not {method!r}")
     if any(isinstance(m, _WRAPPERS) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} already has adapter layers; inject once")
     targets = find_targets(model, target_modules, exclude_modules)
@@ -199,7 +201,7 @@ def inject(model: nn.Module, target_modules: str | Iterable[str], num_adapters: 
         if method == "lora":
             return MultiLoRALinear(module, num_adapters, r=r, alpha=alpha, dropout=dropout, dtype=dtype,
                                    use_rslora=use_rslora, fan_in_fan_out=fan, adapter_names=adapter_names,
-                                   use_dora=use_dora)
+                                   use_dora=use_dora, lora_bias=lora_bias)
         if method == "context_lora":
             return ContextLoRALinear(module, num_adapters, r=r, alpha=alpha, dropout=dropout, dtype=dtype,
                                      use_rslora=use_rslora, fan_in_fan_out=fan)
@@ -260,6 +262,8 @@ def summary(model: nn.Module) -> str:
             f"r={int(present[0])}" if present.unique().numel() == 1 else f"r={int(present.min())}-{int(present.max())}")
         if any(m.adapter_magnitude(d) is not None for m in layers.values()):
             text += "+DoRA"
+        if any(m.adapter_bias(d) is not None for m in layers.values()):
+            text += "+bias"
         per_adapter.append(f"{name}:{text}")
     used = sum(int(ranks[i].sum()) * (m.in_features + m.out_features) for i, m in enumerate(layers.values()))
     shown = ", ".join(per_adapter[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")

@@ -18,19 +18,20 @@ from .model import (_adapter_index, _fan_in_fan_out, _inject_targets, _layers_or
                     adapter_names, base_modules, linear_features)
 from .nn import MultiLoRALinear
 from .nn.dora import check_dora_base
+from .nn.multi_lora import check_lora_bias_base
 from .tensor_files import hub_snapshot, read_tensor_file
 
 CONFIG_FILE, WEIGHTS_FILE, PICKLE_FILE = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 PREFIX = "base_model.model."
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/repo, as the Hugging Face Hub names repositories
-# a module's lora_A / lora_B weight, or its DoRA magnitude (part M; with or without the adapter
-# name and ``.weight`` that older PEFT versions wrote)
-_KEY = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<part>[AB])(?:\.[^.]+)?\.weight"
+# a module's lora_A / lora_B weight, its lora_B bias (``lora_bias``), or its DoRA magnitude (part
+# M; with or without the adapter name and ``.weight`` that older PEFT versions wrote)
+_KEY = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<part>[AB])(?:\.[^.]+)?\.weight|lora_B(?:\.[^.]+)?\.(?P<bias>bias)"
                   r"|lora_(?P<magnitude>magnitude)_vector(?:\.[^.]+)?(?:\.weight)?)$")
 # config fields whose non-default values change the computation in ways this runtime does not do
 # (a replicated layer stack, adapters active only after invocation tokens, pooled inputs, sampled
 # or routed adapters, a changed base weight...); VeLoRA changes only the backward pass, so loads
-_UNSUPPORTED = {"lora_bias": False, "modules_to_save": None,
+_UNSUPPORTED = {"modules_to_save": None,
                 "target_parameters": None, "trainable_token_indices": None, "layer_replication": None,
                 "alora_invocation_tokens": None, "use_qalora": False, "monteclora_config": None,
                 "kasa_config": None, "use_bdlora": None, "arrow_config": None}
@@ -89,38 +90,43 @@ def _read(name: str, folder, revision: str | None = None) -> tuple[dict, dict[st
 
 
 class ModuleAdapter(NamedTuple):
-    """One adapter's weights at one module, PEFT's layout: A ``[r, K]``, B ``[N, r]``, and for
-    DoRA the magnitude ``[N]`` (else None)."""
+    """One adapter's weights at one module, PEFT's layout: A ``[r, K]``, B ``[N, r]``, for DoRA
+    the magnitude ``[N]``, and under ``lora_bias`` B's bias ``[N]`` (else None)."""
     a: torch.Tensor
     b: torch.Tensor
     rank: int
     alpha: float
     magnitude: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
 
 
 def _module_weights(name: str, config: dict, tensors: dict, model: nn.Module, modules: dict) -> dict:
     """``{module: ModuleAdapter}`` for one adapter, every shape checked."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    dora = bool(config.get("use_dora", False))
+    dora, biased = bool(config.get("use_dora", False)), bool(config.get("lora_bias", False))
+    if dora and biased:
+        raise ValueError(f"adapter {name!r}: use_dora and lora_bias are both set, which PEFT does not allow")
     for key, tensor in tensors.items():
         match = _KEY.match(key[len(PREFIX):] if key.startswith(PREFIX) else key)
-        if match is None or (match["magnitude"] and not dora):
+        if match is None or (match["magnitude"] and not dora) or (match["bias"] and not biased):
             raise ValueError(f"adapter {name!r}: key {key!r} is not a LoRA A/B weight of a linear layer "
-                             f"(only lora_A/lora_B weights load" + (", and lora_magnitude_vector with use_dora"
-                                                                     if match else "") + ")")
+                             f"(only lora_A/lora_B weights load" + (", lora_magnitude_vector with use_dora and "
+                                                                     "lora_B.bias with lora_bias" if match else "") + ")")
         module = match["module"]
         if module not in modules:
             near = difflib.get_close_matches(module, list(modules), n=3, cutoff=0.5)
             raise ValueError(f"adapter {name!r}: key {key!r} names module {module!r}, which is not a linear "
                              f"layer of {type(model).__name__}" + (f"; near: {near}" if near else ""))
-        pairs.setdefault(module, {})[match["part"] or "M"] = (key, tensor)
+        pairs.setdefault(module, {})[match["part"] or ("bias" if match["bias"] else "M")] = (key, tensor)
     out = {}
     for module, parts in pairs.items():
         if not {"A", "B"} <= set(parts):
-            raise ValueError(f"adapter {name!r}: module {module!r} has lora_{''.join(sorted(set(parts) - {'M'}))} "
+            raise ValueError(f"adapter {name!r}: module {module!r} has lora_{''.join(sorted(set(parts) & {'A', 'B'}))} "
                              f"but not both A and B")
         if dora and "M" not in parts:
             raise ValueError(f"adapter {name!r}: use_dora is set, but module {module!r} has no lora_magnitude_vector")
+        if biased and "bias" not in parts:
+            raise ValueError(f"adapter {name!r}: lora_bias is set, but module {module!r} has no lora_B bias")
         (key_a, a), (key_b, b) = parts["A"], parts["B"]
         rank = int(_pattern_value(config.get("rank_pattern"), module, config.get("r", 8)))
         alpha = float(_pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8)))
@@ -131,13 +137,12 @@ def _module_weights(name: str, config: dict, tensors: dict, model: nn.Module, mo
         if tuple(b.shape) != (n, rank):
             raise ValueError(f"adapter {name!r}: {key_b} has shape {tuple(b.shape)}, but module {module!r} "
                              f"has {n} outputs and the config gives rank {rank}: expected {(n, rank)}")
-        magnitude = None
-        if dora:
-            key_m, magnitude = parts["M"]
-            if tuple(magnitude.shape) != (n,):
-                raise ValueError(f"adapter {name!r}: {key_m} has shape {tuple(magnitude.shape)}, but module "
-                                 f"{module!r} has {n} outputs: expected {(n,)}")
-        out[module] = ModuleAdapter(a, b, rank, alpha, magnitude)
+        for part in ("M", "bias"):  # DoRA's magnitude, B's bias: one value per output
+            if part in parts and tuple(parts[part][1].shape) != (n,):
+                raise ValueError(f"adapter {name!r}: {parts[part][0]} has shape {tuple(parts[part][1].shape)}, but "
+                                 f"module {module!r} has {n} outputs: expected {(n,)}")
+        out[module] = ModuleAdapter(a, b, rank, alpha, parts.get("M", (None, None))[1],
+                                    parts.get("bias", (None, None))[1])
     if not out:
         raise ValueError(f"adapter {name!r}: the weights file holds no LoRA weights")
     return out
@@ -158,6 +163,8 @@ def read_peft_adapter(model: nn.Module, name: str, folder, revision: str | None 
     layers = adapter_layers(model)
     if layers:
         _check_fits(name, weights, layers)
+    else:  # (injected later, around these modules)
+        _check_bases(name, weights, {module: model.get_submodule(module) for module in weights})
     return config, weights
 
 
@@ -170,11 +177,20 @@ def _check_fits(name: str, weights: dict, layers: dict) -> None:
         if rank > layers[module].lora_A.shape[1]:
             raise ValueError(f"adapter {name!r} has rank {rank} at {module!r}, more than the injected "
                              f"rank {layers[module].lora_A.shape[1]}; inject with a larger r")
-        if weight.magnitude is not None:
-            try:
-                check_dora_base(layers[module].base_layer)
-            except ValueError as err:
-                raise ValueError(f"adapter {name!r} is a DoRA adapter, and at {module!r}: {err}") from None
+    _check_bases(name, weights, {module: layers[module].base_layer for module in weights})
+
+
+def _check_bases(name: str, weights: dict, bases: dict) -> None:
+    """What DoRA and ``lora_bias`` need of each targeted base layer, a ``ValueError`` naming the
+    adapter and the module otherwise."""
+    for module, weight in weights.items():
+        for what, needed, check in (("is a DoRA adapter", weight.magnitude, check_dora_base),
+                                    ("has a lora_bias", weight.bias, check_lora_bias_base)):
+            if needed is not None:
+                try:
+                    check(bases[module])
+                except ValueError as err:
+                    raise ValueError(f"adapter {name!r} {what}, and at {module!r}: {err}") from None
 
 
 def _write(layers: dict, d: int, config: dict, weights: dict) -> None:
@@ -185,7 +201,7 @@ def _write(layers: dict, d: int, config: dict, weights: dict) -> None:
             layer.set_adapter(d, None, None, alpha=8, use_rslora=use_rslora)
         else:
             layer.set_adapter(d, weight.a, weight.b, alpha=weight.alpha, use_rslora=use_rslora,
-                              magnitude=weight.magnitude)
+                              magnitude=weight.magnitude, bias=weight.bias)
 
 
 def set_peft_adapter(model: nn.Module, slot, adapter: tuple[dict, dict], name: str = "adapter") -> None:
@@ -209,7 +225,7 @@ def load_peft_adapters(model: nn.Module, adapters: Mapping[str, str | Path], dty
     adapter does not target the module). A model that already has adapter layers (from
     ``inject(..., adapter_names=...)``) has the named slots filled; their ranks must fit.
     Adapters may differ in rank, alpha, ``use_rslora``, ``use_dora`` (DoRA adapters keep their
-    magnitudes), patterns and target modules. Weights are
+    magnitudes), ``lora_bias``, patterns and target modules. Weights are
     read from ``adapter_model.safetensors``, else ``adapter_model.bin`` (``weights_only=True``,
     torch >= 2.6); every tensor's shape is checked against its module. ``dtype``:
     the adapters' dtype on injection (default: each base weight's). ``revision``: the branch,
@@ -228,12 +244,13 @@ def load_peft_adapters(model: nn.Module, adapters: Mapping[str, str | Path], dty
         targets = sorted({m for _, weights in loaded.values() for m in weights})
         ranks = {m: [loaded[a][1][m].rank if m in loaded[a][1] else 0 for a in names] for m in targets}
         dora = {m: [m in loaded[a][1] and loaded[a][1][m].magnitude is not None for a in names] for m in targets}
+        biased = {m: [m in loaded[a][1] and loaded[a][1][m].bias is not None for a in names] for m in targets}
         dropout = max(float(config.get("lora_dropout", 0.0)) for config, _ in loaded.values())
         modules = dict(model.named_modules())
         _inject_targets(model, [(m, modules[m], _fan_in_fan_out(modules[m])) for m in targets],
                         lambda m, module, fan: MultiLoRALinear(module, len(names), r=ranks[m], dropout=dropout,
                                                                dtype=dtype, fan_in_fan_out=fan, adapter_names=names,
-                                                               use_dora=dora[m]))
+                                                               use_dora=dora[m], lora_bias=biased[m]))
         layers = adapter_layers(model)
     else:
         slots = adapter_names(model)
@@ -260,6 +277,10 @@ def save_peft_adapter(model: nn.Module, name, folder) -> Path:
     if len(set(dora.values())) > 1:
         raise ValueError(f"adapter {slots[d]!r} is DoRA at {[m for m, u in dora.items() if u]} but plain LoRA at "
                          f"{[m for m, u in dora.items() if not u]}; a PEFT checkpoint has one use_dora per adapter")
+    biased = {m: layer.adapter_bias(d) is not None for m, layer in present.items()}
+    if len(set(biased.values())) > 1:
+        raise ValueError(f"adapter {slots[d]!r} has a lora_bias at {[m for m, u in biased.items() if u]} but not at "
+                         f"{[m for m, u in biased.items() if not u]}; a PEFT checkpoint has one lora_bias per adapter")
     rank0 = first.rank_values[d]
     alpha0 = first.scaling_values[d] * (math.sqrt(rank0) if use_rslora else rank0)
     tensors, rank_pattern, alpha_pattern = {}, {}, {}
@@ -269,6 +290,8 @@ def save_peft_adapter(model: nn.Module, name, folder) -> Path:
         tensors[f"{PREFIX}{module}.lora_B.weight"] = b.contiguous().clone()
         if dora[module]:
             tensors[f"{PREFIX}{module}.lora_magnitude_vector"] = layer.adapter_magnitude(d).contiguous().clone()
+        if biased[module]:
+            tensors[f"{PREFIX}{module}.lora_B.bias"] = layer.adapter_bias(d).contiguous().clone()
         rank = a.shape[0]
         # one rsLoRA flag per adapter: an alpha that gives this layer's exact scale under it
         alpha = layer.scaling_values[d] * (math.sqrt(rank) if use_rslora else rank)
@@ -293,6 +316,7 @@ def save_peft_adapter(model: nn.Module, name, folder) -> Path:
         "fan_in_fan_out": fan,
         "bias": "none",
         "use_dora": any(dora.values()),
+        "lora_bias": any(biased.values()),
         "modules_to_save": None,
         "init_lora_weights": True,
         "inference_mode": True,

@@ -59,6 +59,26 @@ def run_on(path: str):
         grouped.PADDING_LIMIT = saved
 
 
+def assert_equals_peft_per_sequence(layer, x, ids, backend: str):
+    """``layer`` (a ``MultiLoRALinear``) on a batch mixing its adapters by sequence (``ids`` ``[B]``,
+    -1 for none) on ``backend`` equals PEFT's layer with the same adapters, run one sequence at a
+    time (PEFT cannot mix DoRA adapters, or any with others in one batch, through ``set_adapter``)."""
+    from bora_kernels.bench.baselines import peft_lora_linear
+    from tests.tolerances import assert_close
+
+    peft_layer, names = peft_lora_linear(layer)
+    with run_on(backend), torch.no_grad():
+        ours = layer(x, ids)
+    for i, d in enumerate(ids.tolist()):
+        with torch.no_grad():
+            if d < 0:
+                theirs = peft_layer.base_layer(x[i])
+            else:
+                peft_layer.set_adapter(names[d])
+                theirs = peft_layer(x[i])
+        assert_close(ours[i], theirs, torch.float32, f"sequence {i} (adapter {d})")
+
+
 _POISON_INT = -0x5A5A5A5
 
 

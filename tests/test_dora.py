@@ -7,7 +7,8 @@ import copy
 
 import pytest
 import torch
-from conftest import cpu_backends, run_on
+from conftest import assert_equals_peft_per_sequence, cpu_backends, run_on
+from lora_reference import assert_matches_reference, reference
 from tolerances import assert_close
 from torch import nn
 
@@ -22,8 +23,14 @@ K, N = 64, 36
 RANKS, ALPHAS, DORA = (4, 8, 2, 3), (8, 16, 3, 6), (True, False, True, True)
 
 
+# adapter 1, plain in the other tests, with PEFT's lora_bias (test_lora_bias): the GPU and autocast
+# tests run both layers
+WITH_LORA_BIAS = {"dora": {}, "dora_and_lora_bias": {"lora_bias": [False, True, False, False]}}
+
+
 def make_layer(bias=True, seed=0, **kwargs):
-    """Adapters 0, 2, 3 DoRA and 1 plain, B and the magnitudes moved off their initial values."""
+    """Adapters 0, 2, 3 DoRA and 1 plain, B, the magnitudes (and any lora_bias) moved off their
+    initial values."""
     torch.manual_seed(seed)
     kwargs = dict(r=list(RANKS), alpha=list(ALPHAS), use_dora=list(DORA)) | kwargs
     layer = MultiLoRALinear(nn.Linear(K, N, bias=bias), len(RANKS), **kwargs)
@@ -31,24 +38,9 @@ def make_layer(bias=True, seed=0, **kwargs):
         for d, r in enumerate(kwargs["r"]):
             layer.lora_B[d, :, :r].normal_(std=0.3)
         layer.lora_magnitude.mul_(torch.rand_like(layer.lora_magnitude) + 0.5)
+        if layer.lora_bias_vector is not None:
+            layer.lora_bias_vector.normal_()
     return layer
-
-
-def reference(layer, x, ids):
-    """float64: ``bias + m / ||W + s B A|| * (W x + s B A x)`` per DoRA token, LoRA's output otherwise."""
-    w = layer.base_layer.weight.double()
-    bias = layer.base_layer.bias
-    out = []
-    for row, d in zip(x.reshape(-1, K).double(), ids.reshape(-1).tolist()):
-        y = w @ row
-        if d >= 0:
-            r, s = layer.rank_values[d], layer.scaling_values[d]
-            delta = s * layer.lora_B[d, :, :r].double() @ layer.lora_A[d, :r].double()
-            y = (w + delta) @ row
-            if layer.use_dora[d]:
-                y = y * layer.lora_magnitude[d].double() / (w + delta).norm(dim=1).detach()
-        out.append(y if bias is None else y + bias.double())
-    return torch.stack(out).reshape(*x.shape[:-1], N)
 
 
 @pytest.mark.parametrize("fan_in_fan_out", [False, True], ids=["linear", "fan_in_fan_out"])
@@ -99,21 +91,6 @@ def test_mixed_batch_forward_and_gradients(backend, how, bias, poison_empty):
     assert (layer.lora_magnitude.grad[1] == 0).all(), "a plain LoRA adapter's magnitude row gets no gradient"
 
 
-def assert_matches_reference(layer, x, token_ids, out, dy, dtype):
-    """``out`` and the gradients its backward for ``dy`` left in x, A, B and the magnitude against
-    the float64 reference of a copy of ``layer``."""
-    ref_layer = copy.deepcopy(layer)
-    for p in (ref_layer.lora_A, ref_layer.lora_B, ref_layer.lora_magnitude):
-        p.grad = None
-    x_ref = x.detach().double().requires_grad_()
-    want = reference(ref_layer, x_ref, token_ids)
-    (want * dy.double()).sum().backward()
-    assert_close(out, want, dtype, "forward")
-    assert_close(x.grad, x_ref.grad, dtype, "dx")
-    for name in ("lora_A", "lora_B", "lora_magnitude"):
-        assert_close(getattr(layer, name).grad, getattr(ref_layer, name).grad, dtype, f"d{name}")
-
-
 def _routed(layer, route, x):
     layer.adapter_ids = route
     try:
@@ -125,19 +102,7 @@ def _routed(layer, route, x):
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_mixed_batch_equals_peft_per_sequence(backend):
     """PEFT refuses a mixed batch with DoRA adapters (``adapter_names``); it runs one at a time."""
-    layer = make_layer()
-    peft_layer, names = peft_lora_linear(layer)
-    x, ids = torch.randn(6, 5, K), torch.tensor([2, -1, 0, 1, 3, 2])
-    with run_on(backend), torch.no_grad():
-        ours = layer(x, ids)
-    for i, d in enumerate(ids.tolist()):
-        with torch.no_grad():
-            if d < 0:
-                theirs = peft_layer.base_layer(x[i])
-            else:
-                peft_layer.set_adapter(names[d])
-                theirs = peft_layer(x[i])
-        assert_close(ours[i], theirs, torch.float32, f"sequence {i} (adapter {d})")
+    assert_equals_peft_per_sequence(make_layer(), torch.randn(6, 5, K), torch.tensor([2, -1, 0, 1, 3, 2]), backend)
 
 
 def test_dropout_in_training_as_peft():
@@ -307,12 +272,13 @@ def test_dora_adapter_set_into_a_plain_layer():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", list(WITH_LORA_BIAS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_mixed_batch_on_gpu(dtype):
+def test_mixed_batch_on_gpu(dtype, variant):
     """The Triton kernels and the norms' GEMM on the GPU: forward and every gradient."""
     from bora_kernels.ops import use_backend
 
-    layer = make_layer().to("cuda", dtype)
+    layer = make_layer(**WITH_LORA_BIAS[variant]).to("cuda", dtype)
     ids = IDS["per_token"].cuda()
     x = torch.randn(3, 5, K, device="cuda", dtype=dtype, requires_grad=True)
     dy = torch.randn(3, 5, N, device="cuda", dtype=dtype)
@@ -322,9 +288,10 @@ def test_mixed_batch_on_gpu(dtype):
     assert_matches_reference(layer, x, ids, out, dy, dtype)
 
 
-def test_output_dtype_under_autocast_is_the_base_layers():
+@pytest.mark.parametrize("variant", list(WITH_LORA_BIAS))
+def test_output_dtype_under_autocast_is_the_base_layers(variant):
     """An fp32 bias must not turn the bf16 output of an autocast region into fp32."""
-    layer = make_layer().eval()
+    layer = make_layer(**WITH_LORA_BIAS[variant]).eval()
     x, ids = torch.randn(4, K), torch.tensor([0, 1, 2, -1])
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x, ids)

@@ -22,7 +22,8 @@ def adapter_names(num_adapters: int) -> list[str]:
 
 def peft_lora_linear(ours, base: nn.Linear | None = None, dropout: float = 0.0):
     """A PEFT ``lora.Linear`` around ``base`` (default: ``ours.base_layer``) with the adapters of
-    ``ours`` (a ``MultiLoRALinear``): same ranks, alphas, DoRA and weights, named ``task0 ...``."""
+    ``ours`` (a ``MultiLoRALinear``): same ranks, alphas, DoRA, lora_bias and weights, named
+    ``task0 ...``."""
     from peft import LoraConfig, get_peft_model
 
     base = ours.base_layer if base is None else base
@@ -31,7 +32,8 @@ def peft_lora_linear(ours, base: nn.Linear | None = None, dropout: float = 0.0):
     model = None
     for d, name in enumerate(names):
         config = LoraConfig(r=ranks[d], lora_alpha=ours.scaling_values[d] * ranks[d],
-                            target_modules=["proj"], lora_dropout=dropout, use_dora=ours.use_dora[d])
+                            target_modules=["proj"], lora_dropout=dropout, use_dora=ours.use_dora[d],
+                            **({"lora_bias": True} if ours.use_lora_bias[d] else {}))  # (PEFT >= 0.14)
         if model is None:
             model = get_peft_model(_Holder(base), config, adapter_name=name)
         else:
@@ -44,6 +46,8 @@ def peft_lora_linear(ours, base: nn.Linear | None = None, dropout: float = 0.0):
             layer.lora_B[name].weight.data = ours.lora_B[d, :, :r].detach().clone()
             if ours.use_dora[d]:
                 layer.lora_magnitude_vector[name].weight.data = ours.lora_magnitude[d].detach().clone()
+            if ours.use_lora_bias[d]:
+                layer.lora_B[name].bias.data = ours.lora_bias_vector[d].detach().clone()
     return layer.eval(), names
 
 

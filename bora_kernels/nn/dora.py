@@ -26,13 +26,14 @@ from torch import nn
 
 from ..ops._dispatch import autocast_off
 from ..ops.nf4_matmul import nf4_matmul
-from .nf4_linear import NF4Linear
+from .nf4_linear import NF4Linear, is_bnb_4bit
 
 
 def check_dora_base(base_layer: nn.Module) -> None:
     """A ``ValueError`` unless DoRA can read ``base_layer``'s weight values: a float weight or an
-    ``NF4Linear`` (bitsandbytes' 8-bit codes are not values)."""
-    if isinstance(base_layer, NF4Linear):
+    ``NF4Linear``, or a bitsandbytes 4-bit layer, which becomes one (bitsandbytes' 8-bit codes
+    are not values)."""
+    if isinstance(base_layer, NF4Linear) or is_bnb_4bit(base_layer):
         return
     weight = getattr(base_layer, "weight", None)
     if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..ops._dispatch import autocast_dtype, recording_graph
-from ..ops.context_vector import context_scale
+from ..ops.context_vector import context_bias, context_scale
 from ..ops.lora_delta import LoRAPlan, lora_delta, plan_ids
 from ..quant import NF4Tensor, quantize_nf4
 from .dora import base_key, base_row_norms_sq, check_dora_base, dora_norms
@@ -42,6 +42,13 @@ def linear_shape(base_layer: nn.Module, fan_in_fan_out: bool) -> tuple[int, int,
         raise ValueError(f"base_layer must have a 2-D weight, got {type(base_layer).__name__}")
     k, n = weight.shape if fan_in_fan_out else weight.shape[::-1]
     return k, n, weight
+
+
+def check_lora_bias_base(base_layer: nn.Module) -> None:
+    """PEFT's rule for ``lora_bias``: the base layer has a bias of its own (a merge adds into it)."""
+    if getattr(base_layer, "bias", None) is None:
+        raise ValueError(f"lora_bias needs a base layer with a bias (PEFT's rule: a merge adds the adapter's bias "
+                         f"into it), and this {type(base_layer).__name__} has none")
 
 
 class ReadsThroughToBase:
@@ -131,6 +138,11 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
     some adapter uses DoRA, initialised to the base weight's row norms so that a fresh adapter
     equals the base); DoRA and plain adapters mix in one batch. Over a float or NF4 base.
 
+    ``lora_bias`` (one value or one per adapter; PEFT's ``lora_bias``, for LoRA extracted from a
+    full fine-tune): a trained bias of ``B`` per adapter in ``lora_bias_vector`` (``[D, N]``, a
+    parameter only when some adapter has one, zeros at first), added as ``scaling[d] * b_d``. The
+    base layer must have a bias, and an adapter cannot have both a bias and DoRA (PEFT's rules).
+
     ``forward(x, adapter_ids=None)``: ids per token (``x.shape[:-1]``) or per sequence (``[B]``),
     ``-1`` for none, or a ``LoRAPlan``. Without ids the layer uses ``self.adapter_ids`` (set for a
     whole model by ``bora_kernels.use_adapters``), and when that is None too, the base layer alone.
@@ -138,7 +150,7 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
 
     def __init__(self, base_layer: nn.Module, num_adapters: int, r=8, alpha=16, dropout: float = 0.0,
                  dtype: torch.dtype | None = None, use_rslora=False, fan_in_fan_out: bool = False,
-                 adapter_names: Sequence[str] | None = None, use_dora=False):
+                 adapter_names: Sequence[str] | None = None, use_dora=False, lora_bias=False):
         super().__init__()
         k, n, weight = linear_shape(base_layer, fan_in_fan_out)
         if not isinstance(num_adapters, int) or num_adapters < 1:
@@ -147,8 +159,14 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
         alphas = _per_adapter(alpha, num_adapters, "alpha")
         rslora = _per_adapter(use_rslora, num_adapters, "use_rslora")
         dora = [bool(v) for v in _per_adapter(use_dora, num_adapters, "use_dora")]
+        biased = [bool(v) for v in _per_adapter(lora_bias, num_adapters, "lora_bias")]
         if any(dora):
             check_dora_base(base_layer)
+        if any(biased):
+            check_lora_bias_base(base_layer)
+        if any(u and b for u, b in zip(dora, biased)):
+            raise ValueError(f"an adapter cannot have both use_dora and lora_bias (as in PEFT), got use_dora {dora} "
+                             f"and lora_bias {biased}")
         if any(not isinstance(v, int) or v < 0 for v in ranks) or max(ranks) < 1:
             raise ValueError(f"r must be ints >= 0 (0: adapter absent here), at least one positive, got {ranks}")
         if not 0.0 <= dropout < 1.0:
@@ -176,13 +194,19 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
         self.use_dora = dora
         self.register_buffer("dora", torch.empty(num_adapters, device=weight.device), persistent=False)
         self.register_parameter("lora_magnitude", None)
+        self.use_lora_bias = biased
+        self.register_buffer("bias_scale", torch.empty(num_adapters, device=weight.device), persistent=False)
+        self.register_parameter("lora_bias_vector", None)
         self._dora_cache: dict = {}  # base row norms and adapter norms, each with the key it was computed for
         self._write_buffers()
         if any(dora):
             self._add_magnitude()
+        if any(biased):
+            self._add_bias()
         self.adapter_ids: AdapterRoute | torch.Tensor | LoRAPlan | None = None
-        # (adapter, base weight before the merge: a tensor, or an NF4 base's NF4Tensor)
-        self.merged: tuple[int, torch.Tensor | NF4Tensor] | None = None
+        # (adapter, base weight before the merge: a tensor, or an NF4 base's NF4Tensor; and its
+        # bias before the merge where the adapter has a lora_bias, else None)
+        self.merged: tuple[int, torch.Tensor | NF4Tensor, torch.Tensor | None] | None = None
         self.reset_lora_parameters()
 
     @property
@@ -193,8 +217,14 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
     def _buffer_values(self) -> dict:
         # DoRA only where the adapter is present: a rank-0 slot leaves the layer alone
         dora = [float(u and rank > 0) for u, rank in zip(self.use_dora, self.rank_values)]
+        bias_scale = [s if u else 0.0 for u, s in zip(self.use_lora_bias, self.scaling_values)]  # (0 at rank 0)
         return {"ranks": (self.rank_values, torch.int32), "scaling": (self.scaling_values, torch.float32),
-                "dora": (dora, torch.float32)}
+                "dora": (dora, torch.float32), "bias_scale": (bias_scale, torch.float32)}
+
+    def _add_bias(self):
+        """The ``lora_bias_vector`` parameter, zeros (its base layer checked by the caller)."""
+        self.lora_bias_vector = nn.Parameter(torch.zeros(self.num_adapters, self.out_features, dtype=self.lora_A.dtype,
+                                                         device=self.lora_A.device))
 
     def _add_magnitude(self):
         """The ``lora_magnitude`` parameter (its base layer checked by the caller)."""
@@ -276,12 +306,20 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
 
     @torch.no_grad()
     def set_adapter(self, d: int, lora_a: torch.Tensor | None, lora_b: torch.Tensor | None,
-                    alpha: float = 16, use_rslora: bool = False, magnitude: torch.Tensor | None = None):
+                    alpha: float = 16, use_rslora: bool = False, magnitude: torch.Tensor | None = None,
+                    bias: torch.Tensor | None = None):
         """Put one adapter's PEFT-layout weights (A ``[r, K]``, B ``[N, r]``) into slot ``d``;
         ``None`` for both makes the adapter absent from this layer (rank 0). ``magnitude``
         (``[N]``) makes it a DoRA adapter (PEFT's ``lora_magnitude_vector``); a layer without DoRA
         adapters gets its ``lora_magnitude`` parameter then (give an optimizer the parameters
-        after loading)."""
+        after loading). ``bias`` (``[N]``, PEFT's ``lora_B.bias`` under ``lora_bias``) likewise,
+        in ``lora_bias_vector``."""
+        if bias is not None:
+            if lora_a is None or lora_b is None or magnitude is not None:
+                raise ValueError("a lora_bias needs the adapter's A and B weights, and cannot go with a DoRA magnitude")
+            if tuple(bias.shape) != (self.out_features,):
+                raise ValueError(f"bias must be [{self.out_features}] (one per output feature), got {tuple(bias.shape)}")
+            check_lora_bias_base(self.base_layer)
         if magnitude is not None:
             if lora_a is None or lora_b is None:
                 raise ValueError("a DoRA magnitude needs the adapter's A and B weights too")
@@ -306,11 +344,22 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
         self.rank_values[d] = rank
         self.alphas[d], self.use_rslora[d] = float(alpha), bool(use_rslora)
         self.use_dora[d] = magnitude is not None
+        self.use_lora_bias[d] = bias is not None
         self._write_buffers()
         if magnitude is not None:
             if self.lora_magnitude is None:
                 self._add_magnitude()
             self.lora_magnitude[d].copy_(magnitude)
+        if bias is not None and self.lora_bias_vector is None:
+            self._add_bias()
+        if self.lora_bias_vector is not None:
+            self.lora_bias_vector[d].copy_(bias) if bias is not None else self.lora_bias_vector[d].zero_()
+
+    def adapter_bias(self, d: int) -> torch.Tensor | None:
+        """Adapter ``d``'s ``lora_bias`` ``[N]`` as PEFT stores it (unscaled), or None (none here)."""
+        if not (self.use_lora_bias[d] and self.rank_values[d]):
+            return None
+        return self.lora_bias_vector[d].detach()
 
     def adapter_magnitude(self, d: int) -> torch.Tensor | None:
         """Adapter ``d``'s DoRA magnitude ``[N]`` as PEFT stores it, or None (no DoRA here)."""
@@ -355,23 +404,35 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
             saved = base.nf4_weight()
             weight = self._merged_weight(d, saved.dequantize().float())
             base.set_nf4_weight(quantize_nf4(weight.to(base.compute_dtype), base.blocksize, saved.double_quant))
-            self.merged = (d, saved)
+            self.merged = (d, saved, self._merge_bias(d))
             return
         weight = self.base_layer.weight
         if not weight.dtype.is_floating_point:  # bitsandbytes' int8 codes: adding a float delta corrupts them
             raise ValueError(f"cannot merge an adapter into a quantized {weight.dtype} base weight; serve it unmerged")
         saved = weight.detach().clone()
         weight.data = self._merged_weight(d, weight.detach().float()).to(weight.dtype)
-        self.merged = (d, saved)
+        self.merged = (d, saved, self._merge_bias(d))
+
+    def _merge_bias(self, d: int) -> torch.Tensor | None:
+        """Add adapter ``d``'s ``scaling * lora_bias`` into the base bias (there is one:
+        ``check_lora_bias_base``); the bias before, or None where the adapter has no bias."""
+        if self.adapter_bias(d) is None:
+            return None
+        bias = self.base_layer.bias
+        saved = bias.detach().clone()
+        bias.data = (bias.detach().float() + self.scaling_values[d] * self.adapter_bias(d).float()).to(bias.dtype)
+        return saved
 
     @torch.no_grad()
     def unmerge(self):
         if self.merged is not None:
-            saved = self.merged[1]
+            _, saved, saved_bias = self.merged
             if isinstance(saved, NF4Tensor):
                 self.base_layer.set_nf4_weight(saved)
             else:
                 self.base_layer.weight.data.copy_(saved)
+            if saved_bias is not None:
+                self.base_layer.bias.data.copy_(saved_bias)
             self.merged = None
             self.clear_dora_cache()
 
@@ -411,11 +472,15 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
             # DoRA under dropout (training) scales ``W x' + s B A x'`` of the dropped input, as PEFT
             # does: the base layer again, and the delta once, out of place, for both sums
             added = delta()
-            return self._dora(result + added.to(result.dtype), self.base_layer(dropped) + added, x, ids, adapter_ids)
-        # added into the base output in place by the kernel that computes the delta, where the
-        # base output is a fresh tensor its backward does not need (``plus_delta``)
-        out = plus_delta(self.base_layer, result, delta)
-        return self._dora(out, out, x, ids, adapter_ids) if dora else out
+            out = self._dora(result + added.to(result.dtype), self.base_layer(dropped) + added, x, ids, adapter_ids)
+        else:
+            # added into the base output in place by the kernel that computes the delta, where the
+            # base output is a fresh tensor its backward does not need (``plus_delta``)
+            out = plus_delta(self.base_layer, result, delta)
+            out = self._dora(out, out, x, ids, adapter_ids) if dora else out
+        if self.lora_bias_vector is not None and any(self.use_lora_bias):  # ``scaling[d] * b_d`` per token
+            out = context_bias(out, self.lora_bias_vector * self.bias_scale[:, None], self._token_ids(x, ids, adapter_ids))
+        return out
 
     def _dora(self, out: torch.Tensor, inner: torch.Tensor, x: torch.Tensor, plan: LoRAPlan, adapter_ids):
         """DoRA's ``out + t_d * (inner - bias)`` per token (``nn/dora.py``) in ``out``'s dtype:
@@ -441,4 +506,5 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
         rank_text = str(ranks[0]) if len(set(ranks)) == 1 else str(ranks)
         return (f"in={self.in_features}, out={self.out_features}, adapters={self.num_adapters}, "
                 f"r={rank_text}, dtype={self.lora_A.dtype}" + (", fan_in_fan_out" if self.fan_in_fan_out else "")
-                + (f", dora={[d for d, u in enumerate(self.use_dora) if u]}" if any(self.use_dora) else ""))
+                + (f", dora={[d for d, u in enumerate(self.use_dora) if u]}" if any(self.use_dora) else "")
+                + (f", lora_bias={[d for d, u in enumerate(self.use_lora_bias) if u]}" if any(self.use_lora_bias) else ""))
