@@ -352,8 +352,10 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
             self.lora_magnitude[d].copy_(magnitude)
         if bias is not None and self.lora_bias_vector is None:
             self._add_bias()
-        if self.lora_bias_vector is not None:
-            self.lora_bias_vector[d].copy_(bias) if bias is not None else self.lora_bias_vector[d].zero_()
+        if bias is not None:
+            self.lora_bias_vector[d].copy_(bias)
+        elif self.lora_bias_vector is not None:  # (a slot reused: no bias left from its last adapter)
+            self.lora_bias_vector[d].zero_()
 
     def adapter_bias(self, d: int) -> torch.Tensor | None:
         """Adapter ``d``'s ``lora_bias`` ``[N]`` as PEFT stores it (unscaled), or None (none here)."""
