@@ -45,7 +45,7 @@ demo: setup
 	$(VENV)/bin/bora-bench model --quick
 
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=20 tests
 	$(PY) -m pytest -q benchmarks --benchmark-disable
 
 bench: setup

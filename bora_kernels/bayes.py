@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .nn.multi_lora import AdapterVectors
 from .optim import IVON
 
 
@@ -69,15 +70,17 @@ def _prune(optimizer: IVON, params, fraction: float, scores) -> dict:
 def _pruned_params(optimizer: IVON, params):
     if not isinstance(optimizer, IVON):
         raise ValueError(f"optimizer must be bora_kernels.optim.IVON, got {type(optimizer).__name__}")
-    if params is None:
-        return [p for g in optimizer.param_groups for p in g["params"] if p is not None and p.dim() >= 2]
+    if params is None:  # (a stack of per-adapter vectors is 2-D but no matrix: DoRA's magnitudes, lora_bias)
+        return [p for g in optimizer.param_groups for p in g["params"]
+                if p is not None and p.dim() >= 2 and not isinstance(p, AdapterVectors)]
     return list(params)
 
 
 def prune_uncertain(optimizer: IVON, fraction: float = 0.1, params=None) -> dict:
     """Uncertainty-guided pruning: in every weight matrix (``params``, default every parameter of
-    2+ dims) zero the ``fraction`` of entries with the largest posterior variance, in the mean
-    the model uses. Returns ``{param: bool mask of the zeroed entries}``."""
+    2+ dims but the per-adapter vectors of DoRA and ``lora_bias``, ``nn.multi_lora.AdapterVectors``)
+    zero the ``fraction`` of entries with the largest posterior variance, in the mean the model
+    uses. Returns ``{param: bool mask of the zeroed entries}``."""
     _check_fraction(fraction)
     return _prune(optimizer, _pruned_params(optimizer, params), fraction, lambda variance: variance)
 

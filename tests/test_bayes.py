@@ -77,6 +77,31 @@ def test_prune_random_and_stacked_adapters():
         bayes.prune_uncertain(torch.optim.SGD([stacked], lr=0.1))
 
 
+def test_pruning_leaves_dora_magnitudes_and_lora_biases_alone():
+    """The stacked per-adapter vectors of DoRA (magnitudes) and lora_bias are 2-D but not weight
+    matrices: pruning by default takes the adapters' A and B only (a zeroed magnitude would zero
+    its output feature), while they train under IVON like the rest."""
+    from bora_kernels.nn import AdapterVectors, MultiLoRALinear
+
+    torch.manual_seed(1)
+    layer = MultiLoRALinear(torch.nn.Linear(8, 6), 3, r=4, use_dora=[True, False, False], lora_bias=[False, True, False])
+    vectors = [layer.lora_magnitude, layer.lora_bias_vector]
+    assert all(isinstance(p, AdapterVectors) for p in vectors)
+    opt = IVON([p for p in layer.parameters() if p.requires_grad], lr=0.05, ess=200.0, hess_init=0.1)
+    x, ids = torch.randn(12, 8), torch.tensor([0, 1, 2, -1] * 3)
+    with use_backend("torch"):
+        for _ in range(3):
+            with opt.sampled_params(train=True):
+                opt.zero_grad()
+                layer(x, ids).square().mean().backward()
+            opt.step()
+    before = [p.detach().clone() for p in vectors]
+    masks = bayes.prune_uncertain(opt, 0.5)
+    assert set(masks) == {layer.lora_A, layer.lora_B}
+    assert all(torch.equal(p.detach(), b) for p, b in zip(vectors, before))
+    assert all(m.reshape(3, -1).sum(1).tolist() == [m[0].numel() // 2] * 3 for m in masks.values())
+
+
 def test_calibration_metrics():
     probs = torch.tensor([[0.95, 0.05], [0.85, 0.15], [0.25, 0.75], [0.65, 0.35]])
     labels = torch.tensor([0, 1, 1, 0])

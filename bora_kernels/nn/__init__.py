@@ -1,9 +1,9 @@
 """Modules that wrap ``nn.Linear`` layers; each one calls an op and holds no kernel code."""
 
 from .context import CONTEXT_LAYERS, ContextBitFit, ContextIA3, ContextLoRALinear
-from .multi_lora import MultiLoRALinear
+from .multi_lora import AdapterVectors, MultiLoRALinear
 from .nf4_linear import NF4Linear, is_bnb_4bit, nf4_storage
 from .routing import AdapterRoute, ContextRoute
 
-__all__ = ["AdapterRoute", "CONTEXT_LAYERS", "ContextBitFit", "ContextIA3", "ContextLoRALinear", "ContextRoute", "NF4Linear",
+__all__ = ["AdapterRoute", "AdapterVectors", "CONTEXT_LAYERS", "ContextBitFit", "ContextIA3", "ContextLoRALinear", "ContextRoute", "NF4Linear",
            "MultiLoRALinear", "is_bnb_4bit", "nf4_storage"]

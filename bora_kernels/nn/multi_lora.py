@@ -44,6 +44,13 @@ def linear_shape(base_layer: nn.Module, fan_in_fan_out: bool) -> tuple[int, int,
     return k, n, weight
 
 
+class AdapterVectors(nn.Parameter):
+    """A parameter holding one vector per adapter, ``[D, N]`` (DoRA's magnitudes, ``lora_bias``):
+    2-D, but not a weight matrix, so that what treats 2-D parameters as matrices can tell (IVON-LoRA's
+    pruning, ``bayes.prune_uncertain``: zeroing a DoRA magnitude would zero the output feature).
+    Copies, moves and casts keep the type."""
+
+
 def check_lora_bias_base(base_layer: nn.Module) -> None:
     """PEFT's rule for ``lora_bias``: the base layer has a bias of its own (a merge adds into it)."""
     if getattr(base_layer, "bias", None) is None:
@@ -223,13 +230,13 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
 
     def _add_bias(self):
         """The ``lora_bias_vector`` parameter, zeros (its base layer checked by the caller)."""
-        self.lora_bias_vector = nn.Parameter(torch.zeros(self.num_adapters, self.out_features, dtype=self.lora_A.dtype,
-                                                         device=self.lora_A.device))
+        self.lora_bias_vector = AdapterVectors(torch.zeros(self.num_adapters, self.out_features, dtype=self.lora_A.dtype,
+                                                           device=self.lora_A.device))
 
     def _add_magnitude(self):
         """The ``lora_magnitude`` parameter (its base layer checked by the caller)."""
-        self.lora_magnitude = nn.Parameter(torch.empty(self.num_adapters, self.out_features, dtype=self.lora_A.dtype,
-                                                       device=self.lora_A.device))
+        self.lora_magnitude = AdapterVectors(torch.empty(self.num_adapters, self.out_features, dtype=self.lora_A.dtype,
+                                                         device=self.lora_A.device))
         self._reset_magnitude()
 
     @torch.no_grad()
