@@ -6,7 +6,8 @@ the MAP estimate of all ``θ_d`` and ``Θ`` together: a negative log likelihood 
 pulls each task towards ``Θ`` (and ``Θ`` towards the tasks' mean).
 
 Layout: ``BoRA`` injects ``D + 1`` adapters into each target layer. Slots ``0 .. D-1`` are the tasks
-and slot ``D`` (named ``"global"``) is ``Θ``, all in the layer's stacked ``lora_A`` / ``lora_B``. So
+and slot ``D`` (named ``"global"``) is ``Θ``, all in the layer's stacked ``lora_A`` / ``lora_B`` (and,
+with ``use_dora`` or ``lora_bias``, its stacked magnitudes or B's biases, which the prior ties too). So
 a mixed batch runs every task in one forward and backward pass through the multi-adapter kernels,
 and a rank whose batch misses a task still uses every parameter tensor (DDP needs no
 ``find_unused_parameters``). ``Θ`` is an ordinary adapter: serve it for unseen tasks, or export
@@ -20,7 +21,7 @@ The two limits are exact, not approximated by extreme values:
 
 The penalty (``penalty=``):
 
-- ``"paper"``: ``tau / 2 * sum_d ||θ_d - Θ||²``, the negative log of eq. 5, over all A and B tensors.
+- ``"paper"``: ``tau / 2 * sum_d ||θ_d - Θ||²``, the negative log of eq. 5, over all tied tensors.
 - ``"released"``: ``tau * sum_d sum_tensors ||θ_d,t - Θ_t||``, the un-squared Frobenius norm per
   tensor, as the authors' released code computes it. Its pull does not fade near ``Θ`` (a constant
   force ``tau`` per tensor, like an L1 penalty on each tensor's distance). Tasks can sit exactly on
@@ -147,6 +148,9 @@ class BoRA(nn.Module):
                 raise ValueError(f"{banned} is set by BoRA (one adapter per task plus the global one)")
         if not isinstance(inject_kwargs.get("r", 8), int):
             raise ValueError(f"r must be one int (every task and Θ share the rank), got {inject_kwargs['r']!r}")
+        for flag in ("use_dora", "lora_bias"):
+            if not isinstance(inject_kwargs.get(flag, False), bool):
+                raise ValueError(f"{flag} must be one bool (every task and Θ share it), got {inject_kwargs[flag]!r}")
         self.task_names = tuple(names)
         self.penalty_form, self.likelihood = penalty, likelihood
         self.tau = tau  # validated by the setter
@@ -177,30 +181,34 @@ class BoRA(nn.Module):
     def layers(self):
         return list(adapter_layers(self.model).values())
 
+    def tied(self) -> list[torch.Tensor]:
+        """Every stacked per-adapter tensor the prior ties (slot ``D`` is ``Θ``): each layer's A and
+        B, and its DoRA magnitudes and B's biases where the adapters have them."""
+        return [w for layer in self.layers()
+                for w in (layer.lora_A, layer.lora_B, layer.lora_magnitude, layer.lora_bias_vector) if w is not None]
+
     @torch.no_grad()
     def _initialise(self, init_noise: float, generator):
         d = self.num_tasks
-        for layer in self.layers():  # inject already gave every slot PEFT's initialisation
-            for w in (layer.lora_A, layer.lora_B):
-                noise = torch.randn(w[:d].shape, generator=generator, dtype=torch.float32) * init_noise
-                w[:d] = w[d:] + noise.to(w.device, w.dtype)
+        for w in self.tied():  # inject already gave every slot PEFT's initialisation
+            noise = torch.randn(w[:d].shape, generator=generator, dtype=torch.float32) * init_noise
+            w[:d] = w[d:] + noise.to(w.device, w.dtype)
 
     # ------------------------------------------------------------------ the objective
     def penalty(self) -> torch.Tensor:
         """The prior's negative log density (up to a constant) at the current parameters."""
-        layers = self.layers()
-        device = layers[0].lora_A.device
+        tied = self.tied()
+        device = tied[0].device
         if self._tau == 0 or self.pooled:  # the stacked tensors are used by the forward anyway (DDP)
             return torch.zeros((), device=device)
         d = self.num_tasks
         total = torch.zeros((), device=device, dtype=torch.float32)
-        for layer in layers:
-            for w in (layer.lora_A, layer.lora_B):
-                diff = (w[:d] - w[d:]).float().flatten(1)
-                if self.penalty_form == "paper":
-                    total = total + diff.square().sum() * (self._tau / 2)
-                else:  # vector_norm's gradient at a zero row is zero
-                    total = total + torch.linalg.vector_norm(diff, dim=1).sum() * self._tau
+        for w in tied:
+            diff = (w[:d] - w[d:]).float().flatten(1)
+            if self.penalty_form == "paper":
+                total = total + diff.square().sum() * (self._tau / 2)
+            else:  # vector_norm's gradient at a zero row is zero
+                total = total + torch.linalg.vector_norm(diff, dim=1).sum() * self._tau
         return total
 
     def _slots(self, ids: torch.Tensor) -> torch.Tensor:
@@ -236,12 +244,11 @@ class BoRA(nn.Module):
     # ------------------------------------------------------------------ inspection
     @torch.no_grad()
     def distances(self) -> torch.Tensor:
-        """``[D]``: each task's L2 distance to ``Θ`` over all its A and B tensors (Figure 4)."""
+        """``[D]``: each task's L2 distance to ``Θ`` over all its tied tensors (Figure 4)."""
         d = self.num_tasks
         total = torch.zeros(d, dtype=torch.float64)
-        for layer in self.layers():
-            for w in (layer.lora_A, layer.lora_B):
-                total += (w[:d] - w[d:]).double().flatten(1).square().sum(1).cpu()
+        for w in self.tied():
+            total += (w[:d] - w[d:]).double().flatten(1).square().sum(1).cpu()
         return total.sqrt()
 
 

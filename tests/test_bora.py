@@ -20,20 +20,31 @@ from bora_kernels.bora import BoRA, TaskSampler, learning_rate_for_tau, sequence
 VOCAB, TASKS = 32, 4
 
 
-def tiny_model(seed=0):
+def tiny_model(seed=0, biases=False):
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                         attention_bias=biases, mlp_bias=biases)
     return LlamaForCausalLM(config)
+
+
+# the stacked per-adapter tensors the prior ties: A and B, and DoRA's magnitudes or B's biases
+TIED = ("lora_A", "lora_B", "lora_magnitude", "lora_bias_vector")
+VARIANTS = {"lora": {}, "dora": {"use_dora": True}, "lora_bias": {"lora_bias": True}}
+
+
+def tied(layer):
+    return [getattr(layer, name) for name in TIED if getattr(layer, name) is not None]
 
 
 def make_bora(tau, seed=0, **kw):
     kw.setdefault("init_noise", 0.05)
-    bora = BoRA(tiny_model(seed), ["q_proj", "v_proj", "down_proj"], [f"t{d}" for d in range(TASKS)], tau, r=4,
-                generator=torch.Generator().manual_seed(seed), **kw)
-    for layer in bora.layers():  # B starts at zero; give every slot something to say
+    bora = BoRA(tiny_model(seed, biases=kw.get("lora_bias", False)), ["q_proj", "v_proj", "down_proj"],
+                [f"t{d}" for d in range(TASKS)], tau, r=4, generator=torch.Generator().manual_seed(seed), **kw)
+    for layer in bora.layers():  # B (and a lora_bias) start at zero; give every slot something to say
         with torch.no_grad():
-            layer.lora_B.add_(torch.randn(layer.lora_B.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+            for w in tied(layer)[1:]:
+                w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
     return bora
 
 
@@ -46,7 +57,7 @@ def explicit_penalty(bora, form):
     """float64, one tensor at a time, as eq. 5 (paper) or the released code writes it."""
     total = 0.0
     for layer in bora.layers():
-        for w in (layer.lora_A, layer.lora_B):
+        for w in tied(layer):
             w = w.detach().double()
             for d in range(TASKS):
                 diff = w[d] - w[TASKS]
@@ -55,14 +66,17 @@ def explicit_penalty(bora, form):
     return total
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("form", ["paper", "released"])
-def test_penalty_and_its_gradient(form):
-    bora = make_bora(7.5, penalty=form)
+def test_penalty_and_its_gradient(form, variant):
+    """Every per-adapter tensor is tied: with DoRA the magnitudes, with lora_bias B's biases too."""
+    bora = make_bora(7.5, penalty=form, **VARIANTS[variant])
+    assert len(tied(bora.layers()[0])) == (2 if variant == "lora" else 3)
     value = bora.penalty()
     assert math.isclose(value.item(), explicit_penalty(bora, form), rel_tol=1e-5)
     value.backward()
     for layer in bora.layers():
-        for w in (layer.lora_A, layer.lora_B):
+        for w in tied(layer):
             diff = (w[:TASKS] - w[TASKS:]).detach().double()
             if form == "paper":
                 want = bora.tau * diff
@@ -169,7 +183,7 @@ def test_distances_and_initial_state():
     bora = make_bora(1.0, init_noise=0.01)
     want = torch.zeros(TASKS, dtype=torch.float64)
     for layer in bora.layers():
-        for w in (layer.lora_A, layer.lora_B):
+        for w in tied(layer):
             for d in range(TASKS):
                 want[d] += (w[d] - w[TASKS]).detach().double().square().sum()
     torch.testing.assert_close(bora.distances(), want.sqrt())
@@ -194,6 +208,7 @@ def test_learning_rate_rule():
     (dict(tau=1.0, task_sizes=[3, 4]), "one count per task"),
     (dict(tau=1.0, num_adapters=3), "num_adapters is set by BoRA"),
     (dict(tau=1.0, r=[2, 4, 4, 4, 4]), "r must be one int"),
+    (dict(tau=1.0, use_dora=[True, False, False, False, False]), "use_dora must be one bool"),
 ])
 def test_bad_arguments_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
