@@ -61,7 +61,7 @@ def default_cases(device: torch.device, quick: bool = False) -> list[NF4Case]:
     """The issue's grid on a GPU (bf16); a small fp32 grid on a CPU."""
     if device.type == "cuda":
         if quick:
-            return [NF4Case(m, 4096, 4096, "bf16") for m in (1, 8, 16, 64, 1024)]
+            return [NF4Case(m, 4096, 4096, "bf16") for m in (1, 8, 16, 64, 256, 1024)]  # (64..1024: where DENSE_MIN_M may fall)
         shapes = ((4096, 4096), (4096, 11008), (11008, 4096))
         return [NF4Case(m, k, n, "bf16") for (k, n), m in itertools.product(shapes, (1, 4, 8, 16, 64, 256, 1024, 4096))]
     if quick:
