@@ -228,15 +228,17 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
         return {"ranks": (self.rank_values, torch.int32), "scaling": (self.scaling_values, torch.float32),
                 "dora": (dora, torch.float32), "bias_scale": (bias_scale, torch.float32)}
 
+    def _vectors(self) -> AdapterVectors:
+        """A new ``[D, N]`` parameter of zeros beside the adapters (their dtype and device)."""
+        return AdapterVectors(self.lora_A.new_zeros(self.num_adapters, self.out_features))
+
     def _add_bias(self):
         """The ``lora_bias_vector`` parameter, zeros (its base layer checked by the caller)."""
-        self.lora_bias_vector = AdapterVectors(torch.zeros(self.num_adapters, self.out_features, dtype=self.lora_A.dtype,
-                                                           device=self.lora_A.device))
+        self.lora_bias_vector = self._vectors()
 
     def _add_magnitude(self):
         """The ``lora_magnitude`` parameter (its base layer checked by the caller)."""
-        self.lora_magnitude = AdapterVectors(torch.empty(self.num_adapters, self.out_features, dtype=self.lora_A.dtype,
-                                                         device=self.lora_A.device))
+        self.lora_magnitude = self._vectors()
         self._reset_magnitude()
 
     @torch.no_grad()
@@ -366,15 +368,11 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
 
     def adapter_bias(self, d: int) -> torch.Tensor | None:
         """Adapter ``d``'s ``lora_bias`` ``[N]`` as PEFT stores it (unscaled), or None (none here)."""
-        if not (self.use_lora_bias[d] and self.rank_values[d]):
-            return None
-        return self.lora_bias_vector[d].detach()
+        return self.lora_bias_vector[d].detach() if self.use_lora_bias[d] and self.rank_values[d] else None
 
     def adapter_magnitude(self, d: int) -> torch.Tensor | None:
         """Adapter ``d``'s DoRA magnitude ``[N]`` as PEFT stores it, or None (no DoRA here)."""
-        if not (self.use_dora[d] and self.rank_values[d]):
-            return None
-        return self.lora_magnitude[d].detach()
+        return self.lora_magnitude[d].detach() if self.use_dora[d] and self.rank_values[d] else None
 
     def adapter_weights(self, d: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Adapter ``d`` as PEFT stores it: (A ``[r, K]``, B ``[N, r]``), or None when absent."""
@@ -462,14 +460,13 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
 
     def forward(self, x: torch.Tensor, adapter_ids=None) -> torch.Tensor:
         result = self.base_layer(x)
-        ids = self.adapter_ids if adapter_ids is None else adapter_ids
-        if ids is None:
+        given = self.adapter_ids if adapter_ids is None else adapter_ids
+        if given is None:
             return result
         if self.merged is not None:
             raise RuntimeError(f"adapter {self.adapter_names[self.merged[0]]!r} is merged into the base "
                                f"weights; call bora_kernels.unmerge_adapter before routing adapters")
-        if isinstance(ids, AdapterRoute):
-            ids = ids.plan(x.shape[:-1], self.num_adapters, x.device)
+        ids = given.plan(x.shape[:-1], self.num_adapters, x.device) if isinstance(given, AdapterRoute) else given
         dropped = self.lora_dropout(x)
         x_in = dropped.to(autocast_dtype(x) or self.lora_A.dtype)  # the op's dtype: no cast in it
 
@@ -477,33 +474,41 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
             return lora_delta(x_in, self.lora_A, self.lora_B, ids, self.scaling, self.ranks, add_to=into)
 
         dora = self.lora_magnitude is not None and any(self.use_dora)
+        biased = self.lora_bias_vector is not None and any(self.use_lora_bias)
+        token_ids = self._token_ids(x, given, ids) if dora or biased else None
         if dora and dropped is not x:
             # DoRA under dropout (training) scales ``W x' + s B A x'`` of the dropped input, as PEFT
             # does: the base layer again, and the delta once, out of place, for both sums
             added = delta()
-            out = self._dora(result + added.to(result.dtype), self.base_layer(dropped) + added, x, ids, adapter_ids)
+            out = self._dora(result + added.to(result.dtype), self.base_layer(dropped) + added, token_ids)
         else:
             # added into the base output in place by the kernel that computes the delta, where the
             # base output is a fresh tensor its backward does not need (``plus_delta``)
             out = plus_delta(self.base_layer, result, delta)
-            out = self._dora(out, out, x, ids, adapter_ids) if dora else out
-        if self.lora_bias_vector is not None and any(self.use_lora_bias):  # ``scaling[d] * b_d`` per token
-            out = context_bias(out, self.lora_bias_vector * self.bias_scale[:, None], self._token_ids(x, ids, adapter_ids))
+            out = self._dora(out, out, token_ids) if dora else out
+        if biased:  # ``scaling[d] * b_d`` per token
+            out = context_bias(out, self.lora_bias_vector * self.bias_scale[:, None], token_ids)
         return out
 
-    def _dora(self, out: torch.Tensor, inner: torch.Tensor, x: torch.Tensor, plan: LoRAPlan, adapter_ids):
+    def _dora(self, out: torch.Tensor, inner: torch.Tensor, token_ids: torch.Tensor):
         """DoRA's ``out + t_d * (inner - bias)`` per token (``nn/dora.py``) in ``out``'s dtype:
         ``out`` the LoRA layer's output, ``inner`` its ``W x' + bias + s B A x'`` (``out`` itself
         without dropout)."""
         bias = getattr(self.base_layer, "bias", None)
+        if inner is out and bias is None:
+            # ``out * (1 + t_d)``: one pass, rounded once; a token without an adapter (id -1)
+            # reads an appended row of ones
+            scale = 1 + self._dora_shift()
+            scale = torch.cat([scale, scale.new_ones(1, scale.shape[1])])
+            return context_scale(out, scale, torch.where(token_ids < 0, self.num_adapters, token_ids))
         if bias is not None:  # in fp32, so that a bf16 output (autocast) is rounded once, at the end
             inner = inner.float() - bias.float()
-        shifted = context_scale(inner, self._dora_shift(), self._token_ids(x, plan, adapter_ids))
+        shifted = context_scale(inner, self._dora_shift(), token_ids)
         return (out + shifted).to(out.dtype)
 
-    def _token_ids(self, x: torch.Tensor, plan: LoRAPlan, adapter_ids) -> torch.Tensor:
-        """Each token's adapter id for ``x`` (per sequence where the route gives them so)."""
-        given = self.adapter_ids if adapter_ids is None else adapter_ids
+    def _token_ids(self, x: torch.Tensor, given, plan: LoRAPlan | torch.Tensor) -> torch.Tensor:
+        """Each token's adapter id for ``x`` (per sequence where ``given`` has them so): ``given``
+        the ids the forward got (a route, a tensor or a plan), ``plan`` what lora_delta runs."""
         if isinstance(given, AdapterRoute):
             return given.ids(x.shape[:-1], x.device)
         if isinstance(given, torch.Tensor):
