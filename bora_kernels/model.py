@@ -17,8 +17,8 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from .nn import (CONTEXT_LAYERS, AdapterRoute, ContextBitFit, ContextIA3, ContextLoRALinear, ContextRoute, MultiLoRALinear,
-                 NF4Linear, is_bnb_4bit)
+from .nn import (CONTEXT_LAYERS, AdapterRoute, ContextBitFit, ContextIA3, ContextLoRALinear, ContextRoute,
+                 MultiLoRAEmbedding, MultiLoRALinear, NF4Linear, is_bnb_4bit)
 from .quant import quantize_nf4
 
 METHODS = ("lora", "context_lora", "context_bitfit", "context_ia3")
@@ -48,9 +48,13 @@ def _fan_in_fan_out(module: nn.Module) -> bool | None:
 
 
 def linear_features(module: nn.Module) -> tuple[int, int] | None:
-    """``(in, out)`` of a layer that can hold adapters (wrapped already or not), else None."""
+    """``(in, out)`` of a layer that can hold adapters (wrapped already or not), else None; for an
+    embedding ``(num_embeddings, embedding_dim)``, the shape of its LoRA's A and B as a linear
+    layer's (``MultiLoRAEmbedding``)."""
     if isinstance(module, (*_WRAPPERS, NF4Linear)) or is_bnb_4bit(module):  # (a 4-bit weight holds packed codes)
         return module.in_features, module.out_features
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
     fan = _fan_in_fan_out(module)
     if fan is None:
         return None
@@ -95,11 +99,12 @@ def adapter_names(model: nn.Module) -> tuple[str, ...]:
     return names.pop()
 
 
-def find_targets(model: nn.Module, target_modules, exclude_modules=None) -> list[tuple[str, nn.Module, bool]]:
+def find_targets(model: nn.Module, target_modules, exclude_modules=None,
+                 embeddings: bool = False) -> list[tuple[str, nn.Module, bool]]:
     """``(name, module, fan_in_fan_out)`` for every module matching as PEFT matches (``"all-linear"``:
     every ``nn.Linear`` and ``Conv1D`` but the model's output head, as PEFT's shorthand); a
     ``ValueError`` lists near names when nothing matches, and names a matched module that is not
-    a linear layer."""
+    a linear layer (nor, with ``embeddings``, an ``nn.Embedding``)."""
     if not isinstance(target_modules, str):
         target_modules = list(target_modules)
     if exclude_modules is not None and not isinstance(exclude_modules, str):
@@ -107,7 +112,8 @@ def find_targets(model: nn.Module, target_modules, exclude_modules=None) -> list
     named = base_modules(model)
     if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        named = [(name, m) for name, m in named if m is not head and linear_features(m) is not None]
+        named = [(name, m) for name, m in named
+                 if m is not head and linear_features(m) is not None and not isinstance(m, nn.Embedding)]
         hits = [(name, m) for name, m in named if not matches(name, exclude_modules)]
         if not hits:
             raise ValueError(f"target_modules 'all-linear' (exclude_modules {exclude_modules!r}) found no linear "
@@ -127,12 +133,21 @@ def find_targets(model: nn.Module, target_modules, exclude_modules=None) -> list
         if isinstance(module, _WRAPPERS):
             raise ValueError(f"module {name!r} already holds adapters; inject once (load_peft_adapters "
                              f"fills the adapters of an injected model)")
-        fan = _fan_in_fan_out(module)
+        fan = False if embeddings and isinstance(module, nn.Embedding) else _fan_in_fan_out(module)
         if fan is None:
-            raise ValueError(f"module {name!r} matched target_modules but is a {type(module).__name__}; "
-                             f"only nn.Linear and GPT-2's Conv1D layers can take LoRA adapters")
+            raise ValueError(f"module {name!r} matched target_modules but is a {type(module).__name__}; only "
+                             f"nn.Linear and GPT-2's Conv1D layers" + (" and nn.Embedding" if embeddings else "")
+                             + " can take " + ("LoRA adapters" if embeddings else "these adapters"))
         targets.append((name, module, fan))
     return targets
+
+
+def lora_layer(module: nn.Module, num_adapters: int, fan_in_fan_out: bool = False, **kwargs) -> MultiLoRALinear:
+    """The LoRA adapter layer for ``module``: ``MultiLoRAEmbedding`` for an ``nn.Embedding``, else
+    ``MultiLoRALinear``; ``kwargs`` are theirs."""
+    if isinstance(module, nn.Embedding):
+        return MultiLoRAEmbedding(module, num_adapters, **kwargs)
+    return MultiLoRALinear(module, num_adapters, fan_in_fan_out=fan_in_fan_out, **kwargs)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module):
@@ -155,7 +170,9 @@ def inject(model: nn.Module, target_modules: str | Iterable[str], num_adapters: 
       magnitude per output feature on top, as PEFT's ``use_dora``), ``lora_bias`` (a trained bias
       of B, as PEFT's ``lora_bias``; the base layers need biases): one value or one per adapter;
       ``adapter_names`` (default ``"0"``, ``"1"``, ...) name them for ``use_adapters`` and PEFT
-      checkpoints.
+      checkpoints. An ``nn.Embedding`` that matches (``"embed_tokens"``) gets a
+      ``MultiLoRAEmbedding``: PEFT's LoRA on embeddings (no DoRA or ``lora_bias`` there, no
+      dropout, never quantized).
     - ``"context_lora"``, ``"context_bitfit"``, ``"context_ia3"``: Context-PEFT's
       ``ContextLoRALinear`` (``r``, ``alpha``, ``dropout``, ``use_rslora``), ``ContextBitFit`` or
       ``ContextIA3`` with ``num_adapters`` contexts, chosen per token by ``use_contexts``. IA3
@@ -183,25 +200,26 @@ def inject(model: nn.Module, target_modules: str | Iterable[str], num_adapters: 
             raise ValueError(f"{flag} applies to method='lora' only, not {method!r}")
     if any(isinstance(m, _WRAPPERS) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} already has adapter layers; inject once")
-    targets = find_targets(model, target_modules, exclude_modules)
+    targets = find_targets(model, target_modules, exclude_modules, embeddings=method == "lora")
     if feedforward_modules is not None and not isinstance(feedforward_modules, str):
         feedforward_modules = list(feedforward_modules)
     if method != "lora" and (not isinstance(num_adapters, int) or num_adapters < 1):
         raise ValueError(f"num_adapters (the number of contexts) must be a positive int, got {num_adapters!r}")
 
     def make_layer(name, module, fan):
-        if quantize == "nf4" and not isinstance(module, NF4Linear):  # QLoRA: the frozen base in NF4 (a
-            # Conv1D's [in, out] weight transposed); a bitsandbytes NF4 layer comes adopted already
+        if quantize == "nf4" and not isinstance(module, (NF4Linear, nn.Embedding)):  # QLoRA: the frozen base in
+            # NF4 (a Conv1D's [in, out] weight transposed; embeddings stay as they are, as in QLoRA); a
+            # bitsandbytes NF4 layer comes adopted already
             weight = module.weight.detach()
             if weight.is_meta:
                 raise ValueError(f"quantize='nf4' quantizes the base weights' values, but {name!r} is on the meta "
                                  f"device: load the base weights first, then inject")
             module = NF4Linear(quantize_nf4(weight.T.contiguous() if fan else weight), module.bias)
             fan = False
-        if method == "lora":
-            return MultiLoRALinear(module, num_adapters, r=r, alpha=alpha, dropout=dropout, dtype=dtype,
-                                   use_rslora=use_rslora, fan_in_fan_out=fan, adapter_names=adapter_names,
-                                   use_dora=use_dora, lora_bias=lora_bias)
+        if method == "lora":  # (embeddings are targets of this method only: find_targets)
+            return lora_layer(module, num_adapters, fan, r=r, alpha=alpha, dropout=dropout, dtype=dtype,
+                              use_rslora=use_rslora, adapter_names=adapter_names, use_dora=use_dora,
+                              lora_bias=lora_bias)
         if method == "context_lora":
             return ContextLoRALinear(module, num_adapters, r=r, alpha=alpha, dropout=dropout, dtype=dtype,
                                      use_rslora=use_rslora, fan_in_fan_out=fan)
@@ -360,7 +378,7 @@ def _restored(settings):
             setattr(m, attribute, old)
 
 
-_ROUTES = {MultiLoRALinear: "adapter_ids", **{cls: "context" for cls in CONTEXT_LAYERS}}  # where a layer keeps its route
+_ROUTES = {MultiLoRALinear: "adapter_ids", MultiLoRAEmbedding: "adapter_ids", **{cls: "context" for cls in CONTEXT_LAYERS}}  # where a layer keeps its route
 
 
 class _RouteKeepingCheckpoint:
@@ -406,13 +424,24 @@ def merge_adapter(model: nn.Module, name) -> nn.Module:
     ``unmerge_adapter`` restores it bit for bit. Routing adapters while merged is an error. An
     NF4 base is merged as PEFT merges into 4-bit layers: dequantized, the delta added, quantized
     again (outputs move by that rounding; a warning says so); bitsandbytes' 8-bit codes are
-    refused."""
+    refused, and so is a layer whose base weight is tied to another module's (an embedding and
+    the output head under ``tie_word_embeddings``): the merge would change both."""
     layers = _layers_or_raise(model)
     d = _adapter_index(adapter_names(model), name)
     merged = [m for m in layers.values() if m.merged is not None]
     if merged:
         raise RuntimeError(f"adapter {merged[0].adapter_names[merged[0].merged[0]]!r} is already merged; "
                            f"call unmerge_adapter first")
+    holders: dict[int, list[str]] = {}
+    for key, param in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(param), []).append(key)
+    for layer_name, m in layers.items():
+        weight = getattr(m.base_layer, "weight", None)
+        tied = [k for k in holders.get(id(weight), []) if k != f"{layer_name}.base_layer.weight"]
+        if m.rank_values[d] and tied:
+            raise ValueError(f"cannot merge adapter {m.adapter_names[d]!r}: the base weight of {layer_name!r} is "
+                             f"tied to {tied} (tie_word_embeddings), so the merge would change that too; serve it "
+                             f"unmerged (use_adapters)")
     requantized = False
     for m in layers.values():
         if m.rank_values[d]:

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from .model import (_adapter_index, _fan_in_fan_out, _inject_targets, _layers_or_raise, adapter_layers,
-                    adapter_names, base_modules, linear_features)
-from .nn import MultiLoRALinear
+                    adapter_names, base_modules, linear_features, lora_layer)
+from .nn import MultiLoRAEmbedding
 from .nn.dora import check_dora_base
 from .nn.multi_lora import check_lora_bias_base
 from .tensor_files import hub_snapshot, read_tensor_file
@@ -24,10 +24,15 @@ from .tensor_files import hub_snapshot, read_tensor_file
 CONFIG_FILE, WEIGHTS_FILE, PICKLE_FILE = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 PREFIX = "base_model.model."
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/repo, as the Hugging Face Hub names repositories
-# a module's lora_A / lora_B weight, its lora_B bias (``lora_bias``), or its DoRA magnitude (part
-# M; with or without the adapter name and ``.weight`` that older PEFT versions wrote)
+# a module's lora_A / lora_B weight, its lora_B bias (``lora_bias``), its DoRA magnitude (part
+# M; with or without the adapter name and ``.weight`` that older PEFT versions wrote), or an
+# embedding's lora_embedding_A / lora_embedding_B
 _KEY = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<part>[AB])(?:\.[^.]+)?\.weight|lora_B(?:\.[^.]+)?\.(?P<bias>bias)"
-                  r"|lora_(?P<magnitude>magnitude)_vector(?:\.[^.]+)?(?:\.weight)?)$")
+                  r"|lora_(?P<magnitude>magnitude)_vector(?:\.[^.]+)?(?:\.weight)?"
+                  r"|lora_embedding_(?P<embedding>[AB])(?:\.[^.]+)?)$")
+# a whole weight of a base module: PEFT saves the base embedding beside an embedding adapter (and
+# embeddings or the output head after the vocabulary was resized)
+_FULL_WEIGHT = re.compile(r"^(?P<module>.+?)\.(?:base_layer\.)?weight$")
 # config fields whose non-default values change the computation in ways this runtime does not do
 # (a replicated layer stack, adapters active only after invocation tokens, pooled inputs, sampled
 # or routed adapters, a changed base weight...); VeLoRA changes only the backward pass, so loads
@@ -91,13 +96,45 @@ def _read(name: str, folder, revision: str | None = None) -> tuple[dict, dict[st
 
 class ModuleAdapter(NamedTuple):
     """One adapter's weights at one module, PEFT's layout: A ``[r, K]``, B ``[N, r]``, for DoRA
-    the magnitude ``[N]``, and under ``lora_bias`` B's bias ``[N]`` (else None)."""
+    the magnitude ``[N]``, and under ``lora_bias`` B's bias ``[N]`` (else None); ``embedding``: the
+    module is an embedding (K its vocabulary, N its width)."""
     a: torch.Tensor
     b: torch.Tensor
     rank: int
     alpha: float
     magnitude: torch.Tensor | None = None
     bias: torch.Tensor | None = None
+    embedding: bool = False
+
+
+def _same_base_weight(name: str, key: str, tensor: torch.Tensor, model: nn.Module) -> bool:
+    """True when ``key`` (no prefix) is a whole weight of one of ``model``'s modules
+    (``_FULL_WEIGHT``) equal to the model's own, which loading can pass over; a ``ValueError``
+    naming the key when it differs (the adapter was trained over another base or vocabulary);
+    False when it names no module's weight."""
+    match = _FULL_WEIGHT.match(key)
+    try:
+        weight = getattr(model.get_submodule(match["module"]), "weight", None) if match else None
+    except AttributeError:
+        weight = None
+    if not isinstance(weight, torch.Tensor):
+        return False
+    what = f"adapter {name!r}: {key!r} is a whole weight of module {match['module']!r} (PEFT saves the base embedding " \
+           f"beside an embedding adapter, and embeddings after their vocabulary was resized)"
+    if not weight.dtype.is_floating_point or weight.is_meta:
+        raise ValueError(f"{what}, and the model's {weight.dtype} weight there"
+                         f"{' (on the meta device)' if weight.is_meta else ''} cannot be compared with it")
+    if tuple(tensor.shape) != tuple(weight.shape) or not torch.equal(
+            tensor.to(device=weight.device, dtype=weight.dtype), weight.detach()):
+        raise ValueError(f"{what}, and it differs from the model's ({tuple(tensor.shape)} against "
+                         f"{tuple(weight.shape)}{', other values' if tensor.shape == weight.shape else ''}): the adapter was "
+                         f"trained over another base (a resized vocabulary?); load that base model first")
+    return True
+
+
+def _embedding_modules(model: nn.Module) -> set[str]:
+    """Names of the model's embedding layers (with adapters or not)."""
+    return {name for name, m in base_modules(model) if isinstance(m, (nn.Embedding, MultiLoRAEmbedding))}
 
 
 def _module_weights(name: str, config: dict, tensors: dict, model: nn.Module, modules: dict) -> dict:
@@ -106,18 +143,31 @@ def _module_weights(name: str, config: dict, tensors: dict, model: nn.Module, mo
     dora, biased = bool(config.get("use_dora", False)), bool(config.get("lora_bias", False))
     if dora and biased:
         raise ValueError(f"adapter {name!r}: use_dora and lora_bias are both set, which PEFT does not allow")
+    embeddings = _embedding_modules(model)
     for key, tensor in tensors.items():
-        match = _KEY.match(key[len(PREFIX):] if key.startswith(PREFIX) else key)
+        short = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        match = _KEY.match(short)
+        if match is None and _same_base_weight(name, short, tensor, model):
+            continue
         if match is None or (match["magnitude"] and not dora) or (match["bias"] and not biased):
-            raise ValueError(f"adapter {name!r}: key {key!r} is not a LoRA A/B weight of a linear layer "
-                             f"(only lora_A/lora_B weights load" + (", lora_magnitude_vector with use_dora and "
-                                                                     "lora_B.bias with lora_bias" if match else "") + ")")
+            raise ValueError(f"adapter {name!r}: key {key!r} is not a LoRA A/B weight of a linear or embedding layer "
+                             f"(only lora_A/lora_B and lora_embedding_A/lora_embedding_B weights load"
+                             + (", lora_magnitude_vector with use_dora and lora_B.bias with lora_bias" if match else "")
+                             + ")")
         module = match["module"]
         if module not in modules:
             near = difflib.get_close_matches(module, list(modules), n=3, cutoff=0.5)
             raise ValueError(f"adapter {name!r}: key {key!r} names module {module!r}, which is not a linear "
-                             f"layer of {type(model).__name__}" + (f"; near: {near}" if near else ""))
-        pairs.setdefault(module, {})[match["part"] or ("bias" if match["bias"] else "M")] = (key, tensor)
+                             f"or embedding layer of {type(model).__name__}" + (f"; near: {near}" if near else ""))
+        if bool(match["embedding"]) != (module in embeddings):
+            raise ValueError(f"adapter {name!r}: key {key!r} is " + ("an embedding's LoRA weight, but module "
+                             f"{module!r} is a linear layer" if match["embedding"] else
+                             f"a linear layer's LoRA weight, but module {module!r} is an embedding"))
+        if module in embeddings and (dora or biased):
+            raise ValueError(f"adapter {name!r}: {'use_dora' if dora else 'lora_bias'} is set, and embedding "
+                             f"{module!r} has LoRA weights: embeddings take plain LoRA only here")
+        part = match["part"] or match["embedding"] or ("bias" if match["bias"] else "M")
+        pairs.setdefault(module, {})[part] = (key, tensor)
     out = {}
     for module, parts in pairs.items():
         if not {"A", "B"} <= set(parts):
@@ -142,7 +192,7 @@ def _module_weights(name: str, config: dict, tensors: dict, model: nn.Module, mo
                 raise ValueError(f"adapter {name!r}: {parts[part][0]} has shape {tuple(parts[part][1].shape)}, but "
                                  f"module {module!r} has {n} outputs: expected {(n,)}")
         out[module] = ModuleAdapter(a, b, rank, alpha, parts.get("M", (None, None))[1],
-                                    parts.get("bias", (None, None))[1])
+                                    parts.get("bias", (None, None))[1], module in embeddings)
     if not out:
         raise ValueError(f"adapter {name!r}: the weights file holds no LoRA weights")
     return out
@@ -173,7 +223,9 @@ def _check_fits(name: str, weights: dict, layers: dict) -> None:
         rank = weight.rank
         if module not in layers:
             raise ValueError(f"adapter {name!r} targets {module!r}, which has no adapter layer in this "
-                             f"model; inject it too, or load into a model without adapters")
+                             f"model; inject it too, or load into a model without adapters"
+                             + (" (an embedding: bora-serve takes --embedding-adapters)"
+                                if weight.embedding else ""))
         if rank > layers[module].lora_A.shape[1]:
             raise ValueError(f"adapter {name!r} has rank {rank} at {module!r}, more than the injected "
                              f"rank {layers[module].lora_A.shape[1]}; inject with a larger r")
@@ -221,8 +273,8 @@ def load_peft_adapters(model: nn.Module, adapters: Mapping[str, str | Path], dty
     ``save_pretrained`` folder or a Hugging Face Hub id (``"owner/repo"``, fetched).
 
     A model without adapter layers is injected first: every module some adapter targets gets a
-    ``MultiLoRALinear`` whose slots are these adapters (rank 0, contributing nothing, where an
-    adapter does not target the module). A model that already has adapter layers (from
+    ``MultiLoRALinear`` (``MultiLoRAEmbedding`` for an embedding) whose slots are these adapters
+    (rank 0, contributing nothing, where an adapter does not target the module). A model that already has adapter layers (from
     ``inject(..., adapter_names=...)``) has the named slots filled; their ranks must fit.
     Adapters may differ in rank, alpha, ``use_rslora``, ``use_dora`` (DoRA adapters keep their
     magnitudes), ``lora_bias``, patterns and target modules. Weights are
@@ -248,9 +300,9 @@ def load_peft_adapters(model: nn.Module, adapters: Mapping[str, str | Path], dty
         dropout = max(float(config.get("lora_dropout", 0.0)) for config, _ in loaded.values())
         modules = dict(model.named_modules())
         _inject_targets(model, [(m, modules[m], _fan_in_fan_out(modules[m])) for m in targets],
-                        lambda m, module, fan: MultiLoRALinear(module, len(names), r=ranks[m], dropout=dropout,
-                                                               dtype=dtype, fan_in_fan_out=fan, adapter_names=names,
-                                                               use_dora=dora[m], lora_bias=biased[m]))
+                        lambda m, module, fan: lora_layer(module, len(names), fan, r=ranks[m], dropout=dropout,
+                                                          dtype=dtype, adapter_names=names, use_dora=dora[m],
+                                                          lora_bias=biased[m]))
         layers = adapter_layers(model)
     else:
         slots = adapter_names(model)
@@ -286,8 +338,10 @@ def save_peft_adapter(model: nn.Module, name, folder) -> Path:
     tensors, rank_pattern, alpha_pattern = {}, {}, {}
     for module, layer in present.items():
         a, b = layer.adapter_weights(d)
-        tensors[f"{PREFIX}{module}.lora_A.weight"] = a.contiguous().clone()
-        tensors[f"{PREFIX}{module}.lora_B.weight"] = b.contiguous().clone()
+        names = ("lora_embedding_A", "lora_embedding_B") if isinstance(layer, MultiLoRAEmbedding) else \
+            ("lora_A.weight", "lora_B.weight")
+        tensors[f"{PREFIX}{module}.{names[0]}"] = a.contiguous().clone()
+        tensors[f"{PREFIX}{module}.{names[1]}"] = b.contiguous().clone()
         if dora[module]:
             tensors[f"{PREFIX}{module}.lora_magnitude_vector"] = layer.adapter_magnitude(d).contiguous().clone()
         if biased[module]:

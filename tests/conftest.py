@@ -59,6 +59,29 @@ def run_on(path: str):
         grouped.PADDING_LIMIT = saved
 
 
+ROUTINGS = ["per_token", "per_sequence", "plan", "route"]
+
+
+def routed_forward(layer, x, token_ids, sequence_ids, how: str, batch_shape):
+    """``(out, ids per token)``: ``layer(x)`` routed ``how`` (one of ``ROUTINGS``): ids per token
+    (``token_ids`` ``[B, L]``) or per sequence (``sequence_ids`` ``[B]``) given to the forward, a
+    ``lora_plan`` of the per-token ids, or an ``AdapterRoute`` set on the layer (and unset after)."""
+    from bora_kernels.nn import AdapterRoute
+    from bora_kernels.ops import lora_plan
+
+    ids = sequence_ids if how == "per_sequence" else token_ids
+    per_token = ids[:, None].expand(batch_shape) if how == "per_sequence" else ids
+    if how == "plan":
+        return layer(x, lora_plan(ids, batch_shape, layer.num_adapters)), per_token
+    if how != "route":
+        return layer(x, ids), per_token
+    layer.adapter_ids = AdapterRoute(ids, layer.num_adapters)
+    try:
+        return layer(x), per_token
+    finally:
+        layer.adapter_ids = None
+
+
 def assert_equals_peft_per_sequence(layer, x, ids, backend: str):
     """``layer`` (a ``MultiLoRALinear``) on a batch mixing its adapters by sequence (``ids`` ``[B]``,
     -1 for none) on ``backend`` equals PEFT's layer with the same adapters, run one sequence at a

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_equals_peft_per_sequence, cpu_backends, run_on
+from conftest import ROUTINGS, assert_equals_peft_per_sequence, cpu_backends, routed_forward, run_on
 from lora_reference import assert_matches_reference, reference
 from tolerances import assert_close
 from torch import nn
@@ -16,7 +16,6 @@ import bora_kernels as bk
 from bora_kernels.bench.baselines import peft_lora_linear
 from bora_kernels.nn import MultiLoRALinear, NF4Linear
 from bora_kernels.nn.dora import base_row_norms_sq, dora_norms
-from bora_kernels.ops import lora_plan
 from bora_kernels.quant import quantize_nf4
 
 K, N = 64, 36
@@ -74,29 +73,17 @@ IDS = {  # DoRA, plain LoRA and no adapter side by side
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
-@pytest.mark.parametrize("how", ["per_token", "per_sequence", "plan", "route"])
+@pytest.mark.parametrize("how", ROUTINGS)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 def test_mixed_batch_forward_and_gradients(backend, how, bias, poison_empty):
     layer = make_layer(bias=bias)
     x = torch.randn(3, 5, K, requires_grad=True)
-    ids = IDS["per_sequence" if how == "per_sequence" else "per_token"]
-    token_ids = ids[:, None].expand(3, 5) if how == "per_sequence" else ids
-    given = {"plan": lambda: lora_plan(ids, x.shape[:-1], len(RANKS)),
-             "route": lambda: bk.nn.AdapterRoute(ids, len(RANKS))}.get(how, lambda: ids)()
     dy = torch.randn(3, 5, N)
     with run_on(backend):
-        out = layer(x, given) if how != "route" else _routed(layer, given, x)
+        out, token_ids = routed_forward(layer, x, IDS["per_token"], IDS["per_sequence"], how, (3, 5))
         (out * dy).sum().backward()
     assert_matches_reference(layer, x, token_ids, out, dy, torch.float32)
     assert (layer.lora_magnitude.grad[1] == 0).all(), "a plain LoRA adapter's magnitude row gets no gradient"
-
-
-def _routed(layer, route, x):
-    layer.adapter_ids = route
-    try:
-        return layer(x)
-    finally:
-        layer.adapter_ids = None
 
 
 @pytest.mark.parametrize("backend", cpu_backends())

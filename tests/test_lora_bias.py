@@ -8,14 +8,13 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_equals_peft_per_sequence, cpu_backends, run_on
+from conftest import ROUTINGS, assert_equals_peft_per_sequence, cpu_backends, routed_forward, run_on
 from lora_reference import assert_matches_reference, reference
 from tolerances import assert_close
 from torch import nn
 
 import bora_kernels as bk
 from bora_kernels.nn import MultiLoRALinear, NF4Linear
-from bora_kernels.ops import lora_plan
 from bora_kernels.quant import quantize_nf4
 
 K, N = 64, 40
@@ -42,19 +41,13 @@ SEQUENCE_IDS = torch.tensor([2, -1, 0])
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
-@pytest.mark.parametrize("how", ["per_token", "per_sequence", "plan", "route"])
+@pytest.mark.parametrize("how", ROUTINGS)
 def test_mixed_batch_forward_and_gradients(backend, how, poison_empty):
     layer = make_layer()
     x = torch.randn(3, 5, K, requires_grad=True)
-    ids = SEQUENCE_IDS if how == "per_sequence" else TOKEN_IDS
-    token_ids = ids[:, None].expand(3, 5) if how == "per_sequence" else ids
-    given = {"plan": lambda: lora_plan(ids, x.shape[:-1], len(RANKS)),
-             "route": lambda: bk.nn.AdapterRoute(ids, len(RANKS))}.get(how, lambda: ids)()
     dy = torch.randn(3, 5, N)
     with run_on(backend):
-        if how == "route":
-            layer.adapter_ids = given
-        out = layer(x, None if how == "route" else given)
+        out, token_ids = routed_forward(layer, x, TOKEN_IDS, SEQUENCE_IDS, how, (3, 5))
         (out * dy).sum().backward()
     assert_matches_reference(layer, x, token_ids, out, dy, torch.float32)
     assert (layer.lora_bias_vector.grad[[1, 3]] == 0).all(), "adapters without a lora_bias get no bias gradient"

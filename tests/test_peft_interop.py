@@ -19,10 +19,11 @@ LoraConfig, PeftModel, get_peft_model = peft.LoraConfig, peft.PeftModel, peft.ge
 
 VOCAB = 64
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# four adapters that differ in rank, alpha, rsLoRA, DoRA, patterns and target modules, per model
+# four adapters that differ in rank, alpha, rsLoRA, DoRA, patterns and target modules (the token
+# embedding too: untied in Llama, tied to the output head in OPT and GPT-2), per model
 ADAPTERS = {
     "llama": {
-        "alpha": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        "alpha": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"]),
         "beta": dict(r=8, lora_alpha=16, use_rslora=True, use_dora=True, target_modules=LLAMA_ALL),
         "gamma": dict(r=2, lora_alpha=4, target_modules=r".*\.(q_proj|down_proj)", rank_pattern={"down_proj": 6},
                       alpha_pattern={"q_proj": 3}, use_dora=True),
@@ -32,14 +33,14 @@ ADAPTERS = {
         "alpha": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
         "beta": dict(r=8, lora_alpha=16, use_rslora=True, use_dora=True,
                      target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]),
-        "gamma": dict(r=2, lora_alpha=4, target_modules=["fc1", "fc2"], rank_pattern={"fc2": 5}),
+        "gamma": dict(r=2, lora_alpha=4, target_modules=["fc1", "fc2", "embed_tokens"], rank_pattern={"fc2": 5}),
         "delta": dict(r=16, lora_alpha=32, target_modules=["k_proj", "out_proj"]),
     },
     "gpt2": {
         "alpha": dict(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True),
         "beta": dict(r=8, lora_alpha=16, use_rslora=True, use_dora=True, target_modules=["c_attn", "c_proj", "c_fc"],
                      fan_in_fan_out=True),
-        "gamma": dict(r=2, lora_alpha=4, target_modules=["c_fc"], fan_in_fan_out=True),
+        "gamma": dict(r=2, lora_alpha=4, target_modules=["c_fc", "wte"], fan_in_fan_out=True),
         "delta": dict(r=16, lora_alpha=32, target_modules=["c_proj"], fan_in_fan_out=True),
     },
 }
@@ -217,8 +218,10 @@ def test_training_step_gradients_match_peft_per_task(saved):
                 assert (grad_a == 0).all() and (grad_b == 0).all(), (module, name)
                 continue
             peft_layer = reference.base_model.model.get_submodule(module)
-            assert_close(grad_a[:rank], peft_layer.lora_A[name].weight.grad, torch.float32, f"{module} {name} dA")
-            assert_close(grad_b[:, :rank], peft_layer.lora_B[name].weight.grad, torch.float32, f"{module} {name} dB")
+            a, b = ((peft_layer.lora_embedding_A[name], peft_layer.lora_embedding_B[name]) if isinstance(
+                layer, bk.nn.MultiLoRAEmbedding) else (peft_layer.lora_A[name].weight, peft_layer.lora_B[name].weight))
+            assert_close(grad_a[:rank], a.grad, torch.float32, f"{module} {name} dA")
+            assert_close(grad_b[:, :rank], b.grad, torch.float32, f"{module} {name} dB")
             assert (grad_a[rank:] == 0).all() and (grad_b[:, rank:] == 0).all()
             if name in peft_layer.lora_magnitude_vector:
                 assert_close(layer.lora_magnitude.grad[d], peft_layer.lora_magnitude_vector[name].weight.grad,
@@ -598,10 +601,12 @@ def test_t5_reads_projection_weights_through_the_adapter_layers(tmp_path):
 
 @pytest.mark.parametrize("use_dora", [False, [True, False, True]], ids=["lora", "lora_and_dora"])
 def test_torch_compile_mixed_batch_without_graph_breaks(use_dora):
-    model = bk.inject(tiny_model("llama"), ["q_proj", "v_proj", "down_proj"], num_adapters=3, r=[2, 4, 8],
-                      use_dora=use_dora)
+    embedding = [] if use_dora else ["embed_tokens"]  # (embeddings take plain LoRA only)
+    model = bk.inject(tiny_model("llama"), ["q_proj", "v_proj", "down_proj", *embedding], num_adapters=3,
+                      r=[2, 4, 8], use_dora=use_dora)
     for layer in bk.model.adapter_layers(model).values():
         torch.nn.init.normal_(layer.lora_B, std=0.1)
+        torch.nn.init.normal_(layer.lora_A, std=0.1)
     input_ids = torch.randint(0, VOCAB, (4, 6), generator=torch.Generator().manual_seed(7))
 
     def step(fn, route):

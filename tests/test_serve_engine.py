@@ -649,6 +649,42 @@ def test_hot_load_unload_and_bad_adapters(adapters, reference, tmp_path):
     engine.shutdown(10)
 
 
+def test_embedding_adapters_serve_beside_linear_ones(adapters, tmp_path):
+    """``embedding_adapters=True``: the slots hold LoRA on the token embedding too, and adapters
+    with and without one share decode steps, each answering as ``generate`` with it alone;
+    without it, such an adapter is refused with the flag to use."""
+    root, names = adapters
+    source = _randomized_embedding_adapter(bk.inject(tiny_llama(), ["embed_tokens", "v_proj"], 1, r=6,
+                                                     adapter_names=["emb"]))
+    bk.save_peft_adapter(source, "emb", tmp_path / "emb")
+    folders = {"emb": tmp_path / "emb", names[0]: root / names[0]}
+    reference = bk.load_peft_adapters(tiny_llama(), folders)
+    with pytest.raises(ValueError, match="an embedding: bora-serve takes --embedding-adapters"):
+        Engine(tiny_llama(), max_adapters=2, max_lora_rank=8).load_adapter("emb", folders["emb"])
+    engine = Engine(tiny_llama(), max_adapters=2, max_lora_rank=8, embedding_adapters=True)
+    assert isinstance(engine.model.get_input_embeddings(), bk.nn.MultiLoRAEmbedding) and len(engine.layers) == 15
+    for name, folder in folders.items():
+        engine.load_adapter(name, folder)
+    jobs = [(prompt, name, collect(engine, prompt, name, SamplingParams(max_tokens=6, temperature=0))[1])
+            for prompt in ([5, 9, 2], [7, 7]) for name in ("emb", names[0], None)]
+    with use_backend("torch"):
+        while not all(out["done"].is_set() for *_, out in jobs):
+            engine.step()
+    for prompt, name, out in jobs:
+        assert out["tokens"] == offline(reference, prompt, name, 6), (name, prompt)
+    assert jobs[0][2]["tokens"] != offline(reference, [5, 9, 2], None, 6), "the embedding adapter changes the output"
+
+
+def _randomized_embedding_adapter(model):
+    """Adapters strong enough to change greedy outputs (an embedding's A starts at zero)."""
+    gen = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for layer in bk.model.adapter_layers(model).values():
+            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=gen))
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.3)
+    return model
+
+
 def test_evictable_adapters_give_up_their_slot(adapters, reference):
     """Stepped by hand, 2 slots: a load with ``evictable`` names takes the slot of the least
     recently used of them with no request queued or running and not ``held`` (never one with
@@ -720,10 +756,12 @@ def test_bad_arguments():
         Engine(tiny_llama(), max_batch=0)
     with pytest.raises(ValueError, match="quantize must be None or 'nf4'"):
         Engine(tiny_llama(), quantize="int8")
+    with pytest.raises(ValueError, match="embedding_adapters must be a bool"):
+        Engine(tiny_llama(), embedding_adapters="yes")
     with pytest.raises(ValueError, match="unquantized bases"):
         Engine(bk.inject(tiny_llama(), ["q_proj"], 2), quantize="nf4")
-    qlora = bk.inject(tiny_llama(), ["q_proj"], 2, quantize="nf4")
-    assert Engine(qlora, quantize="nf4").model is qlora  # already over NF4: served as it is
+    qlora = bk.inject(tiny_llama(), ["q_proj", "embed_tokens"], 2, quantize="nf4")
+    assert Engine(qlora, quantize="nf4").model is qlora  # already over NF4 (embeddings never are): served as it is
     engine = Engine(copy.deepcopy(tiny_llama()), max_adapters=1, max_lora_rank=2)
     for prompt, match in (([], "prompt: must be a non-empty list"), ("12", "prompt: must be a non-empty list"),
                           ([1, VOCAB], r"prompt: token ids must be ints in \[0, 64\)"), ([1, -1], "prompt: token ids"),

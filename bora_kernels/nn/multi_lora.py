@@ -76,9 +76,9 @@ def plus_delta(base_layer: nn.Module, result: torch.Tensor, delta) -> torch.Tens
     """``result`` (``base_layer``'s output) plus the adapters' delta, where ``delta(add_to)`` is the
     op that computes it (``add_to``: a tensor to add it into in place, or None). In place (one pass
     less) only over layers whose output comes from ordinary ops (``nn.Linear``, ``NF4Linear``,
-    GPT-2's ``Conv1D``); another layer's output may be a view made inside its own autograd
+    GPT-2's ``Conv1D``, ``nn.Embedding``); another layer's output may be a view made inside its own autograd
     Function, which autograd forbids changing in place (bitsandbytes' 8-bit ``Linear8bitLt``)."""
-    if type(base_layer) in (nn.Linear, NF4Linear) or type(base_layer).__name__ == "Conv1D":
+    if type(base_layer) in (nn.Linear, NF4Linear, nn.Embedding) or type(base_layer).__name__ == "Conv1D":
         return delta(result)
     return result + delta(None).to(result.dtype)
 
@@ -159,7 +159,7 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
                  dtype: torch.dtype | None = None, use_rslora=False, fan_in_fan_out: bool = False,
                  adapter_names: Sequence[str] | None = None, use_dora=False, lora_bias=False):
         super().__init__()
-        k, n, weight = linear_shape(base_layer, fan_in_fan_out)
+        k, n, weight = self._base_shape(base_layer, fan_in_fan_out)
         if not isinstance(num_adapters, int) or num_adapters < 1:
             raise ValueError(f"num_adapters must be a positive int, got {num_adapters!r}")
         ranks = _per_adapter(r, num_adapters, "r")
@@ -215,6 +215,11 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
         # bias before the merge where the adapter has a lora_bias, else None)
         self.merged: tuple[int, torch.Tensor | NF4Tensor, torch.Tensor | None] | None = None
         self.reset_lora_parameters()
+
+    @staticmethod
+    def _base_shape(base_layer: nn.Module, fan_in_fan_out: bool) -> tuple[int, int, torch.Tensor]:
+        """``(K, N, weight)`` of the layer the adapters wrap (``linear_shape``)."""
+        return linear_shape(base_layer, fan_in_fan_out)
 
     @property
     def scaling_values(self) -> list[float]:
@@ -458,14 +463,20 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
-    def forward(self, x: torch.Tensor, adapter_ids=None) -> torch.Tensor:
-        result = self.base_layer(x)
+    def _given(self, adapter_ids):
+        """The ids a forward routes by (``adapter_ids``, else the layer's own ``adapter_ids``), or
+        None for the base layer alone; an error while an adapter is merged."""
         given = self.adapter_ids if adapter_ids is None else adapter_ids
-        if given is None:
-            return result
-        if self.merged is not None:
+        if given is not None and self.merged is not None:
             raise RuntimeError(f"adapter {self.adapter_names[self.merged[0]]!r} is merged into the base "
                                f"weights; call bora_kernels.unmerge_adapter before routing adapters")
+        return given
+
+    def forward(self, x: torch.Tensor, adapter_ids=None) -> torch.Tensor:
+        result = self.base_layer(x)
+        given = self._given(adapter_ids)
+        if given is None:
+            return result
         ids = given.plan(x.shape[:-1], self.num_adapters, x.device) if isinstance(given, AdapterRoute) else given
         dropped = self.lora_dropout(x)
         x_in = dropped.to(autocast_dtype(x) or self.lora_A.dtype)  # the op's dtype: no cast in it
@@ -475,7 +486,7 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
 
         dora = self.lora_magnitude is not None and any(self.use_dora)
         biased = self.lora_bias_vector is not None and any(self.use_lora_bias)
-        token_ids = self._token_ids(x, given, ids) if dora or biased else None
+        token_ids = self._token_ids(x.shape[:-1], x.device, given, ids) if dora or biased else None
         if dora and dropped is not x:
             # DoRA under dropout (training) scales ``W x' + s B A x'`` of the dropped input, as PEFT
             # does: the base layer again, and the delta once, out of place, for both sums
@@ -506,13 +517,15 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
         shifted = context_scale(inner, self._dora_shift(), token_ids)
         return (out + shifted).to(out.dtype)
 
-    def _token_ids(self, x: torch.Tensor, given, plan: LoRAPlan | torch.Tensor) -> torch.Tensor:
-        """Each token's adapter id for ``x`` (per sequence where ``given`` has them so): ``given``
-        the ids the forward got (a route, a tensor or a plan), ``plan`` what lora_delta runs."""
+    @staticmethod
+    def _token_ids(batch_shape, device: torch.device, given, plan: LoRAPlan | torch.Tensor) -> torch.Tensor:
+        """Each token's adapter id for an input whose leading dims are ``batch_shape`` (per
+        sequence where ``given`` has them so): ``given`` the ids the forward got (a route, a tensor
+        or a plan), ``plan`` what lora_delta runs."""
         if isinstance(given, AdapterRoute):
-            return given.ids(x.shape[:-1], x.device)
+            return given.ids(batch_shape, device)
         if isinstance(given, torch.Tensor):
-            return given.to(x.device)
+            return given.to(device)
         return plan_ids(plan)
 
     def extra_repr(self) -> str:

@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="adapter slots (loaded at once); more adapters than slots are loaded when a request "
                         "names them, in the slot of the least recently used idle one")
     p.add_argument("--max-lora-rank", type=POSITIVE_INT, default=16, help="the largest adapter rank a slot holds")
+    p.add_argument("--embedding-adapters", action="store_true",
+                   help="slots take LoRA on the token embedding too (adapters whose target_modules name "
+                        "embed_tokens): max-adapters x max-lora-rank x (vocabulary + hidden) parameters more")
     p.add_argument("--max-batch", type=POSITIVE_INT, default=32, help="sequences in one decode step")
     p.add_argument("--prefix-cache-tokens", type=number(int, at_least=0), default=0,
                    help="prompt tokens whose keys and values are kept between requests, per adapter (0: off)")
@@ -147,7 +150,7 @@ def build_server(argv=None):
     tokenizer = AutoTokenizer.from_pretrained(path, **revision)
     engine = Engine(model, max_adapters=args.max_adapters, max_lora_rank=args.max_lora_rank, max_batch=args.max_batch,
                     max_queue=args.max_queue, schedule=args.schedule, quantize=args.quantize,
-                    prefix_cache_tokens=args.prefix_cache_tokens)
+                    prefix_cache_tokens=args.prefix_cache_tokens, embedding_adapters=args.embedding_adapters)
     for i, (adapter, folder) in enumerate(folders.items()):  # each is checked; the first fill the slots
         try:
             read = read_peft_adapter(engine.model, adapter, folder, revisions.get(adapter))

@@ -41,7 +41,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..model import adapter_layers, inject, use_adapters
+from ..model import adapter_layers, find_targets, inject, use_adapters
 from ..nn import AdapterRoute, NF4Linear
 from ..peft_io import read_peft_adapter, set_peft_adapter
 from .prefix_cache import PrefixCache
@@ -352,27 +352,38 @@ class Engine:
     per adapter, in blocks of ``prefix_block`` tokens (``PrefixCache``): a prompt that begins
     with a cached prefix for its adapter (a shared system prompt, few-shot examples) is
     prefilled from the end of it. A prompt scored with ``k`` alternatives reuses the blocks a
-    prompt scored with at least ``k`` left (they keep their tokens' log-probabilities)."""
+    prompt scored with at least ``k`` left (they keep their tokens' log-probabilities).
+
+    ``embedding_adapters=True`` gives the slots LoRA on the token embedding as well
+    (``MultiLoRAEmbedding``: adapters whose ``target_modules`` name ``embed_tokens``), at
+    ``max_adapters * max_lora_rank * (vocabulary + hidden)`` parameters more; like ``quantize``, it
+    applies when the engine injects the adapter layers."""
 
     def __init__(self, model: nn.Module, max_adapters: int = 16, max_lora_rank: int = 16, max_batch: int = 32,
                  max_queue: int = 256, target_modules=DEFAULT_TARGETS, schedule: str = "mixed", quantize=None,
-                 prefix_cache_tokens: int = 0, prefix_block: int = 16):
+                 prefix_cache_tokens: int = 0, prefix_block: int = 16, embedding_adapters: bool = False):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if quantize not in (None, "nf4"):
             raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
+        if not isinstance(embedding_adapters, bool):
+            raise ValueError(f"embedding_adapters must be a bool, got {embedding_adapters!r}")
         for name, value in (("max_adapters", max_adapters), ("max_lora_rank", max_lora_rank),
                             ("max_batch", max_batch), ("max_queue", max_queue)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.prefix_cache = PrefixCache(prefix_cache_tokens, prefix_block) if prefix_cache_tokens else None
         if not adapter_layers(model):
+            if embedding_adapters:  # the targets by their full names, and the input embedding's
+                embedding = model.get_input_embeddings()
+                target_modules = [name for name, _, _ in find_targets(model, target_modules)] + [
+                    next(name for name, m in model.named_modules() if m is embedding)]
             inject(model, target_modules, max_adapters, r=max_lora_rank, alpha=max_lora_rank, quantize=quantize)
             for layer in adapter_layers(model).values():
                 for d in range(max_adapters):
                     layer.set_adapter(d, None, None)
-        elif quantize is not None and not all(isinstance(getattr(layer, "base_layer", None), NF4Linear)
-                                              for layer in adapter_layers(model).values()):
+        elif quantize is not None and not all(isinstance(getattr(layer, "base_layer", None), (NF4Linear, nn.Embedding))
+                                              for layer in adapter_layers(model).values()):  # (embeddings stay)
             raise ValueError("quantize='nf4' applies when the engine injects the adapter layers, and this model "
                              "has them over unquantized bases: inject(model, ..., quantize='nf4') instead")
         self.model = model.eval()

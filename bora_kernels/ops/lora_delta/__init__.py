@@ -342,6 +342,25 @@ def lora_delta(x, lora_a, lora_b, adapter_ids, scaling=None, ranks=None, add_to=
     return apply_delta(x.reshape(-1, k), lora_a, lora_b, plan, scaling, ranks, batch_shape, add_to)
 
 
+def lora_expand(h, lora_b, adapter_ids, scaling=None, ranks=None, add_to=None):
+    """The second half of ``lora_delta`` alone, ``y[t] = scaling[d] * h[t] @ B[d][:, :r_d]^T``,
+    for inputs already in rank space: an embedding adapter's columns of A, gathered by token
+    (``nn.MultiLoRAEmbedding``). ``h`` is ``[T, R]`` or ``[B, L, R]`` (R of ``lora_b``, in its
+    dtype); the other arguments and the result are ``lora_delta``'s, differentiable in ``h``,
+    ``lora_b`` and ``add_to``. It is ``lora_delta`` with every A the identity (a kept constant,
+    never a parameter): the same kernels, whose first product is then ``R x R`` per token."""
+    if not isinstance(lora_b, torch.Tensor) or lora_b.dim() != 3:
+        raise ValueError(f"lora_b must be [D, N, R], got {_shape(lora_b)}")
+    num_adapters, _, rank = lora_b.shape
+    if not isinstance(h, torch.Tensor) or h.dim() not in (2, 3) or h.shape[-1] != rank:
+        raise ValueError(f"h must be a [T, R] or [B, L, R] tensor with R={rank} (from lora_b {_shape(lora_b)}), "
+                         f"got {_shape(h)}")
+    eye = _constant(("eye", num_adapters, rank, lora_b.dtype), lora_b.device,
+                    lambda: torch.eye(rank, dtype=lora_b.dtype, device=lora_b.device).expand(num_adapters, rank, rank)
+                    .contiguous())
+    return lora_delta(h, eye, lora_b, adapter_ids, scaling, ranks, add_to)
+
+
 def apply_delta(x2, lora_a, lora_b, plan, scaling, ranks, batch_shape, add_to=None):
     """``lora_delta`` after its checks: ``x2`` is ``[T, K]``, ``plan`` groups its T rows,
     ``scaling`` fp32 and ``ranks`` int32 on x's device. Returns the delta shaped
