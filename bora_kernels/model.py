@@ -18,12 +18,12 @@ import torch
 from torch import nn
 
 from .nn import (CONTEXT_LAYERS, AdapterRoute, ContextBitFit, ContextIA3, ContextLoRALinear, ContextRoute,
-                 MultiLoRAEmbedding, MultiLoRALinear, NF4Linear, is_bnb_4bit)
+                 MultiLoRAEmbedding, MultiLoRALinear, NF4Linear, TiedTokenHead, is_bnb_4bit)
 from .quant import quantize_nf4
 
 METHODS = ("lora", "context_lora", "context_bitfit", "context_ia3")
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer but the output head
-_WRAPPERS = (MultiLoRALinear, *CONTEXT_LAYERS)
+_WRAPPERS = (MultiLoRALinear, TiedTokenHead, *CONTEXT_LAYERS)
 
 
 def matches(name: str, patterns) -> bool:
@@ -150,6 +150,18 @@ def lora_layer(module: nn.Module, num_adapters: int, fan_in_fan_out: bool = Fals
     return MultiLoRALinear(module, num_adapters, fan_in_fan_out=fan_in_fan_out, **kwargs)
 
 
+def tie_token_head(model: nn.Module) -> None:
+    """Wrap ``model``'s output head in a ``TiedTokenHead`` where its weight is the base weight of
+    the model's input embedding and that embedding holds adapters (``MultiLoRAEmbedding``), so
+    that the logits follow the adapters' trainable tokens as PEFT ties them; else nothing."""
+    if not (hasattr(model, "get_output_embeddings") and hasattr(model, "get_input_embeddings")):
+        return
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if isinstance(embedding, MultiLoRAEmbedding) and isinstance(head, nn.Linear) and head.bias is None \
+            and head.weight is embedding.base_layer.weight:
+        _replace(model, next(name for name, m in model.named_modules() if m is head), TiedTokenHead(head, embedding))
+
+
 def _replace(model: nn.Module, name: str, new: nn.Module):
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -160,7 +172,7 @@ def inject(model: nn.Module, target_modules: str | Iterable[str], num_adapters: 
            dropout: float = 0.0, method: str = "lora", quantize=None, dtype: torch.dtype | None = None,
            exclude_modules: str | Iterable[str] | None = None, use_rslora=False,
            adapter_names: Sequence[str] | None = None, feedforward_modules: str | Iterable[str] | None = None,
-           use_dora=False, lora_bias=False):
+           use_dora=False, lora_bias=False, trainable_token_indices=None):
     """Replace every matching linear layer of ``model`` by an adapter layer in place.
 
     ``method``:
@@ -172,7 +184,11 @@ def inject(model: nn.Module, target_modules: str | Iterable[str], num_adapters: 
       ``adapter_names`` (default ``"0"``, ``"1"``, ...) name them for ``use_adapters`` and PEFT
       checkpoints. An ``nn.Embedding`` that matches (``"embed_tokens"``) gets a
       ``MultiLoRAEmbedding``: PEFT's LoRA on embeddings (no DoRA or ``lora_bias`` there, no
-      dropout, never quantized).
+      dropout, never quantized). ``trainable_token_indices`` (PEFT's): token ids whose input
+      embedding rows each adapter trains as its own (initialised to the base rows), one list for
+      all adapters or one per adapter; the input embedding then gets a ``MultiLoRAEmbedding`` for
+      them (it may not be a LoRA target too, as in PEFT), and an output head tied to it a
+      ``TiedTokenHead``, so that those tokens' logits use the same rows.
     - ``"context_lora"``, ``"context_bitfit"``, ``"context_ia3"``: Context-PEFT's
       ``ContextLoRALinear`` (``r``, ``alpha``, ``dropout``, ``use_rslora``), ``ContextBitFit`` or
       ``ContextIA3`` with ``num_adapters`` contexts, chosen per token by ``use_contexts``. IA3
@@ -195,18 +211,26 @@ def inject(model: nn.Module, target_modules: str | Iterable[str], num_adapters: 
         raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
     if feedforward_modules is not None and method != "context_ia3":
         raise ValueError(f"feedforward_modules applies to method='context_ia3' only, not {method!r}")
-    for flag, value in (("use_dora", use_dora), ("lora_bias", lora_bias)):
+    for flag, value in (("use_dora", use_dora), ("lora_bias", lora_bias),
+                        ("trainable_token_indices", False if trainable_token_indices is None else True)):
         if value is not False and method != "lora":
             raise ValueError(f"{flag} applies to method='lora' only, not {method!r}")
     if any(isinstance(m, _WRAPPERS) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} already has adapter layers; inject once")
     targets = find_targets(model, target_modules, exclude_modules, embeddings=method == "lora")
+    token_layer, token_ids = _token_targets(model, targets, trainable_token_indices, num_adapters)
     if feedforward_modules is not None and not isinstance(feedforward_modules, str):
         feedforward_modules = list(feedforward_modules)
     if method != "lora" and (not isinstance(num_adapters, int) or num_adapters < 1):
         raise ValueError(f"num_adapters (the number of contexts) must be a positive int, got {num_adapters!r}")
 
     def make_layer(name, module, fan):
+        if name == token_layer:  # trainable tokens alone (rank 0 everywhere)
+            layer = MultiLoRAEmbedding(module, num_adapters, r=0, dtype=dtype, adapter_names=adapter_names)
+            for d, ids in enumerate(token_ids):
+                if ids:
+                    layer.set_adapter(d, None, None, tokens=(ids, None))
+            return layer
         if quantize == "nf4" and not isinstance(module, (NF4Linear, nn.Embedding)):  # QLoRA: the frozen base in
             # NF4 (a Conv1D's [in, out] weight transposed; embeddings stay as they are, as in QLoRA); a
             # bitsandbytes NF4 layer comes adopted already
@@ -228,8 +252,37 @@ def inject(model: nn.Module, target_modules: str | Iterable[str], num_adapters: 
         on = "input" if matches(name, feedforward_modules) else "output"
         return ContextIA3(module, num_adapters, on=on, dtype=dtype, fan_in_fan_out=fan)
 
-    _inject_targets(model, targets, make_layer)
+    _inject_targets(model, targets if token_layer is None else [*targets, (token_layer, model.get_submodule(
+        token_layer), False)], make_layer)
+    if method == "lora":
+        tie_token_head(model)
     return model
+
+
+def _token_targets(model: nn.Module, targets: list, indices, num_adapters) -> tuple[str | None, list]:
+    """``(name of the input embedding, token ids per adapter)`` for ``inject``'s
+    ``trainable_token_indices`` (one list of ids for all adapters, or one per adapter), or
+    ``(None, [])`` without them; a ``ValueError`` for ids that are not lists of ints, and for an
+    input embedding that is also a LoRA target."""
+    if indices is None:
+        return None, []
+    if not isinstance(indices, (list, tuple)) or not indices:
+        raise ValueError(f"trainable_token_indices must be a non-empty list of token ids, or one list per adapter, "
+                         f"got {indices!r}")
+    per_adapter = [list(i) for i in indices] if isinstance(indices[0], (list, tuple)) else [list(indices)] * num_adapters
+    if len(per_adapter) != num_adapters or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                   for ids in per_adapter for i in ids):
+        raise ValueError(f"trainable_token_indices must be one list of int token ids, or {num_adapters} lists (one per "
+                         f"adapter), got {indices!r}")
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not isinstance(embedding, nn.Embedding):
+        raise ValueError(f"trainable_token_indices needs the model's input embedding (get_input_embeddings()) to be an "
+                         f"nn.Embedding, got {type(embedding).__name__}")
+    name = next(n for n, m in model.named_modules() if m is embedding)
+    if any(target == name for target, _, _ in targets):
+        raise ValueError(f"{name!r} is a LoRA target and would hold trainable tokens too; an embedding takes one or "
+                         f"the other (as in PEFT)")
+    return name, per_adapter
 
 
 def _adopted(name: str, module: nn.Module) -> nn.Module:
@@ -282,6 +335,9 @@ def summary(model: nn.Module) -> str:
             text += "+DoRA"
         if any(m.adapter_bias(d) is not None for m in layers.values()):
             text += "+bias"
+        tokens = sum(len(m.token_indices[d]) for m in layers.values() if isinstance(m, MultiLoRAEmbedding))
+        if tokens:
+            text = ("" if text == "absent" else text + "+") + f"{tokens} tokens"
         per_adapter.append(f"{name}:{text}")
     used = sum(int(ranks[i].sum()) * (m.in_features + m.out_features) for i, m in enumerate(layers.values()))
     shown = ", ".join(per_adapter[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
@@ -347,7 +403,7 @@ def use_adapters(model: nn.Module, adapter_ids):
     Not thread-safe: the ids are stored on the model's layers, so two threads must not route the
     same model at once (serve one batch at a time per model).
     """
-    layers = list(_layers_or_raise(model).values())
+    layers = list(_layers_or_raise(model).values()) + [m for m in model.modules() if isinstance(m, TiedTokenHead)]
     if isinstance(adapter_ids, AdapterRoute):  # kept by the caller: its groupings carry over between blocks
         route = adapter_ids
     else:
@@ -378,7 +434,8 @@ def _restored(settings):
             setattr(m, attribute, old)
 
 
-_ROUTES = {MultiLoRALinear: "adapter_ids", MultiLoRAEmbedding: "adapter_ids", **{cls: "context" for cls in CONTEXT_LAYERS}}  # where a layer keeps its route
+_ROUTES = {MultiLoRALinear: "adapter_ids", MultiLoRAEmbedding: "adapter_ids", TiedTokenHead: "adapter_ids",
+           **{cls: "context" for cls in CONTEXT_LAYERS}}  # where a layer keeps its route
 
 
 class _RouteKeepingCheckpoint:
@@ -437,14 +494,15 @@ def merge_adapter(model: nn.Module, name) -> nn.Module:
         holders.setdefault(id(param), []).append(key)
     for layer_name, m in layers.items():
         weight = getattr(m.base_layer, "weight", None)
-        tied = [k for k in holders.get(id(weight), []) if k != f"{layer_name}.base_layer.weight"]
-        if m.rank_values[d] and tied:
+        tied = [k.replace(".base_layer.", ".") for k in holders.get(id(weight), [])
+                if k != f"{layer_name}.base_layer.weight"]
+        if m.touches(d) and tied:
             raise ValueError(f"cannot merge adapter {m.adapter_names[d]!r}: the base weight of {layer_name!r} is "
                              f"tied to {tied} (tie_word_embeddings), so the merge would change that too; serve it "
                              f"unmerged (use_adapters)")
     requantized = False
     for m in layers.values():
-        if m.rank_values[d]:
+        if m.touches(d):
             m.merge(d)
             requantized |= isinstance(m.base_layer, NF4Linear)
     if requantized:
@@ -461,6 +519,8 @@ def merge_and_unload(model: nn.Module, name) -> nn.Module:
     merge_adapter(model, name)
     for layer_name, layer in adapter_layers(model).items():
         _replace(model, layer_name, layer.base_layer)
+    for layer_name, head in [(n, m) for n, m in model.named_modules() if isinstance(m, TiedTokenHead)]:
+        _replace(model, layer_name, head.base_layer)
     return model
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .model import (_adapter_index, _fan_in_fan_out, _inject_targets, _layers_or_raise, adapter_layers,
-                    adapter_names, base_modules, linear_features, lora_layer)
+                    adapter_names, base_modules, linear_features, lora_layer, matches, tie_token_head)
 from .nn import MultiLoRAEmbedding
 from .nn.dora import check_dora_base
 from .nn.multi_lora import check_lora_bias_base
@@ -26,10 +26,11 @@ PREFIX = "base_model.model."
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/repo, as the Hugging Face Hub names repositories
 # a module's lora_A / lora_B weight, its lora_B bias (``lora_bias``), its DoRA magnitude (part
 # M; with or without the adapter name and ``.weight`` that older PEFT versions wrote), or an
-# embedding's lora_embedding_A / lora_embedding_B
+# embedding's lora_embedding_A / lora_embedding_B or its trainable tokens' rows
 _KEY = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<part>[AB])(?:\.[^.]+)?\.weight|lora_B(?:\.[^.]+)?\.(?P<bias>bias)"
                   r"|lora_(?P<magnitude>magnitude)_vector(?:\.[^.]+)?(?:\.weight)?"
-                  r"|lora_embedding_(?P<embedding>[AB])(?:\.[^.]+)?)$")
+                  r"|lora_embedding_(?P<embedding>[AB])(?:\.[^.]+)?"
+                  r"|token_adapter\.(?P<tokens>trainable_tokens_delta)(?:\.[^.]+)?)$")
 # a whole weight of a base module: PEFT saves the base embedding beside an embedding adapter (and
 # embeddings or the output head after the vocabulary was resized)
 _FULL_WEIGHT = re.compile(r"^(?P<module>.+?)\.(?:base_layer\.)?weight$")
@@ -37,7 +38,7 @@ _FULL_WEIGHT = re.compile(r"^(?P<module>.+?)\.(?:base_layer\.)?weight$")
 # (a replicated layer stack, adapters active only after invocation tokens, pooled inputs, sampled
 # or routed adapters, a changed base weight...); VeLoRA changes only the backward pass, so loads
 _UNSUPPORTED = {"modules_to_save": None,
-                "target_parameters": None, "trainable_token_indices": None, "layer_replication": None,
+                "target_parameters": None, "layer_replication": None,
                 "alora_invocation_tokens": None, "use_qalora": False, "monteclora_config": None,
                 "kasa_config": None, "use_bdlora": None, "arrow_config": None}
 
@@ -97,14 +98,16 @@ def _read(name: str, folder, revision: str | None = None) -> tuple[dict, dict[st
 class ModuleAdapter(NamedTuple):
     """One adapter's weights at one module, PEFT's layout: A ``[r, K]``, B ``[N, r]``, for DoRA
     the magnitude ``[N]``, and under ``lora_bias`` B's bias ``[N]`` (else None); ``embedding``: the
-    module is an embedding (K its vocabulary, N its width)."""
-    a: torch.Tensor
-    b: torch.Tensor
+    module is an embedding (K its vocabulary, N its width), whose trainable tokens are ``tokens``,
+    ``(ids, rows [len(ids), N])``, instead of A and B (None, rank 0)."""
+    a: torch.Tensor | None
+    b: torch.Tensor | None
     rank: int
     alpha: float
     magnitude: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     embedding: bool = False
+    tokens: tuple[list[int], torch.Tensor] | None = None
 
 
 def _same_base_weight(name: str, key: str, tensor: torch.Tensor, model: nn.Module) -> bool:
@@ -159,17 +162,20 @@ def _module_weights(name: str, config: dict, tensors: dict, model: nn.Module, mo
             near = difflib.get_close_matches(module, list(modules), n=3, cutoff=0.5)
             raise ValueError(f"adapter {name!r}: key {key!r} names module {module!r}, which is not a linear "
                              f"or embedding layer of {type(model).__name__}" + (f"; near: {near}" if near else ""))
-        if bool(match["embedding"]) != (module in embeddings):
-            raise ValueError(f"adapter {name!r}: key {key!r} is " + ("an embedding's LoRA weight, but module "
-                             f"{module!r} is a linear layer" if match["embedding"] else
+        if bool(match["embedding"] or match["tokens"]) != (module in embeddings):
+            raise ValueError(f"adapter {name!r}: key {key!r} is " + ("an embedding's weight, but module "
+                             f"{module!r} is a linear layer" if match["embedding"] or match["tokens"] else
                              f"a linear layer's LoRA weight, but module {module!r} is an embedding"))
-        if module in embeddings and (dora or biased):
+        if match["embedding"] and (dora or biased):
             raise ValueError(f"adapter {name!r}: {'use_dora' if dora else 'lora_bias'} is set, and embedding "
                              f"{module!r} has LoRA weights: embeddings take plain LoRA only here")
-        part = match["part"] or match["embedding"] or ("bias" if match["bias"] else "M")
+        part = match["part"] or match["embedding"] or match["tokens"] or ("bias" if match["bias"] else "M")
         pairs.setdefault(module, {})[part] = (key, tensor)
     out = {}
     for module, parts in pairs.items():
+        if "trainable_tokens_delta" in parts:
+            out[module] = _token_adapter(name, config, module, parts, modules[module][1], model)
+            continue
         if not {"A", "B"} <= set(parts):
             raise ValueError(f"adapter {name!r}: module {module!r} has lora_{''.join(sorted(set(parts) & {'A', 'B'}))} "
                              f"but not both A and B")
@@ -195,7 +201,33 @@ def _module_weights(name: str, config: dict, tensors: dict, model: nn.Module, mo
                                     parts.get("bias", (None, None))[1], module in embeddings)
     if not out:
         raise ValueError(f"adapter {name!r}: the weights file holds no LoRA weights")
+    if config.get("trainable_token_indices") and not any(w.tokens for w in out.values()):
+        raise ValueError(f"adapter {name!r}: trainable_token_indices is set, but the weights file holds no "
+                         f"token_adapter.trainable_tokens_delta")
     return out
+
+
+def _token_adapter(name: str, config: dict, module: str, parts: dict, width: int, model: nn.Module) -> ModuleAdapter:
+    """The ``ModuleAdapter`` of embedding ``module``'s trainable tokens: their ids from the
+    config's ``trainable_token_indices`` (a list: the input embedding's; a dict: by module name,
+    as ``target_modules`` match), their rows from the weights."""
+    key, rows = parts.pop("trainable_tokens_delta")
+    if parts:
+        raise ValueError(f"adapter {name!r}: embedding {module!r} has trainable tokens and LoRA weights "
+                         f"({sorted(k for k, _ in parts.values())}); PEFT gives an embedding one or the other")
+    spec = config.get("trainable_token_indices")
+    if isinstance(spec, dict):
+        ids = next((v for k, v in spec.items() if matches(module, [k])), None)
+    else:
+        embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        ids = spec if embedding is not None and embedding is model.get_submodule(module) else None
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"adapter {name!r}: {key!r} holds trainable tokens, but the config's trainable_token_indices "
+                         f"({spec!r}) gives no list of token ids for module {module!r}")
+    if tuple(rows.shape) != (len(ids), width):
+        raise ValueError(f"adapter {name!r}: {key} has shape {tuple(rows.shape)}, but trainable_token_indices lists "
+                         f"{len(ids)} tokens and module {module!r} is {width} wide: expected {(len(ids), width)}")
+    return ModuleAdapter(None, None, 0, float(config.get("lora_alpha", 8)), embedding=True, tokens=(ids, rows))
 
 
 def _linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -252,8 +284,9 @@ def _write(layers: dict, d: int, config: dict, weights: dict) -> None:
         if weight is None:
             layer.set_adapter(d, None, None, alpha=8, use_rslora=use_rslora)
         else:
+            tokens = {} if weight.tokens is None else {"tokens": weight.tokens}
             layer.set_adapter(d, weight.a, weight.b, alpha=weight.alpha, use_rslora=use_rslora,
-                              magnitude=weight.magnitude, bias=weight.bias)
+                              magnitude=weight.magnitude, bias=weight.bias, **tokens)
 
 
 def set_peft_adapter(model: nn.Module, slot, adapter: tuple[dict, dict], name: str = "adapter") -> None:
@@ -303,6 +336,7 @@ def load_peft_adapters(model: nn.Module, adapters: Mapping[str, str | Path], dty
                         lambda m, module, fan: lora_layer(module, len(names), fan, r=ranks[m], dropout=dropout,
                                                           dtype=dtype, adapter_names=names, use_dora=dora[m],
                                                           lora_bias=biased[m]))
+        tie_token_head(model)
         layers = adapter_layers(model)
     else:
         slots = adapter_names(model)
@@ -321,8 +355,11 @@ def save_peft_adapter(model: nn.Module, name, folder) -> Path:
     slots = adapter_names(model)
     d = _adapter_index(slots, name)
     present = {m: layer for m, layer in layers.items() if layer.rank_values[d]}
+    tokens = {m: layer.adapter_tokens(d) for m, layer in layers.items()
+              if isinstance(layer, MultiLoRAEmbedding) and layer.adapter_tokens(d) is not None}
     if not present:
-        raise ValueError(f"adapter {slots[d]!r} has rank 0 in every layer; nothing to save")
+        raise ValueError(f"adapter {slots[d]!r} has rank 0 in every layer; nothing to save"
+                         + (" (a PEFT LoRA checkpoint needs LoRA weights beside its trainable tokens)" if tokens else ""))
     first = next(iter(present.values()))
     use_rslora = first.use_rslora[d]
     dora = {m: layer.adapter_magnitude(d) is not None for m, layer in present.items()}
@@ -354,6 +391,11 @@ def save_peft_adapter(model: nn.Module, name, folder) -> Path:
             rank_pattern[key] = rank
         if not math.isclose(alpha, alpha0, rel_tol=1e-12):
             alpha_pattern[key] = alpha
+    for module, (ids, rows) in tokens.items():
+        tensors[f"{PREFIX}{module}.token_adapter.trainable_tokens_delta"] = rows.contiguous().clone()
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    token_spec = None if not tokens else next(iter(tokens.values()))[0] if list(tokens) == [
+        m for m, layer in layers.items() if layer is embedding] else {m: ids for m, (ids, _) in tokens.items()}
     fan = any(layer.fan_in_fan_out for layer in present.values())
     model_config = getattr(model, "config", None)
     config = {
@@ -372,6 +414,7 @@ def save_peft_adapter(model: nn.Module, name, folder) -> Path:
         "use_dora": any(dora.values()),
         "lora_bias": any(biased.values()),
         "modules_to_save": None,
+        "trainable_token_indices": token_spec,
         "init_lora_weights": True,
         "inference_mode": True,
     }

@@ -2,7 +2,11 @@
 mixing adapters against a float64 reference (forward and every gradient, every CPU path, padding
 and a scaled embedding), injection, merge (refused over a tied output head), checkpoints that
 carry the base embedding, and bad input. Whole Llama, OPT and GPT-2 models with embedding
-adapters against PEFT (mixed batches, gradients, generate, saving) are test_peft_interop's."""
+adapters against PEFT (mixed batches, gradients, generate, saving) are test_peft_interop's.
+
+PEFT's trainable tokens (``trainable_token_indices``) on the same layer, and the tied output head
+that follows them (``TiedTokenHead``): against PEFT on tied and untied Llamas (mixed batches on
+every CPU path, every gradient, checkpoints both ways), injection, merge, generate, bad input."""
 
 import copy
 import json
@@ -10,13 +14,13 @@ import shutil
 
 import pytest
 import torch
-from conftest import ROUTINGS, cpu_backends, routed_forward, run_on
+from conftest import ROUTINGS, cpu_backends, eager_and_compiled, routed_forward, run_on
 from tolerances import assert_close
 from torch import nn
 
 import bora_kernels as bk
-from bora_kernels.nn import MultiLoRAEmbedding
-from bora_kernels.ops import lora_expand
+from bora_kernels.nn import MultiLoRAEmbedding, TiedTokenHead
+from bora_kernels.ops import lora_expand, lora_shrink
 
 V, H, PAD = 50, 24, 3
 RANKS, ALPHAS, RSLORA = (4, 8, 0, 3), (8, 16, 4, 6), (False, True, False, False)  # adapter 2 absent here
@@ -238,7 +242,7 @@ def test_checkpoints_carrying_the_base_embedding(peft_folder, tmp_path):
     swapped = _rewritten(folder, tmp_path / "swapped", change=lambda t: {
         k.replace("self_attn.q_proj.lora_", "self_attn.q_proj.lora_embedding_").replace(".weight", ""): v
         for k, v in t.items() if k != BASE_KEY})
-    with pytest.raises(ValueError, match=r"is an embedding's LoRA weight, but module '.*q_proj' is a linear layer"):
+    with pytest.raises(ValueError, match=r"is an embedding's weight, but module '.*q_proj' is a linear layer"):
         bk.load_peft_adapters(tiny_llama(tied=True), {"bad": swapped})
 
 
@@ -250,7 +254,13 @@ def test_checkpoints_carrying_the_base_embedding(peft_folder, tmp_path):
      "no DoRA magnitude or lora_bias"),
     (lambda: make_layer()(torch.zeros(2, 3, 4, dtype=torch.long), torch.tensor([0, 1])), r"token ids \[T\] or \[B, L\]"),
     (lambda: lora_expand(torch.zeros(3, 5), torch.zeros(2, H, 4), torch.tensor([0, 1, 1])), r"R=4"),
-], ids=["linear_base", "max_norm", "dora", "set_magnitude", "ids_3d", "expand_rank"])
+    (lambda: lora_shrink(torch.zeros(3, 5), torch.zeros(2, 4), torch.tensor([0, 1, 1])), r"lora_a must be \[D, R, K\]"),
+    (lambda: make_layer().set_adapter(0, None, None, tokens=([1, 1], None)), "distinct ints"),
+    (lambda: make_layer().set_adapter(0, None, None, tokens=([V], None)), r"in \[0, 50\)"),
+    (lambda: make_layer().set_adapter(0, None, None, tokens=([1, 2], torch.zeros(2, H + 1))), r"rows must be \[2, 24\]"),
+    (lambda: make_layer().set_adapter(0, torch.zeros(2, V), torch.zeros(H, 2), tokens=([1], None)), "not both"),
+], ids=["linear_base", "max_norm", "dora", "set_magnitude", "ids_3d", "expand_rank", "shrink_a", "token_repeated",
+        "token_range", "token_rows", "tokens_and_lora"])
 def test_bad_input_is_refused(call, match):
     with pytest.raises(ValueError, match=match):
         call()
@@ -273,3 +283,179 @@ def test_mixed_batch_on_gpu(dtype):
     assert_close(out.cpu(), want, dtype, "forward")
     assert_close(layer.lora_A.grad.cpu(), ref_layer.lora_A.grad, dtype, "dlora_A")
     assert_close(layer.lora_B.grad.cpu(), ref_layer.lora_B.grad, dtype, "dlora_B")
+
+
+# --- trainable tokens ------------------------------------------------------------------------
+
+TOKEN_SETS = {"t0": [5, 9, 60], "t1": [9, 11]}  # overlapping: one id, two adapters' own rows
+TOKEN_ROUTE = ["t0", "t1", None, "lora", "t0"]
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def token_folders(request, tmp_path_factory):
+    """``(tied, {name: folder}, {name: PeftModel})``: two PEFT adapters with trainable tokens
+    (moved off the base rows) and LoRA on q_proj, and one with LoRA alone."""
+    peft = pytest.importorskip("peft")
+    tied = request.param
+    folders, models = {}, {}
+    for i, name in enumerate([*TOKEN_SETS, "lora"]):
+        torch.manual_seed(30 + i)
+        config = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "v_proj"],
+                                 trainable_token_indices=TOKEN_SETS.get(name))
+        model = peft.get_peft_model(tiny_llama(tied=tied), config)
+        with torch.no_grad():
+            for key, p in model.named_parameters():
+                if "trainable_tokens_delta" in key:
+                    p.normal_()
+        folders[name] = tmp_path_factory.mktemp(name)
+        model.save_pretrained(folders[name])
+        models[name] = model
+    return tied, folders, models
+
+
+TOKEN_INPUT = torch.tensor([[5, 9, 60, 11, 3, 9], [9, 11, 5, 1, 2, 60], [5, 9, 11, 60, 7, 9], [9, 11, 5, 60, 4, 4],
+                            [60, 60, 9, 5, 11, 0]])
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_trainable_tokens_equal_peft_in_a_mixed_batch(token_folders, backend):
+    tied, folders, models = token_folders
+    model = bk.load_peft_adapters(tiny_llama(tied=tied), folders)
+    assert isinstance(model.lm_head, TiedTokenHead) == tied, "a tied head follows the tokens"
+    assert "t0:r=4+3 tokens" in bk.summary(model) and "lora:r=4]" in bk.summary(model)
+    with run_on(backend), torch.no_grad(), bk.use_adapters(model, TOKEN_ROUTE):
+        logits = model(input_ids=TOKEN_INPUT).logits
+    for i, name in enumerate(TOKEN_ROUTE):
+        with torch.no_grad():
+            theirs = (models[name] if name else tiny_llama(tied=tied))(input_ids=TOKEN_INPUT[i:i + 1]).logits
+        assert_close(logits[i:i + 1], theirs, torch.float32, f"sequence {i} ({name})")
+
+
+def test_trainable_tokens_gradients_equal_peft(token_folders):
+    tied, folders, models = token_folders
+    model = bk.load_peft_adapters(tiny_llama(tied=tied), folders)
+    with bk.use_adapters(model, TOKEN_ROUTE):
+        model(input_ids=TOKEN_INPUT, labels=TOKEN_INPUT).loss.backward()
+    embedding = model.get_input_embeddings()
+    for d, name in enumerate(TOKEN_SETS):
+        rows = [i for i, n in enumerate(TOKEN_ROUTE) if n == name]
+        theirs = models[name]
+        theirs.zero_grad()
+        # the same loss: the mean over the whole batch's shifted tokens, of this adapter's rows only
+        logits = theirs(input_ids=TOKEN_INPUT[rows]).logits[:, :-1]
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), TOKEN_INPUT[rows, 1:].reshape(-1),
+                                          reduction="sum").div(TOKEN_INPUT[:, 1:].numel()).backward()
+        delta = theirs.base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta["default"]
+        k = len(TOKEN_SETS[name])
+        assert_close(embedding.token_values.grad[d, :k], delta.grad, torch.float32, f"{name} token rows")
+        assert (embedding.token_values.grad[d, k:] == 0).all()
+
+
+def test_trainable_tokens_save_and_load_both_ways(token_folders, tmp_path):
+    peft = pytest.importorskip("peft")
+    tied, folders, _ = token_folders
+    model = bk.load_peft_adapters(tiny_llama(tied=tied), folders)
+    with torch.no_grad():
+        model.get_input_embeddings().token_values.mul_(1.5)  # ours, not the loaded ones, must be saved
+        with bk.use_adapters(model, "t1"):
+            ours = model(input_ids=TOKEN_INPUT).logits
+    saved = bk.save_peft_adapter(model, "t1", tmp_path / "t1")
+    assert json.loads((saved / "adapter_config.json").read_text())["trainable_token_indices"] == TOKEN_SETS["t1"]
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(tied=tied), saved).eval()
+    with torch.no_grad():
+        assert_close(theirs(input_ids=TOKEN_INPUT).logits, ours, torch.float32, "saved for PEFT")
+
+
+def test_injected_tokens_start_at_the_base_rows_train_and_merge():
+    model = bk.inject(tiny_llama(), ["q_proj"], 2, r=4, trainable_token_indices=[[3, 7], [7]])
+    embedding = model.get_input_embeddings()
+    assert embedding.token_indices == [(3, 7), (7,)] and embedding.rank_values == [0, 0]
+    assert not isinstance(model.lm_head, TiedTokenHead), "an untied head is left alone"
+    x = torch.tensor([[3, 7, 1, 7], [7, 3, 3, 2]])
+    with torch.no_grad():
+        base = model(input_ids=x).logits
+        with bk.use_adapters(model, [0, 1]):
+            assert torch.equal(model(input_ids=x).logits, base), "fresh tokens are the base rows (PEFT's init)"
+    optimizer = torch.optim.SGD(bk.trainable_parameters(model), lr=1.0)
+    with bk.use_adapters(model, [0, 1]):
+        model(input_ids=x, labels=x).loss.backward()
+    optimizer.step()
+    assert embedding.token_values.grad[0, :2].abs().sum() > 0 and embedding.token_values.grad[1, 0].abs().sum() > 0
+    with torch.no_grad(), bk.use_adapters(model, [1, 1]):
+        routed = model(input_ids=x).logits
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bk.merge_adapter(model, 1)
+    with torch.no_grad():
+        assert_close(model(input_ids=x).logits, routed, torch.float32, "merged tokens")
+    bk.unmerge_adapter(model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "unmerge is exact"
+    plain = bk.merge_and_unload(model, 1)
+    assert type(plain.get_input_embeddings()) is nn.Embedding and not bk.model.adapter_layers(plain)
+    with torch.no_grad():
+        assert_close(plain(input_ids=x).logits, routed, torch.float32, "merged and unloaded")
+    tied = bk.inject(tiny_llama(tied=True), ["q_proj"], 1, trainable_token_indices=[3])
+    assert isinstance(tied.lm_head, TiedTokenHead) and tied.lm_head.weight is tied.get_input_embeddings().weight
+    prompts = torch.tensor([[3, 4, 5], [6, 3, 1]])
+    with torch.no_grad():
+        tied.get_input_embeddings().token_values.normal_()
+        with bk.use_adapters(tied, [0, None]):
+            mixed = tied.generate(input_ids=prompts, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+        for i, name in enumerate([0, None]):
+            with bk.use_adapters(tied, name):
+                alone = tied.generate(input_ids=prompts[i:i + 1], max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                                      pad_token_id=0)
+            assert torch.equal(mixed[i:i + 1], alone)
+    with pytest.raises(ValueError, match="tied to"):
+        bk.merge_adapter(tied, 0)
+
+
+def test_trainable_tokens_under_torch_compile_without_graph_breaks():
+    """A tied Llama (the head follows the tokens) compiled with ``fullgraph=True``: logits and the
+    token rows' gradients equal eager ones, for two routes."""
+    model = bk.inject(tiny_llama(tied=True), ["q_proj"], 3, r=[2, 4, 8], trainable_token_indices=[[3, 5], [5], [7, 9]])
+    with torch.no_grad():
+        model.get_input_embeddings().token_values.normal_()
+    input_ids = torch.randint(0, 64, (4, 6), generator=torch.Generator().manual_seed(7))
+    input_ids[:, 0] = 5
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: a break is an error
+    for route in ([0, 1, None, 2], [2, 2, 0, 1]):
+        (eager, eager_grads), (got, grads) = eager_and_compiled(model, compiled, lambda: bk.use_adapters(model, route),
+                                                                input_ids=input_ids)
+        assert_close(got, eager, torch.float32, "compiled logits")
+        for g, e in zip(grads, eager_grads):
+            assert_close(g, e, torch.float32, "compiled grads")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(target_modules=["q_proj", "embed_tokens"]), "a LoRA target and would hold trainable tokens too"),
+    (dict(trainable_token_indices=[[1], [2], [3]]), "one list of int token ids, or 2 lists"),
+    (dict(trainable_token_indices=[1.5]), "one list of int token ids"),
+    (dict(trainable_token_indices=[64]), r"in \[0, 64\)"),
+    (dict(method="context_lora"), "trainable_token_indices applies to method='lora' only"),
+], ids=["lora_and_tokens", "per_adapter_count", "not_ints", "out_of_range", "context"])
+def test_bad_trainable_token_arguments_change_nothing(kwargs, match):
+    model = tiny_llama(tied=True)
+    kwargs = dict(target_modules=["q_proj"], trainable_token_indices=[1]) | kwargs
+    with pytest.raises(ValueError, match=match):
+        bk.inject(model, kwargs.pop("target_modules"), 2, **kwargs)
+    assert not bk.model.adapter_layers(model) and type(model.lm_head) is nn.Linear, "left as it was"
+
+
+def test_bad_trainable_token_checkpoints(token_folders, tmp_path):
+    _, folders, _ = token_folders
+    key = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+
+    def moved(tensors):
+        tensors[key.replace("embed_tokens", "layers.0.self_attn.v_proj")] = tensors.pop(key)
+        return tensors
+
+    cases = [(dict(config={"trainable_token_indices": [5, 9]}), r"has shape \(3, 32\), but trainable_token_indices lists 2"),
+             (dict(config={"trainable_token_indices": {"lm_head": [5, 9, 60]}}), "gives no list of token ids for module"),
+             (dict(change=moved), r"is an embedding's weight, but module '.*v_proj' is a linear layer"),
+             (dict(change=lambda t: {k: v for k, v in t.items() if k != key}), "holds no token_adapter")]
+    for i, (how, match) in enumerate(cases):
+        model = tiny_llama()
+        with pytest.raises(ValueError, match=match):
+            bk.load_peft_adapters(model, {"bad": _rewritten(folders["t0"], tmp_path / str(i), **how)})
+        assert not bk.model.adapter_layers(model), "a refused adapter leaves the model as it was"

@@ -650,29 +650,35 @@ def test_hot_load_unload_and_bad_adapters(adapters, reference, tmp_path):
 
 
 def test_embedding_adapters_serve_beside_linear_ones(adapters, tmp_path):
-    """``embedding_adapters=True``: the slots hold LoRA on the token embedding too, and adapters
-    with and without one share decode steps, each answering as ``generate`` with it alone;
-    without it, such an adapter is refused with the flag to use."""
+    """``embedding_adapters=True``: the slots hold LoRA on the token embedding (or trainable
+    tokens) too, and adapters with and without them share decode steps, each answering as
+    ``generate`` with it alone; without it, such an adapter is refused with the flag to use."""
     root, names = adapters
     source = _randomized_embedding_adapter(bk.inject(tiny_llama(), ["embed_tokens", "v_proj"], 1, r=6,
                                                      adapter_names=["emb"]))
     bk.save_peft_adapter(source, "emb", tmp_path / "emb")
-    folders = {"emb": tmp_path / "emb", names[0]: root / names[0]}
+    tokens = _randomized_embedding_adapter(bk.inject(tiny_llama(), ["v_proj"], 1, r=2, adapter_names=["tok"],
+                                                     trainable_token_indices=[5, 7, 9]))
+    with torch.no_grad():
+        tokens.get_input_embeddings().token_values.normal_()
+    bk.save_peft_adapter(tokens, "tok", tmp_path / "tok")
+    folders = {"emb": tmp_path / "emb", "tok": tmp_path / "tok", names[0]: root / names[0]}
     reference = bk.load_peft_adapters(tiny_llama(), folders)
     with pytest.raises(ValueError, match="an embedding: bora-serve takes --embedding-adapters"):
         Engine(tiny_llama(), max_adapters=2, max_lora_rank=8).load_adapter("emb", folders["emb"])
-    engine = Engine(tiny_llama(), max_adapters=2, max_lora_rank=8, embedding_adapters=True)
+    engine = Engine(tiny_llama(), max_adapters=3, max_lora_rank=8, embedding_adapters=True)
     assert isinstance(engine.model.get_input_embeddings(), bk.nn.MultiLoRAEmbedding) and len(engine.layers) == 15
     for name, folder in folders.items():
         engine.load_adapter(name, folder)
     jobs = [(prompt, name, collect(engine, prompt, name, SamplingParams(max_tokens=6, temperature=0))[1])
-            for prompt in ([5, 9, 2], [7, 7]) for name in ("emb", names[0], None)]
+            for prompt in ([5, 9, 2], [7, 7]) for name in ("emb", "tok", names[0], None)]
     with use_backend("torch"):
         while not all(out["done"].is_set() for *_, out in jobs):
             engine.step()
     for prompt, name, out in jobs:
         assert out["tokens"] == offline(reference, prompt, name, 6), (name, prompt)
-    assert jobs[0][2]["tokens"] != offline(reference, [5, 9, 2], None, 6), "the embedding adapter changes the output"
+    for i in (0, 1):
+        assert jobs[i][2]["tokens"] != offline(reference, [5, 9, 2], None, 6), "the embedding adapters change the output"
 
 
 def _randomized_embedding_adapter(model):

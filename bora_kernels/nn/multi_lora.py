@@ -130,6 +130,8 @@ class DerivedBuffers:
 
 
 class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
+    _LEAST_RANK = 1  # the largest rank must reach it (an embedding may hold trainable tokens only)
+
     """``base_layer(x) + scaling[d] * B_d A_d x`` with ``d`` chosen per sequence or token.
 
     Adapters are stacked: ``lora_A`` is ``[D, R, K]`` and ``lora_B`` is ``[D, N, R]`` with R the
@@ -174,7 +176,7 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
         if any(u and b for u, b in zip(dora, biased)):
             raise ValueError(f"an adapter cannot have both use_dora and lora_bias (as in PEFT), got use_dora {dora} "
                              f"and lora_bias {biased}")
-        if any(not isinstance(v, int) or v < 0 for v in ranks) or max(ranks) < 1:
+        if any(not isinstance(v, int) or v < 0 for v in ranks) or max(ranks) < self._LEAST_RANK:
             raise ValueError(f"r must be ints >= 0 (0: adapter absent here), at least one positive, got {ranks}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
@@ -370,6 +372,10 @@ class MultiLoRALinear(DerivedBuffers, ReadsThroughToBase, nn.Module):
             self.lora_bias_vector[d].copy_(bias)
         elif self.lora_bias_vector is not None:  # (a slot reused: no bias left from its last adapter)
             self.lora_bias_vector[d].zero_()
+
+    def touches(self, d: int) -> bool:
+        """Whether adapter ``d`` changes this layer's output (a merge has something to fold in)."""
+        return bool(self.rank_values[d])
 
     def adapter_bias(self, d: int) -> torch.Tensor | None:
         """Adapter ``d``'s ``lora_bias`` ``[N]`` as PEFT stores it (unscaled), or None (none here)."""

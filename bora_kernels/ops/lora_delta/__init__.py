@@ -342,6 +342,24 @@ def lora_delta(x, lora_a, lora_b, adapter_ids, scaling=None, ranks=None, add_to=
     return apply_delta(x.reshape(-1, k), lora_a, lora_b, plan, scaling, ranks, batch_shape, add_to)
 
 
+def _identity(num_adapters: int, rank: int, like: torch.Tensor) -> torch.Tensor:
+    """``[D, R, R]`` identity matrices in ``like``'s dtype and device (a kept constant)."""
+    return _constant(("eye", num_adapters, rank, like.dtype), like.device,
+                     lambda: torch.eye(rank, dtype=like.dtype, device=like.device).expand(num_adapters, rank, rank)
+                     .contiguous())
+
+
+def lora_shrink(x, lora_a, adapter_ids, scaling=None, ranks=None):
+    """The first half of ``lora_delta`` alone, ``h[t] = scaling[d] * x[t] @ A[d][:r_d]^T``
+    (``[..., R]``, zero past an adapter's rank and for id -1): each token's products with its
+    adapter's rows, as a tied output head needs them for an adapter's trainable tokens
+    (``nn.TiedTokenHead``). Arguments as ``lora_delta``'s; differentiable in ``x`` and ``lora_a``.
+    It is ``lora_delta`` with every B the identity (a kept constant)."""
+    if not isinstance(lora_a, torch.Tensor) or lora_a.dim() != 3:
+        raise ValueError(f"lora_a must be [D, R, K], got {_shape(lora_a)}")
+    return lora_delta(x, lora_a, _identity(lora_a.shape[0], lora_a.shape[1], lora_a), adapter_ids, scaling, ranks)
+
+
 def lora_expand(h, lora_b, adapter_ids, scaling=None, ranks=None, add_to=None):
     """The second half of ``lora_delta`` alone, ``y[t] = scaling[d] * h[t] @ B[d][:, :r_d]^T``,
     for inputs already in rank space: an embedding adapter's columns of A, gathered by token
@@ -355,10 +373,7 @@ def lora_expand(h, lora_b, adapter_ids, scaling=None, ranks=None, add_to=None):
     if not isinstance(h, torch.Tensor) or h.dim() not in (2, 3) or h.shape[-1] != rank:
         raise ValueError(f"h must be a [T, R] or [B, L, R] tensor with R={rank} (from lora_b {_shape(lora_b)}), "
                          f"got {_shape(h)}")
-    eye = _constant(("eye", num_adapters, rank, lora_b.dtype), lora_b.device,
-                    lambda: torch.eye(rank, dtype=lora_b.dtype, device=lora_b.device).expand(num_adapters, rank, rank)
-                    .contiguous())
-    return lora_delta(h, eye, lora_b, adapter_ids, scaling, ranks, add_to)
+    return lora_delta(h, _identity(num_adapters, rank, lora_b), lora_b, adapter_ids, scaling, ranks, add_to)
 
 
 def apply_delta(x2, lora_a, lora_b, plan, scaling, ranks, batch_shape, add_to=None):
