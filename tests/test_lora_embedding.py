@@ -459,3 +459,27 @@ def test_bad_trainable_token_checkpoints(token_folders, tmp_path):
         with pytest.raises(ValueError, match=match):
             bk.load_peft_adapters(model, {"bad": _rewritten(folders["t0"], tmp_path / str(i), **how)})
         assert not bk.model.adapter_layers(model), "a refused adapter leaves the model as it was"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_trainable_tokens_on_gpu(dtype):
+    """A tied Llama with trainable tokens and LoRA, mixed batch on the GPU (Triton kernels) against
+    the CPU's torch path in fp32: logits and the token rows' gradients."""
+    from bora_kernels.ops import use_backend
+
+    model = bk.inject(tiny_llama(tied=True), ["q_proj"], 3, r=[2, 4, 8], trainable_token_indices=[[3, 5], [5], [7, 9]])
+    with torch.no_grad():
+        model.get_input_embeddings().token_values.normal_()
+    input_ids = torch.randint(0, 64, (3, 6), generator=torch.Generator().manual_seed(7))
+    input_ids[:, :2] = torch.tensor([5, 9])
+    results = []
+    for device, run_dtype, backend in (("cuda", dtype, None), ("cpu", torch.float32, "torch")):
+        copy_ = copy.deepcopy(model).to(device, run_dtype)
+        with use_backend(backend), bk.use_adapters(copy_, [0, 2, None]):
+            logits = copy_(input_ids=input_ids.to(device)).logits
+            logits.float().square().mean().backward()
+        results.append((logits.cpu(), copy_.get_input_embeddings().token_values.grad.cpu()))
+    (logits, grad), (want, want_grad) = results
+    assert_close(logits, want, dtype, "logits")
+    assert_close(grad, want_grad, dtype, "token rows' gradient")
