@@ -219,26 +219,44 @@ def test_prefix_cache_script(tmp_path):
     assert bad.returncode == 2 and "--rounds" in bad.stderr
 
 
+def _quick_record(script: str, tmp_path) -> dict:
+    """The JSON record of ``benchmarks/<script> --quick``, which must succeed."""
+    out = tmp_path / "record.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--json", str(out)],
+                            capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def _refuses(script: str, flag: str, value: str):
+    """``benchmarks/<script> <flag> <value>`` ends with argparse's usage error naming the flag."""
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), flag, value], capture_output=True,
+                         text=True, timeout=600, check=False)
+    assert bad.returncode == 2 and flag in bad.stderr
+
+
 def test_guided_masks_script(tmp_path):
     """``benchmarks/guided_masks.py --quick``: the allowed tokens of every state met, found a
     level of the tree at a time and by the node walk it replaced, agree (the script checks) and
     are timed."""
     pytest.importorskip("tokenizers")
     pytest.importorskip("transformers")
-    out = tmp_path / "masks.json"
-    script = str(ROOT / "benchmarks" / "guided_masks.py")
-    result = subprocess.run([sys.executable, script, "--quick", "--json", str(out)], capture_output=True, text=True,
-                            timeout=600, check=False)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    record = json.loads(out.read_text())
+    record = _quick_record("guided_masks.py", tmp_path)
     assert record["states"] > 50 and record["wide_states"] > 0 and record["tokens"] > 50, record
     assert all(record[name]["total_ms"] > 0 for name in ("nodes", "levels")), record
     rows = record["mask_rows"]  # the steps' mask rows, built at every step against kept per state
     assert rows["steps"] == record["tokens"] and 0 < rows["rows_built_by_guide_masks"] <= record["states"], record
     assert rows["built_every_step_ms"] > 0 and rows["guide_masks_ms"] > 0, record
-    bad = subprocess.run([sys.executable, script, "--outputs", "0"], capture_output=True, text=True, timeout=600,
-                         check=False)
-    assert bad.returncode == 2 and "--outputs" in bad.stderr
+    _refuses("guided_masks.py", "--outputs", "0")
+
+
+def test_embedding_adapters_script(tmp_path):
+    """``benchmarks/embedding_adapters.py --quick``: our embedding adapters and PEFT's give the same
+    output (the script checks) and are timed beside the bare embedding."""
+    pytest.importorskip("peft")
+    record = _quick_record("embedding_adapters.py", tmp_path)
+    assert all(record[f"{name}_ms"] > 0 for name in ("base", "ours", "peft")) and record["shape"]["adapters"] == 3
+    _refuses("embedding_adapters.py", "--rank", "0")
 
 
 def test_gpu_lease_ends_inside_its_budget(tmp_path):
