@@ -266,10 +266,13 @@ def _token_targets(model: nn.Module, targets: list, indices, num_adapters) -> tu
     input embedding that is also a LoRA target."""
     if indices is None:
         return None, []
-    if not isinstance(indices, (list, tuple)) or not indices:
+    if not isinstance(num_adapters, int) or num_adapters < 1:
+        raise ValueError(f"num_adapters must be a positive int, got {num_adapters!r}")
+    nested = [isinstance(i, (list, tuple)) for i in indices] if isinstance(indices, (list, tuple)) else [None]
+    if not indices or len(set(nested)) != 1 or nested[0] is None:
         raise ValueError(f"trainable_token_indices must be a non-empty list of token ids, or one list per adapter, "
                          f"got {indices!r}")
-    per_adapter = [list(i) for i in indices] if isinstance(indices[0], (list, tuple)) else [list(indices)] * num_adapters
+    per_adapter = [list(i) for i in indices] if nested[0] else [list(indices)] * num_adapters
     if len(per_adapter) != num_adapters or not all(isinstance(i, int) and not isinstance(i, bool)
                                                    for ids in per_adapter for i in ids):
         raise ValueError(f"trainable_token_indices must be one list of int token ids, or {num_adapters} lists (one per "

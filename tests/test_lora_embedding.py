@@ -431,9 +431,11 @@ def test_trainable_tokens_under_torch_compile_without_graph_breaks():
     (dict(target_modules=["q_proj", "embed_tokens"]), "a LoRA target and would hold trainable tokens too"),
     (dict(trainable_token_indices=[[1], [2], [3]]), "one list of int token ids, or 2 lists"),
     (dict(trainable_token_indices=[1.5]), "one list of int token ids"),
+    (dict(trainable_token_indices=[[1], 2]), "a non-empty list of token ids, or one list per adapter"),
+    (dict(trainable_token_indices=3), "a non-empty list of token ids, or one list per adapter"),
     (dict(trainable_token_indices=[64]), r"in \[0, 64\)"),
     (dict(method="context_lora"), "trainable_token_indices applies to method='lora' only"),
-], ids=["lora_and_tokens", "per_adapter_count", "not_ints", "out_of_range", "context"])
+], ids=["lora_and_tokens", "per_adapter_count", "not_ints", "mixed", "not_a_list", "out_of_range", "context"])
 def test_bad_trainable_token_arguments_change_nothing(kwargs, match):
     model = tiny_llama(tied=True)
     kwargs = dict(target_modules=["q_proj"], trainable_token_indices=[1]) | kwargs

@@ -173,15 +173,16 @@ class MultiLoRAEmbedding(MultiLoRALinear):
         """``scaling_d (B_d A_d)^T``, ``[V, H]`` as the embedding weight, in fp32."""
         return super().delta_weight(d).T
 
-    def _scaling(self) -> torch.Tensor:
-        """The adapters' scales, times the base layer's ``embed_scale`` where it has one."""
+    def _embed_scale(self) -> torch.Tensor | None:
+        """The base layer's ``embed_scale`` (Gemma's scaled embeddings) as a 0-dim fp32 tensor on the
+        adapters' device, or None where it has none."""
         scale = getattr(self.base_layer, "embed_scale", None)
         if scale is None:
-            return self.scaling
+            return None
         scale = torch.as_tensor(scale)
         if scale.numel() != 1:
             raise ValueError(f"the base embedding's embed_scale must be one number, got shape {tuple(scale.shape)}")
-        return self.scaling * scale.to(self.scaling.device, torch.float32).reshape(())
+        return scale.to(self.scaling.device, torch.float32).reshape(())
 
     def forward(self, x: torch.Tensor, adapter_ids=None) -> torch.Tensor:
         result = self.base_layer(x)
@@ -198,10 +199,11 @@ class MultiLoRAEmbedding(MultiLoRALinear):
             columns = self.lora_A.transpose(1, 2)[token_ids.clamp(min=0), x]
             if self.padding_idx is not None:  # as F.embedding's padding_idx: no gradient there
                 columns = torch.where((x == self.padding_idx)[..., None], columns.detach(), columns)
-            scaling = self._scaling()
+            scale = self._embed_scale()
+            scaling = self.scaling if scale is None else self.scaling * scale
             result = plus_delta(self.base_layer, result,
                                 lambda into: lora_expand(columns, self.lora_B, ids, scaling, self.ranks, add_to=into))
-        if any(self.token_indices):
+        if self.has_tokens():
             result = self._with_token_rows(result, x, token_ids)
         return result
 
@@ -220,8 +222,8 @@ class MultiLoRAEmbedding(MultiLoRALinear):
         row of ``token_values`` (times ``embed_scale``)."""
         hits = self.token_slots(token_ids) == x[..., None]
         rows = self.token_values[token_ids.clamp(min=0), hits.int().argmax(-1)]
-        scale = getattr(self.base_layer, "embed_scale", None)
-        rows = rows if scale is None else rows * torch.as_tensor(scale).to(rows)
+        scale = self._embed_scale()
+        rows = rows if scale is None else rows * scale.to(rows)
         return torch.where(hits.any(-1)[..., None], rows.to(result.dtype), result)
 
     def extra_repr(self) -> str:
