@@ -120,10 +120,14 @@ def _poisoned(fn):
 
 @pytest.fixture
 def poison_empty(monkeypatch):
-    """``torch.empty``, ``empty_like`` and ``new_empty`` return NaN (float) or a sentinel (int)."""
+    """``torch.empty``, ``empty_like`` and ``new_empty`` return NaN (float) or a sentinel (int), and
+    so do the CPU torch path's work buffers, kept between calls."""
     monkeypatch.setattr(torch, "empty", _poisoned(torch.empty))
     monkeypatch.setattr(torch, "empty_like", _poisoned(torch.empty_like))
     monkeypatch.setattr(torch.Tensor, "new_empty", _poisoned(torch.Tensor.new_empty))
+    from bora_kernels.ops.lora_delta import grouped
+
+    monkeypatch.setattr(grouped, "POISON_WORK", True)  # the torch path's kept work buffers too
 
 
 def eager_and_compiled(model, compiled, route, **inputs):

@@ -248,6 +248,41 @@ def test_custom_op_backward_recomputes_h(poison_empty, backend):
                     assert got.numel() == 0
 
 
+def test_torch_path_work_buffers_outlive_inference_mode_and_are_per_thread():
+    """The torch path keeps its work buffers between calls (``grouped._work``): one first made
+    under ``torch.inference_mode`` serves a later call under autograd, and threads running the
+    op at once each use their own (every thread's outputs equal the reference)."""
+    import threading
+
+    from bora_kernels.ops import use_backend
+
+    case = make_case(130, 4, "per_sequence", "mixed", torch.float32)
+    with run_on("torch-padded"):
+        with torch.inference_mode():
+            lora_delta(*case[:3], case[3], *case[4:])
+        check_against_reference(*case, torch.float32)
+    results, errors = {}, []
+
+    def run(seed):
+        try:
+            x, a, b, ids, scaling, ranks = make_case(130, 8, "per_token", "mixed", torch.float32, seed=seed)
+            with use_backend("torch"), torch.no_grad():
+                results[seed] = (lora_delta_reference(x, a, b, ids, scaling, ranks),
+                                 [lora_delta(x, a, b, ids, scaling, ranks) for _ in range(30)])
+        except Exception as err:  # (re-raised in the main thread below)
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in (1, 2, 3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for seed, (want, outs) in results.items():
+        for out in outs:
+            assert_close(out, want, torch.float32, f"thread {seed}")
+
+
 def test_no_grad_needed_skips_autograd():
     x, a, b, ids, scaling, ranks = make_case(7, 3, "per_token", "equal", torch.float32)
     out = lora_delta(x, a, b, ids, scaling, ranks)

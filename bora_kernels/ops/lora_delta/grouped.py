@@ -12,7 +12,8 @@ GEMMs, chosen per batch by how even the mix is:
 Results return to the original token order by a gather through the inverse permutation, not a
 scatter (``index_select`` is parallel on CPU, ``index_copy_`` is not: 6x apart at 1024 tokens);
 results added into an fp32 tensor (``add_to``) go straight into it by ``index_add_`` instead
-(2.5x faster than a gather and an add at 2048 x 1024 on 1 and 2 threads, no temporary).
+(2.5x faster than a gather and an add at 2048 x 1024 on 1 and 2 threads, no temporary). The
+gathered inputs and the GEMMs' output rows live in work buffers kept between calls (``_work``).
 Neither way gathers a weight matrix per token. fp16 and bf16 are widened to fp32 once per call,
 so accumulation is in fp32 as on the GPU.
 """
@@ -20,11 +21,36 @@ so accumulation is in fp32 as on the GPU.
 from __future__ import annotations
 
 import dataclasses
+import math
+import threading
 
 import torch
 
 # padded slots may hold at most this many times the routed tokens (tests move it to force a path)
 PADDING_LIMIT = 2.0
+# work buffers up to this many bytes are kept between calls (per thread and role); larger ones are new each call
+WORK_LIMIT = 64 << 20
+POISON_WORK = False  # fill every work buffer with NaN when handed out (the tests': an unwritten row fails)
+_WORK = threading.local()
+
+
+def _work(role: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    """An fp32 tensor of ``shape`` on ``like``'s device whose contents are undefined, kept between
+    calls per thread and ``role``. glibc's allocator hands freed blocks of a few megabytes back
+    to the kernel, and every call would fault its pages in again: at 2048 x 1024 rows that cost
+    more than the GEMMs (benchmarks/NOTES.md, 2026-12-05, twenty-first session). Past
+    ``WORK_LIMIT`` bytes, a new tensor. Never an inference tensor, which a later call under
+    autograd could not write."""
+    numel = math.prod(shape)
+    if numel * 4 > WORK_LIMIT:
+        return like.new_empty(shape, dtype=torch.float32)
+    kept = _WORK.__dict__.setdefault("buffers", {})
+    buffer = kept.get(role)
+    if buffer is None or buffer.numel() < numel or buffer.device != like.device:
+        with torch.inference_mode(False):
+            buffer = kept[role] = torch.empty(numel, dtype=torch.float32, device=like.device)
+    work = buffer[:numel].view(shape)
+    return work.fill_(float("nan")) if POISON_WORK else work
 
 
 @dataclasses.dataclass
@@ -77,24 +103,28 @@ def _buffer(groups, width: int, like: torch.Tensor):
     """fp32 work rows and the view the GEMMs fill. Rows of id -1 are zero and rows of an invalid
     id NaN (see triton.py), so one gather through ``groups.gather`` finishes the result."""
     if groups.slots is None:
-        rows = like.new_empty((groups.perm.numel(), width), dtype=torch.float32)
+        rows = _work("rows", (groups.perm.numel(), width), like)
         e = groups.edges
         rows[e[1]:e[2]] = 0.0
         rows[e[0]:e[1]] = float("nan")
         rows[e[-2]:e[-1]] = float("nan")
         return rows, rows
     filled = groups.slots[0] * groups.slots[1]
-    rows = like.new_empty((filled + 2, width), dtype=torch.float32)
+    rows = _work("rows", (filled + 2, width), like)
     rows[filled] = 0.0
     rows[filled + 1] = float("nan")
     return rows, rows[:filled].view(*groups.slots, width)
 
 
-def _inputs(groups, t):
-    """``t``'s rows laid out like the buffer: adapter order, or [P, M, width] slots."""
-    if groups.slots is None:
-        return t.index_select(0, groups.perm).float()
-    return t.index_select(0, groups.src).float().view(*groups.slots, -1)
+def _inputs(groups, t, role: str = "x"):
+    """``t``'s rows laid out like the buffer (adapter order, or [P, M, width] slots), in fp32; an
+    fp32 ``t`` gathered into the work buffer of ``role``."""
+    index = groups.perm if groups.slots is None else groups.src
+    if t.dtype == torch.float32:
+        rows = torch.index_select(t, 0, index, out=_work(role, (index.numel(), t.shape[1]), t))
+    else:
+        rows = t.index_select(0, index).float()
+    return rows if groups.slots is None else rows.view(*groups.slots, -1)
 
 
 def _present(groups, t):
@@ -120,9 +150,10 @@ def _adapters(groups, ranks, scaling):
         yield d, e[d + 2], e[d + 3], rank_list[d], scale_list[d]
 
 
-def _padded_h(groups, x, lora_a, ranks):
-    """Unscaled ``x @ A^T`` in the padded slots, empty slots zero."""
-    h = torch.bmm(_inputs(groups, x), _padded_weights(groups, lora_a, ranks, 1).transpose(1, 2))
+def _padded_h(groups, x, lora_a, ranks, xs=None):
+    """Unscaled ``x @ A^T`` in the padded slots (``xs``: x laid out in them already), empty slots zero."""
+    xs = _inputs(groups, x) if xs is None else xs
+    h = torch.bmm(xs, _padded_weights(groups, lora_a, ranks, 1).transpose(1, 2))
     return h.mul_(groups.valid)
 
 
@@ -180,11 +211,11 @@ def lora_delta_backward(dy, x, lora_a, lora_b, h, plan, scaling, ranks, needs_gr
     rows, body = _buffer(groups, x.shape[1], x) if needs_dx else (None, None)
     da = lora_a.new_zeros(lora_a.shape, dtype=torch.float32) if needs_da else None
     db = lora_b.new_zeros(lora_b.shape, dtype=torch.float32) if needs_db else None
-    dys = _inputs(groups, dy) if groups.present else None
+    dys = _inputs(groups, dy, "dy") if groups.present else None
     xs = _inputs(groups, x) if groups.present and (needs_da or recompute_h) else None
     if groups.slots is not None:
         if recompute_h:
-            h = _padded_h(groups, x, lora_a, ranks)
+            h = _padded_h(groups, x, lora_a, ranks, xs)
         scale = _present(groups, scaling)[:, None, None]
         if needs_dx or needs_da:
             dh = torch.bmm(dys, _padded_weights(groups, lora_b, ranks, 2))
