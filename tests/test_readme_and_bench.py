@@ -219,10 +219,10 @@ def test_prefix_cache_script(tmp_path):
     assert bad.returncode == 2 and "--rounds" in bad.stderr
 
 
-def _quick_record(script: str, tmp_path) -> dict:
-    """The JSON record of ``benchmarks/<script> --quick``, which must succeed."""
+def _quick_record(script: str, tmp_path, *args: str) -> dict:
+    """The JSON record of ``benchmarks/<script> --quick *args``, which must succeed."""
     out = tmp_path / "record.json"
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--json", str(out)],
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--json", str(out), *args],
                             capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return json.loads(out.read_text())
@@ -250,13 +250,15 @@ def test_guided_masks_script(tmp_path):
     _refuses("guided_masks.py", "--outputs", "0")
 
 
-def test_embedding_adapters_script(tmp_path):
-    """``benchmarks/embedding_adapters.py --quick``: our embedding adapters and PEFT's give the same
-    output (the script checks) and are timed beside the bare embedding."""
+@pytest.mark.parametrize("layer", ["embedding", "linear"])
+def test_cpu_adapter_layers_script(tmp_path, layer):
+    """``benchmarks/cpu_adapter_layers.py --quick``: our adapter layer and PEFT's give the same
+    output (the script checks) and are timed beside the bare base layer."""
     pytest.importorskip("peft")
-    record = _quick_record("embedding_adapters.py", tmp_path)
-    assert all(record[f"{name}_ms"] > 0 for name in ("base", "ours", "peft")) and record["shape"]["adapters"] == 3
-    _refuses("embedding_adapters.py", "--rank", "0")
+    record = _quick_record("cpu_adapter_layers.py", tmp_path, "--layer", layer)
+    assert record["layer"] == layer and record["shape"]["adapters"] == 3, record
+    assert all(record[f"{name}_ms"] > 0 for name in ("base", "ours", "peft")), record
+    _refuses("cpu_adapter_layers.py", "--rank", "0")
 
 
 def test_gpu_lease_ends_inside_its_budget(tmp_path):

@@ -1,10 +1,11 @@
-"""An embedding layer with LoRA adapters on the CPU: ``MultiLoRAEmbedding`` (one mixed batch, the
-ops' torch path) against PEFT's LoRA ``Embedding`` layer given ``adapter_names`` (a loop over the
-adapters in the batch), and the bare ``nn.Embedding``; no grad, one thread, medians of calls
-taken in turns.
+"""One adapter layer on the CPU: ours (one mixed batch, the ops' torch path) against PEFT's LoRA
+layer given ``adapter_names`` (a loop over the adapters in the batch), and the bare base layer;
+no grad, one thread, medians of calls taken in turns. ``--layer embedding`` (default):
+``MultiLoRAEmbedding`` over a ``vocab x hidden`` ``nn.Embedding``; ``--layer linear``:
+``MultiLoRALinear`` over a ``hidden x hidden`` ``nn.Linear``.
 
-    python benchmarks/embedding_adapters.py [--vocab 32000] [--hidden 1024] [--adapters 8] [--rank 16]
-                                            [--sequences 8] [--length 256] [--calls 30] [--quick] [--json FILE]
+    python benchmarks/cpu_adapter_layers.py [--layer embedding|linear] [--vocab 32000] [--hidden 1024]
+        [--adapters 8] [--rank 16] [--sequences 8] [--length 256] [--calls 30] [--quick] [--json FILE]
 
 Each sequence uses one adapter (``sequence % adapters``). The outputs of ours and PEFT's are
 compared before timing. glibc's allocator matters here: with its defaults it hands the torch
@@ -50,6 +51,7 @@ def main(argv=None) -> dict:
     for name, default in (("vocab", 32000), ("hidden", 1024), ("adapters", 8), ("rank", 16), ("sequences", 8),
                           ("length", 256), ("calls", 30)):
         parser.add_argument(f"--{name}", type=positive, default=default)
+    parser.add_argument("--layer", choices=("embedding", "linear"), default="embedding")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", help="write the record here too")
     args = parser.parse_args(argv)
@@ -60,31 +62,36 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    base = nn.Embedding(args.vocab, args.hidden)
-    ours = bk.nn.MultiLoRAEmbedding(copy.deepcopy(base), args.adapters, r=args.rank, alpha=2 * args.rank,
-                                    adapter_names=[f"a{d}" for d in range(args.adapters)])
-    with torch.no_grad():
-        ours.lora_A.normal_()  # (PEFT's initial A is zero: nothing to compare)
+    embedding = args.layer == "embedding"
+    base = nn.Embedding(args.vocab, args.hidden) if embedding else nn.Linear(args.hidden, args.hidden, bias=False)
+    layer_type = bk.nn.MultiLoRAEmbedding if embedding else bk.nn.MultiLoRALinear
+    ours = layer_type(copy.deepcopy(base), args.adapters, r=args.rank, alpha=2 * args.rank,
+                      adapter_names=[f"a{d}" for d in range(args.adapters)])
+    with torch.no_grad():  # (PEFT starts one of A and B at zero: nothing to compare)
+        ours.lora_A.normal_()
+        ours.lora_B.normal_(std=0.1)
 
     class Holder(nn.Module):
         def __init__(self):
             super().__init__()
-            self.embed_tokens = copy.deepcopy(base)
+            self.layer = copy.deepcopy(base)
 
-    config = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=["embed_tokens"])
+    config = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=["layer"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = peft.get_peft_model(Holder(), config, adapter_name="a0")
         for d in range(1, args.adapters):
             model.add_adapter(f"a{d}", config)
-    theirs = model.base_model.model.embed_tokens
+    theirs = model.base_model.model.layer
     with torch.no_grad():
         for d in range(args.adapters):
             a, b = ours.adapter_weights(d)
-            theirs.lora_embedding_A[f"a{d}"].copy_(a)
-            theirs.lora_embedding_B[f"a{d}"].copy_(b)
+            (theirs.lora_embedding_A[f"a{d}"] if embedding else theirs.lora_A[f"a{d}"].weight).copy_(a)
+            (theirs.lora_embedding_B[f"a{d}"] if embedding else theirs.lora_B[f"a{d}"].weight).copy_(b)
 
-    x = torch.randint(0, args.vocab, (args.sequences, args.length), generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randint(0, args.vocab, (args.sequences, args.length), generator=generator) if embedding else \
+        torch.randn(args.sequences, args.length, args.hidden, generator=generator)
     ids = torch.arange(args.sequences) % args.adapters
     names = [f"a{int(d)}" for d in ids]
     calls = {"base": lambda: base(x), "ours": lambda: ours(x, ids), "peft": lambda: theirs(x, adapter_names=names)}
@@ -98,7 +105,9 @@ def main(argv=None) -> dict:
                 start = time.perf_counter()
                 call()
                 times[name].append(time.perf_counter() - start)
-    record = {"shape": {k: getattr(args, k) for k in ("vocab", "hidden", "adapters", "rank", "sequences", "length")},
+    record = {"layer": args.layer,
+              "shape": {k: getattr(args, k) for k in ("vocab", "hidden", "adapters", "rank", "sequences", "length")
+                        if embedding or k != "vocab"},
               "calls": args.calls, "allocator": {k: os.environ.get(k) for k in ALLOCATOR},
               "torch": torch.__version__, "threads": 1,
               **{f"{name}_ms": statistics.median(t) * 1e3 for name, t in times.items()}}
