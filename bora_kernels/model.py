@@ -150,6 +150,11 @@ def lora_layer(module: nn.Module, num_adapters: int, fan_in_fan_out: bool = Fals
     return MultiLoRALinear(module, num_adapters, fan_in_fan_out=fan_in_fan_out, **kwargs)
 
 
+def module_name(model: nn.Module, module: nn.Module) -> str:
+    """``module``'s name in ``model`` (the first, where it is held twice)."""
+    return next(name for name, m in model.named_modules() if m is module)
+
+
 def tie_token_head(model: nn.Module) -> None:
     """Wrap ``model``'s output head in a ``TiedTokenHead`` where its weight is the base weight of
     the model's input embedding and that embedding holds adapters (``MultiLoRAEmbedding``), so
@@ -159,7 +164,7 @@ def tie_token_head(model: nn.Module) -> None:
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     if isinstance(embedding, MultiLoRAEmbedding) and isinstance(head, nn.Linear) and head.bias is None \
             and head.weight is embedding.base_layer.weight:
-        _replace(model, next(name for name, m in model.named_modules() if m is head), TiedTokenHead(head, embedding))
+        _replace(model, module_name(model, head), TiedTokenHead(head, embedding))
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module):
@@ -281,7 +286,7 @@ def _token_targets(model: nn.Module, targets: list, indices, num_adapters) -> tu
     if not isinstance(embedding, nn.Embedding):
         raise ValueError(f"trainable_token_indices needs the model's input embedding (get_input_embeddings()) to be an "
                          f"nn.Embedding, got {type(embedding).__name__}")
-    name = next(n for n, m in model.named_modules() if m is embedding)
+    name = module_name(model, embedding)
     if any(target == name for target, _, _ in targets):
         raise ValueError(f"{name!r} is a LoRA target and would hold trainable tokens too; an embedding takes one or "
                          f"the other (as in PEFT)")

@@ -15,9 +15,12 @@ from .multi_lora import AdapterVectors, MultiLoRALinear, ReadsThroughToBase, _pe
 from .routing import AdapterRoute
 
 
-def _per_token(ids: torch.Tensor, batch: tuple) -> torch.Tensor:
-    """Ids per sequence (``[B]``), per token or one for all, laid out as ``batch``."""
-    return ids.reshape(ids.shape + (1,) * (len(batch) - ids.dim())).expand(batch)
+def _routed(given, batch: tuple, num_adapters: int, device: torch.device) -> tuple:
+    """``(what lora_delta runs by, each token's id laid out as batch)`` for the ids a forward got
+    (a route, a tensor per sequence or token, or a plan)."""
+    ids = given.plan(batch, num_adapters, device) if isinstance(given, AdapterRoute) else given
+    token_ids = MultiLoRALinear._token_ids(batch, device, given, ids)
+    return ids, token_ids.reshape(token_ids.shape + (1,) * (len(batch) - token_ids.dim())).expand(batch)
 
 
 class MultiLoRAEmbedding(MultiLoRALinear):
@@ -191,9 +194,7 @@ class MultiLoRAEmbedding(MultiLoRALinear):
             return result
         if x.dim() not in (1, 2):
             raise ValueError(f"an embedding layer with adapters takes token ids [T] or [B, L], got shape {tuple(x.shape)}")
-        batch = tuple(x.shape)
-        ids = given.plan(batch, self.num_adapters, x.device) if isinstance(given, AdapterRoute) else given
-        token_ids = _per_token(self._token_ids(batch, x.device, given, ids), batch)
+        ids, token_ids = _routed(given, tuple(x.shape), self.num_adapters, x.device)
         if any(self.rank_values):
             # each token's column of its adapter's A (id -1 reads adapter 0's, which lora_expand leaves unused)
             columns = self.lora_A.transpose(1, 2)[token_ids.clamp(min=0), x]
@@ -261,8 +262,7 @@ class TiedTokenHead(ReadsThroughToBase, nn.Module):
         if given is None or not embedding.has_tokens():
             return logits
         batch = tuple(h.shape[:-1])
-        ids = given.plan(batch, embedding.num_adapters, h.device) if isinstance(given, AdapterRoute) else given
-        token_ids = _per_token(embedding._token_ids(batch, h.device, given, ids), batch)
+        ids, token_ids = _routed(given, batch, embedding.num_adapters, h.device)
         values = embedding.token_values
         dots = lora_shrink(h.to(values.dtype), values, ids, ranks=embedding.token_counts)  # [..., T_max]
         columns = embedding.token_slots(token_ids)

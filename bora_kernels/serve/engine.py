@@ -41,7 +41,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..model import adapter_layers, find_targets, inject, use_adapters
+from ..model import adapter_layers, find_targets, inject, module_name, use_adapters
 from ..nn import AdapterRoute, NF4Linear
 from ..peft_io import read_peft_adapter, set_peft_adapter
 from .prefix_cache import PrefixCache
@@ -377,7 +377,7 @@ class Engine:
             if embedding_adapters:  # the targets by their full names, and the input embedding's
                 embedding = model.get_input_embeddings()
                 target_modules = [name for name, _, _ in find_targets(model, target_modules)] + [
-                    next(name for name, m in model.named_modules() if m is embedding)]
+                    module_name(model, embedding)]
             inject(model, target_modules, max_adapters, r=max_lora_rank, alpha=max_lora_rank, quantize=quantize)
             for layer in adapter_layers(model).values():
                 for d in range(max_adapters):
